@@ -1,0 +1,28 @@
+# cd2sync: PGXS build. `make && make install`, then see README.md.
+EXTENSION = cd2sync
+EXTVERSION = 0.1
+MODULE_big = cd2sync
+OBJS = src/cd2sync.o src/http.o src/download.o src/dap_client.o src/decode.o \
+       src/catalog.o src/worker.o src/sync_functions.o
+
+# The extension script is assembled from one file per stage, in this order.
+SQL_PARTS = sql/catalog.sql sql/instances.sql sql/schema_ddl.sql sql/apply.sql sql/sync.sql
+DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+
+REGRESS = setup instances sync_args schema_ddl apply watermarks
+REGRESS_OPTS = --inputdir=test --outputdir=test --load-extension=plpgsql
+TAP_TESTS = 1
+
+# PostgreSQL's own headers are not -Wextra clean for unused parameters
+PG_CPPFLAGS = -Wall -Wextra -Wno-unused-parameter
+SHLIB_LINK = -lcurl -lz
+EXTRA_CLEAN = $(DATA_built) test/results test/regression.diffs test/regression.out tmp_check
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+# no JIT bitcode: it needs clang, and JIT does not help what runs here
+override with_llvm = no
+include $(PGXS)
+
+$(DATA_built): $(SQL_PARTS)
+	cat $^ > $@

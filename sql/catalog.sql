@@ -1,0 +1,112 @@
+-- catalog.sql: what cd2sync knows: instances, their secrets, the state of
+-- each synced table (its watermark), runs and the sync log.
+--
+-- The extension script never creates the per-instance target schemas: the
+-- sync worker creates them at run time (so that a distributed layer such as
+-- Citus can own them).
+
+\echo Use "CREATE EXTENSION cd2sync" to load this file. \quit
+
+CREATE SCHEMA cd2sync;
+CREATE SCHEMA cd2;
+
+-- One Canvas instance = one CD2 credential = one target schema.
+CREATE TABLE cd2sync.instances (
+    name          text PRIMARY KEY
+                  CONSTRAINT instance_name_format CHECK (name ~ '^[a-z][a-z0-9_]{0,47}$'),
+    client_id     text NOT NULL CHECK (client_id <> ''),
+    api_url       text NOT NULL DEFAULT 'https://api-gateway.instructure.com'
+                  CHECK (api_url ~* '^https?://[^/?#]+'),
+    tables        text[],
+    shard_id      bigint CHECK (shard_id >= 0 AND shard_id < 922337),
+    schedule      interval CHECK (schedule > interval '0'),
+    target_schema name NOT NULL UNIQUE,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- Client secrets live apart, readable by the extension's owner only.
+CREATE TABLE cd2sync.instance_secrets (
+    instance      text PRIMARY KEY REFERENCES cd2sync.instances ON DELETE CASCADE,
+    client_secret text NOT NULL
+);
+
+-- The state of each synced table. watermark is the CD2 "at" (snapshot) or
+-- "until" (incremental) of the last result applied in full, committed with
+-- the rows it describes.
+CREATE TABLE cd2sync.table_state (
+    instance       text NOT NULL REFERENCES cd2sync.instances ON DELETE CASCADE,
+    table_name     text NOT NULL,
+    watermark      timestamptz,
+    schema_version int,
+    synced_at      timestamptz,
+    status         text NOT NULL DEFAULT 'new',
+    last_error     text,
+    watermark_raw  text,     -- the watermark exactly as the API wrote it
+    columns        text[],   -- the columns of the upstream schema
+    PRIMARY KEY (instance, table_name)
+);
+
+CREATE SEQUENCE cd2sync.run_id_seq;
+
+-- One row per run (a sync of one instance).
+CREATE TABLE cd2sync.runs (
+    run_id        bigint PRIMARY KEY,
+    instance      text NOT NULL,
+    tables        text[],
+    full_sync     boolean NOT NULL DEFAULT false,
+    requested_by  name,
+    worker_pid    int,
+    started_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at   timestamptz,
+    status        text NOT NULL DEFAULT 'running',
+    error         text,
+    error_code    text
+);
+
+-- One row per (run, table): the history of every table sync.
+CREATE TABLE cd2sync.sync_log (
+    run_id            bigint NOT NULL,
+    instance          text NOT NULL,
+    table_name        text NOT NULL,
+    mode              text,
+    status            text NOT NULL DEFAULT 'running',
+    rows_upserted     bigint NOT NULL DEFAULT 0,
+    rows_deleted      bigint NOT NULL DEFAULT 0,
+    rows_unchanged    bigint NOT NULL DEFAULT 0,
+    oversized_kept    bigint NOT NULL DEFAULT 0,
+    objects           int NOT NULL DEFAULT 0,
+    bytes_downloaded  bigint NOT NULL DEFAULT 0,
+    job_id            text,
+    schema_version    int,
+    watermark_before  timestamptz,
+    watermark         timestamptz,
+    started_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    job_seconds       float8,
+    load_seconds      float8,
+    finished_at       timestamptz,
+    seconds           float8,
+    error             text,
+    error_code        text,
+    PRIMARY KEY (run_id, table_name)
+);
+CREATE INDEX ON cd2sync.sync_log (instance, table_name, started_at);
+
+CREATE VIEW cd2sync.watermarks AS
+    SELECT instance, table_name, watermark, schema_version, synced_at, status, last_error
+      FROM cd2sync.table_state;
+
+-- pg_dump keeps the configuration (secrets included: dumps are the owner's).
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.instances', '');
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.instance_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.table_state', '');
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.runs', '');
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.sync_log', '');
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.run_id_seq', '');
+
+-- Nothing is PUBLIC but what is harmless to read.
+REVOKE ALL ON ALL TABLES IN SCHEMA cd2sync FROM PUBLIC;
+REVOKE ALL ON SEQUENCE cd2sync.run_id_seq FROM PUBLIC;
+GRANT USAGE ON SCHEMA cd2sync TO PUBLIC;
+GRANT USAGE ON SCHEMA cd2 TO PUBLIC;
+GRANT SELECT ON cd2sync.watermarks, cd2sync.sync_log, cd2sync.runs TO PUBLIC;

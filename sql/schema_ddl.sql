@@ -1,0 +1,189 @@
+-- schema_ddl.sql: from a CD2 table schema (JSON Schema) to PostgreSQL DDL.
+--
+-- The mapping is the one of shared/docs/cd2-api.md section 4. Every remote
+-- name reaches SQL through format('%I') or quote_literal: never spliced.
+
+-- The schema object of a property, with a local "$ref" resolved.
+CREATE FUNCTION cd2sync._resolve_ref(root jsonb, prop jsonb)
+RETURNS jsonb LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ref text := prop->>'$ref';
+    depth int := 0;
+BEGIN
+    WHILE ref IS NOT NULL AND ref LIKE '#/%' AND depth < 16 LOOP
+        prop := root #> string_to_array(substr(ref, 3), '/');
+        ref := prop->>'$ref';
+        depth := depth + 1;
+    END LOOP;
+    RETURN coalesce(prop, '{}');
+END $$;
+
+-- The enum type name for a column: <table>__<column>, kept unique within
+-- PostgreSQL's 63-byte limit.
+CREATE FUNCTION cd2sync._enum_type_name(table_name text, column_name text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN octet_length(table_name || '__' || column_name) <= 63
+                THEN table_name || '__' || column_name
+                ELSE left(table_name || '__' || column_name, 50) || '_'
+                     || left(md5(table_name || '__' || column_name), 12) END
+$$;
+
+-- The PostgreSQL type of one property. enum_type is the (qualified, quoted)
+-- enum type to use when the property is an enum of strings.
+CREATE FUNCTION cd2sync._pg_type(root jsonb, prop jsonb, enum_type text)
+RETURNS text LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p jsonb := cd2sync._resolve_ref(root, prop);
+    t text;
+    fmt text := p->>'format';
+    item jsonb;
+BEGIN
+    -- "type" may be a list such as ["string", "null"]
+    IF jsonb_typeof(p->'type') = 'array' THEN
+        SELECT x INTO t FROM jsonb_array_elements_text(p->'type') x WHERE x <> 'null' LIMIT 1;
+    ELSE
+        t := p->>'type';
+    END IF;
+
+    IF t IS NULL AND coalesce(p->'oneOf', p->'anyOf') IS NOT NULL THEN
+        -- a oneOf of strings is text; of anything else, jsonb
+        IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(p->'oneOf', p->'anyOf')) o
+                        WHERE cd2sync._resolve_ref(root, o)->>'type' IS DISTINCT FROM 'string') THEN
+            RETURN 'text';
+        END IF;
+        RETURN 'jsonb';
+    END IF;
+
+    IF t = 'string' AND jsonb_typeof(p->'enum') = 'array' AND enum_type IS NOT NULL THEN
+        RETURN enum_type;
+    END IF;
+
+    RETURN CASE t
+        WHEN 'integer' THEN CASE fmt WHEN 'int16' THEN 'smallint' WHEN 'int32' THEN 'integer'
+                                     ELSE 'bigint' END
+        WHEN 'number' THEN CASE fmt WHEN 'float32' THEN 'real' ELSE 'double precision' END
+        WHEN 'string' THEN CASE
+            WHEN fmt = 'date-time' THEN 'timestamp without time zone'
+            WHEN fmt = 'date' THEN 'date'
+            WHEN fmt = 'time' THEN 'time without time zone'
+            WHEN fmt = 'uuid' THEN 'uuid'
+            WHEN (p->>'maxLength') ~ '^[0-9]+$' AND (p->>'maxLength')::bigint BETWEEN 1 AND 10485760
+                THEN format('character varying(%s)', p->>'maxLength')
+            ELSE 'text' END
+        WHEN 'boolean' THEN 'boolean'
+        WHEN 'object' THEN 'jsonb'
+        WHEN 'array' THEN (
+            SELECT CASE WHEN it IN ('jsonb') OR it LIKE '%[]' OR it = enum_type THEN 'jsonb'
+                        ELSE it || '[]' END
+              FROM cd2sync._pg_type(root, coalesce(p->'items', '{}'), NULL) it)
+        ELSE 'jsonb' END;
+END $$;
+
+-- The columns a CD2 schema describes, key columns first, in schema order.
+CREATE FUNCTION cd2sync._schema_columns(target_schema text, table_name text, doc jsonb)
+RETURNS TABLE (ord int, column_name text, type_sql text, is_key boolean,
+               not_null boolean, enum_values text[], description text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    root jsonb := coalesce(doc->'schema', doc);
+    part text;
+    obj jsonb;
+    prop record;
+    p jsonb;
+    n int := 0;
+BEGIN
+    FOREACH part IN ARRAY ARRAY['key', 'value'] LOOP
+        obj := cd2sync._resolve_ref(root, root->'properties'->part);
+        FOR prop IN SELECT e.key, e.value FROM jsonb_each(coalesce(obj->'properties', '{}')) WITH ORDINALITY e(key, value, i)
+                     ORDER BY e.i LOOP
+            p := cd2sync._resolve_ref(root, prop.value);
+            n := n + 1;
+            ord := n;
+            column_name := prop.key;
+            is_key := part = 'key';
+            not_null := is_key OR coalesce(obj->'required' ? prop.key, false);
+            enum_values := NULL;
+            IF p->>'type' = 'string' AND jsonb_typeof(p->'enum') = 'array' THEN
+                SELECT array_agg(x ORDER BY i) INTO enum_values
+                  FROM jsonb_array_elements_text(p->'enum') WITH ORDINALITY v(x, i);
+            END IF;
+            type_sql := cd2sync._pg_type(root, p,
+                format('%I.%I', target_schema, cd2sync._enum_type_name(table_name, prop.key)));
+            description := p->>'description';
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+END $$;
+
+-- Creates the target table of a CD2 table, or brings it up to a newer
+-- schema: new enum types and values, new columns. A column removed upstream
+-- is kept (and no longer filled) so that users' views on it stay valid.
+-- Returns true when the table was created.
+CREATE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc jsonb)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c record;
+    cols text[] := '{}';
+    keys text[] := '{}';
+    rel regclass;
+    v text;
+    created boolean := false;
+BEGIN
+    IF octet_length(table_name) > 63 OR table_name = '' THEN
+        RAISE EXCEPTION 'CD2 table name "%" is not a valid PostgreSQL identifier', table_name
+              USING ERRCODE = 'invalid_name';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM cd2sync._schema_columns(target_schema, table_name, doc) s WHERE s.is_key) THEN
+        RAISE EXCEPTION 'CD2 schema of table "%" has no key columns', table_name
+              USING ERRCODE = 'invalid_table_definition';
+    END IF;
+
+    EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', target_schema);
+
+    FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc) ORDER BY ord LOOP
+        IF octet_length(c.column_name) > 63 OR c.column_name = '' OR c.column_name LIKE 'cd2\_%' THEN
+            RAISE EXCEPTION 'CD2 column name "%" of table "%" is not usable as a PostgreSQL column',
+                  c.column_name, table_name USING ERRCODE = 'invalid_name';
+        END IF;
+        IF c.enum_values IS NOT NULL THEN
+            IF to_regtype(c.type_sql) IS NULL THEN
+                EXECUTE format('CREATE TYPE %s AS ENUM (%s)', c.type_sql,
+                               (SELECT string_agg(quote_literal(x), ', ') FROM unnest(c.enum_values) x));
+            ELSE
+                FOREACH v IN ARRAY c.enum_values LOOP
+                    EXECUTE format('ALTER TYPE %s ADD VALUE IF NOT EXISTS %L', c.type_sql, v);
+                END LOOP;
+            END IF;
+        END IF;
+        cols := cols || format('%I %s%s', c.column_name, c.type_sql,
+                               CASE WHEN c.not_null THEN ' NOT NULL' ELSE '' END);
+        IF c.is_key THEN
+            keys := keys || format('%I', c.column_name);
+        END IF;
+    END LOOP;
+
+    rel := to_regclass(format('%I.%I', target_schema, table_name));
+    IF rel IS NULL THEN
+        EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', target_schema, table_name,
+                       array_to_string(cols, ', '), array_to_string(keys, ', '));
+        rel := format('%I.%I', target_schema, table_name)::regclass;
+        created := true;
+        EXECUTE format('COMMENT ON TABLE %s IS %L', rel,
+                       coalesce(coalesce(doc->'schema', doc)->>'description',
+                                format('CD2 table %s, synced by cd2sync', table_name)));
+    ELSE
+        -- new columns arrive nullable: rows already stored have no value
+        FOR c IN SELECT s.* FROM cd2sync._schema_columns(target_schema, table_name, doc) s
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
+                                     WHERE a.attrelid = rel AND a.attname = s.column_name
+                                       AND NOT a.attisdropped) ORDER BY s.ord LOOP
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', rel, c.column_name, c.type_sql);
+        END LOOP;
+    END IF;
+
+    FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc)
+              WHERE description IS NOT NULL LOOP
+        EXECUTE format('COMMENT ON COLUMN %s.%I IS %L', rel, c.column_name, c.description);
+    END LOOP;
+    RETURN created;
+END $$;

@@ -1,0 +1,43 @@
+/*-------------------------------------------------------------------------
+ *
+ * cd2sync.h
+ *	  Settings and declarations shared by every stage of cd2sync.
+ *
+ * Wording used throughout: an "instance" is one Canvas instance (one CD2
+ * credential, one target schema); a "run" is one sync of an instance, made
+ * of one "table sync" per CD2 table; a "job" is a DAP query job upstream.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CD2SYNC_H
+#define CD2SYNC_H
+
+#include "postgres.h"
+
+/* Settings (GUCs cd2sync.*), defined in cd2sync.c */
+extern char *cd2_database;
+extern char *cd2_format;
+extern int	cd2_http_timeout;
+extern int	cd2_connect_timeout;
+extern int	cd2_http_retries;
+extern int	cd2_retry_base_delay;
+extern int	cd2_retry_max_delay;
+extern int	cd2_poll_interval;
+extern int	cd2_job_timeout;
+extern char *cd2_ca_file;
+extern int	cd2_max_line_length;
+
+/*
+ * The settings a sync worker inherits from the session that started it, as
+ * "name=value\n" lines.
+ */
+extern char *cd2_serialize_settings(void);
+extern void cd2_restore_settings(const char *blob);
+
+/* The worker's entry point (worker.c) */
+extern PGDLLEXPORT void cd2_worker_main(Datum main_arg);
+
+/* Placeholder CD2 puts where a value was too large to export */
+#define CD2_OVERSIZED "__cd2_oversized_truncated__"
+
+#endif							/* CD2SYNC_H */

@@ -1,0 +1,329 @@
+/*-------------------------------------------------------------------------
+ *
+ * decode.c
+ *	  Result files to rows of the staging table, through PostgreSQL's own
+ *	  COPY machinery.
+ *
+ * A file's bytes are pulled from the download as COPY asks for them
+ * (BeginCopyFrom with a data source callback, the way logical replication's
+ * table sync feeds COPY), so no file is ever held whole in memory.
+ *
+ * Formats:
+ *	- TSV is PostgreSQL's COPY text format: fed to COPY as it is. This is the
+ *	  default: it is the cheapest to decode and the one the official client
+ *	  syncs with.
+ *	- CSV (RFC 4180) is COPY's csv format.
+ *	- JSON lines go whole into a one-column table (COPY csv with delimiter and
+ *	  quote set to control characters that JSON text cannot hold raw); SQL
+ *	  then picks their members by name with the jsonb operators.
+ * TSV and CSV start with a header of dotted names (meta.ts, meta.action,
+ * key.<col>, value.<col>); columns are mapped by those names, never by
+ * position, and a name the target table does not have goes to a column that
+ * is ignored. The format is recognised from the file itself (JSON starts
+ * with '{'; a header with tabs is TSV), so a server that answers in another
+ * format than the one asked for is still understood.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cd2sync.h"
+
+#include "access/table.h"
+#include "catalog/namespace.h"
+#include "commands/copy.h"
+#include "decode.h"
+#include "executor/spi.h"
+#include "nodes/makefuncs.h"
+#include "parser/parse_node.h"
+#include "parser/parse_relation.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+
+/* What the COPY data source callback reads from (COPY gives it no argument) */
+typedef struct DecodeSource
+{
+	Download   *download;
+	char	   *ahead;			/* bytes read while looking for the header */
+	int			ahead_len;
+	int			ahead_off;
+	int64		line_bytes;		/* bytes since the last newline */
+} DecodeSource;
+
+static DecodeSource *source = NULL;
+static int	ignored_columns = 0;
+
+RecordFormat
+decode_parse_format(const char *name)
+{
+	if (pg_strcasecmp(name, "tsv") == 0)
+		return FORMAT_TSV;
+	if (pg_strcasecmp(name, "csv") == 0)
+		return FORMAT_CSV;
+	if (pg_strcasecmp(name, "jsonl") == 0)
+		return FORMAT_JSONL;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("unsupported cd2sync.format \"%s\"", name),
+			 errhint("Use tsv, csv or jsonl.")));
+	return FORMAT_TSV;			/* keep the compiler quiet */
+}
+
+const char *
+decode_format_name(RecordFormat f)
+{
+	return f == FORMAT_TSV ? "tsv" : (f == FORMAT_CSV ? "csv" : "jsonl");
+}
+
+/* Guards against records too long to hold: a file must not exhaust memory */
+static void
+check_line_length(const char *buf, int n)
+{
+	const char *nl = memrchr(buf, '\n', n);
+
+	if (nl)
+		source->line_bytes = n - (nl - buf) - 1;
+	else
+		source->line_bytes += n;
+	if (source->line_bytes > cd2_max_line_length)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("a record is longer than cd2sync.max_line_length (%d bytes)",
+						cd2_max_line_length)));
+}
+
+/* COPY's data source: the bytes after the header, then the download's */
+static int
+copy_source_cb(void *outbuf, int minread, int maxread)
+{
+	char	   *out = (char *) outbuf;
+	int			n = 0;
+
+	while (n < minread && n < maxread)
+	{
+		size_t		got;
+
+		if (source->ahead_off < source->ahead_len)
+		{
+			got = Min(maxread - n, source->ahead_len - source->ahead_off);
+			memcpy(out + n, source->ahead + source->ahead_off, got);
+			source->ahead_off += got;
+		}
+		else
+		{
+			got = download_read(source->download, out + n, maxread - n);
+			if (got == 0)
+				break;
+		}
+		n += got;
+	}
+	if (n > 0)
+		check_line_length(out, n);
+	return n;
+}
+
+/*
+ * Splits a header line into names. CSV names may be double-quoted.
+ */
+static List *
+split_header(char *line, char delim)
+{
+	List	   *names = NIL;
+	char	   *p = line;
+
+	for (;;)
+	{
+		StringInfoData name;
+
+		initStringInfo(&name);
+		if (delim == ',' && *p == '"')
+		{
+			p++;
+			while (*p)
+			{
+				if (*p == '"' && p[1] == '"')
+				{
+					appendStringInfoChar(&name, '"');
+					p += 2;
+				}
+				else if (*p == '"')
+				{
+					p++;
+					break;
+				}
+				else
+					appendStringInfoChar(&name, *p++);
+			}
+			while (*p && *p != delim)
+				p++;
+		}
+		else
+		{
+			while (*p && *p != delim)
+				appendStringInfoChar(&name, *p++);
+		}
+		names = lappend(names, name.data);
+		if (*p != delim)
+			break;
+		p++;
+	}
+	return names;
+}
+
+/* Adds a text column to the staging table for a header name we ignore */
+static char *
+add_ignored_column(void)
+{
+	char	   *col = psprintf("cd2_ignored_%d", ++ignored_columns);
+	char	   *sql = psprintf("ALTER TABLE pg_temp.cd2_stage ADD COLUMN %s text", col);
+
+	if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY)
+		elog(ERROR, "could not add a column to the staging table");
+	return col;
+}
+
+/*
+ * The staging columns, in header order, for the names of a TSV/CSV header;
+ * adds the target columns it carries to *columns.
+ */
+static List *
+map_header(List *names, Oid stage, List **columns)
+{
+	List	   *attnames = NIL;
+	ListCell   *lc;
+
+	foreach(lc, names)
+	{
+		char	   *name = (char *) lfirst(lc);
+		char	   *col;
+		ListCell   *lc2;
+
+		if (strcmp(name, "meta.action") == 0)
+			col = "cd2_action";
+		else if (strcmp(name, "meta.ts") == 0)
+			col = "cd2_ts";
+		else
+		{
+			if (strncmp(name, "key.", 4) == 0)
+				col = name + 4;
+			else if (strncmp(name, "value.", 6) == 0)
+				col = name + 6;
+			else
+				col = name;
+			if (strncmp(col, "cd2_", 4) == 0 ||
+				get_attnum(stage, col) == InvalidAttrNumber)
+				col = NULL;
+			else
+			{
+				bool		known = false;
+
+				foreach(lc2, *columns)
+					known |= (strcmp((char *) lfirst(lc2), col) == 0);
+				if (!known)
+					*columns = lappend(*columns, pstrdup(col));
+			}
+		}
+		if (col == NULL)
+			col = add_ignored_column();
+		foreach(lc2, attnames)
+		{
+			if (strcmp(strVal(lfirst(lc2)), col) == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_DUPLICATE_COLUMN),
+						 errmsg("the header of a result file names column \"%s\" twice", col)));
+		}
+		attnames = lappend(attnames, makeString(pstrdup(col)));
+	}
+	return attnames;
+}
+
+static uint64
+copy_into(const char *relname, List *attnames, List *options)
+{
+	Oid			relid = RangeVarGetRelid(makeRangeVar("pg_temp", (char *) relname, -1),
+										 RowExclusiveLock, false);
+	Relation	rel = table_open(relid, RowExclusiveLock);
+	ParseState *pstate = make_parsestate(NULL);
+	CopyFromState cstate;
+	uint64		rows;
+
+	(void) addRangeTableEntryForRelation(pstate, rel, RowExclusiveLock, NULL,
+										 false, false);
+	cstate = BeginCopyFrom(pstate, rel, NULL, NULL, false, copy_source_cb,
+						   attnames, options);
+	rows = CopyFrom(cstate);
+	EndCopyFrom(cstate);
+	free_parsestate(pstate);
+	table_close(rel, NoLock);
+	return rows;
+}
+
+uint64
+decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl)
+{
+	DecodeSource src = {0};
+	StringInfoData head;
+	char	   *nl = NULL;
+	char		chunk[8192];
+	const char *first;
+	uint64		rows;
+	List	   *options = NIL;
+
+	src.download = d;
+	source = &src;
+	*was_jsonl = false;
+
+	/* read until the end of the first line */
+	initStringInfo(&head);
+	while (nl == NULL)
+	{
+		size_t		n = download_read(d, chunk, sizeof(chunk));
+
+		if (n == 0)
+			break;
+		appendBinaryStringInfo(&head, chunk, n);
+		nl = memchr(head.data, '\n', head.len);
+		if (nl == NULL && head.len > cd2_max_line_length)
+			check_line_length(head.data, head.len);
+	}
+	first = head.data;
+	while (first < head.data + head.len && isspace((unsigned char) *first))
+		first++;
+	if (first == head.data + head.len)
+		return 0;				/* an empty file */
+
+	if (*first == '{' || (asked == FORMAT_JSONL && *first != '"' &&
+						  memchr(head.data, '\t', head.len) == NULL))
+	{
+		/* JSON lines: every byte is data, one record a line */
+		src.ahead = head.data;
+		src.ahead_len = head.len;
+		*was_jsonl = true;
+		options = list_make3(makeDefElem("format", (Node *) makeString("csv"), -1),
+							 makeDefElem("delimiter", (Node *) makeString("\x01"), -1),
+							 makeDefElem("quote", (Node *) makeString("\x02"), -1));
+		rows = copy_into("cd2_stage_json", list_make1(makeString("line")), options);
+	}
+	else
+	{
+		int			linelen = nl ? nl - head.data : head.len;
+		char	   *line = pnstrdup(head.data, linelen);
+		bool		tsv;
+		List	   *attnames;
+		Oid			stage = RangeVarGetRelid(makeRangeVar("pg_temp", "cd2_stage", -1),
+											 NoLock, false);
+
+		if (linelen > 0 && line[linelen - 1] == '\r')
+			line[linelen - 1] = '\0';
+		tsv = strchr(line, '\t') != NULL ||
+			(strchr(line, ',') == NULL && asked != FORMAT_CSV);
+		attnames = map_header(split_header(line, tsv ? '\t' : ','), stage, columns);
+
+		src.ahead = head.data;
+		src.ahead_off = nl ? linelen + 1 : head.len;
+		src.ahead_len = head.len;
+		if (!tsv)
+			options = list_make1(makeDefElem("format", (Node *) makeString("csv"), -1));
+		rows = copy_into("cd2_stage", attnames, options);
+	}
+	source = NULL;
+	return rows;
+}

@@ -1,0 +1,326 @@
+/*-------------------------------------------------------------------------
+ *
+ * download.c
+ *	  The decompressed bytes of one result object, pulled on demand.
+ *
+ * An object is fetched from its presigned URL and inflated as the reader
+ * asks for bytes, so memory stays bounded whatever the object's size.
+ *
+ * Failures are handled here so that the reader sees one uninterrupted
+ * stream:
+ *	- a transient failure (5xx, 429, reset, stall, a body cut short) is
+ *	  retried after a backoff, resuming at the first byte not yet received
+ *	  (with a Range request; when the server ignores Range, the bytes already
+ *	  received are skipped);
+ *	- an expired or revoked URL (403, 404) is replaced by a fresh one from
+ *	  the DAP client, which starts over with a new job when the old one is
+ *	  gone;
+ *	- a gzip stream that is corrupt, or ends before its last member does,
+ *	  fails the object: its data cannot be trusted.
+ * Multi-member gzip files are inflated member after member. An object that
+ * does not start with the gzip magic is passed through as it is.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cd2sync.h"
+
+#include <zlib.h>
+
+#include "download.h"
+#include "http.h"
+#include "utils/memutils.h"
+
+#define DOWNLOAD_INBUF (64 * 1024)
+
+struct Download
+{
+	char	   *object_id;
+	char	   *url;
+	RefreshUrlFn refresh;
+	void	   *refresh_arg;
+	HttpStream *http;
+	int64		received;		/* compressed bytes of the object received */
+	int64		skip;			/* bytes to drop after a Range was ignored */
+	int			failures;		/* consecutive failed attempts */
+	bool		fetched_all;	/* the whole object has been received */
+	bool		eof;
+
+	bool		detected;		/* know whether it is gzip */
+	bool		gzip;
+	bool		zinit;
+	bool		member_ended;	/* the last inflate hit Z_STREAM_END */
+	z_stream	zs;
+	unsigned char inbuf[DOWNLOAD_INBUF];
+	MemoryContextCallback cleanup;
+};
+
+static void
+download_cleanup(void *arg)
+{
+	Download   *d = (Download *) arg;
+
+	if (d->zinit)
+	{
+		inflateEnd(&d->zs);
+		d->zinit = false;
+	}
+}
+
+/* The object's URL without its query string (the presigned signature) */
+static char *
+url_for_message(const char *url)
+{
+	char	   *copy = pstrdup(url);
+	char	   *q = strchr(copy, '?');
+
+	if (q)
+		*q = '\0';
+	return copy;
+}
+
+Download *
+download_open(const char *object_id, const char *url,
+			  RefreshUrlFn refresh, void *refresh_arg)
+{
+	Download   *d = palloc0(sizeof(Download));
+
+	d->object_id = pstrdup(object_id);
+	d->url = pstrdup(url);
+	d->refresh = refresh;
+	d->refresh_arg = refresh_arg;
+	d->cleanup.func = download_cleanup;
+	d->cleanup.arg = d;
+	MemoryContextRegisterResetCallback(CurrentMemoryContext, &d->cleanup);
+	return d;
+}
+
+/* Handles a failed attempt: wait, or get a new URL, or give up. */
+static void
+attempt_failed(Download *d, HttpOutcome outcome, long status, int retry_after_ms,
+			   const char *why)
+{
+	bool		url_gone = (status == 403 || status == 404 || status == 410);
+
+	d->failures++;
+	if (outcome == HTTP_PERMANENT && !url_gone)
+		ereport(ERROR,
+				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+				 errmsg("could not download object \"%s\": %s",
+						d->object_id, why),
+				 errdetail("URL: %s", url_for_message(d->url))));
+	if (d->failures > cd2_http_retries)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("could not download object \"%s\" after %d attempts: %s",
+						d->object_id, d->failures, why)));
+	if (url_gone && d->refresh)
+	{
+		/* a presigned link expired or was revoked: ask for a fresh one */
+		d->url = d->refresh(d->refresh_arg, d->object_id);
+		return;
+	}
+	cd2_sleep_ms(http_backoff_ms(d->failures - 1, retry_after_ms));
+}
+
+/* Next compressed bytes of the object; 0 at its end. */
+static size_t
+fetch(Download *d, char *dst, size_t len)
+{
+	while (!d->fetched_all)
+	{
+		size_t		n;
+		HttpOutcome outcome;
+
+		if (d->http == NULL)
+		{
+			HttpRequest req = {0};
+			long		status;
+
+			req.method = "GET";
+			req.url = d->url;
+			req.range_start = d->received;
+			req.is_download = true;
+			d->http = http_stream_open(&req);
+			status = http_stream_status(d->http);
+			if (status == 416 && d->received > 0)
+			{
+				/* asked for bytes past the end: there were no more */
+				http_stream_close(d->http);
+				d->fetched_all = true;
+				break;
+			}
+			if (status >= 200 && status < 300)
+				d->skip = http_stream_is_partial(d->http) ? 0 : d->received;
+			else if (status >= 300 || http_stream_outcome(d->http) != HTTP_OK)
+			{
+				char		why[128];
+				HttpOutcome o = http_stream_outcome(d->http);
+				const char *err = http_stream_error(d->http);
+				int			ra = http_stream_retry_after_ms(d->http);
+
+				if (err)
+					snprintf(why, sizeof(why), "%s", err);
+				else
+					snprintf(why, sizeof(why), "HTTP status %ld", status);
+				http_stream_close(d->http);
+				d->http = NULL;
+				attempt_failed(d, o, status, ra, why);
+				continue;
+			}
+		}
+
+		n = http_stream_read(d->http, dst, len);
+		if (n > 0)
+		{
+			d->failures = 0;
+			if (d->skip > 0)
+			{
+				size_t		drop = (size_t) Min((int64) n, d->skip);
+
+				d->skip -= drop;
+				if (drop == n)
+					continue;
+				memmove(dst, dst + drop, n - drop);
+				n -= drop;
+			}
+			d->received += n;
+			return n;
+		}
+
+		outcome = http_stream_outcome(d->http);
+		if (outcome == HTTP_OK)
+		{
+			http_stream_close(d->http);
+			d->fetched_all = true;
+			break;
+		}
+		else
+		{
+			char		why[256];
+			const char *err = http_stream_error(d->http);
+
+			snprintf(why, sizeof(why), "%s", err ? err : "transfer failed");
+			http_stream_close(d->http);
+			d->http = NULL;
+			attempt_failed(d, outcome, 0, -1, why);
+		}
+	}
+	return 0;
+}
+
+/*
+ * Up to len decompressed bytes of the object into dst; 0 at its end.
+ */
+size_t
+download_read(Download *d, char *dst, size_t len)
+{
+	if (d->eof || len == 0)
+		return 0;
+
+	if (!d->detected)
+	{
+		size_t		n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
+
+		d->detected = true;
+		d->gzip = (n >= 2 && d->inbuf[0] == 0x1f && d->inbuf[1] == 0x8b);
+		if (n == 0)
+		{
+			d->eof = true;		/* an empty object: no records */
+			return 0;
+		}
+		d->zs.next_in = d->inbuf;
+		d->zs.avail_in = (uInt) n;
+		if (d->gzip)
+		{
+			if (inflateInit2(&d->zs, 16 + MAX_WBITS) != Z_OK)
+				ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY),
+								errmsg("could not initialize zlib")));
+			d->zinit = true;
+		}
+	}
+
+	if (!d->gzip)
+	{
+		size_t		n;
+
+		if (d->zs.avail_in == 0)
+		{
+			n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
+			if (n == 0)
+			{
+				d->eof = true;
+				return 0;
+			}
+			d->zs.next_in = d->inbuf;
+			d->zs.avail_in = (uInt) n;
+		}
+		n = Min(len, d->zs.avail_in);
+		memcpy(dst, d->zs.next_in, n);
+		d->zs.next_in += n;
+		d->zs.avail_in -= (uInt) n;
+		return n;
+	}
+
+	for (;;)
+	{
+		int			rc;
+		size_t		produced;
+
+		if (d->zs.avail_in == 0)
+		{
+			size_t		n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
+
+			if (n == 0)
+			{
+				if (!d->member_ended)
+					ereport(ERROR,
+							(errcode(ERRCODE_DATA_CORRUPTED),
+							 errmsg("gzip stream of object \"%s\" is truncated",
+									d->object_id),
+							 errdetail("The object ended after %lld compressed bytes, inside a gzip member.",
+									   (long long) d->received)));
+				d->eof = true;
+				return 0;
+			}
+			d->zs.next_in = d->inbuf;
+			d->zs.avail_in = (uInt) n;
+		}
+		if (d->member_ended)
+		{
+			/* more input after a member's end: the next member starts */
+			if (inflateReset(&d->zs) != Z_OK)
+				ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
+								errmsg("could not reset zlib")));
+			d->member_ended = false;
+		}
+
+		d->zs.next_out = (Bytef *) dst;
+		d->zs.avail_out = (uInt) len;
+		rc = inflate(&d->zs, Z_NO_FLUSH);
+		produced = len - d->zs.avail_out;
+		if (rc == Z_STREAM_END)
+			d->member_ended = true;
+		else if (rc != Z_OK && rc != Z_BUF_ERROR)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("gzip stream of object \"%s\" is corrupt: %s",
+							d->object_id, d->zs.msg ? d->zs.msg : "inflate failed")));
+		if (produced > 0)
+			return produced;
+	}
+}
+
+int64
+download_compressed_bytes(Download *d)
+{
+	return d->received;
+}
+
+void
+download_close(Download *d)
+{
+	if (d->http)
+		http_stream_close(d->http);
+	d->http = NULL;
+	download_cleanup(d);
+}

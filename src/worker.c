@@ -1,0 +1,498 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The sync worker: one dynamic background worker per run, syncing the
+ *	  tables of one instance one after the other.
+ *
+ * A table sync goes through these states (src/README.md draws them):
+ *
+ *	 job        start a snapshot or incremental query job and poll it;
+ *	            an incremental the API refuses (SnapshotRequired,
+ *	            OutOfRange) becomes a snapshot
+ *	 schema     when the job's schema version is new: fetch the schema,
+ *	            create or extend the table (own transaction: new enum values
+ *	            must be committed before use)
+ *	 load       in one transaction: COPY every object into a staging table,
+ *	            apply it set-based, record the watermark and the log row
+ *	 done | failed
+ *
+ * Any error in a table sync aborts that table's transaction, so its rows
+ * and watermark stay as they were; the failure is recorded in a new
+ * transaction and the run goes on with the next table. A run holds an
+ * advisory lock on its instance for its whole length, so two runs of one
+ * instance never interleave: the second waits.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cd2sync.h"
+
+/* always needed for a bgworker */
+#include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "storage/dsm.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/resowner.h"
+
+/* used by this worker */
+#include "access/xact.h"
+#include "catalog.h"
+#include "dap_client.h"
+#include "decode.h"
+#include "download.h"
+#include "executor/spi.h"
+#include "pgstat.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "worker.h"
+
+typedef struct RunContext
+{
+	int64		run_id;
+	bool		full;
+	InstanceConfig *instance;
+	DapClient  *client;
+	RecordFormat format;
+	MemoryContext cxt;
+} RunContext;
+
+static void
+begin_tx(void)
+{
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+static void
+commit_tx(MemoryContext back_to)
+{
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(back_to);
+	pgstat_report_stat(false);
+}
+
+static void
+report(RunContext *rc, const char *table, const char *fmt,...) pg_attribute_printf(3, 4);
+
+/* What the worker is doing, for pg_stat_activity (never a secret) */
+static void
+report(RunContext *rc, const char *table, const char *fmt,...)
+{
+	char		what[256];
+	char	   *line;
+	va_list		ap;
+
+	va_start(ap, fmt);
+	vsnprintf(what, sizeof(what), fmt, ap);
+	va_end(ap);
+	line = psprintf("cd2sync %s%s%s: %s", rc->instance->name,
+					table ? "." : "", table ? table : "", what);
+	pgstat_report_activity(STATE_RUNNING, line);
+	pfree(line);
+}
+
+static double
+seconds_since(TimestampTz t)
+{
+	return (double) (GetCurrentTimestamp() - t) / USECS_PER_SEC;
+}
+
+/* A fresh URL for an object whose presigned URL stopped working */
+static char *
+refresh_url(void *arg, const char *object_id)
+{
+	RunContext *rc = (RunContext *) arg;
+	DapError	err;
+	List	   *urls = dap_object_urls(rc->client, list_make1(pstrdup(object_id)), &err);
+
+	if (urls == NIL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the query job expired while its objects were downloaded: %s",
+						err.message)));
+	return (char *) linitial(urls);
+}
+
+/*
+ * Starts the table's query job and waits for it. An incremental the API
+ * refuses as too old becomes a snapshot (*snapshot is set).
+ */
+static DapJob *
+run_job(RunContext *rc, TableRun *tr, bool *snapshot)
+{
+	DapError	err;
+	DapJob	   *job;
+	const char *fmt = decode_format_name(rc->format);
+
+	report(rc, tr->table, "starting a %s query job", *snapshot ? "snapshot" : "incremental");
+	job = dap_start_query(rc->client, tr->table, fmt,
+						  *snapshot ? NULL : tr->watermark_before, &err);
+	if (job == NULL && !*snapshot && err.type &&
+		(strcmp(err.type, "SnapshotRequired") == 0 || strcmp(err.type, "OutOfRange") == 0))
+	{
+		ereport(LOG,
+				(errmsg("cd2sync %s.%s: incremental refused (%s), taking a snapshot",
+						rc->instance->name, tr->table, err.type)));
+		*snapshot = true;
+		job = dap_start_query(rc->client, tr->table, fmt, NULL, &err);
+	}
+	if (job == NULL)
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg_internal("%s", err.message)));
+
+	report(rc, tr->table, "waiting for query job %s", job->id);
+	job = dap_wait_job(rc->client, job, &err);
+	if (job == NULL)
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg_internal("%s", err.message)));
+	if (strcmp(job->status, "failed") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+				 errmsg("CD2 query job %s failed: %s", job->id, job->error)));
+	if ((*snapshot ? job->at : job->until) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+				 errmsg("CD2 query job %s completed without \"%s\"", job->id,
+						*snapshot ? "at" : "until")));
+	return job;
+}
+
+/* Creates or extends the target table for the schema the job used */
+static void
+ensure_schema(RunContext *rc, TableRun *tr, DapJob *job, MemoryContext cxt)
+{
+	char	   *doc;
+	const char *args[4];
+	char	   *version;
+
+	report(rc, tr->table, "fetching schema");
+	doc = dap_get_schema(rc->client, tr->table);
+
+	report(rc, tr->table, "creating or altering the table");
+	begin_tx();
+	args[0] = rc->instance->target_schema;
+	args[1] = tr->table;
+	args[2] = doc;
+	args[3] = rc->instance->name;
+	version = catalog_run_sql(
+		"WITH t AS (SELECT cd2sync._ensure_table($1, $2, $3::jsonb) AS created), "
+		"     s AS (SELECT coalesce(($3::jsonb->>'version')::int, 0) AS version, "
+		"                  array_agg(c.column_name ORDER BY c.ord) AS columns "
+		"             FROM t, cd2sync._schema_columns($1, $2, $3::jsonb) c) "
+		"INSERT INTO cd2sync.table_state AS ts (instance, table_name, schema_version, columns) "
+		"SELECT $4, $2, s.version, s.columns FROM s "
+		"ON CONFLICT (instance, table_name) DO UPDATE "
+		"   SET schema_version = excluded.schema_version, columns = excluded.columns "
+		"RETURNING ts.schema_version", 4, args);
+	commit_tx(cxt);
+	if (job->schema_version <= 0 && version)
+		job->schema_version = atoi(version);
+}
+
+/*
+ * Downloads, decodes and applies every object of a job, and records the new
+ * watermark, all in the current transaction.
+ */
+static void
+load_and_apply(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
+{
+	const char *args[5];
+	List	   *columns = NIL;
+	bool		any_jsonl = false;
+	uint64		records = 0;
+	ListCell   *lo,
+			   *lu;
+	char	   *counts;
+	char	   *target = quote_qualified_identifier(rc->instance->target_schema, tr->table);
+	const char *mode;
+
+	args[0] = target;
+	catalog_run_sql("SELECT cd2sync._create_staging($1::regclass)", 1, args);
+
+	forboth(lo, job->objects, lu, urls)
+	{
+		Download   *d;
+		bool		jsonl;
+
+		report(rc, tr->table, "downloading object %d of %d (%llu records so far)",
+			   foreach_current_index(lo) + 1, list_length(job->objects),
+			   (unsigned long long) records);
+		d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
+		records += decode_object(d, rc->format, &columns, &jsonl);
+		tr->bytes += download_compressed_bytes(d);
+		tr->objects++;
+		any_jsonl |= jsonl;
+		download_close(d);
+	}
+	if (any_jsonl)
+		catalog_run_sql("SELECT cd2sync._expand_jsonl($1::regclass)", 1, args);
+
+	if (!snapshot)
+		mode = "incremental";
+	else if (strcmp(catalog_run_sql(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target),
+									0, NULL), "t") == 0)
+		mode = "snapshot";
+	else
+		mode = "snapshot_new";
+
+	report(rc, tr->table, "applying %llu records (%s)", (unsigned long long) records, mode);
+	args[1] = mode;
+	args[2] = any_jsonl ? NULL : catalog_text_array(columns);
+	args[3] = rc->instance->name;
+	args[4] = tr->table;
+	counts = catalog_run_sql(
+		"SELECT concat_ws(' ', a.upserted, a.deleted, a.unchanged, a.oversized) "
+		"  FROM cd2sync._apply($1::regclass, $2, cd2sync._fill_columns($3::text[], "
+		"         (SELECT columns FROM cd2sync.table_state "
+		"           WHERE instance = $4 AND table_name = $5))) a", 5, args);
+	if (counts == NULL ||
+		sscanf(counts, INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT,
+			   &tr->upserted, &tr->deleted, &tr->unchanged, &tr->oversized) != 4)
+		elog(ERROR, "cd2sync could not apply table %s", target);
+
+	if (snapshot)
+		tr->mode = "snapshot";
+	else
+		tr->mode = (tr->upserted == 0 && tr->deleted == 0) ? "unchanged" : "incremental";
+	tr->watermark = snapshot ? job->at : job->until;
+	tr->schema_version = job->schema_version;
+	catalog_log_success(tr);
+}
+
+/* The steps of one table sync; raises on any failure */
+static void
+sync_table_steps(RunContext *rc, TableRun *tr, MemoryContext cxt)
+{
+	TableState st;
+	bool		snapshot;
+	DapJob	   *job;
+	List	   *urls;
+	DapError	err;
+	TimestampTz t0;
+
+	begin_tx();
+	catalog_table_state(rc->instance->name, rc->instance->target_schema, tr->table, &st);
+	tr->watermark_before = st.watermark_raw;
+	catalog_log_start(tr);
+	commit_tx(cxt);
+
+	snapshot = (st.watermark_raw == NULL || rc->full || !st.table_exists);
+	t0 = GetCurrentTimestamp();
+	job = run_job(rc, tr, &snapshot);
+	tr->job_id = job->id;
+	tr->job_seconds = seconds_since(t0);
+
+	if (!st.table_exists || job->schema_version <= 0 ||
+		job->schema_version != st.schema_version)
+		ensure_schema(rc, tr, job, cxt);
+
+	urls = dap_object_urls(rc->client, job->objects, &err);
+	if (urls == NIL && job->objects != NIL)
+	{
+		/* the job is gone (expired): start over with a new one, once */
+		ereport(LOG,
+				(errmsg("cd2sync %s.%s: %s; starting a new query job",
+						rc->instance->name, tr->table, err.message)));
+		job = run_job(rc, tr, &snapshot);
+		tr->job_id = job->id;
+		urls = dap_object_urls(rc->client, job->objects, NULL);
+	}
+
+	t0 = GetCurrentTimestamp();
+	begin_tx();
+	load_and_apply(rc, tr, job, urls, snapshot);
+	commit_tx(cxt);
+	tr->load_seconds = seconds_since(t0);
+}
+
+/* One table sync: its own transactions; a failure is recorded, not raised */
+static void
+sync_table(RunContext *rc, const char *table)
+{
+	MemoryContext cxt = AllocSetContextCreate(rc->cxt, "cd2sync table",
+											  ALLOCSET_DEFAULT_SIZES);
+	TableRun   *tr;
+
+	MemoryContextSwitchTo(cxt);
+	tr = palloc0(sizeof(TableRun));
+	tr->run_id = rc->run_id;
+	tr->instance = rc->instance->name;
+	tr->table = table;
+	tr->started = GetCurrentTimestamp();
+
+	PG_TRY();
+	{
+		sync_table_steps(rc, tr, cxt);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(rc->cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		RESUME_INTERRUPTS();
+
+		ereport(LOG,
+				(errmsg("cd2sync %s.%s failed: %s", rc->instance->name, table, edata->message)));
+		MemoryContextSwitchTo(cxt);
+		begin_tx();
+		catalog_log_failure(tr, edata->message, unpack_sql_state(edata->sqlerrcode));
+		commit_tx(cxt);
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+
+	MemoryContextSwitchTo(rc->cxt);
+	MemoryContextDelete(cxt);
+}
+
+/* Waits for, then takes, the instance's sync lock for the rest of the run */
+static void
+lock_instance(RunContext *rc)
+{
+	const char *args[1] = {rc->instance->name};
+	char	   *got;
+
+	begin_tx();
+	got = catalog_run_sql("SELECT pg_try_advisory_lock(52517, hashtext($1))", 1, args);
+	commit_tx(rc->cxt);
+	if (strcmp(got, "t") == 0)
+		return;
+	report(rc, NULL, "waiting for the running sync of this instance to finish");
+	begin_tx();
+	catalog_run_sql("SELECT pg_advisory_lock(52517, hashtext($1))", 1, args);
+	commit_tx(rc->cxt);
+}
+
+/* The tables this run syncs: asked for, else configured, else all listed */
+static List *
+tables_to_sync(RunContext *rc, List *asked)
+{
+	if (asked != NIL)
+		return asked;
+	if (rc->instance->tables != NIL)
+		return rc->instance->tables;
+	report(rc, NULL, "listing tables");
+	return dap_list_tables(rc->client);
+}
+
+static void
+run_sync(int64 run_id, const char *instance, List *asked, bool full)
+{
+	RunContext	rc = {0};
+	List	   *tables;
+	ListCell   *lc;
+
+	rc.cxt = AllocSetContextCreate(TopMemoryContext, "cd2sync run", ALLOCSET_DEFAULT_SIZES);
+	MemoryContextSwitchTo(rc.cxt);
+	rc.run_id = run_id;
+	rc.full = full;
+	rc.format = decode_parse_format(cd2_format);
+
+	begin_tx();
+	catalog_run_start(run_id, instance, asked, full);
+	rc.instance = catalog_load_instance(instance);
+	commit_tx(rc.cxt);
+
+	PG_TRY();
+	{
+		rc.client = dap_client_create(rc.instance->api_url, rc.instance->client_id,
+									  rc.instance->client_secret);
+		lock_instance(&rc);
+		tables = tables_to_sync(&rc, asked);
+		/* the configuration may have changed while we waited */
+		begin_tx();
+		rc.instance = catalog_load_instance(instance);
+		commit_tx(rc.cxt);
+		rc.client->api_url = rc.instance->api_url;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(rc.cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		RESUME_INTERRUPTS();
+		ereport(LOG, (errmsg("cd2sync %s: run failed: %s", instance, edata->message)));
+		begin_tx();
+		catalog_run_finish(run_id, edata->message, unpack_sql_state(edata->sqlerrcode));
+		commit_tx(rc.cxt);
+		return;
+	}
+	PG_END_TRY();
+
+	foreach(lc, tables)
+	{
+		CHECK_FOR_INTERRUPTS();
+		sync_table(&rc, (const char *) lfirst(lc));
+	}
+
+	begin_tx();
+	catalog_run_finish(run_id, NULL, NULL);
+	commit_tx(rc.cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+void
+cd2_worker_main(Datum main_arg)
+{
+	dsm_segment *seg;
+	SyncRequest *req;
+	char	   *instance;
+	char	   *settings;
+	char	   *p;
+	List	   *tables = NIL;
+	int64		run_id;
+	bool		full;
+
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	CurrentResourceOwner = ResourceOwnerCreate(NULL, "cd2sync worker");
+	seg = dsm_attach(DatumGetUInt32(main_arg));
+	if (seg == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cd2sync worker could not map its request")));
+	req = (SyncRequest *) dsm_segment_address(seg);
+
+	/* copy the request, then let the session go on */
+	p = MemoryContextAlloc(TopMemoryContext, req->len);
+	memcpy(p, req->data, req->len);
+	instance = p;
+	p += strlen(p) + 1;
+	settings = p;
+	p += strlen(p) + 1;
+	if (req->tables_given)
+	{
+		for (int i = 0; i < req->ntables; i++)
+		{
+			tables = lappend(tables, p);
+			p += strlen(p) + 1;
+		}
+	}
+	run_id = req->run_id;
+	full = req->full;
+
+	BackgroundWorkerInitializeConnectionByOid(req->dboid, req->useroid, 0);
+	pg_atomic_write_u32(&req->attached, 1);
+	dsm_detach(seg);
+
+	pgstat_report_appname(psprintf("cd2sync %s", instance));
+	cd2_restore_settings(settings);
+	SetConfigOption("TimeZone", "UTC", PGC_SUSET, PGC_S_SESSION);
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
+
+	run_sync(run_id, instance, tables, full);
+	proc_exit(0);
+}
