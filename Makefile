@@ -10,13 +10,14 @@ SQL_PARTS = sql/catalog.sql sql/instances.sql sql/schema_ddl.sql sql/apply.sql s
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 
 REGRESS = setup instances sync_args schema_ddl apply watermarks
-REGRESS_OPTS = --inputdir=test --outputdir=test --load-extension=plpgsql
+REGRESS_OPTS = --inputdir=test --outputdir=test --temp-instance=./tmp_regress \
+               --temp-config=test/regress.conf
 TAP_TESTS = 1
 
 # PostgreSQL's own headers are not -Wextra clean for unused parameters
 PG_CPPFLAGS = -Wall -Wextra -Wno-unused-parameter
 SHLIB_LINK = -lcurl -lz
-EXTRA_CLEAN = $(DATA_built) test/results test/regression.diffs test/regression.out tmp_check
+EXTRA_CLEAN = $(DATA_built) test/results test/regression.diffs test/regression.out tmp_check tmp_regress
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)

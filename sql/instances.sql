@@ -64,7 +64,8 @@ END $$;
 -- reached gets a warning: the tables are checked again at each sync.
 CREATE FUNCTION cd2sync._check_remote_tables(api_url text, client_id text, client_secret text,
                                              tables text[])
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET cd2sync.http_retries = 2 AS $$
 DECLARE
     remote text[];
     missing text[];

@@ -79,29 +79,34 @@ BEGIN
         ELSE 'jsonb' END;
 END $$;
 
--- The columns a CD2 schema describes, key columns first, in schema order.
-CREATE FUNCTION cd2sync._schema_columns(target_schema text, table_name text, doc jsonb)
+-- The columns a CD2 schema describes, key columns first, in the order the
+-- document lists them (json, not jsonb, keeps that order).
+CREATE FUNCTION cd2sync._schema_columns(target_schema text, table_name text, doc json)
 RETURNS TABLE (ord int, column_name text, type_sql text, is_key boolean,
                not_null boolean, enum_values text[], description text)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    root jsonb := coalesce(doc->'schema', doc);
+    root_json json := coalesce(doc->'schema', doc);
+    root jsonb := root_json::jsonb;
     part text;
-    obj jsonb;
+    obj json;
     prop record;
     p jsonb;
     n int := 0;
 BEGIN
     FOREACH part IN ARRAY ARRAY['key', 'value'] LOOP
-        obj := cd2sync._resolve_ref(root, root->'properties'->part);
-        FOR prop IN SELECT e.key, e.value FROM jsonb_each(coalesce(obj->'properties', '{}')) WITH ORDINALITY e(key, value, i)
+        obj := root_json->'properties'->part;
+        IF obj IS NOT NULL AND obj::jsonb ? '$ref' THEN
+            obj := cd2sync._resolve_ref(root, obj::jsonb)::json;
+        END IF;
+        FOR prop IN SELECT e.key, e.value FROM json_each(coalesce(obj->'properties', '{}')) WITH ORDINALITY e(key, value, i)
                      ORDER BY e.i LOOP
-            p := cd2sync._resolve_ref(root, prop.value);
+            p := cd2sync._resolve_ref(root, prop.value::jsonb);
             n := n + 1;
             ord := n;
             column_name := prop.key;
             is_key := part = 'key';
-            not_null := is_key OR coalesce(obj->'required' ? prop.key, false);
+            not_null := is_key OR coalesce(obj::jsonb->'required' ? prop.key, false);
             enum_values := NULL;
             IF p->>'type' = 'string' AND jsonb_typeof(p->'enum') = 'array' THEN
                 SELECT array_agg(x ORDER BY i) INTO enum_values
@@ -119,8 +124,9 @@ END $$;
 -- schema: new enum types and values, new columns. A column removed upstream
 -- is kept (and no longer filled) so that users' views on it stay valid.
 -- Returns true when the table was created.
-CREATE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc jsonb)
-RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+CREATE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc json)
+RETURNS boolean LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     c record;
     cols text[] := '{}';

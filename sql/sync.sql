@@ -29,13 +29,14 @@ RETURNS timestamptz LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_ca
         -- every (instance, table) that should have a watermark
         SELECT s.instance, s.table_name, s.watermark
           FROM cd2sync.table_state s
-         WHERE tables IS NULL OR s.table_name = ANY (tables)
+         WHERE cd2_consistent_watermark.tables IS NULL
+            OR s.table_name = ANY (cd2_consistent_watermark.tables)
         UNION ALL
-        SELECT i.name, t, NULL
-          FROM cd2sync.instances i, unnest(tables) t
-         WHERE tables IS NOT NULL AND (i.tables IS NULL OR t = ANY (i.tables))
+        SELECT i.name, t.name, NULL
+          FROM cd2sync.instances i, unnest(cd2_consistent_watermark.tables) t(name)
+         WHERE (i.tables IS NULL OR t.name = ANY (i.tables))
            AND NOT EXISTS (SELECT 1 FROM cd2sync.table_state s
-                            WHERE s.instance = i.name AND s.table_name = t))
+                            WHERE s.instance = i.name AND s.table_name = t.name))
     SELECT CASE WHEN bool_or(watermark IS NULL) THEN NULL ELSE min(watermark) END FROM wanted
 $$;
 

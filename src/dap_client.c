@@ -271,12 +271,12 @@ dap_login(DapClient *c)
 }
 
 /*
- * One API call with the retry policy. Returns the parsed answer; on a
+ * One API call with the retry policy. Returns the answer's text; on a
  * permanent error fills err and returns NULL when err is given, else raises.
  */
-static Jsonb *
-dap_call(DapClient *c, const char *method, const char *path, const char *body,
-		 DapError *err)
+static char *
+dap_call_text(DapClient *c, const char *method, const char *path, const char *body,
+			  DapError *err)
 {
 	HttpRequest req = {0};
 	HttpResponse resp;
@@ -296,7 +296,7 @@ dap_call(DapClient *c, const char *method, const char *path, const char *body,
 		req.bearer = c->token;
 		http_request(&req, &resp);
 		if (resp.outcome == HTTP_OK)
-			return parse_json(resp.body.data, path);
+			return resp.body.data;
 		if (resp.outcome == HTTP_UNAUTHORIZED && !relogged)
 		{
 			/* token revoked or expired early: log in again, once */
@@ -317,6 +317,16 @@ dap_call(DapClient *c, const char *method, const char *path, const char *body,
 	if (err == NULL || resp.outcome == HTTP_TRANSIENT)
 		raise_error(err ? err : &local);
 	return NULL;
+}
+
+/* dap_call_text, parsed */
+static Jsonb *
+dap_call(DapClient *c, const char *method, const char *path, const char *body,
+		 DapError *err)
+{
+	char	   *text = dap_call_text(c, method, path, body, err);
+
+	return text ? parse_json(text, path) : NULL;
 }
 
 static char *
@@ -350,14 +360,18 @@ dap_list_tables(DapClient *c)
 	return tables;
 }
 
-/* The table's schema answer ({"version", "schema"}) as JSON text */
+/*
+ * The table's schema answer ({"version", "schema"}) as the API wrote it:
+ * its order of properties is the order of the table's columns.
+ */
 char *
 dap_get_schema(DapClient *c, const char *table)
 {
 	char	   *path = psprintf("/dap/query/canvas/table/%s/schema", escape_path(table));
-	Jsonb	   *j = dap_call(c, "GET", path, NULL, NULL);
+	char	   *text = dap_call_text(c, "GET", path, NULL, NULL);
 
-	return JsonbToCString(NULL, &j->root, VARSIZE(j));
+	(void) parse_json(text, path);	/* it must be JSON */
+	return text;
 }
 
 static DapJob *

@@ -179,10 +179,10 @@ ensure_schema(RunContext *rc, TableRun *tr, DapJob *job, MemoryContext cxt)
 	args[2] = doc;
 	args[3] = rc->instance->name;
 	version = catalog_run_sql(
-		"WITH t AS (SELECT cd2sync._ensure_table($1, $2, $3::jsonb) AS created), "
-		"     s AS (SELECT coalesce(($3::jsonb->>'version')::int, 0) AS version, "
+		"WITH t AS (SELECT cd2sync._ensure_table($1, $2, $3::json) AS created), "
+		"     s AS (SELECT coalesce(($3::json->>'version')::int, 0) AS version, "
 		"                  array_agg(c.column_name ORDER BY c.ord) AS columns "
-		"             FROM t, cd2sync._schema_columns($1, $2, $3::jsonb) c) "
+		"             FROM t, cd2sync._schema_columns($1, $2, $3::json) c) "
 		"INSERT INTO cd2sync.table_state AS ts (instance, table_name, schema_version, columns) "
 		"SELECT $4, $2, s.version, s.columns FROM s "
 		"ON CONFLICT (instance, table_name) DO UPDATE "

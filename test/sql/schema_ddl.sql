@@ -1,0 +1,78 @@
+-- From a CD2 schema to a table: the type mapping of cd2-api.md, NOT NULL
+-- from "required", the key as primary key, enums, comments, evolution.
+\set VERBOSITY sqlstate
+SELECT ord, column_name, type_sql, is_key, not_null, enum_values
+  FROM cd2sync._schema_columns('s1', 'things', $${"version": 3, "schema": {
+  "type": "object",
+  "properties": {
+    "key": {"type": "object", "properties": {"id": {"type": "integer", "format": "int64"}}, "required": ["id"]},
+    "value": {"type": "object", "required": ["i32", "state"], "properties": {
+      "i16": {"type": "integer", "format": "int16"},
+      "i32": {"type": "integer", "format": "int32"},
+      "i64": {"type": "integer", "format": "int64"},
+      "inone": {"type": "integer"},
+      "f32": {"type": "number", "format": "float32"},
+      "f64": {"type": "number", "format": "float64"},
+      "fnone": {"type": "number"},
+      "ts": {"type": "string", "format": "date-time", "description": "When it happened."},
+      "d": {"type": "string", "format": "date"},
+      "t": {"type": "string", "format": "time"},
+      "u": {"type": "string", "format": "uuid"},
+      "state": {"type": "string", "enum": ["active", "deleted"]},
+      "code": {"type": "string", "maxLength": 12},
+      "txt": {"type": "string"},
+      "b": {"type": "boolean"},
+      "obj": {"type": "object", "properties": {"a": {"type": "integer"}}},
+      "obj2": {"type": "object"},
+      "tags": {"type": "array", "items": {"type": "string"}},
+      "nums": {"type": "array", "items": {"type": "integer", "format": "int32"}},
+      "objs": {"type": "array", "items": {"type": "object"}},
+      "one": {"oneOf": [{"type": "string"}, {"type": "string", "format": "date-time"}]},
+      "mixed": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+      "nullable": {"type": ["string", "null"]},
+      "ref": {"$ref": "#/definitions/Ref"}
+    }},
+    "meta": {"type": "object", "properties": {"ts": {"type": "string", "format": "date-time"}}}
+  },
+  "definitions": {"Ref": {"type": "integer", "format": "int32"}}
+}}$$::json) ORDER BY ord;
+
+-- creating the table
+SELECT cd2sync._ensure_table('s1', 'things', $${"version": 1, "schema": {"properties": {
+  "key": {"properties": {"id": {"type": "integer"}}},
+  "value": {"required": ["state"], "properties": {
+    "state": {"type": "string", "enum": ["active", "deleted"], "description": "Workflow state."},
+    "name": {"type": "string", "maxLength": 20},
+    "at": {"type": "string", "format": "date-time"},
+    "tags": {"type": "array", "items": {"type": "string"}}}}}}}$$::json) AS created;
+\d s1.things
+SELECT col_description('s1.things'::regclass, attnum) AS state_comment
+  FROM pg_attribute WHERE attrelid = 's1.things'::regclass AND attname = 'state';
+SELECT enum_range(NULL::s1.things__state);
+
+-- a newer schema: new column, new enum value; a column removed upstream stays
+CREATE VIEW s1.user_view AS SELECT id, name, at FROM s1.things;
+SELECT cd2sync._ensure_table('s1', 'things', $${"version": 2, "schema": {"properties": {
+  "key": {"properties": {"id": {"type": "integer"}}},
+  "value": {"required": ["state"], "properties": {
+    "state": {"type": "string", "enum": ["active", "deleted", "archived"]},
+    "name": {"type": "string", "maxLength": 20},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "score": {"type": "number"}}}}}}$$::json) AS created;
+\d s1.things
+SELECT enum_range(NULL::s1.things__state);
+SELECT * FROM s1.user_view;
+
+-- hostile remote names are quoted, never spliced
+SELECT cd2sync._ensure_table('s1', 'we"ird; drop table x', $${"version": 1, "schema": {"properties": {
+  "key": {"properties": {"Id Col": {"type": "integer"}}},
+  "value": {"properties": {"sel;ect": {"type": "string"}, "naïve": {"type": "string", "enum": ["a'b", "c\"d"]}}}}}}$$::json);
+\d s1."we""ird; drop table x"
+-- unusable names are refused
+SELECT cd2sync._ensure_table('s1', repeat('t', 64), '{"schema": {"properties": {"key": {"properties": {"id": {"type": "integer"}}}}}}');
+SELECT cd2sync._ensure_table('s1', 'nokey', '{"schema": {"properties": {"value": {"properties": {"id": {"type": "integer"}}}}}}');
+SELECT cd2sync._ensure_table('s1', 'badcol', '{"schema": {"properties": {"key": {"properties": {"cd2_x": {"type": "integer"}}}}}}');
+SELECT to_regclass('s1.nokey') IS NULL AND to_regclass('s1.badcol') IS NULL AS nothing_created;
+-- long enum type names stay unique
+SELECT cd2sync._enum_type_name(repeat('t', 40), repeat('c', 30)) <> cd2sync._enum_type_name(repeat('t', 40), repeat('c', 31)) AS distinct_names,
+       octet_length(cd2sync._enum_type_name(repeat('t', 40), repeat('c', 30))) <= 63 AS fits;
