@@ -44,6 +44,7 @@
 #include "executor/spi.h"
 #include "pgstat.h"
 #include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -118,11 +119,12 @@ refresh_url(void *arg, const char *object_id)
 }
 
 /*
- * Starts the table's query job and waits for it. An incremental the API
- * refuses as too old becomes a snapshot (*snapshot is set).
+ * Starts the table's query job (an incremental from since, unless
+ * *snapshot) and waits for it. An incremental the API refuses as too old
+ * becomes a snapshot (*snapshot is set).
  */
 static DapJob *
-run_job(RunContext *rc, TableRun *tr, bool *snapshot)
+run_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
 {
 	DapError	err;
 	DapJob	   *job;
@@ -130,7 +132,19 @@ run_job(RunContext *rc, TableRun *tr, bool *snapshot)
 
 	report(rc, tr->table, "starting a %s query job", *snapshot ? "snapshot" : "incremental");
 	job = dap_start_query(rc->client, tr->table, fmt,
-						  *snapshot ? NULL : tr->watermark_before, &err);
+						  *snapshot ? NULL : since, &err);
+	if (job == NULL && err.type && strcmp(err.type, "ValidationError") == 0 &&
+		rc->format != FORMAT_JSONL)
+	{
+		/* JSON lines is the format every DAP server documents: fall back to it */
+		ereport(LOG,
+				(errmsg("cd2sync %s.%s: query in format %s refused (%s), asking for jsonl",
+						rc->instance->name, tr->table, fmt, err.message)));
+		rc->format = FORMAT_JSONL;
+		fmt = decode_format_name(rc->format);
+		job = dap_start_query(rc->client, tr->table, fmt,
+							  *snapshot ? NULL : since, &err);
+	}
 	if (job == NULL && !*snapshot && err.type &&
 		(strcmp(err.type, "SnapshotRequired") == 0 || strcmp(err.type, "OutOfRange") == 0))
 	{
@@ -194,11 +208,11 @@ ensure_schema(RunContext *rc, TableRun *tr, DapJob *job, MemoryContext cxt)
 }
 
 /*
- * Downloads, decodes and applies every object of a job, and records the new
- * watermark, all in the current transaction.
+ * Downloads, decodes and applies every object of a job, in the current
+ * transaction; adds its counts to tr.
  */
 static void
-load_and_apply(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
+apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 {
 	const char *args[5];
 	List	   *columns = NIL;
@@ -209,6 +223,10 @@ load_and_apply(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snaps
 	char	   *counts;
 	char	   *target = quote_qualified_identifier(rc->instance->target_schema, tr->table);
 	const char *mode;
+	int64		upserted,
+				deleted,
+				unchanged,
+				oversized;
 
 	args[0] = target;
 	catalog_run_sql("SELECT cd2sync._create_staging($1::regclass)", 1, args);
@@ -251,16 +269,45 @@ load_and_apply(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snaps
 		"           WHERE instance = $4 AND table_name = $5))) a", 5, args);
 	if (counts == NULL ||
 		sscanf(counts, INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT,
-			   &tr->upserted, &tr->deleted, &tr->unchanged, &tr->oversized) != 4)
+			   &upserted, &deleted, &unchanged, &oversized) != 4)
 		elog(ERROR, "cd2sync could not apply table %s", target);
+	tr->upserted += upserted;
+	tr->deleted += deleted;
+	tr->unchanged += unchanged;
+	tr->oversized += oversized;
+}
 
-	if (snapshot)
-		tr->mode = "snapshot";
-	else
-		tr->mode = (tr->upserted == 0 && tr->deleted == 0) ? "unchanged" : "incremental";
-	tr->watermark = snapshot ? job->at : job->until;
-	tr->schema_version = job->schema_version;
-	catalog_log_success(tr);
+/* Whether ISO timestamp a is before b */
+static bool
+timestamp_before(const char *a, const char *b)
+{
+	Datum		ta = DirectFunctionCall3(timestamptz_in, CStringGetDatum(a),
+										 ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+	Datum		tb = DirectFunctionCall3(timestamptz_in, CStringGetDatum(b),
+										 ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+
+	return DatumGetTimestampTz(ta) < DatumGetTimestampTz(tb);
+}
+
+/*
+ * The presigned URLs of a job's objects. A job that is gone (expired) is
+ * started again, once.
+ */
+static List *
+job_urls(RunContext *rc, TableRun *tr, DapJob **job, bool *snapshot, const char *since)
+{
+	DapError	err;
+	List	   *urls = dap_object_urls(rc->client, (*job)->objects, &err);
+
+	if (urls == NIL && (*job)->objects != NIL)
+	{
+		ereport(LOG,
+				(errmsg("cd2sync %s.%s: %s; starting a new query job",
+						rc->instance->name, tr->table, err.message)));
+		*job = run_job(rc, tr, snapshot, since);
+		urls = dap_object_urls(rc->client, (*job)->objects, NULL);
+	}
+	return urls;
 }
 
 /* The steps of one table sync; raises on any failure */
@@ -270,8 +317,9 @@ sync_table_steps(RunContext *rc, TableRun *tr, MemoryContext cxt)
 	TableState st;
 	bool		snapshot;
 	DapJob	   *job;
+	DapJob	   *catchup = NULL;
 	List	   *urls;
-	DapError	err;
+	List	   *catchup_urls = NIL;
 	TimestampTz t0;
 
 	begin_tx();
@@ -282,29 +330,49 @@ sync_table_steps(RunContext *rc, TableRun *tr, MemoryContext cxt)
 
 	snapshot = (st.watermark_raw == NULL || rc->full || !st.table_exists);
 	t0 = GetCurrentTimestamp();
-	job = run_job(rc, tr, &snapshot);
-	tr->job_id = job->id;
+	job = run_job(rc, tr, &snapshot, st.watermark_raw);
 	tr->job_seconds = seconds_since(t0);
 
 	if (!st.table_exists || job->schema_version <= 0 ||
 		job->schema_version != st.schema_version)
 		ensure_schema(rc, tr, job, cxt);
+	urls = job_urls(rc, tr, &job, &snapshot, st.watermark_raw);
+	tr->job_id = job->id;
 
-	urls = dap_object_urls(rc->client, job->objects, &err);
-	if (urls == NIL && job->objects != NIL)
+	/*
+	 * Identical snapshot queries are deduplicated upstream for a day: a full
+	 * resync can get a snapshot older than the data already held. Bring it
+	 * forward with an incremental from its "at", applied in the same
+	 * transaction, so that the table never goes back in time.
+	 */
+	if (snapshot && st.watermark_raw && timestamp_before(job->at, st.watermark_raw))
 	{
-		/* the job is gone (expired): start over with a new one, once */
-		ereport(LOG,
-				(errmsg("cd2sync %s.%s: %s; starting a new query job",
-						rc->instance->name, tr->table, err.message)));
-		job = run_job(rc, tr, &snapshot);
-		tr->job_id = job->id;
-		urls = dap_object_urls(rc->client, job->objects, NULL);
+		bool		catchup_snapshot = false;
+
+		catchup = run_job(rc, tr, &catchup_snapshot, job->at);
+		catchup_urls = job_urls(rc, tr, &catchup, &catchup_snapshot, job->at);
+		if (catchup_snapshot)
+		{
+			/* refused as too old: the newer snapshot replaces the old one */
+			job = catchup;
+			urls = catchup_urls;
+			catchup = NULL;
+		}
+		tr->job_seconds = seconds_since(t0);
 	}
 
 	t0 = GetCurrentTimestamp();
 	begin_tx();
-	load_and_apply(rc, tr, job, urls, snapshot);
+	apply_job(rc, tr, job, urls, snapshot);
+	if (catchup)
+		apply_job(rc, tr, catchup, catchup_urls, false);
+	if (snapshot)
+		tr->mode = "snapshot";
+	else
+		tr->mode = (tr->upserted == 0 && tr->deleted == 0) ? "unchanged" : "incremental";
+	tr->watermark = catchup ? catchup->until : (snapshot ? job->at : job->until);
+	tr->schema_version = job->schema_version;
+	catalog_log_success(tr);
 	commit_tx(cxt);
 	tr->load_seconds = seconds_since(t0);
 }
