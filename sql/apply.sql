@@ -11,7 +11,9 @@ CREATE FUNCTION cd2sync._create_staging(target regclass)
 RETURNS void LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 BEGIN
-    DROP TABLE IF EXISTS pg_temp.cd2_stage, pg_temp.cd2_stage_json;
+    IF to_regclass('pg_temp.cd2_stage') IS NOT NULL THEN
+        DROP TABLE pg_temp.cd2_stage, pg_temp.cd2_stage_json;
+    END IF;
     EXECUTE format('CREATE TEMP TABLE cd2_stage (cd2_action text, cd2_ts text%s) ON COMMIT DROP',
         (SELECT string_agg(format(', %I text', attname), '' ORDER BY attnum)
            FROM pg_attribute WHERE attrelid = target AND attnum > 0 AND NOT attisdropped));

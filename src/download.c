@@ -38,6 +38,7 @@ struct Download
 	char	   *url;
 	RefreshUrlFn refresh;
 	void	   *refresh_arg;
+	MemoryContext cxt;			/* where the download's state lives */
 	HttpStream *http;
 	int64		received;		/* compressed bytes of the object received */
 	int64		skip;			/* bytes to drop after a Range was ignored */
@@ -84,6 +85,7 @@ download_open(const char *object_id, const char *url,
 {
 	Download   *d = palloc0(sizeof(Download));
 
+	d->cxt = CurrentMemoryContext;
 	d->object_id = pstrdup(object_id);
 	d->url = pstrdup(url);
 	d->refresh = refresh;
@@ -116,7 +118,10 @@ attempt_failed(Download *d, HttpOutcome outcome, long status, int retry_after_ms
 	if (url_gone && d->refresh)
 	{
 		/* a presigned link expired or was revoked: ask for a fresh one */
+		MemoryContext old = MemoryContextSwitchTo(d->cxt);
+
 		d->url = d->refresh(d->refresh_arg, d->object_id);
+		MemoryContextSwitchTo(old);
 		return;
 	}
 	cd2_sleep_ms(http_backoff_ms(d->failures - 1, retry_after_ms));
@@ -135,17 +140,26 @@ fetch(Download *d, char *dst, size_t len)
 		{
 			HttpRequest req = {0};
 			long		status;
+			MemoryContext old;
 
 			req.method = "GET";
 			req.url = d->url;
 			req.range_start = d->received;
 			req.is_download = true;
+
+			/*
+			 * Reading may happen inside COPY, in a context reset every row:
+			 * the stream lives as long as the download.
+			 */
+			old = MemoryContextSwitchTo(d->cxt);
 			d->http = http_stream_open(&req);
+			MemoryContextSwitchTo(old);
 			status = http_stream_status(d->http);
 			if (status == 416 && d->received > 0)
 			{
 				/* asked for bytes past the end: there were no more */
 				http_stream_close(d->http);
+				d->http = NULL;
 				d->fetched_all = true;
 				break;
 			}
@@ -191,6 +205,7 @@ fetch(Download *d, char *dst, size_t len)
 		if (outcome == HTTP_OK)
 		{
 			http_stream_close(d->http);
+			d->http = NULL;
 			d->fetched_all = true;
 			break;
 		}

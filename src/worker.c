@@ -50,6 +50,9 @@
 #include "utils/snapmgr.h"
 #include "worker.h"
 
+/* Most incrementals chained to bring an old (deduplicated) snapshot forward */
+#define CATCHUP_MAX_JOBS 48
+
 typedef struct RunContext
 {
 	int64		run_id;
@@ -60,19 +63,28 @@ typedef struct RunContext
 	MemoryContext cxt;
 } RunContext;
 
+/*
+ * Transactions leave CurrentMemoryContext where it was: what the worker reads
+ * in a transaction lives as long as the table sync or run that asked for it.
+ */
 static void
 begin_tx(void)
 {
+	MemoryContext cxt = CurrentMemoryContext;
+
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
+	MemoryContextSwitchTo(cxt);
 }
 
 static void
-commit_tx(MemoryContext back_to)
+commit_tx(void)
 {
+	MemoryContext cxt = CurrentMemoryContext;
+
 	PopActiveSnapshot();
 	CommitTransactionCommand();
-	MemoryContextSwitchTo(back_to);
+	MemoryContextSwitchTo(cxt);
 	pgstat_report_stat(false);
 }
 
@@ -177,7 +189,7 @@ run_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
 
 /* Creates or extends the target table for the schema the job used */
 static void
-ensure_schema(RunContext *rc, TableRun *tr, DapJob *job, MemoryContext cxt)
+ensure_schema(RunContext *rc, TableRun *tr, DapJob *job)
 {
 	char	   *doc;
 	const char *args[4];
@@ -202,7 +214,7 @@ ensure_schema(RunContext *rc, TableRun *tr, DapJob *job, MemoryContext cxt)
 		"ON CONFLICT (instance, table_name) DO UPDATE "
 		"   SET schema_version = excluded.schema_version, columns = excluded.columns "
 		"RETURNING ts.schema_version", 4, args);
-	commit_tx(cxt);
+	commit_tx();
 	if (job->schema_version <= 0 && version)
 		job->schema_version = atoi(version);
 }
@@ -312,21 +324,21 @@ job_urls(RunContext *rc, TableRun *tr, DapJob **job, bool *snapshot, const char 
 
 /* The steps of one table sync; raises on any failure */
 static void
-sync_table_steps(RunContext *rc, TableRun *tr, MemoryContext cxt)
+sync_table_steps(RunContext *rc, TableRun *tr)
 {
 	TableState st;
 	bool		snapshot;
 	DapJob	   *job;
-	DapJob	   *catchup = NULL;
+	List	   *catchups = NIL;	/* (job, urls) pairs applied after job */
 	List	   *urls;
-	List	   *catchup_urls = NIL;
+	ListCell   *lc;
 	TimestampTz t0;
 
 	begin_tx();
 	catalog_table_state(rc->instance->name, rc->instance->target_schema, tr->table, &st);
 	tr->watermark_before = st.watermark_raw;
 	catalog_log_start(tr);
-	commit_tx(cxt);
+	commit_tx();
 
 	snapshot = (st.watermark_raw == NULL || rc->full || !st.table_exists);
 	t0 = GetCurrentTimestamp();
@@ -335,28 +347,45 @@ sync_table_steps(RunContext *rc, TableRun *tr, MemoryContext cxt)
 
 	if (!st.table_exists || job->schema_version <= 0 ||
 		job->schema_version != st.schema_version)
-		ensure_schema(rc, tr, job, cxt);
+		ensure_schema(rc, tr, job);
 	urls = job_urls(rc, tr, &job, &snapshot, st.watermark_raw);
 	tr->job_id = job->id;
 
 	/*
-	 * Identical snapshot queries are deduplicated upstream for a day: a full
-	 * resync can get a snapshot older than the data already held. Bring it
-	 * forward with an incremental from its "at", applied in the same
-	 * transaction, so that the table never goes back in time.
+	 * Identical queries are deduplicated upstream for a day: a full resync
+	 * can get a snapshot older than the data already held, and incrementals
+	 * from its "at" can get old jobs too. Chain incrementals from the
+	 * snapshot's "at" until they reach the stored watermark, and apply them
+	 * all in the same transaction, so that the table never goes back in
+	 * time.
 	 */
 	if (snapshot && st.watermark_raw && timestamp_before(job->at, st.watermark_raw))
 	{
-		bool		catchup_snapshot = false;
+		const char *since = job->at;
 
-		catchup = run_job(rc, tr, &catchup_snapshot, job->at);
-		catchup_urls = job_urls(rc, tr, &catchup, &catchup_snapshot, job->at);
-		if (catchup_snapshot)
+		for (int steps = 0; steps < CATCHUP_MAX_JOBS; steps++)
 		{
-			/* refused as too old: the newer snapshot replaces the old one */
-			job = catchup;
-			urls = catchup_urls;
-			catchup = NULL;
+			bool		catchup_snapshot = false;
+			DapJob	   *next = run_job(rc, tr, &catchup_snapshot, since);
+			List	   *next_urls = job_urls(rc, tr, &next, &catchup_snapshot, since);
+
+			if (catchup_snapshot)
+			{
+				/* refused as too old: this newer snapshot replaces it all */
+				job = next;
+				urls = next_urls;
+				catchups = NIL;
+				since = job->at;
+				if (!timestamp_before(since, st.watermark_raw))
+					break;
+				continue;
+			}
+			if (!timestamp_before(since, next->until))
+				break;			/* no progress: what upstream has is all there is */
+			catchups = lappend(catchups, list_make2(next, next_urls));
+			if (!timestamp_before(since, st.watermark_raw))
+				break;			/* a window from what we held: it is current */
+			since = next->until;
 		}
 		tr->job_seconds = seconds_since(t0);
 	}
@@ -364,16 +393,23 @@ sync_table_steps(RunContext *rc, TableRun *tr, MemoryContext cxt)
 	t0 = GetCurrentTimestamp();
 	begin_tx();
 	apply_job(rc, tr, job, urls, snapshot);
-	if (catchup)
-		apply_job(rc, tr, catchup, catchup_urls, false);
+	foreach(lc, catchups)
+	{
+		List	   *pair = (List *) lfirst(lc);
+
+		apply_job(rc, tr, (DapJob *) linitial(pair), (List *) lsecond(pair), false);
+	}
 	if (snapshot)
 		tr->mode = "snapshot";
 	else
 		tr->mode = (tr->upserted == 0 && tr->deleted == 0) ? "unchanged" : "incremental";
-	tr->watermark = catchup ? catchup->until : (snapshot ? job->at : job->until);
+	if (catchups != NIL)
+		tr->watermark = ((DapJob *) linitial((List *) llast(catchups)))->until;
+	else
+		tr->watermark = snapshot ? job->at : job->until;
 	tr->schema_version = job->schema_version;
 	catalog_log_success(tr);
-	commit_tx(cxt);
+	commit_tx();
 	tr->load_seconds = seconds_since(t0);
 }
 
@@ -394,7 +430,7 @@ sync_table(RunContext *rc, const char *table)
 
 	PG_TRY();
 	{
-		sync_table_steps(rc, tr, cxt);
+		sync_table_steps(rc, tr);
 	}
 	PG_CATCH();
 	{
@@ -412,7 +448,7 @@ sync_table(RunContext *rc, const char *table)
 		MemoryContextSwitchTo(cxt);
 		begin_tx();
 		catalog_log_failure(tr, edata->message, unpack_sql_state(edata->sqlerrcode));
-		commit_tx(cxt);
+		commit_tx();
 		FreeErrorData(edata);
 	}
 	PG_END_TRY();
@@ -430,13 +466,13 @@ lock_instance(RunContext *rc)
 
 	begin_tx();
 	got = catalog_run_sql("SELECT pg_try_advisory_lock(52517, hashtext($1))", 1, args);
-	commit_tx(rc->cxt);
+	commit_tx();
 	if (strcmp(got, "t") == 0)
 		return;
 	report(rc, NULL, "waiting for the running sync of this instance to finish");
 	begin_tx();
 	catalog_run_sql("SELECT pg_advisory_lock(52517, hashtext($1))", 1, args);
-	commit_tx(rc->cxt);
+	commit_tx();
 }
 
 /* The tables this run syncs: asked for, else configured, else all listed */
@@ -467,7 +503,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full)
 	begin_tx();
 	catalog_run_start(run_id, instance, asked, full);
 	rc.instance = catalog_load_instance(instance);
-	commit_tx(rc.cxt);
+	commit_tx();
 
 	PG_TRY();
 	{
@@ -478,7 +514,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full)
 		/* the configuration may have changed while we waited */
 		begin_tx();
 		rc.instance = catalog_load_instance(instance);
-		commit_tx(rc.cxt);
+		commit_tx();
 		rc.client->api_url = rc.instance->api_url;
 	}
 	PG_CATCH();
@@ -494,7 +530,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full)
 		ereport(LOG, (errmsg("cd2sync %s: run failed: %s", instance, edata->message)));
 		begin_tx();
 		catalog_run_finish(run_id, edata->message, unpack_sql_state(edata->sqlerrcode));
-		commit_tx(rc.cxt);
+		commit_tx();
 		return;
 	}
 	PG_END_TRY();
@@ -507,7 +543,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full)
 
 	begin_tx();
 	catalog_run_finish(run_id, NULL, NULL);
-	commit_tx(rc.cxt);
+	commit_tx();
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
