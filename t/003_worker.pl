@@ -1,0 +1,121 @@
+# The sync worker as a process: cancelling the caller stops it promptly
+# (statement_timeout, pg_cancel_backend); two syncs of one instance never
+# interleave; cd2_sync_start returns at once; pg_stat_activity shows what the
+# worker does and never a secret; roles without grants can neither read a
+# secret nor start a sync.
+use strict;
+use warnings;
+use utf8;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use Cd2Test;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+my $emu = Cd2Test::start_emulator(generate => 'demo');
+# no deduplication: jobs left behind by cancelled syncs must not be reused
+$emu->config(job_latency => 0.1, dedupe_jobs => JSON::PP::false);
+my $node = Cd2Test::new_node('worker');
+my $north = 'us-east-1#demo-north';
+$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+	  . "SELECT cd2_add_instance('north', '$north', 'north-secret', api_url => '$emu->{url}', "
+	  . "tables => ARRAY['users', 'courses'])");
+
+sub worker_count
+{
+	return $node->safe_psql('postgres',
+		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker'");
+}
+
+sub wait_no_worker
+{
+	my $t0 = time;
+	while (time - $t0 < 10)
+	{
+		return time - $t0 if worker_count() eq '0';
+		usleep(50_000);
+	}
+	return undef;
+}
+
+# jobs that take long upstream: the worker sits polling
+$emu->config(job_latency => 60);
+
+# 1. statement_timeout cancels the caller, which stops the worker
+my ($rc, $out, $err) = $node->psql('postgres',
+	"SET statement_timeout = '1s'; SELECT * FROM cd2_sync_now('north')");
+like($err, qr/canceling statement due to statement timeout/, 'statement_timeout cancels cd2_sync_now');
+my $gone = wait_no_worker();
+ok(defined $gone && $gone < 3, 'the worker stops promptly after statement_timeout');
+
+# 2. pg_cancel_backend on the caller, while the worker is polling the job
+my $bg = $node->background_psql('postgres', on_error_stop => 0);
+$bg->query_until(qr/started/, "\\echo started\nSELECT * FROM cd2_sync_now('north');\n");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker' "
+	  . "AND query LIKE 'cd2sync north.courses: waiting for query job%'"),
+	'pg_stat_activity shows the worker waiting for its job');
+my $activity = $node->safe_psql('postgres',
+	"SELECT application_name || ' ' || query FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker'");
+like($activity, qr/^cd2sync north cd2sync north\.courses: waiting for query job/, 'activity names instance, table and phase');
+unlike($activity, qr/north-secret|Bearer/, 'activity holds no secret');
+$node->safe_psql('postgres',
+	"SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT * FROM cd2_sync_now%' AND pid <> pg_backend_pid()");
+$gone = wait_no_worker();
+ok(defined $gone && $gone < 3, 'the worker stops promptly after pg_cancel_backend');
+$bg->quit;
+
+# nothing half-applied: the tables were never created, no watermark
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.table_state WHERE watermark IS NOT NULL"),
+	'0', 'cancelled syncs left no watermark');
+
+# 3. two syncs of one instance never interleave: the second waits for the first
+$emu->config(job_latency => 1);
+my $run1 = $node->safe_psql('postgres', "SELECT cd2_sync_start('north')");
+my $t0 = time;
+my $run2 = $node->safe_psql('postgres', "SELECT cd2_sync_start('north')");
+ok(time - $t0 < 1, 'cd2_sync_start returns at once');
+ok($run2 > $run1, 'runs get increasing ids');
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker' "
+	  . "AND query LIKE 'cd2sync north: waiting for the running sync%'"),
+	'the second run waits for the first');
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 2 FROM cd2sync.runs WHERE status = 'done'"), 'both runs finish');
+is($node->safe_psql('postgres',
+	"SELECT count(*) FROM cd2sync.sync_log a JOIN cd2sync.sync_log b "
+	  . "ON a.run_id = $run1 AND b.run_id = $run2 AND b.started_at < a.finished_at"),
+	'0', 'no table of the second run started before the first run finished');
+is($node->safe_psql('postgres', "SELECT string_agg(mode, ',' ORDER BY run_id, table_name) FROM cd2sync.sync_log WHERE run_id IN ($run1, $run2)"),
+	'snapshot,snapshot,unchanged,unchanged', 'first run snapshots, second finds nothing new');
+Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'users synced');
+
+# 4. privileges: an ordinary role can neither read secrets nor sync nor configure
+$node->safe_psql('postgres', "CREATE ROLE mallory LOGIN");
+for my $sql ("SELECT * FROM cd2sync.instance_secrets",
+	"SELECT * FROM cd2sync.instances",
+	"SELECT * FROM cd2_sync_now('north')",
+	"SELECT cd2_sync_start('north')",
+	"SELECT cd2_alter_instance('north', schedule => interval '1 minute')",
+	"SELECT cd2_drop_instance('north')",
+	"SELECT cd2_add_instance('evil', 'x', 'y')",
+	"SELECT cd2sync._remote_tables('$emu->{url}', '$north', 'a guess')")
+{
+	my ($rc, $out, $err) = $node->psql('postgres', $sql, extra_params => [ '-U', 'mallory' ]);
+	like($err, qr/permission denied/, "mallory: $sql is denied");
+}
+my ($rc2, $wm) = $node->psql('postgres', "SELECT count(*) FROM cd2sync.watermarks", extra_params => [ '-U', 'mallory' ]);
+is($wm, '2', 'mallory can read the watermarks');
+
+# the secret is in no log line and no view an ordinary role can read
+unlike(slurp_file($node->logfile), qr/north-secret/, 'the secret is not in the server log');
+my ($rc3, $logrows) = $node->psql('postgres',
+	"SELECT count(*) FROM cd2sync.sync_log l, cd2sync.runs r WHERE (l::text || r::text) LIKE '%north' || '-secret%'",
+	extra_params => [ '-U', 'mallory' ]);
+is($logrows, '0', 'the secret is in no row of the sync log or runs');
+
+$node->stop;
+$emu->stop;
+done_testing();
