@@ -475,6 +475,29 @@ lock_instance(RunContext *rc)
 	commit_tx();
 }
 
+/*
+ * Runs of this instance still marked running hold no lock, so their worker
+ * is gone (cancelled, killed, or the server restarted): say so in the log.
+ */
+static void
+close_stale_runs(RunContext *rc)
+{
+	const char *args[2] = {rc->instance->name, psprintf(INT64_FORMAT, rc->run_id)};
+
+	begin_tx();
+	catalog_run_sql("WITH stale AS ("
+					"  UPDATE cd2sync.runs SET status = 'failed', finished_at = clock_timestamp(), "
+					"         error = 'the sync worker stopped before the run was done' "
+					"   WHERE instance = $1 AND status = 'running' AND run_id <> $2::bigint "
+					"  RETURNING run_id) "
+					"UPDATE cd2sync.sync_log SET status = 'failed', mode = 'failed', "
+					"       finished_at = clock_timestamp(), "
+					"       error = 'the sync worker stopped before this table was done' "
+					" WHERE run_id IN (SELECT run_id FROM stale) AND status = 'running'",
+					2, args);
+	commit_tx();
+}
+
 /* The tables this run syncs: asked for, else configured, else all listed */
 static List *
 tables_to_sync(RunContext *rc, List *asked)
@@ -510,6 +533,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full)
 		rc.client = dap_client_create(rc.instance->api_url, rc.instance->client_id,
 									  rc.instance->client_secret);
 		lock_instance(&rc);
+		close_stale_runs(&rc);
 		tables = tables_to_sync(&rc, asked);
 		/* the configuration may have changed while we waited */
 		begin_tx();

@@ -88,6 +88,11 @@ is($node->safe_psql('postgres',
 	"SELECT count(*) FROM cd2sync.sync_log a JOIN cd2sync.sync_log b "
 	  . "ON a.run_id = $run1 AND b.run_id = $run2 AND b.started_at < a.finished_at"),
 	'0', 'no table of the second run started before the first run finished');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.runs WHERE run_id < $run1 AND status = 'failed' "
+	  . "AND error = 'the sync worker stopped before the run was done'"),
+	'2', 'the next run marks the cancelled runs as failed');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.sync_log WHERE status = 'running'"),
+	'0', 'no table sync is left marked running');
 is($node->safe_psql('postgres', "SELECT string_agg(mode, ',' ORDER BY run_id, table_name) FROM cd2sync.sync_log WHERE run_id IN ($run1, $run2)"),
 	'snapshot,snapshot,unchanged,unchanged', 'first run snapshots, second finds nothing new');
 Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'users synced');
