@@ -27,11 +27,11 @@ static char **
 run_row(const char *sql, int nargs, const char **args)
 {
 	MemoryContext cxt = CurrentMemoryContext;
-	Oid		   *types = palloc(sizeof(Oid) * Max(nargs, 1));
-	Datum	   *values = palloc(sizeof(Datum) * Max(nargs, 1));
-	char	   *nulls = palloc(Max(nargs, 1) + 1);
-	char	  **row = NULL;
-	int			rc;
+	Oid *types = palloc(sizeof(Oid) * Max(nargs, 1));
+	Datum *values = palloc(sizeof(Datum) * Max(nargs, 1));
+	char *nulls = palloc(Max(nargs, 1) + 1);
+	char **row = NULL;
+	int rc;
 
 	for (int i = 0; i < nargs; i++)
 	{
@@ -47,12 +47,12 @@ run_row(const char *sql, int nargs, const char **args)
 		elog(ERROR, "cd2sync catalog query failed: %s", SPI_result_code_string(rc));
 	if (SPI_tuptable && SPI_processed > 0)
 	{
-		TupleDesc	desc = SPI_tuptable->tupdesc;
+		TupleDesc desc = SPI_tuptable->tupdesc;
 
 		row = MemoryContextAllocZero(cxt, sizeof(char *) * (desc->natts + 1));
 		for (int i = 0; i < desc->natts; i++)
 		{
-			char	   *v = SPI_getvalue(SPI_tuptable->vals[0], desc, i + 1);
+			char *v = SPI_getvalue(SPI_tuptable->vals[0], desc, i + 1);
 
 			row[i] = v ? MemoryContextStrdup(cxt, v) : NULL;
 		}
@@ -65,7 +65,7 @@ run_row(const char *sql, int nargs, const char **args)
 char *
 catalog_run_sql(const char *sql, int nargs, const char **args)
 {
-	char	  **row = run_row(sql, nargs, args);
+	char **row = run_row(sql, nargs, args);
 
 	return row ? row[0] : NULL;
 }
@@ -87,13 +87,13 @@ char *
 catalog_text_array(List *l)
 {
 	StringInfoData buf;
-	ListCell   *lc;
+	ListCell *lc;
 
 	if (l == NIL)
 		return NULL;
 	initStringInfo(&buf);
 	appendStringInfoChar(&buf, '{');
-	foreach(lc, l)
+	foreach (lc, l)
 	{
 		const char *s = (const char *) lfirst(lc);
 
@@ -115,18 +115,18 @@ catalog_text_array(List *l)
 InstanceConfig *
 catalog_load_instance(const char *name)
 {
-	const char *args[1] = {name};
-	char	  **row = run_row("SELECT i.client_id, s.client_secret, i.api_url, i.target_schema, "
-							  "       array_to_string(i.tables, E'\\n') "
-							  "  FROM cd2sync.instances i "
-							  "  JOIN cd2sync.instance_secrets s ON s.instance = i.name "
-							  " WHERE i.name = $1", 1, args);
+	const char *args[1] = { name };
+	char **row = run_row("SELECT i.client_id, s.client_secret, i.api_url, i.target_schema, "
+						 "       array_to_string(i.tables, E'\\n') "
+						 "  FROM cd2sync.instances i "
+						 "  JOIN cd2sync.instance_secrets s ON s.instance = i.name "
+						 " WHERE i.name = $1",
+						 1, args);
 	InstanceConfig *ic;
 
 	if (row == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("cd2sync instance \"%s\" does not exist", name)));
+		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_OBJECT),
+						errmsg("cd2sync instance \"%s\" does not exist", name)));
 	ic = palloc0(sizeof(InstanceConfig));
 	ic->name = pstrdup(name);
 	ic->client_id = row[0];
@@ -135,8 +135,8 @@ catalog_load_instance(const char *name)
 	ic->target_schema = row[3];
 	if (row[4])
 	{
-		char	   *tok;
-		char	   *save;
+		char *tok;
+		char *save;
 
 		for (tok = strtok_r(row[4], "\n", &save); tok; tok = strtok_r(NULL, "\n", &save))
 			ic->tables = lappend(ic->tables, pstrdup(tok));
@@ -147,36 +147,38 @@ catalog_load_instance(const char *name)
 void
 catalog_run_start(int64 run_id, const char *instance, List *tables, bool full)
 {
-	const char *args[4] = {int8_text(run_id), instance, catalog_text_array(tables),
-	full ? "true" : "false"};
+	const char *args[4] = { int8_text(run_id), instance, catalog_text_array(tables),
+							full ? "true" : "false" };
 
-	run_row("INSERT INTO cd2sync.runs (run_id, instance, tables, full_sync, requested_by, worker_pid) "
-			"VALUES ($1::bigint, $2, $3::text[], $4::boolean, session_user, pg_backend_pid())",
-			4, args);
+	run_row(
+		"INSERT INTO cd2sync.runs (run_id, instance, tables, full_sync, requested_by, worker_pid) "
+		"VALUES ($1::bigint, $2, $3::text[], $4::boolean, session_user, pg_backend_pid())",
+		4, args);
 }
 
 void
 catalog_run_finish(int64 run_id, const char *error, const char *sqlstate)
 {
-	const char *args[3] = {int8_text(run_id), error, sqlstate};
+	const char *args[3] = { int8_text(run_id), error, sqlstate };
 
 	run_row("UPDATE cd2sync.runs SET finished_at = clock_timestamp(), "
 			"       status = CASE WHEN $2 IS NULL THEN 'done' ELSE 'failed' END, "
 			"       error = $2, error_code = $3 "
-			" WHERE run_id = $1::bigint", 3, args);
+			" WHERE run_id = $1::bigint",
+			3, args);
 }
 
 void
-catalog_table_state(const char *instance, const char *target_schema,
-					const char *table, TableState *st)
+catalog_table_state(const char *instance, const char *target_schema, const char *table,
+					TableState *st)
 {
-	const char *args[3] = {instance, table, target_schema};
-	char	  **row = run_row("SELECT (SELECT watermark_raw FROM cd2sync.table_state "
-							  "         WHERE instance = $1 AND table_name = $2), "
-							  "       (SELECT schema_version FROM cd2sync.table_state "
-							  "         WHERE instance = $1 AND table_name = $2), "
-							  "       to_regclass(format('%I.%I', $3, $2)) IS NOT NULL",
-							  3, args);
+	const char *args[3] = { instance, table, target_schema };
+	char **row = run_row("SELECT (SELECT watermark_raw FROM cd2sync.table_state "
+						 "         WHERE instance = $1 AND table_name = $2), "
+						 "       (SELECT schema_version FROM cd2sync.table_state "
+						 "         WHERE instance = $1 AND table_name = $2), "
+						 "       to_regclass(format('%I.%I', $3, $2)) IS NOT NULL",
+						 3, args);
 
 	st->watermark_raw = row[0];
 	st->schema_version = row[1] ? atoi(row[1]) : -1;
@@ -186,11 +188,11 @@ catalog_table_state(const char *instance, const char *target_schema,
 void
 catalog_log_start(TableRun *tr)
 {
-	const char *args[4] = {int8_text(tr->run_id), tr->instance, tr->table,
-	tr->watermark_before};
+	const char *args[4] = { int8_text(tr->run_id), tr->instance, tr->table, tr->watermark_before };
 
 	run_row("INSERT INTO cd2sync.sync_log (run_id, instance, table_name, watermark_before) "
-			"VALUES ($1::bigint, $2, $3, $4::timestamptz)", 4, args);
+			"VALUES ($1::bigint, $2, $3, $4::timestamptz)",
+			4, args);
 }
 
 /*
@@ -200,23 +202,33 @@ catalog_log_start(TableRun *tr)
 void
 catalog_log_success(TableRun *tr)
 {
-	double		seconds = (double) (GetCurrentTimestamp() - tr->started) / USECS_PER_SEC;
-	const char *args[16] = {
-		int8_text(tr->run_id), tr->instance, tr->table, tr->mode,
-		int8_text(tr->upserted), int8_text(tr->deleted), int8_text(tr->unchanged),
-		int8_text(tr->oversized), psprintf("%d", tr->objects), int8_text(tr->bytes),
-		tr->job_id, psprintf("%d", tr->schema_version), tr->watermark,
-		float_text(tr->job_seconds), float_text(tr->load_seconds), float_text(seconds)
-	};
+	double seconds = (double) (GetCurrentTimestamp() - tr->started) / USECS_PER_SEC;
+	const char *args[16] = { int8_text(tr->run_id),
+							 tr->instance,
+							 tr->table,
+							 tr->mode,
+							 int8_text(tr->upserted),
+							 int8_text(tr->deleted),
+							 int8_text(tr->unchanged),
+							 int8_text(tr->oversized),
+							 psprintf("%d", tr->objects),
+							 int8_text(tr->bytes),
+							 tr->job_id,
+							 psprintf("%d", tr->schema_version),
+							 tr->watermark,
+							 float_text(tr->job_seconds),
+							 float_text(tr->load_seconds),
+							 float_text(seconds) };
 
-	run_row("UPDATE cd2sync.sync_log SET mode = $4, status = 'ok', rows_upserted = $5::bigint, "
-			"       rows_deleted = $6::bigint, rows_unchanged = $7::bigint, "
-			"       oversized_kept = $8::bigint, objects = $9::int, bytes_downloaded = $10::bigint, "
-			"       job_id = $11, schema_version = $12::int, watermark = $13::timestamptz, "
-			"       job_seconds = $14::float8, load_seconds = $15::float8, "
-			"       finished_at = clock_timestamp(), seconds = $16::float8, error = NULL "
-			" WHERE run_id = $1::bigint AND table_name = $3",
-			16, args);
+	run_row(
+		"UPDATE cd2sync.sync_log SET mode = $4, status = 'ok', rows_upserted = $5::bigint, "
+		"       rows_deleted = $6::bigint, rows_unchanged = $7::bigint, "
+		"       oversized_kept = $8::bigint, objects = $9::int, bytes_downloaded = $10::bigint, "
+		"       job_id = $11, schema_version = $12::int, watermark = $13::timestamptz, "
+		"       job_seconds = $14::float8, load_seconds = $15::float8, "
+		"       finished_at = clock_timestamp(), seconds = $16::float8, error = NULL "
+		" WHERE run_id = $1::bigint AND table_name = $3",
+		16, args);
 	run_row("INSERT INTO cd2sync.table_state AS s (instance, table_name, watermark, watermark_raw, "
 			"       schema_version, synced_at, status, last_error) "
 			"VALUES ($2, $3, $13::timestamptz, $13, $12::int, clock_timestamp(), 'ok', NULL) "
@@ -231,11 +243,16 @@ catalog_log_success(TableRun *tr)
 void
 catalog_log_failure(TableRun *tr, const char *error, const char *sqlstate)
 {
-	double		seconds = (double) (GetCurrentTimestamp() - tr->started) / USECS_PER_SEC;
-	const char *args[9] = {
-		int8_text(tr->run_id), tr->instance, tr->table, error, sqlstate,
-		float_text(seconds), tr->job_id, int8_text(tr->bytes), psprintf("%d", tr->objects)
-	};
+	double seconds = (double) (GetCurrentTimestamp() - tr->started) / USECS_PER_SEC;
+	const char *args[9] = { int8_text(tr->run_id),
+							tr->instance,
+							tr->table,
+							error,
+							sqlstate,
+							float_text(seconds),
+							tr->job_id,
+							int8_text(tr->bytes),
+							psprintf("%d", tr->objects) };
 
 	run_row("INSERT INTO cd2sync.sync_log AS l (run_id, instance, table_name, mode, status, error, "
 			"       error_code, finished_at, seconds, job_id, bytes_downloaded, objects) "
@@ -246,8 +263,9 @@ catalog_log_failure(TableRun *tr, const char *error, const char *sqlstate)
 			"       finished_at = clock_timestamp(), seconds = $6::float8, job_id = $7, "
 			"       bytes_downloaded = $8::bigint, objects = $9::int",
 			9, args);
-	run_row("INSERT INTO cd2sync.table_state (instance, table_name, status, last_error) "
-			"SELECT $2, $3, 'failed', $4 WHERE EXISTS (SELECT 1 FROM cd2sync.instances WHERE name = $2) "
-			"ON CONFLICT (instance, table_name) DO UPDATE SET status = 'failed', last_error = $4",
-			9, args);
+	run_row(
+		"INSERT INTO cd2sync.table_state (instance, table_name, status, last_error) "
+		"SELECT $2, $3, 'failed', $4 WHERE EXISTS (SELECT 1 FROM cd2sync.instances WHERE name = $2) "
+		"ON CONFLICT (instance, table_name) DO UPDATE SET status = 'failed', last_error = $4",
+		9, args);
 }

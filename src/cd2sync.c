@@ -18,59 +18,60 @@
 
 PG_MODULE_MAGIC;
 
-char	   *cd2_database = NULL;
-char	   *cd2_format = NULL;
-int			cd2_http_timeout = 120;
-int			cd2_connect_timeout = 10;
-int			cd2_http_retries = 6;
-int			cd2_retry_base_delay = 1000;
-int			cd2_retry_max_delay = 60000;
-int			cd2_poll_interval = 5000;
-int			cd2_job_timeout = 3600;
-char	   *cd2_ca_file = NULL;
-int			cd2_max_line_length = 64 * 1024 * 1024;
+char *cd2_database = NULL;
+char *cd2_format = NULL;
+int cd2_http_timeout = 120;
+int cd2_connect_timeout = 10;
+int cd2_http_retries = 6;
+int cd2_retry_base_delay = 1000;
+int cd2_retry_max_delay = 60000;
+int cd2_poll_interval = 5000;
+int cd2_job_timeout = 3600;
+char *cd2_ca_file = NULL;
+int cd2_max_line_length = 64 * 1024 * 1024;
 
 typedef struct Cd2Setting
 {
 	const char *name;
 	const char *description;
-	bool		inherited;		/* passed from a session to its sync worker */
-	GucContext	context;
-	int		   *int_var;		/* an integer setting ... */
-	int			int_default;
-	int			int_min;
-	int			int_max;
-	int			flags;
-	char	  **string_var;		/* ... or a string one */
+	bool inherited; /* passed from a session to its sync worker */
+	GucContext context;
+	int *int_var; /* an integer setting ... */
+	int int_default;
+	int int_min;
+	int int_max;
+	int flags;
+	char **string_var; /* ... or a string one */
 	const char *string_default;
 } Cd2Setting;
 
 static const Cd2Setting settings[] = {
-	{"cd2sync.database", "Database the scheduler works in.",
-	false, PGC_SIGHUP, NULL, 0, 0, 0, 0, &cd2_database, "postgres"},
-	{"cd2sync.format", "Result format asked of the DAP API: tsv, csv or jsonl.",
-	true, PGC_SUSET, NULL, 0, 0, 0, 0, &cd2_format, "tsv"},
-	{"cd2sync.http_timeout", "Seconds an API call may take, and seconds a download may stall.",
-	true, PGC_SUSET, &cd2_http_timeout, 120, 1, 86400, GUC_UNIT_S, NULL, NULL},
-	{"cd2sync.connect_timeout", "Seconds to wait for a connection to the API.",
-	true, PGC_SUSET, &cd2_connect_timeout, 10, 1, 3600, GUC_UNIT_S, NULL, NULL},
-	{"cd2sync.http_retries", "How many times a transient HTTP failure is retried.",
-	true, PGC_SUSET, &cd2_http_retries, 6, 0, 100, 0, NULL, NULL},
-	{"cd2sync.retry_base_delay", "First backoff delay after a transient failure; it doubles, with jitter.",
-	true, PGC_SUSET, &cd2_retry_base_delay, 1000, 1, 600000, GUC_UNIT_MS, NULL, NULL},
-	{"cd2sync.retry_max_delay", "Longest backoff delay, Retry-After included.",
-	true, PGC_SUSET, &cd2_retry_max_delay, 60000, 1, 3600000, GUC_UNIT_MS, NULL, NULL},
-	{"cd2sync.poll_interval", "Longest wait between two polls of a running query job.",
-	true, PGC_SUSET, &cd2_poll_interval, 5000, 10, 600000, GUC_UNIT_MS, NULL, NULL},
-	{"cd2sync.job_timeout", "Seconds a query job may take upstream before the table sync fails.",
-	true, PGC_SUSET, &cd2_job_timeout, 3600, 1, 7 * 86400, GUC_UNIT_S, NULL, NULL},
-	{"cd2sync.ca_file", "File of CA certificates to verify the API with (empty: the system's).",
-	false, PGC_SIGHUP, NULL, 0, 0, 0, 0, &cd2_ca_file, ""},
-	{"cd2sync.max_line_length", "Longest record accepted in a downloaded file.",
-	true, PGC_SUSET, &cd2_max_line_length, 64 * 1024 * 1024, 1024, MaxAllocSize / 2, GUC_UNIT_BYTE, NULL, NULL},
+	{ "cd2sync.database", "Database the scheduler works in.", false, PGC_SIGHUP, NULL, 0, 0, 0, 0,
+	  &cd2_database, "postgres" },
+	{ "cd2sync.format", "Result format asked of the DAP API: tsv, csv or jsonl.", true, PGC_SUSET,
+	  NULL, 0, 0, 0, 0, &cd2_format, "tsv" },
+	{ "cd2sync.http_timeout", "Seconds an API call may take, and seconds a download may stall.",
+	  true, PGC_SUSET, &cd2_http_timeout, 120, 1, 86400, GUC_UNIT_S, NULL, NULL },
+	{ "cd2sync.connect_timeout", "Seconds to wait for a connection to the API.", true, PGC_SUSET,
+	  &cd2_connect_timeout, 10, 1, 3600, GUC_UNIT_S, NULL, NULL },
+	{ "cd2sync.http_retries", "How many times a transient HTTP failure is retried.", true,
+	  PGC_SUSET, &cd2_http_retries, 6, 0, 100, 0, NULL, NULL },
+	{ "cd2sync.retry_base_delay",
+	  "First backoff delay after a transient failure; it doubles, with jitter.", true, PGC_SUSET,
+	  &cd2_retry_base_delay, 1000, 1, 600000, GUC_UNIT_MS, NULL, NULL },
+	{ "cd2sync.retry_max_delay", "Longest backoff delay, Retry-After included.", true, PGC_SUSET,
+	  &cd2_retry_max_delay, 60000, 1, 3600000, GUC_UNIT_MS, NULL, NULL },
+	{ "cd2sync.poll_interval", "Longest wait between two polls of a running query job.", true,
+	  PGC_SUSET, &cd2_poll_interval, 5000, 10, 600000, GUC_UNIT_MS, NULL, NULL },
+	{ "cd2sync.job_timeout", "Seconds a query job may take upstream before the table sync fails.",
+	  true, PGC_SUSET, &cd2_job_timeout, 3600, 1, 7 * 86400, GUC_UNIT_S, NULL, NULL },
+	{ "cd2sync.ca_file", "File of CA certificates to verify the API with (empty: the system's).",
+	  false, PGC_SIGHUP, NULL, 0, 0, 0, 0, &cd2_ca_file, "" },
+	{ "cd2sync.max_line_length", "Longest record accepted in a downloaded file.", true, PGC_SUSET,
+	  &cd2_max_line_length, 64 * 1024 * 1024, 1024, MaxAllocSize / 2, GUC_UNIT_BYTE, NULL, NULL },
 };
 
-void		_PG_init(void);
+void _PG_init(void);
 
 void
 _PG_init(void)
@@ -80,13 +81,11 @@ _PG_init(void)
 		const Cd2Setting *s = &settings[i];
 
 		if (s->int_var)
-			DefineCustomIntVariable(s->name, s->description, NULL, s->int_var,
-									s->int_default, s->int_min, s->int_max,
-									s->context, s->flags, NULL, NULL, NULL);
+			DefineCustomIntVariable(s->name, s->description, NULL, s->int_var, s->int_default,
+									s->int_min, s->int_max, s->context, s->flags, NULL, NULL, NULL);
 		else
-			DefineCustomStringVariable(s->name, s->description, NULL,
-									   s->string_var, s->string_default,
-									   s->context, 0, NULL, NULL, NULL);
+			DefineCustomStringVariable(s->name, s->description, NULL, s->string_var,
+									   s->string_default, s->context, 0, NULL, NULL, NULL);
 	}
 	MarkGUCPrefixReserved("cd2sync");
 }
@@ -118,13 +117,13 @@ cd2_serialize_settings(void)
 void
 cd2_restore_settings(const char *blob)
 {
-	char	   *copy = pstrdup(blob);
-	char	   *line = copy;
+	char *copy = pstrdup(blob);
+	char *line = copy;
 
 	while (line && *line)
 	{
-		char	   *next = strchr(line, '\n');
-		char	   *eq = strchr(line, '=');
+		char *next = strchr(line, '\n');
+		char *eq = strchr(line, '=');
 
 		if (next)
 			*next++ = '\0';

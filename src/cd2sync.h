@@ -17,15 +17,15 @@
 /* Settings (GUCs cd2sync.*), defined in cd2sync.c */
 extern char *cd2_database;
 extern char *cd2_format;
-extern int	cd2_http_timeout;
-extern int	cd2_connect_timeout;
-extern int	cd2_http_retries;
-extern int	cd2_retry_base_delay;
-extern int	cd2_retry_max_delay;
-extern int	cd2_poll_interval;
-extern int	cd2_job_timeout;
+extern int cd2_http_timeout;
+extern int cd2_connect_timeout;
+extern int cd2_http_retries;
+extern int cd2_retry_base_delay;
+extern int cd2_retry_max_delay;
+extern int cd2_poll_interval;
+extern int cd2_job_timeout;
 extern char *cd2_ca_file;
-extern int	cd2_max_line_length;
+extern int cd2_max_line_length;
 
 /*
  * The settings a sync worker inherits from the session that started it, as
@@ -40,4 +40,4 @@ extern PGDLLEXPORT void cd2_worker_main(Datum main_arg);
 /* Placeholder CD2 puts where a value was too large to export */
 #define CD2_OVERSIZED "__cd2_oversized_truncated__"
 
-#endif							/* CD2SYNC_H */
+#endif /* CD2SYNC_H */

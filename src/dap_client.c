@@ -35,7 +35,7 @@
 static Jsonb *
 parse_json(const char *text, const char *what)
 {
-	Jsonb	   *result = NULL;
+	Jsonb *result = NULL;
 	MemoryContext cxt = CurrentMemoryContext;
 
 	PG_TRY();
@@ -46,9 +46,8 @@ parse_json(const char *text, const char *what)
 	{
 		MemoryContextSwitchTo(cxt);
 		FlushErrorState();
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-				 errmsg("CD2 API answered %s with something that is not JSON", what)));
+		ereport(ERROR, (errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+						errmsg("CD2 API answered %s with something that is not JSON", what)));
 	}
 	PG_END_TRY();
 	return result;
@@ -75,8 +74,8 @@ json_get_text(JsonbContainer *c, const char *key)
 		case jbvString:
 			return pnstrdup(v->val.string.val, v->val.string.len);
 		case jbvNumeric:
-			return DatumGetCString(DirectFunctionCall1(numeric_out,
-													   NumericGetDatum(v->val.numeric)));
+			return DatumGetCString(
+				DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
 		case jbvBool:
 			return pstrdup(v->val.boolean ? "true" : "false");
 		default:
@@ -95,12 +94,11 @@ json_get_container(JsonbContainer *c, const char *key)
 /* ---- calls ---- */
 
 DapClient *
-dap_client_create(const char *api_url, const char *client_id,
-				  const char *client_secret)
+dap_client_create(const char *api_url, const char *client_id, const char *client_secret)
 {
-	DapClient  *c = palloc0(sizeof(DapClient));
-	char	   *url = pstrdup(api_url);
-	int			len = strlen(url);
+	DapClient *c = palloc0(sizeof(DapClient));
+	char *url = pstrdup(api_url);
+	int len = strlen(url);
 
 	while (len > 0 && url[len - 1] == '/')
 		url[--len] = '\0';
@@ -118,9 +116,9 @@ jwt_exp(const char *token)
 	const char *p1 = strchr(token, '.');
 	const char *p2 = p1 ? strchr(p1 + 1, '.') : NULL;
 	StringInfoData b64;
-	char	   *decoded;
-	int			n;
-	char	   *exp;
+	char *decoded;
+	int n;
+	char *exp;
 
 	if (p2 == NULL)
 		return 0;
@@ -136,8 +134,7 @@ jwt_exp(const char *token)
 	decoded[n] = '\0';
 	PG_TRY();
 	{
-		Jsonb	   *claims = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
-																CStringGetDatum(decoded)));
+		Jsonb *claims = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(decoded)));
 
 		exp = json_get_text(&claims->root, "exp");
 	}
@@ -151,20 +148,19 @@ jwt_exp(const char *token)
 }
 
 static void
-fill_error(DapError *err, const char *method, const char *path,
-		   HttpResponse *resp, int attempts)
+fill_error(DapError *err, const char *method, const char *path, HttpResponse *resp, int attempts)
 {
 	StringInfoData msg;
-	char	   *volatile type = NULL;
-	char	   *volatile message = NULL;
+	char *volatile type = NULL;
+	char *volatile message = NULL;
 
 	/* the API's errors are {"error": {"type", "message", ...}} */
 	if (resp->body.len > 0 && resp->body.data[0] == '{')
 	{
 		PG_TRY();
 		{
-			Jsonb	   *j = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
-															   CStringGetDatum(resp->body.data)));
+			Jsonb *j =
+				DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(resp->body.data)));
 			JsonbContainer *e = json_get_container(&j->root, "error");
 
 			type = json_get_text(e, "type");
@@ -199,7 +195,7 @@ static void raise_error(DapError *err) pg_attribute_noreturn();
 static void
 raise_error(DapError *err)
 {
-	int			code;
+	int code;
 
 	if (err->status == 401 || err->status == 403)
 		code = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
@@ -214,16 +210,16 @@ raise_error(DapError *err)
 static void
 dap_login(DapClient *c)
 {
-	HttpRequest req = {0};
+	HttpRequest req = { 0 };
 	HttpResponse resp;
-	char	   *url = psprintf("%s/ids/auth/login", c->api_url);
-	DapError	err;
-	Jsonb	   *j;
-	char	   *token;
-	char	   *expires_in;
-	int64		exp;
-	int64		now = (int64) time(NULL);
-	int64		lifetime;
+	char *url = psprintf("%s/ids/auth/login", c->api_url);
+	DapError err;
+	Jsonb *j;
+	char *token;
+	char *expires_in;
+	int64 exp;
+	int64 now = (int64) time(NULL);
+	int64 lifetime;
 
 	req.method = "POST";
 	req.url = url;
@@ -248,9 +244,8 @@ dap_login(DapClient *c)
 	j = parse_json(resp.body.data, "the login");
 	token = json_get_text(&j->root, "access_token");
 	if (token == NULL || token[0] == '\0')
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
-				 errmsg("CD2 API login answered without an access_token")));
+		ereport(ERROR, (errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+						errmsg("CD2 API login answered without an access_token")));
 	expires_in = json_get_text(&j->root, "expires_in");
 	exp = jwt_exp(token);
 	if (exp <= now)
@@ -265,8 +260,8 @@ dap_login(DapClient *c)
 	}
 	c->token = MemoryContextStrdup(c->cxt, token);
 	explicit_bzero(token, strlen(token));
-	c->token_renew_at = GetCurrentTimestamp() +
-		(TimestampTz) (lifetime - Min(300, lifetime / 4)) * USECS_PER_SEC;
+	c->token_renew_at =
+		GetCurrentTimestamp() + (TimestampTz) (lifetime - Min(300, lifetime / 4)) * USECS_PER_SEC;
 	c->logins++;
 }
 
@@ -275,14 +270,13 @@ dap_login(DapClient *c)
  * permanent error fills err and returns NULL when err is given, else raises.
  */
 static char *
-dap_call_text(DapClient *c, const char *method, const char *path, const char *body,
-			  DapError *err)
+dap_call_text(DapClient *c, const char *method, const char *path, const char *body, DapError *err)
 {
-	HttpRequest req = {0};
+	HttpRequest req = { 0 };
 	HttpResponse resp;
-	bool		relogged = false;
-	int			attempt = 0;
-	DapError	local;
+	bool relogged = false;
+	int attempt = 0;
+	DapError local;
 
 	req.method = method;
 	req.url = psprintf("%s%s", c->api_url, path);
@@ -321,10 +315,9 @@ dap_call_text(DapClient *c, const char *method, const char *path, const char *bo
 
 /* dap_call_text, parsed */
 static Jsonb *
-dap_call(DapClient *c, const char *method, const char *path, const char *body,
-		 DapError *err)
+dap_call(DapClient *c, const char *method, const char *path, const char *body, DapError *err)
 {
-	char	   *text = dap_call_text(c, method, path, body, err);
+	char *text = dap_call_text(c, method, path, body, err);
 
 	return text ? parse_json(text, path) : NULL;
 }
@@ -332,8 +325,8 @@ dap_call(DapClient *c, const char *method, const char *path, const char *body,
 static char *
 escape_path(const char *s)
 {
-	char	   *e = curl_easy_escape(NULL, s, 0);
-	char	   *r = pstrdup(e);
+	char *e = curl_easy_escape(NULL, s, 0);
+	char *r = pstrdup(e);
 
 	curl_free(e);
 	return r;
@@ -342,14 +335,13 @@ escape_path(const char *s)
 List *
 dap_list_tables(DapClient *c)
 {
-	Jsonb	   *j = dap_call(c, "GET", "/dap/query/canvas/table", NULL, NULL);
+	Jsonb *j = dap_call(c, "GET", "/dap/query/canvas/table", NULL, NULL);
 	JsonbContainer *arr = json_get_container(&j->root, "tables");
-	List	   *tables = NIL;
+	List *tables = NIL;
 
 	if (arr == NULL || !JsonContainerIsArray(arr))
-		ereport(ERROR,
-				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-				 errmsg("CD2 API table list has no \"tables\" array")));
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("CD2 API table list has no \"tables\" array")));
 	for (uint32 i = 0; i < JsonContainerSize(arr); i++)
 	{
 		JsonbValue *v = getIthJsonbValueFromContainer(arr, i);
@@ -367,26 +359,25 @@ dap_list_tables(DapClient *c)
 char *
 dap_get_schema(DapClient *c, const char *table)
 {
-	char	   *path = psprintf("/dap/query/canvas/table/%s/schema", escape_path(table));
-	char	   *text = dap_call_text(c, "GET", path, NULL, NULL);
+	char *path = psprintf("/dap/query/canvas/table/%s/schema", escape_path(table));
+	char *text = dap_call_text(c, "GET", path, NULL, NULL);
 
-	(void) parse_json(text, path);	/* it must be JSON */
+	(void) parse_json(text, path); /* it must be JSON */
 	return text;
 }
 
 static DapJob *
 parse_job(Jsonb *j)
 {
-	DapJob	   *job = palloc0(sizeof(DapJob));
+	DapJob *job = palloc0(sizeof(DapJob));
 	JsonbContainer *objs = json_get_container(&j->root, "objects");
-	char	   *version;
+	char *version;
 
 	job->id = json_get_text(&j->root, "id");
 	job->status = json_get_text(&j->root, "status");
 	if (job->id == NULL || job->status == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-				 errmsg("CD2 API job object lacks \"id\" or \"status\"")));
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("CD2 API job object lacks \"id\" or \"status\"")));
 	version = json_get_text(&j->root, "schema_version");
 	job->schema_version = version ? atoi(version) : 0;
 	job->at = json_get_text(&j->root, "at");
@@ -397,7 +388,7 @@ parse_job(Jsonb *j)
 		for (uint32 i = 0; i < JsonContainerSize(objs); i++)
 		{
 			JsonbValue *v = getIthJsonbValueFromContainer(objs, i);
-			char	   *id = NULL;
+			char *id = NULL;
 
 			if (v && v->type == jbvBinary)
 				id = json_get_text(v->val.binary.data, "id");
@@ -410,11 +401,11 @@ parse_job(Jsonb *j)
 	if (strcmp(job->status, "failed") == 0)
 	{
 		JsonbContainer *e = json_get_container(&j->root, "error");
-		char	   *type = json_get_text(e, "type");
-		char	   *message = json_get_text(e, "message");
+		char *type = json_get_text(e, "type");
+		char *message = json_get_text(e, "message");
 
-		job->error = psprintf("%s%s%s", type ? type : "job failed",
-							  message ? ": " : "", message ? message : "");
+		job->error = psprintf("%s%s%s", type ? type : "job failed", message ? ": " : "",
+							  message ? message : "");
 	}
 	return job;
 }
@@ -424,12 +415,12 @@ parse_job(Jsonb *j)
  * job that is already complete (identical queries are deduplicated).
  */
 DapJob *
-dap_start_query(DapClient *c, const char *table, const char *format,
-				const char *since, DapError *err)
+dap_start_query(DapClient *c, const char *table, const char *format, const char *since,
+				DapError *err)
 {
-	char	   *path = psprintf("/dap/query/canvas/table/%s/data", escape_path(table));
+	char *path = psprintf("/dap/query/canvas/table/%s/data", escape_path(table));
 	StringInfoData body;
-	Jsonb	   *j;
+	Jsonb *j;
 
 	initStringInfo(&body);
 	appendStringInfo(&body, "{\"format\": \"%s\", \"mode\": \"condensed\"", format);
@@ -450,15 +441,13 @@ dap_start_query(DapClient *c, const char *table, const char *format,
 DapJob *
 dap_wait_job(DapClient *c, DapJob *job, DapError *err)
 {
-	int			delay = Min(250, cd2_poll_interval);
-	TimestampTz deadline = GetCurrentTimestamp() +
-		(TimestampTz) cd2_job_timeout * USECS_PER_SEC;
+	int delay = Min(250, cd2_poll_interval);
+	TimestampTz deadline = GetCurrentTimestamp() + (TimestampTz) cd2_job_timeout * USECS_PER_SEC;
 
-	while (strcmp(job->status, "complete") != 0 &&
-		   strcmp(job->status, "failed") != 0)
+	while (strcmp(job->status, "complete") != 0 && strcmp(job->status, "failed") != 0)
 	{
-		char	   *path = psprintf("/dap/job/%s", escape_path(job->id));
-		Jsonb	   *j;
+		char *path = psprintf("/dap/job/%s", escape_path(job->id));
+		Jsonb *j;
 
 		if (GetCurrentTimestamp() > deadline)
 			ereport(ERROR,
@@ -480,14 +469,14 @@ List *
 dap_object_urls(DapClient *c, List *object_ids, DapError *err)
 {
 	StringInfoData body;
-	ListCell   *lc;
-	Jsonb	   *j;
+	ListCell *lc;
+	Jsonb *j;
 	JsonbContainer *urls;
-	List	   *result = NIL;
+	List *result = NIL;
 
 	initStringInfo(&body);
 	appendStringInfoChar(&body, '[');
-	foreach(lc, object_ids)
+	foreach (lc, object_ids)
 	{
 		if (foreach_current_index(lc) > 0)
 			appendStringInfoString(&body, ", ");
@@ -501,20 +490,19 @@ dap_object_urls(DapClient *c, List *object_ids, DapError *err)
 	if (j == NULL)
 		return NIL;
 	urls = json_get_container(&j->root, "urls");
-	foreach(lc, object_ids)
+	foreach (lc, object_ids)
 	{
 		const char *id = (const char *) lfirst(lc);
 		JsonbValue *v = json_get(urls, id);
-		char	   *url = NULL;
+		char *url = NULL;
 
 		if (v && v->type == jbvBinary)
 			url = json_get_text(v->val.binary.data, "url");
 		else if (v && v->type == jbvString)
 			url = pnstrdup(v->val.string.val, v->val.string.len);
 		if (url == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-					 errmsg("CD2 API gave no URL for object \"%s\"", id)));
+			ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+							errmsg("CD2 API gave no URL for object \"%s\"", id)));
 		result = lappend(result, url);
 	}
 	return result;

@@ -14,33 +14,33 @@
 
 typedef struct DapClient
 {
-	char	   *api_url;		/* without a trailing slash */
-	char	   *client_id;
-	char	   *client_secret;
-	char	   *token;			/* current access token, or NULL */
+	char *api_url; /* without a trailing slash */
+	char *client_id;
+	char *client_secret;
+	char *token;                /* current access token, or NULL */
 	TimestampTz token_renew_at; /* log in again from then on */
-	MemoryContext cxt;			/* where the token lives */
-	int			logins;			/* how many times we logged in */
+	MemoryContext cxt;          /* where the token lives */
+	int logins;                 /* how many times we logged in */
 } DapClient;
 
 /* An error the API answered with, for callers that act on its type */
 typedef struct DapError
 {
-	long		status;
-	char	   *type;			/* error.type, e.g. "SnapshotRequired" */
-	char	   *message;		/* a complete message for the sync log */
+	long status;
+	char *type;    /* error.type, e.g. "SnapshotRequired" */
+	char *message; /* a complete message for the sync log */
 } DapError;
 
 typedef struct DapJob
 {
-	char	   *id;
-	char	   *status;			/* waiting, running, complete, failed */
-	int			schema_version;
-	List	   *objects;		/* object ids (char *) */
-	char	   *at;				/* snapshot: the data's point in time */
-	char	   *since;			/* incremental: the window */
-	char	   *until;
-	char	   *error;			/* failed: the job's error message */
+	char *id;
+	char *status; /* waiting, running, complete, failed */
+	int schema_version;
+	List *objects; /* object ids (char *) */
+	char *at;      /* snapshot: the data's point in time */
+	char *since;   /* incremental: the window */
+	char *until;
+	char *error; /* failed: the job's error message */
 } DapJob;
 
 extern DapClient *dap_client_create(const char *api_url, const char *client_id,
@@ -52,4 +52,4 @@ extern DapJob *dap_start_query(DapClient *c, const char *table, const char *form
 extern DapJob *dap_wait_job(DapClient *c, DapJob *job, DapError *err);
 extern List *dap_object_urls(DapClient *c, List *object_ids, DapError *err);
 
-#endif							/* CD2SYNC_DAP_CLIENT_H */
+#endif /* CD2SYNC_DAP_CLIENT_H */

@@ -41,15 +41,15 @@
 /* What the COPY data source callback reads from (COPY gives it no argument) */
 typedef struct DecodeSource
 {
-	Download   *download;
-	char	   *ahead;			/* bytes read while looking for the header */
-	int			ahead_len;
-	int			ahead_off;
-	int64		line_bytes;		/* bytes since the last newline */
+	Download *download;
+	char *ahead; /* bytes read while looking for the header */
+	int ahead_len;
+	int ahead_off;
+	int64 line_bytes; /* bytes since the last newline */
 } DecodeSource;
 
 static DecodeSource *source = NULL;
-static int	ignored_columns = 0;
+static int ignored_columns = 0;
 
 RecordFormat
 decode_parse_format(const char *name)
@@ -62,9 +62,8 @@ decode_parse_format(const char *name)
 		return FORMAT_JSONL;
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-			 errmsg("unsupported cd2sync.format \"%s\"", name),
-			 errhint("Use tsv, csv or jsonl.")));
-	return FORMAT_TSV;			/* keep the compiler quiet */
+			 errmsg("unsupported cd2sync.format \"%s\"", name), errhint("Use tsv, csv or jsonl.")));
+	return FORMAT_TSV; /* keep the compiler quiet */
 }
 
 const char *
@@ -84,22 +83,21 @@ check_line_length(const char *buf, int n)
 	else
 		source->line_bytes += n;
 	if (source->line_bytes > cd2_max_line_length)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("a record is longer than cd2sync.max_line_length (%d bytes)",
-						cd2_max_line_length)));
+		ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						errmsg("a record is longer than cd2sync.max_line_length (%d bytes)",
+							   cd2_max_line_length)));
 }
 
 /* COPY's data source: the bytes after the header, then the download's */
 static int
 copy_source_cb(void *outbuf, int minread, int maxread)
 {
-	char	   *out = (char *) outbuf;
-	int			n = 0;
+	char *out = (char *) outbuf;
+	int n = 0;
 
 	while (n < minread && n < maxread)
 	{
-		size_t		got;
+		size_t got;
 
 		if (source->ahead_off < source->ahead_len)
 		{
@@ -126,8 +124,8 @@ copy_source_cb(void *outbuf, int minread, int maxread)
 static List *
 split_header(char *line, char delim)
 {
-	List	   *names = NIL;
-	char	   *p = line;
+	List *names = NIL;
+	char *p = line;
 
 	for (;;)
 	{
@@ -172,8 +170,8 @@ split_header(char *line, char delim)
 static char *
 add_ignored_column(void)
 {
-	char	   *col = psprintf("cd2_ignored_%d", ++ignored_columns);
-	char	   *sql = psprintf("ALTER TABLE pg_temp.cd2_stage ADD COLUMN %s text", col);
+	char *col = psprintf("cd2_ignored_%d", ++ignored_columns);
+	char *sql = psprintf("ALTER TABLE pg_temp.cd2_stage ADD COLUMN %s text", col);
 
 	if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY)
 		elog(ERROR, "could not add a column to the staging table");
@@ -187,14 +185,14 @@ add_ignored_column(void)
 static List *
 map_header(List *names, Oid stage, List **columns)
 {
-	List	   *attnames = NIL;
-	ListCell   *lc;
+	List *attnames = NIL;
+	ListCell *lc;
 
-	foreach(lc, names)
+	foreach (lc, names)
 	{
-		char	   *name = (char *) lfirst(lc);
-		char	   *col;
-		ListCell   *lc2;
+		char *name = (char *) lfirst(lc);
+		char *col;
+		ListCell *lc2;
 
 		if (strcmp(name, "meta.action") == 0)
 			col = "cd2_action";
@@ -208,14 +206,13 @@ map_header(List *names, Oid stage, List **columns)
 				col = name + 6;
 			else
 				col = name;
-			if (strncmp(col, "cd2_", 4) == 0 ||
-				get_attnum(stage, col) == InvalidAttrNumber)
+			if (strncmp(col, "cd2_", 4) == 0 || get_attnum(stage, col) == InvalidAttrNumber)
 				col = NULL;
 			else
 			{
-				bool		known = false;
+				bool known = false;
 
-				foreach(lc2, *columns)
+				foreach (lc2, *columns)
 					known |= (strcmp((char *) lfirst(lc2), col) == 0);
 				if (!known)
 					*columns = lappend(*columns, pstrdup(col));
@@ -223,7 +220,7 @@ map_header(List *names, Oid stage, List **columns)
 		}
 		if (col == NULL)
 			col = add_ignored_column();
-		foreach(lc2, attnames)
+		foreach (lc2, attnames)
 		{
 			if (strcmp(strVal(lfirst(lc2)), col) == 0)
 				ereport(ERROR,
@@ -238,17 +235,15 @@ map_header(List *names, Oid stage, List **columns)
 static uint64
 copy_into(const char *relname, List *attnames, List *options)
 {
-	Oid			relid = RangeVarGetRelid(makeRangeVar("pg_temp", (char *) relname, -1),
-										 RowExclusiveLock, false);
-	Relation	rel = table_open(relid, RowExclusiveLock);
+	Oid relid =
+		RangeVarGetRelid(makeRangeVar("pg_temp", (char *) relname, -1), RowExclusiveLock, false);
+	Relation rel = table_open(relid, RowExclusiveLock);
 	ParseState *pstate = make_parsestate(NULL);
 	CopyFromState cstate;
-	uint64		rows;
+	uint64 rows;
 
-	(void) addRangeTableEntryForRelation(pstate, rel, RowExclusiveLock, NULL,
-										 false, false);
-	cstate = BeginCopyFrom(pstate, rel, NULL, NULL, false, copy_source_cb,
-						   attnames, options);
+	(void) addRangeTableEntryForRelation(pstate, rel, RowExclusiveLock, NULL, false, false);
+	cstate = BeginCopyFrom(pstate, rel, NULL, NULL, false, copy_source_cb, attnames, options);
 	rows = CopyFrom(cstate);
 	EndCopyFrom(cstate);
 	free_parsestate(pstate);
@@ -259,13 +254,13 @@ copy_into(const char *relname, List *attnames, List *options)
 uint64
 decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl)
 {
-	DecodeSource src = {0};
+	DecodeSource src = { 0 };
 	StringInfoData head;
-	char	   *nl = NULL;
-	char		chunk[8192];
+	char *nl = NULL;
+	char chunk[8192];
 	const char *first;
-	uint64		rows;
-	List	   *options = NIL;
+	uint64 rows;
+	List *options = NIL;
 
 	src.download = d;
 	source = &src;
@@ -275,7 +270,7 @@ decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl)
 	initStringInfo(&head);
 	while (nl == NULL)
 	{
-		size_t		n = download_read(d, chunk, sizeof(chunk));
+		size_t n = download_read(d, chunk, sizeof(chunk));
 
 		if (n == 0)
 			break;
@@ -288,10 +283,10 @@ decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl)
 	while (first < head.data + head.len && isspace((unsigned char) *first))
 		first++;
 	if (first == head.data + head.len)
-		return 0;				/* an empty file */
+		return 0; /* an empty file */
 
-	if (*first == '{' || (asked == FORMAT_JSONL && *first != '"' &&
-						  memchr(head.data, '\t', head.len) == NULL))
+	if (*first == '{' ||
+		(asked == FORMAT_JSONL && *first != '"' && memchr(head.data, '\t', head.len) == NULL))
 	{
 		/* JSON lines: every byte is data, one record a line */
 		src.ahead = head.data;
@@ -304,17 +299,15 @@ decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl)
 	}
 	else
 	{
-		int			linelen = nl ? nl - head.data : head.len;
-		char	   *line = pnstrdup(head.data, linelen);
-		bool		tsv;
-		List	   *attnames;
-		Oid			stage = RangeVarGetRelid(makeRangeVar("pg_temp", "cd2_stage", -1),
-											 NoLock, false);
+		int linelen = nl ? nl - head.data : head.len;
+		char *line = pnstrdup(head.data, linelen);
+		bool tsv;
+		List *attnames;
+		Oid stage = RangeVarGetRelid(makeRangeVar("pg_temp", "cd2_stage", -1), NoLock, false);
 
 		if (linelen > 0 && line[linelen - 1] == '\r')
 			line[linelen - 1] = '\0';
-		tsv = strchr(line, '\t') != NULL ||
-			(strchr(line, ',') == NULL && asked != FORMAT_CSV);
+		tsv = strchr(line, '\t') != NULL || (strchr(line, ',') == NULL && asked != FORMAT_CSV);
 		attnames = map_header(split_header(line, tsv ? '\t' : ','), stage, columns);
 
 		src.ahead = head.data;

@@ -26,7 +26,6 @@ extern const char *decode_format_name(RecordFormat f);
  * JSON lines). Adds to *columns (char *) the target columns its header names, and
  * sets *was_jsonl when the file held JSON lines. Returns the records read.
  */
-extern uint64 decode_object(Download *d, RecordFormat asked, List **columns,
-							bool *was_jsonl);
+extern uint64 decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl);
 
-#endif							/* CD2SYNC_DECODE_H */
+#endif /* CD2SYNC_DECODE_H */

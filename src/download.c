@@ -34,23 +34,23 @@
 
 struct Download
 {
-	char	   *object_id;
-	char	   *url;
+	char *object_id;
+	char *url;
 	RefreshUrlFn refresh;
-	void	   *refresh_arg;
-	MemoryContext cxt;			/* where the download's state lives */
+	void *refresh_arg;
+	MemoryContext cxt; /* where the download's state lives */
 	HttpStream *http;
-	int64		received;		/* compressed bytes of the object received */
-	int64		skip;			/* bytes to drop after a Range was ignored */
-	int			failures;		/* consecutive failed attempts */
-	bool		fetched_all;	/* the whole object has been received */
-	bool		eof;
+	int64 received;   /* compressed bytes of the object received */
+	int64 skip;       /* bytes to drop after a Range was ignored */
+	int failures;     /* consecutive failed attempts */
+	bool fetched_all; /* the whole object has been received */
+	bool eof;
 
-	bool		detected;		/* know whether it is gzip */
-	bool		gzip;
-	bool		zinit;
-	bool		member_ended;	/* the last inflate hit Z_STREAM_END */
-	z_stream	zs;
+	bool detected; /* know whether it is gzip */
+	bool gzip;
+	bool zinit;
+	bool member_ended; /* the last inflate hit Z_STREAM_END */
+	z_stream zs;
 	unsigned char inbuf[DOWNLOAD_INBUF];
 	MemoryContextCallback cleanup;
 };
@@ -58,7 +58,7 @@ struct Download
 static void
 download_cleanup(void *arg)
 {
-	Download   *d = (Download *) arg;
+	Download *d = (Download *) arg;
 
 	if (d->zinit)
 	{
@@ -71,8 +71,8 @@ download_cleanup(void *arg)
 static char *
 url_for_message(const char *url)
 {
-	char	   *copy = pstrdup(url);
-	char	   *q = strchr(copy, '?');
+	char *copy = pstrdup(url);
+	char *q = strchr(copy, '?');
 
 	if (q)
 		*q = '\0';
@@ -80,10 +80,9 @@ url_for_message(const char *url)
 }
 
 Download *
-download_open(const char *object_id, const char *url,
-			  RefreshUrlFn refresh, void *refresh_arg)
+download_open(const char *object_id, const char *url, RefreshUrlFn refresh, void *refresh_arg)
 {
-	Download   *d = palloc0(sizeof(Download));
+	Download *d = palloc0(sizeof(Download));
 
 	d->cxt = CurrentMemoryContext;
 	d->object_id = pstrdup(object_id);
@@ -98,23 +97,19 @@ download_open(const char *object_id, const char *url,
 
 /* Handles a failed attempt: wait, or get a new URL, or give up. */
 static void
-attempt_failed(Download *d, HttpOutcome outcome, long status, int retry_after_ms,
-			   const char *why)
+attempt_failed(Download *d, HttpOutcome outcome, long status, int retry_after_ms, const char *why)
 {
-	bool		url_gone = (status == 403 || status == 404 || status == 410);
+	bool url_gone = (status == 403 || status == 404 || status == 410);
 
 	d->failures++;
 	if (outcome == HTTP_PERMANENT && !url_gone)
-		ereport(ERROR,
-				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-				 errmsg("could not download object \"%s\": %s",
-						d->object_id, why),
-				 errdetail("URL: %s", url_for_message(d->url))));
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("could not download object \"%s\": %s", d->object_id, why),
+						errdetail("URL: %s", url_for_message(d->url))));
 	if (d->failures > cd2_http_retries)
-		ereport(ERROR,
-				(errcode(ERRCODE_CONNECTION_FAILURE),
-				 errmsg("could not download object \"%s\" after %d attempts: %s",
-						d->object_id, d->failures, why)));
+		ereport(ERROR, (errcode(ERRCODE_CONNECTION_FAILURE),
+						errmsg("could not download object \"%s\" after %d attempts: %s",
+							   d->object_id, d->failures, why)));
 	if (url_gone && d->refresh)
 	{
 		/* a presigned link expired or was revoked: ask for a fresh one */
@@ -133,13 +128,13 @@ fetch(Download *d, char *dst, size_t len)
 {
 	while (!d->fetched_all)
 	{
-		size_t		n;
+		size_t n;
 		HttpOutcome outcome;
 
 		if (d->http == NULL)
 		{
-			HttpRequest req = {0};
-			long		status;
+			HttpRequest req = { 0 };
+			long status;
 			MemoryContext old;
 
 			req.method = "GET";
@@ -167,10 +162,10 @@ fetch(Download *d, char *dst, size_t len)
 				d->skip = http_stream_is_partial(d->http) ? 0 : d->received;
 			else if (status >= 300 || http_stream_outcome(d->http) != HTTP_OK)
 			{
-				char		why[128];
+				char why[128];
 				HttpOutcome o = http_stream_outcome(d->http);
 				const char *err = http_stream_error(d->http);
-				int			ra = http_stream_retry_after_ms(d->http);
+				int ra = http_stream_retry_after_ms(d->http);
 
 				if (err)
 					snprintf(why, sizeof(why), "%s", err);
@@ -189,7 +184,7 @@ fetch(Download *d, char *dst, size_t len)
 			d->failures = 0;
 			if (d->skip > 0)
 			{
-				size_t		drop = (size_t) Min((int64) n, d->skip);
+				size_t drop = (size_t) Min((int64) n, d->skip);
 
 				d->skip -= drop;
 				if (drop == n)
@@ -211,7 +206,7 @@ fetch(Download *d, char *dst, size_t len)
 		}
 		else
 		{
-			char		why[256];
+			char why[256];
 			const char *err = http_stream_error(d->http);
 
 			snprintf(why, sizeof(why), "%s", err ? err : "transfer failed");
@@ -234,13 +229,13 @@ download_read(Download *d, char *dst, size_t len)
 
 	if (!d->detected)
 	{
-		size_t		n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
+		size_t n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
 
 		d->detected = true;
 		d->gzip = (n >= 2 && d->inbuf[0] == 0x1f && d->inbuf[1] == 0x8b);
 		if (n == 0)
 		{
-			d->eof = true;		/* an empty object: no records */
+			d->eof = true; /* an empty object: no records */
 			return 0;
 		}
 		d->zs.next_in = d->inbuf;
@@ -248,15 +243,15 @@ download_read(Download *d, char *dst, size_t len)
 		if (d->gzip)
 		{
 			if (inflateInit2(&d->zs, 16 + MAX_WBITS) != Z_OK)
-				ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY),
-								errmsg("could not initialize zlib")));
+				ereport(ERROR,
+						(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("could not initialize zlib")));
 			d->zinit = true;
 		}
 	}
 
 	if (!d->gzip)
 	{
-		size_t		n;
+		size_t n;
 
 		if (d->zs.avail_in == 0)
 		{
@@ -278,22 +273,23 @@ download_read(Download *d, char *dst, size_t len)
 
 	for (;;)
 	{
-		int			rc;
-		size_t		produced;
+		int rc;
+		size_t produced;
 
 		if (d->zs.avail_in == 0)
 		{
-			size_t		n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
+			size_t n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
 
 			if (n == 0)
 			{
 				if (!d->member_ended)
-					ereport(ERROR,
-							(errcode(ERRCODE_DATA_CORRUPTED),
-							 errmsg("gzip stream of object \"%s\" is truncated",
-									d->object_id),
-							 errdetail("The object ended after %lld compressed bytes, inside a gzip member.",
-									   (long long) d->received)));
+					ereport(
+						ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("gzip stream of object \"%s\" is truncated", d->object_id),
+						 errdetail(
+							 "The object ended after %lld compressed bytes, inside a gzip member.",
+							 (long long) d->received)));
 				d->eof = true;
 				return 0;
 			}
@@ -304,8 +300,7 @@ download_read(Download *d, char *dst, size_t len)
 		{
 			/* more input after a member's end: the next member starts */
 			if (inflateReset(&d->zs) != Z_OK)
-				ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
-								errmsg("could not reset zlib")));
+				ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), errmsg("could not reset zlib")));
 			d->member_ended = false;
 		}
 
@@ -316,10 +311,9 @@ download_read(Download *d, char *dst, size_t len)
 		if (rc == Z_STREAM_END)
 			d->member_ended = true;
 		else if (rc != Z_OK && rc != Z_BUF_ERROR)
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_CORRUPTED),
-					 errmsg("gzip stream of object \"%s\" is corrupt: %s",
-							d->object_id, d->zs.msg ? d->zs.msg : "inflate failed")));
+			ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED),
+							errmsg("gzip stream of object \"%s\" is corrupt: %s", d->object_id,
+								   d->zs.msg ? d->zs.msg : "inflate failed")));
 		if (produced > 0)
 			return produced;
 	}

@@ -29,27 +29,27 @@
 #include "utils/timestamp.h"
 #include "common/pg_prng.h"
 
-#define HTTP_BUFFER_SIZE (256 * 1024)
+#define HTTP_BUFFER_SIZE    (256 * 1024)
 #define HTTP_MAX_SMALL_BODY (64 * 1024 * 1024)
-#define HTTP_POLL_MS 50
+#define HTTP_POLL_MS        50
 
 struct HttpStream
 {
-	CURL	   *easy;
+	CURL *easy;
 	struct curl_slist *headers;
-	char	   *buf;			/* malloc'd: [off, len) is unread body */
-	size_t		off;
-	size_t		len;
-	size_t		cap;
-	bool		paused;
-	bool		done;
-	CURLcode	result;
-	long		status;
-	int64		bytes;			/* body bytes received in all */
-	int			retry_after_ms;
-	bool		partial;		/* answered 206 to a Range request */
-	char	   *auth_header;	/* palloc'd, wiped on close */
-	char		errbuf[CURL_ERROR_SIZE];
+	char *buf; /* malloc'd: [off, len) is unread body */
+	size_t off;
+	size_t len;
+	size_t cap;
+	bool paused;
+	bool done;
+	CURLcode result;
+	long status;
+	int64 bytes; /* body bytes received in all */
+	int retry_after_ms;
+	bool partial;      /* answered 206 to a Range request */
+	char *auth_header; /* palloc'd, wiped on close */
+	char errbuf[CURL_ERROR_SIZE];
 	MemoryContextCallback cleanup;
 };
 
@@ -65,8 +65,8 @@ get_multi(void)
 	if (multi == NULL)
 	{
 		if (curl_global_init(CURL_GLOBAL_ALL) != CURLE_OK)
-			ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
-							errmsg("could not initialize libcurl")));
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR), errmsg("could not initialize libcurl")));
 		multi = curl_multi_init();
 		if (multi == NULL)
 			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY),
@@ -80,7 +80,7 @@ static size_t
 write_cb(char *data, size_t size, size_t nmemb, void *arg)
 {
 	HttpStream *s = (HttpStream *) arg;
-	size_t		n = size * nmemb;
+	size_t n = size * nmemb;
 
 	if (s->off > 0)
 	{
@@ -90,7 +90,7 @@ write_cb(char *data, size_t size, size_t nmemb, void *arg)
 	}
 	if (s->len + n > s->cap)
 	{
-		char	   *grown;
+		char *grown;
 
 		if (s->len > 0)
 		{
@@ -100,7 +100,7 @@ write_cb(char *data, size_t size, size_t nmemb, void *arg)
 		/* an empty buffer takes any single chunk libcurl hands over */
 		grown = realloc(s->buf, n);
 		if (grown == NULL)
-			return 0;			/* CURLE_WRITE_ERROR */
+			return 0; /* CURLE_WRITE_ERROR */
 		s->buf = grown;
 		s->cap = n;
 	}
@@ -115,9 +115,9 @@ static size_t
 header_cb(char *data, size_t size, size_t nmemb, void *arg)
 {
 	HttpStream *s = (HttpStream *) arg;
-	size_t		n = size * nmemb;
-	char		line[256];
-	size_t		l = Min(n, sizeof(line) - 1);
+	size_t n = size * nmemb;
+	char line[256];
+	size_t l = Min(n, sizeof(line) - 1);
 
 	memcpy(line, data, l);
 	line[l] = '\0';
@@ -125,9 +125,9 @@ header_cb(char *data, size_t size, size_t nmemb, void *arg)
 		s->retry_after_ms = -1; /* a new response (after 100 Continue) */
 	else if (pg_strncasecmp(line, "Retry-After:", 12) == 0)
 	{
-		char	   *p = line + 12;
-		char	   *end;
-		long		secs;
+		char *p = line + 12;
+		char *end;
+		long secs;
 
 		while (*p == ' ' || *p == '\t')
 			p++;
@@ -136,8 +136,8 @@ header_cb(char *data, size_t size, size_t nmemb, void *arg)
 			s->retry_after_ms = (int) Min(secs, 86400L) * 1000;
 		else
 		{
-			time_t		when = curl_getdate(p, NULL);	/* an HTTP-date */
-			time_t		now = time(NULL);
+			time_t when = curl_getdate(p, NULL); /* an HTTP-date */
+			time_t now = time(NULL);
 
 			if (when > 0)
 				s->retry_after_ms = when > now ? (int) Min(when - now, 86400L) * 1000 : 0;
@@ -174,11 +174,12 @@ stream_cleanup(void *arg)
 	s->off = s->len = s->cap = 0;
 }
 
-#define setopt(h, opt, val) \
-	do { \
-		if (curl_easy_setopt((h), (opt), (val)) != CURLE_OK) \
-			ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), \
-							errmsg("could not set libcurl option %s", #opt))); \
+#define setopt(h, opt, val)                                                                        \
+	do                                                                                             \
+	{                                                                                              \
+		if (curl_easy_setopt((h), (opt), (val)) != CURLE_OK)                                       \
+			ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),                                       \
+							errmsg("could not set libcurl option %s", #opt)));                     \
 	} while (0)
 
 /*
@@ -188,13 +189,13 @@ stream_cleanup(void *arg)
 static void
 stream_fill(HttpStream *s)
 {
-	CURLM	   *m = get_multi();
+	CURLM *m = get_multi();
 
 	while (s->off == s->len && !s->done)
 	{
-		int			running;
-		CURLMsg    *msg;
-		int			left;
+		int running;
+		CURLMsg *msg;
+		int left;
 
 		if (s->paused)
 		{
@@ -202,8 +203,8 @@ stream_fill(HttpStream *s)
 			curl_easy_pause(s->easy, CURLPAUSE_CONT);
 		}
 		if (curl_multi_perform(m, &running) != CURLM_OK)
-			ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
-							errmsg("libcurl multi interface failed")));
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR), errmsg("libcurl multi interface failed")));
 		while ((msg = curl_multi_info_read(m, &left)) != NULL)
 		{
 			if (msg->msg == CURLMSG_DONE && msg->easy_handle == s->easy)
@@ -230,7 +231,7 @@ HttpStream *
 http_stream_open(const HttpRequest *req)
 {
 	HttpStream *s = palloc0(sizeof(HttpStream));
-	CURL	   *h;
+	CURL *h;
 
 	get_multi();
 	s->retry_after_ms = -1;
@@ -245,8 +246,8 @@ http_stream_open(const HttpRequest *req)
 
 	h = s->easy = curl_easy_init();
 	if (h == NULL)
-		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY),
-						errmsg("could not create a libcurl handle")));
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("could not create a libcurl handle")));
 	setopt(h, CURLOPT_URL, req->url);
 	setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
 	setopt(h, CURLOPT_NOSIGNAL, 1L);
@@ -281,7 +282,7 @@ http_stream_open(const HttpRequest *req)
 	}
 	if (req->body)
 	{
-		char	   *ct = psprintf("Content-Type: %s", req->content_type);
+		char *ct = psprintf("Content-Type: %s", req->content_type);
 
 		s->headers = curl_slist_append(s->headers, ct);
 		setopt(h, CURLOPT_POSTFIELDS, req->body);
@@ -295,15 +296,15 @@ http_stream_open(const HttpRequest *req)
 	setopt(h, CURLOPT_HTTPHEADER, s->headers);
 	if (req->range_start > 0)
 	{
-		char		range[64];
+		char range[64];
 
 		snprintf(range, sizeof(range), INT64_FORMAT "-", req->range_start);
 		setopt(h, CURLOPT_RANGE, range);
 	}
 
 	if (curl_multi_add_handle(get_multi(), h) != CURLM_OK)
-		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
-						errmsg("could not start an HTTP transfer")));
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR), errmsg("could not start an HTTP transfer")));
 	stream_fill(s);
 	s->partial = (s->status == 206);
 	return s;
@@ -313,7 +314,7 @@ http_stream_open(const HttpRequest *req)
 size_t
 http_stream_read(HttpStream *s, char *dst, size_t len)
 {
-	size_t		n;
+	size_t n;
 
 	stream_fill(s);
 	n = Min(len, s->len - s->off);
@@ -401,8 +402,8 @@ void
 http_request(const HttpRequest *req, HttpResponse *resp)
 {
 	HttpStream *s = http_stream_open(req);
-	char		chunk[16384];
-	size_t		n;
+	char chunk[16384];
+	size_t n;
 	const char *err;
 
 	initStringInfo(&resp->body);
@@ -430,7 +431,7 @@ http_request(const HttpRequest *req, HttpResponse *resp)
 int
 http_backoff_ms(int attempt, int retry_after_ms)
 {
-	double		delay;
+	double delay;
 
 	if (retry_after_ms >= 0)
 		return Min(retry_after_ms, cd2_retry_max_delay);
@@ -447,13 +448,13 @@ cd2_sleep_ms(int ms)
 
 	for (;;)
 	{
-		long		left = (long) ((end - GetCurrentTimestamp()) / 1000);
+		long left = (long) ((end - GetCurrentTimestamp()) / 1000);
 
 		CHECK_FOR_INTERRUPTS();
 		if (left <= 0)
 			break;
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 left, PG_WAIT_EXTENSION);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, left,
+						 PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}
 }

@@ -14,24 +14,24 @@
 /* One request. Strings are borrowed; they must outlive the transfer. */
 typedef struct HttpRequest
 {
-	const char *method;			/* "GET" or "POST" */
+	const char *method; /* "GET" or "POST" */
 	const char *url;
-	const char *body;			/* POST body or NULL */
-	const char *content_type;	/* of the body */
-	const char *bearer;			/* "Authorization: Bearer" token, or NULL */
-	const char *basic_user;		/* HTTP Basic credentials, or NULL */
+	const char *body;         /* POST body or NULL */
+	const char *content_type; /* of the body */
+	const char *bearer;       /* "Authorization: Bearer" token, or NULL */
+	const char *basic_user;   /* HTTP Basic credentials, or NULL */
 	const char *basic_password;
-	int64		range_start;	/* > 0: ask for the body from this byte on */
-	bool		is_download;	/* no total time limit, only a stall limit */
+	int64 range_start; /* > 0: ask for the body from this byte on */
+	bool is_download;  /* no total time limit, only a stall limit */
 } HttpRequest;
 
 /* How a finished or failed transfer should be treated. */
 typedef enum HttpOutcome
 {
-	HTTP_OK,					/* 2xx */
-	HTTP_TRANSIENT,				/* 429, 5xx, transport errors: retry */
-	HTTP_UNAUTHORIZED,			/* 401: authenticate again, retry once */
-	HTTP_PERMANENT				/* other 4xx, TLS failures: report */
+	HTTP_OK,           /* 2xx */
+	HTTP_TRANSIENT,    /* 429, 5xx, transport errors: retry */
+	HTTP_UNAUTHORIZED, /* 401: authenticate again, retry once */
+	HTTP_PERMANENT     /* other 4xx, TLS failures: report */
 } HttpOutcome;
 
 typedef struct HttpStream HttpStream;
@@ -43,24 +43,24 @@ extern void http_stream_close(HttpStream *s);
 extern long http_stream_status(HttpStream *s);
 extern HttpOutcome http_stream_outcome(HttpStream *s);
 extern const char *http_stream_error(HttpStream *s);
-extern int	http_stream_retry_after_ms(HttpStream *s);
+extern int http_stream_retry_after_ms(HttpStream *s);
 extern bool http_stream_is_partial(HttpStream *s);
 extern int64 http_stream_bytes(HttpStream *s);
 
 /* A whole response body, for the small JSON answers of the API. */
 typedef struct HttpResponse
 {
-	long		status;
+	long status;
 	HttpOutcome outcome;
 	StringInfoData body;
-	char	   *error;			/* transport error text, or NULL */
-	int			retry_after_ms; /* from Retry-After, or -1 */
+	char *error;        /* transport error text, or NULL */
+	int retry_after_ms; /* from Retry-After, or -1 */
 } HttpResponse;
 
 extern void http_request(const HttpRequest *req, HttpResponse *resp);
 
 /* Retry policy */
-extern int	http_backoff_ms(int attempt, int retry_after_ms);
+extern int http_backoff_ms(int attempt, int retry_after_ms);
 extern void cd2_sleep_ms(int ms);
 
-#endif							/* CD2SYNC_HTTP_H */
+#endif /* CD2SYNC_HTTP_H */

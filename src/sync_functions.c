@@ -50,12 +50,12 @@ PG_FUNCTION_INFO_V1(cd2_remote_tables);
 static Oid
 extension_owner(void)
 {
-	Oid			extoid = get_extension_oid("cd2sync", false);
-	Relation	rel = table_open(ExtensionRelationId, AccessShareLock);
+	Oid extoid = get_extension_oid("cd2sync", false);
+	Relation rel = table_open(ExtensionRelationId, AccessShareLock);
 	ScanKeyData key;
 	SysScanDesc scan;
-	HeapTuple	tup;
-	Oid			owner = InvalidOid;
+	HeapTuple tup;
+	Oid owner = InvalidOid;
 
 	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber, F_OIDEQ,
 				ObjectIdGetDatum(extoid));
@@ -73,14 +73,14 @@ static char *
 query_value(const char *sql, int nargs, Oid *types, Datum *values)
 {
 	MemoryContext cxt = CurrentMemoryContext;
-	char	   *result = NULL;
+	char *result = NULL;
 
 	SPI_connect();
 	if (SPI_execute_with_args(sql, nargs, types, values, NULL, false, 1) < 0)
 		elog(ERROR, "cd2sync query failed");
 	if (SPI_processed > 0)
 	{
-		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		char *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 
 		if (v)
 			result = MemoryContextStrdup(cxt, v);
@@ -93,43 +93,41 @@ query_value(const char *sql, int nargs, Oid *types, Datum *values)
 static List *
 requested_tables(const char *instance, ArrayType *arr)
 {
-	Datum	   *elems;
-	bool	   *nulls;
-	int			n;
-	List	   *tables = NIL;
+	Datum *elems;
+	bool *nulls;
+	int n;
+	List *tables = NIL;
 
 	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
 	if (n == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("tables must name at least one table, or be NULL for all")));
+		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						errmsg("tables must name at least one table, or be NULL for all")));
 	for (int i = 0; i < n; i++)
 	{
-		char	   *t;
-		Oid			types[2] = {TEXTOID, TEXTOID};
-		Datum		values[2];
+		char *t;
+		Oid types[2] = { TEXTOID, TEXTOID };
+		Datum values[2];
 
 		if (nulls[i])
-			ereport(ERROR,
-					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-					 errmsg("tables must not contain NULL")));
+			ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+							errmsg("tables must not contain NULL")));
 		t = TextDatumGetCString(elems[i]);
-		if (strspn(t, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") != strlen(t) ||
+		if (strspn(t, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") !=
+				strlen(t) ||
 			strlen(t) == 0 || strlen(t) > 63)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("invalid table name \"%s\"", t)));
+			ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							errmsg("invalid table name \"%s\"", t)));
 		values[0] = CStringGetTextDatum(instance);
 		values[1] = CStringGetTextDatum(t);
 		if (strcmp(query_value("SELECT tables IS NULL OR $2 = ANY (tables) "
 							   "  FROM cd2sync.instances WHERE name = $1",
-							   2, types, values), "t") != 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_TABLE),
-					 errmsg("table \"%s\" is not configured for cd2sync instance \"%s\"",
-							t, instance),
-					 errhint("Add it with cd2_alter_instance(%s, tables => ...).",
-							 quote_literal_cstr(instance))));
+							   2, types, values),
+				   "t") != 0)
+			ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
+							errmsg("table \"%s\" is not configured for cd2sync instance \"%s\"", t,
+								   instance),
+							errhint("Add it with cd2_alter_instance(%s, tables => ...).",
+									quote_literal_cstr(instance))));
 		if (!list_member(tables, makeString(t)))
 			tables = lappend(tables, makeString(t));
 	}
@@ -143,28 +141,26 @@ requested_tables(const char *instance, ArrayType *arr)
 static BackgroundWorkerHandle *
 launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 {
-	char	   *instance;
-	List	   *tables = NIL;
-	bool		full;
-	char	   *settings;
-	Size		len;
+	char *instance;
+	List *tables = NIL;
+	bool full;
+	char *settings;
+	Size len;
 	dsm_segment *seg;
 	SyncRequest *req;
-	char	   *p;
-	BackgroundWorker worker = {0};
+	char *p;
+	BackgroundWorker worker = { 0 };
 	BackgroundWorkerHandle *handle;
-	ListCell   *lc;
-	Oid			types[1] = {TEXTOID};
-	Datum		values[1];
+	ListCell *lc;
+	Oid types[1] = { TEXTOID };
+	Datum values[1];
 
 	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("instance name must not be NULL")));
+		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+						errmsg("instance name must not be NULL")));
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("full must be true or false")));
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("full must be true or false")));
 	instance = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	full = PG_GETARG_BOOL(2);
 
@@ -177,7 +173,7 @@ launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 	/* the request */
 	settings = cd2_serialize_settings();
 	len = strlen(instance) + 1 + strlen(settings) + 1;
-	foreach(lc, tables)
+	foreach (lc, tables)
 		len += strlen(strVal(lfirst(lc))) + 1;
 	seg = dsm_create(offsetof(SyncRequest, data) + len, 0);
 	req = (SyncRequest *) dsm_segment_address(seg);
@@ -194,7 +190,7 @@ launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 	p += strlen(instance) + 1;
 	strcpy(p, settings);
 	p += strlen(settings) + 1;
-	foreach(lc, tables)
+	foreach (lc, tables)
 	{
 		strcpy(p, strVal(lfirst(lc)));
 		p += strlen(p) + 1;
@@ -218,22 +214,20 @@ launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 
 	PG_TRY();
 	{
-		pid_t		pid;
+		pid_t pid;
 
 		if (WaitForBackgroundWorkerStartup(handle, &pid) != BGWH_STARTED)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
-					 errmsg("cd2sync sync worker did not start"),
-					 errhint("See the server log.")));
+					 errmsg("cd2sync sync worker did not start"), errhint("See the server log.")));
 		while (pg_atomic_read_u32(&req->attached) == 0)
 		{
 			if (GetBackgroundWorkerPid(handle, &pid) == BGWH_STOPPED)
-				ereport(ERROR,
-						(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
-						 errmsg("cd2sync sync worker exited before it took its request"),
-						 errhint("See the server log.")));
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 10, PG_WAIT_EXTENSION);
+				ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+								errmsg("cd2sync sync worker exited before it took its request"),
+								errhint("See the server log.")));
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 10,
+							 PG_WAIT_EXTENSION);
 			ResetLatch(MyLatch);
 			CHECK_FOR_INTERRUPTS();
 		}
@@ -256,13 +250,13 @@ Datum
 cd2_sync_now(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	int64		run_id;
+	int64 run_id;
 	BackgroundWorkerHandle *handle;
-	Oid			types[1] = {INT8OID};
-	Datum		values[1];
-	int			rc;
-	char	   *run_error;
-	char	   *run_code;
+	Oid types[1] = { INT8OID };
+	Datum values[1];
+	int rc;
+	char *run_error;
+	char *run_code;
 
 	InitMaterializedSRF(fcinfo, 0);
 	handle = launch_sync(fcinfo, &run_id);
@@ -284,21 +278,20 @@ cd2_sync_now(PG_FUNCTION_ARGS)
 	values[0] = Int64GetDatum(run_id);
 	PushActiveSnapshot(GetLatestSnapshot());
 	SPI_connect();
-	rc = SPI_execute_with_args("SELECT error, error_code FROM cd2sync.runs WHERE run_id = $1",
-							   1, types, values, NULL, true, 1);
+	rc = SPI_execute_with_args("SELECT error, error_code FROM cd2sync.runs WHERE run_id = $1", 1,
+							   types, values, NULL, true, 1);
 	if (rc != SPI_OK_SELECT || SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("cd2sync sync worker exited before it recorded its run"),
-				 errhint("See the server log.")));
+		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
+						errmsg("cd2sync sync worker exited before it recorded its run"),
+						errhint("See the server log.")));
 	run_error = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	run_code = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
 	if (run_error)
-		ereport(ERROR,
-				(errcode(run_code && strlen(run_code) == 5 ?
-						 MAKE_SQLSTATE(run_code[0], run_code[1], run_code[2], run_code[3], run_code[4]) :
-						 ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-				 errmsg("cd2sync run %lld failed: %s", (long long) run_id, run_error)));
+		ereport(ERROR, (errcode(run_code && strlen(run_code) == 5
+									? MAKE_SQLSTATE(run_code[0], run_code[1], run_code[2],
+													run_code[3], run_code[4])
+									: ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("cd2sync run %lld failed: %s", (long long) run_id, run_error)));
 
 	rc = SPI_execute_with_args(
 		"SELECT table_name, "
@@ -313,8 +306,8 @@ cd2_sync_now(PG_FUNCTION_ARGS)
 		elog(ERROR, "could not read cd2sync.sync_log");
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
-		Datum		v[7];
-		bool		n[7];
+		Datum v[7];
+		bool n[7];
 
 		for (int c = 0; c < 7; c++)
 			v[c] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, c + 1, &n[c]);
@@ -329,7 +322,7 @@ cd2_sync_now(PG_FUNCTION_ARGS)
 Datum
 cd2_sync_start(PG_FUNCTION_ARGS)
 {
-	int64		run_id;
+	int64 run_id;
 
 	(void) launch_sync(fcinfo, &run_id);
 	PG_RETURN_INT64(run_id);
@@ -339,10 +332,10 @@ cd2_sync_start(PG_FUNCTION_ARGS)
 Datum
 cd2_remote_tables(PG_FUNCTION_ARGS)
 {
-	DapClient  *c;
-	List	   *tables;
-	Datum	   *elems;
-	ListCell   *lc;
+	DapClient *c;
+	List *tables;
+	Datum *elems;
+	ListCell *lc;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
 		PG_RETURN_NULL();
@@ -351,8 +344,8 @@ cd2_remote_tables(PG_FUNCTION_ARGS)
 						  text_to_cstring(PG_GETARG_TEXT_PP(2)));
 	tables = dap_list_tables(c);
 	elems = palloc(sizeof(Datum) * Max(list_length(tables), 1));
-	foreach(lc, tables)
+	foreach (lc, tables)
 		elems[foreach_current_index(lc)] = CStringGetTextDatum((char *) lfirst(lc));
-	PG_RETURN_ARRAYTYPE_P(construct_array(elems, list_length(tables), TEXTOID, -1, false,
-										  TYPALIGN_INT));
+	PG_RETURN_ARRAYTYPE_P(
+		construct_array(elems, list_length(tables), TEXTOID, -1, false, TYPALIGN_INT));
 }

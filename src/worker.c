@@ -55,10 +55,10 @@
 
 typedef struct RunContext
 {
-	int64		run_id;
-	bool		full;
+	int64 run_id;
+	bool full;
 	InstanceConfig *instance;
-	DapClient  *client;
+	DapClient *client;
 	RecordFormat format;
 	MemoryContext cxt;
 } RunContext;
@@ -88,22 +88,22 @@ commit_tx(void)
 	pgstat_report_stat(false);
 }
 
-static void
-report(RunContext *rc, const char *table, const char *fmt,...) pg_attribute_printf(3, 4);
+static void report(RunContext *rc, const char *table, const char *fmt, ...)
+	pg_attribute_printf(3, 4);
 
 /* What the worker is doing, for pg_stat_activity (never a secret) */
 static void
-report(RunContext *rc, const char *table, const char *fmt,...)
+report(RunContext *rc, const char *table, const char *fmt, ...)
 {
-	char		what[256];
-	char	   *line;
-	va_list		ap;
+	char what[256];
+	char *line;
+	va_list ap;
 
 	va_start(ap, fmt);
 	vsnprintf(what, sizeof(what), fmt, ap);
 	va_end(ap);
-	line = psprintf("cd2sync %s%s%s: %s", rc->instance->name,
-					table ? "." : "", table ? table : "", what);
+	line = psprintf("cd2sync %s%s%s: %s", rc->instance->name, table ? "." : "", table ? table : "",
+					what);
 	pgstat_report_activity(STATE_RUNNING, line);
 	pfree(line);
 }
@@ -119,14 +119,13 @@ static char *
 refresh_url(void *arg, const char *object_id)
 {
 	RunContext *rc = (RunContext *) arg;
-	DapError	err;
-	List	   *urls = dap_object_urls(rc->client, list_make1(pstrdup(object_id)), &err);
+	DapError err;
+	List *urls = dap_object_urls(rc->client, list_make1(pstrdup(object_id)), &err);
 
 	if (urls == NIL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("the query job expired while its objects were downloaded: %s",
-						err.message)));
+		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						errmsg("the query job expired while its objects were downloaded: %s",
+							   err.message)));
 	return (char *) linitial(urls);
 }
 
@@ -138,52 +137,46 @@ refresh_url(void *arg, const char *object_id)
 static DapJob *
 run_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
 {
-	DapError	err;
-	DapJob	   *job;
+	DapError err;
+	DapJob *job;
 	const char *fmt = decode_format_name(rc->format);
 
 	report(rc, tr->table, "starting a %s query job", *snapshot ? "snapshot" : "incremental");
-	job = dap_start_query(rc->client, tr->table, fmt,
-						  *snapshot ? NULL : since, &err);
+	job = dap_start_query(rc->client, tr->table, fmt, *snapshot ? NULL : since, &err);
 	if (job == NULL && err.type && strcmp(err.type, "ValidationError") == 0 &&
 		rc->format != FORMAT_JSONL)
 	{
 		/* JSON lines is the format every DAP server documents: fall back to it */
-		ereport(LOG,
-				(errmsg("cd2sync %s.%s: query in format %s refused (%s), asking for jsonl",
-						rc->instance->name, tr->table, fmt, err.message)));
+		ereport(LOG, (errmsg("cd2sync %s.%s: query in format %s refused (%s), asking for jsonl",
+							 rc->instance->name, tr->table, fmt, err.message)));
 		rc->format = FORMAT_JSONL;
 		fmt = decode_format_name(rc->format);
-		job = dap_start_query(rc->client, tr->table, fmt,
-							  *snapshot ? NULL : since, &err);
+		job = dap_start_query(rc->client, tr->table, fmt, *snapshot ? NULL : since, &err);
 	}
 	if (job == NULL && !*snapshot && err.type &&
 		(strcmp(err.type, "SnapshotRequired") == 0 || strcmp(err.type, "OutOfRange") == 0))
 	{
-		ereport(LOG,
-				(errmsg("cd2sync %s.%s: incremental refused (%s), taking a snapshot",
-						rc->instance->name, tr->table, err.type)));
+		ereport(LOG, (errmsg("cd2sync %s.%s: incremental refused (%s), taking a snapshot",
+							 rc->instance->name, tr->table, err.type)));
 		*snapshot = true;
 		job = dap_start_query(rc->client, tr->table, fmt, NULL, &err);
 	}
 	if (job == NULL)
-		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-						errmsg_internal("%s", err.message)));
+		ereport(ERROR,
+				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION), errmsg_internal("%s", err.message)));
 
 	report(rc, tr->table, "waiting for query job %s", job->id);
 	job = dap_wait_job(rc->client, job, &err);
 	if (job == NULL)
-		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-						errmsg_internal("%s", err.message)));
+		ereport(ERROR,
+				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION), errmsg_internal("%s", err.message)));
 	if (strcmp(job->status, "failed") == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-				 errmsg("CD2 query job %s failed: %s", job->id, job->error)));
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("CD2 query job %s failed: %s", job->id, job->error)));
 	if ((*snapshot ? job->at : job->until) == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-				 errmsg("CD2 query job %s completed without \"%s\"", job->id,
-						*snapshot ? "at" : "until")));
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("CD2 query job %s completed without \"%s\"", job->id,
+							   *snapshot ? "at" : "until")));
 	return job;
 }
 
@@ -191,9 +184,9 @@ run_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
 static void
 ensure_schema(RunContext *rc, TableRun *tr, DapJob *job)
 {
-	char	   *doc;
+	char *doc;
 	const char *args[4];
-	char	   *version;
+	char *version;
 
 	report(rc, tr->table, "fetching schema");
 	doc = dap_get_schema(rc->client, tr->table);
@@ -213,7 +206,8 @@ ensure_schema(RunContext *rc, TableRun *tr, DapJob *job)
 		"SELECT $4, $2, s.version, s.columns FROM s "
 		"ON CONFLICT (instance, table_name) DO UPDATE "
 		"   SET schema_version = excluded.schema_version, columns = excluded.columns "
-		"RETURNING ts.schema_version", 4, args);
+		"RETURNING ts.schema_version",
+		4, args);
 	commit_tx();
 	if (job->schema_version <= 0 && version)
 		job->schema_version = atoi(version);
@@ -227,26 +221,22 @@ static void
 apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 {
 	const char *args[5];
-	List	   *columns = NIL;
-	bool		any_jsonl = false;
-	uint64		records = 0;
-	ListCell   *lo,
-			   *lu;
-	char	   *counts;
-	char	   *target = quote_qualified_identifier(rc->instance->target_schema, tr->table);
+	List *columns = NIL;
+	bool any_jsonl = false;
+	uint64 records = 0;
+	ListCell *lo, *lu;
+	char *counts;
+	char *target = quote_qualified_identifier(rc->instance->target_schema, tr->table);
 	const char *mode;
-	int64		upserted,
-				deleted,
-				unchanged,
-				oversized;
+	int64 upserted, deleted, unchanged, oversized;
 
 	args[0] = target;
 	catalog_run_sql("SELECT cd2sync._create_staging($1::regclass)", 1, args);
 
 	forboth(lo, job->objects, lu, urls)
 	{
-		Download   *d;
-		bool		jsonl;
+		Download *d;
+		bool jsonl;
 
 		report(rc, tr->table, "downloading object %d of %d (%llu records so far)",
 			   foreach_current_index(lo) + 1, list_length(job->objects),
@@ -263,8 +253,8 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 
 	if (!snapshot)
 		mode = "incremental";
-	else if (strcmp(catalog_run_sql(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target),
-									0, NULL), "t") == 0)
+	else if (strcmp(catalog_run_sql(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL),
+					"t") == 0)
 		mode = "snapshot";
 	else
 		mode = "snapshot_new";
@@ -274,14 +264,15 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 	args[2] = any_jsonl ? NULL : catalog_text_array(columns);
 	args[3] = rc->instance->name;
 	args[4] = tr->table;
-	counts = catalog_run_sql(
-		"SELECT concat_ws(' ', a.upserted, a.deleted, a.unchanged, a.oversized) "
-		"  FROM cd2sync._apply($1::regclass, $2, cd2sync._fill_columns($3::text[], "
-		"         (SELECT columns FROM cd2sync.table_state "
-		"           WHERE instance = $4 AND table_name = $5))) a", 5, args);
+	counts =
+		catalog_run_sql("SELECT concat_ws(' ', a.upserted, a.deleted, a.unchanged, a.oversized) "
+						"  FROM cd2sync._apply($1::regclass, $2, cd2sync._fill_columns($3::text[], "
+						"         (SELECT columns FROM cd2sync.table_state "
+						"           WHERE instance = $4 AND table_name = $5))) a",
+						5, args);
 	if (counts == NULL ||
-		sscanf(counts, INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT,
-			   &upserted, &deleted, &unchanged, &oversized) != 4)
+		sscanf(counts, INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT, &upserted,
+			   &deleted, &unchanged, &oversized) != 4)
 		elog(ERROR, "cd2sync could not apply table %s", target);
 	tr->upserted += upserted;
 	tr->deleted += deleted;
@@ -293,10 +284,10 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 static bool
 timestamp_before(const char *a, const char *b)
 {
-	Datum		ta = DirectFunctionCall3(timestamptz_in, CStringGetDatum(a),
-										 ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
-	Datum		tb = DirectFunctionCall3(timestamptz_in, CStringGetDatum(b),
-										 ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+	Datum ta = DirectFunctionCall3(timestamptz_in, CStringGetDatum(a), ObjectIdGetDatum(InvalidOid),
+								   Int32GetDatum(-1));
+	Datum tb = DirectFunctionCall3(timestamptz_in, CStringGetDatum(b), ObjectIdGetDatum(InvalidOid),
+								   Int32GetDatum(-1));
 
 	return DatumGetTimestampTz(ta) < DatumGetTimestampTz(tb);
 }
@@ -308,14 +299,13 @@ timestamp_before(const char *a, const char *b)
 static List *
 job_urls(RunContext *rc, TableRun *tr, DapJob **job, bool *snapshot, const char *since)
 {
-	DapError	err;
-	List	   *urls = dap_object_urls(rc->client, (*job)->objects, &err);
+	DapError err;
+	List *urls = dap_object_urls(rc->client, (*job)->objects, &err);
 
 	if (urls == NIL && (*job)->objects != NIL)
 	{
-		ereport(LOG,
-				(errmsg("cd2sync %s.%s: %s; starting a new query job",
-						rc->instance->name, tr->table, err.message)));
+		ereport(LOG, (errmsg("cd2sync %s.%s: %s; starting a new query job", rc->instance->name,
+							 tr->table, err.message)));
 		*job = run_job(rc, tr, snapshot, since);
 		urls = dap_object_urls(rc->client, (*job)->objects, NULL);
 	}
@@ -327,11 +317,11 @@ static void
 sync_table_steps(RunContext *rc, TableRun *tr)
 {
 	TableState st;
-	bool		snapshot;
-	DapJob	   *job;
-	List	   *catchups = NIL;	/* (job, urls) pairs applied after job */
-	List	   *urls;
-	ListCell   *lc;
+	bool snapshot;
+	DapJob *job;
+	List *catchups = NIL; /* (job, urls) pairs applied after job */
+	List *urls;
+	ListCell *lc;
 	TimestampTz t0;
 
 	begin_tx();
@@ -345,8 +335,7 @@ sync_table_steps(RunContext *rc, TableRun *tr)
 	job = run_job(rc, tr, &snapshot, st.watermark_raw);
 	tr->job_seconds = seconds_since(t0);
 
-	if (!st.table_exists || job->schema_version <= 0 ||
-		job->schema_version != st.schema_version)
+	if (!st.table_exists || job->schema_version <= 0 || job->schema_version != st.schema_version)
 		ensure_schema(rc, tr, job);
 	urls = job_urls(rc, tr, &job, &snapshot, st.watermark_raw);
 	tr->job_id = job->id;
@@ -365,9 +354,9 @@ sync_table_steps(RunContext *rc, TableRun *tr)
 
 		for (int steps = 0; steps < CATCHUP_MAX_JOBS; steps++)
 		{
-			bool		catchup_snapshot = false;
-			DapJob	   *next = run_job(rc, tr, &catchup_snapshot, since);
-			List	   *next_urls = job_urls(rc, tr, &next, &catchup_snapshot, since);
+			bool catchup_snapshot = false;
+			DapJob *next = run_job(rc, tr, &catchup_snapshot, since);
+			List *next_urls = job_urls(rc, tr, &next, &catchup_snapshot, since);
 
 			if (catchup_snapshot)
 			{
@@ -381,10 +370,10 @@ sync_table_steps(RunContext *rc, TableRun *tr)
 				continue;
 			}
 			if (!timestamp_before(since, next->until))
-				break;			/* no progress: what upstream has is all there is */
+				break; /* no progress: what upstream has is all there is */
 			catchups = lappend(catchups, list_make2(next, next_urls));
 			if (!timestamp_before(since, st.watermark_raw))
-				break;			/* a window from what we held: it is current */
+				break; /* a window from what we held: it is current */
 			since = next->until;
 		}
 		tr->job_seconds = seconds_since(t0);
@@ -393,9 +382,9 @@ sync_table_steps(RunContext *rc, TableRun *tr)
 	t0 = GetCurrentTimestamp();
 	begin_tx();
 	apply_job(rc, tr, job, urls, snapshot);
-	foreach(lc, catchups)
+	foreach (lc, catchups)
 	{
-		List	   *pair = (List *) lfirst(lc);
+		List *pair = (List *) lfirst(lc);
 
 		apply_job(rc, tr, (DapJob *) linitial(pair), (List *) lsecond(pair), false);
 	}
@@ -417,9 +406,8 @@ sync_table_steps(RunContext *rc, TableRun *tr)
 static void
 sync_table(RunContext *rc, const char *table)
 {
-	MemoryContext cxt = AllocSetContextCreate(rc->cxt, "cd2sync table",
-											  ALLOCSET_DEFAULT_SIZES);
-	TableRun   *tr;
+	MemoryContext cxt = AllocSetContextCreate(rc->cxt, "cd2sync table", ALLOCSET_DEFAULT_SIZES);
+	TableRun *tr;
 
 	MemoryContextSwitchTo(cxt);
 	tr = palloc0(sizeof(TableRun));
@@ -434,7 +422,7 @@ sync_table(RunContext *rc, const char *table)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
+		ErrorData *edata;
 
 		HOLD_INTERRUPTS();
 		MemoryContextSwitchTo(rc->cxt);
@@ -461,8 +449,8 @@ sync_table(RunContext *rc, const char *table)
 static void
 lock_instance(RunContext *rc)
 {
-	const char *args[1] = {rc->instance->name};
-	char	   *got;
+	const char *args[1] = { rc->instance->name };
+	char *got;
 
 	begin_tx();
 	got = catalog_run_sql("SELECT pg_try_advisory_lock(52517, hashtext($1))", 1, args);
@@ -482,7 +470,7 @@ lock_instance(RunContext *rc)
 static void
 close_stale_runs(RunContext *rc)
 {
-	const char *args[2] = {rc->instance->name, psprintf(INT64_FORMAT, rc->run_id)};
+	const char *args[2] = { rc->instance->name, psprintf(INT64_FORMAT, rc->run_id) };
 
 	begin_tx();
 	catalog_run_sql("WITH stale AS ("
@@ -513,9 +501,9 @@ tables_to_sync(RunContext *rc, List *asked)
 static void
 run_sync(int64 run_id, const char *instance, List *asked, bool full)
 {
-	RunContext	rc = {0};
-	List	   *tables;
-	ListCell   *lc;
+	RunContext rc = { 0 };
+	List *tables;
+	ListCell *lc;
 
 	rc.cxt = AllocSetContextCreate(TopMemoryContext, "cd2sync run", ALLOCSET_DEFAULT_SIZES);
 	MemoryContextSwitchTo(rc.cxt);
@@ -543,7 +531,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
+		ErrorData *edata;
 
 		HOLD_INTERRUPTS();
 		MemoryContextSwitchTo(rc.cxt);
@@ -559,7 +547,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full)
 	}
 	PG_END_TRY();
 
-	foreach(lc, tables)
+	foreach (lc, tables)
 	{
 		CHECK_FOR_INTERRUPTS();
 		sync_table(&rc, (const char *) lfirst(lc));
@@ -576,12 +564,12 @@ cd2_worker_main(Datum main_arg)
 {
 	dsm_segment *seg;
 	SyncRequest *req;
-	char	   *instance;
-	char	   *settings;
-	char	   *p;
-	List	   *tables = NIL;
-	int64		run_id;
-	bool		full;
+	char *instance;
+	char *settings;
+	char *p;
+	List *tables = NIL;
+	int64 run_id;
+	bool full;
 
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
@@ -589,9 +577,8 @@ cd2_worker_main(Datum main_arg)
 	CurrentResourceOwner = ResourceOwnerCreate(NULL, "cd2sync worker");
 	seg = dsm_attach(DatumGetUInt32(main_arg));
 	if (seg == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("cd2sync worker could not map its request")));
+		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						errmsg("cd2sync worker could not map its request")));
 	req = (SyncRequest *) dsm_segment_address(seg);
 
 	/* copy the request, then let the session go on */
