@@ -441,7 +441,7 @@ dap_start_query(DapClient *c, const char *table, const char *format, const char 
 DapJob *
 dap_wait_job(DapClient *c, DapJob *job, DapError *err)
 {
-	int delay = Min(250, cd2_poll_interval);
+	int delay = Min(100, cd2_poll_interval);
 	TimestampTz deadline = GetCurrentTimestamp() + (TimestampTz) cd2_job_timeout * USECS_PER_SEC;
 
 	while (strcmp(job->status, "complete") != 0 && strcmp(job->status, "failed") != 0)
