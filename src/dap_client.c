@@ -260,8 +260,8 @@ dap_login(DapClient *c)
 	}
 	c->token = MemoryContextStrdup(c->cxt, token);
 	explicit_bzero(token, strlen(token));
-	c->token_renew_at =
-		GetCurrentTimestamp() + (TimestampTz) (lifetime - Min(300, lifetime / 4)) * USECS_PER_SEC;
+	c->token_renew_at = GetCurrentTimestamp() +
+						(TimestampTz) (lifetime - Min(300, Max(1, lifetime / 4))) * USECS_PER_SEC;
 	c->logins++;
 }
 

@@ -144,7 +144,8 @@ run_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
 	report(rc, tr->table, "starting a %s query job", *snapshot ? "snapshot" : "incremental");
 	job = dap_start_query(rc->client, tr->table, fmt, *snapshot ? NULL : since, &err);
 	if (job == NULL && err.type && strcmp(err.type, "ValidationError") == 0 &&
-		rc->format != FORMAT_JSONL)
+		rc->format != FORMAT_JSONL && pg_strcasecmp(err.message, "format") != 0 &&
+		strstr(err.message, "format") != NULL)
 	{
 		/* JSON lines is the format every DAP server documents: fall back to it */
 		ereport(LOG, (errmsg("cd2sync %s.%s: query in format %s refused (%s), asking for jsonl",

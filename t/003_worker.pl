@@ -97,7 +97,20 @@ is($node->safe_psql('postgres', "SELECT string_agg(mode, ',' ORDER BY run_id, ta
 	'snapshot,snapshot,unchanged,unchanged', 'first run snapshots, second finds nothing new');
 Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'users synced');
 
-# 4. privileges: an ordinary role can neither read secrets nor sync nor configure
+# 4. a token that expires within a run is renewed before its JWT exp, without a 401
+$emu->config(job_latency => 1.5, token_lifetime => 2);
+$emu->delete('/_emu/requests');
+$emu->epoch({ client_id => $north, table => 'users', delete => [ { key => { id => 10000000001010 } } ] });
+my $r = Cd2Test::sync($node, 'north');
+is($r->{users}{error} . $r->{courses}{error}, '', 'a run longer than the token lifetime succeeds');
+my @reqs = @{ $emu->get('/_emu/requests') };
+ok((grep { $_->{endpoint} eq 'login' } @reqs) >= 2, 'the run logged in again as the token neared its exp');
+is(scalar(grep { $_->{status} == 401 } @reqs), 0, 'no request met an expired token');
+ok(!(grep { ($_->{headers}{Authorization} // '') =~ /north-secret/ } grep { $_->{endpoint} ne 'login' } @reqs),
+	'API calls carry the token, not the secret');
+$emu->config(job_latency => 0.1, token_lifetime => 3600);
+
+# 5. privileges: an ordinary role can neither read secrets nor sync nor configure
 $node->safe_psql('postgres', "CREATE ROLE mallory LOGIN");
 for my $sql ("SELECT * FROM cd2sync.instance_secrets",
 	"SELECT * FROM cd2sync.instances",
