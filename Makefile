@@ -6,10 +6,11 @@ OBJS = src/cd2sync.o src/http.o src/download.o src/dap_client.o src/decode.o \
        src/catalog.o src/worker.o src/sync_functions.o
 
 # The extension script is assembled from one file per stage, in this order.
-SQL_PARTS = sql/catalog.sql sql/instances.sql sql/schema_ddl.sql sql/apply.sql sql/sync.sql
+SQL_PARTS = sql/catalog.sql sql/instances.sql sql/schema_ddl.sql sql/apply.sql sql/reconcile.sql \
+            sql/sync.sql
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 
-REGRESS = setup instances sync_args schema_ddl apply watermarks
+REGRESS = setup instances sync_args schema_ddl apply watermarks reconcile
 REGRESS_OPTS = --inputdir=test --outputdir=test --temp-instance=./tmp_regress \
                --temp-config=test/regress.conf
 TAP_TESTS = 1

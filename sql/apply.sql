@@ -173,6 +173,8 @@ BEGIN
                    CASE WHEN has_ph THEN format('LEFT JOIN %s t ON %s', target, keyjoin) ELSE '' END,
                    keyorder);
     EXECUTE 'ANALYZE cd2_typed';
+    -- evidence of user merges that CD2 does not keep (logins, enrolments moving)
+    PERFORM cd2sync._record_user_moves(target);
 
     EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
                    target, (SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') FROM unnest(keys) k));

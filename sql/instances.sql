@@ -123,6 +123,8 @@ BEGIN
     VALUES (n, client_id, api_url, tables_clean, shard_id, schedule,
             coalesce(cd2_add_instance.target_schema, n));
     INSERT INTO cd2sync.instance_secrets (instance, client_secret) VALUES (n, client_secret);
+    -- an instance whose target schema already holds synced tables joins the views
+    PERFORM cd2sync._reconcile_changed();
 END $$;
 
 -- Arguments not given keep their value. Given as NULL, tables, shard_id,
@@ -191,6 +193,9 @@ BEGIN
            updated_at = now()
      WHERE i.name = old.name;
     UPDATE cd2sync.instance_secrets s SET client_secret = secret WHERE s.instance = old.name;
+    IF new.shard_id IS DISTINCT FROM old.shard_id OR new.target_schema <> old.target_schema THEN
+        PERFORM cd2sync._reconcile_changed();
+    END IF;
 END $$;
 
 -- Forgets an instance (its configuration, secret and watermarks); its synced
@@ -205,6 +210,8 @@ BEGIN
     END IF;
     PERFORM cd2sync._lock_instance(old.name);
     DELETE FROM cd2sync.instances i WHERE i.name = old.name;
+    -- the reconciled views stop reading the schema before it may go
+    PERFORM cd2sync._reconcile_changed();
     IF drop_data THEN
         EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', old.target_schema);
     END IF;
@@ -220,6 +227,15 @@ BEGIN
               USING ERRCODE = 'object_in_use',
                     HINT = 'Wait for it to finish, or cancel it with pg_cancel_backend().';
     END IF;
+END $$;
+
+-- Instances changed: rebuild the reconciled views and the merge map.
+-- (Defined in reconcile.sql's terms; resolved when called.)
+CREATE FUNCTION cd2sync._reconcile_changed()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM cd2sync.refresh_views();
+    PERFORM cd2sync.refresh_user_merges();
 END $$;
 
 REVOKE ALL ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text) FROM PUBLIC;

@@ -209,6 +209,8 @@ ensure_schema(RunContext *rc, TableRun *tr, DapJob *job)
 		"   SET schema_version = excluded.schema_version, columns = excluded.columns "
 		"RETURNING ts.schema_version",
 		4, args);
+	/* the reconciled view follows the table's columns */
+	catalog_run_sql("SELECT cd2sync.refresh_view($1)", 1, &args[1]);
 	commit_tx();
 	if (job->schema_version <= 0 && version)
 		job->schema_version = atoi(version);
@@ -399,6 +401,13 @@ sync_table_steps(RunContext *rc, TableRun *tr)
 		tr->watermark = snapshot ? job->at : job->until;
 	tr->schema_version = job->schema_version;
 	catalog_log_success(tr);
+	if (strcmp(tr->table, "users") == 0 || strcmp(tr->table, "pseudonyms") == 0 ||
+		strcmp(tr->table, "enrollments") == 0)
+	{
+		/* an input of the merge resolver changed: the map follows in this transaction */
+		report(rc, tr->table, "refreshing cd2.user_merges");
+		catalog_run_sql("SELECT cd2sync.refresh_user_merges()", 0, NULL);
+	}
 	commit_tx();
 	tr->load_seconds = seconds_since(t0);
 }

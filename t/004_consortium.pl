@@ -1,0 +1,242 @@
+# The consortium layer end to end: three instances with shard ids, synced
+# through epochs that hold a cross-instance home-account merge whose
+# references move one epoch later on another instance, a chain A->B->C, a
+# split, a failed merge, a conflicting enrolment left on the old user, a
+# reference to a user whose row has not arrived yet, and a merge seen only
+# through an enrolment's SIS login. After each epoch, cd2.user_merges,
+# cd2_resolve_user and every row of cd2.enrollments and cd2.submissions are
+# checked against values this test computes on its own from the emulator's
+# data and the merges it made.
+use strict;
+use warnings;
+use utf8;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use Cd2Test;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $G = 10_000_000_000_000;
+my %shard = (c1 => 1, c2 => 2, c3 => 3);
+sub gid { my ($inst, $id) = @_; return undef unless defined $id; return $id >= $G ? $id : $shard{$inst} * $G + $id; }
+
+sub int64 { return { type => 'integer', format => 'int64' }; }
+sub str { return { type => 'string' }; }
+sub schema
+{
+	my (%value) = @_;
+	return { version => 1, schema => { type => 'object', properties => {
+		key => { type => 'object', properties => { id => int64() }, required => ['id'] },
+		value => { type => 'object', properties => \%value },
+		meta => { type => 'object', properties => { ts => { type => 'string', format => 'date-time' } } } } } };
+}
+my %schemas = (
+	users => schema(name => str(), workflow_state => { type => 'string', enum => [qw(pre_registered registered deleted)] },
+		deleted_at => { type => 'string', format => 'date-time' }, merged_into_user_id => int64()),
+	pseudonyms => schema(user_id => int64(), unique_id => str(), workflow_state => str()),
+	enrollments => schema(user_id => int64(), course_section_id => int64(), role_id => int64(), type => str(),
+		workflow_state => str(), sis_pseudonym_id => int64()),
+	submissions => schema(assignment_id => int64(), user_id => int64(), grader_id => int64(),
+		score => { type => 'number' }, workflow_state => str()));
+
+sub user { my ($id, $name, %o) = @_; return { key => { id => $id }, value => { name => $name, workflow_state => 'registered', %o } }; }
+sub login { my ($id, $user) = @_; return { key => { id => $id }, value => { user_id => $user, unique_id => "login$id", workflow_state => 'active' } }; }
+sub enr
+{
+	my ($id, $user, $section, %o) = @_;
+	return { key => { id => $id }, value => { user_id => $user, course_section_id => $section, role_id => 1,
+		type => 'StudentEnrollment', workflow_state => 'active', %o } };
+}
+sub sub_ { my ($id, $user, $asg, %o) = @_; return { key => { id => $id }, value => { user_id => $user, assignment_id => $asg, workflow_state => 'submitted', score => 1.5, %o } }; }
+
+my %data = (
+	c1 => {
+		users => [ map { user(@$_) } [ 1, 'Ann' ], [ 2, 'Bob' ], [ 3, 'Cat' ], [ 5, 'Eve' ], [ 6, 'Fay' ], [ 7, 'Gus' ] ],
+		pseudonyms => [ map { login($_, $_) } 1, 2, 3, 6, 7 ],
+		enrollments => [ map { enr($_, $_, 100) } 1, 2, 3, 5, 6, 7 ],
+		submissions => [ sub_(1, 1, 500, grader_id => 3), sub_(2, 2, 500), sub_(3, 3, 501) ],
+	},
+	c2 => {
+		users => [ user(20, 'Zed') ], pseudonyms => [ login(20, 20) ],
+		enrollments => [ enr(20, 20, 200) ], submissions => [ sub_(20, 20, 600) ],
+	},
+	c3 => {
+		users => [ user(30, 'Quinn') ], pseudonyms => [ login(30, 30) ],
+		enrollments => [ enr(31, 1 * $G + 1, 300), enr(30, 30, 300) ],
+		submissions => [ sub_(31, 1 * $G + 1, 700, grader_id => 30) ],
+	},
+);
+my %scenario = (start => '2026-11-01T00:00:00Z', instances => {});
+for my $i (sort keys %data)
+{
+	$scenario{instances}{"us-east-1#$i"} = { secret => "$i-secret",
+		tables => { map { $_ => { %{ $schemas{$_} }, rows => $data{$i}{$_} } } keys %schemas } };
+}
+
+my $emu = Cd2Test::start_emulator();
+$emu->post('/_emu/load', \%scenario);
+$emu->config(job_latency => 0.05, dedupe_jobs => JSON::PP::false);
+my $node = Cd2Test::new_node('consortium');
+for my $i (sort keys %shard)
+{
+	$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+		  . "SELECT cd2_add_instance('$i', 'us-east-1#$i', '$i-secret', api_url => '$emu->{url}', shard_id => $shard{$i})");
+}
+
+# Changes, as the emulator's epochs; %data follows them for the expected values
+sub change
+{
+	my (@changes) = @_;
+	my @epoch;
+	for my $c (@changes)
+	{
+		my ($inst, $table, @rows) = @$c;
+		for my $row (@rows)
+		{
+			my ($old) = grep { $_->{key}{id} == $row->{key}{id} } @{ $data{$inst}{$table} };
+			if ($old) { $old->{value} = $row->{value}; } else { push @{ $data{$inst}{$table} }, $row; }
+		}
+		push @epoch, { client_id => "us-east-1#$inst", table => $table, upsert => \@rows };
+	}
+	$emu->epoch(@epoch);
+}
+sub row_of { my ($inst, $table, $id) = @_; my ($r) = grep { $_->{key}{id} == $id } @{ $data{$inst}{$table} }; return { key => { id => $id }, value => { %{ $r->{value} } } }; }
+sub with { my ($row, %set) = @_; $row->{value}{$_} = $set{$_} for keys %set; return $row; }
+
+sub sync_all
+{
+	for my $i (sort keys %shard)
+	{
+		my $r = Cd2Test::sync($node, $i);
+		is(join(',', map { $r->{$_}{error} } sort keys %$r), ',,,', "$i synced without error");
+	}
+}
+
+# Checks the map, the resolver function and both reconciled views
+sub check
+{
+	my ($label, %merges) = @_;    # superseded => [replacement, chain, evidence]
+	my $got = $node->safe_psql('postgres',
+		"SELECT superseded_user_id, replacement_user_id, chain_length, evidence FROM cd2.user_merges ORDER BY 1");
+	my $want = join("\n", map { join('|', $_, @{ $merges{$_} }) } sort { $a <=> $b } keys %merges);
+	is($got, $want, "$label: cd2.user_merges");
+	my $resolve = sub { my ($u) = @_; return undef unless defined $u; return exists $merges{$u} ? $merges{$u}[0] : $u; };
+
+	for my $u (keys %merges, 1 * $G + 6, 30 * $G)
+	{
+		is($node->safe_psql('postgres', "SELECT cd2_resolve_user($u)"), $resolve->($u), "$label: cd2_resolve_user($u)");
+	}
+
+	# enrollments: every row of every instance, global ids, resolved users, duplicates flagged
+	my @exp;
+	for my $i (sort keys %data)
+	{
+		for my $e (@{ $data{$i}{enrollments} })
+		{
+			my $orig = gid($i, $e->{value}{user_id});
+			my $res = $resolve->($orig);
+			my $dup = ($res != $orig && grep {
+				$_ != $e && gid($i, $_->{value}{user_id}) == $res
+				  && $_->{value}{course_section_id} == $e->{value}{course_section_id}
+			} @{ $data{$i}{enrollments} }) ? 't' : 'f';
+			push @exp, join('|', $i, gid($i, $e->{key}{id}), $res, $orig, gid($i, $e->{value}{course_section_id}), $dup);
+		}
+	}
+	is($node->safe_psql('postgres',
+		"SELECT instance, id, user_id, original_user_id, course_section_id, cd2_merge_duplicate FROM cd2.enrollments ORDER BY instance, id"),
+		join("\n", sort @exp), "$label: every row of cd2.enrollments");
+
+	@exp = ();
+	for my $i (sort keys %data)
+	{
+		for my $s (@{ $data{$i}{submissions} })
+		{
+			my ($u, $gr) = (gid($i, $s->{value}{user_id}), gid($i, $s->{value}{grader_id}));
+			push @exp, join('|', $i, gid($i, $s->{key}{id}), $resolve->($u), $u, $resolve->($gr) // '', $gr // '');
+		}
+	}
+	is($node->safe_psql('postgres',
+		"SELECT instance, id, user_id, original_user_id, grader_id, original_grader_id FROM cd2.submissions ORDER BY instance, id"),
+		join("\n", sort @exp), "$label: every row of cd2.submissions");
+}
+
+sync_all();
+check('epoch 0');
+
+# epoch 1: Ann (c1 user 1) moves home to c2 as user 10; her login and a
+# submission move with her; her conflicting enrolment stays, soft-deleted, on
+# the old user; c3's references to her move only in epoch 2
+my $ann = 2 * $G + 10;
+change([ 'c2', 'users', user(10, 'Ann') ],
+	[ 'c1', 'users', with(row_of('c1', 'users', 1), workflow_state => 'deleted', deleted_at => '2026-11-01T00:30:00Z', merged_into_user_id => $ann) ],
+	[ 'c1', 'pseudonyms', with(row_of('c1', 'pseudonyms', 1), user_id => $ann) ],
+	[ 'c1', 'enrollments', enr(8, $ann, 100), with(row_of('c1', 'enrollments', 1), workflow_state => 'deleted') ],
+	[ 'c1', 'submissions', with(row_of('c1', 'submissions', 1), user_id => $ann) ]);
+sync_all();
+my %m = ((1 * $G + 1) => [ $ann, 1, 'users.merged_into_user_id' ]);
+check('epoch 1 (cross-instance merge, references lag on c3)', %m);
+
+# epoch 2: c3's references catch up; Bob merged into Cat (chain, first step);
+# Fay's enrolment moves to a new user but Fay stays active (a failed merge);
+# Gus merged into a new user 4 (split next epoch); a reference to a user
+# whose row has not arrived anywhere yet
+change([ 'c3', 'enrollments', with(row_of('c3', 'enrollments', 31), user_id => $ann), enr(32, 3 * $G + 99, 300) ],
+	[ 'c3', 'submissions', with(row_of('c3', 'submissions', 31), user_id => $ann) ],
+	[ 'c1', 'users', with(row_of('c1', 'users', 2), workflow_state => 'deleted', deleted_at => '2026-11-01T01:30:00Z', merged_into_user_id => 3),
+		user(4, 'Gus2'), with(row_of('c1', 'users', 7), workflow_state => 'deleted', deleted_at => '2026-11-01T01:40:00Z', merged_into_user_id => 4) ],
+	[ 'c1', 'pseudonyms', with(row_of('c1', 'pseudonyms', 2), user_id => 3), login(4, 4), with(row_of('c1', 'pseudonyms', 7), user_id => 4) ],
+	[ 'c1', 'enrollments', with(row_of('c1', 'enrollments', 2), user_id => 3), with(row_of('c1', 'enrollments', 6), user_id => 2 * $G + 12) ],
+	[ 'c2', 'users', user(12, 'Fay2') ]);
+sync_all();
+$m{ 1 * $G + 2 } = [ 1 * $G + 3, 1, 'users.merged_into_user_id' ];
+$m{ 1 * $G + 7 } = [ 1 * $G + 4, 1, 'users.merged_into_user_id' ];
+check('epoch 2 (chain step, failed merge, merge to be split)', %m);
+is($node->safe_psql('postgres', "SELECT unknown_users FROM cd2.reconciliation_health WHERE instance = 'c3' AND table_name = 'enrollments' AND column_name = 'user_id'"),
+	'1', 'health: the reference to a user not arrived yet is counted');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2.enrollments WHERE user_id = " . (3 * $G + 99)), '1',
+	'the row referencing an unknown user is kept');
+
+# epoch 3: Cat merged into a new c2 user 11 (the chain Bob -> Cat -> 11);
+# Gus's merge is split (Gus active again, the pointer left set); the unknown
+# user arrives
+my $cat2 = 2 * $G + 11;
+change([ 'c2', 'users', user(11, 'Cat2') ],
+	[ 'c1', 'users', with(row_of('c1', 'users', 3), workflow_state => 'deleted', deleted_at => '2026-11-01T02:30:00Z', merged_into_user_id => $cat2),
+		with(row_of('c1', 'users', 7), workflow_state => 'registered', deleted_at => undef) ],
+	[ 'c1', 'pseudonyms', with(row_of('c1', 'pseudonyms', 2), user_id => $cat2), with(row_of('c1', 'pseudonyms', 3), user_id => $cat2),
+		with(row_of('c1', 'pseudonyms', 7), user_id => 7) ],
+	[ 'c3', 'users', user(99, 'Newbie') ]);
+sync_all();
+$m{ 1 * $G + 2 } = [ $cat2, 2, 'users.merged_into_user_id' ];
+$m{ 1 * $G + 3 } = [ $cat2, 1, 'users.merged_into_user_id' ];
+delete $m{ 1 * $G + 7 };
+check('epoch 3 (chain of two, split, late user)', %m);
+is($node->safe_psql('postgres', "SELECT instance, table_name, column_name, unknown_users FROM cd2.reconciliation_health WHERE unknown_users > 0"),
+	'', 'health: no unknown user left');
+ok($node->safe_psql('postgres', "SELECT sum(waiting_merges) FROM cd2.reconciliation_health WHERE instance = 'c1'") > 0,
+	'health: references still on superseded users are counted');
+
+# epoch 4: Eve's merge is seen before her user row changes: her enrolment's
+# SIS login belongs to a new c2 user, and Eve has no active login
+change([ 'c2', 'users', user(13, 'Eve2') ],
+	[ 'c1', 'pseudonyms', login(5, 2 * $G + 13) ],
+	[ 'c1', 'enrollments', with(row_of('c1', 'enrollments', 5), sis_pseudonym_id => 5) ]);
+sync_all();
+$m{ 1 * $G + 5 } = [ 2 * $G + 13, 1, 'enrollments.sis_pseudonym_id' ];
+check('epoch 4 (merge seen through the SIS login)', %m);
+
+# epoch 5: two deleted users pointing at each other (a cycle): no mapping,
+# no hang, their rows stay on the users as stored
+change([ 'c2', 'users', user(21, 'Yan', workflow_state => 'deleted', merged_into_user_id => 20),
+	with(row_of('c2', 'users', 20), workflow_state => 'deleted', merged_into_user_id => 21) ]);
+sync_all();
+check('epoch 5 (a cycle)', %m);
+
+# the moves seen at apply time are kept
+ok($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.user_moves WHERE table_name = 'pseudonyms'") >= 4,
+	'login moves are recorded when they are applied');
+
+$node->stop;
+$emu->stop;
+done_testing();
