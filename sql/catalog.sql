@@ -55,7 +55,7 @@ CREATE TABLE cd2sync.runs (
     instance      text NOT NULL,
     tables        text[],
     full_sync     boolean NOT NULL DEFAULT false,
-    requested_by  name,
+    trigger       text NOT NULL DEFAULT 'manual',   -- manual (cd2_sync_now/start) or schedule
     worker_pid    int,
     started_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
     finished_at   timestamptz,
@@ -92,6 +92,22 @@ CREATE TABLE cd2sync.sync_log (
 );
 CREATE INDEX ON cd2sync.sync_log (instance, table_name, started_at);
 
+-- When each instance syncs next, whether it runs now, how its last run went.
+-- A run of any kind (manual or scheduled) restarts the schedule's clock.
+CREATE VIEW cd2sync.schedules AS
+    SELECT i.name AS instance, i.schedule,
+           CASE WHEN i.schedule IS NOT NULL
+                THEN greatest(coalesce(l.started_at + i.schedule, now()), coalesce(l.started_at, now()))
+           END AS next_run_at,
+           EXISTS (SELECT 1 FROM cd2sync.runs r JOIN pg_catalog.pg_stat_activity a ON a.pid = r.worker_pid
+                    WHERE r.instance = i.name AND r.status = 'running'
+                      AND a.backend_type = 'cd2sync sync worker') AS running,
+           l.run_id AS last_run_id, l.trigger AS last_trigger, l.started_at AS last_started_at,
+           l.finished_at AS last_finished_at, l.status AS last_status, l.error AS last_error
+      FROM cd2sync.instances i
+      LEFT JOIN LATERAL (SELECT * FROM cd2sync.runs r WHERE r.instance = i.name
+                          ORDER BY r.started_at DESC LIMIT 1) l ON true;
+
 CREATE VIEW cd2sync.watermarks AS
     SELECT instance, table_name, watermark, schema_version, synced_at, status, last_error
       FROM cd2sync.table_state;
@@ -109,4 +125,4 @@ REVOKE ALL ON ALL TABLES IN SCHEMA cd2sync FROM PUBLIC;
 REVOKE ALL ON SEQUENCE cd2sync.run_id_seq FROM PUBLIC;
 GRANT USAGE ON SCHEMA cd2sync TO PUBLIC;
 GRANT USAGE ON SCHEMA cd2 TO PUBLIC;
-GRANT SELECT ON cd2sync.watermarks, cd2sync.sync_log, cd2sync.runs TO PUBLIC;
+GRANT SELECT ON cd2sync.watermarks, cd2sync.sync_log, cd2sync.runs, cd2sync.schedules TO PUBLIC;

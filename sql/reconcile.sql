@@ -180,7 +180,9 @@ BEGIN
         END IF;
     END LOOP;
 
-    DROP TABLE IF EXISTS pg_temp.cd2_users, pg_temp.cd2_logins, pg_temp.cd2_edges;
+    IF to_regclass('pg_temp.cd2_users') IS NOT NULL THEN
+        DROP TABLE pg_temp.cd2_users, pg_temp.cd2_logins, pg_temp.cd2_edges;
+    END IF;
     EXECUTE 'CREATE TEMP TABLE cd2_users ON COMMIT DROP AS '
          || coalesce(nullif(array_to_string(users_sql, ' UNION ALL '), ''),
                      'SELECT NULL::text AS instance, NULL::bigint AS id, NULL::boolean AS deleted, NULL::bigint AS merged_into, NULL::timestamptz AS deleted_at WHERE false');

@@ -144,7 +144,9 @@ BEGIN
               USING ERRCODE = 'invalid_table_definition';
     END IF;
 
-    EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', target_schema);
+    IF to_regnamespace(quote_ident(target_schema)) IS NULL THEN
+        EXECUTE format('CREATE SCHEMA %I', target_schema);
+    END IF;
 
     FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc) ORDER BY ord LOOP
         IF octet_length(c.column_name) > 63 OR c.column_name = '' OR c.column_name LIKE 'cd2\_%' THEN

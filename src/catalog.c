@@ -145,15 +145,14 @@ catalog_load_instance(const char *name)
 }
 
 void
-catalog_run_start(int64 run_id, const char *instance, List *tables, bool full)
+catalog_run_start(int64 run_id, const char *instance, List *tables, bool full, const char *trigger)
 {
-	const char *args[4] = { int8_text(run_id), instance, catalog_text_array(tables),
-							full ? "true" : "false" };
+	const char *args[5] = { int8_text(run_id), instance, catalog_text_array(tables),
+							full ? "true" : "false", trigger };
 
-	run_row(
-		"INSERT INTO cd2sync.runs (run_id, instance, tables, full_sync, requested_by, worker_pid) "
-		"VALUES ($1::bigint, $2, $3::text[], $4::boolean, session_user, pg_backend_pid())",
-		4, args);
+	run_row("INSERT INTO cd2sync.runs (run_id, instance, tables, full_sync, trigger, worker_pid) "
+			"VALUES ($1::bigint, $2, $3::text[], $4::boolean, $5, pg_backend_pid())",
+			5, args);
 }
 
 void

@@ -54,7 +54,8 @@ typedef struct TableRun
 extern char *catalog_text_array(List *strings);
 extern char *catalog_run_sql(const char *sql, int nargs, const char **args);
 extern InstanceConfig *catalog_load_instance(const char *name);
-extern void catalog_run_start(int64 run_id, const char *instance, List *tables, bool full);
+extern void catalog_run_start(int64 run_id, const char *instance, List *tables, bool full,
+							  const char *trigger);
 extern void catalog_run_finish(int64 run_id, const char *error, const char *sqlstate);
 extern void catalog_table_state(const char *instance, const char *target_schema, const char *table,
 								TableState *st);

@@ -12,6 +12,7 @@
 #include "cd2sync.h"
 
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "lib/stringinfo.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
@@ -29,6 +30,8 @@ int cd2_poll_interval = 5000;
 int cd2_job_timeout = 3600;
 char *cd2_ca_file = NULL;
 int cd2_max_line_length = 64 * 1024 * 1024;
+int cd2_max_workers = 4;
+int cd2_scheduler_naptime = 10000;
 
 typedef struct Cd2Setting
 {
@@ -67,6 +70,11 @@ static const Cd2Setting settings[] = {
 	  true, PGC_SUSET, &cd2_job_timeout, 3600, 1, 7 * 86400, GUC_UNIT_S, NULL, NULL },
 	{ "cd2sync.ca_file", "File of CA certificates to verify the API with (empty: the system's).",
 	  false, PGC_SIGHUP, NULL, 0, 0, 0, 0, &cd2_ca_file, "" },
+	{ "cd2sync.max_workers", "Most instance syncs the scheduler runs at once.", false, PGC_SIGHUP,
+	  &cd2_max_workers, 4, 1, 1000, 0, NULL, NULL },
+	{ "cd2sync.scheduler_naptime",
+	  "Longest sleep of the scheduler between two looks at the schedules.", false, PGC_SIGHUP,
+	  &cd2_scheduler_naptime, 10000, 100, 3600000, GUC_UNIT_MS, NULL, NULL },
 	{ "cd2sync.max_line_length", "Longest record accepted in a downloaded file.", true, PGC_SUSET,
 	  &cd2_max_line_length, 64 * 1024 * 1024, 1024, MaxAllocSize / 2, GUC_UNIT_BYTE, NULL, NULL },
 };
@@ -88,6 +96,10 @@ _PG_init(void)
 									   s->string_default, s->context, 0, NULL, NULL, NULL);
 	}
 	MarkGUCPrefixReserved("cd2sync");
+
+	/* the scheduler runs only when preloaded; cd2_sync_now works without it */
+	if (process_shared_preload_libraries_in_progress && !IsBinaryUpgrade)
+		cd2_register_scheduler();
 }
 
 /*

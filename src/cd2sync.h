@@ -26,6 +26,8 @@ extern int cd2_poll_interval;
 extern int cd2_job_timeout;
 extern char *cd2_ca_file;
 extern int cd2_max_line_length;
+extern int cd2_max_workers;
+extern int cd2_scheduler_naptime;
 
 /*
  * The settings a sync worker inherits from the session that started it, as
@@ -34,8 +36,10 @@ extern int cd2_max_line_length;
 extern char *cd2_serialize_settings(void);
 extern void cd2_restore_settings(const char *blob);
 
-/* The worker's entry point (worker.c) */
+/* Entry points of the sync worker (worker.c) and the scheduler (scheduler.c) */
 extern PGDLLEXPORT void cd2_worker_main(Datum main_arg);
+extern PGDLLEXPORT void cd2_scheduler_main(Datum main_arg);
+extern void cd2_register_scheduler(void);
 
 /* Placeholder CD2 puts where a value was too large to export */
 #define CD2_OVERSIZED "__cd2_oversized_truncated__"

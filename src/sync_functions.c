@@ -135,23 +135,13 @@ requested_tables(const char *instance, ArrayType *arr)
 }
 
 /*
- * Starts a sync worker for the instance and waits until it has taken its
- * request. Returns the worker's handle; *run_id is the run's id.
+ * The arguments of cd2_sync_now/cd2_sync_start, checked; then a worker.
  */
 static BackgroundWorkerHandle *
 launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 {
 	char *instance;
 	List *tables = NIL;
-	bool full;
-	char *settings;
-	Size len;
-	dsm_segment *seg;
-	SyncRequest *req;
-	char *p;
-	BackgroundWorker worker = { 0 };
-	BackgroundWorkerHandle *handle;
-	ListCell *lc;
 	Oid types[1] = { TEXTOID };
 	Datum values[1];
 
@@ -162,12 +152,31 @@ launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("full must be true or false")));
 	instance = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	full = PG_GETARG_BOOL(2);
-
 	values[0] = CStringGetTextDatum(instance);
 	(void) query_value("SELECT cd2sync._check_instance($1)", 1, types, values);
 	if (!PG_ARGISNULL(1))
 		tables = requested_tables(instance, PG_GETARG_ARRAYTYPE_P(1));
+	return cd2_launch_worker(instance, tables, PG_GETARG_BOOL(2), "manual", run_id);
+}
+
+/*
+ * Starts a sync worker for an instance and waits until it has taken its
+ * request. tables: String nodes (NIL: the instance's tables). Returns the
+ * worker's handle, allocated in CurrentMemoryContext; *run_id is the run's
+ * id. Needs a transaction.
+ */
+BackgroundWorkerHandle *
+cd2_launch_worker(const char *instance, List *tables, bool full, const char *trigger, int64 *run_id)
+{
+	char *settings;
+	Size len;
+	dsm_segment *seg;
+	SyncRequest *req;
+	char *p;
+	BackgroundWorker worker = { 0 };
+	BackgroundWorkerHandle *handle;
+	ListCell *lc;
+
 	*run_id = pg_strtoint64(query_value("SELECT nextval('cd2sync.run_id_seq')", 0, NULL, NULL));
 
 	/* the request */
@@ -181,6 +190,7 @@ launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 	req->useroid = extension_owner();
 	req->run_id = *run_id;
 	req->full = full;
+	strlcpy(req->trigger, trigger, sizeof(req->trigger));
 	req->tables_given = (tables != NIL);
 	req->ntables = list_length(tables);
 	req->len = len;

@@ -72,6 +72,7 @@ begin_tx(void)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 
+	SetCurrentStatementStartTimestamp(); /* now() is this transaction's start */
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	MemoryContextSwitchTo(cxt);
@@ -509,7 +510,7 @@ tables_to_sync(RunContext *rc, List *asked)
 }
 
 static void
-run_sync(int64 run_id, const char *instance, List *asked, bool full)
+run_sync(int64 run_id, const char *instance, List *asked, bool full, const char *trigger)
 {
 	RunContext rc = { 0 };
 	List *tables;
@@ -522,7 +523,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full)
 	rc.format = decode_parse_format(cd2_format);
 
 	begin_tx();
-	catalog_run_start(run_id, instance, asked, full);
+	catalog_run_start(run_id, instance, asked, full, trigger);
 	rc.instance = catalog_load_instance(instance);
 	commit_tx();
 
@@ -580,6 +581,7 @@ cd2_worker_main(Datum main_arg)
 	List *tables = NIL;
 	int64 run_id;
 	bool full;
+	char *trigger;
 
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
@@ -608,6 +610,7 @@ cd2_worker_main(Datum main_arg)
 	}
 	run_id = req->run_id;
 	full = req->full;
+	trigger = MemoryContextStrdup(TopMemoryContext, req->trigger);
 
 	BackgroundWorkerInitializeConnectionByOid(req->dboid, req->useroid, 0);
 	pg_atomic_write_u32(&req->attached, 1);
@@ -618,6 +621,6 @@ cd2_worker_main(Datum main_arg)
 	SetConfigOption("TimeZone", "UTC", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
 
-	run_sync(run_id, instance, tables, full);
+	run_sync(run_id, instance, tables, full, trigger);
 	proc_exit(0);
 }

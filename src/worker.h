@@ -8,6 +8,7 @@
 #ifndef CD2SYNC_WORKER_H
 #define CD2SYNC_WORKER_H
 
+#include "nodes/pg_list.h"
 #include "port/atomics.h"
 
 typedef struct SyncRequest
@@ -16,6 +17,7 @@ typedef struct SyncRequest
 	Oid useroid; /* the extension's owner */
 	int64 run_id;
 	bool full;
+	char trigger[16];  /* manual, schedule */
 	bool tables_given; /* sync only the listed tables */
 	int ntables;
 	pg_atomic_uint32 attached; /* the worker has copied the request */
@@ -24,6 +26,9 @@ typedef struct SyncRequest
 	char data[FLEXIBLE_ARRAY_MEMBER];
 } SyncRequest;
 
-#define CD2_LOCK_CLASS 52517 /* advisory lock class of instance syncs */
+struct BackgroundWorkerHandle;
+extern struct BackgroundWorkerHandle *cd2_launch_worker(const char *instance, List *tables,
+														bool full, const char *trigger,
+														int64 *run_id);
 
 #endif /* CD2SYNC_WORKER_H */

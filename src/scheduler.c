@@ -1,0 +1,214 @@
+/*-------------------------------------------------------------------------
+ *
+ * scheduler.c
+ *	  The scheduler: a static background worker (shared_preload_libraries)
+ *	  that starts a sync worker for each instance when its schedule is due.
+ *
+ * It works in the database cd2sync.database, keeps at most
+ * cd2sync.max_workers syncs running at once, reloads its settings on
+ * SIGHUP and stops on SIGTERM. It holds no state that matters across
+ * restarts: when an instance is due comes from cd2sync.schedules (the last
+ * run's start plus the schedule), and every sync resumes from the committed
+ * watermarks. The instances it started are remembered only to not start
+ * one twice.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cd2sync.h"
+
+/* always needed for a bgworker */
+#include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "utils/guc.h"
+
+/* used by this worker */
+#include "access/xact.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "pgstat.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "worker.h"
+
+typedef struct ScheduledSync
+{
+	char instance[NAMEDATALEN];
+	BackgroundWorkerHandle *handle;
+} ScheduledSync;
+
+static List *started = NIL; /* ScheduledSync *, in TopMemoryContext */
+
+/* Forgets the syncs that have ended */
+static void
+reap_workers(void)
+{
+	ListCell *lc;
+
+	foreach (lc, started)
+	{
+		ScheduledSync *s = (ScheduledSync *) lfirst(lc);
+		pid_t pid;
+
+		if (GetBackgroundWorkerPid(s->handle, &pid) == BGWH_STOPPED)
+		{
+			started = foreach_delete_current(started, lc);
+			pfree(s->handle);
+			pfree(s);
+		}
+	}
+}
+
+static bool
+is_started(const char *instance)
+{
+	ListCell *lc;
+
+	foreach (lc, started)
+	{
+		if (strcmp(((ScheduledSync *) lfirst(lc))->instance, instance) == 0)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Starts the syncs that are due, as worker slots allow; returns how long to
+ * sleep before the next one is due.
+ */
+static long
+start_due_syncs(void)
+{
+	long sleep_ms = cd2_scheduler_naptime;
+	int rc;
+
+	if (!OidIsValid(get_extension_oid("cd2sync", true)))
+		return sleep_ms; /* not created (yet) in this database */
+
+	SPI_connect();
+	rc = SPI_execute(
+		"SELECT instance, greatest(0, extract(epoch FROM next_run_at - now()) * 1000)::int8 "
+		"  FROM cd2sync.schedules "
+		" WHERE schedule IS NOT NULL AND NOT running ORDER BY next_run_at",
+		true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "cd2sync scheduler could not read cd2sync.schedules");
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool isnull;
+		char *instance = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		int64 due_in =
+			DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull));
+
+		if (is_started(instance))
+			continue;
+		if (due_in > 0)
+		{
+			sleep_ms = Min(sleep_ms, (long) due_in);
+			continue;
+		}
+		if (list_length(started) >= cd2_max_workers)
+			break; /* woken again when a sync ends */
+		{
+			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+			ScheduledSync *s = palloc0(sizeof(ScheduledSync));
+			int64 run_id;
+
+			strlcpy(s->instance, instance, NAMEDATALEN);
+			s->handle = cd2_launch_worker(instance, NIL, false, "schedule", &run_id);
+			started = lappend(started, s);
+			MemoryContextSwitchTo(old);
+			ereport(LOG, (errmsg("cd2sync scheduler: started run %lld of instance \"%s\"",
+								 (long long) run_id, instance)));
+		}
+	}
+	SPI_finish();
+	return sleep_ms;
+}
+
+void
+cd2_scheduler_main(Datum main_arg)
+{
+	char *database;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+
+	database = pstrdup(cd2_database);
+	BackgroundWorkerInitializeConnection(database, NULL, 0);
+	pgstat_report_appname("cd2sync scheduler");
+	ereport(LOG, (errmsg("cd2sync scheduler started in database \"%s\"", database)));
+
+	while (!ShutdownRequestPending)
+	{
+		volatile long sleep_ms = cd2_scheduler_naptime;
+		MemoryContext cxt = CurrentMemoryContext;
+
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			if (strcmp(database, cd2_database) != 0)
+			{
+				ereport(LOG, (errmsg("cd2sync scheduler: cd2sync.database changed, restarting")));
+				proc_exit(1); /* the postmaster starts it again, in the new database */
+			}
+		}
+
+		reap_workers();
+		PG_TRY();
+		{
+			pgstat_report_activity(STATE_RUNNING, "cd2sync scheduler: starting due syncs");
+			SetCurrentStatementStartTimestamp(); /* now() moves on */
+			StartTransactionCommand();
+			PushActiveSnapshot(GetTransactionSnapshot());
+			sleep_ms = start_due_syncs();
+			PopActiveSnapshot();
+			CommitTransactionCommand();
+		}
+		PG_CATCH();
+		{
+			ErrorData *edata;
+
+			HOLD_INTERRUPTS();
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			RESUME_INTERRUPTS();
+			ereport(LOG, (errmsg("cd2sync scheduler: %s", edata->message)));
+			FreeErrorData(edata);
+		}
+		PG_END_TRY();
+		MemoryContextSwitchTo(cxt);
+		pgstat_report_stat(false);
+		pgstat_report_activity(STATE_IDLE, NULL);
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Max(sleep_ms, 10), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+	ereport(LOG, (errmsg("cd2sync scheduler stopping")));
+	proc_exit(0);
+}
+
+/* Registers the scheduler; called from _PG_init while preloading */
+void
+cd2_register_scheduler(void)
+{
+	BackgroundWorker worker = { 0 };
+
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 10;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "cd2sync");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "cd2_scheduler_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "cd2sync scheduler");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "cd2sync scheduler");
+	RegisterBackgroundWorker(&worker);
+}

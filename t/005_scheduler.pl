@@ -1,0 +1,101 @@
+# The scheduler (shared_preload_libraries): instances with a schedule sync
+# on their own, in parallel up to cd2sync.max_workers, and converge; the
+# schedules are visible in SQL; a reload keeps the scheduler; a restart in
+# the middle of a download resumes from the committed watermarks; a fast
+# shutdown does not wait for a download; instances without a schedule are
+# left alone.
+use strict;
+use warnings;
+use utf8;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use Cd2Test;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+my $emu = Cd2Test::start_emulator(generate => 'demo');
+# jobs take a while upstream, so that runs of the two instances overlap
+$emu->config(job_latency => 0.6, dedupe_jobs => JSON::PP::false);
+my $node = Cd2Test::new_node('scheduler', conf => join("\n",
+	"shared_preload_libraries = 'cd2sync'",
+	"cd2sync.database = 'postgres'",
+	"cd2sync.max_workers = 2",
+	"cd2sync.scheduler_naptime = 200ms"));
+my ($north, $south) = ('us-east-1#demo-north', 'us-east-1#demo-south');
+$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+	  . "SELECT cd2_add_instance('north', '$north', 'north-secret', api_url => '$emu->{url}', tables => ARRAY['users', 'courses'], schedule => '2 seconds');\n"
+	  . "SELECT cd2_add_instance('south', '$south', 'south-secret', api_url => '$emu->{url}', tables => ARRAY['users'], schedule => '2 seconds');\n"
+	  . "SELECT cd2_add_instance('idle', '$south', 'south-secret', api_url => '$emu->{url}', tables => ARRAY['users']);");
+
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cd2sync scheduler'"),
+	'1', 'the scheduler runs');
+ok($node->poll_query_until('postgres',
+	"SELECT count(DISTINCT instance) = 2 AND min(n) >= 2 FROM (SELECT instance, count(*) n FROM cd2sync.runs "
+	  . "WHERE trigger = 'schedule' AND status = 'done' GROUP BY instance) r"),
+	'both scheduled instances sync, again and again');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.runs WHERE instance = 'idle'"),
+	'0', 'an instance without a schedule is not synced');
+is($node->safe_psql('postgres', "SELECT string_agg(instance || ':' || (next_run_at IS NOT NULL) || ':' || coalesce(last_status, '-'), ',' ORDER BY instance) FROM cd2sync.schedules"),
+	'idle:false:-,north:true:done,south:true:done', 'cd2sync.schedules shows the next run and the last result');
+
+# in parallel: runs of the two instances overlap in time
+ok($node->safe_psql('postgres',
+	"SELECT count(*) FROM cd2sync.runs a JOIN cd2sync.runs b ON a.instance < b.instance "
+	  . "AND a.started_at < b.finished_at AND b.started_at < a.finished_at") > 0,
+	'the two instances sync in parallel');
+
+# changes upstream arrive on their own
+sub converged
+{
+	return Cd2Test::table_diff($node, $emu, $north, 'north', 'users') eq ''
+	  && Cd2Test::table_diff($node, $emu, $south, 'south', 'users') eq '';
+}
+sub wait_converged
+{
+	my $t0 = time;
+	while (time - $t0 < 30) { return 1 if converged(); usleep(200_000); }
+	return 0;
+}
+my $nu = $emu->state($north, 'users')->{rows};
+my $su = $emu->state($south, 'users')->{rows};
+$emu->epoch({ client_id => $north, table => 'users', delete => [ { key => $nu->[0]{key} } ] },
+	{ client_id => $south, table => 'users', delete => [ { key => $su->[0]{key} } ] });
+ok(wait_converged(), 'an upstream change reaches both instances without a manual sync');
+
+# a reload keeps the scheduler (same process) and applies the new settings
+my $pid = $node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'cd2sync scheduler'");
+$node->safe_psql('postgres', "ALTER SYSTEM SET cd2sync.max_workers = 1; SELECT pg_reload_conf()");
+usleep(500_000);
+is($node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'cd2sync scheduler'"),
+	$pid, 'SIGHUP reloads without restarting the scheduler');
+my $since = $node->safe_psql('postgres', "SELECT now()");
+sleep 3;
+is($node->safe_psql('postgres',
+	"SELECT count(*) FROM cd2sync.runs a JOIN cd2sync.runs b ON a.instance < b.instance "
+	  . "AND a.started_at > '$since' AND b.started_at > '$since' "
+	  . "AND a.started_at < coalesce(b.finished_at, now()) AND b.started_at < coalesce(a.finished_at, now())"),
+	'0', 'with max_workers = 1 runs no longer overlap');
+$node->safe_psql('postgres', "ALTER SYSTEM RESET cd2sync.max_workers; SELECT pg_reload_conf()");
+
+# a restart in the middle of a download: slow downloads, restart, then converge
+$emu->config(job_latency => 0.1);
+$emu->epoch({ client_id => $north, table => 'users', delete => [ { key => $nu->[1]{key} } ] });
+$emu->faults({ endpoint => 'download', kind => 'hang', seconds => 5, times => 1 });
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker' AND query LIKE '%downloading%'"),
+	'a worker is downloading');
+my $t0 = time;
+$node->stop('fast');
+ok(time - $t0 < 4, 'a fast shutdown does not wait for the download');
+$node->start;
+ok(wait_converged(), 'after the restart, syncing resumes and converges');
+ok($node->poll_query_until('postgres', "SELECT count(*) = 0 FROM cd2sync.runs WHERE status = 'running' AND worker_pid NOT IN (SELECT pid FROM pg_stat_activity)"),
+	'no run is left marked running once each instance ran again');
+ok($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.runs WHERE error = 'the sync worker stopped before the run was done'") > 0,
+	'the run cut by the restart is marked failed by the next one');
+
+$node->stop;
+$emu->stop;
+done_testing();
