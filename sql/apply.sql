@@ -97,6 +97,7 @@ DECLARE
     exprs text[] := '{}';    -- their values, from staging s (and target t)
     setcols text[] := '{}';  -- non-key columns
     keyjoin text;
+    keyjoin_typed text;      -- t.k = d.k for target t and cd2_typed d
     keyorder text;
     has_ph boolean;
     ph_new text;
@@ -150,6 +151,7 @@ BEGIN
            string_agg(format('%I', k), ', ')
       INTO keyjoin, keyorder
       FROM unnest(keys) k JOIN pg_attribute ON attrelid = target AND attname = k;
+    SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_typed FROM unnest(keys) k;
 
     IF mode = 'snapshot_new' THEN
         -- keys are unique within one result: no sort needed
@@ -176,10 +178,25 @@ BEGIN
     -- evidence of user merges that CD2 does not keep (logins, enrolments moving)
     PERFORM cd2sync._record_user_moves(target);
 
-    EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
-                   target, (SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') FROM unnest(keys) k));
     SELECT count(*) FILTER (WHERE cd2_action = 'D'), count(*) FILTER (WHERE cd2_action IS DISTINCT FROM 'D')
       INTO deleted, upserted FROM cd2_typed;
+    EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
+                   target, keyjoin_typed);
+    IF mode = 'snapshot' THEN
+        -- rows the new snapshot does not have are gone upstream
+        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
+                       target, keyjoin_typed);
+        GET DIAGNOSTICS deleted = ROW_COUNT;
+    END IF;
+
+    -- records that change nothing are dropped here: their rows are neither
+    -- rewritten nor even locked (no new row version, no WAL)
+    EXECUTE format('DELETE FROM cd2_typed d USING %s t WHERE d.cd2_action IS DISTINCT FROM ''D'' AND %s%s',
+                   target, keyjoin_typed,
+                   CASE WHEN cardinality(setcols) = 0 THEN ''
+                        ELSE format(' AND (%s) IS NOT DISTINCT FROM (%s)',
+                                    (SELECT string_agg('t.' || c, ', ') FROM unnest(setcols) c),
+                                    (SELECT string_agg('d.' || c, ', ') FROM unnest(setcols) c)) END);
 
     IF cardinality(setcols) = 0 THEN
         EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_typed WHERE cd2_action IS DISTINCT FROM ''D''
@@ -196,13 +213,6 @@ BEGIN
     END IF;
     GET DIAGNOSTICS written = ROW_COUNT;
     unchanged := upserted - written;
-
-    IF mode = 'snapshot' THEN
-        -- rows the new snapshot does not have are gone upstream
-        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
-                       target, (SELECT string_agg(format('d.%1$I = t.%1$I', k), ' AND ') FROM unnest(keys) k));
-        GET DIAGNOSTICS deleted = ROW_COUNT;
-    END IF;
     DROP TABLE cd2_typed;
 END $$;
 

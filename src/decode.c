@@ -46,6 +46,15 @@ typedef struct DecodeSource
 	int ahead_len;
 	int ahead_off;
 	int64 line_bytes; /* bytes since the last newline */
+
+	/* direct load: TSV fields to drop (meta.*, unknown columns) */
+	bool *keep; /* per header field; NULL: pass everything */
+	int nfields;
+	int field;        /* field of the current line being read */
+	bool emitted_any; /* the current output line has a field already */
+	char *scratch;    /* raw bytes before dropping fields */
+	int scratch_size;
+	MemoryContext cxt; /* lives as long as the decoding of the object */
 } DecodeSource;
 
 static DecodeSource *source = NULL;
@@ -88,11 +97,10 @@ check_line_length(const char *buf, int n)
 							   cd2_max_line_length)));
 }
 
-/* COPY's data source: the bytes after the header, then the download's */
+/* The bytes after the header, then the download's */
 static int
-copy_source_cb(void *outbuf, int minread, int maxread)
+raw_read(char *out, int minread, int maxread)
 {
-	char *out = (char *) outbuf;
 	int n = 0;
 
 	while (n < minread && n < maxread)
@@ -112,6 +120,74 @@ copy_source_cb(void *outbuf, int minread, int maxread)
 				break;
 		}
 		n += got;
+	}
+	return n;
+}
+
+/*
+ * Copies TSV bytes from in to out without the dropped fields. In COPY text
+ * format a raw tab always separates fields and a raw newline always ends a
+ * record (data tabs and newlines are escaped), so this needs no parsing.
+ */
+static int
+drop_fields(const char *in, int n, char *out)
+{
+	DecodeSource *s = source;
+	int o = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		char c = in[i];
+
+		if (c == '\n')
+		{
+			out[o++] = c;
+			s->field = 0;
+			s->emitted_any = s->keep[0];
+		}
+		else if (c == '\t')
+		{
+			s->field++;
+			if (s->field < s->nfields && s->keep[s->field])
+			{
+				if (s->emitted_any)
+					out[o++] = '\t';
+				s->emitted_any = true;
+			}
+			else if (s->field >= s->nfields)
+				out[o++] = c; /* more fields than the header: let COPY complain */
+		}
+		else if (s->field >= s->nfields || s->keep[s->field])
+			out[o++] = c;
+	}
+	return o;
+}
+
+/* COPY's data source */
+static int
+copy_source_cb(void *outbuf, int minread, int maxread)
+{
+	char *out = (char *) outbuf;
+	int n;
+
+	if (source->keep == NULL)
+		n = raw_read(out, minread, maxread);
+	else
+	{
+		/* COPY calls this in a context it resets: keep the buffer in ours */
+		if (source->scratch_size < maxread)
+		{
+			source->scratch = MemoryContextAlloc(source->cxt, maxread);
+			source->scratch_size = maxread;
+		}
+		do
+		{
+			int raw = raw_read(source->scratch, 1, maxread);
+
+			if (raw == 0)
+				return 0;
+			n = drop_fields(source->scratch, raw, out);
+		} while (n == 0);
 	}
 	if (n > 0)
 		check_line_length(out, n);
@@ -232,11 +308,47 @@ map_header(List *names, Oid stage, List **columns)
 	return attnames;
 }
 
-static uint64
-copy_into(const char *relname, List *attnames, List *options)
+/*
+ * For a load straight into the target table: the target columns a TSV
+ * header's fields go to, and which fields to drop (meta.*, unknown names).
+ */
+static List *
+map_header_direct(List *names, Oid target, bool **keep)
 {
-	Oid relid =
-		RangeVarGetRelid(makeRangeVar("pg_temp", (char *) relname, -1), RowExclusiveLock, false);
+	List *attnames = NIL;
+	ListCell *lc;
+
+	*keep = palloc0(sizeof(bool) * Max(list_length(names), 1));
+	foreach (lc, names)
+	{
+		char *name = (char *) lfirst(lc);
+		char *col = name;
+		ListCell *lc2;
+
+		if (strncmp(name, "key.", 4) == 0)
+			col = name + 4;
+		else if (strncmp(name, "value.", 6) == 0)
+			col = name + 6;
+		else if (strncmp(name, "meta.", 5) == 0)
+			continue;
+		if (strncmp(col, "cd2_", 4) == 0 || get_attnum(target, col) == InvalidAttrNumber)
+			continue;
+		foreach (lc2, attnames)
+		{
+			if (strcmp(strVal(lfirst(lc2)), col) == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_DUPLICATE_COLUMN),
+						 errmsg("the header of a result file names column \"%s\" twice", col)));
+		}
+		(*keep)[foreach_current_index(lc)] = true;
+		attnames = lappend(attnames, makeString(pstrdup(col)));
+	}
+	return attnames;
+}
+
+static uint64
+copy_into(Oid relid, List *attnames, List *options)
+{
 	Relation rel = table_open(relid, RowExclusiveLock);
 	ParseState *pstate = make_parsestate(NULL);
 	CopyFromState cstate;
@@ -252,7 +364,7 @@ copy_into(const char *relname, List *attnames, List *options)
 }
 
 uint64
-decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl)
+decode_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool *was_jsonl)
 {
 	DecodeSource src = { 0 };
 	StringInfoData head;
@@ -263,6 +375,7 @@ decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl)
 	List *options = NIL;
 
 	src.download = d;
+	src.cxt = CurrentMemoryContext;
 	source = &src;
 	*was_jsonl = false;
 
@@ -295,7 +408,12 @@ decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl)
 		options = list_make3(makeDefElem("format", (Node *) makeString("csv"), -1),
 							 makeDefElem("delimiter", (Node *) makeString("\x01"), -1),
 							 makeDefElem("quote", (Node *) makeString("\x02"), -1));
-		rows = copy_into("cd2_stage_json", list_make1(makeString("line")), options);
+		if (OidIsValid(direct))
+			ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+							errmsg("a direct load takes TSV files only")));
+		rows = copy_into(RangeVarGetRelid(makeRangeVar("pg_temp", "cd2_stage_json", -1),
+										  RowExclusiveLock, false),
+						 list_make1(makeString("line")), options);
 	}
 	else
 	{
@@ -303,19 +421,36 @@ decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl)
 		char *line = pnstrdup(head.data, linelen);
 		bool tsv;
 		List *attnames;
-		Oid stage = RangeVarGetRelid(makeRangeVar("pg_temp", "cd2_stage", -1), NoLock, false);
+		List *names;
+		Oid into;
 
 		if (linelen > 0 && line[linelen - 1] == '\r')
 			line[linelen - 1] = '\0';
 		tsv = strchr(line, '\t') != NULL || (strchr(line, ',') == NULL && asked != FORMAT_CSV);
-		attnames = map_header(split_header(line, tsv ? '\t' : ','), stage, columns);
+		names = split_header(line, tsv ? '\t' : ',');
+		if (OidIsValid(direct))
+		{
+			if (!tsv)
+				ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+								errmsg("a direct load takes TSV files only")));
+			into = direct;
+			attnames = map_header_direct(names, direct, &src.keep);
+			src.nfields = list_length(names);
+			src.emitted_any = src.keep[0];
+		}
+		else
+		{
+			into =
+				RangeVarGetRelid(makeRangeVar("pg_temp", "cd2_stage", -1), RowExclusiveLock, false);
+			attnames = map_header(names, into, columns);
+		}
 
 		src.ahead = head.data;
 		src.ahead_off = nl ? linelen + 1 : head.len;
 		src.ahead_len = head.len;
 		if (!tsv)
 			options = list_make1(makeDefElem("format", (Node *) makeString("csv"), -1));
-		rows = copy_into("cd2_stage", attnames, options);
+		rows = copy_into(into, attnames, options);
 	}
 	source = NULL;
 	return rows;

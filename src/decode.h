@@ -23,9 +23,10 @@ extern const char *decode_format_name(RecordFormat f);
 
 /*
  * Decodes one object into pg_temp.cd2_stage (pg_temp.cd2_stage_json for
- * JSON lines). Adds to *columns (char *) the target columns its header names, and
+ * JSON lines), or, when direct is a relation, straight into it (TSV only). Adds to *columns (char *) the target columns its header names, and
  * sets *was_jsonl when the file held JSON lines. Returns the records read.
  */
-extern uint64 decode_object(Download *d, RecordFormat asked, List **columns, bool *was_jsonl);
+extern uint64 decode_object(Download *d, RecordFormat asked, Oid direct, List **columns,
+							bool *was_jsonl);
 
 #endif /* CD2SYNC_DECODE_H */

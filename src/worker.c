@@ -218,6 +218,83 @@ ensure_schema(RunContext *rc, TableRun *tr, DapJob *job)
 }
 
 /*
+ * A snapshot into an empty table, in TSV, with no column that needs a
+ * conversion COPY cannot do (JSON arrays): COPY every object straight into
+ * the table, dropping the meta.* fields on the way, as PostgreSQL's own COPY
+ * FROM would. It runs in a subtransaction; anything it cannot take (an
+ * oversized placeholder in a non-text column, a duplicate key, another
+ * format) rolls it back, and the caller loads through the staging table.
+ */
+static bool
+try_direct_load(RunContext *rc, TableRun *tr, DapJob *job, List *urls, const char *target)
+{
+	const char *args[1] = { target };
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	int64 bytes = tr->bytes;
+	int objects = tr->objects;
+	Oid relid;
+	volatile bool done = false;
+
+	if (rc->format != FORMAT_TSV ||
+		strcmp(catalog_run_sql("SELECT NOT EXISTS (SELECT 1 FROM pg_attribute a "
+							   "  JOIN pg_type t ON t.oid = a.atttypid "
+							   " WHERE a.attrelid = $1::regclass AND a.attnum > 0 "
+							   "   AND NOT a.attisdropped AND t.typcategory = 'A')",
+							   1, args),
+			   "t") != 0)
+		return false;
+	relid = atooid(catalog_run_sql("SELECT $1::regclass::oid", 1, args));
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		ListCell *lo, *lu;
+		uint64 records = 0;
+
+		forboth(lo, job->objects, lu, urls)
+		{
+			Download *d;
+			List *columns = NIL;
+			bool jsonl;
+
+			report(rc, tr->table, "loading object %d of %d (%llu records so far)",
+				   foreach_current_index(lo) + 1, list_length(job->objects),
+				   (unsigned long long) records);
+			d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
+			records += decode_object(d, rc->format, relid, &columns, &jsonl);
+			tr->bytes += download_compressed_bytes(d);
+			tr->objects++;
+			download_close(d);
+		}
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		tr->upserted += records;
+		done = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		ereport(LOG, (errmsg("cd2sync %s.%s: loading through the staging table: %s",
+							 rc->instance->name, tr->table, edata->message)));
+		FreeErrorData(edata);
+		tr->bytes = bytes;
+		tr->objects = objects;
+	}
+	PG_END_TRY();
+	return done;
+}
+
+/*
  * Downloads, decodes and applies every object of a job, in the current
  * transaction; adds its counts to tr.
  */
@@ -235,8 +312,19 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 	int64 upserted, deleted, unchanged, oversized;
 
 	args[0] = target;
-	catalog_run_sql("SELECT cd2sync._create_staging($1::regclass)", 1, args);
+	if (!snapshot)
+		mode = "incremental";
+	else if (strcmp(catalog_run_sql(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL),
+					"t") == 0)
+		mode = "snapshot";
+	else
+	{
+		mode = "snapshot_new";
+		if (try_direct_load(rc, tr, job, urls, target))
+			return;
+	}
 
+	catalog_run_sql("SELECT cd2sync._create_staging($1::regclass)", 1, args);
 	forboth(lo, job->objects, lu, urls)
 	{
 		Download *d;
@@ -246,7 +334,7 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 			   foreach_current_index(lo) + 1, list_length(job->objects),
 			   (unsigned long long) records);
 		d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
-		records += decode_object(d, rc->format, &columns, &jsonl);
+		records += decode_object(d, rc->format, InvalidOid, &columns, &jsonl);
 		tr->bytes += download_compressed_bytes(d);
 		tr->objects++;
 		any_jsonl |= jsonl;
@@ -254,14 +342,6 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 	}
 	if (any_jsonl)
 		catalog_run_sql("SELECT cd2sync._expand_jsonl($1::regclass)", 1, args);
-
-	if (!snapshot)
-		mode = "incremental";
-	else if (strcmp(catalog_run_sql(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL),
-					"t") == 0)
-		mode = "snapshot";
-	else
-		mode = "snapshot_new";
 
 	report(rc, tr->table, "applying %llu records (%s)", (unsigned long long) records, mode);
 	args[1] = mode;

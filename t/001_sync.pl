@@ -134,6 +134,20 @@ is($r->{users}{error}, '', 'the fallback is no error');
 Cd2Test::table_is($node, $emu, $north, 'north_csv', 'users', 'jsonl after csv converges');
 $emu->config(formats => [ 'jsonl', 'csv', 'tsv' ]);
 
+# 7. a fresh snapshot carrying an oversized placeholder in a jsonb column:
+# the direct COPY into the new table cannot take it, the staging path does
+# (no deduplication here: the identical snapshot query would get the first day-old job)
+$emu->config(dedupe_jobs => JSON::PP::false);
+$emu->epoch({ client_id => $north, table => 'users', oversized => [ { key => $users->[40]{key}, column => 'preferences' } ] });
+$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+	  . "SELECT cd2_add_instance('north_late', '$north', 'north-secret', api_url => '$emu->{url}', tables => ARRAY['users', 'courses'])");
+$r = Cd2Test::sync($node, 'north_late');
+is($r->{users}{mode} . $r->{users}{error}, 'snapshot', 'late instance: snapshot');
+Cd2Test::table_is($node, $emu, $north, 'north_late', 'users', 'a placeholder in jsonb on a fresh snapshot becomes NULL', fresh => 1);
+Cd2Test::table_is($node, $emu, $north, 'north_late', 'courses', 'courses loaded straight into the new table', fresh => 1);
+like(slurp_file($node->logfile), qr/north_late\.users: loading through the staging table/, 'users fell back to the staging table');
+unlike(slurp_file($node->logfile), qr/north_late\.courses: loading through the staging table/, 'courses did not');
+
 # the secret never reached the server log
 my $log = slurp_file($node->logfile);
 unlike($log, qr/north-secret/, 'the client secret is not in the server log');

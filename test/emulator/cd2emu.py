@@ -8,6 +8,7 @@ CLI, the control API (/_emu/...), the configuration keys and the fault kinds.
 Layout (one class per concern):
   * time / schema helpers
   * Store        - instances, tables, per-key change log, the data clock, epochs, expected state
+  * BulkTable    - tables served from files on disk (benchmarks: millions of rows)
   * FileEncoder  - records -> jsonl / csv / tsv text -> (multi-member) gzip files
   * Job, Jobs    - query jobs, deduplication, objects
   * Tokens       - login, JWT bearer tokens, revocation
@@ -278,12 +279,107 @@ def _check_schema_entry(where: str, version, schema):
             raise BadRequest(f"{where}: schema property {part} must be an object")
 
 
+class BulkFile:
+    """A result file served from disk (bulk tables). Only its path and the size seen at
+    registration are kept: downloads stream it in chunks and never read it whole."""
+    __slots__ = ("path", "size")
+
+    def __init__(self, path: str):
+        self.path = path
+        self.size = os.path.getsize(path)
+
+
+def _bulk_files(where: str, files) -> list:
+    if not isinstance(files, list):
+        raise BadRequest(f"{where}: files must be a list of absolute paths")
+    out = []
+    for f in files:
+        if not isinstance(f, str) or not os.path.isabs(f):
+            raise BadRequest(f"{where}: {f!r} is not an absolute path")
+        if not os.path.isfile(f) or not os.access(f, os.R_OK):
+            raise BadRequest(f"{where}: {f} is not a readable file")
+        out.append(BulkFile(f))
+    return out
+
+
+def _bulk_ts(where: str, value) -> datetime:
+    try:
+        return parse_ts(value)
+    except ValueError as e:
+        raise BadRequest(f"{where}: {e}")
+
+
+class BulkTable:
+    """A table whose jobs are answered from files on disk (POST /_emu/bulk), for data sets too
+    large for the in-memory store: a snapshot (files, "at") and a chain of incrementals (files,
+    "since", "until"). The emulator keeps no rows of it: no epochs, no expected state."""
+
+    def __init__(self, name: str, body: dict, serial: int):
+        self.name = name
+        self.serial = serial  # a new registration never reuses the jobs of an old one
+        self.version = body.get("version", 1)
+        _check_schema_entry(f"bulk table {name}", self.version, body.get("schema"))
+        self.schema = copy.deepcopy(body["schema"])
+        self.fmt = body.get("format")
+        if self.fmt not in SUPPORTED_FORMATS:
+            raise BadRequest(f"bulk table {name}: format must be one of {', '.join(SUPPORTED_FORMATS)}")
+        snap = body.get("snapshot")
+        if not isinstance(snap, dict):
+            raise BadRequest(f"bulk table {name}: snapshot must be {{at, files}}")
+        self.at = _bulk_ts(f"bulk table {name}: snapshot at", snap.get("at"))
+        self.snapshot_files = _bulk_files(f"bulk table {name}: snapshot", snap.get("files"))
+        incs = body.get("incrementals", []) or []
+        if not isinstance(incs, list):
+            raise BadRequest(f"bulk table {name}: incrementals must be a list")
+        self.incrementals = []  # (since, until, files), by since
+        for i, inc in enumerate(incs):
+            where = f"bulk table {name}: incrementals[{i}]"
+            if not isinstance(inc, dict):
+                raise BadRequest(f"{where} must be {{since, until, files}}")
+            since = _bulk_ts(f"{where} since", inc.get("since"))
+            until = _bulk_ts(f"{where} until", inc.get("until"))
+            if until < since:
+                raise BadRequest(f"{where}: until is earlier than since")
+            if since < self.at:
+                raise BadRequest(f"{where}: since is earlier than the snapshot's at")
+            if any(s == since for s, _u, _f in self.incrementals):
+                raise BadRequest(f"{where}: another incremental has the same since")
+            self.incrementals.append((since, until, _bulk_files(where, inc.get("files"))))
+        self.incrementals.sort(key=lambda x: x[0])
+        self.clock = max([self.at] + [u for _s, u, _f in self.incrementals])
+
+    def result(self, since, until):
+        """-> (result dict, list of BulkFile) of a query; raises BadRequest when no file set fits."""
+        if since is None:
+            return {"at": fmt_ts(self.at)}, list(self.snapshot_files)
+        for s, u, files in self.incrementals:
+            if s == since:
+                if until is not None and until != u:
+                    raise BadRequest(f"bulk table {self.name}: the incremental since {fmt_ts(s)} "
+                                     f"ends at {fmt_ts(u)}; until cannot cut it")
+                return {"since": fmt_ts(s), "until": fmt_ts(u)}, list(files)
+        if since >= self.clock:  # nothing new since then
+            if until is not None and until != since:
+                raise BadRequest(f"bulk table {self.name}: no data after {fmt_ts(self.clock)}")
+            return {"since": fmt_ts(since), "until": fmt_ts(since)}, []
+        raise BadRequest(f"bulk table {self.name}: no incremental starts at {fmt_ts(since)} (known: "
+                         + ", ".join(fmt_ts(s) for s, _u, _f in self.incrementals) + ")")
+
+    def summary(self, client_id: str) -> dict:
+        return {"client_id": client_id, "table": self.name, "version": self.version, "format": self.fmt,
+                "at": fmt_ts(self.at), "files": len(self.snapshot_files),
+                "bytes": sum(f.size for f in self.snapshot_files),
+                "incrementals": [{"since": fmt_ts(s), "until": fmt_ts(u), "files": len(fs),
+                                  "bytes": sum(f.size for f in fs)} for s, u, fs in self.incrementals]}
+
+
 class Store:
     """All table data. Not thread-safe by itself: the Emulator lock protects it."""
 
     def __init__(self):
         self.instances = {}
         self.start = self.clock = parse_ts(DEFAULT_START)
+        self.bulk_serial = 0
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, scenario: dict):
@@ -319,13 +415,48 @@ class Store:
                         raise BadRequest(f"{cid}/{tname}: duplicate key {kid}")
                     t.rows[kid] = Row(k, copy.deepcopy(v), start)
                 tables[tname] = t
-            new[cid] = {"secret": inst["secret"], "tables": tables}
+            new[cid] = {"secret": inst["secret"], "tables": tables, "bulk": {}}
         self.instances = new
         self.start = self.clock = start
 
     def table(self, client_id: str, name: str):
         inst = self.instances.get(client_id)
         return inst["tables"].get(name) if inst else None
+
+    def bulk_table(self, client_id: str, name: str):
+        inst = self.instances.get(client_id)
+        return inst["bulk"].get(name) if inst else None
+
+    def table_names(self, client_id: str) -> list:
+        inst = self.instances[client_id]
+        return sorted(set(inst["tables"]) | set(inst["bulk"]))
+
+    # -- bulk tables -----------------------------------------------------------------------------
+    def register_bulk(self, body) -> dict:
+        """POST /_emu/bulk: registers (or replaces) a table served from files."""
+        if not isinstance(body, dict):
+            raise BadRequest("bulk body must be an object")
+        unknown = set(body) - {"client_id", "secret", "table", "version", "schema", "format",
+                               "snapshot", "incrementals"}
+        if unknown:
+            raise BadRequest(f"bulk: unknown keys {sorted(unknown)}")
+        cid, tname = body.get("client_id"), body.get("table")
+        if not isinstance(cid, str) or not cid:
+            raise BadRequest("bulk: client_id must be a string")
+        if not isinstance(tname, str) or not tname:
+            raise BadRequest("bulk: table must be a string")
+        if cid not in self.instances and not isinstance(body.get("secret"), str):
+            raise BadRequest(f"bulk: unknown client_id {cid!r} (give a secret to create it)")
+        self.bulk_serial += 1
+        bt = BulkTable(tname, body, self.bulk_serial)  # validates everything before any change
+        inst = self.instances.setdefault(cid, {"secret": body.get("secret"), "tables": {}, "bulk": {}})
+        inst["tables"].pop(tname, None)  # a bulk table replaces an in-memory one of that name
+        inst["bulk"][tname] = bt
+        return bt.summary(cid)
+
+    def drop_bulk(self, client_id, name) -> bool:
+        inst = self.instances.get(client_id)
+        return bool(inst) and inst["bulk"].pop(name, None) is not None
 
     # -- epochs ----------------------------------------------------------------------------------
     def apply_epoch(self, body: dict) -> datetime:
@@ -360,6 +491,9 @@ class Store:
                 raise BadRequest(f"{where}: unknown client_id {cid!r}")
             if not isinstance(tname, str) or not tname:
                 raise BadRequest(f"{where}: table must be a string")
+            if tname in self.instances[cid]["bulk"]:
+                raise BadRequest(f"{where}: table {tname!r} is a bulk table (served from files): "
+                                 "epochs cannot change it")
             table = self.instances[cid]["tables"].get(tname)
             sch = ch.get("schema")
             if sch is not None:
@@ -1040,6 +1174,22 @@ class Emulator:
                       float(cfg["job_lifetime"]), table.version, result, files, error)
             return job
 
+    def create_bulk_job(self, client_id, table: BulkTable, since, until, failed=None):
+        """A job of a bulk table: its objects are the registered files (no empty parts)."""
+        with self.lock:
+            now = time.time()
+            cfg = self.config
+            self.jobs.purge(now)
+            self.job_counter += 1
+            result, files = table.result(since, until)
+            error = None
+            if failed is not None:
+                error = {"type": "ProcessingError", "uuid": str(uuid.uuid4()),
+                         "message": failed.get("message") or "query failed"}
+                files = []
+            return Job(client_id, table.name, table.fmt, now, float(cfg["job_latency"]),
+                       float(cfg["job_lifetime"]), table.version, result, files, error)
+
 
 # ----------------------------------------------------------------------------------------------
 # HTTP
@@ -1380,12 +1530,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _list_tables(self, client_id, params, now):
         with self.emu.lock:
-            names = sorted(self.emu.store.instances[client_id]["tables"])
+            names = self.emu.store.table_names(client_id)
         self._json(200, {"tables": names})
 
     def _schema(self, client_id, params, now):
         with self.emu.lock:
-            t = self.emu.store.table(client_id, params["table"])
+            t = self.emu.store.table(client_id, params["table"]) or \
+                self.emu.store.bulk_table(client_id, params["table"])
             body = {"version": t.version, "schema": copy.deepcopy(t.schema)} if t else None
         if body is None:
             self._err(404, "NotFound", f"table {params['table']} not found", id=params["table"], kind="table")
@@ -1409,13 +1560,18 @@ class Handler(BaseHTTPRequestHandler):
             cfg = copy.deepcopy(emu.config)
             clock = emu.store.clock
             table = emu.store.table(client_id, tname)
-        if table is None:
+            bulk = emu.store.bulk_table(client_id, tname) if table is None else None
+            if bulk is not None:
+                clock = None  # its times are its own: BulkTable.result checks them
+        if table is None and bulk is None:
             self._err(404, "NotFound", f"table {tname} not found", id=tname, kind="table")
             return
         if fmt not in ALL_FORMATS:
             raise BadRequest(f"unknown format {fmt!r} (expected one of {', '.join(ALL_FORMATS)})")
         if fmt == "parquet" or fmt not in cfg["formats"]:
             raise BadRequest(f"format {fmt} is not supported by this server")
+        if bulk is not None and fmt != bulk.fmt:
+            raise BadRequest(f"format {fmt} is not available for table {tname} (its files are {bulk.fmt})")
         if "mode" in body and body["mode"] != "condensed":
             raise BadRequest(f"unsupported mode {body['mode']!r}")
         since = until = None
@@ -1424,7 +1580,7 @@ class Handler(BaseHTTPRequestHandler):
                 since = parse_ts(body["since"])
             except ValueError as e:
                 raise BadRequest(f"since: {e}")
-            if since > clock:
+            if clock is not None and since > clock:
                 raise BadRequest(f"since ({fmt_ts(since)}) is later than the latest data ({fmt_ts(clock)})")
         if "until" in body:
             if since is None:
@@ -1433,7 +1589,7 @@ class Handler(BaseHTTPRequestHandler):
                 until = parse_ts(body["until"])
             except ValueError as e:
                 raise BadRequest(f"until: {e}")
-            if until > clock:
+            if clock is not None and until > clock:
                 raise BadRequest(f"until ({fmt_ts(until)}) is later than the latest data ({fmt_ts(clock)})")
             if until < since:
                 raise BadRequest("until is earlier than since")
@@ -1448,7 +1604,9 @@ class Handler(BaseHTTPRequestHandler):
         with emu.lock:
             take = lambda kinds, pred=None: emu.faults.take("create_job", tname, client_id, kinds, pred)  # noqa
             tooold = take({"snapshot_required", "out_of_range"}, lambda r: since is not None)
-            mods = {} if tooold else {k: take({k}) for k in ("malformed_record", "bad_value", "job_failed")}
+            # the files of a bulk table are served as they are: only job_failed can shape its jobs
+            shapers = ("job_failed",) if bulk is not None else ("malformed_record", "bad_value", "job_failed")
+            mods = {} if tooold else {k: take({k}) for k in shapers}
         if tooold:
             self._fault = tooold["kind"]
             etype = "SnapshotRequired" if tooold["kind"] == "snapshot_required" else "OutOfRange"
@@ -1462,13 +1620,18 @@ class Handler(BaseHTTPRequestHandler):
 
         query = {k: body[k] for k in ("format", "mode", "since", "until") if k in body}
         dkey = (client_id, tname, json.dumps(query, sort_keys=True))
+        if bulk is not None:
+            dkey += ("bulk", bulk.serial)  # a new registration never reuses an old job
         with emu.lock:
             job = None
             if cfg["dedupe_jobs"] and not mods:
                 job = emu.jobs.find_dedupe(dkey, now)
             if job is None:
-                job = emu.create_job(client_id, table, query, malformed=mods.get("malformed_record"),
-                                     bad_value=mods.get("bad_value"), failed=mods.get("job_failed"))
+                if bulk is not None:
+                    job = emu.create_bulk_job(client_id, bulk, since, until, failed=mods.get("job_failed"))
+                else:
+                    job = emu.create_job(client_id, table, query, malformed=mods.get("malformed_record"),
+                                         bad_value=mods.get("bad_value"), failed=mods.get("job_failed"))
                 # jobs shaped by a fault are never reused: a retry gets a clean job
                 emu.jobs.add(job, dkey if (cfg["dedupe_jobs"] and not mods) else None)
             view = job.view(time.time())
@@ -1527,6 +1690,8 @@ class Handler(BaseHTTPRequestHandler):
             self._fault = kind
         if kind == "expire_url":
             return self._xml_error(403, "AccessDenied", "Request has expired")
+        if isinstance(data, BulkFile):
+            return self._stream_file(data, kind, job)
         if kind == "corrupt_gzip":
             b = bytearray(data)
             mid = len(b) // 2
@@ -1540,24 +1705,13 @@ class Handler(BaseHTTPRequestHandler):
         status, body, headers = 200, data, {"Accept-Ranges": "bytes",
                                             "ETag": '"%s"' % hashlib.md5(data).hexdigest(),
                                             "Last-Modified": self.date_time_string(int(job.created))}
-        rng = (self.headers.get("Range") or "").strip()
-        if rng.startswith("bytes=") and "," not in rng:
-            a, _, b = rng[6:].partition("-")
-            try:
-                if a.strip():
-                    start = int(a)
-                    end = min(int(b), total - 1) if b.strip() else total - 1
-                else:  # suffix range bytes=-N
-                    start, end = max(0, total - int(b)), total - 1
-            except ValueError:
-                start = end = None  # unparsable: ignore the header
-            if start is not None:
-                if start >= total or end < start:
-                    self._send(416, s3_error_xml("InvalidRange", "The requested range is not satisfiable"),
-                               "application/xml", {"Content-Range": f"bytes */{total}"})
-                    return
-                status, body = 206, data[start:end + 1]
-                headers["Content-Range"] = f"bytes {start}-{end}/{total}"
+        rng = self._byte_range(total)
+        if rng == "unsatisfiable":
+            return self._send_416(total)
+        if rng is not None:
+            start, end = rng
+            status, body = 206, data[start:end + 1]
+            headers["Content-Range"] = f"bytes {start}-{end}/{total}"
         if kind == "reset_mid_body":
             # full Content-Length, about half of the body, then close (FIN; the client sees a
             # premature end of the body)
@@ -1571,12 +1725,88 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body[: len(body) // 2])
-            try:
-                self.request.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            raise Abort()
+            self._close_write()
         self._send(status, body, "application/octet-stream", headers)
+
+    def _byte_range(self, total: int):
+        """The request's Range against a body of total bytes: None (whole body; also for a header
+        we cannot parse), (start, end) inclusive, or "unsatisfiable"."""
+        rng = (self.headers.get("Range") or "").strip()
+        if not rng.startswith("bytes=") or "," in rng:
+            return None
+        a, _, b = rng[6:].partition("-")
+        try:
+            if a.strip():
+                start = int(a)
+                end = min(int(b), total - 1) if b.strip() else total - 1
+            else:  # suffix range bytes=-N
+                start, end = max(0, total - int(b)), total - 1
+        except ValueError:
+            return None  # unparsable: ignore the header
+        if start >= total or end < start:
+            return "unsatisfiable"
+        return start, end
+
+    def _send_416(self, total: int):
+        self._send(416, s3_error_xml("InvalidRange", "The requested range is not satisfiable"),
+                   "application/xml", {"Content-Range": f"bytes */{total}"})
+
+    def _close_write(self):
+        """End a response cut short: close the connection (FIN) and stop handling the request."""
+        self.close_connection = True
+        try:
+            self.request.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raise Abort()
+
+    STREAM_CHUNK = 1 << 20
+
+    def _stream_file(self, bf: BulkFile, kind, job):
+        """Sends a bulk table's file from disk in chunks (never whole in memory), with Range and
+        the download faults: truncated_gzip serves the first half as if it were the whole file,
+        corrupt_gzip flips 16 bytes around the middle, reset_mid_body stops half way."""
+        try:
+            f = open(bf.path, "rb")
+        except OSError as e:
+            return self._err(500, "InternalServerError", f"bulk file unreadable: {e.strerror}")
+        with f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            total = size // 2 if kind == "truncated_gzip" else size
+            headers = {"Accept-Ranges": "bytes", "ETag": '"%x-%x"' % (size, st.st_mtime_ns),
+                       "Last-Modified": self.date_time_string(int(job.created))}
+            status, start, end = 200, 0, total - 1
+            rng = self._byte_range(total)
+            if rng == "unsatisfiable":
+                return self._send_416(total)
+            if rng is not None:
+                status, (start, end) = 206, rng
+                headers["Content-Range"] = f"bytes {start}-{end}/{total}"
+            length = max(0, end - start + 1)
+            if kind == "reset_mid_body":
+                self.close_connection = True
+            self._send(status, b"", "application/octet-stream", headers, length=length)
+            if self.command == "HEAD":
+                return
+            limit = length // 2 if kind == "reset_mid_body" else length
+            bad_lo, bad_hi = (max(0, size // 2 - 8), min(size, size // 2 + 8)) if kind == "corrupt_gzip" else (0, 0)
+            f.seek(start)
+            pos, sent = start, 0
+            while sent < limit:
+                chunk = f.read(min(self.STREAM_CHUNK, limit - sent))
+                if not chunk:
+                    break  # the file shrank since: the client sees a body cut short
+                if pos < bad_hi and pos + len(chunk) > bad_lo:
+                    b = bytearray(chunk)
+                    for i in range(max(bad_lo, pos), min(bad_hi, pos + len(chunk))):
+                        b[i - pos] ^= 0xA5
+                    chunk = bytes(b)
+                self.wfile.write(chunk)
+                pos += len(chunk)
+                sent += len(chunk)
+            if sent < length:
+                self._close_write()
 
     # -- control API -----------------------------------------------------------------------------
     def _control(self, path: str, query: str):
@@ -1609,6 +1839,17 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"at": fmt_ts(at)})
             if path == "/_emu/state" and m == "GET":
                 return self._state(qs)
+            if path == "/_emu/bulk":
+                with emu.lock:
+                    if m == "POST":
+                        return self._json(200, emu.store.register_bulk(self._json_body()))
+                    if m == "GET":
+                        return self._json(200, [t.summary(cid) for cid, inst in sorted(emu.store.instances.items())
+                                                for _n, t in sorted(inst["bulk"].items())])
+                    if m == "DELETE":
+                        if not emu.store.drop_bulk(qs.get("client_id"), qs.get("table")):
+                            raise BadRequest("no such bulk table (give client_id and table)")
+                        return self._json(200, {"ok": True})
             if path == "/_emu/faults":
                 with emu.lock:
                     if m == "POST":
@@ -1668,6 +1909,8 @@ class Handler(BaseHTTPRequestHandler):
             at = fmt_ts(emu.store.clock)
             if qs.get("table"):
                 t = inst["tables"].get(qs["table"])
+                if t is None and qs["table"] in inst["bulk"]:
+                    raise BadRequest(f"table {qs['table']!r} is a bulk table: the emulator keeps no rows of it")
                 if t is None:
                     raise BadRequest(f"unknown table {qs['table']!r}")
                 return self._json(200, {"at": at, "version": t.version,

@@ -925,6 +925,118 @@ class EmuTestCase(unittest.TestCase):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def test_bulk_tables(self):
+        tmp = tempfile.mkdtemp()
+        try:
+            def part(name, lines, members=1):
+                path = os.path.join(tmp, name)
+                raw = "".join(lines).encode()
+                with open(path, "wb") as f:  # several members, like real exports
+                    for i in range(members):
+                        f.write(gzip.compress(raw[len(raw) * i // members: len(raw) * (i + 1) // members]))
+                return path
+            head = "meta.ts\tkey.id\tvalue.name\n"
+            big = ["2026-01-01T00:00:00Z\t%d\tname %d \\t ü\n" % (i, i) for i in range(1, 60001)]
+            snap = [part("s0.tsv.gz", [head] + big[:30000], members=3), part("s1.tsv.gz", [head] + big[30000:])]
+            # an incompressible tail makes a file longer than one streaming chunk
+            with open(snap[1], "ab") as f:
+                f.write(gzip.compress(os.urandom(3 << 20), compresslevel=0))
+            ihead = "meta.ts\tmeta.action\tkey.id\tvalue.name\n"
+            inc = [part("i0.tsv.gz", [ihead, "2026-01-01T12:00:00Z\tU\t1\tnew\n",
+                                      "2026-01-01T12:00:00Z\tD\t2\t\\N\n"])]
+            schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "properties": {
+                "key": {"type": "object", "properties": {"id": {"type": "integer", "format": "int64"}}},
+                "value": {"type": "object", "properties": {"name": {"type": "string"}}},
+                "meta": {"type": "object", "properties": {"ts": {"type": "string", "format": "date-time"}}}}}
+            body = {"client_id": NORTH, "table": "bigtable", "version": 3, "schema": schema, "format": "tsv",
+                    "snapshot": {"at": "2026-01-01T00:00:00Z", "files": snap},
+                    "incrementals": [{"since": "2026-01-01T00:00:00Z", "until": "2026-01-02T00:00:00Z",
+                                      "files": inc}]}
+            # validation: nothing registered on a bad body
+            for bad in ({"format": "parquet"}, {"snapshot": {"at": "x", "files": snap}},
+                        {"snapshot": {"at": "2026-01-01T00:00:00Z", "files": ["relative.gz"]}},
+                        {"snapshot": {"at": "2026-01-01T00:00:00Z", "files": [tmp + "/missing.gz"]}},
+                        {"client_id": "us-east-1#nobody"}, {"extra": 1},
+                        {"incrementals": [{"since": "2025-01-01T00:00:00Z", "until": "2026-01-02T00:00:00Z",
+                                           "files": inc}]}):
+                r = self.req("POST", "/_emu/bulk", dict(body, **bad))
+                self.assertEqual(r.status, 400, bad)
+                self.assertEqual(r.json()["error"]["type"], "ValidationError")
+            self.assertEqual(self.ctl("GET", "/_emu/bulk"), [])
+            reg = self.ctl("POST", "/_emu/bulk", body)
+            self.assertEqual((reg["table"], reg["files"], reg["at"]), ("bigtable", 2, "2026-01-01T00:00:00Z"))
+            self.assertEqual(len(self.ctl("GET", "/_emu/bulk")), 1)
+            # listed beside the in-memory tables, with its schema
+            self.assertIn("bigtable", self.dap("GET", "/dap/query/canvas/table").json()["tables"])
+            self.assertIn("users", self.dap("GET", "/dap/query/canvas/table").json()["tables"])
+            self.assertEqual(self.dap("GET", "/dap/query/canvas/table/bigtable/schema").json(),
+                             {"version": 3, "schema": schema})
+            self.assertEqual(self.req("GET", f"/_emu/state?client_id={urllib.parse.quote(NORTH)}&table=bigtable").status, 400)
+            self.assertEqual(self.req("POST", "/_emu/epoch", {"changes": [
+                {"client_id": NORTH, "table": "bigtable", "delete": [{"key": {"id": 1}}]}]}).status, 400)
+            # another format than the files'
+            r = self.start_job("bigtable", {"format": "jsonl"})
+            self.assertEqual(r.status, 400)
+            self.assertEqual(r.json()["error"]["type"], "ValidationError")
+            # snapshot: the files as they are, through waiting -> running -> complete
+            self.ctl("POST", "/_emu/config", {"job_latency": 0.4})
+            r = self.start_job("bigtable", {"format": "tsv", "mode": "condensed"})
+            self.assertEqual(r.json()["status"], "waiting")
+            time.sleep(0.25)
+            self.assertEqual(self.dap("GET", f"/dap/job/{r.json()['id']}").json()["status"], "running")
+            job = self.wait_job(r.json())
+            self.assertEqual((job["at"], job["schema_version"], len(job["objects"])), ("2026-01-01T00:00:00Z", 3, 2))
+            files = self.download_all(job)
+            with open(snap[1], "rb") as f:
+                raw1 = f.read()
+            self.assertGreater(len(raw1), cd2emu.Handler.STREAM_CHUNK)
+            self.assertEqual(len(self.records("tsv", [files[0]])), 30000)
+            self.assertTrue(gunzip_all(raw1).startswith(files[1][:100]))
+            # Range on a streamed file
+            url = self.urls(job)[job["objects"][1]["id"]]["url"]
+            r = self.req("GET", url, headers={"Range": "bytes=1000-"})
+            self.assertEqual(r.status, 206)
+            self.assertEqual(r.body, raw1[1000:])
+            self.assertEqual(r.headers["Content-Range"], f"bytes 1000-{len(raw1) - 1}/{len(raw1)}")
+            self.assertEqual(self.req("GET", url, headers={"Range": f"bytes={len(raw1)}-"}).status, 416)
+            r = self.req("HEAD", url)
+            self.assertEqual((r.status, int(r.headers["Content-Length"]), r.body), (200, len(raw1), b""))
+            # download faults apply to streamed files too
+            self.ctl("POST", "/_emu/faults", [{"endpoint": "download", "kind": "truncated_gzip"}])
+            self.assertEqual(self.req("GET", url).body, raw1[: len(raw1) // 2])
+            self.ctl("POST", "/_emu/faults", [{"endpoint": "download", "kind": "corrupt_gzip"}])
+            got = self.req("GET", url).body
+            self.assertEqual(len(got), len(raw1))
+            self.assertEqual(sum(a != b for a, b in zip(got, raw1)), 16)
+            # incremental whose since is the registered one
+            self.ctl("POST", "/_emu/config", {"job_latency": 0})
+            job, files = self.run_query("bigtable", {"format": "tsv", "since": "2026-01-01T00:00:00Z"})
+            self.assertEqual((job["since"], job["until"]), ("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"))
+            self.assertEqual([r["meta"]["action"] for r in self.records("tsv", files)], ["U", "D"])
+            # nothing new after the last until
+            job, files = self.run_query("bigtable", {"format": "tsv", "since": "2026-01-02T00:00:00Z"})
+            self.assertEqual((job["since"], job["until"], job["objects"]),
+                             ("2026-01-02T00:00:00Z", "2026-01-02T00:00:00Z", []))
+            job, files = self.run_query("bigtable", {"format": "tsv", "since": "2026-01-03T00:00:00Z"})
+            self.assertEqual((job["until"], job["objects"]), ("2026-01-03T00:00:00Z", []))
+            # a since no file set starts at
+            self.assertEqual(self.start_job("bigtable", {"format": "tsv", "since": "2026-01-01T06:00:00Z"}).status, 400)
+            # replacing the table: new files, no reuse of the old (deduplicated) jobs
+            self.ctl("POST", "/_emu/bulk", dict(body, snapshot={"at": "2026-01-05T00:00:00Z", "files": snap[:1]},
+                                                incrementals=[]))
+            job, files = self.run_query("bigtable", {"format": "tsv"})
+            self.assertEqual((job["at"], len(files)), ("2026-01-05T00:00:00Z", 1))
+            # a new credential, created with its secret
+            self.ctl("POST", "/_emu/bulk", dict(body, client_id="us-east-1#bulk", secret="b"))
+            tok = self.login("us-east-1#bulk", "b").json()["access_token"]
+            r = self.req("POST", "/dap/query/canvas/table/bigtable/data", {"format": "tsv"},
+                         {"Authorization": "Bearer " + tok})
+            self.assertEqual((r.json()["status"], len(r.json()["objects"])), ("complete", 2))
+            self.ctl("DELETE", "/_emu/bulk?client_id=" + urllib.parse.quote(NORTH) + "&table=bigtable")
+            self.assertEqual(self.start_job("bigtable", {"format": "tsv"}).status, 404)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def test_demo_scenario(self):
         s = cd2emu.demo_scenario()
         self.assertEqual(s, DEMO)  # deterministic
