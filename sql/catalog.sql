@@ -108,6 +108,22 @@ CREATE VIEW cd2sync.schedules AS
       LEFT JOIN LATERAL (SELECT * FROM cd2sync.runs r WHERE r.instance = i.name
                           ORDER BY r.started_at DESC LIMIT 1) l ON true;
 
+-- Running table syncs, read back from what the workers publish in
+-- pg_stat_activity (seeing other roles' activity needs pg_read_all_stats).
+CREATE VIEW cd2sync.progress AS
+    SELECT a.pid, r.run_id, m[1] AS instance, m[2] AS table_name, m[3] AS phase,
+           (regexp_match(m[4], 'objects=(\d+)/'))[1]::int AS objects_done,
+           (regexp_match(m[4], 'objects=\d+/(\d+)'))[1]::int AS objects_total,
+           (regexp_match(m[4], 'downloaded=(\d+)'))[1]::bigint AS bytes_downloaded,
+           (regexp_match(m[4], 'decoded=(\d+)'))[1]::bigint AS bytes_decoded,
+           (regexp_match(m[4], 'records=(\d+)'))[1]::bigint AS records,
+           coalesce(l.started_at, r.started_at) AS started_at
+      FROM pg_catalog.pg_stat_activity a
+     CROSS JOIN LATERAL regexp_match(a.query, '^cd2sync ([a-z][a-z0-9_]*)(?:\.([^:]+))?: (.*?)(?: \[(.*)\])?$') m
+      LEFT JOIN cd2sync.runs r ON r.worker_pid = a.pid AND r.status = 'running'
+      LEFT JOIN cd2sync.sync_log l ON l.run_id = r.run_id AND l.table_name = m[2]
+     WHERE a.backend_type = 'cd2sync sync worker';
+
 CREATE VIEW cd2sync.watermarks AS
     SELECT instance, table_name, watermark, schema_version, synced_at, status, last_error
       FROM cd2sync.table_state;
@@ -125,4 +141,4 @@ REVOKE ALL ON ALL TABLES IN SCHEMA cd2sync FROM PUBLIC;
 REVOKE ALL ON SEQUENCE cd2sync.run_id_seq FROM PUBLIC;
 GRANT USAGE ON SCHEMA cd2sync TO PUBLIC;
 GRANT USAGE ON SCHEMA cd2 TO PUBLIC;
-GRANT SELECT ON cd2sync.watermarks, cd2sync.sync_log, cd2sync.runs, cd2sync.schedules TO PUBLIC;
+GRANT SELECT ON cd2sync.watermarks, cd2sync.sync_log, cd2sync.runs, cd2sync.schedules, cd2sync.progress TO PUBLIC;

@@ -112,6 +112,22 @@ catalog_text_array(List *l)
 	return buf.data;
 }
 
+/*
+ * NOTIFY cd2sync with what a table sync did, as JSON, delivered when the
+ * transaction that recorded it commits.
+ */
+static void
+notify(int64 run_id, const char *instance, const char *table, const char *status, const char *mode,
+	   const char *watermark, const char *error)
+{
+	const char *args[7] = { int8_text(run_id), instance, table, status, mode, watermark, error };
+
+	run_row("SELECT pg_notify('cd2sync', json_build_object("
+			"  'run_id', $1::bigint, 'instance', $2, 'table', $3, 'status', $4, 'mode', $5, "
+			"  'watermark', $6::timestamptz, 'error', left($7, 2000))::text)",
+			7, args);
+}
+
 InstanceConfig *
 catalog_load_instance(const char *name)
 {
@@ -236,6 +252,7 @@ catalog_log_success(TableRun *tr)
 			"       schema_version = excluded.schema_version, synced_at = excluded.synced_at, "
 			"       status = 'ok', last_error = NULL",
 			16, args);
+	notify(tr->run_id, tr->instance, tr->table, "ok", tr->mode, tr->watermark, NULL);
 }
 
 /* Records a table sync that failed; its data and watermark stay as they were */
@@ -267,4 +284,5 @@ catalog_log_failure(TableRun *tr, const char *error, const char *sqlstate)
 		"SELECT $2, $3, 'failed', $4 WHERE EXISTS (SELECT 1 FROM cd2sync.instances WHERE name = $2) "
 		"ON CONFLICT (instance, table_name) DO UPDATE SET status = 'failed', last_error = $4",
 		9, args);
+	notify(tr->run_id, tr->instance, tr->table, "failed", "failed", tr->watermark_before, error);
 }

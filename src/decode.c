@@ -54,10 +54,14 @@ typedef struct DecodeSource
 	bool emitted_any; /* the current output line has a field already */
 	char *scratch;    /* raw bytes before dropping fields */
 	int scratch_size;
+	int64 unreported;  /* bytes decoded since the last progress report */
 	MemoryContext cxt; /* lives as long as the decoding of the object */
 } DecodeSource;
 
 static DecodeSource *source = NULL;
+
+#define PROGRESS_EVERY (8 * 1024 * 1024)
+void (*decode_progress_hook)(int64 bytes) = NULL;
 static int ignored_columns = 0;
 
 RecordFormat
@@ -190,7 +194,15 @@ copy_source_cb(void *outbuf, int minread, int maxread)
 		} while (n == 0);
 	}
 	if (n > 0)
+	{
 		check_line_length(out, n);
+		source->unreported += n;
+		if (source->unreported >= PROGRESS_EVERY && decode_progress_hook)
+		{
+			decode_progress_hook(source->unreported);
+			source->unreported = 0;
+		}
+	}
 	return n;
 }
 
@@ -452,6 +464,8 @@ decode_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool 
 			options = list_make1(makeDefElem("format", (Node *) makeString("csv"), -1));
 		rows = copy_into(into, attnames, options);
 	}
+	if (src.unreported > 0 && decode_progress_hook)
+		decode_progress_hook(src.unreported);
 	source = NULL;
 	return rows;
 }

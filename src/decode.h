@@ -29,4 +29,7 @@ extern const char *decode_format_name(RecordFormat f);
 extern uint64 decode_object(Download *d, RecordFormat asked, Oid direct, List **columns,
 							bool *was_jsonl);
 
+/* Called every few megabytes decoded, with their number, when set */
+extern void (*decode_progress_hook)(int64 bytes);
+
 #endif /* CD2SYNC_DECODE_H */

@@ -61,7 +61,16 @@ typedef struct RunContext
 	DapClient *client;
 	RecordFormat format;
 	MemoryContext cxt;
+
+	/* progress of the current table sync, published in pg_stat_activity */
+	TableRun *current;
+	char phase[160];
+	int objects_total;
+	int64 decoded_bytes;
+	uint64 records;
 } RunContext;
+
+static RunContext *progress_run = NULL; /* for the decoder's progress hook */
 
 /*
  * Transactions leave CurrentMemoryContext where it was: what the worker reads
@@ -92,21 +101,50 @@ commit_tx(void)
 static void report(RunContext *rc, const char *table, const char *fmt, ...)
 	pg_attribute_printf(3, 4);
 
-/* What the worker is doing, for pg_stat_activity (never a secret) */
+/*
+ * Publishes what the worker does in pg_stat_activity (never a secret):
+ * "cd2sync <instance>.<table>: <phase> [objects=1/4 downloaded=... decoded=...
+ * records=...]". cd2sync.progress reads it back.
+ */
+static void
+publish(RunContext *rc, const char *table)
+{
+	char *line;
+
+	if (rc->current && table)
+		line = psprintf("cd2sync %s.%s: %s [objects=%d/%d downloaded=" INT64_FORMAT
+						" decoded=" INT64_FORMAT " records=" UINT64_FORMAT "]",
+						rc->instance->name, table, rc->phase, rc->current->objects,
+						rc->objects_total, rc->current->bytes, rc->decoded_bytes, rc->records);
+	else
+		line = psprintf("cd2sync %s%s%s: %s", rc->instance->name, table ? "." : "",
+						table ? table : "", rc->phase);
+	pgstat_report_activity(STATE_RUNNING, line);
+	pfree(line);
+}
+
 static void
 report(RunContext *rc, const char *table, const char *fmt, ...)
 {
-	char what[256];
-	char *line;
 	va_list ap;
 
 	va_start(ap, fmt);
-	vsnprintf(what, sizeof(what), fmt, ap);
+	vsnprintf(rc->phase, sizeof(rc->phase), fmt, ap);
 	va_end(ap);
-	line = psprintf("cd2sync %s%s%s: %s", rc->instance->name, table ? "." : "", table ? table : "",
-					what);
-	pgstat_report_activity(STATE_RUNNING, line);
-	pfree(line);
+	publish(rc, table);
+}
+
+/* Called by the decoder every few megabytes of a file */
+static void
+decode_progress(int64 bytes)
+{
+	RunContext *rc = progress_run;
+
+	if (rc && rc->current)
+	{
+		rc->decoded_bytes += bytes;
+		publish(rc, rc->current->table);
+	}
 }
 
 static double
@@ -259,9 +297,10 @@ try_direct_load(RunContext *rc, TableRun *tr, DapJob *job, List *urls, const cha
 			List *columns = NIL;
 			bool jsonl;
 
-			report(rc, tr->table, "loading object %d of %d (%llu records so far)",
-				   foreach_current_index(lo) + 1, list_length(job->objects),
-				   (unsigned long long) records);
+			rc->objects_total = list_length(job->objects);
+			rc->records = records;
+			report(rc, tr->table, "loading object %d of %d straight into the table",
+				   foreach_current_index(lo) + 1, list_length(job->objects));
 			d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
 			records += decode_object(d, rc->format, relid, &columns, &jsonl);
 			tr->bytes += download_compressed_bytes(d);
@@ -330,9 +369,10 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 		Download *d;
 		bool jsonl;
 
-		report(rc, tr->table, "downloading object %d of %d (%llu records so far)",
-			   foreach_current_index(lo) + 1, list_length(job->objects),
-			   (unsigned long long) records);
+		rc->objects_total = list_length(job->objects);
+		rc->records = records;
+		report(rc, tr->table, "downloading object %d of %d", foreach_current_index(lo) + 1,
+			   list_length(job->objects));
 		d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
 		records += decode_object(d, rc->format, InvalidOid, &columns, &jsonl);
 		tr->bytes += download_compressed_bytes(d);
@@ -343,7 +383,8 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 	if (any_jsonl)
 		catalog_run_sql("SELECT cd2sync._expand_jsonl($1::regclass)", 1, args);
 
-	report(rc, tr->table, "applying %llu records (%s)", (unsigned long long) records, mode);
+	rc->records = records;
+	report(rc, tr->table, "applying (%s)", mode);
 	args[1] = mode;
 	args[2] = any_jsonl ? NULL : catalog_text_array(columns);
 	args[3] = rc->instance->name;
@@ -506,6 +547,10 @@ sync_table(RunContext *rc, const char *table)
 	tr->instance = rc->instance->name;
 	tr->table = table;
 	tr->started = GetCurrentTimestamp();
+	rc->current = tr;
+	rc->objects_total = 0;
+	rc->decoded_bytes = 0;
+	rc->records = 0;
 
 	PG_TRY();
 	{
@@ -532,6 +577,7 @@ sync_table(RunContext *rc, const char *table)
 	}
 	PG_END_TRY();
 
+	rc->current = NULL;
 	MemoryContextSwitchTo(rc->cxt);
 	MemoryContextDelete(cxt);
 }
@@ -601,6 +647,8 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full, const char 
 	rc.run_id = run_id;
 	rc.full = full;
 	rc.format = decode_parse_format(cd2_format);
+	progress_run = &rc;
+	decode_progress_hook = decode_progress;
 
 	begin_tx();
 	catalog_run_start(run_id, instance, asked, full, trigger);

@@ -61,6 +61,8 @@ my $activity = $node->safe_psql('postgres',
 	"SELECT application_name || ' ' || query FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker'");
 like($activity, qr/^cd2sync north cd2sync north\.courses: waiting for query job/, 'activity names instance, table and phase');
 unlike($activity, qr/north-secret|Bearer/, 'activity holds no secret');
+is($node->safe_psql('postgres', "SELECT instance, table_name, phase ~ '^waiting for query job', objects_done, records, started_at IS NOT NULL FROM cd2sync.progress"),
+	'north|courses|t|0|0|t', 'cd2sync.progress shows the running table sync');
 $node->safe_psql('postgres',
 	"SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT * FROM cd2_sync_now%' AND pid <> pg_backend_pid()");
 $gone = wait_no_worker();
@@ -109,6 +111,14 @@ is(scalar(grep { $_->{status} == 401 } @reqs), 0, 'no request met an expired tok
 ok(!(grep { ($_->{headers}{Authorization} // '') =~ /north-secret/ } grep { $_->{endpoint} ne 'login' } @reqs),
 	'API calls carry the token, not the secret');
 $emu->config(job_latency => 0.1, token_lifetime => 3600);
+
+# NOTIFY cd2sync: one JSON payload per table sync, when it commits
+$emu->epoch({ client_id => $north, table => 'users', delete => [ { key => { id => 10000000001011 } } ] });
+my ($rcn, $notes) = $node->psql('postgres', "LISTEN cd2sync; SELECT count(*) FROM cd2_sync_now('north'); SELECT 1;");
+my @payloads = $notes =~ /Asynchronous notification "cd2sync" with payload "(.*?)" received/g;
+is(scalar(@payloads), 2, 'one notification per table sync');
+like(join("\n", sort @payloads), qr/"instance" : "north", "table" : "users", "status" : "ok", "mode" : "incremental"/,
+	'the payload says instance, table, status and mode');
 
 # 5. privileges: an ordinary role can neither read secrets nor sync nor configure
 $node->safe_psql('postgres', "CREATE ROLE mallory LOGIN");
