@@ -7,7 +7,7 @@ OBJS = src/cd2sync.o src/http.o src/download.o src/dap_client.o src/decode.o \
 
 # The extension script is assembled from one file per stage, in this order.
 SQL_PARTS = sql/catalog.sql sql/instances.sql sql/schema_ddl.sql sql/apply.sql sql/reconcile.sql \
-            sql/sync.sql
+            sql/sync.sql sql/privileges.sql
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 
 REGRESS = setup instances sync_args schema_ddl apply watermarks reconcile

@@ -136,9 +136,4 @@ SELECT pg_catalog.pg_extension_config_dump('cd2sync.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.sync_log', '');
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.run_id_seq', '');
 
--- Nothing is PUBLIC but what is harmless to read.
-REVOKE ALL ON ALL TABLES IN SCHEMA cd2sync FROM PUBLIC;
-REVOKE ALL ON SEQUENCE cd2sync.run_id_seq FROM PUBLIC;
-GRANT USAGE ON SCHEMA cd2sync TO PUBLIC;
-GRANT USAGE ON SCHEMA cd2 TO PUBLIC;
-GRANT SELECT ON cd2sync.watermarks, cd2sync.sync_log, cd2sync.runs, cd2sync.schedules, cd2sync.progress TO PUBLIC;
+-- (privileges: sql/privileges.sql)

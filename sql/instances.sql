@@ -238,6 +238,3 @@ BEGIN
     PERFORM cd2sync.refresh_user_merges();
 END $$;
 
-REVOKE ALL ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2_alter_instance(text, text, text, text, text[], bigint, interval, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2_drop_instance(text, boolean) FROM PUBLIC;

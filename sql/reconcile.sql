@@ -347,7 +347,9 @@ BEGIN
                   USING HINT = 'Drop the dependent views, then SELECT cd2sync.refresh_views().';
         END;
     END;
-    EXECUTE format('GRANT SELECT ON %s TO PUBLIC', vname);
+    -- synced data: readable by cd2sync_reader, never by PUBLIC
+    EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', vname);
+    EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', vname);
     EXECUTE format('COMMENT ON VIEW %s IS %L', vname,
                    format('CD2 table %s over every cd2sync instance, global ids, users resolved through cd2.user_merges', table_name));
 END $$;
@@ -412,6 +414,4 @@ END $$;
 
 CREATE VIEW cd2.reconciliation_health AS SELECT * FROM cd2sync.reconciliation_health();
 
-GRANT SELECT ON cd2.user_merges, cd2.reconciliation_health TO PUBLIC;
-REVOKE ALL ON cd2sync.user_moves, cd2sync.user_merge_map FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.user_moves', '');

@@ -146,6 +146,7 @@ BEGIN
 
     IF to_regnamespace(quote_ident(target_schema)) IS NULL THEN
         EXECUTE format('CREATE SCHEMA %I', target_schema);
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO cd2sync_reader', target_schema);
     END IF;
 
     FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc) ORDER BY ord LOOP
@@ -176,6 +177,7 @@ BEGIN
                        array_to_string(cols, ', '), array_to_string(keys, ', '));
         rel := format('%I.%I', target_schema, table_name)::regclass;
         created := true;
+        EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', rel);
         EXECUTE format('COMMENT ON TABLE %s IS %L', rel,
                        coalesce(coalesce(doc->'schema', doc)->>'description',
                                 format('CD2 table %s, synced by cd2sync', table_name)));

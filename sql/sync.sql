@@ -40,8 +40,3 @@ RETURNS timestamptz LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_ca
     SELECT CASE WHEN bool_or(watermark IS NULL) THEN NULL ELSE min(watermark) END FROM wanted
 $$;
 
-REVOKE ALL ON FUNCTION cd2_sync_now(text, text[], boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2_sync_start(text, text[], boolean) FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cd2sync FROM PUBLIC;
--- the health view calls it as the querying role
-GRANT EXECUTE ON FUNCTION cd2sync.reconciliation_health() TO PUBLIC;

@@ -120,28 +120,50 @@ is(scalar(@payloads), 2, 'one notification per table sync');
 like(join("\n", sort @payloads), qr/"instance" : "north", "table" : "users", "status" : "ok", "mode" : "incremental"/,
 	'the payload says instance, table, status and mode');
 
-# 5. privileges: an ordinary role can neither read secrets nor sync nor configure
-$node->safe_psql('postgres', "CREATE ROLE mallory LOGIN");
-for my $sql ("SELECT * FROM cd2sync.instance_secrets",
-	"SELECT * FROM cd2sync.instances",
-	"SELECT * FROM cd2_sync_now('north')",
-	"SELECT cd2_sync_start('north')",
+# 5. privileges: an ordinary role can neither read secrets nor synced data nor sync nor configure
+$node->safe_psql('postgres', "CREATE ROLE mallory LOGIN; CREATE ROLE ruth LOGIN IN ROLE cd2sync_reader; "
+	  . "CREATE ROLE adam LOGIN IN ROLE cd2sync_admin");
+my @secret_sql = ("SELECT * FROM cd2sync.instance_secrets",
+	"SELECT cd2sync._remote_tables('$emu->{url}', '$north', 'a guess')");
+my @config_sql = ("SELECT * FROM cd2_sync_now('north')", "SELECT cd2_sync_start('north')",
 	"SELECT cd2_alter_instance('north', schedule => interval '1 minute')",
-	"SELECT cd2_drop_instance('north')",
-	"SELECT cd2_add_instance('evil', 'x', 'y')",
-	"SELECT cd2sync._remote_tables('$emu->{url}', '$north', 'a guess')")
+	"SELECT cd2_drop_instance('north')", "SELECT cd2_add_instance('evil', 'x', 'y')",
+	"SELECT * FROM cd2sync.instances");
+my @read_sql = ("SELECT count(*) FROM cd2sync.watermarks", "SELECT count(*) FROM cd2sync.sync_log",
+	"SELECT count(*) FROM north.users", "SELECT count(*) FROM cd2.users",
+	"SELECT count(*) FROM cd2.user_merges", "SELECT cd2_watermark('north', 'users') IS NOT NULL",
+	"SELECT cd2_resolve_user(1)");
+sub denied
 {
-	my ($rc, $out, $err) = $node->psql('postgres', $sql, extra_params => [ '-U', 'mallory' ]);
-	like($err, qr/permission denied/, "mallory: $sql is denied");
+	my ($role, $sql) = @_;
+	my ($rc, $out, $err) = $node->psql('postgres', $sql, extra_params => [ '-U', $role ]);
+	return $err =~ /permission denied/ ? 1 : 0;
 }
-my ($rc2, $wm) = $node->psql('postgres', "SELECT count(*) FROM cd2sync.watermarks", extra_params => [ '-U', 'mallory' ]);
-is($wm, '2', 'mallory can read the watermarks');
+for my $sql (@secret_sql, @config_sql, @read_sql)
+{
+	ok(denied('mallory', $sql), "mallory: $sql is denied");
+}
+for my $sql (@secret_sql, @config_sql)
+{
+	ok(denied('ruth', $sql), "cd2sync_reader: $sql is denied");
+}
+for my $sql (@read_sql)
+{
+	ok(!denied('ruth', $sql), "cd2sync_reader: $sql is allowed");
+}
+ok(denied('adam', $_), "cd2sync_admin: $_ is denied") for @secret_sql;
+like($node->safe_psql('postgres', "SELECT cd2_sync_start('north')", extra_params => [ '-U', 'adam' ]),
+	qr/^\d+$/, 'cd2sync_admin can start a sync');
+$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', schedule => interval '1 day')", extra_params => [ '-U', 'adam' ]);
+is($node->safe_psql('postgres', "SELECT schedule FROM cd2sync.instances WHERE name = 'north'"), '1 day',
+	'cd2sync_admin can configure');
+ok($node->poll_query_until('postgres', "SELECT count(*) = 0 FROM cd2sync.runs WHERE status = 'running'"), 'the admin\'s run ends');
 
 # the secret is in no log line and no view an ordinary role can read
 unlike(slurp_file($node->logfile), qr/north-secret/, 'the secret is not in the server log');
 my ($rc3, $logrows) = $node->psql('postgres',
 	"SELECT count(*) FROM cd2sync.sync_log l, cd2sync.runs r WHERE (l::text || r::text) LIKE '%north' || '-secret%'",
-	extra_params => [ '-U', 'mallory' ]);
+	extra_params => [ '-U', 'ruth' ]);
 is($logrows, '0', 'the secret is in no row of the sync log or runs');
 
 $node->stop;

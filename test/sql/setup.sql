@@ -13,8 +13,13 @@ SELECT p.proname, has_function_privilege('public', p.oid, 'EXECUTE') AS public_c
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE (n.nspname = 'public' AND p.proname LIKE 'cd2\_%') OR n.nspname = 'cd2sync'
  GROUP BY 1, 2 ORDER BY 2, 1;
--- the secrets table is readable by nobody but its owner
+-- the secrets table is readable by nobody but its owner; PUBLIC reads nothing;
+-- cd2sync_reader reads the history, cd2sync_admin also the configuration
 CREATE ROLE cd2_nobody;
-SELECT has_table_privilege('cd2_nobody', 'cd2sync.instance_secrets', 'SELECT') AS can_read_secrets,
-       has_table_privilege('cd2_nobody', 'cd2sync.instances', 'SELECT') AS can_read_instances,
-       has_table_privilege('cd2_nobody', 'cd2sync.watermarks', 'SELECT') AS can_read_watermarks;
+SELECT r AS role,
+       has_table_privilege(r, 'cd2sync.instance_secrets', 'SELECT') AS secrets,
+       has_table_privilege(r, 'cd2sync.instances', 'SELECT') AS instances,
+       has_table_privilege(r, 'cd2sync.watermarks', 'SELECT') AS watermarks,
+       has_table_privilege(r, 'cd2sync.sync_log', 'SELECT') AS sync_log,
+       has_function_privilege(r, 'cd2_sync_now(text, text[], boolean)', 'EXECUTE') AS sync_now
+  FROM unnest(ARRAY['cd2_nobody', 'cd2sync_reader', 'cd2sync_admin']) r;

@@ -1,0 +1,60 @@
+-- privileges.sql: who may do what. Nothing is granted to PUBLIC but the use
+-- of the schemas: synced data, the sync history and the merge map are
+-- personal data, and secrets are the owner's alone.
+--
+--   cd2sync_reader: read the synced schemas (granted as they are created),
+--                   the reconciled views, watermarks, runs, sync log,
+--                   schedules, progress; resolve user ids.
+--   cd2sync_admin:  all of the reader's, plus configure instances and start
+--                   syncs. Never the secrets: they are read by the extension's
+--                   owner only (SECURITY DEFINER functions with a fixed
+--                   search_path, and the sync workers, which run as the owner).
+--
+-- The roles are cluster-wide: created here when missing, kept by DROP EXTENSION.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'cd2sync_reader') THEN
+        CREATE ROLE cd2sync_reader NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'cd2sync_admin') THEN
+        CREATE ROLE cd2sync_admin NOLOGIN;
+    END IF;
+END $$;
+GRANT cd2sync_reader TO cd2sync_admin;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA cd2sync FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA cd2sync FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cd2sync FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA cd2 FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text),
+                       cd2_alter_instance(text, text, text, text, text[], bigint, interval, text),
+                       cd2_drop_instance(text, boolean),
+                       cd2_sync_now(text, text[], boolean),
+                       cd2_sync_start(text, text[], boolean),
+                       cd2_watermark(text, text),
+                       cd2_consistent_watermark(text[]),
+                       cd2_global_id(text, bigint),
+                       cd2_resolve_user(bigint)
+    FROM PUBLIC;
+GRANT USAGE ON SCHEMA cd2sync, cd2 TO PUBLIC;
+
+-- reader
+GRANT SELECT ON cd2sync.watermarks, cd2sync.sync_log, cd2sync.runs, cd2sync.schedules,
+                cd2sync.progress, cd2.user_merges, cd2.reconciliation_health
+    TO cd2sync_reader;
+GRANT EXECUTE ON FUNCTION cd2_watermark(text, text), cd2_consistent_watermark(text[]),
+                          cd2_global_id(text, bigint), cd2_resolve_user(bigint),
+                          cd2sync.reconciliation_health()
+    TO cd2sync_reader;
+
+-- admin: configuration (no secrets) and syncs
+GRANT SELECT ON cd2sync.instances TO cd2sync_admin;     -- secrets live apart
+GRANT USAGE ON SEQUENCE cd2sync.run_id_seq TO cd2sync_admin;
+GRANT EXECUTE ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text),
+                          cd2_alter_instance(text, text, text, text, text[], bigint, interval, text),
+                          cd2_drop_instance(text, boolean),
+                          cd2_sync_now(text, text[], boolean),
+                          cd2_sync_start(text, text[], boolean),
+                          cd2sync._check_instance(text)
+    TO cd2sync_admin;
