@@ -28,3 +28,8 @@ include $(PGXS)
 
 $(DATA_built): $(SQL_PARTS)
 	cat $^ > $@
+
+# The benchmark (bench/bench.sh): sets up, generates data, prints figures against baselines.
+.PHONY: bench
+bench:
+	bash bench/bench.sh

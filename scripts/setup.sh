@@ -8,7 +8,7 @@ set -euo pipefail
 CD2_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CD2_USER=${CD2_USER:-cd2sync}
 PACKAGES="postgresql-15 postgresql-server-dev-15 postgresql-contrib libcurl4-openssl-dev zlib1g-dev
-          libipc-run-perl python3 make gcc curl ca-certificates"
+          libipc-run-perl python3 make gcc curl ca-certificates openssl"
 export PATH="/usr/lib/postgresql/15/bin:$PATH"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -32,6 +32,7 @@ char *cd2_ca_file = NULL;
 int cd2_max_line_length = 64 * 1024 * 1024;
 int cd2_max_workers = 4;
 int cd2_scheduler_naptime = 10000;
+bool cd2_allow_insecure_http = false;
 
 typedef struct Cd2Setting
 {
@@ -39,44 +40,69 @@ typedef struct Cd2Setting
 	const char *description;
 	bool inherited; /* passed from a session to its sync worker */
 	GucContext context;
-	int *int_var; /* an integer setting ... */
-	int int_default;
+	int *int_var;    /* an integer setting ... */
+	int int_default; /* (also a boolean's default) */
 	int int_min;
 	int int_max;
 	int flags;
-	char **string_var; /* ... or a string one */
+	char **string_var; /* ... a string one ... */
 	const char *string_default;
+	bool *bool_var; /* ... or a boolean one */
 } Cd2Setting;
 
+#define INT_SETTING(n, d, inh, ctx, var, def, min, max, unit)                                      \
+	{                                                                                              \
+		.name = (n), .description = (d), .inherited = (inh), .context = (ctx), .int_var = (var),   \
+		.int_default = (def), .int_min = (min), .int_max = (max), .flags = (unit)                  \
+	}
+#define STRING_SETTING(n, d, inh, ctx, var, def)                                                   \
+	{                                                                                              \
+		.name = (n), .description = (d), .inherited = (inh), .context = (ctx),                     \
+		.string_var = (var), .string_default = (def)                                               \
+	}
+#define BOOL_SETTING(n, d, inh, ctx, var, def)                                                     \
+	{                                                                                              \
+		.name = (n), .description = (d), .inherited = (inh), .context = (ctx), .bool_var = (var),  \
+		.int_default = (def)                                                                       \
+	}
+
 static const Cd2Setting settings[] = {
-	{ "cd2sync.database", "Database the scheduler works in.", false, PGC_SIGHUP, NULL, 0, 0, 0, 0,
-	  &cd2_database, "postgres" },
-	{ "cd2sync.format", "Result format asked of the DAP API: tsv, csv or jsonl.", true, PGC_SUSET,
-	  NULL, 0, 0, 0, 0, &cd2_format, "tsv" },
-	{ "cd2sync.http_timeout", "Seconds an API call may take, and seconds a download may stall.",
-	  true, PGC_SUSET, &cd2_http_timeout, 120, 1, 86400, GUC_UNIT_S, NULL, NULL },
-	{ "cd2sync.connect_timeout", "Seconds to wait for a connection to the API.", true, PGC_SUSET,
-	  &cd2_connect_timeout, 10, 1, 3600, GUC_UNIT_S, NULL, NULL },
-	{ "cd2sync.http_retries", "How many times a transient HTTP failure is retried.", true,
-	  PGC_SUSET, &cd2_http_retries, 6, 0, 100, 0, NULL, NULL },
-	{ "cd2sync.retry_base_delay",
-	  "First backoff delay after a transient failure; it doubles, with jitter.", true, PGC_SUSET,
-	  &cd2_retry_base_delay, 1000, 1, 600000, GUC_UNIT_MS, NULL, NULL },
-	{ "cd2sync.retry_max_delay", "Longest backoff delay, Retry-After included.", true, PGC_SUSET,
-	  &cd2_retry_max_delay, 60000, 1, 3600000, GUC_UNIT_MS, NULL, NULL },
-	{ "cd2sync.poll_interval", "Longest wait between two polls of a running query job.", true,
-	  PGC_SUSET, &cd2_poll_interval, 5000, 10, 600000, GUC_UNIT_MS, NULL, NULL },
-	{ "cd2sync.job_timeout", "Seconds a query job may take upstream before the table sync fails.",
-	  true, PGC_SUSET, &cd2_job_timeout, 3600, 1, 7 * 86400, GUC_UNIT_S, NULL, NULL },
-	{ "cd2sync.ca_file", "File of CA certificates to verify the API with (empty: the system's).",
-	  false, PGC_SIGHUP, NULL, 0, 0, 0, 0, &cd2_ca_file, "" },
-	{ "cd2sync.max_workers", "Most instance syncs the scheduler runs at once.", false, PGC_SIGHUP,
-	  &cd2_max_workers, 4, 1, 1000, 0, NULL, NULL },
-	{ "cd2sync.scheduler_naptime",
-	  "Longest sleep of the scheduler between two looks at the schedules.", false, PGC_SIGHUP,
-	  &cd2_scheduler_naptime, 10000, 100, 3600000, GUC_UNIT_MS, NULL, NULL },
-	{ "cd2sync.max_line_length", "Longest record accepted in a downloaded file.", true, PGC_SUSET,
-	  &cd2_max_line_length, 64 * 1024 * 1024, 1024, MaxAllocSize / 2, GUC_UNIT_BYTE, NULL, NULL },
+	STRING_SETTING("cd2sync.database", "Database the scheduler works in.", false, PGC_SIGHUP,
+				   &cd2_database, "postgres"),
+	STRING_SETTING("cd2sync.format", "Result format asked of the DAP API: tsv, csv or jsonl.", true,
+				   PGC_SUSET, &cd2_format, "tsv"),
+	INT_SETTING("cd2sync.http_timeout",
+				"Seconds an API call may take, and seconds a download may stall.", true, PGC_SUSET,
+				&cd2_http_timeout, 120, 1, 86400, GUC_UNIT_S),
+	INT_SETTING("cd2sync.connect_timeout", "Seconds to wait for a connection to the API.", true,
+				PGC_SUSET, &cd2_connect_timeout, 10, 1, 3600, GUC_UNIT_S),
+	INT_SETTING("cd2sync.http_retries", "How many times a transient HTTP failure is retried.", true,
+				PGC_SUSET, &cd2_http_retries, 6, 0, 100, 0),
+	INT_SETTING("cd2sync.retry_base_delay",
+				"First backoff delay after a transient failure; it doubles, with jitter.", true,
+				PGC_SUSET, &cd2_retry_base_delay, 1000, 1, 600000, GUC_UNIT_MS),
+	INT_SETTING("cd2sync.retry_max_delay", "Longest backoff delay, Retry-After included.", true,
+				PGC_SUSET, &cd2_retry_max_delay, 60000, 1, 3600000, GUC_UNIT_MS),
+	INT_SETTING("cd2sync.poll_interval", "Longest wait between two polls of a running query job.",
+				true, PGC_SUSET, &cd2_poll_interval, 5000, 10, 600000, GUC_UNIT_MS),
+	INT_SETTING("cd2sync.job_timeout",
+				"Seconds a query job may take upstream before the table sync fails.", true,
+				PGC_SUSET, &cd2_job_timeout, 3600, 1, 7 * 86400, GUC_UNIT_S),
+	STRING_SETTING("cd2sync.ca_file",
+				   "File of CA certificates to verify the API with (empty: the system's).", false,
+				   PGC_SIGHUP, &cd2_ca_file, ""),
+	BOOL_SETTING(
+		"cd2sync.allow_insecure_http",
+		"Allow plain http to hosts other than loopback (credentials would travel in clear).", false,
+		PGC_SIGHUP, &cd2_allow_insecure_http, false),
+	INT_SETTING("cd2sync.max_workers", "Most instance syncs the scheduler runs at once.", false,
+				PGC_SIGHUP, &cd2_max_workers, 4, 1, 1000, 0),
+	INT_SETTING("cd2sync.scheduler_naptime",
+				"Longest sleep of the scheduler between two looks at the schedules.", false,
+				PGC_SIGHUP, &cd2_scheduler_naptime, 10000, 100, 3600000, GUC_UNIT_MS),
+	INT_SETTING("cd2sync.max_line_length", "Longest record accepted in a downloaded file.", true,
+				PGC_SUSET, &cd2_max_line_length, 64 * 1024 * 1024, 1024, MaxAllocSize / 2,
+				GUC_UNIT_BYTE),
 };
 
 void _PG_init(void);
@@ -88,7 +114,10 @@ _PG_init(void)
 	{
 		const Cd2Setting *s = &settings[i];
 
-		if (s->int_var)
+		if (s->bool_var)
+			DefineCustomBoolVariable(s->name, s->description, NULL, s->bool_var,
+									 s->int_default != 0, s->context, 0, NULL, NULL, NULL);
+		else if (s->int_var)
 			DefineCustomIntVariable(s->name, s->description, NULL, s->int_var, s->int_default,
 									s->int_min, s->int_max, s->context, s->flags, NULL, NULL, NULL);
 		else

@@ -28,6 +28,7 @@ extern char *cd2_ca_file;
 extern int cd2_max_line_length;
 extern int cd2_max_workers;
 extern int cd2_scheduler_naptime;
+extern bool cd2_allow_insecure_http;
 
 /*
  * The settings a sync worker inherits from the session that started it, as

@@ -223,6 +223,49 @@ stream_fill(HttpStream *s)
 		curl_easy_getinfo(s->easy, CURLINFO_RESPONSE_CODE, &s->status);
 }
 
+/* Whether a URL's host is this machine */
+static bool
+is_loopback(const char *host)
+{
+	if (pg_strcasecmp(host, "localhost") == 0 || strcmp(host, "[::1]") == 0 ||
+		strcmp(host, "::1") == 0)
+		return true;
+	return strncmp(host, "127.", 4) == 0 && strspn(host, "0123456789.") == strlen(host);
+}
+
+/*
+ * https always (certificates verified); plain http only to loopback, unless
+ * cd2sync.allow_insecure_http. Checked before anything touches the network.
+ */
+static void
+check_url(const char *url)
+{
+	CURLU *u = curl_url();
+	char *scheme = NULL;
+	char *host = NULL;
+	const char *problem = NULL;
+
+	if (u == NULL)
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+		curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+		curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK)
+		problem = "not a valid URL";
+	else if (pg_strcasecmp(scheme, "https") == 0)
+		problem = NULL;
+	else if (pg_strcasecmp(scheme, "http") != 0)
+		problem = "only http and https are supported";
+	else if (!is_loopback(host) && !cd2_allow_insecure_http)
+		problem = "plain http is allowed only to this machine (loopback)";
+	curl_free(scheme);
+	curl_free(host);
+	curl_url_cleanup(u);
+	if (problem)
+		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						errmsg("refusing to connect: %s", problem),
+						errhint("Use https, or set cd2sync.allow_insecure_http.")));
+}
+
 /*
  * Starts a request and runs it until the status is known (the first body
  * bytes are in, or the transfer has ended).
@@ -230,9 +273,11 @@ stream_fill(HttpStream *s)
 HttpStream *
 http_stream_open(const HttpRequest *req)
 {
-	HttpStream *s = palloc0(sizeof(HttpStream));
+	HttpStream *s;
 	CURL *h;
 
+	check_url(req->url);
+	s = palloc0(sizeof(HttpStream));
 	get_multi();
 	s->retry_after_ms = -1;
 	s->cleanup.func = stream_cleanup;

@@ -1,0 +1,428 @@
+#!/usr/bin/env bash
+# The cd2sync benchmark (`make bench`). Every figure is printed with a baseline measured in
+# the same run, on the same throwaway cluster, from the same data:
+#   1 snapshot        cd2_sync_now vs L  = COPY of the same rows into an identical empty table
+#   2 incremental     cd2_sync_now vs L2 = hand-written SQL (COPY to temp, INSERT ... ON
+#                     CONFLICT DO UPDATE, DELETE ... USING), one transaction
+#   3 per-row client  cd2_sync_now vs P  = psycopg2, one prepared statement per record
+#   4 no-op           rows rewritten, WAL bytes and time: cd2sync vs L2 on the same records
+#   5 memory          peak RSS of the sync worker during the snapshot
+#   6 consortium      an analyst query over cd2.enrollments vs the raw per-instance tables
+# It is a benchmark, never a test: it fails only when something cannot run. Sets the machine
+# up (scripts/setup.sh), starts a cluster and the emulator on loopback, and removes them.
+#
+#   BENCH_ROWS=1000000 BENCH_CHANGES=100000 BENCH_ENROLLMENTS=10000000 bash bench/bench.sh
+#
+# Other knobs: BENCH_DATA (generated data, reused; default /tmp/cd2sync-bench-data),
+# BENCH_MERGES (100000), BENCH_P_CAP (200000), BENCH_VIEW_TIMEOUT (seconds, 120),
+# BENCH_PROFILE=1 (pg_stat_statements: prints the statements that dominate each sync).
+set -euo pipefail
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$BENCH_DIR/../scripts/setup.sh"
+
+BENCH_ROWS=${BENCH_ROWS:-1000000}
+BENCH_CHANGES=${BENCH_CHANGES:-100000}
+BENCH_ENROLLMENTS=${BENCH_ENROLLMENTS:-10000000}
+BENCH_MERGES=${BENCH_MERGES:-100000}
+BENCH_DATA=${BENCH_DATA:-/tmp/cd2sync-bench-data}
+BENCH_P_CAP=${BENCH_P_CAP:-200000}
+BENCH_VIEW_TIMEOUT=${BENCH_VIEW_TIMEOUT:-120}
+BENCH_PROFILE=${BENCH_PROFILE:-0}
+RESULTS=$BENCH_DIR/results-latest.txt
+PORT=5497
+T_START=$(date +%s)
+
+setup_all
+if ! python3 -c 'import psycopg2' 2>/dev/null; then   # baseline P
+    echo "== installing: python3-psycopg2"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-psycopg2 >/dev/null
+fi
+
+# ---- helpers ----------------------------------------------------------------------------------
+now() { date +%s.%N; }
+calc() { awk "BEGIN { printf \"%.${2:-3}f\", $1 }"; }       # calc EXPR [decimals]
+sql() { as_user env PGHOST="$work" PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres \
+            /usr/lib/postgresql/15/bin/psql -X -v ON_ERROR_STOP=1 -q "$@"; }
+val() { sql -At -c "$1"; }                                   # one value
+checkpoint() { sql -c "CHECKPOINT"; }                        # before every timed step: no
+                                                             # step pays for another's dirty pages
+lsn() { val "SELECT pg_current_wal_lsn()"; }
+wal_mb() { calc "$(val "SELECT pg_wal_lsn_diff('$2', '$1')") / 1048576" 1; }
+# counters of a table: n_tup_ins n_tup_upd n_tup_hot_upd n_tup_del (after the writers flushed)
+tup_stats() { sleep 1.2; val "SELECT n_tup_ins || ' ' || n_tup_upd || ' ' || n_tup_hot_upd || ' ' || n_tup_del
+                              FROM pg_stat_user_tables WHERE relid = '$1'::regclass"; }
+# a content fingerprint (row count and a sum of row hashes): equal tables, equal fingerprints
+fingerprint() { val "SELECT count(*) || ':' || coalesce(sum(hashtextextended(t::text, 0)), 0) FROM $1 t"; }
+check_same() {
+    if [ "$(fingerprint "$1")" = "$(fingerprint "$2")" ]; then echo "   check: $1 = $2"
+    else echo "   WARNING: $1 and $2 differ"; problems+=("$1 and $2 differ after $3"); fi
+}
+# cd2_sync_now on the bench table; prints "mode upserted deleted unchanged seconds error"
+sync_now() {
+    sql -At -F ' ' -c "SELECT s.mode, s.rows_upserted, s.rows_deleted, l.rows_unchanged,
+                              round(s.seconds::numeric, 3), coalesce(s.error, '')
+                         FROM cd2_sync_now('bench', tables => ARRAY['submissions']) s
+                         LEFT JOIN cd2sync.sync_log l ON l.run_id = (SELECT max(run_id) FROM cd2sync.sync_log)
+                                                     AND l.table_name = s.table_name"
+}
+# job_seconds / load_seconds of the latest sync
+sync_split() { val "SELECT round(job_seconds::numeric, 2) || 's job + ' || round(load_seconds::numeric, 2) || 's load, '
+                           || objects || ' objects, ' || round(bytes_downloaded / 1048576.0, 1) || ' MB downloaded'
+                      FROM cd2sync.sync_log ORDER BY run_id DESC LIMIT 1"; }
+# the hand-written incremental: COPY into temp tables, upsert, delete, one transaction
+l2_apply() {   # TABLE UPSERTS_FILE DELETES_FILE
+    local sets
+    sets=$(val "SELECT string_agg(format('%I = excluded.%I', attname, attname), ', ' ORDER BY attnum)
+                  FROM pg_attribute WHERE attrelid = '$1'::regclass AND attnum > 0 AND NOT attisdropped
+                   AND attname <> 'id'")
+    L2_T0=$(now)
+    sql <<SQL
+BEGIN;
+CREATE TEMP TABLE l2_up (LIKE $1) ON COMMIT DROP;
+CREATE TEMP TABLE l2_del (id bigint) ON COMMIT DROP;
+COPY l2_up FROM '$2';
+COPY l2_del FROM '$3';
+INSERT INTO $1 AS t SELECT * FROM l2_up ON CONFLICT (id) DO UPDATE SET $sets;
+DELETE FROM $1 t USING l2_del d WHERE t.id = d.id;
+COMMIT;
+SQL
+    L2_T1=$(now)
+}
+pclient() { python3 "$BENCH_DIR/pclient.py" --host "$work" --port $PORT "$@"; }
+# samples the sync worker's memory every 100 ms while process $1 (the psql running the sync)
+# lives; prints "peak RssAnon kB, last VmHWM kB, peak VmRSS kB, samples"
+sample_rss() {
+    local pid="" anon=0 hwm=0 rss=0 n=0 a h r
+    while kill -0 "$1" 2>/dev/null; do
+        [ -n "$pid" ] || pid=$(val "SELECT pid FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker' LIMIT 1" 2>/dev/null || true)
+        if [ -n "$pid" ] && read -r a h r < <(awk '/^RssAnon:/ {a = $2} /^VmHWM:/ {h = $2} /^VmRSS:/ {r = $2}
+                                                  END {if (h) print a + 0, h + 0, r + 0}' "/proc/$pid/status" 2>/dev/null); then
+            n=$((n + 1)); [ "$a" -gt "$anon" ] && anon=$a; [ "$h" -gt "$hwm" ] && hwm=$h; [ "$r" -gt "$rss" ] && rss=$r
+        fi
+        sleep 0.1
+    done
+    echo "$anon $hwm $rss $n"
+}
+rows_per_s() { calc "$1 / $2" 0; }
+mb_per_s() { calc "$1 / 1048576 / $2" 1; }
+
+# ---- data -------------------------------------------------------------------------------------
+umask 022
+mkdir -p "$BENCH_DATA"
+echo "== data: $BENCH_ROWS rows, $BENCH_CHANGES changes (generated once, kept in $BENCH_DATA)"
+data=$(python3 "$BENCH_DIR/gen.py" --root "$BENCH_DATA" --rows "$BENCH_ROWS" --changes "$BENCH_CHANGES")
+chmod -R a+rX "$data"
+manifest() { python3 -c "import json, sys; m = json.load(open('$data/manifest.json')); print(eval(sys.argv[1]))" "$1"; }
+SNAP_RAW=$(manifest "m['snapshot']['raw_bytes']"); SNAP_GZ=$(manifest "m['snapshot']['gz_bytes']")
+SNAP_PLAIN=$(manifest "m['snapshot']['plain_bytes']"); INC_RAW=$(manifest "m['inc1']['raw_bytes']")
+NOOP_RAW=$(manifest "m['noop']['raw_bytes']"); NOOP_N=$(manifest "m['noop']['updates']")
+INC_SUMMARY=$(manifest "'%d updates, %d inserts, %d deletes' % (m['inc1']['updates'], m['inc1']['inserts'], m['inc1']['deletes'])")
+echo "   $data: snapshot $(calc "$SNAP_RAW / 1048576" 0) MB as TSV ($(calc "$SNAP_GZ / 1048576" 0) MB gzip), incremental: $INC_SUMMARY"
+
+# ---- cluster and emulator ---------------------------------------------------------------------
+work=$(make_workdir)
+pids=()
+problems=()
+cleanup() {
+    set +e
+    as_user pg_ctl -D "$work/data" -m fast stop >/dev/null 2>&1
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== starting the emulator (bulk table submissions served from $data)"
+cp "$CD2_ROOT/test/emulator/cd2emu.py" "$work/"
+echo '{"instances": {"us-east-1#bench": {"secret": "bench-secret", "tables": {}}}}' >"$work/scenario.json"
+as_user python3 "$work/cd2emu.py" --port 0 --port-file "$work/emu.port" --scenario "$work/scenario.json" --quiet \
+    >"$work/emu.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [ -s "$work/emu.port" ] && break; sleep 0.1; done
+emu="http://127.0.0.1:$(cat "$work/emu.port")"
+python3 - "$emu" "$data" <<'PY'
+import json, sys, urllib.request
+emu, d = sys.argv[1], sys.argv[2]
+m = json.load(open(d + "/manifest.json"))
+s = json.load(open(d + "/schema.json"))
+body = {"client_id": "us-east-1#bench", "table": "submissions", "version": s["version"], "schema": s["schema"],
+        "format": "tsv", "snapshot": {"at": m["snapshot"]["at"], "files": m["snapshot"]["files"]},
+        "incrementals": [{k: m[x][k] for k in ("since", "until", "files")} for x in ("inc1", "noop")]}
+req = urllib.request.Request(emu + "/_emu/bulk", data=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+urllib.request.urlopen(req).read()
+PY
+
+echo "== starting a throwaway PostgreSQL 15 cluster"
+as_user initdb -D "$work/data" -A trust -U postgres >/dev/null
+cat >>"$work/data/postgresql.conf" <<EOF
+listen_addresses = ''
+unix_socket_directories = '$work'
+port = $PORT
+shared_buffers = 512MB
+max_wal_size = 8GB
+checkpoint_timeout = 30min
+EOF
+if [ "$BENCH_PROFILE" = 1 ]; then
+    cat >>"$work/data/postgresql.conf" <<EOF
+shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track = all
+pg_stat_statements.max = 2000
+EOF
+fi
+as_user pg_ctl -D "$work/data" -l "$work/postgres.log" -w start >/dev/null
+sql <<SQL
+CREATE EXTENSION cd2sync;
+SET log_statement = 'none';
+SELECT cd2_add_instance('bench', 'us-east-1#bench', 'bench-secret', api_url => '$emu',
+                        tables => ARRAY['submissions']);
+SQL
+if [ "$BENCH_PROFILE" = 1 ]; then sql -c "CREATE EXTENSION pg_stat_statements"; fi
+profile() {   # the statements that took the most time since the last call
+    [ "$BENCH_PROFILE" = 1 ] || return 0
+    echo "   -- pg_stat_statements, top statements of: $1"
+    sql -c "SELECT round(total_exec_time::numeric / 1000, 2) AS seconds, calls, rows,
+                   left(regexp_replace(query, '\s+', ' ', 'g'), 110) AS query
+              FROM pg_stat_statements WHERE query !~ 'cd2_sync_now|pg_stat_statements_reset'
+             ORDER BY total_exec_time DESC LIMIT 8" -c "SELECT pg_stat_statements_reset()" | sed 's/^/   /'
+}
+
+# ---- 1. snapshot: cd2_sync_now vs L (COPY into an identical empty table) ----------------------
+# (5. the sync worker's memory is sampled while this snapshot runs)
+echo "== 1. snapshot of $BENCH_ROWS rows"
+checkpoint
+[ "$BENCH_PROFILE" = 1 ] && val "SELECT pg_stat_statements_reset()" >/dev/null
+w0=$(lsn); t0=$(now)
+sync_now >"$work/sync1.out" &
+spid=$!
+read -r RSS_ANON RSS_HWM RSS_MAX RSS_N < <(sample_rss $spid)
+wait $spid
+t1=$(now); w1=$(lsn)
+T_SNAP=$(calc "$t1 - $t0"); WAL_SNAP=$(wal_mb "$w0" "$w1")
+echo "   cd2sync: $(cat "$work/sync1.out") | $(sync_split) | wall ${T_SNAP}s, WAL ${WAL_SNAP} MB"
+read -r mode _ <"$work/sync1.out"
+[ "$mode" = snapshot ] || problems+=("snapshot sync: $(cat "$work/sync1.out")")
+profile "the snapshot"
+echo "   table created by cd2sync:"
+sql -c '\d bench.submissions' | sed 's/^/   /' | head -40
+
+sql -c "CREATE SCHEMA baseline" -c "CREATE TABLE baseline.base (LIKE bench.submissions INCLUDING ALL)"
+checkpoint
+w0=$(lsn); t0=$(now)
+sql -c "COPY baseline.base FROM '$data/snapshot.copy'"
+t1=$(now); w1=$(lsn)
+T_L=$(calc "$t1 - $t0"); WAL_L=$(wal_mb "$w0" "$w1")
+echo "   L (COPY): ${T_L}s, WAL ${WAL_L} MB"
+check_same bench.submissions baseline.base "the snapshot"
+
+# ---- 2. incremental: cd2_sync_now vs L2 (hand-written set-based SQL) --------------------------
+echo "== 2. incremental of $BENCH_CHANGES records ($INC_SUMMARY)"
+# L2 works on a copy of the table as it is before the incremental; autovacuum would have
+# vacuumed and analysed every table by now: do it for all of them
+sql -c "CREATE TABLE baseline.l2 (LIKE bench.submissions INCLUDING ALL)" \
+    -c "INSERT INTO baseline.l2 SELECT * FROM bench.submissions" \
+    -c "VACUUM ANALYZE bench.submissions" -c "VACUUM ANALYZE baseline.base" -c "VACUUM ANALYZE baseline.l2"
+checkpoint
+t0=$(now)
+sync_now >"$work/sync2.out"
+t1=$(now)
+T_INC=$(calc "$t1 - $t0")
+echo "   cd2sync: $(cat "$work/sync2.out") | $(sync_split) | wall ${T_INC}s"
+read -r mode _ <"$work/sync2.out"
+[ "$mode" = incremental ] || problems+=("incremental sync: $(cat "$work/sync2.out")")
+profile "the incremental"
+checkpoint
+l2_apply baseline.l2 "$data/inc1-upserts.copy" "$data/inc1-deletes.copy"
+T_L2=$(calc "$L2_T1 - $L2_T0")
+echo "   L2 (COPY to temp + INSERT ON CONFLICT + DELETE USING): ${T_L2}s"
+check_same bench.submissions baseline.l2 "the incremental"
+
+# ---- 3. per-row client P (psycopg2, one prepared statement per record) ------------------------
+echo "== 3. per-row client P"
+P_CAP=$(( BENCH_ROWS < BENCH_P_CAP ? BENCH_ROWS : BENCH_P_CAP ))
+sql -c "CREATE TABLE baseline.p_snap (LIKE bench.submissions INCLUDING ALL)"
+checkpoint
+pclient --table baseline.p_snap --upserts "$data/snapshot.copy" --limit "$P_CAP" >"$work/p1.out"
+read -r tp np _ <"$work/p1.out"
+T_P_SNAP=$(calc "$tp * $BENCH_ROWS / $np")
+echo "   snapshot: $np rows in ${tp}s -> ${T_P_SNAP}s for $BENCH_ROWS rows (extrapolated linearly)"
+# P applies the incremental to baseline.base, which holds the snapshot (as cd2sync did)
+checkpoint
+pclient --table baseline.base --upserts "$data/inc1-upserts.copy" --deletes "$data/inc1-deletes.copy" >"$work/p2.out"
+read -r T_P_INC nu nd <"$work/p2.out"
+echo "   incremental: $nu upserts + $nd deletes in ${T_P_INC}s"
+check_same bench.submissions baseline.base "P's incremental"
+
+# ---- 4. no-op incremental: rows rewritten and WAL, cd2sync vs L2 -----------------------------
+echo "== 4. no-op incremental: $NOOP_N records equal to the stored rows"
+checkpoint
+s0=$(tup_stats bench.submissions); w0=$(lsn); t0=$(now)
+sync_now >"$work/sync3.out"
+t1=$(now); w1=$(lsn); s1=$(tup_stats bench.submissions)
+T_NOOP=$(calc "$t1 - $t0"); WAL_NOOP=$(wal_mb "$w0" "$w1")
+read -r i0 u0 h0 d0 <<<"$s0"; read -r i1 u1 h1 d1 <<<"$s1"
+NOOP_UPD=$((u1 - u0)); NOOP_HOT=$((h1 - h0)); NOOP_INS=$((i1 - i0)); NOOP_DEL=$((d1 - d0))
+echo "   cd2sync: $(cat "$work/sync3.out") | $(sync_split) | wall ${T_NOOP}s, updated $NOOP_UPD (HOT $NOOP_HOT), inserted $NOOP_INS, deleted $NOOP_DEL, WAL ${WAL_NOOP} MB"
+read -r mode _ <"$work/sync3.out"
+case "$mode" in incremental|unchanged) ;; *) problems+=("no-op sync: $(cat "$work/sync3.out")") ;; esac
+profile "the no-op incremental"
+checkpoint
+s0=$(tup_stats baseline.l2); w0=$(lsn)
+l2_apply baseline.l2 "$data/noop-upserts.copy" "$data/noop-deletes.copy"
+w1=$(lsn); s1=$(tup_stats baseline.l2)
+T_L2_NOOP=$(calc "$L2_T1 - $L2_T0"); WAL_L2_NOOP=$(wal_mb "$w0" "$w1")
+read -r i0 u0 h0 d0 <<<"$s0"; read -r i1 u1 h1 d1 <<<"$s1"
+L2_UPD=$((u1 - u0)); L2_HOT=$((h1 - h0)); L2_INS=$((i1 - i0)); L2_DEL=$((d1 - d0))
+echo "   L2: ${T_L2_NOOP}s, updated $L2_UPD (HOT $L2_HOT), inserted $L2_INS, deleted $L2_DEL, WAL ${WAL_L2_NOOP} MB"
+check_same bench.submissions baseline.l2 "the no-op incremental"
+
+# ---- 5. memory of the sync worker during the snapshot (sampled in step 1) -------------------
+RSS_ANON_MB=$(calc "$RSS_ANON / 1024" 1); RSS_HWM_MB=$(calc "$RSS_HWM / 1024" 1)
+echo "== 5. sync worker memory during the snapshot ($RSS_N samples): peak private (RssAnon) ${RSS_ANON_MB} MB," \
+     "VmHWM ${RSS_HWM_MB} MB (includes the shared buffers it touched); the data was $(calc "$SNAP_RAW / 1048576" 0) MB uncompressed"
+
+# ---- 6. reconciled view cost: cd2.enrollments vs the raw tables of two instances --------------
+# Built with SQL (no emulator): two sharded instances, users and enrollments in their target
+# schemas, BENCH_MERGES users deleted with merged_into_user_id (half across shards), plus an
+# enrolment on the replacement for a quarter of the merged users' same-shard enrolments
+# (cd2_merge_duplicate). The view resolves every user reference; the raw side does not.
+E_HALF=$((BENCH_ENROLLMENTS / 2)); U_HALF=$(( BENCH_ENROLLMENTS / 20 > 10 ? BENCH_ENROLLMENTS / 20 : 10 ))
+M_HALF=$((BENCH_MERGES / 2)); [ "$M_HALF" -gt $((U_HALF / 10)) ] && M_HALF=$((U_HALF / 10))
+echo "== 6. consortium: 2 instances, $((2 * E_HALF)) enrollments, $((2 * U_HALF)) users, $((2 * M_HALF)) merges"
+sql <<'SQL'
+SET log_statement = 'none';
+SELECT cd2_add_instance('c1', 'us-east-1#c1', 'unused', api_url => 'http://127.0.0.1:9', shard_id => 1);
+SELECT cd2_add_instance('c2', 'us-east-1#c2', 'unused', api_url => 'http://127.0.0.1:9', shard_id => 2);
+SQL
+build_instance() {   # SHARD
+    local s=$1 o=$((3 - $1))
+    sql <<SQL
+CREATE SCHEMA c$s;
+CREATE TABLE c$s.users (id bigint PRIMARY KEY, name text, workflow_state text NOT NULL,
+    merged_into_user_id bigint, deleted_at timestamp, created_at timestamp NOT NULL, updated_at timestamp NOT NULL);
+INSERT INTO c$s.users
+SELECT g, 'User ' || g, CASE WHEN g <= $M_HALF THEN 'deleted' ELSE 'registered' END,
+       CASE WHEN g > $M_HALF THEN NULL
+            WHEN g % 2 = 0 THEN ${o}0000000000000 + $M_HALF + 1 + (g * 7919) % ($U_HALF - $M_HALF)
+            ELSE $M_HALF + 1 + (g * 104729) % ($U_HALF - $M_HALF) END,
+       CASE WHEN g <= $M_HALF THEN timestamp '2026-06-01' + g * interval '1 second' END,
+       timestamp '2020-01-01' + (g % 100000) * interval '1 minute', timestamp '2026-10-01'
+  FROM generate_series(1, $U_HALF) g;
+CREATE TABLE c$s.enrollments (id bigint PRIMARY KEY, user_id bigint NOT NULL, course_id bigint NOT NULL,
+    course_section_id bigint, role_id bigint, type text NOT NULL, workflow_state text NOT NULL,
+    sis_pseudonym_id bigint, root_account_id bigint, created_at timestamp, updated_at timestamp);
+INSERT INTO c$s.enrollments
+SELECT g, 1 + (g * 2654435761) % $U_HALF, c, c * 2 + g % 2, 100 + t, (ARRAY['StudentEnrollment', 'TeacherEnrollment',
+       'TaEnrollment', 'ObserverEnrollment', 'DesignerEnrollment'])[t + 1],
+       CASE WHEN g % 100 < 85 THEN 'active' WHEN g % 100 < 95 THEN 'completed' ELSE 'deleted' END,
+       CASE WHEN g % 10 < 3 THEN 50000000 + g END, 1, timestamp '2025-01-01', timestamp '2026-10-01'
+  FROM generate_series(1, $E_HALF) g,
+       LATERAL (SELECT 1 + (g * 48271) % greatest($E_HALF / 500, 1) AS c,
+                       CASE WHEN g % 20 < 17 THEN 0 ELSE g % 20 - 16 END AS t) x;
+INSERT INTO c$s.enrollments
+SELECT $E_HALF + row_number() OVER (ORDER BY e.id), u.merged_into_user_id, e.course_id, e.course_section_id,
+       e.role_id, e.type, 'active', NULL, 1, e.created_at, e.updated_at
+  FROM c$s.enrollments e JOIN c$s.users u ON u.id = e.user_id
+ WHERE u.merged_into_user_id < 10000000000000 AND e.id % 4 = 0;
+INSERT INTO cd2sync.table_state (instance, table_name, status) VALUES ('c$s', 'users', 'ok'), ('c$s', 'enrollments', 'ok');
+SQL
+}
+t0=$(now)
+build_instance 1 & b1=$!
+build_instance 2 & b2=$!
+wait $b1; wait $b2
+t1=$(now)
+sql -c "VACUUM ANALYZE c1.users" -c "VACUUM ANALYZE c2.users" -c "VACUUM ANALYZE c1.enrollments" -c "VACUUM ANALYZE c2.enrollments"
+t2=$(now)
+sql -c "SELECT cd2sync.refresh_user_merges()" -c "SELECT cd2sync.refresh_views()" -c "VACUUM ANALYZE cd2sync.user_merge_map"
+t3=$(now)
+N_ENR=$(val "SELECT (SELECT count(*) FROM c1.enrollments) + (SELECT count(*) FROM c2.enrollments)")
+N_MAP=$(val "SELECT count(*) FROM cd2.user_merges")
+echo "   built in $(calc "$t1 - $t0" 1)s, vacuum analyze $(calc "$t2 - $t1" 1)s," \
+     "refresh_user_merges + refresh_views $(calc "$t3 - $t2" 1)s: $N_ENR enrollments, $N_MAP user merges"
+RAW="(SELECT 'c1'::text AS instance, course_id, user_id, type, workflow_state FROM c1.enrollments
+      UNION ALL SELECT 'c2'::text, course_id, user_id, type, workflow_state FROM c2.enrollments)"
+# Q1: active students per course, each person counted once (the view's ids are global, so its
+# course_id alone identifies the course; the raw side needs the instance beside it)
+Q1_VIEW="SELECT count(*), sum(students) FROM (SELECT e.course_id, count(DISTINCT e.user_id) AS students
+           FROM cd2.enrollments e WHERE e.type = 'StudentEnrollment' AND e.workflow_state = 'active'
+          GROUP BY e.course_id) x"
+Q1_RAW="SELECT count(*), sum(students) FROM (SELECT e.instance, e.course_id, count(DISTINCT e.user_id) AS students
+           FROM $RAW e WHERE e.type = 'StudentEnrollment' AND e.workflow_state = 'active'
+          GROUP BY e.instance, e.course_id) x"
+# Q2: active enrolments per user (groups by the resolved user)
+Q2_VIEW="SELECT count(*), max(n) FROM (SELECT e.user_id, count(*) AS n FROM cd2.enrollments e
+          WHERE e.workflow_state = 'active' GROUP BY e.user_id) x"
+Q2_RAW="SELECT count(*), max(n) FROM (SELECT e.instance, e.user_id, count(*) AS n FROM $RAW e
+          WHERE e.workflow_state = 'active' GROUP BY e.instance, e.user_id) x"
+# Q3: README's analyst query, which also drops the losing duplicates of merges
+Q3_VIEW="SELECT count(*), sum(students) FROM (SELECT e.course_id, count(DISTINCT e.user_id) AS students
+           FROM cd2.enrollments e WHERE e.type = 'StudentEnrollment' AND e.workflow_state = 'active'
+            AND NOT e.cd2_merge_duplicate GROUP BY e.course_id) x"
+qtime() {   # QUERY -> milliseconds, or "timeout"
+    local out
+    if out=$(sql -c "SET statement_timeout = '${BENCH_VIEW_TIMEOUT}s'" -c '\timing on' -c "$1" 2>&1); then
+        awk '/^Time:/ {print $2}' <<<"$out" | tail -1
+    else
+        grep -q "statement timeout" <<<"$out" && echo timeout || { echo "$out" >&2; echo error; }
+    fi
+}
+median3() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
+view_pair() {   # NAME VIEW_QUERY RAW_QUERY -> sets V_MS R_MS
+    local v=() r=() i
+    for i in 1 2 3; do r+=("$(qtime "$3")"); v+=("$(qtime "$2")"); done
+    R_MS=$(median3 "${r[@]}"); V_MS=$(median3 "${v[@]}")
+    echo "   $1: cd2.enrollments ${v[*]} ms, raw ${r[*]} ms -> medians $V_MS / $R_MS ms"
+}
+view_pair "Q1 students per course" "$Q1_VIEW" "$Q1_RAW"; Q1_V=$V_MS; Q1_R=$R_MS
+view_pair "Q2 enrolments per user" "$Q2_VIEW" "$Q2_RAW"; Q2_V=$V_MS; Q2_R=$R_MS
+sql -c "EXPLAIN $Q1_VIEW" >"$work/q1.plan"
+Q3_V=$(qtime "$Q3_VIEW")
+if [ "$Q3_V" != timeout ] && [ "$Q3_V" != error ]; then
+    Q3_V=$(median3 "$Q3_V" "$(qtime "$Q3_VIEW")" "$(qtime "$Q3_VIEW")")
+fi
+echo "   Q3 README's query (NOT cd2_merge_duplicate): $Q3_V ms (vs raw Q1 $Q1_R ms)"
+
+# ---- results --------------------------------------------------------------------------------
+R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
+ratio() { case "$1$2" in *timeout*|*error*) echo "-" ;; *) calc "$1 / $2" 2 ;; esac; }
+ms_s() { case "$1" in timeout) echo ">${BENCH_VIEW_TIMEOUT}s" ;; error) echo error ;; *) echo "$(calc "$1 / 1000" 3)s" ;; esac; }
+{
+    echo "cd2sync benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$CD2_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$CD2_ROOT" diff --quiet HEAD 2>/dev/null || echo '+changes')"
+    echo "$(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GB, $(/usr/lib/postgresql/15/bin/postgres --version)," \
+         "shared_buffers 512MB, max_wal_size 8GB, checkpoint_timeout 30min, CHECKPOINT before each timed step"
+    echo "BENCH_ROWS=$BENCH_ROWS BENCH_CHANGES=$BENCH_CHANGES BENCH_ENROLLMENTS=$BENCH_ENROLLMENTS BENCH_MERGES=$BENCH_MERGES;" \
+         "snapshot $(calc "$SNAP_RAW / 1048576" 0) MB TSV ($(calc "$SNAP_GZ / 1048576" 0) MB gzip, $(manifest "len(m['snapshot']['files'])") parts)"
+    echo "ratio = cd2sync / baseline (time: below 1 is faster than the baseline); rows/s and MB/s are cd2sync's (uncompressed TSV)"
+    echo
+    R "figure" "cd2sync" "baseline" "ratio" "target" "rows/s" "MB/s"
+    R "--------------------------------------------" "------------" "------------" "-------" "------------" "---------" "-------"
+    R "1 snapshot, vs L = COPY into same table" "${T_SNAP}s" "${T_L}s" "$(ratio "$T_SNAP" "$T_L")" "-" \
+      "$(rows_per_s "$BENCH_ROWS" "$T_SNAP")" "$(mb_per_s "$SNAP_RAW" "$T_SNAP")"
+    R "  L itself" "" "" "" "" "$(rows_per_s "$BENCH_ROWS" "$T_L")" "$(mb_per_s "$SNAP_PLAIN" "$T_L")"
+    R "2 incremental, vs L2 = hand-written SQL" "${T_INC}s" "${T_L2}s" "$(ratio "$T_INC" "$T_L2")" "-" \
+      "$(rows_per_s "$BENCH_CHANGES" "$T_INC")" "$(mb_per_s "$INC_RAW" "$T_INC")"
+    R "3a snapshot, vs P = per-row psycopg2 (*)" "${T_SNAP}s" "${T_P_SNAP}s" "$(ratio "$T_SNAP" "$T_P_SNAP")" "< 1" \
+      "$(rows_per_s "$BENCH_ROWS" "$T_SNAP")" "$(mb_per_s "$SNAP_RAW" "$T_SNAP")"
+    R "3b incremental, vs P" "${T_INC}s" "${T_P_INC}s" "$(ratio "$T_INC" "$T_P_INC")" "< 1" \
+      "$(rows_per_s "$BENCH_CHANGES" "$T_INC")" "$(mb_per_s "$INC_RAW" "$T_INC")"
+    R "4a no-op incremental: time, vs L2" "${T_NOOP}s" "${T_L2_NOOP}s" "$(ratio "$T_NOOP" "$T_L2_NOOP")" "-" \
+      "$(rows_per_s "$NOOP_N" "$T_NOOP")" "$(mb_per_s "$NOOP_RAW" "$T_NOOP")"
+    R "4b no-op: rows rewritten (upd/ins/del)" "$NOOP_UPD/$NOOP_INS/$NOOP_DEL" "$L2_UPD/$L2_INS/$L2_DEL" "-" "0" "" ""
+    R "4c no-op: WAL written" "${WAL_NOOP} MB" "${WAL_L2_NOOP} MB" "$(ratio "$WAL_NOOP" "$WAL_L2_NOOP")" "< 1" "" ""
+    R "5 sync worker peak RSS, snapshot (**)" "${RSS_ANON_MB} MB" "-" "-" "<= 64 MB" "" ""
+    R "6 Q1 students/course: cd2 view vs raw" "$(ms_s "$Q1_V")" "$(ms_s "$Q1_R")" "$(ratio "$Q1_V" "$Q1_R")" "<= 1.5" \
+      "$(rows_per_s "$N_ENR" "$(calc "$Q1_V / 1000")")" ""
+    R "6b Q2 enrolments/user: cd2 view vs raw" "$(ms_s "$Q2_V")" "$(ms_s "$Q2_R")" "$(ratio "$Q2_V" "$Q2_R")" "<= 1.5" \
+      "$(rows_per_s "$N_ENR" "$(calc "$Q2_V / 1000")")" ""
+    R "6c Q1 + NOT cd2_merge_duplicate vs raw Q1" "$(ms_s "$Q3_V")" "$(ms_s "$Q1_R")" "$(ratio "$Q3_V" "$Q1_R")" "<= 1.5" "" ""
+    echo
+    echo "(*) P ran $np of $BENCH_ROWS snapshot rows (${tp}s) and is extrapolated linearly; its incremental ran in full."
+    echo "(**) private memory (RssAnon) of the 'cd2sync sync worker' backend, sampled every 100 ms; its VmHWM," \
+         "which counts the shared buffers it touched, was ${RSS_HWM_MB} MB. Snapshot: $(calc "$SNAP_RAW / 1048576" 0) MB uncompressed."
+    echo "WAL: snapshot cd2sync ${WAL_SNAP} MB vs L ${WAL_L} MB. No-op HOT updates: cd2sync $NOOP_HOT, L2 $L2_HOT."
+    echo "6: $N_ENR enrollments, $N_MAP merges, 3 runs each, median; raw = UNION ALL of c1/c2.enrollments grouped by (instance, ...)."
+    if [ ${#problems[@]} -gt 0 ]; then printf 'PROBLEM: %s\n' "${problems[@]}"; fi
+    echo "total bench time $(( $(date +%s) - T_START ))s"
+} | tee "$RESULTS.tmp"
+mv "$RESULTS.tmp" "$RESULTS"
+echo "(written to $RESULTS)"
