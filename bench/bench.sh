@@ -32,8 +32,10 @@ RESULTS=$BENCH_DIR/results-latest.txt
 PORT=5497
 T_START=$(date +%s)
 
+PY_DEB=/usr/bin/python3   # Debian's interpreter: python3-psycopg2 is installed for it
+
 setup_all
-if ! python3 -c 'import psycopg2' 2>/dev/null; then   # baseline P
+if ! $PY_DEB -c 'import psycopg2' 2>/dev/null; then   # baseline P
     echo "== installing: python3-psycopg2"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-psycopg2 >/dev/null
 fi
@@ -65,8 +67,8 @@ sync_now() {
                          LEFT JOIN cd2sync.sync_log l ON l.run_id = (SELECT max(run_id) FROM cd2sync.sync_log)
                                                      AND l.table_name = s.table_name"
 }
-# job_seconds / load_seconds of the latest sync
-sync_split() { val "SELECT round(job_seconds::numeric, 2) || 's job + ' || round(load_seconds::numeric, 2) || 's load, '
+# job_seconds and the rest of the latest sync (its load_seconds is logged before it is measured)
+sync_split() { val "SELECT round(job_seconds::numeric, 2) || 's job + ' || round((seconds - job_seconds)::numeric, 2) || 's rest, '
                            || objects || ' objects, ' || round(bytes_downloaded / 1048576.0, 1) || ' MB downloaded'
                       FROM cd2sync.sync_log ORDER BY run_id DESC LIMIT 1"; }
 # the hand-written incremental: COPY into temp tables, upsert, delete, one transaction
@@ -88,7 +90,7 @@ COMMIT;
 SQL
     L2_T1=$(now)
 }
-pclient() { python3 "$BENCH_DIR/pclient.py" --host "$work" --port $PORT "$@"; }
+pclient() { $PY_DEB "$BENCH_DIR/pclient.py" --host "$work" --port $PORT "$@"; }
 # samples the sync worker's memory every 100 ms while process $1 (the psql running the sync)
 # lives; prints "peak RssAnon kB, last VmHWM kB, peak VmRSS kB, samples"
 sample_rss() {
@@ -170,12 +172,13 @@ pg_stat_statements.max = 2000
 EOF
 fi
 as_user pg_ctl -D "$work/data" -l "$work/postgres.log" -w start >/dev/null
-sql <<SQL
+sql -o /dev/null <<SQL
 CREATE EXTENSION cd2sync;
 SET log_statement = 'none';
 SELECT cd2_add_instance('bench', 'us-east-1#bench', 'bench-secret', api_url => '$emu',
                         tables => ARRAY['submissions']);
 SQL
+
 if [ "$BENCH_PROFILE" = 1 ]; then sql -c "CREATE EXTENSION pg_stat_statements"; fi
 profile() {   # the statements that took the most time since the last call
     [ "$BENCH_PROFILE" = 1 ] || return 0
@@ -288,7 +291,7 @@ echo "== 5. sync worker memory during the snapshot ($RSS_N samples): peak privat
 E_HALF=$((BENCH_ENROLLMENTS / 2)); U_HALF=$(( BENCH_ENROLLMENTS / 20 > 10 ? BENCH_ENROLLMENTS / 20 : 10 ))
 M_HALF=$((BENCH_MERGES / 2)); [ "$M_HALF" -gt $((U_HALF / 10)) ] && M_HALF=$((U_HALF / 10))
 echo "== 6. consortium: 2 instances, $((2 * E_HALF)) enrollments, $((2 * U_HALF)) users, $((2 * M_HALF)) merges"
-sql <<'SQL'
+sql -o /dev/null <<'SQL'
 SET log_statement = 'none';
 SELECT cd2_add_instance('c1', 'us-east-1#c1', 'unused', api_url => 'http://127.0.0.1:9', shard_id => 1);
 SELECT cd2_add_instance('c2', 'us-east-1#c2', 'unused', api_url => 'http://127.0.0.1:9', shard_id => 2);

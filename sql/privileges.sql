@@ -58,3 +58,18 @@ GRANT EXECUTE ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigin
                           cd2_sync_start(text, text[], boolean),
                           cd2sync._check_instance(text)
     TO cd2sync_admin;
+
+-- DROP EXTENSION must not wait behind a running sync (its worker holds
+-- locks on the catalog tables): it stops this database's sync workers first.
+CREATE FUNCTION cd2sync._on_drop_extension()
+RETURNS event_trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_query() ~* 'cd2sync' THEN
+        PERFORM pg_terminate_backend(a.pid, 10000)
+           FROM pg_stat_activity a
+          WHERE a.backend_type = 'cd2sync sync worker' AND a.datname = current_database();
+    END IF;
+END $$;
+REVOKE ALL ON FUNCTION cd2sync._on_drop_extension() FROM PUBLIC;
+CREATE EVENT TRIGGER cd2sync_drop_extension ON ddl_command_start
+    WHEN TAG IN ('DROP EXTENSION') EXECUTE FUNCTION cd2sync._on_drop_extension();
