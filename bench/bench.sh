@@ -15,7 +15,8 @@
 #
 # Other knobs: BENCH_DATA (generated data, reused; default /tmp/cd2sync-bench-data),
 # BENCH_MERGES (100000), BENCH_P_CAP (200000), BENCH_VIEW_TIMEOUT (seconds, 120),
-# BENCH_PROFILE=1 (pg_stat_statements: prints the statements that dominate each sync).
+# BENCH_PROFILE=1 (pg_stat_statements: prints the statements that dominate each sync),
+# BENCH_KEEP=1 (leaves the cluster and the emulator running, for a look).
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$BENCH_DIR/../scripts/setup.sh"
@@ -37,6 +38,7 @@ PY_DEB=/usr/bin/python3   # Debian's interpreter: python3-psycopg2 is installed 
 setup_all
 if ! $PY_DEB -c 'import psycopg2' 2>/dev/null; then   # baseline P
     echo "== installing: python3-psycopg2"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-psycopg2 >/dev/null
 fi
 
@@ -59,18 +61,17 @@ check_same() {
     if [ "$(fingerprint "$1")" = "$(fingerprint "$2")" ]; then echo "   check: $1 = $2"
     else echo "   WARNING: $1 and $2 differ"; problems+=("$1 and $2 differ after $3"); fi
 }
-# cd2_sync_now on the bench table; prints "mode upserted deleted unchanged seconds error"
+# cd2_sync_now on the bench table; prints "mode rows_upserted rows_deleted seconds error"
 sync_now() {
-    sql -At -F ' ' -c "SELECT s.mode, s.rows_upserted, s.rows_deleted, l.rows_unchanged,
-                              round(s.seconds::numeric, 3), coalesce(s.error, '')
-                         FROM cd2_sync_now('bench', tables => ARRAY['submissions']) s
-                         LEFT JOIN cd2sync.sync_log l ON l.run_id = (SELECT max(run_id) FROM cd2sync.sync_log)
-                                                     AND l.table_name = s.table_name"
+    sql -At -F ' ' -c "SELECT mode, rows_upserted, rows_deleted, round(seconds::numeric, 3), coalesce(error, '')
+                         FROM cd2_sync_now('bench', tables => ARRAY['submissions'])"
 }
-# job_seconds and the rest of the latest sync (its load_seconds is logged before it is measured)
-sync_split() { val "SELECT round(job_seconds::numeric, 2) || 's job + ' || round((seconds - job_seconds)::numeric, 2) || 's rest, '
+# the latest sync's log: unchanged rows, job_seconds and the rest (its load_seconds is logged
+# before it is measured), objects and bytes
+sync_split() { val "SELECT rows_unchanged || ' unchanged, ' || round(job_seconds::numeric, 2) || 's job + '
+                           || round((seconds - job_seconds)::numeric, 2) || 's rest, '
                            || objects || ' objects, ' || round(bytes_downloaded / 1048576.0, 1) || ' MB downloaded'
-                      FROM cd2sync.sync_log ORDER BY run_id DESC LIMIT 1"; }
+                      FROM cd2sync.sync_log WHERE instance = 'bench' ORDER BY run_id DESC LIMIT 1"; }
 # the hand-written incremental: COPY into temp tables, upsert, delete, one transaction
 l2_apply() {   # TABLE UPSERTS_FILE DELETES_FILE
     local sets
@@ -106,6 +107,8 @@ sample_rss() {
     echo "$anon $hwm $rss $n"
 }
 rows_per_s() { calc "$1 / $2" 0; }
+ratio() { case "$1$2" in *timeout*|*error*) echo "-" ;; *) calc "$1 / $2" 2 ;; esac; }
+ms_s() { case "$1" in timeout) echo ">${BENCH_VIEW_TIMEOUT}s" ;; error) echo error ;; *) echo "$(calc "$1 / 1000" 3)s" ;; esac; }
 mb_per_s() { calc "$1 / 1048576 / $2" 1; }
 
 # ---- data -------------------------------------------------------------------------------------
@@ -127,8 +130,12 @@ pids=()
 problems=()
 cleanup() {
     set +e
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then   # debugging: leave the cluster and emulator running
+        echo "kept: psql -h $work -p $PORT -U postgres (stop: pg_ctl -D $work/data stop; kill ${pids[*]})"
+        return
+    fi
     as_user pg_ctl -D "$work/data" -m fast stop >/dev/null 2>&1
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -136,8 +143,11 @@ trap cleanup EXIT
 echo "== starting the emulator (bulk table submissions served from $data)"
 cp "$CD2_ROOT/test/emulator/cd2emu.py" "$work/"
 echo '{"instances": {"us-east-1#bench": {"secret": "bench-secret", "tables": {}}}}' >"$work/scenario.json"
-as_user python3 "$work/cd2emu.py" --port 0 --port-file "$work/emu.port" --scenario "$work/scenario.json" --quiet \
-    >"$work/emu.log" 2>&1 &
+# as_user with exec: $! is then runuser itself, which passes the cleanup's SIGTERM on to the
+# emulator (a background as_user leaves $! on a subshell whose death the emulator outlives)
+exec_as_user() { if [ "$(id -u)" = 0 ]; then exec runuser -u "$CD2_USER" -- env PATH="$PATH" "$@"; fi; exec "$@"; }
+exec_as_user python3 "$work/cd2emu.py" --port 0 --port-file "$work/emu.port" --scenario "$work/scenario.json" \
+    --quiet >"$work/emu.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/emu.port" ] && break; sleep 0.1; done
 emu="http://127.0.0.1:$(cat "$work/emu.port")"
@@ -180,20 +190,20 @@ SELECT cd2_add_instance('bench', 'us-east-1#bench', 'bench-secret', api_url => '
 SQL
 
 if [ "$BENCH_PROFILE" = 1 ]; then sql -c "CREATE EXTENSION pg_stat_statements"; fi
-profile() {   # the statements that took the most time since the last call
+profile_reset() { [ "$BENCH_PROFILE" != 1 ] || sql -o /dev/null -c "SELECT pg_stat_statements_reset()"; }
+profile() {   # the statements that took the most time since profile_reset
     [ "$BENCH_PROFILE" = 1 ] || return 0
-    echo "   -- pg_stat_statements, top statements of: $1"
+    echo "   -- pg_stat_statements (track = all), top statements of $1:"
     sql -c "SELECT round(total_exec_time::numeric / 1000, 2) AS seconds, calls, rows,
                    left(regexp_replace(query, '\s+', ' ', 'g'), 110) AS query
               FROM pg_stat_statements WHERE query !~ 'cd2_sync_now|pg_stat_statements_reset'
-             ORDER BY total_exec_time DESC LIMIT 8" -c "SELECT pg_stat_statements_reset()" | sed 's/^/   /'
+             ORDER BY total_exec_time DESC LIMIT 8" | sed 's/^/   /'
 }
 
 # ---- 1. snapshot: cd2_sync_now vs L (COPY into an identical empty table) ----------------------
 # (5. the sync worker's memory is sampled while this snapshot runs)
 echo "== 1. snapshot of $BENCH_ROWS rows"
-checkpoint
-[ "$BENCH_PROFILE" = 1 ] && val "SELECT pg_stat_statements_reset()" >/dev/null
+checkpoint; profile_reset
 w0=$(lsn); t0=$(now)
 sync_now >"$work/sync1.out" &
 spid=$!
@@ -224,7 +234,7 @@ echo "== 2. incremental of $BENCH_CHANGES records ($INC_SUMMARY)"
 sql -c "CREATE TABLE baseline.l2 (LIKE bench.submissions INCLUDING ALL)" \
     -c "INSERT INTO baseline.l2 SELECT * FROM bench.submissions" \
     -c "VACUUM ANALYZE bench.submissions" -c "VACUUM ANALYZE baseline.base" -c "VACUUM ANALYZE baseline.l2"
-checkpoint
+checkpoint; profile_reset
 t0=$(now)
 sync_now >"$work/sync2.out"
 t1=$(now)
@@ -258,7 +268,7 @@ check_same bench.submissions baseline.base "P's incremental"
 # ---- 4. no-op incremental: rows rewritten and WAL, cd2sync vs L2 -----------------------------
 echo "== 4. no-op incremental: $NOOP_N records equal to the stored rows"
 checkpoint
-s0=$(tup_stats bench.submissions); w0=$(lsn); t0=$(now)
+s0=$(tup_stats bench.submissions); profile_reset; w0=$(lsn); t0=$(now)
 sync_now >"$work/sync3.out"
 t1=$(now); w1=$(lsn); s1=$(tup_stats bench.submissions)
 T_NOOP=$(calc "$t1 - $t0"); WAL_NOOP=$(wal_mb "$w0" "$w1")
@@ -309,7 +319,7 @@ SELECT g, 'User ' || g, CASE WHEN g <= $M_HALF THEN 'deleted' ELSE 'registered' 
             ELSE $M_HALF + 1 + (g * 104729) % ($U_HALF - $M_HALF) END,
        CASE WHEN g <= $M_HALF THEN timestamp '2026-06-01' + g * interval '1 second' END,
        timestamp '2020-01-01' + (g % 100000) * interval '1 minute', timestamp '2026-10-01'
-  FROM generate_series(1, $U_HALF) g;
+  FROM generate_series(1::bigint, $U_HALF) g;
 CREATE TABLE c$s.enrollments (id bigint PRIMARY KEY, user_id bigint NOT NULL, course_id bigint NOT NULL,
     course_section_id bigint, role_id bigint, type text NOT NULL, workflow_state text NOT NULL,
     sis_pseudonym_id bigint, root_account_id bigint, created_at timestamp, updated_at timestamp);
@@ -318,7 +328,7 @@ SELECT g, 1 + (g * 2654435761) % $U_HALF, c, c * 2 + g % 2, 100 + t, (ARRAY['Stu
        'TaEnrollment', 'ObserverEnrollment', 'DesignerEnrollment'])[t + 1],
        CASE WHEN g % 100 < 85 THEN 'active' WHEN g % 100 < 95 THEN 'completed' ELSE 'deleted' END,
        CASE WHEN g % 10 < 3 THEN 50000000 + g END, 1, timestamp '2025-01-01', timestamp '2026-10-01'
-  FROM generate_series(1, $E_HALF) g,
+  FROM generate_series(1::bigint, $E_HALF) g,
        LATERAL (SELECT 1 + (g * 48271) % greatest($E_HALF / 500, 1) AS c,
                        CASE WHEN g % 20 < 17 THEN 0 ELSE g % 20 - 16 END AS t) x;
 INSERT INTO c$s.enrollments
@@ -336,59 +346,62 @@ wait $b1; wait $b2
 t1=$(now)
 sql -c "VACUUM ANALYZE c1.users" -c "VACUUM ANALYZE c2.users" -c "VACUUM ANALYZE c1.enrollments" -c "VACUUM ANALYZE c2.enrollments"
 t2=$(now)
-sql -c "SELECT cd2sync.refresh_user_merges()" -c "SELECT cd2sync.refresh_views()" -c "VACUUM ANALYZE cd2sync.user_merge_map"
+sql -o /dev/null -c "SELECT cd2sync.refresh_user_merges()" -c "SELECT cd2sync.refresh_views()" \
+    -c "VACUUM ANALYZE cd2sync.user_merge_map"
 t3=$(now)
 N_ENR=$(val "SELECT (SELECT count(*) FROM c1.enrollments) + (SELECT count(*) FROM c2.enrollments)")
 N_MAP=$(val "SELECT count(*) FROM cd2.user_merges")
 echo "   built in $(calc "$t1 - $t0" 1)s, vacuum analyze $(calc "$t2 - $t1" 1)s," \
      "refresh_user_merges + refresh_views $(calc "$t3 - $t2" 1)s: $N_ENR enrollments, $N_MAP user merges"
-RAW="(SELECT 'c1'::text AS instance, course_id, user_id, type, workflow_state FROM c1.enrollments
-      UNION ALL SELECT 'c2'::text, course_id, user_id, type, workflow_state FROM c2.enrollments)"
+RAW="(SELECT 1 AS shard, course_id, user_id, type, workflow_state FROM c1.enrollments
+      UNION ALL SELECT 2, course_id, user_id, type, workflow_state FROM c2.enrollments)"
 # Q1: active students per course, each person counted once (the view's ids are global, so its
-# course_id alone identifies the course; the raw side needs the instance beside it)
+# course_id alone identifies the course; the raw side groups by the shard beside it)
 Q1_VIEW="SELECT count(*), sum(students) FROM (SELECT e.course_id, count(DISTINCT e.user_id) AS students
            FROM cd2.enrollments e WHERE e.type = 'StudentEnrollment' AND e.workflow_state = 'active'
           GROUP BY e.course_id) x"
-Q1_RAW="SELECT count(*), sum(students) FROM (SELECT e.instance, e.course_id, count(DISTINCT e.user_id) AS students
+Q1_RAW="SELECT count(*), sum(students) FROM (SELECT e.shard, e.course_id, count(DISTINCT e.user_id) AS students
            FROM $RAW e WHERE e.type = 'StudentEnrollment' AND e.workflow_state = 'active'
-          GROUP BY e.instance, e.course_id) x"
+          GROUP BY e.shard, e.course_id) x"
 # Q2: active enrolments per user (groups by the resolved user)
 Q2_VIEW="SELECT count(*), max(n) FROM (SELECT e.user_id, count(*) AS n FROM cd2.enrollments e
           WHERE e.workflow_state = 'active' GROUP BY e.user_id) x"
-Q2_RAW="SELECT count(*), max(n) FROM (SELECT e.instance, e.user_id, count(*) AS n FROM $RAW e
-          WHERE e.workflow_state = 'active' GROUP BY e.instance, e.user_id) x"
+Q2_RAW="SELECT count(*), max(n) FROM (SELECT e.shard, e.user_id, count(*) AS n FROM $RAW e
+          WHERE e.workflow_state = 'active' GROUP BY e.shard, e.user_id) x"
 # Q3: README's analyst query, which also drops the losing duplicates of merges
 Q3_VIEW="SELECT count(*), sum(students) FROM (SELECT e.course_id, count(DISTINCT e.user_id) AS students
            FROM cd2.enrollments e WHERE e.type = 'StudentEnrollment' AND e.workflow_state = 'active'
             AND NOT e.cd2_merge_duplicate GROUP BY e.course_id) x"
-qtime() {   # QUERY -> milliseconds, or "timeout"
+qtime() {   # QUERY [SETTING] -> milliseconds, or "timeout"
     local out
-    if out=$(sql -c "SET statement_timeout = '${BENCH_VIEW_TIMEOUT}s'" -c '\timing on' -c "$1" 2>&1); then
+    if out=$(sql -c "SET statement_timeout = '${BENCH_VIEW_TIMEOUT}s'" -c "${2:-SELECT}" -c '\timing on' -c "$1" 2>&1); then
         awk '/^Time:/ {print $2}' <<<"$out" | tail -1
     else
         grep -q "statement timeout" <<<"$out" && echo timeout || { echo "$out" >&2; echo error; }
     fi
 }
 median3() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
-view_pair() {   # NAME VIEW_QUERY RAW_QUERY -> sets V_MS R_MS
+view_pair() {   # NAME VIEW_QUERY RAW_QUERY [SETTING] -> sets V_MS R_MS
     local v=() r=() i
-    for i in 1 2 3; do r+=("$(qtime "$3")"); v+=("$(qtime "$2")"); done
+    for i in 1 2 3; do r+=("$(qtime "$3" "${4:-}")"); v+=("$(qtime "$2" "${4:-}")"); done
     R_MS=$(median3 "${r[@]}"); V_MS=$(median3 "${v[@]}")
     echo "   $1: cd2.enrollments ${v[*]} ms, raw ${r[*]} ms -> medians $V_MS / $R_MS ms"
 }
-view_pair "Q1 students per course" "$Q1_VIEW" "$Q1_RAW"; Q1_V=$V_MS; Q1_R=$R_MS
-view_pair "Q2 enrolments per user" "$Q2_VIEW" "$Q2_RAW"; Q2_V=$V_MS; Q2_R=$R_MS
-sql -c "EXPLAIN $Q1_VIEW" >"$work/q1.plan"
-Q3_V=$(qtime "$Q3_VIEW")
+# serial first: the planner runs the view's UNION ALL of joins with parallel workers but the
+# raw UNION ALL of scans without, so only equal parallelism measures the view's own cost
+SERIAL="SET max_parallel_workers_per_gather = 0"
+view_pair "Q1 students per course, serial" "$Q1_VIEW" "$Q1_RAW" "$SERIAL"; Q1_V=$V_MS; Q1_R=$R_MS
+view_pair "Q2 enrolments per user, serial" "$Q2_VIEW" "$Q2_RAW" "$SERIAL"; Q2_V=$V_MS; Q2_R=$R_MS
+view_pair "Q1 students per course, default planner" "$Q1_VIEW" "$Q1_RAW"; Q1P_V=$V_MS; Q1P_R=$R_MS
+view_pair "Q2 enrolments per user, default planner" "$Q2_VIEW" "$Q2_RAW"; Q2P_V=$V_MS; Q2P_R=$R_MS
+Q3_V=$(qtime "$Q3_VIEW" "$SERIAL")
 if [ "$Q3_V" != timeout ] && [ "$Q3_V" != error ]; then
-    Q3_V=$(median3 "$Q3_V" "$(qtime "$Q3_VIEW")" "$(qtime "$Q3_VIEW")")
+    Q3_V=$(median3 "$Q3_V" "$(qtime "$Q3_VIEW" "$SERIAL")" "$(qtime "$Q3_VIEW" "$SERIAL")")
 fi
-echo "   Q3 README's query (NOT cd2_merge_duplicate): $Q3_V ms (vs raw Q1 $Q1_R ms)"
+echo "   Q3 README's query (NOT cd2_merge_duplicate): $(ms_s "$Q3_V") (vs raw Q1 $(ms_s "$Q1_R"))"
 
 # ---- results --------------------------------------------------------------------------------
 R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
-ratio() { case "$1$2" in *timeout*|*error*) echo "-" ;; *) calc "$1 / $2" 2 ;; esac; }
-ms_s() { case "$1" in timeout) echo ">${BENCH_VIEW_TIMEOUT}s" ;; error) echo error ;; *) echo "$(calc "$1 / 1000" 3)s" ;; esac; }
 {
     echo "cd2sync benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$CD2_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$CD2_ROOT" diff --quiet HEAD 2>/dev/null || echo '+changes')"
     echo "$(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GB, $(/usr/lib/postgresql/15/bin/postgres --version)," \
@@ -418,12 +431,18 @@ ms_s() { case "$1" in timeout) echo ">${BENCH_VIEW_TIMEOUT}s" ;; error) echo err
     R "6b Q2 enrolments/user: cd2 view vs raw" "$(ms_s "$Q2_V")" "$(ms_s "$Q2_R")" "$(ratio "$Q2_V" "$Q2_R")" "<= 1.5" \
       "$(rows_per_s "$N_ENR" "$(calc "$Q2_V / 1000")")" ""
     R "6c Q1 + NOT cd2_merge_duplicate vs raw Q1" "$(ms_s "$Q3_V")" "$(ms_s "$Q1_R")" "$(ratio "$Q3_V" "$Q1_R")" "<= 1.5" "" ""
+    R "6d Q1, default planner (parallel)" "$(ms_s "$Q1P_V")" "$(ms_s "$Q1P_R")" "$(ratio "$Q1P_V" "$Q1P_R")" "<= 1.5" \
+      "$(rows_per_s "$N_ENR" "$(calc "$Q1P_V / 1000")")" ""
+    R "6e Q2, default planner (parallel)" "$(ms_s "$Q2P_V")" "$(ms_s "$Q2P_R")" "$(ratio "$Q2P_V" "$Q2P_R")" "<= 1.5" \
+      "$(rows_per_s "$N_ENR" "$(calc "$Q2P_V / 1000")")" ""
     echo
     echo "(*) P ran $np of $BENCH_ROWS snapshot rows (${tp}s) and is extrapolated linearly; its incremental ran in full."
     echo "(**) private memory (RssAnon) of the 'cd2sync sync worker' backend, sampled every 100 ms; its VmHWM," \
          "which counts the shared buffers it touched, was ${RSS_HWM_MB} MB. Snapshot: $(calc "$SNAP_RAW / 1048576" 0) MB uncompressed."
     echo "WAL: snapshot cd2sync ${WAL_SNAP} MB vs L ${WAL_L} MB. No-op HOT updates: cd2sync $NOOP_HOT, L2 $L2_HOT."
-    echo "6: $N_ENR enrollments, $N_MAP merges, 3 runs each, median; raw = UNION ALL of c1/c2.enrollments grouped by (instance, ...)."
+    echo "6: $N_ENR enrollments, $N_MAP merges, 3 runs each, median; raw = UNION ALL of c1/c2.enrollments grouped by (shard, ...);" \
+         "6-6c with max_parallel_workers_per_gather = 0 (the planner parallelises the view but not the raw union);" \
+         "6c runs until BENCH_VIEW_TIMEOUT=${BENCH_VIEW_TIMEOUT}s."
     if [ ${#problems[@]} -gt 0 ]; then printf 'PROBLEM: %s\n' "${problems[@]}"; fi
     echo "total bench time $(( $(date +%s) - T_START ))s"
 } | tee "$RESULTS.tmp"

@@ -408,8 +408,8 @@ def main():
     t = time.time()
     man = generate(d, args.rows, args.changes, args.jobs)
     print(f"gen.py: {args.rows} rows, {args.changes} changes in {time.time() - t:.1f}s "
-          f"(snapshot {man['snapshot']['raw_bytes'] / 1e6:.0f} MB as TSV, "
-          f"{man['snapshot']['gz_bytes'] / 1e6:.0f} MB gzip) -> {d}", file=sys.stderr)
+          f"(snapshot {man['snapshot']['raw_bytes'] / 1048576:.0f} MB as TSV, "
+          f"{man['snapshot']['gz_bytes'] / 1048576:.0f} MB gzip) -> {d}", file=sys.stderr)
     print(d)
 
 

@@ -34,6 +34,7 @@ listen_addresses = ''
 unix_socket_directories = '$work'
 port = 5499
 shared_preload_libraries = ''
+cd2sync.job_rate = 0          # the local emulator has no rate limit (the real API: 5 jobs a minute)
 EOF
 as_user pg_ctl -D "$work/data" -l "$work/postgres.log" -w start >/dev/null
 psql() { as_user env PGHOST="$work" PGPORT=5499 PGUSER=postgres /usr/lib/postgresql/15/bin/psql -X -v ON_ERROR_STOP=1 -q "$@"; }

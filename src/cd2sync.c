@@ -33,6 +33,8 @@ int cd2_max_line_length = 64 * 1024 * 1024;
 int cd2_max_workers = 4;
 int cd2_scheduler_naptime = 10000;
 bool cd2_allow_insecure_http = false;
+int cd2_job_rate = 5;
+int cd2_max_jobs_in_flight = 100;
 
 typedef struct Cd2Setting
 {
@@ -95,6 +97,13 @@ static const Cd2Setting settings[] = {
 		"cd2sync.allow_insecure_http",
 		"Allow plain http to hosts other than loopback (credentials would travel in clear).", false,
 		PGC_SIGHUP, &cd2_allow_insecure_http, false),
+	INT_SETTING(
+		"cd2sync.job_rate",
+		"Most query jobs a sync starts per minute (the API allows 5 per credential); 0: no limit.",
+		true, PGC_SUSET, &cd2_job_rate, 5, 0, 100000, 0),
+	INT_SETTING("cd2sync.max_jobs_in_flight",
+				"Most query jobs a sync keeps running upstream at once.", true, PGC_SUSET,
+				&cd2_max_jobs_in_flight, 100, 1, 10000, 0),
 	INT_SETTING("cd2sync.max_workers", "Most instance syncs the scheduler runs at once.", false,
 				PGC_SIGHUP, &cd2_max_workers, 4, 1, 1000, 0),
 	INT_SETTING("cd2sync.scheduler_naptime",

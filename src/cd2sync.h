@@ -29,6 +29,8 @@ extern int cd2_max_line_length;
 extern int cd2_max_workers;
 extern int cd2_scheduler_naptime;
 extern bool cd2_allow_insecure_http;
+extern int cd2_job_rate;
+extern int cd2_max_jobs_in_flight;
 
 /*
  * The settings a sync worker inherits from the session that started it, as

@@ -434,6 +434,23 @@ dap_start_query(DapClient *c, const char *table, const char *format, const char 
 	return j ? parse_job(j) : NULL;
 }
 
+/* Whether a job has ended (complete or failed) */
+bool
+dap_job_done(DapJob *job)
+{
+	return strcmp(job->status, "complete") == 0 || strcmp(job->status, "failed") == 0;
+}
+
+/* Asks for a job's state once. NULL (with err) when the job is gone. */
+DapJob *
+dap_poll_job(DapClient *c, DapJob *job, DapError *err)
+{
+	char *path = psprintf("/dap/job/%s", escape_path(job->id));
+	Jsonb *j = dap_call(c, "GET", path, NULL, err);
+
+	return j ? parse_job(j) : NULL;
+}
+
 /*
  * Polls a job until it is complete or failed: soon at first, then less
  * often, up to cd2sync.poll_interval. NULL (with err) when the job is gone.
@@ -444,11 +461,8 @@ dap_wait_job(DapClient *c, DapJob *job, DapError *err)
 	int delay = Min(100, cd2_poll_interval);
 	TimestampTz deadline = GetCurrentTimestamp() + (TimestampTz) cd2_job_timeout * USECS_PER_SEC;
 
-	while (strcmp(job->status, "complete") != 0 && strcmp(job->status, "failed") != 0)
+	while (job && !dap_job_done(job))
 	{
-		char *path = psprintf("/dap/job/%s", escape_path(job->id));
-		Jsonb *j;
-
 		if (GetCurrentTimestamp() > deadline)
 			ereport(ERROR,
 					(errcode(ERRCODE_QUERY_CANCELED),
@@ -456,10 +470,7 @@ dap_wait_job(DapClient *c, DapJob *job, DapError *err)
 							job->id, cd2_job_timeout)));
 		cd2_sleep_ms(delay);
 		delay = Min(delay * 2, cd2_poll_interval);
-		j = dap_call(c, "GET", path, NULL, err);
-		if (j == NULL)
-			return NULL;
-		job = parse_job(j);
+		job = dap_poll_job(c, job, err);
 	}
 	return job;
 }

@@ -49,6 +49,8 @@ extern List *dap_list_tables(DapClient *c);
 extern char *dap_get_schema(DapClient *c, const char *table);
 extern DapJob *dap_start_query(DapClient *c, const char *table, const char *format,
 							   const char *since, DapError *err);
+extern bool dap_job_done(DapJob *job);
+extern DapJob *dap_poll_job(DapClient *c, DapJob *job, DapError *err);
 extern DapJob *dap_wait_job(DapClient *c, DapJob *job, DapError *err);
 extern List *dap_object_urls(DapClient *c, List *object_ids, DapError *err);
 

@@ -41,6 +41,7 @@
 #include "dap_client.h"
 #include "decode.h"
 #include "download.h"
+#include "http.h"
 #include "executor/spi.h"
 #include "pgstat.h"
 #include "utils/builtins.h"
@@ -63,6 +64,8 @@ typedef struct RunContext
 	MemoryContext cxt;
 
 	/* progress of the current table sync, published in pg_stat_activity */
+	List *job_starts; /* TimestampTz * of the jobs started in the last minute */
+
 	TableRun *current;
 	char phase[160];
 	int objects_total;
@@ -169,29 +172,68 @@ refresh_url(void *arg, const char *object_id)
 }
 
 /*
- * Starts the table's query job (an incremental from since, unless
- * *snapshot) and waits for it. An incremental the API refuses as too old
- * becomes a snapshot (*snapshot is set).
+ * How long until another job may start under cd2sync.job_rate (jobs per
+ * minute, counted over the last minute); 0: now.
+ */
+static long
+job_budget_wait_ms(RunContext *rc)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz window = now - 60 * USECS_PER_SEC;
+
+	while (rc->job_starts != NIL && *(TimestampTz *) linitial(rc->job_starts) <= window)
+	{
+		pfree(linitial(rc->job_starts));
+		rc->job_starts = list_delete_first(rc->job_starts);
+	}
+	if (cd2_job_rate == 0 || list_length(rc->job_starts) < cd2_job_rate)
+		return 0;
+	return (long) ((*(TimestampTz *) linitial(rc->job_starts) - window) / 1000) + 1;
+}
+
+/* Starts one query job within the rate limit (waiting for it if need be) */
+static DapJob *
+start_query(RunContext *rc, TableRun *tr, const char *fmt, const char *since, DapError *err)
+{
+	long wait;
+	MemoryContext old;
+
+	while ((wait = job_budget_wait_ms(rc)) > 0)
+	{
+		report(rc, tr->table, "waiting %ld ms to stay under cd2sync.job_rate", wait);
+		cd2_sleep_ms((int) wait);
+	}
+	old = MemoryContextSwitchTo(rc->cxt);
+	rc->job_starts = lappend(rc->job_starts, palloc(sizeof(TimestampTz)));
+	*(TimestampTz *) llast(rc->job_starts) = GetCurrentTimestamp();
+	MemoryContextSwitchTo(old);
+	return dap_start_query(rc->client, tr->table, fmt, since, err);
+}
+
+/*
+ * Starts the table's query job: an incremental from since, unless
+ * *snapshot. An incremental the API refuses as too old becomes a snapshot
+ * (*snapshot is set); a format the API refuses becomes jsonl. The job may
+ * still be running.
  */
 static DapJob *
-run_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
+start_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
 {
 	DapError err;
 	DapJob *job;
 	const char *fmt = decode_format_name(rc->format);
 
 	report(rc, tr->table, "starting a %s query job", *snapshot ? "snapshot" : "incremental");
-	job = dap_start_query(rc->client, tr->table, fmt, *snapshot ? NULL : since, &err);
+	job = start_query(rc, tr, fmt, *snapshot ? NULL : since, &err);
 	if (job == NULL && err.type && strcmp(err.type, "ValidationError") == 0 &&
-		rc->format != FORMAT_JSONL && pg_strcasecmp(err.message, "format") != 0 &&
-		strstr(err.message, "format") != NULL)
+		rc->format != FORMAT_JSONL && strstr(err.message, "format") != NULL)
 	{
 		/* JSON lines is the format every DAP server documents: fall back to it */
 		ereport(LOG, (errmsg("cd2sync %s.%s: query in format %s refused (%s), asking for jsonl",
 							 rc->instance->name, tr->table, fmt, err.message)));
 		rc->format = FORMAT_JSONL;
 		fmt = decode_format_name(rc->format);
-		job = dap_start_query(rc->client, tr->table, fmt, *snapshot ? NULL : since, &err);
+		job = start_query(rc, tr, fmt, *snapshot ? NULL : since, &err);
 	}
 	if (job == NULL && !*snapshot && err.type &&
 		(strcmp(err.type, "SnapshotRequired") == 0 || strcmp(err.type, "OutOfRange") == 0))
@@ -199,24 +241,40 @@ run_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
 		ereport(LOG, (errmsg("cd2sync %s.%s: incremental refused (%s), taking a snapshot",
 							 rc->instance->name, tr->table, err.type)));
 		*snapshot = true;
-		job = dap_start_query(rc->client, tr->table, fmt, NULL, &err);
+		job = start_query(rc, tr, fmt, NULL, &err);
 	}
 	if (job == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION), errmsg_internal("%s", err.message)));
+	return job;
+}
+
+/* Raises unless a finished job can be loaded */
+static void
+check_finished_job(DapJob *job, bool snapshot)
+{
+	if (strcmp(job->status, "failed") == 0)
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("CD2 query job %s failed: %s", job->id, job->error)));
+	if ((snapshot ? job->at : job->until) == NULL)
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("CD2 query job %s completed without \"%s\"", job->id,
+							   snapshot ? "at" : "until")));
+}
+
+/* Starts a job and waits for it to finish */
+static DapJob *
+run_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
+{
+	DapError err;
+	DapJob *job = start_job(rc, tr, snapshot, since);
 
 	report(rc, tr->table, "waiting for query job %s", job->id);
 	job = dap_wait_job(rc->client, job, &err);
 	if (job == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION), errmsg_internal("%s", err.message)));
-	if (strcmp(job->status, "failed") == 0)
-		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-						errmsg("CD2 query job %s failed: %s", job->id, job->error)));
-	if ((*snapshot ? job->at : job->until) == NULL)
-		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-						errmsg("CD2 query job %s completed without \"%s\"", job->id,
-							   *snapshot ? "at" : "until")));
+	check_finished_job(job, *snapshot);
 	return job;
 }
 
@@ -437,32 +495,77 @@ job_urls(RunContext *rc, TableRun *tr, DapJob **job, bool *snapshot, const char 
 	return urls;
 }
 
-/* The steps of one table sync; raises on any failure */
-static void
-sync_table_steps(RunContext *rc, TableRun *tr)
+/* One table sync as it moves through the run's pipeline */
+typedef struct TableSync
 {
+	TableRun *tr;
+	MemoryContext cxt; /* everything of this table sync */
 	TableState st;
 	bool snapshot;
 	DapJob *job;
-	List *catchups = NIL; /* (job, urls) pairs applied after job */
-	List *urls;
-	ListCell *lc;
-	TimestampTz t0;
+	TimestampTz started_job;
+	TimestampTz next_poll;
+	int poll_delay;
+} TableSync;
+
+/* First step: read the table's state, record the start, start its job */
+static void
+table_begin(RunContext *rc, TableSync *ts)
+{
+	TableRun *tr = ts->tr;
 
 	begin_tx();
-	catalog_table_state(rc->instance->name, rc->instance->target_schema, tr->table, &st);
-	tr->watermark_before = st.watermark_raw;
+	catalog_table_state(rc->instance->name, rc->instance->target_schema, tr->table, &ts->st);
+	tr->watermark_before = ts->st.watermark_raw;
 	catalog_log_start(tr);
 	commit_tx();
 
-	snapshot = (st.watermark_raw == NULL || rc->full || !st.table_exists);
-	t0 = GetCurrentTimestamp();
-	job = run_job(rc, tr, &snapshot, st.watermark_raw);
-	tr->job_seconds = seconds_since(t0);
+	ts->snapshot = (ts->st.watermark_raw == NULL || rc->full || !ts->st.table_exists);
+	ts->started_job = GetCurrentTimestamp();
+	ts->job = start_job(rc, tr, &ts->snapshot, ts->st.watermark_raw);
+	tr->job_id = ts->job->id;
+	ts->poll_delay = Min(100, cd2_poll_interval);
+	ts->next_poll = GetCurrentTimestamp() + (TimestampTz) ts->poll_delay * 1000;
+	report(rc, tr->table, "waiting for query job %s", ts->job->id);
+}
 
-	if (!st.table_exists || job->schema_version <= 0 || job->schema_version != st.schema_version)
+/* Middle step: ask once how the job is doing */
+static void
+table_poll(RunContext *rc, TableSync *ts)
+{
+	DapError err;
+
+	if (GetCurrentTimestamp() - ts->started_job > (TimestampTz) cd2_job_timeout * USECS_PER_SEC)
+		ereport(ERROR, (errcode(ERRCODE_QUERY_CANCELED),
+						errmsg("CD2 query job %s did not finish within cd2sync.job_timeout (%d s)",
+							   ts->job->id, cd2_job_timeout)));
+	ts->job = dap_poll_job(rc->client, ts->job, &err);
+	if (ts->job == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION), errmsg_internal("%s", err.message)));
+	ts->poll_delay = Min(ts->poll_delay * 2, cd2_poll_interval);
+	ts->next_poll = GetCurrentTimestamp() + (TimestampTz) ts->poll_delay * 1000;
+}
+
+/* Last step, once the job has finished: schema, download, apply, record */
+static void
+table_finish(RunContext *rc, TableSync *ts)
+{
+	TableRun *tr = ts->tr;
+	TableState *st = &ts->st;
+	bool snapshot = ts->snapshot;
+	DapJob *job = ts->job;
+	List *catchups = NIL; /* (job, urls) pairs applied after job */
+	List *urls;
+	ListCell *lc;
+	TimestampTz t0 = GetCurrentTimestamp();
+
+	check_finished_job(job, snapshot);
+	tr->job_seconds = (double) (t0 - ts->started_job) / USECS_PER_SEC;
+
+	if (!st->table_exists || job->schema_version <= 0 || job->schema_version != st->schema_version)
 		ensure_schema(rc, tr, job);
-	urls = job_urls(rc, tr, &job, &snapshot, st.watermark_raw);
+	urls = job_urls(rc, tr, &job, &snapshot, st->watermark_raw);
 	tr->job_id = job->id;
 
 	/*
@@ -473,7 +576,7 @@ sync_table_steps(RunContext *rc, TableRun *tr)
 	 * all in the same transaction, so that the table never goes back in
 	 * time.
 	 */
-	if (snapshot && st.watermark_raw && timestamp_before(job->at, st.watermark_raw))
+	if (snapshot && st->watermark_raw && timestamp_before(job->at, st->watermark_raw))
 	{
 		const char *since = job->at;
 
@@ -490,18 +593,18 @@ sync_table_steps(RunContext *rc, TableRun *tr)
 				urls = next_urls;
 				catchups = NIL;
 				since = job->at;
-				if (!timestamp_before(since, st.watermark_raw))
+				if (!timestamp_before(since, st->watermark_raw))
 					break;
 				continue;
 			}
 			if (!timestamp_before(since, next->until))
 				break; /* no progress: what upstream has is all there is */
 			catchups = lappend(catchups, list_make2(next, next_urls));
-			if (!timestamp_before(since, st.watermark_raw))
+			if (!timestamp_before(since, st->watermark_raw))
 				break; /* a window from what we held: it is current */
 			since = next->until;
 		}
-		tr->job_seconds = seconds_since(t0);
+		tr->job_seconds = seconds_since(ts->started_job);
 	}
 
 	t0 = GetCurrentTimestamp();
@@ -534,27 +637,23 @@ sync_table_steps(RunContext *rc, TableRun *tr)
 	tr->load_seconds = seconds_since(t0);
 }
 
-/* One table sync: its own transactions; a failure is recorded, not raised */
-static void
-sync_table(RunContext *rc, const char *table)
+typedef void (*TableStep)(RunContext *rc, TableSync *ts);
+
+/*
+ * Runs one step of a table sync. A failure aborts the step's transaction
+ * (the table keeps its rows and watermark), is recorded in a new one, and
+ * ends that table sync: returns false. The run goes on with other tables.
+ */
+static bool
+table_step(RunContext *rc, TableSync *ts, TableStep step)
 {
-	MemoryContext cxt = AllocSetContextCreate(rc->cxt, "cd2sync table", ALLOCSET_DEFAULT_SIZES);
-	TableRun *tr;
+	volatile bool ok = true;
 
-	MemoryContextSwitchTo(cxt);
-	tr = palloc0(sizeof(TableRun));
-	tr->run_id = rc->run_id;
-	tr->instance = rc->instance->name;
-	tr->table = table;
-	tr->started = GetCurrentTimestamp();
-	rc->current = tr;
-	rc->objects_total = 0;
-	rc->decoded_bytes = 0;
-	rc->records = 0;
-
+	MemoryContextSwitchTo(ts->cxt);
+	rc->current = ts->tr;
 	PG_TRY();
 	{
-		sync_table_steps(rc, tr);
+		step(rc, ts);
 	}
 	PG_CATCH();
 	{
@@ -567,19 +666,138 @@ sync_table(RunContext *rc, const char *table)
 		AbortCurrentTransaction();
 		RESUME_INTERRUPTS();
 
-		ereport(LOG,
-				(errmsg("cd2sync %s.%s failed: %s", rc->instance->name, table, edata->message)));
-		MemoryContextSwitchTo(cxt);
+		ereport(LOG, (errmsg("cd2sync %s.%s failed: %s", rc->instance->name, ts->tr->table,
+							 edata->message)));
+		MemoryContextSwitchTo(ts->cxt);
 		begin_tx();
-		catalog_log_failure(tr, edata->message, unpack_sql_state(edata->sqlerrcode));
+		catalog_log_failure(ts->tr, edata->message, unpack_sql_state(edata->sqlerrcode));
 		commit_tx();
 		FreeErrorData(edata);
+		ok = false;
 	}
 	PG_END_TRY();
-
 	rc->current = NULL;
 	MemoryContextSwitchTo(rc->cxt);
-	MemoryContextDelete(cxt);
+	return ok;
+}
+
+static TableSync *
+table_sync_new(RunContext *rc, const char *table)
+{
+	MemoryContext cxt = AllocSetContextCreate(rc->cxt, "cd2sync table", ALLOCSET_DEFAULT_SIZES);
+	TableSync *ts = MemoryContextAllocZero(cxt, sizeof(TableSync));
+
+	ts->cxt = cxt;
+	ts->tr = MemoryContextAllocZero(cxt, sizeof(TableRun));
+	ts->tr->run_id = rc->run_id;
+	ts->tr->instance = rc->instance->name;
+	ts->tr->table = table;
+	ts->tr->started = GetCurrentTimestamp();
+	return ts;
+}
+
+/* Says which jobs the pipeline waits for */
+static void
+report_waiting(RunContext *rc, List *active, List *pending)
+{
+	StringInfoData names;
+	ListCell *lc;
+
+	if (list_length(active) == 1)
+	{
+		TableSync *ts = (TableSync *) linitial(active);
+
+		rc->current = ts->tr;
+		report(rc, ts->tr->table, "waiting for query job %s", ts->job->id);
+		rc->current = NULL;
+		return;
+	}
+	initStringInfo(&names);
+	foreach (lc, active)
+		appendStringInfo(&names, "%s%s", foreach_current_index(lc) ? ", " : "",
+						 ((TableSync *) lfirst(lc))->tr->table);
+	report(rc, NULL, "waiting for %d query jobs (%s), %d tables to start", list_length(active),
+		   names.data, list_length(pending));
+	pfree(names.data);
+}
+
+/*
+ * Syncs the tables as a pipeline: jobs are started as cd2sync.job_rate and
+ * cd2sync.max_jobs_in_flight allow, and run upstream while the worker polls
+ * them and loads whichever has finished, one table at a time.
+ */
+static void
+run_pipeline(RunContext *rc, List *tables)
+{
+	List *pending = list_copy(tables);
+	List *active = NIL;
+
+	while (pending != NIL || active != NIL)
+	{
+		long wait_ms = cd2_poll_interval;
+		bool progressed = false;
+		ListCell *lc;
+
+		CHECK_FOR_INTERRUPTS();
+
+		/* start jobs while the limits allow */
+		while (pending != NIL && list_length(active) < cd2_max_jobs_in_flight)
+		{
+			long budget = job_budget_wait_ms(rc);
+			TableSync *ts;
+
+			if (budget > 0)
+			{
+				wait_ms = Min(wait_ms, budget);
+				break;
+			}
+			ts = table_sync_new(rc, (const char *) linitial(pending));
+			pending = list_delete_first(pending);
+			if (table_step(rc, ts, table_begin))
+				active = lappend(active, ts);
+			else
+				MemoryContextDelete(ts->cxt);
+			progressed = true;
+		}
+
+		/* load the first finished job; poll the others when it is time */
+		foreach (lc, active)
+		{
+			TableSync *ts = (TableSync *) lfirst(lc);
+			TimestampTz now = GetCurrentTimestamp();
+			bool ended = false;
+
+			if (dap_job_done(ts->job))
+			{
+				rc->objects_total = 0;
+				rc->decoded_bytes = 0;
+				rc->records = 0;
+				(void) table_step(rc, ts, table_finish);
+				ended = true;
+			}
+			else if (now >= ts->next_poll)
+			{
+				ended = !table_step(rc, ts, table_poll);
+				progressed = true;
+			}
+			if (ended)
+			{
+				active = foreach_delete_current(active, lc);
+				MemoryContextDelete(ts->cxt);
+				progressed = true;
+				break; /* start more jobs before loading the next one */
+			}
+			if (dap_job_done(ts->job))
+				wait_ms = 0;
+			else
+				wait_ms = Min(wait_ms, (long) ((ts->next_poll - GetCurrentTimestamp()) / 1000));
+		}
+		if (!progressed && wait_ms > 0)
+		{
+			report_waiting(rc, active, pending);
+			cd2_sleep_ms((int) Max(wait_ms, 10));
+		}
+	}
 }
 
 /* Waits for, then takes, the instance's sync lock for the rest of the run */
@@ -640,7 +858,6 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full, const char 
 {
 	RunContext rc = { 0 };
 	List *tables;
-	ListCell *lc;
 
 	rc.cxt = AllocSetContextCreate(TopMemoryContext, "cd2sync run", ALLOCSET_DEFAULT_SIZES);
 	MemoryContextSwitchTo(rc.cxt);
@@ -686,11 +903,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full, const char 
 	}
 	PG_END_TRY();
 
-	foreach (lc, tables)
-	{
-		CHECK_FOR_INTERRUPTS();
-		sync_table(&rc, (const char *) lfirst(lc));
-	}
+	run_pipeline(&rc, tables);
 
 	begin_tx();
 	catalog_run_finish(run_id, NULL, NULL);

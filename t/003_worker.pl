@@ -55,14 +55,15 @@ my $bg = $node->background_psql('postgres', on_error_stop => 0);
 $bg->query_until(qr/started/, "\\echo started\nSELECT * FROM cd2_sync_now('north');\n");
 ok($node->poll_query_until('postgres',
 	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker' "
-	  . "AND query LIKE 'cd2sync north.courses: waiting for query job%'"),
+	  . "AND query LIKE 'cd2sync north: waiting for 2 query jobs (courses, users)%'"),
 	'pg_stat_activity shows the worker waiting for its job');
 my $activity = $node->safe_psql('postgres',
 	"SELECT application_name || ' ' || query FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker'");
-like($activity, qr/^cd2sync north cd2sync north\.courses: waiting for query job/, 'activity names instance, table and phase');
+like($activity, qr/^cd2sync north cd2sync north: waiting for 2 query jobs \(courses, users\), 0 tables to start/,
+	'activity names instance, tables and phase: both jobs run upstream at once');
 unlike($activity, qr/north-secret|Bearer/, 'activity holds no secret');
-is($node->safe_psql('postgres', "SELECT instance, table_name, phase ~ '^waiting for query job', objects_done, records, started_at IS NOT NULL FROM cd2sync.progress"),
-	'north|courses|t|0|0|t', 'cd2sync.progress shows the running table sync');
+is($node->safe_psql('postgres', "SELECT instance, coalesce(table_name, '-'), phase, started_at IS NOT NULL FROM cd2sync.progress"),
+	'north|-|waiting for 2 query jobs (courses, users), 0 tables to start|t', 'cd2sync.progress shows the running sync');
 $node->safe_psql('postgres',
 	"SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT * FROM cd2_sync_now%' AND pid <> pg_backend_pid()");
 $gone = wait_no_worker();

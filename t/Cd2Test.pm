@@ -97,6 +97,7 @@ sub new_node
 		"cd2sync.retry_base_delay = 20ms",
 		"cd2sync.retry_max_delay = 2s",
 		"cd2sync.poll_interval = 100ms",
+		"cd2sync.job_rate = 0",    # the emulator has no rate limit unless a test sets one
 		"log_min_messages = info",
 		$opts{conf} // ''));
 	$node->start;
