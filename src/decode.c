@@ -89,13 +89,20 @@ decode_format_name(RecordFormat f)
 static void
 check_line_length(const char *buf, int n)
 {
-	const char *nl = memrchr(buf, '\n', n);
+	const char *p = buf;
+	const char *end = buf + n;
+	const char *nl;
 
-	if (nl)
-		source->line_bytes = n - (nl - buf) - 1;
-	else
-		source->line_bytes += n;
-	if (source->line_bytes > cd2_max_line_length)
+	while ((nl = memchr(p, '\n', end - p)) != NULL)
+	{
+		if (source->line_bytes + (nl - p) > cd2_max_line_length)
+			break;
+		source->line_bytes = 0;
+		p = nl + 1;
+	}
+	if (nl == NULL)
+		source->line_bytes += end - p;
+	if (nl != NULL || source->line_bytes > cd2_max_line_length)
 		ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 						errmsg("a record is longer than cd2sync.max_line_length (%d bytes)",
 							   cd2_max_line_length)));

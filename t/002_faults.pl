@@ -144,6 +144,18 @@ $r = Cd2Test::sync($node, 'north', pre => $pre);
 is($r->{users}{error} . $r->{courses}{error}, '', 'connection refused: the next run succeeds');
 push @matrix, sprintf("%-36s %-9s %s", 'connection refused', 'failed', 'tables failed with the curl error; next run converged');
 
+# a record longer than cd2sync.max_line_length fails its table, not the server
+my $rows = $emu->state($north, 'users')->{rows};
+my %long = %{ $rows->[0]{value} };
+$long{name} = 'x' x 5000;
+$emu->epoch({ client_id => $north, table => 'users', upsert => [ { key => $rows->[0]{key}, value => \%long } ] });
+$r = Cd2Test::sync($node, 'north', pre => "$pre SET cd2sync.max_line_length = '2kB';");
+like($r->{users}{error}, qr/a record is longer than cd2sync.max_line_length \(2048 bytes\)/, 'a huge record fails its table');
+is($r->{courses}{error}, '', 'the other table syncs');
+$r = Cd2Test::sync($node, 'north', pre => $pre);
+Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'with the default limit the next run converges');
+push @matrix, sprintf("%-36s %-9s %s", 'record over max_line_length', 'failed', 'table failed cleanly; next run converged');
+
 diag("fault matrix:\n" . join("\n", @matrix));
 
 $node->stop;

@@ -1,0 +1,64 @@
+# Schema evolution end to end: upstream bumps a table's schema version with a
+# new column, a new enum value and a removed column, while a user's view
+# depends on the table (and on the removed column). The table is altered in
+# place, the view keeps working, the new column and enum value are filled,
+# and the removed column is kept and no longer filled.
+use strict;
+use warnings;
+use utf8;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use Cd2Test;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $cid = 'us-east-1#evolve';
+sub schema
+{
+	my ($version, %value) = @_;
+	return { version => $version, schema => { type => 'object', properties => {
+		key => { type => 'object', properties => { id => { type => 'integer', format => 'int64' } } },
+		value => { type => 'object', properties => \%value } } } };
+}
+my %v1 = (name => { type => 'string' }, state => { type => 'string', enum => [qw(active deleted)] },
+	legacy => { type => 'string' });
+my %v2 = (name => { type => 'string' }, state => { type => 'string', enum => [qw(active deleted archived)] },
+	score => { type => 'number' });
+my $s1 = schema(1, %v1);
+my @rows = map { { key => { id => $_ }, value => { name => "n$_", state => 'active', legacy => "old$_" } } } 1 .. 4;
+
+my $emu = Cd2Test::start_emulator();
+$emu->post('/_emu/load', { start => '2026-11-01T00:00:00Z',
+	instances => { $cid => { secret => 's', tables => { things => { %$s1, rows => \@rows } } } } });
+$emu->config(job_latency => 0.05);
+my $node = Cd2Test::new_node('schema');
+$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+	  . "SELECT cd2_add_instance('evo', '$cid', 's', api_url => '$emu->{url}')");
+my $r = Cd2Test::sync($node, 'evo');
+is($r->{things}{mode}, 'snapshot', 'version 1 synced');
+$node->safe_psql('postgres', "CREATE VIEW public.my_things AS SELECT id, name, state, legacy FROM evo.things");
+
+# version 2: score added, archived added to the enum, legacy removed
+$emu->epoch({ client_id => $cid, table => 'things', schema => schema(2, %v2),
+	upsert => [ { key => { id => 1 }, value => { name => 'n1', state => 'archived', score => 2.5 } },
+		{ key => { id => 5 }, value => { name => 'n5', state => 'active', score => 1 } } ] });
+$r = Cd2Test::sync($node, 'evo');
+is($r->{things}{error}, '', 'version 2 synced without error');
+is($r->{things}{mode}, 'incremental', 'in place, incrementally');
+is($node->safe_psql('postgres', "SELECT schema_version FROM cd2sync.watermarks WHERE table_name = 'things'"), '2',
+	'the schema version is recorded');
+is($node->safe_psql('postgres', "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'evo.things'::regclass AND attnum > 0 AND NOT attisdropped"),
+	'id,legacy,name,state,score', 'score added at the end; legacy kept');
+is($node->safe_psql('postgres', "SELECT enum_range(NULL::evo.things__state)::text"), '{active,deleted,archived}',
+	'the enum has the new value');
+is($node->safe_psql('postgres', "SELECT string_agg(format('%s:%s:%s:%s:%s', id, name, state, coalesce(legacy, '-'), coalesce(score::text, '-')), ' ' ORDER BY id) FROM evo.things"),
+	'1:n1:archived:old1:2.5 2:n2:active:old2:- 3:n3:active:old3:- 4:n4:active:old4:- 5:n5:active:-:1',
+	'new values arrive; the removed column keeps its old values and is not filled');
+is($node->safe_psql('postgres', "SELECT count(*) FROM public.my_things"), '5', 'the user\'s view still works');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2.things WHERE score IS NOT NULL"), '2',
+	'the reconciled view has the new column');
+
+$node->stop;
+$emu->stop;
+done_testing();
