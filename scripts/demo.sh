@@ -14,14 +14,20 @@ cleanup() {
     set +e
     as_user pg_ctl -D "$work/data" -m fast stop >/dev/null 2>&1
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    pkill -f "$work/cd2emu.py" 2>/dev/null   # runuser does not always pass the signal on
     rm -rf "$work"
 }
 trap cleanup EXIT
 
 echo "== starting the CD2 emulator (sample data: instances demo-north and demo-south)"
 cp "$CD2_ROOT/test/emulator/cd2emu.py" "$work/"
-as_user python3 "$work/cd2emu.py" --port 0 --port-file "$work/emu.port" --generate demo --quiet \
-    >"$work/emu.log" 2>&1 &
+# started without a subshell between, so that $! is the process to stop
+emu_cmd=(python3 "$work/cd2emu.py" --port 0 --port-file "$work/emu.port" --generate demo --quiet)
+if [ "$(id -u)" = 0 ]; then
+    runuser -u "$CD2_USER" -- "${emu_cmd[@]}" >"$work/emu.log" 2>&1 &
+else
+    "${emu_cmd[@]}" >"$work/emu.log" 2>&1 &
+fi
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/emu.port" ] && break; sleep 0.1; done
 emu="http://127.0.0.1:$(cat "$work/emu.port")"

@@ -88,7 +88,9 @@ $$;
 CREATE FUNCTION cd2sync._apply(target regclass, mode text, fill text[] DEFAULT NULL,
                                OUT upserted bigint, OUT deleted bigint,
                                OUT unchanged bigint, OUT oversized bigint)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql
+-- the de-duplicating sort of a large result stays in memory (bounded)
+SET search_path = pg_catalog, pg_temp SET work_mem = '32MB' AS $$
 DECLARE
     ph constant text := '__cd2_oversized_truncated__';
     keys text[] := cd2sync._key_columns(target);
@@ -174,7 +176,6 @@ BEGIN
                       FROM unnest(exprs, cols) u(e, c)),
                    CASE WHEN has_ph THEN format('LEFT JOIN %s t ON %s', target, keyjoin) ELSE '' END,
                    keyorder);
-    EXECUTE 'ANALYZE cd2_typed';
     -- evidence of user merges that CD2 does not keep (logins, enrolments moving)
     PERFORM cd2sync._record_user_moves(target);
 

@@ -242,6 +242,54 @@ BEGIN
      WHERE NOT EXISTS (SELECT 1 FROM cd2_edges c WHERE c.superseded = x.cur)   -- a cycle has no end
        AND NOT EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = x.cur AND u.deleted);
     GET DIAGNOSTICS n = ROW_COUNT;
+    -- the map changed: so may have the duplicates it reveals
+    PERFORM cd2sync.refresh_merge_duplicates('enrollments');
+    PERFORM cd2sync.refresh_merge_duplicates('submissions');
+    RETURN n;
+END $$;
+
+-- Rows a merge left on the old user while the replacement has its own row
+-- with the same natural key (see _duplicate_key): the "losing" duplicates.
+CREATE TABLE cd2sync.merge_duplicates (
+    instance   text NOT NULL,
+    table_name text NOT NULL,
+    id         bigint NOT NULL,
+    PRIMARY KEY (instance, table_name, id)
+);
+
+-- Recomputes the losing duplicates of one table over every instance: a
+-- semi-join of the rows on superseded users with the table's rows by
+-- natural key, one pass over the table.
+CREATE FUNCTION cd2sync.refresh_merge_duplicates(table_name text)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    dupkey text[] := cd2sync._duplicate_key(table_name);
+    n bigint := 0;
+    k bigint;
+BEGIN
+    DELETE FROM cd2sync.merge_duplicates d WHERE d.table_name = refresh_merge_duplicates.table_name;
+    IF dupkey IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
+        IF NOT (cd2sync._has_column(r.rel, 'id') AND cd2sync._has_column(r.rel, 'user_id')
+                AND (SELECT bool_and(cd2sync._has_column(r.rel, c)) FROM unnest(dupkey) c)) THEN
+            CONTINUE;
+        END IF;
+        EXECUTE format(
+            'INSERT INTO cd2sync.merge_duplicates (instance, table_name, id)
+             SELECT %L, %L, t.id
+               FROM (SELECT t.*, m.replacement_user_id FROM %s t
+                       JOIN cd2sync.user_merge_map m ON m.superseded_user_id = %s) t
+              WHERE EXISTS (SELECT 1 FROM %s o
+                             WHERE %s = t.replacement_user_id AND o.id <> t.id AND %s)',
+            r.instance, table_name, r.rel, cd2sync._global_expr(r.shard_id, 't.user_id'), r.rel,
+            cd2sync._global_expr(r.shard_id, 'o.user_id'),
+            (SELECT string_agg(format('o.%1$I IS NOT DISTINCT FROM t.%1$I', c), ' AND ') FROM unnest(dupkey) c));
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+    END LOOP;
     RETURN n;
 END $$;
 
@@ -322,13 +370,10 @@ BEGIN
         END LOOP;
         IF has_dup THEN
             -- a row left on a superseded user while the replacement has its own
-            sel := sel || format(
-                'CASE WHEN m_u.superseded_user_id IS NULL THEN false ELSE EXISTS (
-                    SELECT 1 FROM %s o WHERE o.id <> t.id AND %s = m_u.replacement_user_id AND %s) END AS cd2_merge_duplicate',
-                r.rel, cd2sync._global_expr(r.shard_id, 'o.user_id'),
-                (SELECT string_agg(format('o.%1$I IS NOT DISTINCT FROM t.%1$I', k), ' AND ') FROM unnest(dupkey) k));
-            joins := joins || format('LEFT JOIN cd2sync.user_merge_map m_u ON m_u.superseded_user_id = %s',
-                                     cd2sync._global_expr(r.shard_id, 't.user_id'));
+            -- (computed with the map: cd2sync.merge_duplicates)
+            sel := sel || 'd.id IS NOT NULL AS cd2_merge_duplicate'::text;
+            joins := joins || format('LEFT JOIN cd2sync.merge_duplicates d ON d.instance = %L AND d.table_name = %L AND d.id = t.id',
+                                     r.instance, table_name);
         END IF;
         parts := parts || format('SELECT %s FROM %s t %s', array_to_string(sel, ', '), r.rel,
                                  array_to_string(joins, ' '));

@@ -625,7 +625,6 @@ table_finish(RunContext *rc, TableSync *ts)
 	else
 		tr->watermark = snapshot ? job->at : job->until;
 	tr->schema_version = job->schema_version;
-	catalog_log_success(tr);
 	if (strcmp(tr->table, "users") == 0 || strcmp(tr->table, "pseudonyms") == 0 ||
 		strcmp(tr->table, "enrollments") == 0)
 	{
@@ -633,8 +632,14 @@ table_finish(RunContext *rc, TableSync *ts)
 		report(rc, tr->table, "refreshing cd2.user_merges");
 		catalog_run_sql("SELECT cd2sync.refresh_user_merges()", 0, NULL);
 	}
-	commit_tx();
+	else if (strcmp(tr->table, "submissions") == 0)
+	{
+		report(rc, tr->table, "refreshing merge duplicates");
+		catalog_run_sql("SELECT cd2sync.refresh_merge_duplicates('submissions')", 0, NULL);
+	}
 	tr->load_seconds = seconds_since(t0);
+	catalog_log_success(tr);
+	commit_tx();
 }
 
 typedef void (*TableStep)(RunContext *rc, TableSync *ts);
