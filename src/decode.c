@@ -274,6 +274,41 @@ add_ignored_column(void)
 }
 
 /*
+ * The column of rel a header name goes to ("key." and "value." dropped), or
+ * NULL when rel has none (meta.* names, unknown names, cd2_* names).
+ */
+static char *
+header_column(const char *name, Oid rel)
+{
+	const char *col = name;
+
+	if (strncmp(name, "key.", 4) == 0)
+		col = name + 4;
+	else if (strncmp(name, "value.", 6) == 0)
+		col = name + 6;
+	else if (strncmp(name, "meta.", 5) == 0)
+		return NULL;
+	if (strncmp(col, "cd2_", 4) == 0 || get_attnum(rel, col) == InvalidAttrNumber)
+		return NULL;
+	return pstrdup(col);
+}
+
+/* Adds a column to a COPY column list; a header may name a column once */
+static List *
+append_attname(List *attnames, const char *col)
+{
+	ListCell *lc;
+
+	foreach (lc, attnames)
+	{
+		if (strcmp(strVal(lfirst(lc)), col) == 0)
+			ereport(ERROR, (errcode(ERRCODE_DUPLICATE_COLUMN),
+							errmsg("the header of a result file names column \"%s\" twice", col)));
+	}
+	return lappend(attnames, makeString(pstrdup(col)));
+}
+
+/*
  * The staging columns, in header order, for the names of a TSV/CSV header;
  * adds the target columns it carries to *columns.
  */
@@ -287,42 +322,24 @@ map_header(List *names, Oid stage, List **columns)
 	{
 		char *name = (char *) lfirst(lc);
 		char *col;
-		ListCell *lc2;
 
 		if (strcmp(name, "meta.action") == 0)
 			col = "cd2_action";
 		else if (strcmp(name, "meta.ts") == 0)
 			col = "cd2_ts";
-		else
+		else if ((col = header_column(name, stage)) != NULL)
 		{
-			if (strncmp(name, "key.", 4) == 0)
-				col = name + 4;
-			else if (strncmp(name, "value.", 6) == 0)
-				col = name + 6;
-			else
-				col = name;
-			if (strncmp(col, "cd2_", 4) == 0 || get_attnum(stage, col) == InvalidAttrNumber)
-				col = NULL;
-			else
-			{
-				bool known = false;
+			ListCell *lc2;
+			bool known = false;
 
-				foreach (lc2, *columns)
-					known |= (strcmp((char *) lfirst(lc2), col) == 0);
-				if (!known)
-					*columns = lappend(*columns, pstrdup(col));
-			}
+			foreach (lc2, *columns)
+				known |= (strcmp((char *) lfirst(lc2), col) == 0);
+			if (!known)
+				*columns = lappend(*columns, col);
 		}
-		if (col == NULL)
+		else
 			col = add_ignored_column();
-		foreach (lc2, attnames)
-		{
-			if (strcmp(strVal(lfirst(lc2)), col) == 0)
-				ereport(ERROR,
-						(errcode(ERRCODE_DUPLICATE_COLUMN),
-						 errmsg("the header of a result file names column \"%s\" twice", col)));
-		}
-		attnames = lappend(attnames, makeString(pstrdup(col)));
+		attnames = append_attname(attnames, col);
 	}
 	return attnames;
 }
@@ -340,27 +357,12 @@ map_header_direct(List *names, Oid target, bool **keep)
 	*keep = palloc0(sizeof(bool) * Max(list_length(names), 1));
 	foreach (lc, names)
 	{
-		char *name = (char *) lfirst(lc);
-		char *col = name;
-		ListCell *lc2;
+		char *col = header_column((char *) lfirst(lc), target);
 
-		if (strncmp(name, "key.", 4) == 0)
-			col = name + 4;
-		else if (strncmp(name, "value.", 6) == 0)
-			col = name + 6;
-		else if (strncmp(name, "meta.", 5) == 0)
+		if (col == NULL)
 			continue;
-		if (strncmp(col, "cd2_", 4) == 0 || get_attnum(target, col) == InvalidAttrNumber)
-			continue;
-		foreach (lc2, attnames)
-		{
-			if (strcmp(strVal(lfirst(lc2)), col) == 0)
-				ereport(ERROR,
-						(errcode(ERRCODE_DUPLICATE_COLUMN),
-						 errmsg("the header of a result file names column \"%s\" twice", col)));
-		}
 		(*keep)[foreach_current_index(lc)] = true;
-		attnames = lappend(attnames, makeString(pstrdup(col)));
+		attnames = append_attname(attnames, col);
 	}
 	return attnames;
 }

@@ -483,14 +483,17 @@ static List *
 job_urls(RunContext *rc, TableRun *tr, DapJob **job, bool *snapshot, const char *since)
 {
 	DapError err;
-	List *urls = dap_object_urls(rc->client, (*job)->objects, &err);
+	List *urls;
 
-	if (urls == NIL && (*job)->objects != NIL)
+	if ((*job)->objects == NIL)
+		return NIL; /* nothing to ask for (a result may have no objects at all) */
+	urls = dap_object_urls(rc->client, (*job)->objects, &err);
+	if (urls == NIL)
 	{
 		ereport(LOG, (errmsg("cd2sync %s.%s: %s; starting a new query job", rc->instance->name,
 							 tr->table, err.message)));
 		*job = run_job(rc, tr, snapshot, since);
-		urls = dap_object_urls(rc->client, (*job)->objects, NULL);
+		urls = (*job)->objects ? dap_object_urls(rc->client, (*job)->objects, NULL) : NIL;
 	}
 	return urls;
 }

@@ -115,6 +115,15 @@ $emu->config(shuffle => JSON::PP::false, since_inclusive => JSON::PP::false);
 $emu->epoch({ client_id => $north, table => 'accounts', upsert => [], delete => [] });
 sync_all('epoch 3', mode => 'unchanged');
 
+# 4b. a result with no objects at all (no empty files either)
+$emu->config(empty_parts => 0);
+$emu->delete('/_emu/requests');
+$emu->epoch({ client_id => $north, table => 'accounts', upsert => [], delete => [] });
+sync_all('epoch 3b (no objects)', mode => 'unchanged');
+is(scalar(grep { $_->{endpoint} eq 'object_urls' } @{ $emu->get('/_emu/requests') }), 0,
+	'no object URLs are asked for when a job has no objects');
+$emu->config(empty_parts => 1);
+
 # 5. full => true takes a fresh snapshot over a table that has data, without emptying it
 my $r = Cd2Test::sync($node, 'north_tsv', tables => ['users'], full => 1);
 is($r->{users}{mode}, 'snapshot', 'full => true takes a snapshot');
