@@ -34,6 +34,7 @@ int cd2_max_workers = 4;
 int cd2_scheduler_naptime = 10000;
 bool cd2_allow_insecure_http = false;
 int cd2_job_rate = 5;
+bool cd2_direct_load = true;
 int cd2_max_jobs_in_flight = 100;
 
 typedef struct Cd2Setting

@@ -332,7 +332,7 @@ try_direct_load(RunContext *rc, TableRun *tr, DapJob *job, List *urls, const cha
 	Oid relid;
 	volatile bool done = false;
 
-	if (rc->format != FORMAT_TSV ||
+	if (!cd2_direct_load || rc->format != FORMAT_TSV ||
 		strcmp(catalog_run_sql("SELECT NOT EXISTS (SELECT 1 FROM pg_attribute a "
 							   "  JOIN pg_type t ON t.oid = a.atttypid "
 							   " WHERE a.attrelid = $1::regclass AND a.attnum > 0 "

@@ -39,6 +39,17 @@ my $r = Cd2Test::sync($node, 'evo');
 is($r->{things}{mode}, 'snapshot', 'version 1 synced');
 $node->safe_psql('postgres', "CREATE VIEW public.my_things AS SELECT id, name, state, legacy FROM evo.things");
 
+# the same snapshot through the staging table (cd2sync.direct_load = off) gives the same rows
+$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+	  . "SELECT cd2_add_instance('evo_staged', '$cid', 's', api_url => '$emu->{url}')");
+$r = Cd2Test::sync($node, 'evo_staged', pre => "SET cd2sync.direct_load = off;");
+is($r->{things}{mode}, 'snapshot', 'snapshot through the staging table');
+is($node->safe_psql('postgres', "SELECT count(*) FROM ("
+	  . "(SELECT row_to_json(t)::text FROM evo.things t EXCEPT ALL SELECT row_to_json(t)::text FROM evo_staged.things t) UNION ALL "
+	  . "(SELECT row_to_json(t)::text FROM evo_staged.things t EXCEPT ALL SELECT row_to_json(t)::text FROM evo.things t)) d"), '0',
+	'direct and staged loads give the same rows');
+$node->safe_psql('postgres', "SELECT cd2_drop_instance('evo_staged', drop_data => true)");
+
 # version 2: score added, archived added to the enum, legacy removed
 $emu->epoch({ client_id => $cid, table => 'things', schema => schema(2, %v2),
 	upsert => [ { key => { id => 1 }, value => { name => 'n1', state => 'archived', score => 2.5 } },
