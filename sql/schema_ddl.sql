@@ -120,6 +120,21 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Whether changing a column from old_type to new_type loses no value:
+-- integers to wider integers, real to double precision, varchar to a longer
+-- varchar or text.
+CREATE FUNCTION cd2sync._is_widening(old_type text, new_type text)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN old_type = 'smallint' THEN new_type IN ('integer', 'bigint')
+        WHEN old_type = 'integer' THEN new_type = 'bigint'
+        WHEN old_type = 'real' THEN new_type = 'double precision'
+        WHEN old_type LIKE 'character varying(%)' THEN
+            new_type = 'text' OR (new_type LIKE 'character varying(%)' AND
+                substring(new_type FROM '\((\d+)\)')::int >= substring(old_type FROM '\((\d+)\)')::int)
+        ELSE false END
+$$;
+
 -- Creates the target table of a CD2 table, or brings it up to a newer
 -- schema: new enum types and values, new columns. A column removed upstream
 -- is kept (and no longer filled) so that users' views on it stay valid.
@@ -188,6 +203,26 @@ BEGIN
                                      WHERE a.attrelid = rel AND a.attname = s.column_name
                                        AND NOT a.attisdropped) ORDER BY s.ord LOOP
             EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', rel, c.column_name, c.type_sql);
+        END LOOP;
+
+        -- a column whose type grew upstream is widened where no value can be lost
+        FOR c IN SELECT s.column_name, s.type_sql, format_type(a.atttypid, a.atttypmod) AS old_type
+                   FROM cd2sync._schema_columns(target_schema, table_name, doc) s
+                   JOIN pg_attribute a ON a.attrelid = rel AND a.attname = s.column_name AND NOT a.attisdropped
+                  WHERE format_type(a.atttypid, a.atttypmod) <> s.type_sql LOOP
+            IF cd2sync._is_widening(c.old_type, c.type_sql) THEN
+                BEGIN
+                    EXECUTE format('ALTER TABLE %s ALTER COLUMN %I TYPE %s', rel, c.column_name, c.type_sql);
+                EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist THEN
+                    -- a view or rule uses the column: it keeps its type
+                    RAISE WARNING 'cd2sync: column %.% stays % (upstream: %): %', rel, c.column_name,
+                          c.old_type, c.type_sql, SQLERRM;
+                END;
+            ELSE
+                RAISE WARNING 'cd2sync: column %.% stays % (upstream: %): not a widening', rel,
+                      c.column_name, c.old_type, c.type_sql
+                      USING HINT = 'Values that do not fit the stored type fail their table.';
+            END IF;
         END LOOP;
     END IF;
 

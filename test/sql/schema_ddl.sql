@@ -63,6 +63,22 @@ SELECT cd2sync._ensure_table('s1', 'things', $${"version": 2, "schema": {"proper
 SELECT enum_range(NULL::s1.things__state);
 SELECT * FROM s1.user_view;
 
+-- version 3: widen what can be widened; a view on a column keeps its type
+CREATE TABLE s1.widen (id bigint PRIMARY KEY, a smallint, b real, c varchar(5), d varchar(5), e integer);
+CREATE VIEW s1.widen_view AS SELECT id, e FROM s1.widen;
+SELECT cd2sync._ensure_table('s1', 'widen', $${"version": 3, "schema": {"properties": {
+  "key": {"properties": {"id": {"type": "integer"}}},
+  "value": {"properties": {
+    "a": {"type": "integer", "format": "int32"},
+    "b": {"type": "number"},
+    "c": {"type": "string", "maxLength": 50},
+    "d": {"type": "string", "format": "date"},
+    "e": {"type": "integer", "format": "int64"}}}}}}$$::json) AS created;
+SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = 's1.widen'::regclass AND attnum > 0 ORDER BY attnum;
+SELECT cd2sync._is_widening('character varying(5)', 'text'), cd2sync._is_widening('character varying(10)', 'character varying(5)'),
+       cd2sync._is_widening('bigint', 'integer'), cd2sync._is_widening('text', 'bigint');
+
 -- hostile remote names are quoted, never spliced
 SELECT cd2sync._ensure_table('s1', 'we"ird; drop table x', $${"version": 1, "schema": {"properties": {
   "key": {"properties": {"Id Col": {"type": "integer"}}},
