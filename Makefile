@@ -2,7 +2,7 @@
 EXTENSION = cd2sync
 EXTVERSION = 0.1
 MODULE_big = cd2sync
-OBJS = src/cd2sync.o src/http.o src/download.o src/dap_client.o src/decode.o \
+OBJS = src/cd2sync.o src/http.o src/download.o src/dap_client.o src/decode.o src/codec.o \
        src/catalog.o src/worker.o src/sync_functions.o src/scheduler.o
 
 # The extension script is assembled from one file per stage, in this order.

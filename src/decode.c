@@ -29,6 +29,7 @@
 
 #include "access/table.h"
 #include "catalog/namespace.h"
+#include "codec.h"
 #include "commands/copy.h"
 #include "decode.h"
 #include "executor/spi.h"
@@ -45,14 +46,11 @@ typedef struct DecodeSource
 	char *ahead; /* bytes read while looking for the header */
 	int ahead_len;
 	int ahead_off;
-	int64 line_bytes; /* bytes since the last newline */
+	CodecLineCheck lines; /* the record length guard */
 
 	/* direct load: TSV fields to drop (meta.*, unknown columns) */
-	bool *keep; /* per header field; NULL: pass everything */
-	int nfields;
-	int field;        /* field of the current line being read */
-	bool emitted_any; /* the current output line has a field already */
-	char *scratch;    /* raw bytes before dropping fields */
+	CodecFieldFilter filter; /* keep NULL: pass everything */
+	char *scratch;           /* raw bytes before dropping fields */
 	int scratch_size;
 	int64 unreported;  /* bytes decoded since the last progress report */
 	MemoryContext cxt; /* lives as long as the decoding of the object */
@@ -89,20 +87,7 @@ decode_format_name(RecordFormat f)
 static void
 check_line_length(const char *buf, int n)
 {
-	const char *p = buf;
-	const char *end = buf + n;
-	const char *nl;
-
-	while ((nl = memchr(p, '\n', end - p)) != NULL)
-	{
-		if (source->line_bytes + (nl - p) > cd2_max_line_length)
-			break;
-		source->line_bytes = 0;
-		p = nl + 1;
-	}
-	if (nl == NULL)
-		source->line_bytes += end - p;
-	if (nl != NULL || source->line_bytes > cd2_max_line_length)
+	if (!codec_line_check(&source->lines, buf, n, cd2_max_line_length))
 		ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 						errmsg("a record is longer than cd2sync.max_line_length (%d bytes)",
 							   cd2_max_line_length)));
@@ -135,45 +120,6 @@ raw_read(char *out, int minread, int maxread)
 	return n;
 }
 
-/*
- * Copies TSV bytes from in to out without the dropped fields. In COPY text
- * format a raw tab always separates fields and a raw newline always ends a
- * record (data tabs and newlines are escaped), so this needs no parsing.
- */
-static int
-drop_fields(const char *in, int n, char *out)
-{
-	DecodeSource *s = source;
-	int o = 0;
-
-	for (int i = 0; i < n; i++)
-	{
-		char c = in[i];
-
-		if (c == '\n')
-		{
-			out[o++] = c;
-			s->field = 0;
-			s->emitted_any = s->keep[0];
-		}
-		else if (c == '\t')
-		{
-			s->field++;
-			if (s->field < s->nfields && s->keep[s->field])
-			{
-				if (s->emitted_any)
-					out[o++] = '\t';
-				s->emitted_any = true;
-			}
-			else if (s->field >= s->nfields)
-				out[o++] = c; /* more fields than the header: let COPY complain */
-		}
-		else if (s->field >= s->nfields || s->keep[s->field])
-			out[o++] = c;
-	}
-	return o;
-}
-
 /* COPY's data source */
 static int
 copy_source_cb(void *outbuf, int minread, int maxread)
@@ -181,7 +127,7 @@ copy_source_cb(void *outbuf, int minread, int maxread)
 	char *out = (char *) outbuf;
 	int n;
 
-	if (source->keep == NULL)
+	if (source->filter.keep == NULL)
 		n = raw_read(out, minread, maxread);
 	else
 	{
@@ -197,7 +143,7 @@ copy_source_cb(void *outbuf, int minread, int maxread)
 
 			if (raw == 0)
 				return 0;
-			n = drop_fields(source->scratch, raw, out);
+			n = codec_drop_fields(&source->filter, source->scratch, raw, out);
 		} while (n == 0);
 	}
 	if (n > 0)
@@ -397,6 +343,7 @@ decode_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool 
 
 	src.download = d;
 	src.cxt = CurrentMemoryContext;
+	codec_line_check_init(&src.lines);
 	source = &src;
 	*was_jsonl = false;
 
@@ -444,6 +391,7 @@ decode_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool 
 		List *attnames;
 		List *names;
 		Oid into;
+		bool *keep;
 
 		if (linelen > 0 && line[linelen - 1] == '\r')
 			line[linelen - 1] = '\0';
@@ -455,9 +403,8 @@ decode_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool 
 				ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 								errmsg("a direct load takes TSV files only")));
 			into = direct;
-			attnames = map_header_direct(names, direct, &src.keep);
-			src.nfields = list_length(names);
-			src.emitted_any = src.keep[0];
+			attnames = map_header_direct(names, direct, &keep);
+			codec_field_filter_init(&src.filter, keep, list_length(names));
 		}
 		else
 		{

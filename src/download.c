@@ -24,8 +24,7 @@
  */
 #include "cd2sync.h"
 
-#include <zlib.h>
-
+#include "codec.h"
 #include "download.h"
 #include "http.h"
 #include "utils/memutils.h"
@@ -46,11 +45,7 @@ struct Download
 	bool fetched_all; /* the whole object has been received */
 	bool eof;
 
-	bool detected; /* know whether it is gzip */
-	bool gzip;
-	bool zinit;
-	bool member_ended; /* the last inflate hit Z_STREAM_END */
-	z_stream zs;
+	CodecGunzip gz; /* inflates, or passes plain bytes through */
 	unsigned char inbuf[DOWNLOAD_INBUF];
 	MemoryContextCallback cleanup;
 };
@@ -60,11 +55,7 @@ download_cleanup(void *arg)
 {
 	Download *d = (Download *) arg;
 
-	if (d->zinit)
-	{
-		inflateEnd(&d->zs);
-		d->zinit = false;
-	}
+	codec_gunzip_end(&d->gz);
 }
 
 /* The object's URL without its query string (the presigned signature) */
@@ -89,6 +80,7 @@ download_open(const char *object_id, const char *url, RefreshUrlFn refresh, void
 	d->url = pstrdup(url);
 	d->refresh = refresh;
 	d->refresh_arg = refresh_arg;
+	codec_gunzip_init(&d->gz);
 	d->cleanup.func = download_cleanup;
 	d->cleanup.arg = d;
 	MemoryContextRegisterResetCallback(CurrentMemoryContext, &d->cleanup);
@@ -227,62 +219,20 @@ download_read(Download *d, char *dst, size_t len)
 	if (d->eof || len == 0)
 		return 0;
 
-	if (!d->detected)
-	{
-		size_t n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
-
-		d->detected = true;
-		d->gzip = (n >= 2 && d->inbuf[0] == 0x1f && d->inbuf[1] == 0x8b);
-		if (n == 0)
-		{
-			d->eof = true; /* an empty object: no records */
-			return 0;
-		}
-		d->zs.next_in = d->inbuf;
-		d->zs.avail_in = (uInt) n;
-		if (d->gzip)
-		{
-			if (inflateInit2(&d->zs, 16 + MAX_WBITS) != Z_OK)
-				ereport(ERROR,
-						(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("could not initialize zlib")));
-			d->zinit = true;
-		}
-	}
-
-	if (!d->gzip)
-	{
-		size_t n;
-
-		if (d->zs.avail_in == 0)
-		{
-			n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
-			if (n == 0)
-			{
-				d->eof = true;
-				return 0;
-			}
-			d->zs.next_in = d->inbuf;
-			d->zs.avail_in = (uInt) n;
-		}
-		n = Min(len, d->zs.avail_in);
-		memcpy(dst, d->zs.next_in, n);
-		d->zs.next_in += n;
-		d->zs.avail_in -= (uInt) n;
-		return n;
-	}
-
 	for (;;)
 	{
-		int rc;
+		CodecGunzipStatus st;
 		size_t produced;
+		const char *msg;
 
-		if (d->zs.avail_in == 0)
+		if (codec_gunzip_needs_input(&d->gz))
 		{
 			size_t n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
 
 			if (n == 0)
 			{
-				if (!d->member_ended)
+				/* an empty object has no records; a gzip one must not stop mid-member */
+				if (!codec_gunzip_may_end(&d->gz))
 					ereport(
 						ERROR,
 						(errcode(ERRCODE_DATA_CORRUPTED),
@@ -293,27 +243,18 @@ download_read(Download *d, char *dst, size_t len)
 				d->eof = true;
 				return 0;
 			}
-			d->zs.next_in = d->inbuf;
-			d->zs.avail_in = (uInt) n;
-		}
-		if (d->member_ended)
-		{
-			/* more input after a member's end: the next member starts */
-			if (inflateReset(&d->zs) != Z_OK)
-				ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), errmsg("could not reset zlib")));
-			d->member_ended = false;
+			if (codec_gunzip_feed(&d->gz, d->inbuf, n) != CODEC_GUNZIP_OK)
+				ereport(ERROR,
+						(errcode(ERRCODE_OUT_OF_MEMORY), errmsg("could not initialize zlib")));
 		}
 
-		d->zs.next_out = (Bytef *) dst;
-		d->zs.avail_out = (uInt) len;
-		rc = inflate(&d->zs, Z_NO_FLUSH);
-		produced = len - d->zs.avail_out;
-		if (rc == Z_STREAM_END)
-			d->member_ended = true;
-		else if (rc != Z_OK && rc != Z_BUF_ERROR)
-			ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED),
-							errmsg("gzip stream of object \"%s\" is corrupt: %s", d->object_id,
-								   d->zs.msg ? d->zs.msg : "inflate failed")));
+		st = codec_gunzip_step(&d->gz, dst, len, &produced, &msg);
+		if (st == CODEC_GUNZIP_RESET_FAILED)
+			ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), errmsg("could not reset zlib")));
+		if (st == CODEC_GUNZIP_CORRUPT)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("gzip stream of object \"%s\" is corrupt: %s", d->object_id, msg)));
 		if (produced > 0)
 			return produced;
 	}
