@@ -1,0 +1,58 @@
+# A full resync never empties a table: while it loads (here held open by a
+# slow download inside its transaction), another session reading the table in
+# a loop always sees a complete table (the old one until the new one
+# commits); indexes, grants and a dependent view of the user survive.
+use strict;
+use warnings;
+use utf8;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use Cd2Test;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+my $emu = Cd2Test::start_emulator(generate => 'demo');
+$emu->config(job_latency => 0.05, dedupe_jobs => JSON::PP::false);
+my $node = Cd2Test::new_node('resync');
+my $north = 'us-east-1#demo-north';
+$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+	  . "SELECT cd2_add_instance('north', '$north', 'north-secret', api_url => '$emu->{url}', tables => ARRAY['users'])");
+Cd2Test::sync($node, 'north');
+$node->safe_psql('postgres', "CREATE INDEX users_name_idx ON north.users (name); "
+	  . "CREATE ROLE analyst; GRANT USAGE ON SCHEMA north TO analyst; GRANT SELECT ON north.users TO analyst; "
+	  . "CREATE VIEW public.active_users AS SELECT id, name FROM north.users WHERE workflow_state <> 'deleted'");
+my $before = $node->safe_psql('postgres', "SELECT count(*) FROM north.users");
+
+# upstream: 10 users deleted, 5 new; then a full resync whose download hangs 3 s
+my $rows = $emu->state($north, 'users')->{rows};
+my @new = map { my %v = %{ $rows->[0]{value} }; $v{name} = "new $_"; { key => { id => 10000000008000 + $_ }, value => \%v } } 1 .. 5;
+$emu->epoch({ client_id => $north, table => 'users', delete => [ map { { key => $_->{key} } } @$rows[ 1 .. 10 ] ], upsert => \@new });
+my $after = $before - 10 + 5;
+$emu->faults({ endpoint => 'download', kind => 'hang', seconds => 3, times => 1 });
+$node->safe_psql('postgres', "SELECT cd2_sync_start('north', \"full\" => true)");
+
+# a reader counts the table in a loop while the resync runs
+my %seen;
+my $t0 = time;
+while (time - $t0 < 8)
+{
+	my $n = $node->safe_psql('postgres', "SELECT count(*) FROM north.users");
+	$seen{$n}++;
+	last if $n == $after && $seen{$before};
+	usleep(100_000);
+}
+is(join(',', sort { $a <=> $b } keys %seen), join(',', sort { $a <=> $b } ($before, $after)),
+	"the reader saw only the complete old table ($before rows) and the complete new one ($after rows)");
+ok($seen{$before} >= 5, 'it read the old table while the resync was loading');
+ok($node->poll_query_until('postgres', "SELECT status = 'done' FROM cd2sync.runs ORDER BY run_id DESC LIMIT 1"), 'the resync finished');
+is($node->safe_psql('postgres', "SELECT mode FROM cd2sync.sync_log ORDER BY run_id DESC LIMIT 1"), 'snapshot', 'it was a snapshot');
+Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'the table equals the new snapshot');
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_indexes WHERE indexname = 'users_name_idx'"), '1', 'the user\'s index survived');
+is($node->safe_psql('postgres', "SELECT has_table_privilege('analyst', 'north.users', 'SELECT')"), 't', 'the grant survived');
+is($node->safe_psql('postgres', "SELECT count(*) > 0 FROM public.active_users"), 't', 'the dependent view works');
+
+$node->stop;
+$emu->stop;
+done_testing();
