@@ -2,23 +2,26 @@
  *
  * worker.c
  *	  The sync worker: one dynamic background worker per run, syncing the
- *	  tables of one instance one after the other.
+ *	  tables of one instance as a pipeline.
  *
- * A table sync goes through these states (src/README.md draws them):
+ * The run starts its tables' query jobs as fast as cd2sync.job_rate allows,
+ * polls them, and loads whichever has finished, one table at a time, while
+ * the others run upstream. A table sync goes through these steps
+ * (src/README.md draws them):
  *
- *	 job        start a snapshot or incremental query job and poll it;
- *	            an incremental the API refuses (SnapshotRequired,
- *	            OutOfRange) becomes a snapshot
- *	 schema     when the job's schema version is new: fetch the schema,
- *	            create or extend the table (own transaction: new enum values
- *	            must be committed before use)
- *	 load       in one transaction: COPY every object into a staging table,
- *	            apply it set-based, record the watermark and the log row
- *	 done | failed
+ *	 begin      read the table's state; start a snapshot or incremental job
+ *	            (an incremental the API refuses, SnapshotRequired or
+ *	            OutOfRange, becomes a snapshot)
+ *	 poll       ask how the job does, less and less often
+ *	 finish     when the job's schema version is new: fetch the schema and
+ *	            create or alter the table (own transaction: new enum values
+ *	            must be committed before use); then, in one transaction,
+ *	            COPY every object (into a staging table, or straight into a
+ *	            new table), apply it set-based, record watermark and log row
  *
- * Any error in a table sync aborts that table's transaction, so its rows
+ * An error in any step aborts that step's transaction, so the table's rows
  * and watermark stay as they were; the failure is recorded in a new
- * transaction and the run goes on with the next table. A run holds an
+ * transaction and the run goes on with the other tables. A run holds an
  * advisory lock on its instance for its whole length, so two runs of one
  * instance never interleave: the second waits.
  *
