@@ -38,6 +38,10 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 
+# the emulator's schema helpers: one way to write a CD2 property
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test", "emulator"))
+from cd2emu import _p  # noqa: E402
+
 GEN_VERSION = 1
 SEED = 20261101
 ID_BASE = 10_000_000
@@ -51,14 +55,6 @@ BATCH = 5000
 WORKFLOW = ["submitted", "graded", "pending_review", "unsubmitted", "deleted"]
 SUBMISSION_TYPES = ["online_text_entry", "online_upload", "online_url", "online_quiz", "media_recording",
                     "basic_lti_launch"]
-
-
-def _p(type_, desc, fmt=None, **extra):
-    d = {"type": type_, "description": desc}
-    if fmt:
-        d["format"] = fmt
-    d.update(extra)
-    return d
 
 
 def I64(desc):
