@@ -262,7 +262,6 @@ dap_login(DapClient *c)
 	explicit_bzero(token, strlen(token));
 	c->token_renew_at = GetCurrentTimestamp() +
 						(TimestampTz) (lifetime - Min(300, Max(1, lifetime / 4))) * USECS_PER_SEC;
-	c->logins++;
 }
 
 /*

@@ -20,7 +20,6 @@ typedef struct DapClient
 	char *token;                /* current access token, or NULL */
 	TimestampTz token_renew_at; /* log in again from then on */
 	MemoryContext cxt;          /* where the token lives */
-	int logins;                 /* how many times we logged in */
 } DapClient;
 
 /* An error the API answered with, for callers that act on its type */

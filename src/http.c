@@ -45,7 +45,6 @@ struct HttpStream
 	bool done;
 	CURLcode result;
 	long status;
-	int64 bytes; /* body bytes received in all */
 	int retry_after_ms;
 	bool partial;      /* answered 206 to a Range request */
 	char *auth_header; /* palloc'd, wiped on close */
@@ -106,7 +105,6 @@ write_cb(char *data, size_t size, size_t nmemb, void *arg)
 	}
 	memcpy(s->buf + s->len, data, n);
 	s->len += n;
-	s->bytes += n;
 	return n;
 }
 
@@ -384,12 +382,6 @@ bool
 http_stream_is_partial(HttpStream *s)
 {
 	return s->partial;
-}
-
-int64
-http_stream_bytes(HttpStream *s)
-{
-	return s->bytes;
 }
 
 int

@@ -45,7 +45,6 @@ extern HttpOutcome http_stream_outcome(HttpStream *s);
 extern const char *http_stream_error(HttpStream *s);
 extern int http_stream_retry_after_ms(HttpStream *s);
 extern bool http_stream_is_partial(HttpStream *s);
-extern int64 http_stream_bytes(HttpStream *s);
 
 /* A whole response body, for the small JSON answers of the API. */
 typedef struct HttpResponse
