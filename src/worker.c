@@ -228,15 +228,22 @@ start_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
 
 	report(rc, tr->table, "starting a %s query job", *snapshot ? "snapshot" : "incremental");
 	job = start_query(rc, tr, fmt, *snapshot ? NULL : since, &err);
-	if (job == NULL && err.type && strcmp(err.type, "ValidationError") == 0 &&
-		rc->format != FORMAT_JSONL && strstr(err.message, "format") != NULL)
+	if (job == NULL && rc->format != FORMAT_JSONL &&
+		(err.type ? strcmp(err.type, "ValidationError") == 0 : err.status == 400))
 	{
-		/* JSON lines is the format every DAP server documents: fall back to it */
+		/*
+		 * The query was refused as invalid: perhaps the format. JSON lines is
+		 * the format every DAP server documents: ask for it once, and keep it
+		 * for the run if it is accepted.
+		 */
 		ereport(LOG, (errmsg("cd2sync %s.%s: query in format %s refused (%s), asking for jsonl",
 							 rc->instance->name, tr->table, fmt, err.message)));
-		rc->format = FORMAT_JSONL;
-		fmt = decode_format_name(rc->format);
-		job = start_query(rc, tr, fmt, *snapshot ? NULL : since, &err);
+		job = start_query(rc, tr, "jsonl", *snapshot ? NULL : since, &err);
+		if (job != NULL)
+		{
+			rc->format = FORMAT_JSONL;
+			fmt = decode_format_name(rc->format);
+		}
 	}
 	if (job == NULL && !*snapshot && err.type &&
 		(strcmp(err.type, "SnapshotRequired") == 0 || strcmp(err.type, "OutOfRange") == 0))
@@ -856,12 +863,34 @@ close_stale_runs(RunContext *rc)
 static List *
 tables_to_sync(RunContext *rc, List *asked)
 {
-	if (asked != NIL)
-		return asked;
+	List *listed;
+	ListCell *lc;
+	StringInfoData missing;
+
+	/* configured tables were checked against the API then; asked ones against them */
 	if (rc->instance->tables != NIL)
-		return rc->instance->tables;
+		return asked != NIL ? asked : rc->instance->tables;
 	report(rc, NULL, "listing tables");
-	return dap_list_tables(rc->client);
+	listed = dap_list_tables(rc->client);
+	if (asked == NIL)
+		return listed;
+
+	/* tables asked of an instance that syncs every table: the API must list them */
+	initStringInfo(&missing);
+	foreach (lc, asked)
+	{
+		ListCell *lc2;
+		bool found = false;
+
+		foreach (lc2, listed)
+			found |= strcmp((char *) lfirst(lc), (char *) lfirst(lc2)) == 0;
+		if (!found)
+			appendStringInfo(&missing, "%s%s", missing.len ? ", " : "", (char *) lfirst(lc));
+	}
+	if (missing.len > 0)
+		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
+						errmsg("the CD2 API does not list table(s) %s", missing.data)));
+	return asked;
 }
 
 static void

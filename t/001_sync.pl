@@ -157,6 +157,11 @@ Cd2Test::table_is($node, $emu, $north, 'north_late', 'courses', 'courses loaded 
 like(slurp_file($node->logfile), qr/north_late\.users: loading through the staging table/, 'users fell back to the staging table');
 unlike(slurp_file($node->logfile), qr/north_late\.courses: loading through the staging table/, 'courses did not');
 
+# a table the API does not list, asked of an instance that syncs every table: an ERROR
+my ($rc_nt, $out_nt, $err_nt) = $node->psql('postgres',
+	"\\set VERBOSITY verbose\nSELECT * FROM cd2_sync_now('north_tsv', tables => ARRAY['users', 'no_such_table'])");
+like($err_nt, qr/42P01: .*the CD2 API does not list table\(s\) no_such_table/, 'an unknown table is an ERROR 42P01');
+
 # the secret never reached the server log
 my $log = slurp_file($node->logfile);
 unlike($log, qr/north-secret/, 'the client secret is not in the server log');
