@@ -26,6 +26,9 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 override with_llvm = no
 include $(PGXS)
 
+# PGXS does not track headers: every object depends on all of ours
+$(OBJS): $(wildcard src/*.h)
+
 $(DATA_built): $(SQL_PARTS)
 	cat $^ > $@
 
