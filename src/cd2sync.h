@@ -45,7 +45,4 @@ extern PGDLLEXPORT void cd2_worker_main(Datum main_arg);
 extern PGDLLEXPORT void cd2_scheduler_main(Datum main_arg);
 extern void cd2_register_scheduler(void);
 
-/* Placeholder CD2 puts where a value was too large to export */
-#define CD2_OVERSIZED "__cd2_oversized_truncated__"
-
 #endif /* CD2SYNC_H */

@@ -380,7 +380,6 @@ parse_job(Jsonb *j)
 	version = json_get_text(&j->root, "schema_version");
 	job->schema_version = version ? atoi(version) : 0;
 	job->at = json_get_text(&j->root, "at");
-	job->since = json_get_text(&j->root, "since");
 	job->until = json_get_text(&j->root, "until");
 	if (objs && JsonContainerIsArray(objs))
 	{

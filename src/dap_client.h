@@ -37,9 +37,8 @@ typedef struct DapJob
 	int schema_version;
 	List *objects; /* object ids (char *) */
 	char *at;      /* snapshot: the data's point in time */
-	char *since;   /* incremental: the window */
-	char *until;
-	char *error; /* failed: the job's error message */
+	char *until;   /* incremental: the end of its window */
+	char *error;   /* failed: the job's error message */
 } DapJob;
 
 extern DapClient *dap_client_create(const char *api_url, const char *client_id,
