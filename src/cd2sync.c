@@ -98,6 +98,10 @@ static const Cd2Setting settings[] = {
 		"cd2sync.allow_insecure_http",
 		"Allow plain http to hosts other than loopback (credentials would travel in clear).", false,
 		PGC_SIGHUP, &cd2_allow_insecure_http, false),
+	BOOL_SETTING("cd2sync.direct_load",
+				 "Load a snapshot into an empty table straight with COPY (off: through the staging "
+				 "table, every write in SQL).",
+				 true, PGC_USERSET, &cd2_direct_load, true),
 	INT_SETTING(
 		"cd2sync.job_rate",
 		"Most query jobs a sync starts per minute (the API allows 5 per credential); 0: no limit.",
