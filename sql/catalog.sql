@@ -21,6 +21,8 @@ CREATE TABLE cd2sync.instances (
     shard_id      bigint CHECK (shard_id >= 0 AND shard_id < 922337),
     schedule      interval CHECK (schedule > interval '0'),
     target_schema name NOT NULL UNIQUE,
+    -- a fresh snapshot of each table at least this often (NULL: only when needed)
+    full_resync_every interval CHECK (full_resync_every > interval '0'),
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now()
 );
@@ -44,6 +46,8 @@ CREATE TABLE cd2sync.table_state (
     last_error     text,
     watermark_raw  text,     -- the watermark exactly as the API wrote it
     columns        text[],   -- the columns of the upstream schema
+    snapshot_at    timestamptz,  -- when the last snapshot was applied
+    pending_types  jsonb,    -- column -> upstream type, awaiting a fresh snapshot
     PRIMARY KEY (instance, table_name)
 );
 
@@ -103,7 +107,13 @@ CREATE VIEW cd2sync.schedules AS
                     WHERE r.instance = i.name AND r.status = 'running'
                       AND a.backend_type = 'cd2sync sync worker') AS running,
            l.run_id AS last_run_id, l.trigger AS last_trigger, l.started_at AS last_started_at,
-           l.finished_at AS last_finished_at, l.status AS last_status, l.error AS last_error
+           l.finished_at AS last_finished_at, l.status AS last_status, l.error AS last_error,
+           i.full_resync_every,
+           -- the next run from then on takes a snapshot of the tables then due
+           CASE WHEN i.full_resync_every IS NOT NULL
+                THEN (SELECT coalesce(min(s.snapshot_at) + i.full_resync_every, now())
+                        FROM cd2sync.table_state s WHERE s.instance = i.name)
+           END AS next_full_resync_at
       FROM cd2sync.instances i
       LEFT JOIN LATERAL (SELECT * FROM cd2sync.runs r WHERE r.instance = i.name
                           ORDER BY r.started_at DESC LIMIT 1) l ON true;

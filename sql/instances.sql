@@ -22,7 +22,7 @@ END $$;
 -- Checks the arguments shared by cd2_add_instance and cd2_alter_instance.
 CREATE FUNCTION cd2sync._check_settings(client_id text, client_secret text, api_url text,
                                         tables text[], shard_id bigint, schedule interval,
-                                        target_schema text)
+                                        target_schema text, full_resync_every interval DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF client_id IS NULL OR client_id = '' THEN
@@ -50,6 +50,10 @@ BEGIN
     END IF;
     IF schedule <= interval '0' THEN
         RAISE EXCEPTION 'schedule must be a positive interval, or NULL for syncs on demand only'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF full_resync_every <= interval '0' THEN
+        RAISE EXCEPTION 'full_resync_every must be a positive interval, or NULL for snapshots only when needed'
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF target_schema IS NOT NULL AND (target_schema = '' OR octet_length(target_schema) > 63
@@ -96,7 +100,8 @@ CREATE FUNCTION cd2_add_instance(
     tables        text[]   DEFAULT NULL,
     shard_id      bigint   DEFAULT NULL,
     schedule      interval DEFAULT NULL,
-    target_schema text     DEFAULT NULL)
+    target_schema text     DEFAULT NULL,
+    full_resync_every interval DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n text := cd2_add_instance.name;
@@ -108,7 +113,7 @@ BEGIN
                     DETAIL = 'An instance name is a lower-case letter followed by up to 47 lower-case letters, digits or underscores.';
     END IF;
     PERFORM cd2sync._check_settings(client_id, client_secret, api_url, tables, shard_id, schedule,
-                                    target_schema);
+                                    target_schema, full_resync_every);
     IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.name = n) THEN
         RAISE EXCEPTION 'cd2sync instance "%" already exists', n USING ERRCODE = 'duplicate_object';
     END IF;
@@ -119,17 +124,19 @@ BEGIN
     SELECT array_agg(DISTINCT t ORDER BY t) INTO tables_clean FROM unnest(tables) t;
     PERFORM cd2sync._check_remote_tables(api_url, client_id, client_secret, tables_clean);
 
-    INSERT INTO cd2sync.instances (name, client_id, api_url, tables, shard_id, schedule, target_schema)
+    INSERT INTO cd2sync.instances (name, client_id, api_url, tables, shard_id, schedule, target_schema,
+                                   full_resync_every)
     VALUES (n, client_id, api_url, tables_clean, shard_id, schedule,
-            coalesce(cd2_add_instance.target_schema, n));
+            coalesce(cd2_add_instance.target_schema, n), full_resync_every);
     INSERT INTO cd2sync.instance_secrets (instance, client_secret) VALUES (n, client_secret);
     -- an instance whose target schema already holds synced tables joins the views
     PERFORM cd2sync._reconcile_changed();
 END $$;
 
 -- Arguments not given keep their value. Given as NULL, tables, shard_id,
--- schedule and target_schema go back to cd2_add_instance's defaults (every
--- table, no shard, on demand only, the instance name). The defaults below are
+-- schedule, target_schema and full_resync_every go back to cd2_add_instance's
+-- defaults (every table, no shard, on demand only, the instance name, no
+-- periodic snapshots). The defaults below are
 -- markers for "not given" that no valid value can take.
 CREATE FUNCTION cd2_alter_instance(
     name          text,
@@ -139,7 +146,8 @@ CREATE FUNCTION cd2_alter_instance(
     tables        text[]   DEFAULT '{}',
     shard_id      bigint   DEFAULT -1,
     schedule      interval DEFAULT '-00:00:00.000001',
-    target_schema text     DEFAULT '')
+    target_schema text     DEFAULT '',
+    full_resync_every interval DEFAULT '-00:00:00.000001')
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     old cd2sync.instances := cd2sync._check_instance(cd2_alter_instance.name);
@@ -162,11 +170,15 @@ BEGIN
     IF target_schema IS DISTINCT FROM '' THEN
         new.target_schema := coalesce(target_schema, old.name);
     END IF;
+    IF full_resync_every IS DISTINCT FROM interval '-00:00:00.000001' THEN
+        new.full_resync_every := full_resync_every;
+    END IF;
     PERFORM cd2sync._check_settings(new.client_id, secret, new.api_url,
                                     CASE WHEN tables IS NULL OR cardinality(tables) > 0 THEN tables END,
                                     new.shard_id, new.schedule,
                                     CASE WHEN target_schema IS NOT NULL AND target_schema <> ''
-                                         THEN target_schema END);
+                                         THEN target_schema END,
+                                    new.full_resync_every);
     IF new.target_schema <> old.target_schema THEN
         IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.target_schema = new.target_schema) THEN
             RAISE EXCEPTION 'schema "%" is already the target of another instance', new.target_schema
@@ -190,7 +202,7 @@ BEGIN
     UPDATE cd2sync.instances i
        SET client_id = new.client_id, api_url = new.api_url, tables = new.tables,
            shard_id = new.shard_id, schedule = new.schedule, target_schema = new.target_schema,
-           updated_at = now()
+           full_resync_every = new.full_resync_every, updated_at = now()
      WHERE i.name = old.name;
     UPDATE cd2sync.instance_secrets s SET client_secret = secret WHERE s.instance = old.name;
     IF new.shard_id IS DISTINCT FROM old.shard_id OR new.target_schema <> old.target_schema THEN

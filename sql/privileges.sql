@@ -27,8 +27,8 @@ REVOKE ALL ON ALL TABLES IN SCHEMA cd2sync FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA cd2sync FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cd2sync FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA cd2 FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text),
-                       cd2_alter_instance(text, text, text, text, text[], bigint, interval, text),
+REVOKE ALL ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text, interval),
+                       cd2_alter_instance(text, text, text, text, text[], bigint, interval, text, interval),
                        cd2_drop_instance(text, boolean),
                        cd2_sync_now(text, text[], boolean),
                        cd2_sync_start(text, text[], boolean),
@@ -51,8 +51,8 @@ GRANT EXECUTE ON FUNCTION cd2_watermark(text, text), cd2_consistent_watermark(te
 -- admin: configuration (no secrets) and syncs
 GRANT SELECT ON cd2sync.instances TO cd2sync_admin;     -- secrets live apart
 GRANT USAGE ON SEQUENCE cd2sync.run_id_seq TO cd2sync_admin;
-GRANT EXECUTE ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text),
-                          cd2_alter_instance(text, text, text, text, text[], bigint, interval, text),
+GRANT EXECUTE ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text, interval),
+                          cd2_alter_instance(text, text, text, text, text[], bigint, interval, text, interval),
                           cd2_drop_instance(text, boolean),
                           cd2_sync_now(text, text[], boolean),
                           cd2_sync_start(text, text[], boolean),

@@ -135,9 +135,156 @@ RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
         ELSE false END
 $$;
 
+-- The views that use column col of rel, and every view built on those, with
+-- their depth: a view comes deeper than every view it uses.
+CREATE FUNCTION cd2sync._dependent_views(rel regclass, col text)
+RETURNS TABLE (view_oid oid, depth int)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH RECURSIVE d(oid, depth) AS (
+        SELECT r.ev_class, 1
+          FROM pg_attribute a
+          JOIN pg_depend dep ON dep.refclassid = 'pg_class'::regclass AND dep.refobjid = a.attrelid
+                            AND dep.refobjsubid = a.attnum AND dep.classid = 'pg_rewrite'::regclass
+          JOIN pg_rewrite r ON r.oid = dep.objid
+         WHERE a.attrelid = rel AND a.attname = col AND r.ev_class <> rel
+        UNION ALL
+        SELECT r.ev_class, d.depth + 1
+          FROM d
+          JOIN pg_depend dep ON dep.refclassid = 'pg_class'::regclass AND dep.refobjid = d.oid
+                            AND dep.classid = 'pg_rewrite'::regclass
+          JOIN pg_rewrite r ON r.oid = dep.objid
+         WHERE r.ev_class <> d.oid AND d.depth < 32
+    )
+    SELECT oid, max(depth)::int FROM d GROUP BY oid
+$$;
+
+-- Changes the type of a column that views may use: those views (and the
+-- views on them) are dropped and created again from their definitions, with
+-- their options, owner, grants and comments; the reconciled view cd2.<table>
+-- is rebuilt for the new type. using_null: the column's values are dropped
+-- (the table is about to be reloaded). Raises, changing nothing, when a view
+-- cannot be created again (it uses the column in a way the new type does not
+-- allow) or is something this cannot rebuild (a materialized view, a view
+-- with triggers or rules, a view other objects depend on).
+CREATE FUNCTION cd2sync._alter_column_type(rel regclass, col text, new_type text, using_null boolean)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v record;
+    saved jsonb[] := '{}';
+    s jsonb;
+    g jsonb;
+    table_name name := (SELECT relname FROM pg_class WHERE oid = rel);
+BEGIN
+    FOR v IN SELECT c.oid, c.relkind, format('%I.%I', n.nspname, c.relname) AS name,
+                    n.nspname = 'cd2' AND c.relname = table_name AS reconciled
+               FROM cd2sync._dependent_views(rel, col) d
+               JOIN pg_class c ON c.oid = d.view_oid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              ORDER BY d.depth DESC, c.oid LOOP
+        IF v.relkind <> 'v' OR EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = v.oid)
+           OR EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = v.oid AND rulename <> '_RETURN')
+           OR EXISTS (SELECT 1 FROM pg_attrdef WHERE adrelid = v.oid)
+           OR EXISTS (SELECT 1 FROM pg_depend WHERE objid = v.oid AND deptype = 'e') THEN
+            RAISE EXCEPTION '% uses column % of %, and cd2sync cannot create it again', v.name, col, rel
+                  USING ERRCODE = 'feature_not_supported';
+        END IF;
+        saved := saved || jsonb_strip_nulls(jsonb_build_object(
+            'name', v.name,
+            'reconciled', v.reconciled,
+            'def', pg_get_viewdef(v.oid),
+            'options', (SELECT string_agg(format('%s=%L', split_part(o, '=', 1), substr(o, strpos(o, '=') + 1)), ', ')
+                          FROM pg_class c, unnest(c.reloptions) o WHERE c.oid = v.oid),
+            'owner', (SELECT quote_ident(pg_get_userbyid(relowner)) FROM pg_class WHERE oid = v.oid),
+            'grants', (SELECT jsonb_agg(jsonb_build_object(
+                                  'grantee', CASE WHEN x.grantee = 0 THEN 'PUBLIC'
+                                                  ELSE quote_ident(pg_get_userbyid(x.grantee)) END,
+                                  'privilege', x.privilege_type, 'grantable', x.is_grantable))
+                         FROM pg_class c, aclexplode(c.relacl) x WHERE c.oid = v.oid),
+            'comment', obj_description(v.oid, 'pg_class'),
+            'column_comments', (SELECT jsonb_object_agg(attname, col_description(v.oid, attnum))
+                                  FROM pg_attribute
+                                 WHERE attrelid = v.oid AND attnum > 0
+                                   AND col_description(v.oid, attnum) IS NOT NULL)));
+        EXECUTE format('DROP VIEW %s', v.name);
+    END LOOP;
+
+    EXECUTE format('ALTER TABLE %s ALTER COLUMN %I TYPE %s%s', rel, col, new_type,
+                   CASE WHEN using_null THEN format(' USING NULL::%s', new_type) ELSE '' END);
+
+    -- shallowest first: each view finds the views it uses
+    FOR i IN REVERSE cardinality(saved) .. 1 LOOP
+        s := saved[i];
+        IF (s->>'reconciled')::boolean THEN
+            PERFORM cd2sync.refresh_view(table_name);
+            CONTINUE;
+        END IF;
+        EXECUTE format('CREATE VIEW %s%s AS %s', s->>'name',
+                       CASE WHEN s ? 'options' THEN format(' WITH (%s)', s->>'options') ELSE '' END,
+                       s->>'def');
+        EXECUTE format('ALTER VIEW %s OWNER TO %s', s->>'name', s->>'owner');
+        FOR g IN SELECT * FROM jsonb_array_elements(coalesce(s->'grants', '[]')) LOOP
+            EXECUTE format('GRANT %s ON %s TO %s%s', g->>'privilege', s->>'name', g->>'grantee',
+                           CASE WHEN (g->>'grantable')::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+        IF s->>'comment' IS NOT NULL THEN
+            EXECUTE format('COMMENT ON VIEW %s IS %L', s->>'name', s->>'comment');
+        END IF;
+        FOR g IN SELECT jsonb_build_object('c', key, 'v', value) FROM jsonb_each_text(coalesce(s->'column_comments', '{}')) LOOP
+            EXECUTE format('COMMENT ON COLUMN %s.%I IS %L', s->>'name', g->>'c', g->>'v');
+        END LOOP;
+    END LOOP;
+END $$;
+
+-- The columns whose type changed upstream in a way that cannot be applied
+-- in place (not a widening): column -> new type, or NULL if none.
+CREATE FUNCTION cd2sync._pending_types(target_schema text, table_name text, doc json)
+RETURNS jsonb LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT jsonb_object_agg(s.column_name, s.type_sql)
+      FROM cd2sync._schema_columns(target_schema, table_name, doc) s
+      JOIN pg_attribute a ON a.attrelid = to_regclass(format('%I.%I', target_schema, table_name))
+                         AND a.attname = s.column_name AND NOT a.attisdropped
+     WHERE format_type(a.atttypid, a.atttypmod) <> s.type_sql
+       AND NOT cd2sync._is_widening(format_type(a.atttypid, a.atttypmod), s.type_sql)
+$$;
+
+-- Before a fresh snapshot is loaded: gives the columns waiting for a type
+-- change their new types. The table's rows are deleted first (in the
+-- snapshot's transaction: readers keep seeing them until it commits), so no
+-- value needs converting. If a view on a column cannot be created again,
+-- the table keeps its types, with a warning. Returns whether types changed.
+CREATE FUNCTION cd2sync._apply_pending_types(instance text, table_name text, target regclass)
+RETURNS boolean LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    pending jsonb;
+    c record;
+BEGIN
+    SELECT s.pending_types INTO pending FROM cd2sync.table_state s
+     WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name
+       FOR UPDATE;
+    UPDATE cd2sync.table_state s SET pending_types = NULL
+     WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name
+       AND pending IS NOT NULL;
+    IF pending IS NULL THEN
+        RETURN false;
+    END IF;
+    BEGIN
+        EXECUTE format('DELETE FROM %s', target);
+        FOR c IN SELECT key, value FROM jsonb_each_text(pending) ORDER BY key LOOP
+            PERFORM cd2sync._alter_column_type(target, c.key, c.value, true);
+        END LOOP;
+        RETURN true;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'cd2sync: table % keeps its column types (upstream: %): %', target, pending, SQLERRM
+              USING HINT = 'Values that do not fit a stored type fail their table.';
+        RETURN false;
+    END;
+END $$;
+
 -- Creates the target table of a CD2 table, or brings it up to a newer
--- schema: new enum types and values, new columns. A column removed upstream
--- is kept (and no longer filled) so that users' views on it stay valid.
+-- schema: new enum types and values, new columns, widened types. A column
+-- removed upstream is kept (and no longer filled) so that users' views on it
+-- stay valid. Other type changes are left to _apply_pending_types.
 -- Returns true when the table was created.
 CREATE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc json)
 RETURNS boolean LANGUAGE plpgsql
@@ -205,23 +352,23 @@ BEGIN
             EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', rel, c.column_name, c.type_sql);
         END LOOP;
 
-        -- a column whose type grew upstream is widened where no value can be lost
+        -- a column whose type grew upstream is widened where no value can be
+        -- lost; other type changes wait for a fresh snapshot (_pending_types)
         FOR c IN SELECT s.column_name, s.type_sql, format_type(a.atttypid, a.atttypmod) AS old_type
                    FROM cd2sync._schema_columns(target_schema, table_name, doc) s
                    JOIN pg_attribute a ON a.attrelid = rel AND a.attname = s.column_name AND NOT a.attisdropped
                   WHERE format_type(a.atttypid, a.atttypmod) <> s.type_sql LOOP
             IF cd2sync._is_widening(c.old_type, c.type_sql) THEN
                 BEGIN
-                    EXECUTE format('ALTER TABLE %s ALTER COLUMN %I TYPE %s', rel, c.column_name, c.type_sql);
-                EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist THEN
-                    -- a view or rule uses the column: it keeps its type
+                    PERFORM cd2sync._alter_column_type(rel, c.column_name, c.type_sql, false);
+                EXCEPTION WHEN OTHERS THEN
+                    -- a view that cannot be created again uses the column
                     RAISE WARNING 'cd2sync: column %.% stays % (upstream: %): %', rel, c.column_name,
                           c.old_type, c.type_sql, SQLERRM;
                 END;
             ELSE
-                RAISE WARNING 'cd2sync: column %.% stays % (upstream: %): not a widening', rel,
-                      c.column_name, c.old_type, c.type_sql
-                      USING HINT = 'Values that do not fit the stored type fail their table.';
+                RAISE LOG 'cd2sync: column %.% changes type from % to %: the table will be reloaded from a fresh snapshot',
+                      rel, c.column_name, c.old_type, c.type_sql;
             END IF;
         END LOOP;
     END IF;

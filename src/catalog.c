@@ -188,15 +188,22 @@ catalog_table_state(const char *instance, const char *target_schema, const char 
 					TableState *st)
 {
 	const char *args[3] = { instance, table, target_schema };
-	char **row = run_row("SELECT (SELECT watermark_raw FROM cd2sync.table_state "
-						 "         WHERE instance = $1 AND table_name = $2), "
-						 "       (SELECT schema_version FROM cd2sync.table_state "
-						 "         WHERE instance = $1 AND table_name = $2), "
-						 "       to_regclass(format('%I.%I', $3, $2)) IS NOT NULL",
-						 3, args);
+	char **row = run_row(
+		"SELECT s.watermark_raw, s.schema_version, "
+		"       to_regclass(format('%I.%I', $3, $2)) IS NOT NULL, "
+		"       s.pending_types IS NOT NULL OR "
+		"       coalesce(s.snapshot_at + i.full_resync_every <= now(), i.full_resync_every IS NOT NULL) "
+		"  FROM cd2sync.instances i "
+		"  LEFT JOIN cd2sync.table_state s ON s.instance = i.name AND s.table_name = $2 "
+		" WHERE i.name = $1",
+		3, args);
 
+	if (row == NULL)
+		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_OBJECT),
+						errmsg("cd2sync instance \"%s\" does not exist", instance)));
 	st->watermark_raw = row[0];
 	st->schema_version = row[1] ? atoi(row[1]) : -1;
+	st->snapshot_due = (row[3] != NULL && strcmp(row[3], "t") == 0);
 	st->table_exists = (strcmp(row[2], "t") == 0);
 }
 
@@ -244,14 +251,17 @@ catalog_log_success(TableRun *tr)
 		"       finished_at = clock_timestamp(), seconds = $16::float8, error = NULL "
 		" WHERE run_id = $1::bigint AND table_name = $3",
 		16, args);
-	run_row("INSERT INTO cd2sync.table_state AS s (instance, table_name, watermark, watermark_raw, "
-			"       schema_version, synced_at, status, last_error) "
-			"VALUES ($2, $3, $13::timestamptz, $13, $12::int, clock_timestamp(), 'ok', NULL) "
-			"ON CONFLICT (instance, table_name) DO UPDATE "
-			"   SET watermark = excluded.watermark, watermark_raw = excluded.watermark_raw, "
-			"       schema_version = excluded.schema_version, synced_at = excluded.synced_at, "
-			"       status = 'ok', last_error = NULL",
-			16, args);
+	run_row(
+		"INSERT INTO cd2sync.table_state AS s (instance, table_name, watermark, watermark_raw, "
+		"       schema_version, synced_at, status, last_error, snapshot_at) "
+		"VALUES ($2, $3, $13::timestamptz, $13, $12::int, clock_timestamp(), 'ok', NULL, "
+		"        CASE WHEN $4 = 'snapshot' THEN clock_timestamp() END) "
+		"ON CONFLICT (instance, table_name) DO UPDATE "
+		"   SET watermark = excluded.watermark, watermark_raw = excluded.watermark_raw, "
+		"       schema_version = excluded.schema_version, synced_at = excluded.synced_at, "
+		"       status = 'ok', last_error = NULL, "
+		"       snapshot_at = CASE WHEN $4 = 'snapshot' THEN clock_timestamp() ELSE s.snapshot_at END",
+		16, args);
 	notify(tr->run_id, tr->instance, tr->table, "ok", tr->mode, tr->watermark, NULL);
 }
 

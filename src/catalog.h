@@ -27,6 +27,7 @@ typedef struct TableState
 	char *watermark_raw; /* NULL: never synced */
 	int schema_version;  /* -1: none yet */
 	bool table_exists;   /* the target table is there */
+	bool snapshot_due;   /* a periodic full resync or a type change asks for one */
 } TableState;
 
 /* One table sync, as the sync log records it */

@@ -288,13 +288,17 @@ run_job(RunContext *rc, TableRun *tr, bool *snapshot, const char *since)
 	return job;
 }
 
-/* Creates or extends the target table for the schema the job used */
-static void
+/*
+ * Creates or extends the target table for the schema the job used. Returns
+ * whether a column's type changed in a way that needs a fresh snapshot.
+ */
+static bool
 ensure_schema(RunContext *rc, TableRun *tr, DapJob *job)
 {
 	char *doc;
 	const char *args[4];
 	char *version;
+	bool pending;
 
 	report(rc, tr->table, "fetching schema");
 	doc = dap_get_schema(rc->client, tr->table);
@@ -316,11 +320,19 @@ ensure_schema(RunContext *rc, TableRun *tr, DapJob *job)
 		"   SET schema_version = excluded.schema_version, columns = excluded.columns "
 		"RETURNING ts.schema_version",
 		4, args);
+	pending =
+		strcmp(catalog_run_sql("UPDATE cd2sync.table_state "
+							   "   SET pending_types = cd2sync._pending_types($1, $2, $3::json) "
+							   " WHERE instance = $4 AND table_name = $2 "
+							   "RETURNING pending_types IS NOT NULL",
+							   4, args),
+			   "t") == 0;
 	/* the reconciled view follows the table's columns */
 	catalog_run_sql("SELECT cd2sync.refresh_view($1)", 1, &args[1]);
 	commit_tx();
 	if (job->schema_version <= 0 && version)
 		job->schema_version = atoi(version);
+	return pending;
 }
 
 /*
@@ -533,7 +545,8 @@ table_begin(RunContext *rc, TableSync *ts)
 	catalog_log_start(tr);
 	commit_tx();
 
-	ts->snapshot = (ts->st.watermark_raw == NULL || rc->full || !ts->st.table_exists);
+	ts->snapshot =
+		(ts->st.watermark_raw == NULL || rc->full || !ts->st.table_exists || ts->st.snapshot_due);
 	ts->started_job = GetCurrentTimestamp();
 	ts->job = start_job(rc, tr, &ts->snapshot, ts->st.watermark_raw);
 	tr->job_id = ts->job->id;
@@ -576,8 +589,17 @@ table_finish(RunContext *rc, TableSync *ts)
 	check_finished_job(job, snapshot);
 	tr->job_seconds = (double) (t0 - ts->started_job) / USECS_PER_SEC;
 
-	if (!st->table_exists || job->schema_version <= 0 || job->schema_version != st->schema_version)
-		ensure_schema(rc, tr, job);
+	if ((!st->table_exists || job->schema_version <= 0 ||
+		 job->schema_version != st->schema_version) &&
+		ensure_schema(rc, tr, job) && !snapshot)
+	{
+		/* a type that cannot change in place: the table is reloaded */
+		ereport(LOG, (errmsg("cd2sync %s.%s: a column type changed upstream, taking a snapshot",
+							 rc->instance->name, tr->table)));
+		snapshot = true;
+		job = run_job(rc, tr, &snapshot, NULL);
+		tr->job_id = job->id;
+	}
 	urls = job_urls(rc, tr, &job, &snapshot, st->watermark_raw);
 	tr->job_id = job->id;
 
@@ -622,6 +644,14 @@ table_finish(RunContext *rc, TableSync *ts)
 
 	t0 = GetCurrentTimestamp();
 	begin_tx();
+	if (snapshot)
+	{
+		const char *args[3] = { rc->instance->name, tr->table,
+								quote_qualified_identifier(rc->instance->target_schema,
+														   tr->table) };
+
+		catalog_run_sql("SELECT cd2sync._apply_pending_types($1, $2, $3::regclass)", 3, args);
+	}
 	apply_job(rc, tr, job, urls, snapshot);
 	foreach (lc, catchups)
 	{

@@ -24,7 +24,10 @@ sub schema
 my %v1 = (name => { type => 'string' }, state => { type => 'string', enum => [qw(active deleted)] },
 	legacy => { type => 'string' });
 my %v2 = (name => { type => 'string' }, state => { type => 'string', enum => [qw(active deleted archived)] },
-	score => { type => 'number' });
+	score => { type => 'number' }, rank => { type => 'integer', format => 'int32' });
+# version 3: score becomes a string (no in-place conversion: a fresh
+# snapshot), rank an int64 (a widening, in place)
+my %v3 = (%v2, score => { type => 'string' }, rank => { type => 'integer', format => 'int64' });
 my $s1 = schema(1, %v1);
 my @rows = map { { key => { id => $_ }, value => { name => "n$_", state => 'active', legacy => "old$_" } } } 1 .. 4;
 
@@ -52,7 +55,7 @@ $node->safe_psql('postgres', "SELECT cd2_drop_instance('evo_staged', drop_data =
 
 # version 2: score added, archived added to the enum, legacy removed
 $emu->epoch({ client_id => $cid, table => 'things', schema => schema(2, %v2),
-	upsert => [ { key => { id => 1 }, value => { name => 'n1', state => 'archived', score => 2.5 } },
+	upsert => [ { key => { id => 1 }, value => { name => 'n1', state => 'archived', score => 2.5, rank => 7 } },
 		{ key => { id => 5 }, value => { name => 'n5', state => 'active', score => 1 } } ] });
 $r = Cd2Test::sync($node, 'evo');
 is($r->{things}{error}, '', 'version 2 synced without error');
@@ -60,7 +63,7 @@ is($r->{things}{mode}, 'incremental', 'in place, incrementally');
 is($node->safe_psql('postgres', "SELECT schema_version FROM cd2sync.watermarks WHERE table_name = 'things'"), '2',
 	'the schema version is recorded');
 is($node->safe_psql('postgres', "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'evo.things'::regclass AND attnum > 0 AND NOT attisdropped"),
-	'id,legacy,name,state,score', 'score added at the end; legacy kept');
+	'id,legacy,name,state,rank,score', 'rank and score added at the end; legacy kept');
 is($node->safe_psql('postgres', "SELECT enum_range(NULL::evo.things__state)::text"), '{active,deleted,archived}',
 	'the enum has the new value');
 is($node->safe_psql('postgres', "SELECT string_agg(format('%s:%s:%s:%s:%s', id, name, state, coalesce(legacy, '-'), coalesce(score::text, '-')), ' ' ORDER BY id) FROM evo.things"),
@@ -69,6 +72,42 @@ is($node->safe_psql('postgres', "SELECT string_agg(format('%s:%s:%s:%s:%s', id, 
 is($node->safe_psql('postgres', "SELECT count(*) FROM public.my_things"), '5', 'the user\'s view still works');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2.things WHERE score IS NOT NULL"), '2',
 	'the reconciled view has the new column');
+
+
+# version 3, while views of the user (one on another, with a grant and
+# comments) use the columns whose types change
+$node->safe_psql('postgres', q{
+	CREATE ROLE analyst;
+	CREATE VIEW public.scores WITH (security_barrier) AS SELECT id, score, rank FROM evo.things;
+	CREATE VIEW public.top_scores AS SELECT id, score FROM public.scores WHERE rank IS NOT NULL;
+	GRANT SELECT ON public.top_scores TO analyst;
+	COMMENT ON VIEW public.top_scores IS 'ranked things';
+	COMMENT ON COLUMN public.top_scores.score IS 'the score';
+	CREATE INDEX things_rank ON evo.things (rank);
+});
+$emu->epoch({ client_id => $cid, table => 'things', schema => schema(3, %v3),
+	upsert => [ { key => { id => 2 }, value => { name => 'n2', state => 'active', score => 'high', rank => 3000000000 } } ] });
+$r = Cd2Test::sync($node, 'evo');
+is($r->{things}{error}, '', 'version 3 synced without error');
+is($r->{things}{mode}, 'snapshot', 'a type that cannot change in place: a fresh snapshot');
+is($node->safe_psql('postgres', "SELECT string_agg(format('%s %s', attname, format_type(atttypid, atttypmod)), ', ' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'evo.things'::regclass AND attnum > 4 AND NOT attisdropped"),
+	'rank bigint, score text', 'score is text now, rank bigint');
+is($node->safe_psql('postgres', "SELECT string_agg(format('%s:%s:%s', id, coalesce(score, '-'), coalesce(rank::text, '-')), ' ' ORDER BY id) FROM evo.things"),
+	'1:2.5:7 2:high:3000000000 3:-:- 4:-:- 5:1:-', 'the rows are those of the fresh snapshot, with the new types');
+is($node->safe_psql('postgres', "SELECT string_agg(format('%s:%s', id, score), ' ' ORDER BY id) FROM public.top_scores"),
+	'1:2.5 2:high', 'the user\'s views on the changed columns were created again and work');
+is($node->safe_psql('postgres', "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'public.top_scores'::regclass AND attname = 'score'"),
+	'text', 'they follow the new type');
+is($node->safe_psql('postgres', "SELECT has_table_privilege('analyst', 'public.top_scores', 'SELECT')::text || ' ' || obj_description('public.top_scores'::regclass, 'pg_class') || ' ' || col_description('public.top_scores'::regclass, 2) || ' ' || array_to_string((SELECT reloptions FROM pg_class WHERE oid = 'public.scores'::regclass), ',')"),
+	'true ranked things the score security_barrier=true', 'their grants, comments and options survive');
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_indexes WHERE indexname = 'things_rank'"), '1', 'the user\'s index survives');
+is($node->safe_psql('postgres', "SELECT count(*) FROM public.my_things"), '5', 'the older view still works');
+is($node->safe_psql('postgres', "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'cd2.things'::regclass AND attname = 'score'"),
+	'text', 'the reconciled view follows');
+is($node->safe_psql('postgres', "SELECT coalesce(pending_types::text, 'none') FROM cd2sync.table_state WHERE table_name = 'things'"),
+	'none', 'no type change is left pending');
+$r = Cd2Test::sync($node, 'evo');
+is($r->{things}{mode}, 'unchanged', 'the next sync is an incremental again');
 
 $node->stop;
 $emu->stop;

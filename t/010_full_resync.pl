@@ -53,6 +53,29 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM pg_indexes WHERE indexname
 is($node->safe_psql('postgres', "SELECT has_table_privilege('analyst', 'north.users', 'SELECT')"), 't', 'the grant survived');
 is($node->safe_psql('postgres', "SELECT count(*) > 0 FROM public.active_users"), 't', 'the dependent view works');
 
+# periodic full resyncs (full_resync_every): a table whose last snapshot is
+# older than that takes a snapshot at its next sync, then incrementals again
+$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', full_resync_every => interval '7 days')");
+is($node->safe_psql('postgres', "SELECT full_resync_every || ' ' || (next_full_resync_at > now() + interval '6 days') FROM cd2sync.schedules"),
+	'7 days true', 'cd2sync.schedules shows the next periodic resync, a week after the last snapshot');
+my $r = Cd2Test::sync($node, 'north');
+is($r->{users}{mode}, 'unchanged', 'a recent snapshot: an incremental');
+$node->safe_psql('postgres', "UPDATE cd2sync.table_state SET snapshot_at = now() - interval '8 days'");
+ok($node->safe_psql('postgres', "SELECT next_full_resync_at <= now() FROM cd2sync.schedules") eq 't', 'a resync is due');
+$emu->epoch({ client_id => $north, table => 'users', delete => [ { key => $rows->[11]{key} } ] });
+$r = Cd2Test::sync($node, 'north');
+is($r->{users}{mode}, 'snapshot', 'a snapshot older than full_resync_every: the next sync takes a snapshot');
+is($r->{users}{deleted}, '1', 'the row deleted upstream is gone');
+Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'the table equals the snapshot');
+ok($node->safe_psql('postgres', "SELECT snapshot_at > now() - interval '1 minute' FROM cd2sync.table_state") eq 't',
+	'the snapshot time is recorded');
+$r = Cd2Test::sync($node, 'north');
+is($r->{users}{mode}, 'unchanged', 'and then incrementals again');
+$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', full_resync_every => NULL)");
+$node->safe_psql('postgres', "UPDATE cd2sync.table_state SET snapshot_at = now() - interval '80 days'");
+$r = Cd2Test::sync($node, 'north');
+is($r->{users}{mode}, 'unchanged', 'without full_resync_every, no periodic snapshot');
+
 $node->stop;
 $emu->stop;
 done_testing();

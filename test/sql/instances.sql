@@ -30,6 +30,7 @@ SELECT cd2_add_instance('inst4', 'id', 'x', api_url => 'not a url');
 -- negative or zero schedule
 SELECT cd2_add_instance('inst4', 'id', 'x', schedule => interval '-1 hour');
 SELECT cd2_add_instance('inst4', 'id', 'x', schedule => interval '0');
+SELECT cd2_add_instance('inst4', 'id', 'x', full_resync_every => interval '-1 day');
 -- negative shard
 SELECT cd2_add_instance('inst4', 'id', 'x', shard_id => -1);
 -- bad or empty table lists
@@ -70,6 +71,13 @@ SELECT to_regclass('canvas_2.users') IS NOT NULL AS moved;
 -- alter errors
 SELECT cd2_alter_instance('nope', schedule => interval '1 hour');
 SELECT cd2_alter_instance('inst2', schedule => interval '-5 minutes');
+SELECT cd2_alter_instance('inst2', full_resync_every => interval '0');
+-- periodic full resyncs: set, kept when not given, reset by NULL
+SELECT cd2_alter_instance('inst2', full_resync_every => interval '7 days');
+SELECT cd2_alter_instance('inst2', schedule => interval '2 hours');
+SELECT full_resync_every FROM cd2sync.instances WHERE name = 'inst2';
+SELECT cd2_alter_instance('inst2', full_resync_every => NULL);
+SELECT full_resync_every FROM cd2sync.instances WHERE name = 'inst2';
 SELECT cd2_alter_instance('inst2', api_url => 'gopher://x');
 SELECT cd2_alter_instance('inst2', client_id => '');
 SELECT cd2_alter_instance('inst2', target_schema => 'inst1');

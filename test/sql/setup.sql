@@ -8,6 +8,9 @@ SELECT p.proname, pg_get_function_identity_arguments(p.oid) AS args,
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE n.nspname = 'public' AND p.proname LIKE 'cd2\_%' ORDER BY 1;
 \d cd2sync.watermarks
+-- the settings, once the library is loaded
+LOAD 'cd2sync';
+SELECT name, setting, unit, context FROM pg_settings WHERE name LIKE 'cd2sync.%' ORDER BY 1;
 -- nothing that changes configuration or starts syncs is executable by PUBLIC
 SELECT p.proname, has_function_privilege('public', p.oid, 'EXECUTE') AS public_can_execute
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
