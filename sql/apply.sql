@@ -6,8 +6,22 @@
 -- statements, in the caller's transaction: the rows and the watermark
 -- commit together.
 
--- The staging table of a target table: every column as text.
-CREATE FUNCTION cd2sync._create_staging(target regclass)
+-- The type a target column has in the staging table. Untyped: text, cast
+-- by _apply. Typed: the column's own type (COPY parses the values, and a
+-- value that does not parse fails the load: the caller then loads through an
+-- untyped table), except JSON arrays (text, converted by _apply) and
+-- timestamps (timestamptz: CD2 writes them with an offset).
+CREATE FUNCTION cd2sync._stage_type(typid oid, typmod int, typed boolean)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN NOT typed OR t.typcategory = 'A' THEN 'text'
+                WHEN typid = 'timestamp'::regtype THEN 'timestamp with time zone'
+                ELSE format_type(typid, typmod) END
+      FROM pg_type t WHERE t.oid = typid
+$$;
+
+-- The staging table of a target table: cd2_action, cd2_ts and the target's
+-- columns, typed or all text (see _stage_type).
+CREATE FUNCTION cd2sync._create_staging(target regclass, typed boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 BEGIN
@@ -15,7 +29,8 @@ BEGIN
         DROP TABLE pg_temp.cd2_stage, pg_temp.cd2_stage_json;
     END IF;
     EXECUTE format('CREATE TEMP TABLE cd2_stage (cd2_action text, cd2_ts text%s) ON COMMIT DROP',
-        (SELECT string_agg(format(', %I text', attname), '' ORDER BY attnum)
+        (SELECT string_agg(format(', %I %s', attname, cd2sync._stage_type(atttypid, atttypmod, typed)),
+                           '' ORDER BY attnum)
            FROM pg_attribute WHERE attrelid = target AND attnum > 0 AND NOT attisdropped));
     CREATE TEMP TABLE cd2_stage_json (line text) ON COMMIT DROP;
 END $$;
@@ -30,11 +45,14 @@ DECLARE
     exprs text;
     n bigint;
 BEGIN
-    SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum),
-           string_agg(format('j->%L->>%L', CASE WHEN attname = ANY (keys) THEN 'key' ELSE 'value' END,
-                             attname), ', ' ORDER BY attnum)
+    -- (cast to the staging column's type: a no-op when it is text)
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('(j->%L->>%L)::%s', CASE WHEN a.attname = ANY (keys) THEN 'key' ELSE 'value' END,
+                             a.attname, format_type(st.atttypid, st.atttypmod)), ', ' ORDER BY a.attnum)
       INTO cols, exprs
-      FROM pg_attribute WHERE attrelid = target AND attnum > 0 AND NOT attisdropped;
+      FROM pg_attribute a
+      JOIN pg_attribute st ON st.attrelid = 'pg_temp.cd2_stage'::regclass AND st.attname = a.attname
+     WHERE a.attrelid = target AND a.attnum > 0 AND NOT a.attisdropped;
     EXECUTE format('INSERT INTO cd2_stage (cd2_action, cd2_ts, %s)
                     SELECT j->''meta''->>''action'', j->''meta''->>''ts'', %s
                       FROM (SELECT line::jsonb AS j FROM cd2_stage_json WHERE line ~ ''\S'') l',
@@ -63,16 +81,18 @@ RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                 ELSE v END
 $$;
 
--- The expression that turns staged text s.<col> into the column's type.
-CREATE FUNCTION cd2sync._cast_expr(col text, typid oid, typmod int)
+-- The expression that turns staged s.<col> into the column's type; typed:
+-- the staging column has the type _stage_type gave it.
+CREATE FUNCTION cd2sync._cast_expr(col text, typid oid, typmod int, typed boolean DEFAULT false)
 RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE
         WHEN typid = 'timestamp'::regtype
-            THEN format('(s.%I::timestamptz AT TIME ZONE ''UTC'')', col)
-        WHEN typid IN ('text'::regtype, 'varchar'::regtype)
-            THEN format('s.%I', col)   -- assignment enforces varchar(n)
+            THEN format(CASE WHEN typed THEN '(s.%I AT TIME ZONE ''UTC'')'
+                             ELSE '(s.%I::timestamptz AT TIME ZONE ''UTC'')' END, col)
         WHEN t.typcategory = 'A'
             THEN format('cd2sync._pg_array_text(s.%I)::%s', col, format_type(typid, typmod))
+        WHEN typed OR typid IN ('text'::regtype, 'varchar'::regtype)
+            THEN format('s.%I', col)   -- assignment enforces varchar(n)
         ELSE format('s.%I::%s', col, format_type(typid, typmod)) END
       FROM pg_type t WHERE t.oid = typid
 $$;
@@ -83,9 +103,11 @@ $$;
 --        row, delete rows the result lacks), without ever emptying it;
 --   mode 'incremental': upsert records with action U, delete those with D.
 -- fill: the columns the result carries (NULL: all); others are left alone.
+-- typed: the staging table was made with typed => true.
 -- A value "__cd2_oversized_truncated__" never replaces a stored value.
 -- Rows whose values did not change are not rewritten.
 CREATE FUNCTION cd2sync._apply(target regclass, mode text, fill text[] DEFAULT NULL,
+                               typed boolean DEFAULT false,
                                OUT upserted bigint, OUT deleted bigint,
                                OUT unchanged bigint, OUT oversized bigint)
 LANGUAGE plpgsql
@@ -98,60 +120,73 @@ DECLARE
     cols text[] := '{}';     -- quoted column names to fill
     exprs text[] := '{}';    -- their values, from staging s (and target t)
     setcols text[] := '{}';  -- non-key columns
-    keyjoin text;
+    phcols text;             -- staging columns that can hold a placeholder
+    keyjoin text;            -- t.k = <k from staging s>
     keyjoin_typed text;      -- t.k = d.k for target t and cd2_typed d
-    keyorder text;
+    keyorder text;           -- the key columns
+    keyexprs text;           -- the key values from staging s
     has_ph boolean;
+    has_dups boolean;
     ph_new text;
+    e text;
     written bigint;
+    target_rows float8;
+    few boolean;             -- the result is small beside the table
+    joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin')];
 BEGIN
     IF keys IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
     END IF;
 
-    -- values kept because of placeholders (a table just created keeps none)
-    IF mode = 'snapshot_new' THEN
+    -- values kept because of placeholders (a table just created keeps none);
+    -- only a text staging column can hold one
+    SELECT string_agg(format('s.%I', attname), ', ') INTO phcols
+      FROM pg_attribute
+     WHERE attrelid = target AND attnum > 0 AND NOT attisdropped
+       AND cd2sync._stage_type(atttypid, atttypmod, typed) = 'text';
+    IF mode = 'snapshot_new' OR phcols IS NULL THEN
         oversized := 0;
     ELSE
-        EXECUTE format('SELECT count(*) FROM cd2_stage s WHERE %L IN (%s)', ph,
-            (SELECT string_agg(format('s.%I', attname), ', ')
-               FROM pg_attribute WHERE attrelid = target AND attnum > 0 AND NOT attisdropped))
-          INTO oversized;
+        EXECUTE format('SELECT count(*) FROM cd2_stage s WHERE %L IN (%s)', ph, phcols) INTO oversized;
     END IF;
     has_ph := oversized > 0;
 
     FOR a IN SELECT attname::text AS name, atttypid, atttypmod,
-                    (SELECT typcategory FROM pg_type WHERE oid = atttypid) AS cat
+                    (SELECT typcategory FROM pg_type WHERE oid = atttypid) AS cat,
+                    cd2sync._stage_type(atttypid, atttypmod, typed) = 'text' AS staged_text
                FROM pg_attribute
               WHERE attrelid = target AND attnum > 0 AND NOT attisdropped
                 AND (fill IS NULL OR attname = ANY (fill) OR attname = ANY (keys))
               ORDER BY attnum LOOP
         cols := cols || format('%I', a.name);
+        e := cd2sync._cast_expr(a.name, a.atttypid, a.atttypmod, typed);
         IF a.name = ANY (keys) THEN
-            exprs := exprs || cd2sync._cast_expr(a.name, a.atttypid, a.atttypmod);
+            exprs := exprs || e;
+        ELSIF NOT a.staged_text THEN
+            setcols := setcols || format('%I', a.name);
+            exprs := exprs || e;
         ELSE
             setcols := setcols || format('%I', a.name);
             -- what a placeholder becomes in a new row: itself where text can hold it
             ph_new := CASE WHEN a.cat = 'S' AND (a.atttypmod < 0 OR a.atttypmod - 4 >= length(ph))
                            THEN quote_literal(ph) ELSE 'NULL' END;
             IF mode = 'snapshot_new' THEN
-                exprs := exprs || format('CASE WHEN s.%I = %L THEN %s ELSE %s END',
-                    a.name, ph, ph_new, cd2sync._cast_expr(a.name, a.atttypid, a.atttypmod));
+                exprs := exprs || format('CASE WHEN s.%I = %L THEN %s ELSE %s END', a.name, ph, ph_new, e);
             ELSIF has_ph THEN
                 -- keep the stored value
                 exprs := exprs || format(
                     'CASE WHEN s.%I = %L THEN CASE WHEN t.%I IS NULL THEN %s ELSE t.%I END ELSE %s END',
-                    a.name, ph, keys[1], ph_new,
-                    a.name, cd2sync._cast_expr(a.name, a.atttypid, a.atttypmod));
+                    a.name, ph, keys[1], ph_new, a.name, e);
             ELSE
-                exprs := exprs || cd2sync._cast_expr(a.name, a.atttypid, a.atttypmod);
+                exprs := exprs || e;
             END IF;
         END IF;
     END LOOP;
 
-    SELECT string_agg(format('t.%I = %s', k, cd2sync._cast_expr(k, atttypid, atttypmod)), ' AND '),
-           string_agg(format('%I', k), ', ')
-      INTO keyjoin, keyorder
+    SELECT string_agg(format('t.%I = %s', k, cd2sync._cast_expr(k, atttypid, atttypmod, typed)), ' AND '),
+           string_agg(format('%I', k), ', '),
+           string_agg(cd2sync._cast_expr(k, atttypid, atttypmod, typed), ', ')
+      INTO keyjoin, keyorder, keyexprs
       FROM unnest(keys) k JOIN pg_attribute ON attrelid = target AND attname = k;
     SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_typed FROM unnest(keys) k;
 
@@ -166,21 +201,36 @@ BEGIN
         RETURN;
     END IF;
 
-    -- one typed row per key: the latest change wins
-    EXECUTE format('CREATE TEMP TABLE cd2_typed ON COMMIT DROP AS
-                    SELECT DISTINCT ON (%s) s.cd2_action AS cd2_action, %s
-                      FROM cd2_stage s %s
-                     ORDER BY %s, s.cd2_ts DESC NULLS LAST, s.ctid DESC',
-                   keyorder,
-                   (SELECT string_agg(format('%s AS %s', e, c), ', ')
-                      FROM unnest(exprs, cols) u(e, c)),
+    -- one typed row per key, the latest change winning. A typed result with
+    -- no key twice and no placeholder to keep (the usual case) is read
+    -- through a view on the staging table: no sort, no copy
+    EXECUTE format('SELECT EXISTS (SELECT FROM cd2_stage s GROUP BY %s HAVING count(*) > 1)', keyexprs)
+       INTO has_dups;
+    EXECUTE format('CREATE TEMP %s cd2_typed %s AS
+                    SELECT %s s.cd2_action AS cd2_action, %s FROM cd2_stage s %s %s',
+                   CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN 'VIEW' ELSE 'TABLE' END,
+                   CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN '' ELSE 'ON COMMIT DROP' END,
+                   CASE WHEN has_dups THEN format('DISTINCT ON (%s)', keyorder) ELSE '' END,
+                   (SELECT string_agg(format('%s AS %s', x, c), ', ') FROM unnest(exprs, cols) u(x, c)),
                    CASE WHEN has_ph THEN format('LEFT JOIN %s t ON %s', target, keyjoin) ELSE '' END,
-                   keyorder);
+                   CASE WHEN has_dups THEN format('ORDER BY %s, s.cd2_ts DESC NULLS LAST, s.ctid DESC', keyorder)
+                        ELSE '' END);
     -- evidence of user merges that CD2 does not keep (logins, enrolments moving)
     PERFORM cd2sync._record_user_moves(target);
 
     SELECT count(*) FILTER (WHERE cd2_action = 'D'), count(*) FILTER (WHERE cd2_action IS DISTINCT FROM 'D')
       INTO deleted, upserted FROM cd2_typed;
+
+    -- an incremental touches few of a large table's rows: look each up by its
+    -- key rather than scan the table for a merge or hash join (the planner,
+    -- without statistics on cd2_typed, tends to scan)
+    SELECT CASE WHEN reltuples >= 0 THEN reltuples ELSE pg_relation_size(target) / 200.0 END
+      INTO target_rows FROM pg_class WHERE oid = target;
+    few := mode = 'incremental' AND (upserted + deleted) * 4 < target_rows;
+    IF few THEN
+        PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true);
+    END IF;
+
     EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
                    target, keyjoin_typed);
     IF mode = 'snapshot' THEN
@@ -190,31 +240,37 @@ BEGIN
         GET DIAGNOSTICS deleted = ROW_COUNT;
     END IF;
 
-    -- records that change nothing are dropped here: their rows are neither
-    -- rewritten nor even locked (no new row version, no WAL)
-    EXECUTE format('DELETE FROM cd2_typed d USING %s t WHERE d.cd2_action IS DISTINCT FROM ''D'' AND %s%s',
-                   target, keyjoin_typed,
-                   CASE WHEN cardinality(setcols) = 0 THEN ''
-                        ELSE format(' AND (%s) IS NOT DISTINCT FROM (%s)',
-                                    (SELECT string_agg('t.' || c, ', ') FROM unnest(setcols) c),
-                                    (SELECT string_agg('d.' || c, ', ') FROM unnest(setcols) c)) END);
-
+    -- records that change nothing are left out: their rows are neither
+    -- rewritten nor even locked (no new row version, no WAL), as an
+    -- ON CONFLICT DO UPDATE ... WHERE would lock them
     IF cardinality(setcols) = 0 THEN
         EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_typed WHERE cd2_action IS DISTINCT FROM ''D''
                          ON CONFLICT DO NOTHING', target, array_to_string(cols, ', '), array_to_string(cols, ', '));
     ELSE
-        EXECUTE format('INSERT INTO %1$s AS t (%2$s) SELECT %2$s FROM cd2_typed
-                         WHERE cd2_action IS DISTINCT FROM ''D''
+        EXECUTE format('INSERT INTO %1$s AS t (%2$s) SELECT %7$s FROM cd2_typed d
+                         WHERE d.cd2_action IS DISTINCT FROM ''D''
+                           AND NOT EXISTS (SELECT 1 FROM %1$s t WHERE %8$s AND (%6$s) IS NOT DISTINCT FROM (%9$s))
                         ON CONFLICT (%3$s) DO UPDATE SET (%4$s) = ROW(%5$s)
                          WHERE (%6$s) IS DISTINCT FROM (%5$s)',
                        target, array_to_string(cols, ', '), keyorder,
                        array_to_string(setcols, ', '),
                        (SELECT string_agg('excluded.' || c, ', ') FROM unnest(setcols) c),
-                       (SELECT string_agg('t.' || c, ', ') FROM unnest(setcols) c));
+                       (SELECT string_agg('t.' || c, ', ') FROM unnest(setcols) c),
+                       (SELECT string_agg('d.' || c, ', ') FROM unnest(cols) c),
+                       keyjoin_typed,
+                       (SELECT string_agg('d.' || c, ', ') FROM unnest(setcols) c));
     END IF;
     GET DIAGNOSTICS written = ROW_COUNT;
+    IF few THEN
+        PERFORM set_config('enable_mergejoin', joins[1], true), set_config('enable_hashjoin', joins[2], true);
+    END IF;
     unchanged := upserted - written;
-    DROP TABLE cd2_typed;
+    IF to_regclass('pg_temp.cd2_typed') IS NOT NULL AND
+       (SELECT relkind FROM pg_class WHERE oid = 'pg_temp.cd2_typed'::regclass) = 'v' THEN
+        DROP VIEW cd2_typed;
+    ELSE
+        DROP TABLE cd2_typed;
+    END IF;
 END $$;
 
 -- The columns to fill: those the result's files carry (NULL: all) that the

@@ -336,66 +336,88 @@ ensure_schema(RunContext *rc, TableRun *tr, DapJob *job)
 }
 
 /*
- * A snapshot into an empty table, in TSV, with no column that needs a
- * conversion COPY cannot do (JSON arrays): COPY every object straight into
- * the table, dropping the meta.* fields on the way, as PostgreSQL's own COPY
- * FROM would. It runs in a subtransaction; anything it cannot take (an
- * oversized placeholder in a non-text column, a duplicate key, another
- * format) rolls it back, and the caller loads through the staging table.
+ * Downloads and decodes every object of a job: straight into the target
+ * table (direct, a valid relid) or into the staging table. Returns the
+ * records decoded; adds the columns the files carry to *columns and tells
+ * whether any file was JSON lines.
+ */
+static uint64
+load_objects(RunContext *rc, TableRun *tr, DapJob *job, List *urls, Oid direct, List **columns,
+			 bool *any_jsonl)
+{
+	ListCell *lo, *lu;
+	uint64 records = 0;
+
+	rc->objects_total = list_length(job->objects);
+	forboth(lo, job->objects, lu, urls)
+	{
+		Download *d;
+		bool jsonl;
+
+		rc->records = records;
+		report(rc, tr->table, "%s object %d of %d",
+			   OidIsValid(direct) ? "loading straight into the table" : "downloading",
+			   foreach_current_index(lo) + 1, list_length(job->objects));
+		d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
+		records += decode_object(d, rc->format, direct, columns, &jsonl);
+		tr->bytes += download_compressed_bytes(d);
+		tr->objects++;
+		*any_jsonl |= jsonl;
+		download_close(d);
+	}
+	rc->records = records;
+	return records;
+}
+
+/* What one way of loading a job's objects needs */
+typedef struct LoadWay
+{
+	const char *target;
+	Oid direct;     /* load straight into this table, or InvalidOid: staging */
+	bool typed;     /* staging with the target's types */
+	List *columns;  /* out: the columns the files carry */
+	bool any_jsonl; /* out */
+	uint64 records; /* out */
+} LoadWay;
+
+/*
+ * Loads a job's objects one way, in a subtransaction. When the data does not
+ * suit that way (a value that does not parse as its column's type, such as
+ * an oversized placeholder in a number column; a duplicate key; a format the
+ * way does not take), rolls it back and returns false, and the caller loads
+ * another way. Other errors (the network, a cancel) go on up.
  */
 static bool
-try_direct_load(RunContext *rc, TableRun *tr, DapJob *job, List *urls, const char *target)
+try_load(RunContext *rc, TableRun *tr, DapJob *job, List *urls, LoadWay *way)
 {
-	const char *args[1] = { target };
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
 	int64 bytes = tr->bytes;
 	int objects = tr->objects;
-	Oid relid;
 	volatile bool done = false;
-
-	if (!cd2_direct_load || rc->format != FORMAT_TSV ||
-		strcmp(catalog_run_sql("SELECT NOT EXISTS (SELECT 1 FROM pg_attribute a "
-							   "  JOIN pg_type t ON t.oid = a.atttypid "
-							   " WHERE a.attrelid = $1::regclass AND a.attnum > 0 "
-							   "   AND NOT a.attisdropped AND t.typcategory = 'A')",
-							   1, args),
-			   "t") != 0)
-		return false;
-	relid = atooid(catalog_run_sql("SELECT $1::regclass::oid", 1, args));
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		ListCell *lo, *lu;
-		uint64 records = 0;
-
-		forboth(lo, job->objects, lu, urls)
+		if (!OidIsValid(way->direct))
 		{
-			Download *d;
-			List *columns = NIL;
-			bool jsonl;
+			const char *args[2] = { way->target, way->typed ? "true" : "false" };
 
-			rc->objects_total = list_length(job->objects);
-			rc->records = records;
-			report(rc, tr->table, "loading object %d of %d straight into the table",
-				   foreach_current_index(lo) + 1, list_length(job->objects));
-			d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
-			records += decode_object(d, rc->format, relid, &columns, &jsonl);
-			tr->bytes += download_compressed_bytes(d);
-			tr->objects++;
-			download_close(d);
+			catalog_run_sql("SELECT cd2sync._create_staging($1::regclass, $2::boolean)", 2, args);
 		}
+		way->records = load_objects(rc, tr, job, urls, way->direct, &way->columns, &way->any_jsonl);
+		if (way->any_jsonl)
+			catalog_run_sql("SELECT cd2sync._expand_jsonl($1::regclass)", 1, &way->target);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
-		tr->upserted += records;
 		done = true;
 	}
 	PG_CATCH();
 	{
 		ErrorData *edata;
+		int category;
 
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
@@ -403,11 +425,19 @@ try_direct_load(RunContext *rc, TableRun *tr, DapJob *job, List *urls, const cha
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
-		ereport(LOG, (errmsg("cd2sync %s.%s: loading through the staging table: %s",
-							 rc->instance->name, tr->table, edata->message)));
+		category = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
+		if (category != ERRCODE_DATA_EXCEPTION &&
+			category != ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION &&
+			category != ERRCODE_FEATURE_NOT_SUPPORTED)
+			ReThrowError(edata);
+		ereport(LOG, (errmsg("cd2sync %s.%s: loading through the %s staging table: %s",
+							 rc->instance->name, tr->table,
+							 OidIsValid(way->direct) ? "typed" : "text", edata->message)));
 		FreeErrorData(edata);
 		tr->bytes = bytes;
 		tr->objects = objects;
+		way->columns = NIL;
+		way->any_jsonl = false;
 	}
 	PG_END_TRY();
 	return done;
@@ -416,20 +446,26 @@ try_direct_load(RunContext *rc, TableRun *tr, DapJob *job, List *urls, const cha
 /*
  * Downloads, decodes and applies every object of a job, in the current
  * transaction; adds its counts to tr.
+ *
+ * A snapshot into an empty table, in TSV, with no column that needs a
+ * conversion COPY cannot do (JSON arrays), is COPYed straight into the
+ * table, the meta.* fields dropped on the way, as PostgreSQL's own COPY FROM
+ * would. Otherwise the objects are COPYed into a staging table with the
+ * target's types, and _apply moves them set-based. Each way falls back to
+ * the next when the data does not suit it; the last, a staging table of
+ * text columns, takes anything (and _apply says what does not fit).
  */
 static void
 apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 {
-	const char *args[5];
-	List *columns = NIL;
-	bool any_jsonl = false;
-	uint64 records = 0;
-	ListCell *lo, *lu;
+	const char *args[6];
 	char *counts;
 	char *target = quote_qualified_identifier(rc->instance->target_schema, tr->table);
 	const char *mode;
 	int64 upserted, deleted, unchanged, oversized;
+	LoadWay way = { 0 };
 
+	way.target = target;
 	args[0] = target;
 	if (!snapshot)
 		mode = "incremental";
@@ -439,42 +475,46 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 	else
 	{
 		mode = "snapshot_new";
-		if (try_direct_load(rc, tr, job, urls, target))
-			return;
+		if (cd2_direct_load && rc->format == FORMAT_TSV &&
+			strcmp(catalog_run_sql("SELECT NOT EXISTS (SELECT 1 FROM pg_attribute a "
+								   "  JOIN pg_type t ON t.oid = a.atttypid "
+								   " WHERE a.attrelid = $1::regclass AND a.attnum > 0 "
+								   "   AND NOT a.attisdropped AND t.typcategory = 'A')",
+								   1, args),
+				   "t") == 0)
+		{
+			way.direct = atooid(catalog_run_sql("SELECT $1::regclass::oid", 1, args));
+			if (try_load(rc, tr, job, urls, &way))
+			{
+				tr->upserted += way.records;
+				return;
+			}
+			way.direct = InvalidOid;
+		}
 	}
 
-	catalog_run_sql("SELECT cd2sync._create_staging($1::regclass)", 1, args);
-	forboth(lo, job->objects, lu, urls)
+	way.typed = true;
+	if (!try_load(rc, tr, job, urls, &way))
 	{
-		Download *d;
-		bool jsonl;
-
-		rc->objects_total = list_length(job->objects);
-		rc->records = records;
-		report(rc, tr->table, "downloading object %d of %d", foreach_current_index(lo) + 1,
-			   list_length(job->objects));
-		d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
-		records += decode_object(d, rc->format, InvalidOid, &columns, &jsonl);
-		tr->bytes += download_compressed_bytes(d);
-		tr->objects++;
-		any_jsonl |= jsonl;
-		download_close(d);
+		way.typed = false;
+		catalog_run_sql("SELECT cd2sync._create_staging($1::regclass, false)", 1, args);
+		way.records = load_objects(rc, tr, job, urls, InvalidOid, &way.columns, &way.any_jsonl);
+		if (way.any_jsonl)
+			catalog_run_sql("SELECT cd2sync._expand_jsonl($1::regclass)", 1, args);
 	}
-	if (any_jsonl)
-		catalog_run_sql("SELECT cd2sync._expand_jsonl($1::regclass)", 1, args);
 
-	rc->records = records;
 	report(rc, tr->table, "applying (%s)", mode);
 	args[1] = mode;
-	args[2] = any_jsonl ? NULL : catalog_text_array(columns);
+	args[2] = way.any_jsonl ? NULL : catalog_text_array(way.columns);
 	args[3] = rc->instance->name;
 	args[4] = tr->table;
+	args[5] = way.typed ? "true" : "false";
 	counts =
 		catalog_run_sql("SELECT concat_ws(' ', a.upserted, a.deleted, a.unchanged, a.oversized) "
 						"  FROM cd2sync._apply($1::regclass, $2, cd2sync._fill_columns($3::text[], "
 						"         (SELECT columns FROM cd2sync.table_state "
-						"           WHERE instance = $4 AND table_name = $5))) a",
-						5, args);
+						"           WHERE instance = $4 AND table_name = $5)), $6::boolean) a",
+						6, args);
 	if (counts == NULL ||
 		sscanf(counts, INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT, &upserted,
 			   &deleted, &unchanged, &oversized) != 4)

@@ -103,3 +103,47 @@ SELECT cd2sync._expand_jsonl('s2.items');
 SELECT * FROM cd2sync._apply('s2.items', 'incremental');
 COMMIT;
 SELECT * FROM s2.items ORDER BY id;
+
+-- the usual path: a staging table with the target's types (COPY parses the
+-- values), except JSON arrays (text) and timestamps (timestamptz)
+CREATE TABLE s2.items_t (LIKE s2.items INCLUDING ALL);
+BEGIN;
+SELECT cd2sync._create_staging('s2.items_t', typed => true);
+SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = 'pg_temp.cd2_stage'::regclass AND attnum > 0 ORDER BY attnum;
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  ('U', '2026-11-05T00:00:00Z', 1, 'one', 'active', '2026-10-01T12:00:00+02:00', '{"a": 1}', '["x","y"]', 1.5, 'A1'),
+  ('U', '2026-11-05T00:00:00Z', 2, '__cd2_oversized_truncated__', 'active', NULL, NULL, NULL, NULL, NULL),
+  ('U', '2026-11-05T00:00:00Z', 3, 'three', 'deleted', '2026-10-02T00:00:00Z', NULL, '[]', -0, NULL);
+SELECT * FROM cd2sync._apply('s2.items_t', 'incremental', NULL, typed => true);
+COMMIT;
+SELECT * FROM s2.items_t ORDER BY id;
+-- a key twice (the latest wins), a placeholder keeping the stored text, a
+-- record that changes nothing
+BEGIN;
+SELECT cd2sync._create_staging('s2.items_t', typed => true);
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  ('U', '2026-11-05T02:00:00Z', 1, 'one later', 'active', '2026-10-01T10:00:00Z', '{"a": 1}', '["x","y"]', 1.5, 'A1'),
+  ('U', '2026-11-05T01:00:00Z', 1, 'one earlier', 'active', NULL, NULL, NULL, NULL, NULL),
+  ('U', '2026-11-05T02:00:00Z', 3, '__cd2_oversized_truncated__', 'deleted', '2026-10-02T00:00:00Z', NULL, '[]', 0, NULL),
+  ('D', '2026-11-05T02:00:00Z', 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+SELECT * FROM cd2sync._apply('s2.items_t', 'incremental', NULL, typed => true);
+COMMIT;
+SELECT * FROM s2.items_t ORDER BY id;
+-- JSON lines into the typed staging table
+BEGIN;
+SELECT cd2sync._create_staging('s2.items_t', typed => true);
+INSERT INTO cd2_stage_json (line) VALUES
+  ('{"meta": {"action": "U", "ts": "2026-11-06T00:00:00Z"}, "key": {"id": 9}, "value": {"name": "nine", "state": "active", "at": "2026-10-03T00:00:00-05:00", "tags": ["a", "b"], "data": {"k": 1}, "score": 2}}');
+SELECT cd2sync._expand_jsonl('s2.items_t');
+SELECT * FROM cd2sync._apply('s2.items_t', 'incremental', NULL, typed => true);
+COMMIT;
+SELECT * FROM s2.items_t WHERE id = 9;
+-- a placeholder where the type cannot hold it fails the typed load (the
+-- worker then loads through text staging)
+BEGIN;
+SELECT cd2sync._create_staging('s2.items_t', typed => true);
+INSERT INTO cd2_stage_json (line) VALUES
+  ('{"meta": {"action": "U"}, "key": {"id": 9}, "value": {"data": "__cd2_oversized_truncated__"}}');
+SELECT cd2sync._expand_jsonl('s2.items_t');
+ROLLBACK;
