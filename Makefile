@@ -3,7 +3,7 @@ EXTENSION = cd2sync
 EXTVERSION = 0.1
 MODULE_big = cd2sync
 OBJS = src/cd2sync.o src/http.o src/download.o src/dap_client.o src/decode.o src/codec.o \
-       src/catalog.o src/worker.o src/sync_functions.o src/scheduler.o
+       src/inflater.o src/catalog.o src/worker.o src/sync_functions.o src/scheduler.o
 
 # The extension script is assembled from one file per stage, in this order.
 SQL_PARTS = sql/catalog.sql sql/instances.sql sql/schema_ddl.sql sql/apply.sql sql/reconcile.sql \
@@ -17,7 +17,7 @@ TAP_TESTS = 1
 
 # PostgreSQL's own headers are not -Wextra clean for unused parameters
 PG_CPPFLAGS = -Wall -Wextra -Wno-unused-parameter
-SHLIB_LINK = -lcurl -lz
+SHLIB_LINK = -lcurl -lz -lpthread
 EXTRA_CLEAN = $(DATA_built) test/results test/regression.diffs test/regression.out tmp_check tmp_regress
 
 PG_CONFIG ?= pg_config

@@ -35,6 +35,7 @@ int cd2_scheduler_naptime = 10000;
 bool cd2_allow_insecure_http = false;
 int cd2_job_rate = 5;
 bool cd2_direct_load = true;
+bool cd2_gunzip_thread = true;
 int cd2_max_jobs_in_flight = 100;
 
 typedef struct Cd2Setting
@@ -102,6 +103,10 @@ static const Cd2Setting settings[] = {
 				 "Load a snapshot into an empty table straight with COPY (off: through the staging "
 				 "table, every write in SQL).",
 				 true, PGC_USERSET, &cd2_direct_load, true),
+	BOOL_SETTING("cd2sync.gunzip_thread",
+				 "Decompress downloads on a thread of their own, while the sync stores what came "
+				 "before (off: in the sync's own thread).",
+				 true, PGC_USERSET, &cd2_gunzip_thread, true),
 	INT_SETTING(
 		"cd2sync.job_rate",
 		"Most query jobs a sync starts per minute (the API allows 5 per credential); 0: no limit.",

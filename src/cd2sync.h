@@ -31,6 +31,7 @@ extern int cd2_scheduler_naptime;
 extern bool cd2_allow_insecure_http;
 extern int cd2_job_rate;
 extern bool cd2_direct_load;
+extern bool cd2_gunzip_thread;
 extern int cd2_max_jobs_in_flight;
 
 /*

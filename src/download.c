@@ -20,6 +20,10 @@
  * Multi-member gzip files are inflated member after member. An object that
  * does not start with the gzip magic is passed through as it is.
  *
+ * With cd2sync.gunzip_thread (the default), inflating runs on a thread of
+ * its own (inflater.c) while this backend parses and stores what came
+ * before; the network and every error stay on the backend's thread.
+ *
  *-------------------------------------------------------------------------
  */
 #include "cd2sync.h"
@@ -27,6 +31,8 @@
 #include "codec.h"
 #include "download.h"
 #include "http.h"
+#include "inflater.h"
+#include "miscadmin.h"
 #include "utils/memutils.h"
 
 #define DOWNLOAD_INBUF (64 * 1024)
@@ -45,7 +51,9 @@ struct Download
 	bool fetched_all; /* the whole object has been received */
 	bool eof;
 
-	CodecGunzip gz; /* inflates, or passes plain bytes through */
+	CodecGunzip gz;   /* inflates, or passes plain bytes through */
+	Inflater *inf;    /* or the same on a thread of its own */
+	bool input_ended; /* the inflater has had all the object's bytes */
 	unsigned char inbuf[DOWNLOAD_INBUF];
 	MemoryContextCallback cleanup;
 };
@@ -55,6 +63,9 @@ download_cleanup(void *arg)
 {
 	Download *d = (Download *) arg;
 
+	if (d->inf)
+		inflater_stop(d->inf);
+	d->inf = NULL;
 	codec_gunzip_end(&d->gz);
 }
 
@@ -81,6 +92,8 @@ download_open(const char *object_id, const char *url, RefreshUrlFn refresh, void
 	d->refresh = refresh;
 	d->refresh_arg = refresh_arg;
 	codec_gunzip_init(&d->gz);
+	if (cd2_gunzip_thread)
+		d->inf = inflater_start(); /* NULL: inflate here instead */
 	d->cleanup.func = download_cleanup;
 	d->cleanup.arg = d;
 	MemoryContextRegisterResetCallback(CurrentMemoryContext, &d->cleanup);
@@ -210,6 +223,83 @@ fetch(Download *d, char *dst, size_t len)
 	return 0;
 }
 
+/* Raises the error of a gzip stream that is truncated */
+static void
+report_truncated(Download *d)
+{
+	ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED),
+					errmsg("gzip stream of object \"%s\" is truncated", d->object_id),
+					errdetail("The object ended after %lld compressed bytes, inside a gzip member.",
+							  (long long) d->received)));
+}
+
+/* Raises the error of a gzip stream that is corrupt */
+static void
+report_corrupt(Download *d, const char *msg)
+{
+	ereport(ERROR, (errcode(ERRCODE_DATA_CORRUPTED),
+					errmsg("gzip stream of object \"%s\" is corrupt: %s", d->object_id, msg)));
+}
+
+/* Gives the inflater thread the object's next compressed bytes */
+static void
+feed_inflater(Download *d)
+{
+	size_t n = fetch(d, (char *) d->inbuf, Min(DOWNLOAD_INBUF, INFLATER_CHUNK));
+
+	if (n == 0)
+	{
+		inflater_end_input(d->inf);
+		d->input_ended = true;
+	}
+	else
+		inflater_put(d->inf, d->inbuf, n);
+}
+
+/* download_read with the inflater thread */
+static size_t
+read_threaded(Download *d, char *dst, size_t len)
+{
+	int wait_ms = 0;
+
+	for (;;)
+	{
+		size_t got;
+		bool may_end = false;
+		const char *msg = NULL;
+
+		switch (inflater_take(d->inf, dst, len, &got, wait_ms, &may_end, &msg))
+		{
+			case INFLATER_DATA:
+				/* one more chunk for the thread to inflate while the caller works */
+				if (!d->input_ended && inflater_has_room(d->inf))
+					feed_inflater(d);
+				return got;
+			case INFLATER_END:
+				if (!may_end)
+					report_truncated(d);
+				d->eof = true;
+				return 0;
+			case INFLATER_CORRUPT:
+				report_corrupt(d, msg);
+				break;
+			case INFLATER_FAILED:
+				ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("%s", msg)));
+				break;
+			case INFLATER_EMPTY:
+				break;
+		}
+		CHECK_FOR_INTERRUPTS();
+		if (!d->input_ended && inflater_has_room(d->inf))
+		{
+			feed_inflater(d);
+			wait_ms = 0;
+		}
+		else
+			wait_ms = 100; /* the thread is busy: wait for its output */
+	}
+}
+
 /*
  * Up to len decompressed bytes of the object into dst; 0 at its end.
  */
@@ -218,6 +308,8 @@ download_read(Download *d, char *dst, size_t len)
 {
 	if (d->eof || len == 0)
 		return 0;
+	if (d->inf)
+		return read_threaded(d, dst, len);
 
 	for (;;)
 	{
@@ -233,13 +325,7 @@ download_read(Download *d, char *dst, size_t len)
 			{
 				/* an empty object has no records; a gzip one must not stop mid-member */
 				if (!codec_gunzip_may_end(&d->gz))
-					ereport(
-						ERROR,
-						(errcode(ERRCODE_DATA_CORRUPTED),
-						 errmsg("gzip stream of object \"%s\" is truncated", d->object_id),
-						 errdetail(
-							 "The object ended after %lld compressed bytes, inside a gzip member.",
-							 (long long) d->received)));
+					report_truncated(d);
 				d->eof = true;
 				return 0;
 			}
@@ -252,9 +338,7 @@ download_read(Download *d, char *dst, size_t len)
 		if (st == CODEC_GUNZIP_RESET_FAILED)
 			ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), errmsg("could not reset zlib")));
 		if (st == CODEC_GUNZIP_CORRUPT)
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_CORRUPTED),
-					 errmsg("gzip stream of object \"%s\" is corrupt: %s", d->object_id, msg)));
+			report_corrupt(d, msg);
 		if (produced > 0)
 			return produced;
 	}

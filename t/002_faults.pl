@@ -68,6 +68,10 @@ my @cases = (
 	[ 'OutOfRange', [ { endpoint => 'create_job', kind => 'out_of_range', table => 'users' } ], 'recovers', undef, 'snapshot' ],
 	[ 'corrupt gzip', [ { endpoint => 'download', kind => 'corrupt_gzip', table => 'users', times => -1 } ], 'fails', qr/gzip stream .* is corrupt/ ],
 	[ 'truncated gzip', [ { endpoint => 'download', kind => 'truncated_gzip', table => 'users', times => -1 } ], 'fails', qr/gzip stream .* is truncated/ ],
+	# the same two, inflated on the sync's own thread (cd2sync.gunzip_thread = off)
+	[ 'corrupt gzip, gunzip_thread off', [ { endpoint => 'download', kind => 'corrupt_gzip', table => 'users', times => -1 } ], 'fails', qr/gzip stream .* is corrupt/, undef, 'SET cd2sync.gunzip_thread = off;' ],
+	[ 'truncated gzip, gunzip_thread off', [ { endpoint => 'download', kind => 'truncated_gzip', table => 'users', times => -1 } ], 'fails', qr/gzip stream .* is truncated/, undef, 'SET cd2sync.gunzip_thread = off;' ],
+	[ 'body cut short, gunzip_thread off', [ { endpoint => 'download', kind => 'reset_mid_body', table => 'users', times => 2 } ], 'recovers', undef, undef, 'SET cd2sync.gunzip_thread = off;' ],
 	[ 'malformed record', [ { endpoint => 'create_job', kind => 'malformed_record', table => 'users' } ], 'fails', qr/COPY|JSON|invalid|missing data|extra data/i ],
 	[ 'value that does not fit its column', [ { endpoint => 'create_job', kind => 'bad_value', table => 'users', column => 'merged_into_user_id' } ], 'fails', qr/invalid input syntax for type bigint/ ],
 	[ 'job ends failed', [ { endpoint => 'create_job', kind => 'job_failed', table => 'users', message => 'upstream exploded' } ], 'fails', qr/upstream exploded/ ],
@@ -78,7 +82,8 @@ my @cases = (
 
 for my $case (@cases)
 {
-	my ($name, $faults, $outcome, $pattern, $mode) = @$case;
+	my ($name, $faults, $outcome, $pattern, $mode, $settings) = @$case;
+	my $pre = $pre . ($settings // "");
 	change_upstream();
 	my $wm_before = $node->safe_psql('postgres', "SELECT watermark_raw FROM cd2sync.table_state WHERE instance = 'north' AND table_name = 'users'");
 	$node->safe_psql('postgres', "DROP TABLE IF EXISTS before_users; CREATE TABLE before_users AS SELECT * FROM north.users");
