@@ -133,6 +133,8 @@ DECLARE
     target_rows float8;
     few boolean;             -- the result is small beside the table
     joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin')];
+    sample_same bigint;      -- of a sample of the records, how many change nothing
+    sample_size bigint;
 BEGIN
     IF keys IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
@@ -240,16 +242,27 @@ BEGIN
         GET DIAGNOSTICS deleted = ROW_COUNT;
     END IF;
 
-    -- records that change nothing are left out: their rows are neither
-    -- rewritten nor even locked (no new row version, no WAL), as an
-    -- ON CONFLICT DO UPDATE ... WHERE would lock them
+    -- Records that change nothing are left out by an anti-join: their rows
+    -- are neither rewritten nor even locked (no new row version, no WAL),
+    -- where ON CONFLICT DO UPDATE ... WHERE alone would lock each one. The
+    -- anti-join costs a lookup per record, which a result that changes
+    -- most of its rows does not need: a sample of the records decides.
+    IF cardinality(setcols) > 0 THEN
+        EXECUTE format('SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM %1$s t WHERE %2$s
+                                                   AND (%3$s) IS NOT DISTINCT FROM (%4$s))), count(*)
+                          FROM (SELECT * FROM cd2_typed d WHERE d.cd2_action IS DISTINCT FROM ''D''
+                                 LIMIT 1000) d',
+                       target, keyjoin_typed,
+                       (SELECT string_agg('t.' || c, ', ') FROM unnest(setcols) c),
+                       (SELECT string_agg('d.' || c, ', ') FROM unnest(setcols) c))
+           INTO sample_same, sample_size;
+    END IF;
     IF cardinality(setcols) = 0 THEN
         EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_typed WHERE cd2_action IS DISTINCT FROM ''D''
                          ON CONFLICT DO NOTHING', target, array_to_string(cols, ', '), array_to_string(cols, ', '));
     ELSE
         EXECUTE format('INSERT INTO %1$s AS t (%2$s) SELECT %7$s FROM cd2_typed d
-                         WHERE d.cd2_action IS DISTINCT FROM ''D''
-                           AND NOT EXISTS (SELECT 1 FROM %1$s t WHERE %8$s AND (%6$s) IS NOT DISTINCT FROM (%9$s))
+                         WHERE d.cd2_action IS DISTINCT FROM ''D'' %8$s
                         ON CONFLICT (%3$s) DO UPDATE SET (%4$s) = ROW(%5$s)
                          WHERE (%6$s) IS DISTINCT FROM (%5$s)',
                        target, array_to_string(cols, ', '), keyorder,
@@ -257,8 +270,12 @@ BEGIN
                        (SELECT string_agg('excluded.' || c, ', ') FROM unnest(setcols) c),
                        (SELECT string_agg('t.' || c, ', ') FROM unnest(setcols) c),
                        (SELECT string_agg('d.' || c, ', ') FROM unnest(cols) c),
-                       keyjoin_typed,
-                       (SELECT string_agg('d.' || c, ', ') FROM unnest(setcols) c));
+                       CASE WHEN sample_same * 5 >= sample_size   -- 20% or more unchanged
+                            THEN format('AND NOT EXISTS (SELECT 1 FROM %s t WHERE %s AND (%s) IS NOT DISTINCT FROM (%s))',
+                                        target, keyjoin_typed,
+                                        (SELECT string_agg('t.' || c, ', ') FROM unnest(setcols) c),
+                                        (SELECT string_agg('d.' || c, ', ') FROM unnest(setcols) c))
+                            ELSE '' END);
     END IF;
     GET DIAGNOSTICS written = ROW_COUNT;
     IF few THEN

@@ -147,3 +147,19 @@ INSERT INTO cd2_stage_json (line) VALUES
   ('{"meta": {"action": "U"}, "key": {"id": 9}, "value": {"data": "__cd2_oversized_truncated__"}}');
 SELECT cd2sync._expand_jsonl('s2.items_t');
 ROLLBACK;
+-- a result that changes most of its rows skips the anti-join (a sample of
+-- its records decides); the row it does not change is still not rewritten
+SELECT n_tup_upd AS updates_before FROM pg_stat_xact_user_tables WHERE relid = 's2.items_t'::regclass \gset
+BEGIN;
+SELECT cd2sync._create_staging('s2.items_t', typed => true);
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  ('U', '2026-11-07T00:00:00Z', 1, 'one again', 'active', '2026-10-01T10:00:00Z', '{"a": 1}', '["x","y"]', 1.5, 'A1'),
+  ('U', '2026-11-07T00:00:00Z', 3, 'three', 'deleted', '2026-10-02T00:00:00Z', NULL, '[]', 0, NULL),
+  ('U', '2026-11-07T00:00:00Z', 9, 'nine again', 'active', NULL, NULL, NULL, NULL, NULL),
+  ('U', '2026-11-07T00:00:00Z', 10, 'ten', 'active', NULL, NULL, NULL, NULL, NULL),
+  ('U', '2026-11-07T00:00:00Z', 11, 'eleven', 'active', NULL, NULL, NULL, NULL, NULL),
+  ('U', '2026-11-07T00:00:00Z', 12, 'twelve', 'active', NULL, NULL, NULL, NULL, NULL);
+SELECT * FROM cd2sync._apply('s2.items_t', 'incremental', NULL, typed => true);
+SELECT n_tup_upd - :updates_before AS rows_rewritten FROM pg_stat_xact_user_tables WHERE relid = 's2.items_t'::regclass;
+COMMIT;
+SELECT id, name FROM s2.items_t ORDER BY id;
