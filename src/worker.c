@@ -708,8 +708,10 @@ table_finish(RunContext *rc, TableSync *ts)
 	else
 		tr->watermark = snapshot ? job->at : job->until;
 	tr->schema_version = job->schema_version;
-	if (strcmp(tr->table, "users") == 0 || strcmp(tr->table, "pseudonyms") == 0 ||
-		strcmp(tr->table, "enrollments") == 0)
+	if (tr->upserted - tr->unchanged + tr->deleted == 0)
+		; /* nothing changed: the map and the duplicates stand as they are */
+	else if (strcmp(tr->table, "users") == 0 || strcmp(tr->table, "pseudonyms") == 0 ||
+			 strcmp(tr->table, "enrollments") == 0)
 	{
 		/* an input of the merge resolver changed: the map follows in this transaction */
 		report(rc, tr->table, "refreshing cd2.user_merges");

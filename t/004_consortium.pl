@@ -77,7 +77,7 @@ for my $i (sort keys %data)
 my $emu = Cd2Test::start_emulator();
 $emu->post('/_emu/load', \%scenario);
 $emu->config(job_latency => 0.05, dedupe_jobs => JSON::PP::false);
-my $node = Cd2Test::new_node('consortium');
+my $node = Cd2Test::new_node('consortium', conf => "track_functions = 'pl'");
 for my $i (sort keys %shard)
 {
 	$node->safe_psql('postgres', "SET log_statement = 'none';\n"
@@ -232,6 +232,19 @@ change([ 'c2', 'users', user(21, 'Yan', workflow_state => 'deleted', merged_into
 	with(row_of('c2', 'users', 20), workflow_state => 'deleted', merged_into_user_id => 21) ]);
 sync_all();
 check('epoch 5 (a cycle)', %m);
+
+# the map is recomputed only by a sync that changed one of its inputs
+my $refreshes = sub {
+	$node->safe_psql('postgres', "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions "
+		  . "WHERE schemaname = 'cd2sync' AND funcname = 'refresh_user_merges'");
+};
+my $before = $refreshes->();
+sync_all();
+is($refreshes->() - $before, 0, 'runs that change no user, login or enrolment leave the map alone');
+change([ 'c3', 'users', user(30, 'Quinn Q') ]);
+sync_all();
+is($refreshes->() - $before, 1, 'a run that changes users recomputes it once');
+check('after a rename', %m);
 
 # the moves seen at apply time are kept
 ok($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.user_moves WHERE table_name = 'pseudonyms'") >= 4,
