@@ -219,13 +219,20 @@ inflater_put(Inflater *inf, const unsigned char *in, size_t n)
 	pthread_mutex_unlock(&inf->lock);
 }
 
+/* Sets one of the flags under lock, and wakes the other side */
+static void
+raise_flag(Inflater *inf, bool *flag)
+{
+	pthread_mutex_lock(&inf->lock);
+	*flag = true;
+	pthread_cond_broadcast(&inf->changed);
+	pthread_mutex_unlock(&inf->lock);
+}
+
 void
 inflater_end_input(Inflater *inf)
 {
-	pthread_mutex_lock(&inf->lock);
-	inf->in_ended = true;
-	pthread_cond_broadcast(&inf->changed);
-	pthread_mutex_unlock(&inf->lock);
+	raise_flag(inf, &inf->in_ended);
 }
 
 InflaterStatus
@@ -288,10 +295,7 @@ inflater_take(Inflater *inf, char *dst, size_t len, size_t *got, int wait_ms, bo
 void
 inflater_stop(Inflater *inf)
 {
-	pthread_mutex_lock(&inf->lock);
-	inf->stop = true;
-	pthread_cond_broadcast(&inf->changed);
-	pthread_mutex_unlock(&inf->lock);
+	raise_flag(inf, &inf->stop);
 	pthread_join(inf->thread, NULL);
 	codec_gunzip_end(&inf->gz);
 	pthread_cond_destroy(&inf->changed);

@@ -67,25 +67,19 @@ SELECT * FROM s1.user_view;
 -- created again; d (varchar to date) waits for a fresh snapshot
 CREATE TABLE s1.widen (id bigint PRIMARY KEY, a smallint, b real, c varchar(5), d varchar(5), e integer);
 CREATE VIEW s1.widen_view AS SELECT id, e FROM s1.widen;
-SELECT cd2sync._ensure_table('s1', 'widen', $${"version": 3, "schema": {"properties": {
+CREATE TEMP TABLE widen_v3 AS SELECT $${"version": 3, "schema": {"properties": {
   "key": {"properties": {"id": {"type": "integer"}}},
   "value": {"properties": {
     "a": {"type": "integer", "format": "int32"},
     "b": {"type": "number"},
     "c": {"type": "string", "maxLength": 50},
     "d": {"type": "string", "format": "date"},
-    "e": {"type": "integer", "format": "int64"}}}}}}$$::json) AS created;
+    "e": {"type": "integer", "format": "int64"}}}}}}$$::json AS doc;
+SELECT cd2sync._ensure_table('s1', 'widen', (SELECT doc FROM widen_v3)) AS created;
 SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
  WHERE attrelid = 's1.widen'::regclass AND attnum > 0 ORDER BY attnum;
 SELECT pg_get_viewdef('s1.widen_view'::regclass) AS recreated_view;
-SELECT cd2sync._pending_types('s1', 'widen', $${"version": 3, "schema": {"properties": {
-  "key": {"properties": {"id": {"type": "integer"}}},
-  "value": {"properties": {
-    "a": {"type": "integer", "format": "int32"},
-    "b": {"type": "number"},
-    "c": {"type": "string", "maxLength": 50},
-    "d": {"type": "string", "format": "date"},
-    "e": {"type": "integer", "format": "int64"}}}}}}$$::json) AS pending;
+SELECT cd2sync._pending_types('s1', 'widen', (SELECT doc FROM widen_v3)) AS pending;
 SELECT cd2sync._is_widening('character varying(5)', 'text'), cd2sync._is_widening('character varying(10)', 'character varying(5)'),
        cd2sync._is_widening('bigint', 'integer'), cd2sync._is_widening('text', 'bigint');
 
