@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes the decoders of src/codec.c (gunzip stepper, TSV field dropper,
-# record length guard) with the libFuzzer harnesses in fuzz/, each for
-# FUZZ_SECONDS (default 60), under ASan and UBSan. Exits non-zero when a
+# record length guard) and the inflater thread of src/inflater.c with the
+# libFuzzer harnesses in fuzz/, each for FUZZ_SECONDS (default 60), under
+# ASan and UBSan. Exits non-zero when a
 # harness finds a crash, a leak or a wrong answer; the failing input is kept
 # in the work directory it names.
 #
@@ -12,7 +13,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 seconds="${FUZZ_SECONDS:-60}"
-harnesses="${FUZZ_HARNESSES:-gunzip tsv lines}"
+harnesses="${FUZZ_HARNESSES:-gunzip tsv lines inflater}"
 CC="${CC:-clang}"
 
 # clang, its libFuzzer runtime (Debian 12: libclang-rt-14-dev) and zlib's headers
@@ -37,8 +38,8 @@ fi
 # --- build
 for h in $harnesses; do
 	"$CC" -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -g -O1 \
-		-Wall -Wextra -Werror -I"$root/src" "$root/fuzz/fuzz_$h.c" "$root/src/codec.c" -lz \
-		-o "$work/fuzz_$h"
+		-Wall -Wextra -Werror -I"$root/src" "$root/fuzz/fuzz_$h.c" "$root/src/codec.c" \
+		"$root/src/inflater.c" -lz -lpthread -o "$work/fuzz_$h"
 done
 
 # --- seed corpora (the first bytes of each input steer the harness; see fuzz/*.c)
@@ -47,7 +48,7 @@ tsv_lines() {
 	printf '2024-01-01T00:00:00Z\tU\t1\talice\n2024-01-02T00:00:00Z\tD\t2\t\\N\n'
 	printf 'x\ty\tz\tw\textra\tmore\n\n\tleading tab\ttrailing\t\n'
 }
-mkdir -p "$work/seed_gunzip" "$work/seed_tsv" "$work/seed_lines"
+mkdir -p "$work/seed_gunzip" "$work/seed_tsv" "$work/seed_lines" "$work/seed_inflater"
 tsv_lines >"$work/plain"
 { printf '\x10\x07'; gzip -c <"$work/plain"; } >"$work/seed_gunzip/one_member"
 { printf '\x21\x40'; gzip -c <"$work/plain"; printf 'second member\n' | gzip -c; printf '' | gzip -c; } \
@@ -59,6 +60,11 @@ tsv_lines >"$work/plain"
 { printf '\x02\x01\x00\x63'; tsv_lines; } >"$work/seed_tsv/short_header"
 { printf '\x10\x00\x11'; tsv_lines; } >"$work/seed_lines/limit_16"
 { printf '\x00\x01\x05'; tsv_lines; } >"$work/seed_lines/limit_256"
+{ printf '\x3f\x07\x01'; tsv_lines; } >"$work/seed_inflater/gzip"
+{ printf '\xff\xff\x03'; tsv_lines; } >"$work/seed_inflater/big_wrapping"
+{ printf '\x00\x3f\x13'; tsv_lines; } >"$work/seed_inflater/big_stopped"
+{ printf '\x10\x10\x02'; tsv_lines; } >"$work/seed_inflater/truncated"
+{ printf '\x01\x05\x00'; tsv_lines; } >"$work/seed_inflater/plain"
 
 # --- run
 failed=""

@@ -223,6 +223,27 @@ fetch(Download *d, char *dst, size_t len)
 	return 0;
 }
 
+/*
+ * The object's next compressed bytes into inbuf. The first call returns at
+ * least two unless the object is shorter: the gunzip stepper decides from
+ * the first bytes it is fed whether they start with the gzip magic.
+ */
+static size_t
+fetch_input(Download *d, size_t len)
+{
+	size_t n = fetch(d, (char *) d->inbuf, len);
+
+	while (n == 1 && d->received == 1)
+	{
+		size_t more = fetch(d, (char *) d->inbuf + 1, len - 1);
+
+		if (more == 0)
+			break;
+		n += more;
+	}
+	return n;
+}
+
 /* Raises the error of a gzip stream that is truncated */
 static void
 report_truncated(Download *d)
@@ -245,7 +266,7 @@ report_corrupt(Download *d, const char *msg)
 static void
 feed_inflater(Download *d)
 {
-	size_t n = fetch(d, (char *) d->inbuf, Min(DOWNLOAD_INBUF, INFLATER_CHUNK));
+	size_t n = fetch_input(d, Min(DOWNLOAD_INBUF, INFLATER_CHUNK));
 
 	if (n == 0)
 	{
@@ -319,7 +340,7 @@ download_read(Download *d, char *dst, size_t len)
 
 		if (codec_gunzip_needs_input(&d->gz))
 		{
-			size_t n = fetch(d, (char *) d->inbuf, DOWNLOAD_INBUF);
+			size_t n = fetch_input(d, DOWNLOAD_INBUF);
 
 			if (n == 0)
 			{
