@@ -9,11 +9,13 @@
 -- The type a target column has in the staging table. Untyped: text, cast
 -- by _apply. Typed: the column's own type (COPY parses the values, and a
 -- value that does not parse fails the load: the caller then loads through an
--- untyped table), except JSON arrays (text, converted by _apply) and
--- timestamps (timestamptz: CD2 writes them with an offset).
+-- untyped table), except strings (text: an oversized placeholder must reach
+-- _apply, which keeps the stored value, and a varchar(n) is enforced by
+-- assignment there), JSON arrays (text, converted by _apply) and timestamps
+-- (timestamptz: CD2 writes them with an offset).
 CREATE FUNCTION cd2sync._stage_type(typid oid, typmod int, typed boolean)
 RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE WHEN NOT typed OR t.typcategory = 'A' THEN 'text'
+    SELECT CASE WHEN NOT typed OR t.typcategory IN ('A', 'S') THEN 'text'
                 WHEN typid = 'timestamp'::regtype THEN 'timestamp with time zone'
                 ELSE format_type(typid, typmod) END
       FROM pg_type t WHERE t.oid = typid

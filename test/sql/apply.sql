@@ -127,6 +127,9 @@ INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, scor
   ('U', '2026-11-05T01:00:00Z', 1, 'one earlier', 'active', NULL, NULL, NULL, NULL, NULL),
   ('U', '2026-11-05T02:00:00Z', 3, '__cd2_oversized_truncated__', 'deleted', '2026-10-02T00:00:00Z', NULL, '[]', 0, NULL),
   ('D', '2026-11-05T02:00:00Z', 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+-- (and in a varchar(5) column: it keeps 'A1')
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  ('U', '2026-11-05T03:00:00Z', 1, 'one later', 'active', '2026-10-01T10:00:00Z', '{"a": 1}', '["x","y"]', 1.5, '__cd2_oversized_truncated__');
 SELECT * FROM cd2sync._apply('s2.items_t', 'incremental', NULL, typed => true);
 COMMIT;
 SELECT * FROM s2.items_t ORDER BY id;
