@@ -111,8 +111,10 @@ CREATE VIEW cd2sync.schedules AS
            i.full_resync_every,
            -- the next run from then on takes a snapshot of the tables then due
            CASE WHEN i.full_resync_every IS NOT NULL
-                THEN (SELECT coalesce(min(s.snapshot_at) + i.full_resync_every, now())
-                        FROM cd2sync.table_state s WHERE s.instance = i.name)
+                THEN (SELECT CASE WHEN count(*) = 0 OR bool_or(s.snapshot_at IS NULL) THEN now()
+                                  ELSE min(s.snapshot_at) + i.full_resync_every END
+                        FROM cd2sync.table_state s
+                       WHERE s.instance = i.name AND (i.tables IS NULL OR s.table_name = ANY (i.tables)))
            END AS next_full_resync_at
       FROM cd2sync.instances i
       LEFT JOIN LATERAL (SELECT * FROM cd2sync.runs r WHERE r.instance = i.name
