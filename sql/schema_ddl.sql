@@ -200,6 +200,13 @@ BEGIN
                                                   ELSE quote_ident(pg_get_userbyid(x.grantee)) END,
                                   'privilege', x.privilege_type, 'grantable', x.is_grantable))
                          FROM pg_class c, aclexplode(c.relacl) x WHERE c.oid = v.oid),
+            'column_grants', (SELECT jsonb_agg(jsonb_build_object(
+                                  'column', a.attname,
+                                  'grantee', CASE WHEN x.grantee = 0 THEN 'PUBLIC'
+                                                  ELSE quote_ident(pg_get_userbyid(x.grantee)) END,
+                                  'privilege', x.privilege_type, 'grantable', x.is_grantable))
+                                FROM pg_attribute a, aclexplode(a.attacl) x
+                               WHERE a.attrelid = v.oid AND a.attnum > 0 AND a.attacl IS NOT NULL),
             'comment', obj_description(v.oid, 'pg_class'),
             'column_comments', (SELECT jsonb_object_agg(attname, col_description(v.oid, attnum))
                                   FROM pg_attribute
@@ -215,15 +222,21 @@ BEGIN
     FOR i IN REVERSE cardinality(saved) .. 1 LOOP
         s := saved[i];
         IF (s->>'reconciled')::boolean THEN
+            -- built anew for the new type; the grants of users are given back
             PERFORM cd2sync.refresh_view(table_name);
-            CONTINUE;
+        ELSE
+            EXECUTE format('CREATE VIEW %s%s AS %s', s->>'name',
+                           CASE WHEN s ? 'options' THEN format(' WITH (%s)', s->>'options') ELSE '' END,
+                           s->>'def');
+            EXECUTE format('ALTER VIEW %s OWNER TO %s', s->>'name', s->>'owner');
         END IF;
-        EXECUTE format('CREATE VIEW %s%s AS %s', s->>'name',
-                       CASE WHEN s ? 'options' THEN format(' WITH (%s)', s->>'options') ELSE '' END,
-                       s->>'def');
-        EXECUTE format('ALTER VIEW %s OWNER TO %s', s->>'name', s->>'owner');
         FOR g IN SELECT * FROM jsonb_array_elements(coalesce(s->'grants', '[]')) LOOP
             EXECUTE format('GRANT %s ON %s TO %s%s', g->>'privilege', s->>'name', g->>'grantee',
+                           CASE WHEN (g->>'grantable')::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+        FOR g IN SELECT * FROM jsonb_array_elements(coalesce(s->'column_grants', '[]')) LOOP
+            EXECUTE format('GRANT %s (%I) ON %s TO %s%s', g->>'privilege', g->>'column', s->>'name',
+                           g->>'grantee',
                            CASE WHEN (g->>'grantable')::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
         END LOOP;
         IF s->>'comment' IS NOT NULL THEN
@@ -247,37 +260,43 @@ RETURNS jsonb LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
        AND NOT cd2sync._is_widening(format_type(a.atttypid, a.atttypmod), s.type_sql)
 $$;
 
--- Before a fresh snapshot is loaded: gives the columns waiting for a type
--- change their new types. The table's rows are deleted first (in the
--- snapshot's transaction: readers keep seeing them until it commits), so no
--- value needs converting. If a view on a column cannot be created again,
--- the table keeps its types, with a warning. Returns whether types changed.
+-- Before a fresh snapshot is applied (it is in the staging table already):
+-- gives the columns waiting for a type change their new types. The table's
+-- rows are deleted first, in the snapshot's transaction, so no value needs
+-- converting; readers wait for that transaction (ALTER TABLE locks the
+-- table) and then see the new rows. Returns how many rows were deleted, or
+-- NULL when no type changed: none was pending, or a view on a column cannot
+-- be created again, in which case the table keeps its types, with a
+-- warning, and the change is not asked for again. Other errors (a lock
+-- timeout, a deadlock) fail the table sync, and the next one tries again.
 CREATE FUNCTION cd2sync._apply_pending_types(instance text, table_name text, target regclass)
-RETURNS boolean LANGUAGE plpgsql
+RETURNS bigint LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     pending jsonb;
     c record;
+    n bigint;
 BEGIN
     SELECT s.pending_types INTO pending FROM cd2sync.table_state s
      WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name
        FOR UPDATE;
-    UPDATE cd2sync.table_state s SET pending_types = NULL
-     WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name
-       AND pending IS NOT NULL;
     IF pending IS NULL THEN
-        RETURN false;
+        RETURN NULL;
     END IF;
+    UPDATE cd2sync.table_state s SET pending_types = NULL
+     WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name;
     BEGIN
         EXECUTE format('DELETE FROM %s', target);
+        GET DIAGNOSTICS n = ROW_COUNT;
         FOR c IN SELECT key, value FROM jsonb_each_text(pending) ORDER BY key LOOP
             PERFORM cd2sync._alter_column_type(target, c.key, c.value, true);
         END LOOP;
-        RETURN true;
-    EXCEPTION WHEN OTHERS THEN
+        RETURN n;
+    EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist
+                   OR syntax_error_or_access_rule_violation THEN
         RAISE WARNING 'cd2sync: table % keeps its column types (upstream: %): %', target, pending, SQLERRM
               USING HINT = 'Values that do not fit a stored type fail their table.';
-        RETURN false;
+        RETURN NULL;
     END;
 END $$;
 
@@ -361,8 +380,10 @@ BEGIN
             IF cd2sync._is_widening(c.old_type, c.type_sql) THEN
                 BEGIN
                     PERFORM cd2sync._alter_column_type(rel, c.column_name, c.type_sql, false);
-                EXCEPTION WHEN OTHERS THEN
-                    -- a view that cannot be created again uses the column
+                EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist
+                               OR syntax_error_or_access_rule_violation THEN
+                    -- a view that cannot be created again uses the column (other
+                    -- errors, such as a lock timeout, fail the table sync: retried)
                     RAISE WARNING 'cd2sync: column %.% stays % (upstream: %): %', rel, c.column_name,
                           c.old_type, c.type_sql, SQLERRM;
                 END;

@@ -194,7 +194,7 @@ inflater_has_room(Inflater *inf)
 	bool room;
 
 	pthread_mutex_lock(&inf->lock);
-	room = inf->in_count < IN_SLOTS || inf->done;
+	room = inf->in_count < IN_SLOTS && !inf->done; /* a finished thread takes no more */
 	pthread_mutex_unlock(&inf->lock);
 	return room;
 }

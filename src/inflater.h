@@ -34,7 +34,10 @@ typedef enum InflaterStatus
 /* Starts the thread (malloc'd state); NULL if it could not be started. */
 extern Inflater *inflater_start(void);
 
-/* Whether inflater_put would take a chunk now without waiting */
+/*
+ * Whether inflater_put would take a chunk now without waiting; false once the
+ * thread has finished (inflater_take then says how).
+ */
 extern bool inflater_has_room(Inflater *inf);
 
 /* Copies up to INFLATER_CHUNK compressed bytes in; waits for room. */

@@ -336,6 +336,28 @@ ensure_schema(RunContext *rc, TableRun *tr, DapJob *job)
 }
 
 /*
+ * decode_object, closing the download if it fails: its connection and
+ * inflater thread go at once, not with the table's memory.
+ */
+static uint64
+decode_closing(Download *d, RecordFormat format, Oid direct, List **columns, bool *jsonl)
+{
+	volatile uint64 records = 0;
+
+	PG_TRY();
+	{
+		records = decode_object(d, format, direct, columns, jsonl);
+	}
+	PG_CATCH();
+	{
+		download_close(d);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return records;
+}
+
+/*
  * Downloads and decodes every object of a job: straight into the target
  * table (direct, a valid relid) or into the staging table. Returns the
  * records decoded; adds the columns the files carry to *columns and tells
@@ -359,7 +381,7 @@ load_objects(RunContext *rc, TableRun *tr, DapJob *job, List *urls, Oid direct, 
 			   OidIsValid(direct) ? "loading straight into the table" : "downloading",
 			   foreach_current_index(lo) + 1, list_length(job->objects));
 		d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
-		records += decode_object(d, rc->format, direct, columns, &jsonl);
+		records += decode_closing(d, rc->format, direct, columns, &jsonl);
 		tr->bytes += download_compressed_bytes(d);
 		tr->objects++;
 		*any_jsonl |= jsonl;
@@ -464,12 +486,22 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 	const char *mode;
 	int64 upserted, deleted, unchanged, oversized;
 	LoadWay way = { 0 };
+	bool retype = false;
 
 	way.target = target;
 	args[0] = target;
+	args[1] = rc->instance->name;
+	args[2] = tr->table;
+	if (snapshot)
+		retype = strcmp(catalog_run_sql("SELECT EXISTS (SELECT 1 FROM cd2sync.table_state "
+										" WHERE instance = $2 AND table_name = $3 "
+										"   AND pending_types IS NOT NULL)",
+										3, args),
+						"t") == 0;
 	if (!snapshot)
 		mode = "incremental";
-	else if (strcmp(catalog_run_sql(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL),
+	else if (retype ||
+			 strcmp(catalog_run_sql(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL),
 					"t") == 0)
 		mode = "snapshot";
 	else
@@ -493,14 +525,37 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 		}
 	}
 
-	way.typed = true;
-	if (!try_load(rc, tr, job, urls, &way))
+	/* columns about to change type take their values as text */
+	way.typed = !retype;
+	if (retype || !try_load(rc, tr, job, urls, &way))
 	{
 		way.typed = false;
 		catalog_run_sql("SELECT cd2sync._create_staging($1::regclass, false)", 1, args);
 		way.records = load_objects(rc, tr, job, urls, InvalidOid, &way.columns, &way.any_jsonl);
 		if (way.any_jsonl)
 			catalog_run_sql("SELECT cd2sync._expand_jsonl($1::regclass)", 1, args);
+	}
+
+	if (retype)
+	{
+		/*
+		 * Everything is downloaded: only now delete the rows and change the
+		 * types, so that readers wait for the apply alone.
+		 */
+		char *emptied;
+
+		report(rc, tr->table, "changing column types");
+		emptied =
+			catalog_run_sql("SELECT cd2sync._apply_pending_types($2, $3, $1::regclass)", 3, args);
+		if (emptied != NULL)
+		{
+			tr->deleted += strtoi64(emptied, NULL, 10);
+			mode = "snapshot_new";
+		}
+		else if (strcmp(
+					 catalog_run_sql(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL),
+					 "t") != 0)
+			mode = "snapshot_new";
 	}
 
 	report(rc, tr->table, "applying (%s)", mode);
@@ -684,14 +739,6 @@ table_finish(RunContext *rc, TableSync *ts)
 
 	t0 = GetCurrentTimestamp();
 	begin_tx();
-	if (snapshot)
-	{
-		const char *args[3] = { rc->instance->name, tr->table,
-								quote_qualified_identifier(rc->instance->target_schema,
-														   tr->table) };
-
-		catalog_run_sql("SELECT cd2sync._apply_pending_types($1, $2, $3::regclass)", 3, args);
-	}
 	apply_job(rc, tr, job, urls, snapshot);
 	foreach (lc, catchups)
 	{

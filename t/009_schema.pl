@@ -12,6 +12,7 @@ use lib $FindBin::RealBin;
 use Cd2Test;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(time);
 
 my $cid = 'us-east-1#evolve';
 sub schema
@@ -81,15 +82,34 @@ $node->safe_psql('postgres', q{
 	CREATE VIEW public.scores WITH (security_barrier) AS SELECT id, score, rank FROM evo.things;
 	CREATE VIEW public.top_scores AS SELECT id, score FROM public.scores WHERE rank IS NOT NULL;
 	GRANT SELECT ON public.top_scores TO analyst;
+	GRANT SELECT (id, score) ON public.scores TO analyst;
 	COMMENT ON VIEW public.top_scores IS 'ranked things';
 	COMMENT ON COLUMN public.top_scores.score IS 'the score';
 	CREATE INDEX things_rank ON evo.things (rank);
 });
 $emu->epoch({ client_id => $cid, table => 'things', schema => schema(3, %v3),
 	upsert => [ { key => { id => 2 }, value => { name => 'n2', state => 'active', score => 'high', rank => 3000000000 } } ] });
-$r = Cd2Test::sync($node, 'evo');
+# the snapshot's download hangs 3 s: readers are not locked out meanwhile
+# (the types change only once everything is downloaded)
+$emu->faults({ endpoint => 'download', kind => 'hang', seconds => 3, times => 1 });
+my $run = $node->safe_psql('postgres', "SELECT cd2_sync_start('evo')");
+my ($reads, $blocked) = (0, 0);
+my $t0 = time;
+while (time - $t0 < 2.5)
+{
+	my ($rc, $out, $err) = $node->psql('postgres', "SET lock_timeout = '500ms'; SELECT count(*) FROM evo.things");
+	if ($rc == 0) { $reads++ } else { $blocked++ }
+	select(undef, undef, undef, 0.1);
+}
+ok($reads >= 5 && $blocked == 0, "readers read the table during the snapshot's download ($reads reads, $blocked blocked)");
+ok($node->poll_query_until('postgres', "SELECT status <> 'running' FROM cd2sync.runs WHERE run_id = $run"), 'the run ended');
+$emu->clear_faults;
+$r = { things => { map { my @f = split /\|/; (mode => $f[0], error => $f[1] // '') }
+	$node->safe_psql('postgres', "SELECT mode, coalesce(error, '') FROM cd2sync.sync_log WHERE run_id = $run") } };
 is($r->{things}{error}, '', 'version 3 synced without error');
 is($r->{things}{mode}, 'snapshot', 'a type that cannot change in place: a fresh snapshot');
+is($node->safe_psql('postgres', "SELECT has_column_privilege('analyst', 'public.scores', 'score', 'SELECT')::text || has_column_privilege('analyst', 'public.scores', 'rank', 'SELECT')::text"),
+	'truefalse', 'column privileges on a view created again survive');
 is($node->safe_psql('postgres', "SELECT string_agg(format('%s %s', attname, format_type(atttypid, atttypmod)), ', ' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'evo.things'::regclass AND attnum > 4 AND NOT attisdropped"),
 	'rank bigint, score text', 'score is text now, rank bigint');
 is($node->safe_psql('postgres', "SELECT string_agg(format('%s:%s:%s', id, coalesce(score, '-'), coalesce(rank::text, '-')), ' ' ORDER BY id) FROM evo.things"),
