@@ -16,6 +16,7 @@
 #include <zlib.h>
 
 #include "codec.h"
+#include "gzip_member.h"
 
 #define OUT_CAP (1 << 20) /* stop after this much output (zip bombs) */
 
@@ -83,27 +84,6 @@ run(const uint8_t *const *chunk, const size_t *clen, int nchunks, size_t outsz, 
 	return res;
 }
 
-/* One gzip member of data appended at dst; returns its length */
-static size_t
-gzip_member(const uint8_t *data, size_t n, uint8_t *dst, size_t cap)
-{
-	z_stream zs;
-	size_t len;
-
-	memset(&zs, 0, sizeof(zs));
-	if (deflateInit2(&zs, 6, Z_DEFLATED, 16 + MAX_WBITS, 8, Z_DEFAULT_STRATEGY) != Z_OK)
-		abort();
-	zs.next_in = (Bytef *) data;
-	zs.avail_in = (uInt) n;
-	zs.next_out = dst;
-	zs.avail_out = (uInt) cap;
-	if (deflate(&zs, Z_FINISH) != Z_STREAM_END)
-		abort();
-	len = cap - zs.avail_out;
-	deflateEnd(&zs);
-	return len;
-}
-
 int
 LLVMFuzzerTestOneInput(const uint8_t *input, size_t size)
 {
@@ -142,8 +122,8 @@ LLVMFuzzerTestOneInput(const uint8_t *input, size_t size)
 	gz = malloc(cap);
 	if (gz == NULL)
 		return 0;
-	m1 = gzip_member(data, split, gz, cap);
-	glen = m1 + gzip_member(data + split, n - split, gz + m1, cap - m1);
+	m1 = gzip_member(data, split, gz, cap, 6);
+	glen = m1 + gzip_member(data + split, n - split, gz + m1, cap - m1, 6);
 	chunk[0] = gz;
 	clen[0] = 2 + input[0] % (glen - 1); /* the magic comes whole, as from a download */
 	chunk[1] = gz + clen[0];

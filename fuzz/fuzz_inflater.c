@@ -20,6 +20,7 @@
 #include <zlib.h>
 
 #include "codec.h"
+#include "gzip_member.h"
 #include "inflater.h"
 
 #define OUT_CAP (4 << 20)
@@ -140,27 +141,6 @@ threaded(const uint8_t *in, size_t n, size_t chunk, size_t take, int stop_after,
 	return e;
 }
 
-/* data as one gzip member, appended at dst; returns its length */
-static size_t
-gzip_member(const uint8_t *data, size_t n, uint8_t *dst, size_t cap)
-{
-	z_stream zs;
-	size_t len;
-
-	memset(&zs, 0, sizeof(zs));
-	if (deflateInit2(&zs, 1, Z_DEFLATED, 16 + MAX_WBITS, 8, Z_DEFAULT_STRATEGY) != Z_OK)
-		abort();
-	zs.next_in = (Bytef *) data;
-	zs.avail_in = (uInt) n;
-	zs.next_out = dst;
-	zs.avail_out = (uInt) cap;
-	if (deflate(&zs, Z_FINISH) != Z_STREAM_END)
-		abort();
-	len = cap - zs.avail_out;
-	deflateEnd(&zs);
-	return len;
-}
-
 int
 LLVMFuzzerTestOneInput(const uint8_t *input, size_t size)
 {
@@ -183,7 +163,7 @@ LLVMFuzzerTestOneInput(const uint8_t *input, size_t size)
 	len = n;
 	if (mode == 1 || mode == 2)
 	{
-		len = gzip_member(data, n, gz, sizeof(gz));
+		len = gzip_member(data, n, gz, sizeof(gz), 1);
 		if (mode == 2 && len > 0)
 			len--;
 		in = gz;
@@ -199,7 +179,7 @@ LLVMFuzzerTestOneInput(const uint8_t *input, size_t size)
 			memcpy(src + m, data, n);
 			m += n;
 		}
-		len = gzip_member(src, m, gz, sizeof(gz));
+		len = gzip_member(src, m, gz, sizeof(gz), 1);
 		in = gz;
 	}
 
