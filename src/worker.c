@@ -407,7 +407,8 @@ typedef struct LoadWay
  * suit that way (a value that does not parse as its column's type, such as
  * an oversized placeholder in a number column; a duplicate key; a format the
  * way does not take), rolls it back and returns false, and the caller loads
- * another way. Other errors (the network, a cancel) go on up.
+ * another way. Other errors (the network, a cancel, a record with the wrong
+ * number of fields or bytes that are not text) go on up.
  */
 static bool
 try_load(RunContext *rc, TableRun *tr, DapJob *job, List *urls, LoadWay *way)
@@ -448,9 +449,13 @@ try_load(RunContext *rc, TableRun *tr, DapJob *job, List *urls, LoadWay *way)
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
 		category = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
-		if (category != ERRCODE_DATA_EXCEPTION &&
-			category != ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION &&
-			category != ERRCODE_FEATURE_NOT_SUPPORTED)
+		if ((category != ERRCODE_DATA_EXCEPTION &&
+			 category != ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION &&
+			 category != ERRCODE_FEATURE_NOT_SUPPORTED) ||
+			/* what no staging table takes either: the wrong number of fields, bad text */
+			edata->sqlerrcode == ERRCODE_BAD_COPY_FILE_FORMAT ||
+			edata->sqlerrcode == ERRCODE_CHARACTER_NOT_IN_REPERTOIRE ||
+			edata->sqlerrcode == ERRCODE_UNTRANSLATABLE_CHARACTER)
 			ReThrowError(edata);
 		ereport(LOG, (errmsg("cd2sync %s.%s: loading through the %s staging table: %s",
 							 rc->instance->name, tr->table,
