@@ -122,6 +122,7 @@ DECLARE
     cols text[] := '{}';     -- quoted column names to fill
     exprs text[] := '{}';    -- their values, from staging s (and target t)
     setcols text[] := '{}';  -- non-key columns
+    cmpcols text[];          -- the same, fixed-width first: comparisons stop sooner
     phcols text;             -- staging columns that can hold a placeholder
     keyjoin text;            -- t.k = <k from staging s>
     keyjoin_typed text;      -- t.k = d.k for target t and cd2_typed d
@@ -244,6 +245,10 @@ BEGIN
         GET DIAGNOSTICS deleted = ROW_COUNT;
     END IF;
 
+    SELECT array_agg(format('%I', attname) ORDER BY attlen < 0, attnum) INTO cmpcols
+      FROM pg_attribute
+     WHERE attrelid = target AND attnum > 0 AND NOT attisdropped AND format('%I', attname) = ANY (setcols);
+
     -- Records that change nothing are left out by an anti-join: their rows
     -- are neither rewritten nor even locked (no new row version, no WAL),
     -- where ON CONFLICT DO UPDATE ... WHERE alone would lock each one. The
@@ -255,8 +260,8 @@ BEGIN
                           FROM (SELECT * FROM cd2_typed d WHERE d.cd2_action IS DISTINCT FROM ''D''
                                  LIMIT 1000) d',
                        target, keyjoin_typed,
-                       (SELECT string_agg('t.' || c, ', ') FROM unnest(setcols) c),
-                       (SELECT string_agg('d.' || c, ', ') FROM unnest(setcols) c))
+                       (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
+                       (SELECT string_agg('d.' || c, ', ') FROM unnest(cmpcols) c))
            INTO sample_same, sample_size;
     END IF;
     IF cardinality(setcols) = 0 THEN
@@ -266,18 +271,19 @@ BEGIN
         EXECUTE format('INSERT INTO %1$s AS t (%2$s) SELECT %7$s FROM cd2_typed d
                          WHERE d.cd2_action IS DISTINCT FROM ''D'' %8$s
                         ON CONFLICT (%3$s) DO UPDATE SET (%4$s) = ROW(%5$s)
-                         WHERE (%6$s) IS DISTINCT FROM (%5$s)',
+                         WHERE (%6$s) IS DISTINCT FROM (%9$s)',
                        target, array_to_string(cols, ', '), keyorder,
                        array_to_string(setcols, ', '),
                        (SELECT string_agg('excluded.' || c, ', ') FROM unnest(setcols) c),
-                       (SELECT string_agg('t.' || c, ', ') FROM unnest(setcols) c),
+                       (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
                        (SELECT string_agg('d.' || c, ', ') FROM unnest(cols) c),
                        CASE WHEN sample_same * 5 >= sample_size   -- 20% or more unchanged
                             THEN format('AND NOT EXISTS (SELECT 1 FROM %s t WHERE %s AND (%s) IS NOT DISTINCT FROM (%s))',
                                         target, keyjoin_typed,
-                                        (SELECT string_agg('t.' || c, ', ') FROM unnest(setcols) c),
-                                        (SELECT string_agg('d.' || c, ', ') FROM unnest(setcols) c))
-                            ELSE '' END);
+                                        (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
+                                        (SELECT string_agg('d.' || c, ', ') FROM unnest(cmpcols) c))
+                            ELSE '' END,
+                       (SELECT string_agg('excluded.' || c, ', ') FROM unnest(cmpcols) c));
     END IF;
     GET DIAGNOSTICS written = ROW_COUNT;
     IF few THEN
