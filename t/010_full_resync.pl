@@ -62,6 +62,17 @@ my $r = Cd2Test::sync($node, 'north');
 is($r->{users}{mode}, 'unchanged', 'a recent snapshot: an incremental');
 $node->safe_psql('postgres', "UPDATE cd2sync.table_state SET snapshot_at = now() - interval '8 days'");
 ok($node->safe_psql('postgres', "SELECT next_full_resync_at <= now() FROM cd2sync.schedules") eq 't', 'a resync is due');
+# a configured table with no snapshot recorded is due too (the worker takes one)
+$node->safe_psql('postgres', "INSERT INTO cd2sync.table_state (instance, table_name) VALUES ('north', 'courses')");
+$node->safe_psql('postgres', "UPDATE cd2sync.table_state SET snapshot_at = now() WHERE table_name = 'users'");
+is($node->safe_psql('postgres', "SELECT next_full_resync_at <= now() FROM cd2sync.schedules"), 'f',
+	'a table the instance does not sync does not count');
+$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', tables => ARRAY['users', 'courses'])");
+is($node->safe_psql('postgres', "SELECT next_full_resync_at <= now() FROM cd2sync.schedules"), 't',
+	'a configured table with no snapshot yet is due now');
+$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', tables => ARRAY['users']); "
+	  . "DELETE FROM cd2sync.table_state WHERE table_name = 'courses'; "
+	  . "UPDATE cd2sync.table_state SET snapshot_at = now() - interval '8 days'");
 $emu->epoch({ client_id => $north, table => 'users', delete => [ { key => $rows->[11]{key} } ] });
 $r = Cd2Test::sync($node, 'north');
 is($r->{users}{mode}, 'snapshot', 'a snapshot older than full_resync_every: the next sync takes a snapshot');
