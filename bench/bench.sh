@@ -16,6 +16,8 @@
 # Other knobs: BENCH_DATA (generated data, reused; default /tmp/cd2sync-bench-data),
 # BENCH_MERGES (100000), BENCH_P_CAP (200000), BENCH_VIEW_TIMEOUT (seconds, 120),
 # BENCH_PROFILE=1 (pg_stat_statements: prints the statements that dominate each sync),
+# BENCH_PERF=1 (as root, with perf installed: perf record -a over syncs 1, 2 and 4, summarised
+# by thread, library and function into bench/profile-latest.txt),
 # BENCH_KEEP=1 (leaves the cluster and the emulator running, for a look).
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,6 +31,8 @@ BENCH_DATA=${BENCH_DATA:-/tmp/cd2sync-bench-data}
 BENCH_P_CAP=${BENCH_P_CAP:-200000}
 BENCH_VIEW_TIMEOUT=${BENCH_VIEW_TIMEOUT:-120}
 BENCH_PROFILE=${BENCH_PROFILE:-0}
+BENCH_PERF=${BENCH_PERF:-0}
+PROFILE_OUT=$BENCH_DIR/profile-latest.txt
 RESULTS=$BENCH_DIR/results-latest.txt
 PORT=5497
 T_START=$(date +%s)
@@ -82,7 +86,8 @@ l2_apply() {   # TABLE UPSERTS_FILE DELETES_FILE
                   FROM pg_attribute WHERE attrelid = '$1'::regclass AND attnum > 0 AND NOT attisdropped
                    AND attname <> 'id'")
     L2_T0=$(now)
-    sql <<SQL
+    sql >"$work/l2.out" <<SQL
+\\timing on
 BEGIN;
 CREATE TEMP TABLE l2_up (LIKE $1) ON COMMIT DROP;
 CREATE TEMP TABLE l2_del (id bigint) ON COMMIT DROP;
@@ -93,6 +98,10 @@ DELETE FROM $1 t USING l2_del d WHERE t.id = d.id;
 COMMIT;
 SQL
     L2_T1=$(now)
+    # where L2's time went: psql's timings of BEGIN, 2 CREATE, 2 COPY, INSERT, DELETE, COMMIT
+    L2_SPLIT=$(awk '/^Time:/ {t[++n] = $2 / 1000}
+                    END {printf "COPY %.2fs, upsert %.2fs, delete %.2fs, commit %.2fs", t[4] + t[5], t[6], t[7], t[8]}' \
+               "$work/l2.out")
 }
 pclient() { $PY_DEB "$BENCH_DIR/pclient.py" --host "$work" --port $PORT "$@"; }
 # samples the sync worker's memory every 100 ms while process $1 (the psql running the sync)
@@ -133,6 +142,7 @@ pids=()
 problems=()
 cleanup() {
     set +e
+    [ -z "${PERF_PID:-}" ] || kill -INT "$PERF_PID"
     if [ "${BENCH_KEEP:-0}" = 1 ]; then   # debugging: leave the cluster and emulator running
         echo "kept: psql -h $work -p $PORT -U postgres (stop: pg_ctl -D $work/data stop; kill ${pids[*]})"
         return
@@ -203,16 +213,52 @@ profile() {   # the statements that took the most time since profile_reset
              ORDER BY total_exec_time DESC LIMIT 8" | sed 's/^/   /'
 }
 
+# perf over one sync: every CPU (the backend, its gunzip thread, the emulator), no call graphs
+if [ "$BENCH_PERF" = 1 ]; then
+    if [ "$(id -u)" != 0 ] || ! command -v perf >/dev/null; then
+        echo "   (BENCH_PERF=1 needs root and perf: apt-get install linux-perf; no profile taken)"
+        BENCH_PERF=0
+    else
+        { echo "cd2sync perf profile, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$CD2_ROOT" rev-parse --short HEAD 2>/dev/null)"
+          echo "perf record -a -F 999 over each cd2_sync_now, both cores (BENCH_PERF=1 bash bench/bench.sh)"; } >"$PROFILE_OUT"
+    fi
+fi
+perf_start() {   # recording starts disabled and is switched on just before the sync
+    [ "$BENCH_PERF" = 1 ] || return 0
+    rm -f "$work/perf.ctl" "$work/perf.ack"; mkfifo "$work/perf.ctl" "$work/perf.ack"
+    perf record -a -F 999 -D -1 --control "fifo:$work/perf.ctl,$work/perf.ack" -o "$work/perf.data" \
+        >/dev/null 2>&1 &
+    PERF_PID=$!
+    exec 8>"$work/perf.ctl" 9<"$work/perf.ack"
+    echo enable >&8; read -r -u 9 _
+}
+perf_stop() {   # $1: what was profiled
+    [ "$BENCH_PERF" = 1 ] || return 0
+    echo disable >&8; read -r -u 9 _
+    exec 8>&- 9<&-
+    kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true   # perf exits non-zero on SIGINT
+    PERF_PID=
+    { echo; echo "== $1: CPU by thread and library (samples at 999 Hz a core: ~ms of CPU; swapper = idle)"
+      perf report -i "$work/perf.data" -n --no-children --sort comm,dso --stdio -q --percent-limit 1 2>/dev/null \
+        | sed '/^$/d'
+      echo "== $1: top functions of the sync's threads and the emulator"
+      perf report -i "$work/perf.data" -n --no-children --comms "postgres,cd2sync gunzip,python3" \
+          --sort comm,dso,sym --stdio -q --percent-limit 0.8 2>/dev/null | sed '/^$/d' | head -30; } >>"$PROFILE_OUT"
+    rm -f "$work/perf.data" "$work/perf.ctl" "$work/perf.ack"
+}
+
 # ---- 1. snapshot: cd2_sync_now vs L (COPY into an identical empty table) ----------------------
 # (5. the sync worker's memory is sampled while this snapshot runs)
 echo "== 1. snapshot of $BENCH_ROWS rows"
-checkpoint; profile_reset
+checkpoint; profile_reset; perf_start
 w0=$(lsn); t0=$(now)
 sync_now >"$work/sync1.out" &
 spid=$!
 read -r RSS_ANON RSS_HWM RSS_MAX RSS_N < <(sample_rss $spid)
 wait $spid
 t1=$(now); w1=$(lsn)
+perf_stop "1 snapshot"
+
 T_SNAP=$(calc "$t1 - $t0"); WAL_SNAP=$(wal_mb "$w0" "$w1"); J_SNAP=$(job_s)
 echo "   cd2sync: $(cat "$work/sync1.out") | $(sync_split) | wall ${T_SNAP}s, WAL ${WAL_SNAP} MB"
 read -r mode _ <"$work/sync1.out"
@@ -237,10 +283,11 @@ echo "== 2. incremental of $BENCH_CHANGES records ($INC_SUMMARY)"
 sql -c "CREATE TABLE baseline.l2 (LIKE bench.submissions INCLUDING ALL)" \
     -c "INSERT INTO baseline.l2 SELECT * FROM bench.submissions" \
     -c "VACUUM ANALYZE bench.submissions" -c "VACUUM ANALYZE baseline.base" -c "VACUUM ANALYZE baseline.l2"
-checkpoint; profile_reset
+checkpoint; profile_reset; perf_start
 t0=$(now)
 sync_now >"$work/sync2.out"
 t1=$(now)
+perf_stop "2 incremental"
 T_INC=$(calc "$t1 - $t0"); J_INC=$(job_s)
 echo "   cd2sync: $(cat "$work/sync2.out") | $(sync_split) | wall ${T_INC}s"
 read -r mode _ <"$work/sync2.out"
@@ -249,7 +296,7 @@ profile "the incremental"
 checkpoint
 l2_apply baseline.l2 "$data/inc1-upserts.copy" "$data/inc1-deletes.copy"
 T_L2=$(calc "$L2_T1 - $L2_T0")
-echo "   L2 (COPY to temp + INSERT ON CONFLICT + DELETE USING): ${T_L2}s"
+echo "   L2 (COPY to temp + INSERT ON CONFLICT + DELETE USING): ${T_L2}s ($L2_SPLIT)"
 check_same bench.submissions baseline.l2 "the incremental"
 
 # ---- 3. per-row client P (psycopg2, one prepared statement per record) ------------------------
@@ -270,10 +317,11 @@ check_same bench.submissions baseline.base "P's incremental"
 
 # ---- 4. no-op incremental: rows rewritten and WAL, cd2sync vs L2 -----------------------------
 echo "== 4. no-op incremental: $NOOP_N records equal to the stored rows"
-checkpoint
+checkpoint; perf_start
 s0=$(tup_stats bench.submissions); profile_reset; w0=$(lsn); t0=$(now)
 sync_now >"$work/sync3.out"
 t1=$(now); w1=$(lsn); s1=$(tup_stats bench.submissions)
+perf_stop "4 no-op incremental"
 T_NOOP=$(calc "$t1 - $t0"); WAL_NOOP=$(wal_mb "$w0" "$w1"); J_NOOP=$(job_s)
 read -r i0 u0 h0 d0 <<<"$s0"; read -r i1 u1 h1 d1 <<<"$s1"
 NOOP_UPD=$((u1 - u0)); NOOP_HOT=$((h1 - h0)); NOOP_INS=$((i1 - i0)); NOOP_DEL=$((d1 - d0))
@@ -288,7 +336,7 @@ w1=$(lsn); s1=$(tup_stats baseline.l2)
 T_L2_NOOP=$(calc "$L2_T1 - $L2_T0"); WAL_L2_NOOP=$(wal_mb "$w0" "$w1")
 read -r i0 u0 h0 d0 <<<"$s0"; read -r i1 u1 h1 d1 <<<"$s1"
 L2_UPD=$((u1 - u0)); L2_HOT=$((h1 - h0)); L2_INS=$((i1 - i0)); L2_DEL=$((d1 - d0))
-echo "   L2: ${T_L2_NOOP}s, updated $L2_UPD (HOT $L2_HOT), inserted $L2_INS, deleted $L2_DEL, WAL ${WAL_L2_NOOP} MB"
+echo "   L2: ${T_L2_NOOP}s ($L2_SPLIT), updated $L2_UPD (HOT $L2_HOT), inserted $L2_INS, deleted $L2_DEL, WAL ${WAL_L2_NOOP} MB"
 check_same bench.submissions baseline.l2 "the no-op incremental"
 
 # ---- 5. memory of the sync worker during the snapshot (sampled in step 1) -------------------
@@ -456,3 +504,4 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
 } | tee "$RESULTS.tmp"
 mv "$RESULTS.tmp" "$RESULTS"
 echo "(written to $RESULTS)"
+[ "$BENCH_PERF" != 1 ] || echo "(perf profile written to $PROFILE_OUT)"
