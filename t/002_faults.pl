@@ -73,6 +73,7 @@ my @cases = (
 	[ 'truncated gzip, gunzip_thread off', [ { endpoint => 'download', kind => 'truncated_gzip', table => 'users', times => -1 } ], 'fails', qr/gzip stream .* is truncated/, undef, 'SET cd2sync.gunzip_thread = off;' ],
 	[ 'body cut short, gunzip_thread off', [ { endpoint => 'download', kind => 'reset_mid_body', table => 'users', times => 2 } ], 'recovers', undef, undef, 'SET cd2sync.gunzip_thread = off;' ],
 	[ 'malformed record', [ { endpoint => 'create_job', kind => 'malformed_record', table => 'users' } ], 'fails', qr/COPY|JSON|invalid|missing data|extra data/i ],
+	[ 'record with a field too many', [ { endpoint => 'create_job', kind => 'malformed_record', shape => 'extra_field', table => 'users' } ], 'fails', qr/extra data after last expected column/ ],
 	[ 'value that does not fit its column', [ { endpoint => 'create_job', kind => 'bad_value', table => 'users', column => 'merged_into_user_id' } ], 'fails', qr/invalid input syntax for type bigint/ ],
 	[ 'job ends failed', [ { endpoint => 'create_job', kind => 'job_failed', table => 'users', message => 'upstream exploded' } ], 'fails', qr/upstream exploded/ ],
 	[ '400 ValidationError', [ { endpoint => 'create_job', kind => 'status', status => 400, error_type => 'ValidationError', message => 'bad query here', table => 'users', times => 2 } ], 'fails', qr/bad query here/ ],
@@ -95,6 +96,8 @@ for my $case (@cases)
 	my $took = time - $t0;
 	my $fired = $emu->get('/_emu/faults')->{fired} - $fired_before;
 	$emu->clear_faults;
+	my @downloads = grep { $_->{endpoint} eq 'download' && ($_->{table} // '') eq 'users' } @{ $emu->get('/_emu/requests') };
+	my %objects = map { ($_->{path} =~ s/\?.*//r) => 1 } @downloads;
 	my $clock = Cd2Test::iso($emu->clock);
 
 	# courses never fails for a fault aimed at users
@@ -129,6 +132,19 @@ for my $case (@cases)
 		push @matrix, sprintf("%-36s %-9s %s", $name, 'failed', substr($err, 0, 110) . '; next run converged');
 	}
 	ok($fired > 0, "$name: the fault was injected");
+
+	# a record with a field too many suits no staging table: it fails at the
+	# first download of its object. A value that does not parse as its
+	# column's type (the malformed record's first field is "malformed") is
+	# loaded again as text, where the real fault shows.
+	if ($name eq 'record with a field too many')
+	{
+		is(scalar @downloads, scalar keys %objects, "$name: no object downloaded twice");
+	}
+	elsif ($name eq 'malformed record' || $name eq 'value that does not fit its column')
+	{
+		ok(@downloads > keys %objects, "$name: loaded again through the text staging table");
+	}
 
 	if ($name =~ /Retry-After: 1/)
 	{

@@ -92,6 +92,7 @@ $emu->epoch({ client_id => $cid, table => 'things', schema => schema(3, %v3),
 # the snapshot's download hangs 3 s: readers are not locked out meanwhile
 # (the types change only once everything is downloaded)
 $emu->faults({ endpoint => 'download', kind => 'hang', seconds => 3, times => 1 });
+my $rows_before = $node->safe_psql('postgres', "SELECT count(*) FROM evo.things");
 my $run = $node->safe_psql('postgres', "SELECT cd2_sync_start('evo')");
 my ($reads, $blocked) = (0, 0);
 my $t0 = time;
@@ -108,6 +109,8 @@ $r = { things => { map { my @f = split /\|/; (mode => $f[0], error => $f[1] // '
 	$node->safe_psql('postgres', "SELECT mode, coalesce(error, '') FROM cd2sync.sync_log WHERE run_id = $run") } };
 is($r->{things}{error}, '', 'version 3 synced without error');
 is($r->{things}{mode}, 'snapshot', 'a type that cannot change in place: a fresh snapshot');
+is($node->safe_psql('postgres', "SELECT rows_deleted FROM cd2sync.sync_log WHERE run_id = $run"),
+	$rows_before, "the log counts the $rows_before rows the type change emptied");
 is($node->safe_psql('postgres', "SELECT has_column_privilege('analyst', 'public.scores', 'score', 'SELECT')::text || has_column_privilege('analyst', 'public.scores', 'rank', 'SELECT')::text"),
 	'truefalse', 'column privileges on a view created again survive');
 is($node->safe_psql('postgres', "SELECT string_agg(format('%s %s', attname, format_type(atttypid, atttypmod)), ', ' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'evo.things'::regclass AND attnum > 4 AND NOT attisdropped"),

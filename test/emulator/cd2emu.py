@@ -662,7 +662,7 @@ class FileEncoder:
         self.rng = rng
 
     def build(self, fmt: str, table: Table, records: list, incremental: bool,
-              malformed: bool = False) -> list:
+              malformed: str = None) -> list:
         parts = max(1, int(self.cfg["parts"]))
         n_data = min(parts, len(records))
         chunks = []
@@ -677,7 +677,7 @@ class FileEncoder:
             if target is None:
                 target = self.encode(fmt, table, [], incremental)
                 data_files.append(target)
-            target[0].append(self.bad_line(fmt, target[1]))
+            target[0].append(self.bad_line(fmt, target[1], malformed, target[0]))
         # interleave: data0, empty0, data1, empty1, ... (empty files are not all at the end)
         ordered = []
         for i in range(max(len(data_files), len(empty_files))):
@@ -738,11 +738,14 @@ class FileEncoder:
         return dict(items)
 
     @staticmethod
-    def bad_line(fmt: str, ncols: int) -> bytes:
+    def bad_line(fmt: str, ncols: int, shape: str = "missing_field", lines: list = ()) -> bytes:
         if fmt == "jsonl":
             return b'{"key": {"id": \n'
-        # a record with the wrong number of fields (one fewer than the header)
         sep = "," if fmt == "csv" else "\t"
+        if shape == "extra_field" and len(lines) > 1:
+            # the file's last record again, every value valid, with one field too many
+            return lines[-1].rstrip(b"\r\n") + sep.encode() + b"extra\n"
+        # a record with the wrong number of fields (one fewer than the header)
         return (sep.join(["malformed"] * max(1, ncols - 1)) + "\n").encode()
 
     def gzip_lines(self, lines: list) -> bytes:
@@ -925,7 +928,7 @@ SPECIFIC_KINDS = {  # kind -> the only endpoint where it can fire
     "expire_job": "object_urls",
 }
 RULE_KEYS = {"endpoint", "table", "client_id", "times", "kind", "status", "error_type", "message",
-             "retry_after", "seconds", "column", "since", "note"}
+             "retry_after", "seconds", "column", "since", "shape", "note"}
 DEFAULT_ERROR_TYPES = {400: "ValidationError", 401: "AuthenticationError", 403: "AccountNotOnboarded",
                        404: "NotFound", 409: "Conflict", 429: "TooManyRequests",
                        500: "InternalServerError", 502: "BadGateway", 503: "ServiceUnavailable",
@@ -967,6 +970,11 @@ class FaultRules:
                 raise BadRequest("fault rule: seconds must be a non-negative number")
         if kind in ("malformed_record", "bad_value") and not r.get("table"):
             raise BadRequest(f"fault rule: kind {kind} needs a table")
+        if kind == "malformed_record":
+            if r.setdefault("shape", "missing_field") not in ("missing_field", "extra_field"):
+                raise BadRequest("fault rule: shape must be missing_field or extra_field")
+        elif "shape" in r:
+            raise BadRequest("fault rule: shape only applies to malformed_record")
         if kind == "bad_value" and not isinstance(r.get("column"), str):
             raise BadRequest("fault rule: kind bad_value needs a column")
         if "retry_after" in r and r["retry_after"] is not None:
@@ -1169,7 +1177,7 @@ class Emulator:
                             records[i] = dict(r, value=dict(r["value"], **{col: bad}))
                             break
                 files = FileEncoder(cfg, rng).build(fmt, table, records, incremental,
-                                                    malformed=malformed is not None)
+                                                    malformed=malformed["shape"] if malformed else None)
             job = Job(client_id, table.name, fmt, now, float(cfg["job_latency"]),
                       float(cfg["job_lifetime"]), table.version, result, files, error)
             return job

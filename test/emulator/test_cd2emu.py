@@ -809,6 +809,19 @@ class EmuTestCase(unittest.TestCase):
                 _job2, files2 = self.run_query("accounts", {"format": fmt})
                 self.records(fmt, files2)
 
+    def test_fault_malformed_record_extra_field(self):
+        for fmt in ("csv", "tsv"):
+            with self.subTest(fmt=fmt):
+                self.faults({"endpoint": "create_job", "kind": "malformed_record", "shape": "extra_field",
+                             "table": "accounts"})
+                _job, files = self.run_query("accounts", {"format": fmt})
+                lines = files[0].splitlines()
+                sep = b"," if fmt == "csv" else b"\t"
+                self.assertEqual(lines[-1], lines[-2] + sep + b"extra")
+        self.assertEqual(self.req("POST", "/_emu/faults", {"faults": [{"endpoint": "create_job", "kind": "bad_value",
+                                                                "table": "accounts", "column": "x",
+                                                                "shape": "extra_field"}]}).status, 400)
+
     def test_fault_bad_value(self):
         self.faults({"endpoint": "create_job", "kind": "bad_value", "table": "submissions", "column": "score"})
         for fmt in ("csv", "jsonl"):

@@ -114,3 +114,26 @@ DROP MATERIALIZED VIEW s1.retype_mv;
 -- without dependents: the values go (using_null) and the type changes
 SELECT cd2sync._alter_column_type('s1.retype', 'n', 'text', true);
 SELECT id, n FROM s1.retype;
+
+-- a pending type change that fails for any other reason (here a user's
+-- foreign key to the table) is not swallowed: the error fails the sync,
+-- nothing changes, and the change stays pending for the next snapshot
+INSERT INTO cd2sync.instances (name, client_id, target_schema) VALUES ('ddl', 'us-east-1#ddl', 's1');
+CREATE TABLE s1.pend (id bigint PRIMARY KEY, n double precision);
+INSERT INTO s1.pend VALUES (1, 1.5), (2, 2.5);
+CREATE TABLE public.pend_ref (id bigint REFERENCES s1.pend);
+INSERT INTO public.pend_ref VALUES (1);
+INSERT INTO cd2sync.table_state (instance, table_name, pending_types) VALUES ('ddl', 'pend', '{"n": "text"}');
+SELECT cd2sync._apply_pending_types('ddl', 'pend', 's1.pend');
+SELECT s.pending_types, format_type(a.atttypid, a.atttypmod) AS n_type, (SELECT count(*) FROM s1.pend) AS n_rows
+  FROM cd2sync.table_state s, pg_attribute a
+ WHERE s.table_name = 'pend' AND a.attrelid = 's1.pend'::regclass AND a.attname = 'n';
+-- once the reference is gone: the rows are deleted (and counted), the type changes
+DROP TABLE public.pend_ref;
+SELECT cd2sync._apply_pending_types('ddl', 'pend', 's1.pend') AS rows_deleted;
+SELECT s.pending_types, format_type(a.atttypid, a.atttypmod) AS n_type, (SELECT count(*) FROM s1.pend) AS n_rows
+  FROM cd2sync.table_state s, pg_attribute a
+ WHERE s.table_name = 'pend' AND a.attrelid = 's1.pend'::regclass AND a.attname = 'n';
+-- nothing pending: nothing to do
+SELECT cd2sync._apply_pending_types('ddl', 'pend', 's1.pend') IS NULL AS nothing_pending;
+DELETE FROM cd2sync.instances WHERE name = 'ddl';
