@@ -143,16 +143,32 @@ BEGIN
         RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
     END IF;
 
+    SELECT string_agg(format('t.%I = %s', k, cd2sync._cast_expr(k, atttypid, atttypmod, typed)), ' AND '),
+           string_agg(format('%I', k), ', '),
+           string_agg(cd2sync._cast_expr(k, atttypid, atttypmod, typed), ', ')
+      INTO keyjoin, keyorder, keyexprs
+      FROM unnest(keys) k JOIN pg_attribute ON attrelid = target AND attname = k;
+    SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_typed FROM unnest(keys) k;
+
     -- values kept because of placeholders (a table just created keeps none);
     -- only a text staging column can hold one
     SELECT string_agg(format('s.%I', attname), ', ') INTO phcols
       FROM pg_attribute
      WHERE attrelid = target AND attnum > 0 AND NOT attisdropped
        AND cd2sync._stage_type(atttypid, atttypmod, typed) = 'text';
-    IF mode = 'snapshot_new' OR phcols IS NULL THEN
+    IF mode = 'snapshot_new' THEN
         oversized := 0;
     ELSE
-        EXECUTE format('SELECT count(*) FROM cd2_stage s WHERE %L IN (%s)', ph, phcols) INTO oversized;
+        -- one pass over the records: placeholders, actions, and whether a
+        -- key comes twice (then the counts are taken again, of the latest)
+        EXECUTE format('SELECT %s, count(*) FILTER (WHERE s.cd2_action = ''D''),
+                               count(*) FILTER (WHERE s.cd2_action IS DISTINCT FROM ''D''),
+                               count(*) > count(DISTINCT %s)
+                          FROM cd2_stage s',
+                       CASE WHEN phcols IS NULL THEN '0'
+                            ELSE format('count(*) FILTER (WHERE %L IN (%s))', ph, phcols) END,
+                       CASE WHEN cardinality(keys) = 1 THEN keyexprs ELSE format('ROW(%s)', keyexprs) END)
+           INTO oversized, deleted, upserted, has_dups;
     END IF;
     has_ph := oversized > 0;
 
@@ -188,13 +204,6 @@ BEGIN
         END IF;
     END LOOP;
 
-    SELECT string_agg(format('t.%I = %s', k, cd2sync._cast_expr(k, atttypid, atttypmod, typed)), ' AND '),
-           string_agg(format('%I', k), ', '),
-           string_agg(cd2sync._cast_expr(k, atttypid, atttypmod, typed), ', ')
-      INTO keyjoin, keyorder, keyexprs
-      FROM unnest(keys) k JOIN pg_attribute ON attrelid = target AND attname = k;
-    SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_typed FROM unnest(keys) k;
-
     IF mode = 'snapshot_new' THEN
         -- keys are unique within one result: no sort needed
         EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_stage s
@@ -209,8 +218,6 @@ BEGIN
     -- one typed row per key, the latest change winning. A typed result with
     -- no key twice and no placeholder to keep (the usual case) is read
     -- through a view on the staging table: no sort, no copy
-    EXECUTE format('SELECT EXISTS (SELECT FROM cd2_stage s GROUP BY %s HAVING count(*) > 1)', keyexprs)
-       INTO has_dups;
     EXECUTE format('CREATE TEMP %s cd2_typed %s AS
                     SELECT %s s.cd2_action AS cd2_action, %s FROM cd2_stage s %s %s',
                    CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN 'VIEW' ELSE 'TABLE' END,
@@ -223,8 +230,10 @@ BEGIN
     -- evidence of user merges that CD2 does not keep (logins, enrolments moving)
     PERFORM cd2sync._record_user_moves(target);
 
-    SELECT count(*) FILTER (WHERE cd2_action = 'D'), count(*) FILTER (WHERE cd2_action IS DISTINCT FROM 'D')
-      INTO deleted, upserted FROM cd2_typed;
+    IF has_dups THEN
+        SELECT count(*) FILTER (WHERE cd2_action = 'D'), count(*) FILTER (WHERE cd2_action IS DISTINCT FROM 'D')
+          INTO deleted, upserted FROM cd2_typed;
+    END IF;
 
     -- an incremental touches few of a large table's rows: look each up by its
     -- key rather than scan the table for a merge or hash join (the planner,
@@ -236,8 +245,10 @@ BEGIN
         PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true);
     END IF;
 
-    EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
-                   target, keyjoin_typed);
+    IF deleted > 0 THEN
+        EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
+                       target, keyjoin_typed);
+    END IF;
     IF mode = 'snapshot' THEN
         -- rows the new snapshot does not have are gone upstream
         EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
