@@ -142,7 +142,7 @@ pids=()
 problems=()
 cleanup() {
     set +e
-    [ -z "${PERF_PID:-}" ] || kill -INT "$PERF_PID"
+    [ -z "${PERF_PID:-}" ] || kill -INT "$PERF_PID" 2>/dev/null
     if [ "${BENCH_KEEP:-0}" = 1 ]; then   # debugging: leave the cluster and emulator running
         echo "kept: psql -h $work -p $PORT -U postgres (stop: pg_ctl -D $work/data stop; kill ${pids[*]})"
         return
@@ -229,14 +229,20 @@ perf_start() {   # recording starts disabled and is switched on just before the 
     perf record -a -F 999 -D -1 --control "fifo:$work/perf.ctl,$work/perf.ack" -o "$work/perf.data" \
         >/dev/null 2>&1 &
     PERF_PID=$!
-    exec 8>"$work/perf.ctl" 9<"$work/perf.ack"
-    echo enable >&8; read -r -u 9 _
+    # opened read-write, so that neither open waits for perf; perf answers "ack" to each command
+    exec 8<>"$work/perf.ctl" 9<>"$work/perf.ack"
+    echo enable >&8
+    if ! read -r -t 30 -u 9 _; then
+        echo "   (perf did not start recording; no profile taken)"
+        exec 8>&- 9<&-; kill "$PERF_PID" 2>/dev/null || true; wait "$PERF_PID" 2>/dev/null || true
+        PERF_PID=; BENCH_PERF=0
+    fi
 }
 perf_stop() {   # $1: what was profiled
     [ "$BENCH_PERF" = 1 ] || return 0
-    echo disable >&8; read -r -u 9 _
+    echo disable >&8; read -r -t 30 -u 9 _ || true
     exec 8>&- 9<&-
-    kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true   # perf exits non-zero on SIGINT
+    kill -INT "$PERF_PID" 2>/dev/null || true; wait "$PERF_PID" 2>/dev/null || true   # perf exits non-zero on SIGINT
     PERF_PID=
     { echo; echo "== $1: CPU by thread and library (samples at 999 Hz a core: ~ms of CPU; swapper = idle)"
       perf report -i "$work/perf.data" -n --no-children --sort comm,dso --stdio -q --percent-limit 1 2>/dev/null \
