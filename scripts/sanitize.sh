@@ -138,7 +138,7 @@ rm -rf "$pre" "$pre.log"
 out=$work/tests.log
 echo "== pg_regress (log: $out)"
 (cd "$work/src" && as_user nice -n 10 make -s installcheck PG_CONFIG="$pgc" TAP_TESTS=) 2>&1 | tee "$out" || status=1
-if [ -f "$work/src/test/regression.diffs" ]; then cat "$work/src/test/regression.diffs"; fi
+if [ -f "$work/src/regression.diffs" ]; then cat "$work/src/regression.diffs"; fi
 echo "== TAP tests"
 (cd "$work/src" && as_user nice -n 10 make -s installcheck PG_CONFIG="$pgc" REGRESS= PROVE_FLAGS="--timer") 2>&1 | tee -a "$out" || status=1
 

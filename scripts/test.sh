@@ -20,7 +20,7 @@ echo "== emulator self-test"
 echo "== pg_regress and TAP tests"
 if ! (cd "$work/src" && as_user make -s installcheck PROVE_FLAGS="--timer"); then
     status=1
-    for f in "$work"/src/test/regression.diffs; do [ -f "$f" ] && cat "$f"; done
+    for f in "$work"/src/regression.diffs; do [ -f "$f" ] && cat "$f"; done
     for f in "$work"/src/tmp_check/log/*; do
         [ -f "$f" ] && { echo "---- $f"; tail -n 60 "$f"; }
     done

@@ -1,319 +1,168 @@
--- apply.sql: from the staging table to the target table, set-based.
---
--- The decoder (src/decode.c) COPYs each result file into pg_temp.cd2_stage,
--- one text column per target column plus cd2_action and cd2_ts. These
--- functions cast, de-duplicate and apply the whole result with a handful of
--- statements, in the caller's transaction: the rows and the watermark
--- commit together.
+-- Applying a staged result: snapshot into a new table, incrementals with
+-- upserts and deletes, placeholders, unchanged rows, snapshots that replace.
+\set VERBOSITY sqlstate
+SELECT cd2sync._ensure_table('s2', 'items', $${"version": 1, "schema": {"properties": {
+  "key": {"properties": {"id": {"type": "integer"}}},
+  "value": {"properties": {
+    "name": {"type": "string"},
+    "state": {"type": "string", "enum": ["active", "deleted"]},
+    "at": {"type": "string", "format": "date-time"},
+    "data": {"type": "object"},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "score": {"type": "number"},
+    "code": {"type": "string", "maxLength": 5}}}}}}$$::json);
 
--- The type a target column has in the staging table. Untyped: text, cast
--- by _apply. Typed: the column's own type (COPY parses the values, and a
--- value that does not parse fails the load: the caller then loads through an
--- untyped table), except strings (text: an oversized placeholder must reach
--- _apply, which keeps the stored value, and a varchar(n) is enforced by
--- assignment there), JSON arrays (text, converted by _apply) and timestamps
--- (timestamptz: CD2 writes them with an offset).
-CREATE FUNCTION cd2sync._stage_type(typid oid, typmod int, typed boolean)
-RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE WHEN NOT typed OR t.typcategory IN ('A', 'S') THEN 'text'
-                WHEN typid = 'timestamp'::regtype THEN 'timestamp with time zone'
-                ELSE format_type(typid, typmod) END
-      FROM pg_type t WHERE t.oid = typid
-$$;
+BEGIN;
+SELECT cd2sync._create_staging('s2.items');
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  (NULL, '2026-11-01T00:00:00Z', '1', 'one', 'active', '2026-10-01T12:00:00Z', '{"a": 1}', '["x","y"]', '1.5', 'A1'),
+  (NULL, '2026-11-01T00:00:00Z', '2', E'two\nlines\ttab \\ back', 'active', '2026-10-01T12:00:00+02:00', NULL, '{p,q}', NULL, NULL),
+  (NULL, '2026-11-01T00:00:00Z', '3', '__cd2_oversized_truncated__', 'deleted', NULL, '__cd2_oversized_truncated__', '[]', '-0', NULL);
+SELECT * FROM cd2sync._apply('s2.items', 'snapshot_new');
+COMMIT;
+SELECT * FROM s2.items ORDER BY id;
 
--- The staging table of a target table: cd2_action, cd2_ts and the target's
--- columns, typed or all text (see _stage_type).
-CREATE FUNCTION cd2sync._create_staging(target regclass, typed boolean DEFAULT false)
-RETURNS void LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
-BEGIN
-    IF to_regclass('pg_temp.cd2_stage') IS NOT NULL THEN
-        DROP TABLE pg_temp.cd2_stage, pg_temp.cd2_stage_json;
-    END IF;
-    EXECUTE format('CREATE TEMP TABLE cd2_stage (cd2_action text, cd2_ts text%s) ON COMMIT DROP',
-        (SELECT string_agg(format(', %I %s', attname, cd2sync._stage_type(atttypid, atttypmod, typed)),
-                           '' ORDER BY attnum)
-           FROM pg_attribute WHERE attrelid = target AND attnum > 0 AND NOT attisdropped));
-    CREATE TEMP TABLE cd2_stage_json (line text) ON COMMIT DROP;
-END $$;
+-- an incremental: update, insert, delete, a placeholder that keeps the stored value
+BEGIN;
+SELECT cd2sync._create_staging('s2.items');
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  ('U', '2026-11-01T04:00:00Z', '1', '__cd2_oversized_truncated__', 'active', '2026-10-01T12:00:00Z', '__cd2_oversized_truncated__', '["x","y"]', '2.5', 'A1'),
+  ('U', '2026-11-01T04:00:00Z', '4', 'four', 'active', NULL, '{"b": [1, 2]}', NULL, NULL, NULL),
+  ('D', '2026-11-01T04:00:00Z', '2', NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+  ('D', '2026-11-01T04:00:00Z', '99', NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+SELECT * FROM cd2sync._apply('s2.items', 'incremental');
+COMMIT;
+SELECT * FROM s2.items ORDER BY id;
 
--- Moves JSON lines from cd2_stage_json into cd2_stage: "key" and "value"
--- members by name (a member absent from "value" is NULL), "meta" too.
-CREATE FUNCTION cd2sync._expand_jsonl(target regclass)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    keys text[] := cd2sync._key_columns(target);
-    cols text;
-    exprs text;
-    n bigint;
-BEGIN
-    -- (cast to the staging column's type: a no-op when it is text)
-    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum),
-           string_agg(format('(j->%L->>%L)::%s', CASE WHEN a.attname = ANY (keys) THEN 'key' ELSE 'value' END,
-                             a.attname, format_type(st.atttypid, st.atttypmod)), ', ' ORDER BY a.attnum)
-      INTO cols, exprs
-      FROM pg_attribute a
-      JOIN pg_attribute st ON st.attrelid = 'pg_temp.cd2_stage'::regclass AND st.attname = a.attname
-     WHERE a.attrelid = target AND a.attnum > 0 AND NOT a.attisdropped;
-    EXECUTE format('INSERT INTO cd2_stage (cd2_action, cd2_ts, %s)
-                    SELECT j->''meta''->>''action'', j->''meta''->>''ts'', %s
-                      FROM (SELECT line::jsonb AS j FROM cd2_stage_json WHERE line ~ ''\S'') l',
-                   cols, exprs);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    TRUNCATE cd2_stage_json;
-    RETURN n;
-END $$;
+-- the same records again (an inclusive bound): harmless, nothing rewritten
+SELECT n_tup_upd AS updates_before FROM pg_stat_xact_user_tables WHERE relid = 's2.items'::regclass \gset
+BEGIN;
+SELECT cd2sync._create_staging('s2.items');
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  ('U', '2026-11-01T04:00:00Z', '4', 'four', 'active', NULL, '{"b": [1, 2]}', NULL, NULL, NULL),
+  ('D', '2026-11-01T04:00:00Z', '2', NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+SELECT * FROM cd2sync._apply('s2.items', 'incremental');
+SELECT n_tup_upd - :updates_before AS rows_rewritten FROM pg_stat_xact_user_tables WHERE relid = 's2.items'::regclass;
+COMMIT;
+SELECT * FROM s2.items ORDER BY id;
 
--- The primary key columns of a table, in key order.
-CREATE FUNCTION cd2sync._key_columns(target regclass)
-RETURNS text[] LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT array_agg(a.attname::text ORDER BY k.i)
-      FROM pg_index x
-      CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY k(attnum, i)
-      JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
-     WHERE x.indrelid = target AND x.indisprimary
-$$;
+-- one key changed twice in one result: the latest change wins
+BEGIN;
+SELECT cd2sync._create_staging('s2.items');
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state) VALUES
+  ('U', '2026-11-01T08:00:00Z', '5', 'later', 'active'),
+  ('U', '2026-11-01T07:00:00Z', '5', 'earlier', 'active'),
+  ('U', '2026-11-01T07:00:00Z', '6', 'gone', 'active'),
+  ('D', '2026-11-01T08:00:00Z', '6', NULL, NULL);
+SELECT * FROM cd2sync._apply('s2.items', 'incremental');
+COMMIT;
+SELECT id, name FROM s2.items WHERE id IN (5, 6) ORDER BY id;
 
--- A JSON array's text as a PostgreSQL array literal; anything else as is.
-CREATE FUNCTION cd2sync._pg_array_text(v text)
-RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN left(ltrim(v), 1) = '['
-                THEN (SELECT coalesce(array_agg(x), '{}')::text
-                        FROM pg_catalog.jsonb_array_elements_text(v::jsonb) x)
-                ELSE v END
-$$;
+-- only the columns a result carries are filled
+BEGIN;
+SELECT cd2sync._create_staging('s2.items');
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name) VALUES ('U', '2026-11-01T09:00:00Z', '5', 'renamed');
+SELECT * FROM cd2sync._apply('s2.items', 'incremental', ARRAY['name']);
+COMMIT;
+SELECT id, name, state FROM s2.items WHERE id = 5;
+SELECT cd2sync._fill_columns(ARRAY['name', 'gone'], ARRAY['id', 'name', 'state']),
+       cd2sync._fill_columns(NULL, ARRAY['id', 'name']),
+       cd2sync._fill_columns(ARRAY['name'], NULL);
 
--- The expression that turns staged s.<col> into the column's type; typed:
--- the staging column has the type _stage_type gave it.
-CREATE FUNCTION cd2sync._cast_expr(col text, typid oid, typmod int, typed boolean DEFAULT false)
-RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE
-        WHEN typid = 'timestamp'::regtype
-            THEN format(CASE WHEN typed THEN '(s.%I AT TIME ZONE ''UTC'')'
-                             ELSE '(s.%I::timestamptz AT TIME ZONE ''UTC'')' END, col)
-        WHEN t.typcategory = 'A'
-            THEN format('cd2sync._pg_array_text(s.%I)::%s', col, format_type(typid, typmod))
-        WHEN typed OR typid IN ('text'::regtype, 'varchar'::regtype)
-            THEN format('s.%I', col)   -- assignment enforces varchar(n)
-        ELSE format('s.%I::%s', col, format_type(typid, typmod)) END
-      FROM pg_type t WHERE t.oid = typid
-$$;
+-- a snapshot that replaces the contents: rows it lacks are deleted
+BEGIN;
+SELECT cd2sync._create_staging('s2.items');
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state) VALUES
+  (NULL, '2026-11-02T00:00:00Z', '1', 'one again', 'active'),
+  (NULL, '2026-11-02T00:00:00Z', '7', 'seven', 'deleted');
+SELECT * FROM cd2sync._apply('s2.items', 'snapshot');
+COMMIT;
+SELECT id, name, state FROM s2.items ORDER BY id;
 
--- Applies the staged result to the target table.
---   mode 'snapshot_new': the table is empty: insert every row;
---   mode 'snapshot': the result replaces the table's contents (upsert every
---        row, delete rows the result lacks), without ever emptying it;
---   mode 'incremental': upsert records with action U, delete those with D.
--- fill: the columns the result carries (NULL: all); others are left alone.
--- typed: the staging table was made with typed => true.
--- A value "__cd2_oversized_truncated__" never replaces a stored value.
--- Rows whose values did not change are not rewritten.
-CREATE FUNCTION cd2sync._apply(target regclass, mode text, fill text[] DEFAULT NULL,
-                               typed boolean DEFAULT false,
-                               OUT upserted bigint, OUT deleted bigint,
-                               OUT unchanged bigint, OUT oversized bigint)
-LANGUAGE plpgsql
--- the de-duplicating sort of a large result stays in memory (bounded)
-SET search_path = pg_catalog, pg_temp SET work_mem = '32MB' AS $$
-DECLARE
-    ph constant text := '__cd2_oversized_truncated__';
-    keys text[] := cd2sync._key_columns(target);
-    a record;
-    cols text[] := '{}';     -- quoted column names to fill
-    exprs text[] := '{}';    -- their values, from staging s (and target t)
-    setcols text[] := '{}';  -- non-key columns
-    cmpcols text[];          -- the same, fixed-width first: comparisons stop sooner
-    phcols text;             -- staging columns that can hold a placeholder
-    keyjoin text;            -- t.k = <k from staging s>
-    keyjoin_typed text;      -- t.k = d.k for target t and cd2_typed d
-    keyorder text;           -- the key columns
-    keyexprs text;           -- the key values from staging s
-    has_ph boolean;
-    has_dups boolean;
-    ph_new text;
-    e text;
-    written bigint;
-    target_rows float8;
-    few boolean;             -- the result is small beside the table
-    joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin')];
-    sample_same bigint;      -- of a sample of the records, how many change nothing
-    sample_size bigint;
-BEGIN
-    IF keys IS NULL THEN
-        RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
-    END IF;
+-- a value that does not fit its column fails the whole apply
+BEGIN;
+SELECT cd2sync._create_staging('s2.items');
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, code) VALUES ('U', '2026-11-03T00:00:00Z', '1', 'too long for five');
+SELECT * FROM cd2sync._apply('s2.items', 'incremental');
+ROLLBACK;
+BEGIN;
+SELECT cd2sync._create_staging('s2.items');
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, score) VALUES ('U', '2026-11-03T00:00:00Z', '1', 'not-a-number');
+SELECT * FROM cd2sync._apply('s2.items', 'incremental');
+ROLLBACK;
+SELECT id, name, state FROM s2.items ORDER BY id;
 
-    SELECT string_agg(format('t.%I = %s', k, cd2sync._cast_expr(k, atttypid, atttypmod, typed)), ' AND '),
-           string_agg(format('%I', k), ', '),
-           string_agg(cd2sync._cast_expr(k, atttypid, atttypmod, typed), ', ')
-      INTO keyjoin, keyorder, keyexprs
-      FROM unnest(keys) k JOIN pg_attribute ON attrelid = target AND attname = k;
-    SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_typed FROM unnest(keys) k;
+-- JSON lines: members by name, absent members NULL
+BEGIN;
+SELECT cd2sync._create_staging('s2.items');
+INSERT INTO cd2_stage_json (line) VALUES
+  ('{"meta": {"action": "U", "ts": "2026-11-04T00:00:00Z"}, "value": {"name": "j\"son\n", "tags": ["a"], "data": {"k": [true]}, "score": 1e3}, "key": {"id": 8}}'),
+  ('{"key": {"id": 1}, "meta": {"action": "D", "ts": "2026-11-04T00:00:00Z"}}'),
+  ('');
+SELECT cd2sync._expand_jsonl('s2.items');
+SELECT * FROM cd2sync._apply('s2.items', 'incremental');
+COMMIT;
+SELECT * FROM s2.items ORDER BY id;
 
-    -- values kept because of placeholders (a table just created keeps none);
-    -- only a text staging column can hold one
-    SELECT string_agg(format('s.%I', attname), ', ') INTO phcols
-      FROM pg_attribute
-     WHERE attrelid = target AND attnum > 0 AND NOT attisdropped
-       AND cd2sync._stage_type(atttypid, atttypmod, typed) = 'text';
-    IF mode = 'snapshot_new' THEN
-        oversized := 0;
-    ELSE
-        -- one pass over the records: placeholders, actions, and whether a
-        -- key comes twice (then the counts are taken again, of the latest)
-        EXECUTE format('SELECT %s, count(*) FILTER (WHERE s.cd2_action = ''D''),
-                               count(*) FILTER (WHERE s.cd2_action IS DISTINCT FROM ''D''),
-                               count(*) > count(DISTINCT %s)
-                          FROM cd2_stage s',
-                       CASE WHEN phcols IS NULL THEN '0'
-                            ELSE format('count(*) FILTER (WHERE %L IN (%s))', ph, phcols) END,
-                       CASE WHEN cardinality(keys) = 1 THEN keyexprs ELSE format('ROW(%s)', keyexprs) END)
-           INTO oversized, deleted, upserted, has_dups;
-    END IF;
-    has_ph := oversized > 0;
-
-    FOR a IN SELECT attname::text AS name, atttypid, atttypmod,
-                    (SELECT typcategory FROM pg_type WHERE oid = atttypid) AS cat,
-                    cd2sync._stage_type(atttypid, atttypmod, typed) = 'text' AS staged_text
-               FROM pg_attribute
-              WHERE attrelid = target AND attnum > 0 AND NOT attisdropped
-                AND (fill IS NULL OR attname = ANY (fill) OR attname = ANY (keys))
-              ORDER BY attnum LOOP
-        cols := cols || format('%I', a.name);
-        e := cd2sync._cast_expr(a.name, a.atttypid, a.atttypmod, typed);
-        IF a.name = ANY (keys) THEN
-            exprs := exprs || e;
-        ELSIF NOT a.staged_text THEN
-            setcols := setcols || format('%I', a.name);
-            exprs := exprs || e;
-        ELSE
-            setcols := setcols || format('%I', a.name);
-            -- what a placeholder becomes in a new row: itself where text can hold it
-            ph_new := CASE WHEN a.cat = 'S' AND (a.atttypmod < 0 OR a.atttypmod - 4 >= length(ph))
-                           THEN quote_literal(ph) ELSE 'NULL' END;
-            IF mode = 'snapshot_new' THEN
-                exprs := exprs || format('CASE WHEN s.%I = %L THEN %s ELSE %s END', a.name, ph, ph_new, e);
-            ELSIF has_ph THEN
-                -- keep the stored value
-                exprs := exprs || format(
-                    'CASE WHEN s.%I = %L THEN CASE WHEN t.%I IS NULL THEN %s ELSE t.%I END ELSE %s END',
-                    a.name, ph, keys[1], ph_new, a.name, e);
-            ELSE
-                exprs := exprs || e;
-            END IF;
-        END IF;
-    END LOOP;
-
-    IF mode = 'snapshot_new' THEN
-        -- keys are unique within one result: no sort needed
-        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_stage s
-                         WHERE s.cd2_action IS DISTINCT FROM ''D'' ON CONFLICT DO NOTHING',
-                       target, array_to_string(cols, ', '), array_to_string(exprs, ', '));
-        GET DIAGNOSTICS upserted = ROW_COUNT;
-        deleted := 0;
-        unchanged := 0;
-        RETURN;
-    END IF;
-
-    -- one typed row per key, the latest change winning. A typed result with
-    -- no key twice and no placeholder to keep (the usual case) is read
-    -- through a view on the staging table: no sort, no copy
-    EXECUTE format('CREATE TEMP %s cd2_typed %s AS
-                    SELECT %s s.cd2_action AS cd2_action, %s FROM cd2_stage s %s %s',
-                   CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN 'VIEW' ELSE 'TABLE' END,
-                   CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN '' ELSE 'ON COMMIT DROP' END,
-                   CASE WHEN has_dups THEN format('DISTINCT ON (%s)', keyorder) ELSE '' END,
-                   (SELECT string_agg(format('%s AS %s', x, c), ', ') FROM unnest(exprs, cols) u(x, c)),
-                   CASE WHEN has_ph THEN format('LEFT JOIN %s t ON %s', target, keyjoin) ELSE '' END,
-                   CASE WHEN has_dups THEN format('ORDER BY %s, s.cd2_ts DESC NULLS LAST, s.ctid DESC', keyorder)
-                        ELSE '' END);
-    -- evidence of user merges that CD2 does not keep (logins, enrolments moving)
-    PERFORM cd2sync._record_user_moves(target);
-
-    IF has_dups THEN
-        SELECT count(*) FILTER (WHERE cd2_action = 'D'), count(*) FILTER (WHERE cd2_action IS DISTINCT FROM 'D')
-          INTO deleted, upserted FROM cd2_typed;
-    END IF;
-
-    -- an incremental touches few of a large table's rows: look each up by its
-    -- key rather than scan the table for a merge or hash join (the planner,
-    -- without statistics on cd2_typed, tends to scan)
-    SELECT CASE WHEN reltuples >= 0 THEN reltuples ELSE pg_relation_size(target) / 200.0 END
-      INTO target_rows FROM pg_class WHERE oid = target;
-    few := mode = 'incremental' AND (upserted + deleted) * 4 < target_rows;
-    IF few THEN
-        PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true);
-    END IF;
-
-    IF deleted > 0 THEN
-        EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
-                       target, keyjoin_typed);
-    END IF;
-    IF mode = 'snapshot' THEN
-        -- rows the new snapshot does not have are gone upstream
-        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
-                       target, keyjoin_typed);
-        GET DIAGNOSTICS deleted = ROW_COUNT;
-    END IF;
-
-    SELECT array_agg(format('%I', attname) ORDER BY attlen < 0, attnum) INTO cmpcols
-      FROM pg_attribute
-     WHERE attrelid = target AND attnum > 0 AND NOT attisdropped AND format('%I', attname) = ANY (setcols);
-
-    -- Records that change nothing are left out by an anti-join: their rows
-    -- are neither rewritten nor even locked (no new row version, no WAL),
-    -- where ON CONFLICT DO UPDATE ... WHERE alone would lock each one. The
-    -- anti-join costs a lookup per record, which a result that changes
-    -- most of its rows does not need: a sample of the records decides.
-    IF cardinality(setcols) > 0 THEN
-        EXECUTE format('SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM %1$s t WHERE %2$s
-                                                   AND (%3$s) IS NOT DISTINCT FROM (%4$s))), count(*)
-                          FROM (SELECT * FROM cd2_typed d WHERE d.cd2_action IS DISTINCT FROM ''D''
-                                 LIMIT 1000) d',
-                       target, keyjoin_typed,
-                       (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
-                       (SELECT string_agg('d.' || c, ', ') FROM unnest(cmpcols) c))
-           INTO sample_same, sample_size;
-    END IF;
-    IF cardinality(setcols) = 0 THEN
-        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_typed WHERE cd2_action IS DISTINCT FROM ''D''
-                         ON CONFLICT DO NOTHING', target, array_to_string(cols, ', '), array_to_string(cols, ', '));
-    ELSE
-        EXECUTE format('INSERT INTO %1$s AS t (%2$s) SELECT %7$s FROM cd2_typed d
-                         WHERE d.cd2_action IS DISTINCT FROM ''D'' %8$s
-                        ON CONFLICT (%3$s) DO UPDATE SET (%4$s) = ROW(%5$s)
-                         WHERE (%6$s) IS DISTINCT FROM (%9$s)',
-                       target, array_to_string(cols, ', '), keyorder,
-                       array_to_string(setcols, ', '),
-                       (SELECT string_agg('excluded.' || c, ', ') FROM unnest(setcols) c),
-                       (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
-                       (SELECT string_agg('d.' || c, ', ') FROM unnest(cols) c),
-                       CASE WHEN sample_same * 5 >= sample_size   -- 20% or more unchanged
-                            THEN format('AND NOT EXISTS (SELECT 1 FROM %s t WHERE %s AND (%s) IS NOT DISTINCT FROM (%s))',
-                                        target, keyjoin_typed,
-                                        (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
-                                        (SELECT string_agg('d.' || c, ', ') FROM unnest(cmpcols) c))
-                            ELSE '' END,
-                       (SELECT string_agg('excluded.' || c, ', ') FROM unnest(cmpcols) c));
-    END IF;
-    GET DIAGNOSTICS written = ROW_COUNT;
-    IF few THEN
-        PERFORM set_config('enable_mergejoin', joins[1], true), set_config('enable_hashjoin', joins[2], true);
-    END IF;
-    unchanged := upserted - written;
-    IF to_regclass('pg_temp.cd2_typed') IS NOT NULL AND
-       (SELECT relkind FROM pg_class WHERE oid = 'pg_temp.cd2_typed'::regclass) = 'v' THEN
-        DROP VIEW cd2_typed;
-    ELSE
-        DROP TABLE cd2_typed;
-    END IF;
-END $$;
-
--- The columns to fill: those the result's files carry (NULL: all) that the
--- upstream schema still has (NULL: not known).
-CREATE FUNCTION cd2sync._fill_columns(carried text[], upstream text[])
-RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN upstream IS NULL THEN carried
-                ELSE ARRAY(SELECT c FROM unnest(coalesce(carried, upstream)) c
-                            WHERE c = ANY (upstream)) END
-$$;
+-- the usual path: a staging table with the target's types (COPY parses the
+-- values), except JSON arrays (text) and timestamps (timestamptz)
+CREATE TABLE s2.items_t (LIKE s2.items INCLUDING ALL);
+BEGIN;
+SELECT cd2sync._create_staging('s2.items_t', typed => true);
+SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = 'pg_temp.cd2_stage'::regclass AND attnum > 0 ORDER BY attnum;
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  ('U', '2026-11-05T00:00:00Z', 1, 'one', 'active', '2026-10-01T12:00:00+02:00', '{"a": 1}', '["x","y"]', 1.5, 'A1'),
+  ('U', '2026-11-05T00:00:00Z', 2, '__cd2_oversized_truncated__', 'active', NULL, NULL, NULL, NULL, NULL),
+  ('U', '2026-11-05T00:00:00Z', 3, 'three', 'deleted', '2026-10-02T00:00:00Z', NULL, '[]', -0, NULL);
+SELECT * FROM cd2sync._apply('s2.items_t', 'incremental', NULL, typed => true);
+COMMIT;
+SELECT * FROM s2.items_t ORDER BY id;
+-- a key twice (the latest wins), a placeholder keeping the stored text, a
+-- record that changes nothing
+BEGIN;
+SELECT cd2sync._create_staging('s2.items_t', typed => true);
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  ('U', '2026-11-05T02:00:00Z', 1, 'one later', 'active', '2026-10-01T10:00:00Z', '{"a": 1}', '["x","y"]', 1.5, 'A1'),
+  ('U', '2026-11-05T01:00:00Z', 1, 'one earlier', 'active', NULL, NULL, NULL, NULL, NULL),
+  ('U', '2026-11-05T02:00:00Z', 3, '__cd2_oversized_truncated__', 'deleted', '2026-10-02T00:00:00Z', NULL, '[]', 0, NULL),
+  ('D', '2026-11-05T02:00:00Z', 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+-- (and in a varchar(5) column: it keeps 'A1')
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  ('U', '2026-11-05T03:00:00Z', 1, 'one later', 'active', '2026-10-01T10:00:00Z', '{"a": 1}', '["x","y"]', 1.5, '__cd2_oversized_truncated__');
+SELECT * FROM cd2sync._apply('s2.items_t', 'incremental', NULL, typed => true);
+COMMIT;
+SELECT * FROM s2.items_t ORDER BY id;
+-- JSON lines into the typed staging table
+BEGIN;
+SELECT cd2sync._create_staging('s2.items_t', typed => true);
+INSERT INTO cd2_stage_json (line) VALUES
+  ('{"meta": {"action": "U", "ts": "2026-11-06T00:00:00Z"}, "key": {"id": 9}, "value": {"name": "nine", "state": "active", "at": "2026-10-03T00:00:00-05:00", "tags": ["a", "b"], "data": {"k": 1}, "score": 2}}');
+SELECT cd2sync._expand_jsonl('s2.items_t');
+SELECT * FROM cd2sync._apply('s2.items_t', 'incremental', NULL, typed => true);
+COMMIT;
+SELECT * FROM s2.items_t WHERE id = 9;
+-- a placeholder where the type cannot hold it fails the typed load (the
+-- worker then loads through text staging)
+BEGIN;
+SELECT cd2sync._create_staging('s2.items_t', typed => true);
+INSERT INTO cd2_stage_json (line) VALUES
+  ('{"meta": {"action": "U"}, "key": {"id": 9}, "value": {"data": "__cd2_oversized_truncated__"}}');
+SELECT cd2sync._expand_jsonl('s2.items_t');
+ROLLBACK;
+-- a result that changes most of its rows skips the anti-join (a sample of
+-- its records decides); the row it does not change is still not rewritten
+SELECT n_tup_upd AS updates_before FROM pg_stat_xact_user_tables WHERE relid = 's2.items_t'::regclass \gset
+BEGIN;
+SELECT cd2sync._create_staging('s2.items_t', typed => true);
+INSERT INTO cd2_stage (cd2_action, cd2_ts, id, name, state, at, data, tags, score, code) VALUES
+  ('U', '2026-11-07T00:00:00Z', 1, 'one again', 'active', '2026-10-01T10:00:00Z', '{"a": 1}', '["x","y"]', 1.5, 'A1'),
+  ('U', '2026-11-07T00:00:00Z', 3, 'three', 'deleted', '2026-10-02T00:00:00Z', NULL, '[]', 0, NULL),
+  ('U', '2026-11-07T00:00:00Z', 9, 'nine again', 'active', NULL, NULL, NULL, NULL, NULL),
+  ('U', '2026-11-07T00:00:00Z', 10, 'ten', 'active', NULL, NULL, NULL, NULL, NULL),
+  ('U', '2026-11-07T00:00:00Z', 11, 'eleven', 'active', NULL, NULL, NULL, NULL, NULL),
+  ('U', '2026-11-07T00:00:00Z', 12, 'twelve', 'active', NULL, NULL, NULL, NULL, NULL);
+SELECT * FROM cd2sync._apply('s2.items_t', 'incremental', NULL, typed => true);
+SELECT n_tup_upd - :updates_before AS rows_rewritten FROM pg_stat_xact_user_tables WHERE relid = 's2.items_t'::regclass;
+COMMIT;
+SELECT id, name FROM s2.items_t ORDER BY id;

@@ -1,402 +1,139 @@
--- schema_ddl.sql: from a CD2 table schema (JSON Schema) to PostgreSQL DDL.
---
--- The mapping is the one of shared/docs/cd2-api.md section 4. Every remote
--- name reaches SQL through format('%I') or quote_literal: never spliced.
+-- From a CD2 schema to a table: the type mapping of cd2-api.md, NOT NULL
+-- from "required", the key as primary key, enums, comments, evolution.
+\set VERBOSITY sqlstate
+SELECT ord, column_name, type_sql, is_key, not_null, enum_values
+  FROM cd2sync._schema_columns('s1', 'things', $${"version": 3, "schema": {
+  "type": "object",
+  "properties": {
+    "key": {"type": "object", "properties": {"id": {"type": "integer", "format": "int64"}}, "required": ["id"]},
+    "value": {"type": "object", "required": ["i32", "state"], "properties": {
+      "i16": {"type": "integer", "format": "int16"},
+      "i32": {"type": "integer", "format": "int32"},
+      "i64": {"type": "integer", "format": "int64"},
+      "inone": {"type": "integer"},
+      "f32": {"type": "number", "format": "float32"},
+      "f64": {"type": "number", "format": "float64"},
+      "fnone": {"type": "number"},
+      "ts": {"type": "string", "format": "date-time", "description": "When it happened."},
+      "d": {"type": "string", "format": "date"},
+      "t": {"type": "string", "format": "time"},
+      "u": {"type": "string", "format": "uuid"},
+      "state": {"type": "string", "enum": ["active", "deleted"]},
+      "code": {"type": "string", "maxLength": 12},
+      "txt": {"type": "string"},
+      "b": {"type": "boolean"},
+      "obj": {"type": "object", "properties": {"a": {"type": "integer"}}},
+      "obj2": {"type": "object"},
+      "tags": {"type": "array", "items": {"type": "string"}},
+      "nums": {"type": "array", "items": {"type": "integer", "format": "int32"}},
+      "objs": {"type": "array", "items": {"type": "object"}},
+      "one": {"oneOf": [{"type": "string"}, {"type": "string", "format": "date-time"}]},
+      "mixed": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+      "nullable": {"type": ["string", "null"]},
+      "ref": {"$ref": "#/definitions/Ref"}
+    }},
+    "meta": {"type": "object", "properties": {"ts": {"type": "string", "format": "date-time"}}}
+  },
+  "definitions": {"Ref": {"type": "integer", "format": "int32"}}
+}}$$::json) ORDER BY ord;
 
--- The schema object of a property, with a local "$ref" resolved.
-CREATE FUNCTION cd2sync._resolve_ref(root jsonb, prop jsonb)
-RETURNS jsonb LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    ref text := prop->>'$ref';
-    depth int := 0;
-BEGIN
-    WHILE ref IS NOT NULL AND ref LIKE '#/%' AND depth < 16 LOOP
-        prop := root #> string_to_array(substr(ref, 3), '/');
-        ref := prop->>'$ref';
-        depth := depth + 1;
-    END LOOP;
-    RETURN coalesce(prop, '{}');
-END $$;
+-- creating the table
+SELECT cd2sync._ensure_table('s1', 'things', $${"version": 1, "schema": {"properties": {
+  "key": {"properties": {"id": {"type": "integer"}}},
+  "value": {"required": ["state"], "properties": {
+    "state": {"type": "string", "enum": ["active", "deleted"], "description": "Workflow state."},
+    "name": {"type": "string", "maxLength": 20},
+    "at": {"type": "string", "format": "date-time"},
+    "tags": {"type": "array", "items": {"type": "string"}}}}}}}$$::json) AS created;
+\d s1.things
+SELECT col_description('s1.things'::regclass, attnum) AS state_comment
+  FROM pg_attribute WHERE attrelid = 's1.things'::regclass AND attname = 'state';
+SELECT enum_range(NULL::s1.things__state);
 
--- The enum type name for a column: <table>__<column>, kept unique within
--- PostgreSQL's 63-byte limit.
-CREATE FUNCTION cd2sync._enum_type_name(table_name text, column_name text)
-RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN octet_length(table_name || '__' || column_name) <= 63
-                THEN table_name || '__' || column_name
-                ELSE left(table_name || '__' || column_name, 50) || '_'
-                     || left(md5(table_name || '__' || column_name), 12) END
-$$;
+-- a newer schema: new column, new enum value; a column removed upstream stays
+CREATE VIEW s1.user_view AS SELECT id, name, at FROM s1.things;
+SELECT cd2sync._ensure_table('s1', 'things', $${"version": 2, "schema": {"properties": {
+  "key": {"properties": {"id": {"type": "integer"}}},
+  "value": {"required": ["state"], "properties": {
+    "state": {"type": "string", "enum": ["active", "deleted", "archived"]},
+    "name": {"type": "string", "maxLength": 20},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "score": {"type": "number"}}}}}}$$::json) AS created;
+\d s1.things
+SELECT enum_range(NULL::s1.things__state);
+SELECT * FROM s1.user_view;
 
--- The PostgreSQL type of one property. enum_type is the (qualified, quoted)
--- enum type to use when the property is an enum of strings.
-CREATE FUNCTION cd2sync._pg_type(root jsonb, prop jsonb, enum_type text)
-RETURNS text LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    p jsonb := cd2sync._resolve_ref(root, prop);
-    t text;
-    fmt text := p->>'format';
-    item jsonb;
-BEGIN
-    -- "type" may be a list such as ["string", "null"]
-    IF jsonb_typeof(p->'type') = 'array' THEN
-        SELECT x INTO t FROM jsonb_array_elements_text(p->'type') x WHERE x <> 'null' LIMIT 1;
-    ELSE
-        t := p->>'type';
-    END IF;
+-- version 3: widen what can be widened in place, the view on a column
+-- created again; d (varchar to date) waits for a fresh snapshot
+CREATE TABLE s1.widen (id bigint PRIMARY KEY, a smallint, b real, c varchar(5), d varchar(5), e integer);
+CREATE VIEW s1.widen_view AS SELECT id, e FROM s1.widen;
+CREATE TEMP TABLE widen_v3 AS SELECT $${"version": 3, "schema": {"properties": {
+  "key": {"properties": {"id": {"type": "integer"}}},
+  "value": {"properties": {
+    "a": {"type": "integer", "format": "int32"},
+    "b": {"type": "number"},
+    "c": {"type": "string", "maxLength": 50},
+    "d": {"type": "string", "format": "date"},
+    "e": {"type": "integer", "format": "int64"}}}}}}$$::json AS doc;
+SELECT cd2sync._ensure_table('s1', 'widen', (SELECT doc FROM widen_v3)) AS created;
+SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = 's1.widen'::regclass AND attnum > 0 ORDER BY attnum;
+SELECT pg_get_viewdef('s1.widen_view'::regclass) AS recreated_view;
+SELECT cd2sync._pending_types('s1', 'widen', (SELECT doc FROM widen_v3)) AS pending;
+SELECT cd2sync._is_widening('character varying(5)', 'text'), cd2sync._is_widening('character varying(10)', 'character varying(5)'),
+       cd2sync._is_widening('bigint', 'integer'), cd2sync._is_widening('text', 'bigint');
 
-    IF t IS NULL AND coalesce(p->'oneOf', p->'anyOf') IS NOT NULL THEN
-        -- a oneOf of strings is text; of anything else, jsonb
-        IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(p->'oneOf', p->'anyOf')) o
-                        WHERE cd2sync._resolve_ref(root, o)->>'type' IS DISTINCT FROM 'string') THEN
-            RETURN 'text';
-        END IF;
-        RETURN 'jsonb';
-    END IF;
+-- hostile remote names are quoted, never spliced
+SELECT cd2sync._ensure_table('s1', 'we"ird; drop table x', $${"version": 1, "schema": {"properties": {
+  "key": {"properties": {"Id Col": {"type": "integer"}}},
+  "value": {"properties": {"sel;ect": {"type": "string"}, "naïve": {"type": "string", "enum": ["a'b", "c\"d"]}}}}}}$$::json);
+\d s1."we""ird; drop table x"
+-- unusable names are refused
+SELECT cd2sync._ensure_table('s1', repeat('t', 64), '{"schema": {"properties": {"key": {"properties": {"id": {"type": "integer"}}}}}}');
+SELECT cd2sync._ensure_table('s1', 'nokey', '{"schema": {"properties": {"value": {"properties": {"id": {"type": "integer"}}}}}}');
+SELECT cd2sync._ensure_table('s1', 'badcol', '{"schema": {"properties": {"key": {"properties": {"cd2_x": {"type": "integer"}}}}}}');
+SELECT to_regclass('s1.nokey') IS NULL AND to_regclass('s1.badcol') IS NULL AS nothing_created;
+-- long enum type names stay unique
+SELECT cd2sync._enum_type_name(repeat('t', 40), repeat('c', 30)) <> cd2sync._enum_type_name(repeat('t', 40), repeat('c', 31)) AS distinct_names,
+       octet_length(cd2sync._enum_type_name(repeat('t', 40), repeat('c', 30))) <= 63 AS fits;
 
-    IF t = 'string' AND jsonb_typeof(p->'enum') = 'array' AND enum_type IS NOT NULL THEN
-        RETURN enum_type;
-    END IF;
+-- a type change that a view cannot follow changes nothing (the caller keeps
+-- the old type, with a warning)
+CREATE TABLE s1.retype (id bigint PRIMARY KEY, n double precision);
+INSERT INTO s1.retype VALUES (1, 1.5);
+CREATE VIEW s1.retype_math AS SELECT id, n + 1 AS n1 FROM s1.retype;
+CREATE VIEW s1.retype_top AS SELECT * FROM s1.retype_math;
+SELECT cd2sync._alter_column_type('s1.retype', 'n', 'text', true);
+SELECT format_type(atttypid, atttypmod) AS n_type, (SELECT n1 FROM s1.retype_top) AS n1
+  FROM pg_attribute WHERE attrelid = 's1.retype'::regclass AND attname = 'n';
+-- nor are materialized views rebuilt
+DROP VIEW s1.retype_top, s1.retype_math;
+CREATE MATERIALIZED VIEW s1.retype_mv AS SELECT id, n FROM s1.retype;
+SELECT cd2sync._alter_column_type('s1.retype', 'n', 'text', true);
+DROP MATERIALIZED VIEW s1.retype_mv;
+-- without dependents: the values go (using_null) and the type changes
+SELECT cd2sync._alter_column_type('s1.retype', 'n', 'text', true);
+SELECT id, n FROM s1.retype;
 
-    RETURN CASE t
-        WHEN 'integer' THEN CASE fmt WHEN 'int16' THEN 'smallint' WHEN 'int32' THEN 'integer'
-                                     ELSE 'bigint' END
-        WHEN 'number' THEN CASE fmt WHEN 'float32' THEN 'real' ELSE 'double precision' END
-        WHEN 'string' THEN CASE
-            WHEN fmt = 'date-time' THEN 'timestamp without time zone'
-            WHEN fmt = 'date' THEN 'date'
-            WHEN fmt = 'time' THEN 'time without time zone'
-            WHEN fmt = 'uuid' THEN 'uuid'
-            WHEN (p->>'maxLength') ~ '^[0-9]+$' AND (p->>'maxLength')::bigint BETWEEN 1 AND 10485760
-                THEN format('character varying(%s)', p->>'maxLength')
-            ELSE 'text' END
-        WHEN 'boolean' THEN 'boolean'
-        WHEN 'object' THEN 'jsonb'
-        WHEN 'array' THEN (
-            SELECT CASE WHEN it IN ('jsonb') OR it LIKE '%[]' OR it = enum_type THEN 'jsonb'
-                        ELSE it || '[]' END
-              FROM cd2sync._pg_type(root, coalesce(p->'items', '{}'), NULL) it)
-        ELSE 'jsonb' END;
-END $$;
-
--- The columns a CD2 schema describes, key columns first, in the order the
--- document lists them (json, not jsonb, keeps that order).
-CREATE FUNCTION cd2sync._schema_columns(target_schema text, table_name text, doc json)
-RETURNS TABLE (ord int, column_name text, type_sql text, is_key boolean,
-               not_null boolean, enum_values text[], description text)
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    root_json json := coalesce(doc->'schema', doc);
-    root jsonb := root_json::jsonb;
-    part text;
-    obj json;
-    prop record;
-    p jsonb;
-    n int := 0;
-BEGIN
-    FOREACH part IN ARRAY ARRAY['key', 'value'] LOOP
-        obj := root_json->'properties'->part;
-        IF obj IS NOT NULL AND obj::jsonb ? '$ref' THEN
-            obj := cd2sync._resolve_ref(root, obj::jsonb)::json;
-        END IF;
-        FOR prop IN SELECT e.key, e.value FROM json_each(coalesce(obj->'properties', '{}')) WITH ORDINALITY e(key, value, i)
-                     ORDER BY e.i LOOP
-            p := cd2sync._resolve_ref(root, prop.value::jsonb);
-            n := n + 1;
-            ord := n;
-            column_name := prop.key;
-            is_key := part = 'key';
-            not_null := is_key OR coalesce(obj::jsonb->'required' ? prop.key, false);
-            enum_values := NULL;
-            IF p->>'type' = 'string' AND jsonb_typeof(p->'enum') = 'array' THEN
-                SELECT array_agg(x ORDER BY i) INTO enum_values
-                  FROM jsonb_array_elements_text(p->'enum') WITH ORDINALITY v(x, i);
-            END IF;
-            type_sql := cd2sync._pg_type(root, p,
-                format('%I.%I', target_schema, cd2sync._enum_type_name(table_name, prop.key)));
-            description := p->>'description';
-            RETURN NEXT;
-        END LOOP;
-    END LOOP;
-END $$;
-
--- Whether changing a column from old_type to new_type loses no value:
--- integers to wider integers, real to double precision, varchar to a longer
--- varchar or text.
-CREATE FUNCTION cd2sync._is_widening(old_type text, new_type text)
-RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE
-        WHEN old_type = 'smallint' THEN new_type IN ('integer', 'bigint')
-        WHEN old_type = 'integer' THEN new_type = 'bigint'
-        WHEN old_type = 'real' THEN new_type = 'double precision'
-        WHEN old_type LIKE 'character varying(%)' THEN
-            new_type = 'text' OR (new_type LIKE 'character varying(%)' AND
-                substring(new_type FROM '\((\d+)\)')::int >= substring(old_type FROM '\((\d+)\)')::int)
-        ELSE false END
-$$;
-
--- The views that use column col of rel, and every view built on those, with
--- their depth: a view comes deeper than every view it uses.
-CREATE FUNCTION cd2sync._dependent_views(rel regclass, col text)
-RETURNS TABLE (view_oid oid, depth int)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    WITH RECURSIVE d(oid, depth) AS (
-        SELECT r.ev_class, 1
-          FROM pg_attribute a
-          JOIN pg_depend dep ON dep.refclassid = 'pg_class'::regclass AND dep.refobjid = a.attrelid
-                            AND dep.refobjsubid = a.attnum AND dep.classid = 'pg_rewrite'::regclass
-          JOIN pg_rewrite r ON r.oid = dep.objid
-         WHERE a.attrelid = rel AND a.attname = col AND r.ev_class <> rel
-        UNION ALL
-        SELECT r.ev_class, d.depth + 1
-          FROM d
-          JOIN pg_depend dep ON dep.refclassid = 'pg_class'::regclass AND dep.refobjid = d.oid
-                            AND dep.classid = 'pg_rewrite'::regclass
-          JOIN pg_rewrite r ON r.oid = dep.objid
-         WHERE r.ev_class <> d.oid AND d.depth < 32
-    )
-    SELECT oid, max(depth)::int FROM d GROUP BY oid
-$$;
-
--- Changes the type of a column that views may use: those views (and the
--- views on them) are dropped and created again from their definitions, with
--- their options, owner, grants and comments; the reconciled view cd2.<table>
--- is rebuilt for the new type. using_null: the column's values are dropped
--- (the table is about to be reloaded). Raises, changing nothing, when a view
--- cannot be created again (it uses the column in a way the new type does not
--- allow) or is something this cannot rebuild (a materialized view, a view
--- with triggers or rules, a view other objects depend on).
-CREATE FUNCTION cd2sync._alter_column_type(rel regclass, col text, new_type text, using_null boolean)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v record;
-    saved jsonb[] := '{}';
-    s jsonb;
-    g jsonb;
-    table_name name := (SELECT relname FROM pg_class WHERE oid = rel);
-BEGIN
-    FOR v IN SELECT c.oid, c.relkind, format('%I.%I', n.nspname, c.relname) AS name,
-                    n.nspname = 'cd2' AND c.relname = table_name AS reconciled
-               FROM cd2sync._dependent_views(rel, col) d
-               JOIN pg_class c ON c.oid = d.view_oid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              ORDER BY d.depth DESC, c.oid LOOP
-        IF v.relkind <> 'v' OR EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = v.oid)
-           OR EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = v.oid AND rulename <> '_RETURN')
-           OR EXISTS (SELECT 1 FROM pg_attrdef WHERE adrelid = v.oid)
-           OR EXISTS (SELECT 1 FROM pg_depend WHERE objid = v.oid AND deptype = 'e') THEN
-            RAISE EXCEPTION '% uses column % of %, and cd2sync cannot create it again', v.name, col, rel
-                  USING ERRCODE = 'feature_not_supported';
-        END IF;
-        saved := saved || jsonb_strip_nulls(jsonb_build_object(
-            'name', v.name,
-            'reconciled', v.reconciled,
-            'def', pg_get_viewdef(v.oid),
-            'options', (SELECT string_agg(format('%s=%L', split_part(o, '=', 1), substr(o, strpos(o, '=') + 1)), ', ')
-                          FROM pg_class c, unnest(c.reloptions) o WHERE c.oid = v.oid),
-            'owner', (SELECT quote_ident(pg_get_userbyid(relowner)) FROM pg_class WHERE oid = v.oid),
-            'grants', (SELECT jsonb_agg(jsonb_build_object(
-                                  'grantee', CASE WHEN x.grantee = 0 THEN 'PUBLIC'
-                                                  ELSE quote_ident(pg_get_userbyid(x.grantee)) END,
-                                  'privilege', x.privilege_type, 'grantable', x.is_grantable))
-                         FROM pg_class c, aclexplode(c.relacl) x WHERE c.oid = v.oid),
-            'column_grants', (SELECT jsonb_agg(jsonb_build_object(
-                                  'column', a.attname,
-                                  'grantee', CASE WHEN x.grantee = 0 THEN 'PUBLIC'
-                                                  ELSE quote_ident(pg_get_userbyid(x.grantee)) END,
-                                  'privilege', x.privilege_type, 'grantable', x.is_grantable))
-                                FROM pg_attribute a, aclexplode(a.attacl) x
-                               WHERE a.attrelid = v.oid AND a.attnum > 0 AND a.attacl IS NOT NULL),
-            'comment', obj_description(v.oid, 'pg_class'),
-            'column_comments', (SELECT jsonb_object_agg(attname, col_description(v.oid, attnum))
-                                  FROM pg_attribute
-                                 WHERE attrelid = v.oid AND attnum > 0
-                                   AND col_description(v.oid, attnum) IS NOT NULL)));
-        EXECUTE format('DROP VIEW %s', v.name);
-    END LOOP;
-
-    EXECUTE format('ALTER TABLE %s ALTER COLUMN %I TYPE %s%s', rel, col, new_type,
-                   CASE WHEN using_null THEN format(' USING NULL::%s', new_type) ELSE '' END);
-
-    -- shallowest first: each view finds the views it uses
-    FOR i IN REVERSE cardinality(saved) .. 1 LOOP
-        s := saved[i];
-        IF (s->>'reconciled')::boolean THEN
-            -- built anew for the new type; the grants of users are given back
-            PERFORM cd2sync.refresh_view(table_name);
-        ELSE
-            EXECUTE format('CREATE VIEW %s%s AS %s', s->>'name',
-                           CASE WHEN s ? 'options' THEN format(' WITH (%s)', s->>'options') ELSE '' END,
-                           s->>'def');
-            EXECUTE format('ALTER VIEW %s OWNER TO %s', s->>'name', s->>'owner');
-        END IF;
-        FOR g IN SELECT * FROM jsonb_array_elements(coalesce(s->'grants', '[]')) LOOP
-            EXECUTE format('GRANT %s ON %s TO %s%s', g->>'privilege', s->>'name', g->>'grantee',
-                           CASE WHEN (g->>'grantable')::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
-        END LOOP;
-        FOR g IN SELECT * FROM jsonb_array_elements(coalesce(s->'column_grants', '[]')) LOOP
-            EXECUTE format('GRANT %s (%I) ON %s TO %s%s', g->>'privilege', g->>'column', s->>'name',
-                           g->>'grantee',
-                           CASE WHEN (g->>'grantable')::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
-        END LOOP;
-        IF s->>'comment' IS NOT NULL THEN
-            EXECUTE format('COMMENT ON VIEW %s IS %L', s->>'name', s->>'comment');
-        END IF;
-        FOR g IN SELECT jsonb_build_object('c', key, 'v', value) FROM jsonb_each_text(coalesce(s->'column_comments', '{}')) LOOP
-            EXECUTE format('COMMENT ON COLUMN %s.%I IS %L', s->>'name', g->>'c', g->>'v');
-        END LOOP;
-    END LOOP;
-END $$;
-
--- The columns whose type changed upstream in a way that cannot be applied
--- in place (not a widening): column -> new type, or NULL if none.
-CREATE FUNCTION cd2sync._pending_types(target_schema text, table_name text, doc json)
-RETURNS jsonb LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT jsonb_object_agg(s.column_name, s.type_sql)
-      FROM cd2sync._schema_columns(target_schema, table_name, doc) s
-      JOIN pg_attribute a ON a.attrelid = to_regclass(format('%I.%I', target_schema, table_name))
-                         AND a.attname = s.column_name AND NOT a.attisdropped
-     WHERE format_type(a.atttypid, a.atttypmod) <> s.type_sql
-       AND NOT cd2sync._is_widening(format_type(a.atttypid, a.atttypmod), s.type_sql)
-$$;
-
--- Before a fresh snapshot is applied (it is in the staging table already):
--- gives the columns waiting for a type change their new types. The table's
--- rows are deleted first, in the snapshot's transaction, so no value needs
--- converting; readers wait for that transaction (ALTER TABLE locks the
--- table) and then see the new rows. Returns how many rows were deleted, or
--- NULL when no type changed: none was pending, or a view on a column cannot
--- be created again, in which case the table keeps its types, with a
--- warning, and the change is not asked for again. Other errors (a lock
--- timeout, a deadlock) fail the table sync, and the next one tries again.
-CREATE FUNCTION cd2sync._apply_pending_types(instance text, table_name text, target regclass)
-RETURNS bigint LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
-DECLARE
-    pending jsonb;
-    c record;
-    n bigint;
-BEGIN
-    SELECT s.pending_types INTO pending FROM cd2sync.table_state s
-     WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name
-       FOR UPDATE;
-    IF pending IS NULL THEN
-        RETURN NULL;
-    END IF;
-    UPDATE cd2sync.table_state s SET pending_types = NULL
-     WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name;
-    BEGIN
-        EXECUTE format('DELETE FROM %s', target);
-        GET DIAGNOSTICS n = ROW_COUNT;
-        FOR c IN SELECT key, value FROM jsonb_each_text(pending) ORDER BY key LOOP
-            PERFORM cd2sync._alter_column_type(target, c.key, c.value, true);
-        END LOOP;
-        RETURN n;
-    EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist
-                   OR syntax_error_or_access_rule_violation THEN
-        RAISE WARNING 'cd2sync: table % keeps its column types (upstream: %): %', target, pending, SQLERRM
-              USING HINT = 'Values that do not fit a stored type fail their table.';
-        RETURN NULL;
-    END;
-END $$;
-
--- Creates the target table of a CD2 table, or brings it up to a newer
--- schema: new enum types and values, new columns, widened types. A column
--- removed upstream is kept (and no longer filled) so that users' views on it
--- stay valid. Other type changes are left to _apply_pending_types.
--- Returns true when the table was created.
-CREATE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc json)
-RETURNS boolean LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
-DECLARE
-    c record;
-    cols text[] := '{}';
-    keys text[] := '{}';
-    rel regclass;
-    v text;
-    created boolean := false;
-BEGIN
-    IF octet_length(table_name) > 63 OR table_name = '' THEN
-        RAISE EXCEPTION 'CD2 table name "%" is not a valid PostgreSQL identifier', table_name
-              USING ERRCODE = 'invalid_name';
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM cd2sync._schema_columns(target_schema, table_name, doc) s WHERE s.is_key) THEN
-        RAISE EXCEPTION 'CD2 schema of table "%" has no key columns', table_name
-              USING ERRCODE = 'invalid_table_definition';
-    END IF;
-
-    IF to_regnamespace(quote_ident(target_schema)) IS NULL THEN
-        EXECUTE format('CREATE SCHEMA %I', target_schema);
-        EXECUTE format('GRANT USAGE ON SCHEMA %I TO cd2sync_reader', target_schema);
-    END IF;
-
-    FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc) ORDER BY ord LOOP
-        IF octet_length(c.column_name) > 63 OR c.column_name = '' OR c.column_name LIKE 'cd2\_%' THEN
-            RAISE EXCEPTION 'CD2 column name "%" of table "%" is not usable as a PostgreSQL column',
-                  c.column_name, table_name USING ERRCODE = 'invalid_name';
-        END IF;
-        IF c.enum_values IS NOT NULL THEN
-            IF to_regtype(c.type_sql) IS NULL THEN
-                EXECUTE format('CREATE TYPE %s AS ENUM (%s)', c.type_sql,
-                               (SELECT string_agg(quote_literal(x), ', ') FROM unnest(c.enum_values) x));
-            ELSE
-                FOREACH v IN ARRAY c.enum_values LOOP
-                    EXECUTE format('ALTER TYPE %s ADD VALUE IF NOT EXISTS %L', c.type_sql, v);
-                END LOOP;
-            END IF;
-        END IF;
-        cols := cols || format('%I %s%s', c.column_name, c.type_sql,
-                               CASE WHEN c.not_null THEN ' NOT NULL' ELSE '' END);
-        IF c.is_key THEN
-            keys := keys || format('%I', c.column_name);
-        END IF;
-    END LOOP;
-
-    rel := to_regclass(format('%I.%I', target_schema, table_name));
-    IF rel IS NULL THEN
-        EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', target_schema, table_name,
-                       array_to_string(cols, ', '), array_to_string(keys, ', '));
-        rel := format('%I.%I', target_schema, table_name)::regclass;
-        created := true;
-        EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', rel);
-        EXECUTE format('COMMENT ON TABLE %s IS %L', rel,
-                       coalesce(coalesce(doc->'schema', doc)->>'description',
-                                format('CD2 table %s, synced by cd2sync', table_name)));
-    ELSE
-        -- new columns arrive nullable: rows already stored have no value
-        FOR c IN SELECT s.* FROM cd2sync._schema_columns(target_schema, table_name, doc) s
-                  WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
-                                     WHERE a.attrelid = rel AND a.attname = s.column_name
-                                       AND NOT a.attisdropped) ORDER BY s.ord LOOP
-            EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', rel, c.column_name, c.type_sql);
-        END LOOP;
-
-        -- a column whose type grew upstream is widened where no value can be
-        -- lost; other type changes wait for a fresh snapshot (_pending_types)
-        FOR c IN SELECT s.column_name, s.type_sql, format_type(a.atttypid, a.atttypmod) AS old_type
-                   FROM cd2sync._schema_columns(target_schema, table_name, doc) s
-                   JOIN pg_attribute a ON a.attrelid = rel AND a.attname = s.column_name AND NOT a.attisdropped
-                  WHERE format_type(a.atttypid, a.atttypmod) <> s.type_sql LOOP
-            IF cd2sync._is_widening(c.old_type, c.type_sql) THEN
-                BEGIN
-                    PERFORM cd2sync._alter_column_type(rel, c.column_name, c.type_sql, false);
-                EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist
-                               OR syntax_error_or_access_rule_violation THEN
-                    -- a view that cannot be created again uses the column (other
-                    -- errors, such as a lock timeout, fail the table sync: retried)
-                    RAISE WARNING 'cd2sync: column %.% stays % (upstream: %): %', rel, c.column_name,
-                          c.old_type, c.type_sql, SQLERRM;
-                END;
-            ELSE
-                RAISE LOG 'cd2sync: column %.% changes type from % to %: the table will be reloaded from a fresh snapshot',
-                      rel, c.column_name, c.old_type, c.type_sql;
-            END IF;
-        END LOOP;
-    END IF;
-
-    FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc)
-              WHERE description IS NOT NULL LOOP
-        EXECUTE format('COMMENT ON COLUMN %s.%I IS %L', rel, c.column_name, c.description);
-    END LOOP;
-    RETURN created;
-END $$;
+-- a pending type change that fails for any other reason (here a user's
+-- foreign key to the table) is not swallowed: the error fails the sync,
+-- nothing changes, and the change stays pending for the next snapshot
+INSERT INTO cd2sync.instances (name, client_id, target_schema) VALUES ('ddl', 'us-east-1#ddl', 's1');
+CREATE TABLE s1.pend (id bigint PRIMARY KEY, n double precision);
+INSERT INTO s1.pend VALUES (1, 1.5), (2, 2.5);
+CREATE TABLE public.pend_ref (id bigint REFERENCES s1.pend);
+INSERT INTO public.pend_ref VALUES (1);
+INSERT INTO cd2sync.table_state (instance, table_name, pending_types) VALUES ('ddl', 'pend', '{"n": "text"}');
+SELECT cd2sync._apply_pending_types('ddl', 'pend', 's1.pend');
+SELECT s.pending_types, format_type(a.atttypid, a.atttypmod) AS n_type, (SELECT count(*) FROM s1.pend) AS n_rows
+  FROM cd2sync.table_state s, pg_attribute a
+ WHERE s.table_name = 'pend' AND a.attrelid = 's1.pend'::regclass AND a.attname = 'n';
+-- once the reference is gone: the rows are deleted (and counted), the type changes
+DROP TABLE public.pend_ref;
+SELECT cd2sync._apply_pending_types('ddl', 'pend', 's1.pend') AS rows_deleted;
+SELECT s.pending_types, format_type(a.atttypid, a.atttypmod) AS n_type, (SELECT count(*) FROM s1.pend) AS n_rows
+  FROM cd2sync.table_state s, pg_attribute a
+ WHERE s.table_name = 'pend' AND a.attrelid = 's1.pend'::regclass AND a.attname = 'n';
+-- nothing pending: nothing to do
+SELECT cd2sync._apply_pending_types('ddl', 'pend', 's1.pend') IS NULL AS nothing_pending;
+DELETE FROM cd2sync.instances WHERE name = 'ddl';

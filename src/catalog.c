@@ -296,3 +296,18 @@ catalog_log_failure(TableRun *tr, const char *error, const char *sqlstate)
 		9, args);
 	notify(tr->run_id, tr->instance, tr->table, "failed", "failed", tr->watermark_before, error);
 }
+
+/*
+ * Calls cd2sync._after_apply, which owns everything that follows the apply
+ * of a table in its transaction (the merge map, duplicates, change feeds).
+ * tr->watermark is the one this transaction commits for the table.
+ */
+void
+catalog_after_apply(TableRun *tr)
+{
+	const char *args[5] = { tr->instance, tr->table, tr->mode,
+							int8_text(tr->upserted - tr->unchanged + tr->deleted),
+							tr->watermark };
+
+	run_row("SELECT cd2sync._after_apply($1, $2, $3, $4::bigint, $5::timestamptz)", 5, args);
+}

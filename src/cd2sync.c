@@ -12,6 +12,8 @@
 #include "cd2sync.h"
 
 #include "fmgr.h"
+#include "funcapi.h"
+#include "access/htup_details.h"
 #include "miscadmin.h"
 #include "lib/stringinfo.h"
 #include "utils/guc.h"
@@ -37,6 +39,8 @@ int cd2_job_rate = 5;
 bool cd2_direct_load = true;
 bool cd2_gunzip_thread = true;
 int cd2_max_jobs_in_flight = 100;
+int cd2_feed_max_pending = 10000000;
+int cd2_feed_max_age = 7 * 86400;
 
 typedef struct Cd2Setting
 {
@@ -119,12 +123,39 @@ static const Cd2Setting settings[] = {
 	INT_SETTING("cd2sync.scheduler_naptime",
 				"Longest sleep of the scheduler between two looks at the schedules.", false,
 				PGC_SIGHUP, &cd2_scheduler_naptime, 10000, 100, 3600000, GUC_UNIT_MS),
+	INT_SETTING("cd2sync.feed_max_pending",
+				"Most changes a change feed may leave unacknowledged before it is marked stale.",
+				false, PGC_SUSET, &cd2_feed_max_pending, 10000000, 1, INT_MAX, 0),
+	INT_SETTING("cd2sync.feed_max_age",
+				"Longest a change may stay unacknowledged before its feed is marked stale.", false,
+				PGC_SUSET, &cd2_feed_max_age, 7 * 86400, 1, INT_MAX, GUC_UNIT_S),
 	INT_SETTING("cd2sync.max_line_length", "Longest record accepted in a downloaded file.", true,
 				PGC_SUSET, &cd2_max_line_length, 64 * 1024 * 1024, 1024, MaxAllocSize / 2,
 				GUC_UNIT_BYTE),
 };
 
 void _PG_init(void);
+
+PG_FUNCTION_INFO_V1(cd2_feed_limits);
+
+/*
+ * cd2sync._feed_limits(): cd2sync.feed_max_pending and feed_max_age (in
+ * seconds), for the feeds' SQL. Being C, calling it also loads the library,
+ * so the settings are defined in a session that has not loaded it yet.
+ */
+Datum
+cd2_feed_limits(PG_FUNCTION_ARGS)
+{
+	TupleDesc desc;
+	Datum values[2];
+	bool nulls[2] = { false, false };
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "cd2sync._feed_limits must return a record");
+	values[0] = Int64GetDatum(cd2_feed_max_pending);
+	values[1] = Int32GetDatum(cd2_feed_max_age);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
+}
 
 void
 _PG_init(void)

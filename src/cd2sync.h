@@ -33,6 +33,8 @@ extern int cd2_job_rate;
 extern bool cd2_direct_load;
 extern bool cd2_gunzip_thread;
 extern int cd2_max_jobs_in_flight;
+extern int cd2_feed_max_pending;
+extern int cd2_feed_max_age;
 
 /*
  * The settings a sync worker inherits from the session that started it, as

@@ -300,7 +300,7 @@ http_stream_open(const HttpRequest *req)
 	setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
 	setopt(h, CURLOPT_HEADERDATA, s);
 	setopt(h, CURLOPT_PRIVATE, s);
-	setopt(h, CURLOPT_USERAGENT, "cd2sync/0.1");
+	setopt(h, CURLOPT_USERAGENT, "cd2sync/" CD2SYNC_VERSION);
 	setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
 	setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
 	if (cd2_ca_file && cd2_ca_file[0])

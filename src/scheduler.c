@@ -83,11 +83,30 @@ start_due_syncs(void)
 {
 	long sleep_ms = cd2_scheduler_naptime;
 	int rc;
+	bool isnull;
+	static bool version_warned = false;
 
 	if (!OidIsValid(get_extension_oid("cd2sync", true)))
 		return sleep_ms; /* not created (yet) in this database */
 
 	SPI_connect();
+	rc = SPI_execute("SELECT extversion = '" CD2SYNC_VERSION "' FROM pg_catalog.pg_extension "
+					 " WHERE extname = 'cd2sync'",
+					 true, 1);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1 ||
+		!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+	{
+		/* the SQL objects wait for ALTER EXTENSION UPDATE: no sync until then */
+		if (!version_warned)
+			ereport(LOG, (errmsg("cd2sync scheduler: the extension's SQL objects are not at "
+								 "version %s; no sync is started until ALTER EXTENSION "
+								 "cd2sync UPDATE",
+								 CD2SYNC_VERSION)));
+		version_warned = true;
+		SPI_finish();
+		return sleep_ms;
+	}
+	version_warned = false;
 	rc = SPI_execute(
 		"SELECT instance, greatest(0, extract(epoch FROM next_run_at - now()) * 1000)::int8 "
 		"  FROM cd2sync.schedules "
@@ -98,7 +117,6 @@ start_due_syncs(void)
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
-		bool isnull;
 		char *instance = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
 		int64 due_in =
 			DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull));

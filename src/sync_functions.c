@@ -176,6 +176,16 @@ cd2_launch_worker(const char *instance, List *tables, bool full, const char *tri
 	BackgroundWorker worker = { 0 };
 	BackgroundWorkerHandle *handle;
 	ListCell *lc;
+	char *sql_version = query_value("SELECT extversion FROM pg_catalog.pg_extension "
+									" WHERE extname = 'cd2sync'",
+									0, NULL, NULL);
+
+	/* the worker calls SQL of this library's version: an older one lacks it */
+	if (sql_version == NULL || strcmp(sql_version, CD2SYNC_VERSION) != 0)
+		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						errmsg("cd2sync's SQL objects are at version %s, its library at %s",
+							   sql_version ? sql_version : "(none)", CD2SYNC_VERSION),
+						errhint("Run ALTER EXTENSION cd2sync UPDATE.")));
 
 	*run_id = pg_strtoint64(query_value("SELECT nextval('cd2sync.run_id_seq')", 0, NULL, NULL));
 

@@ -760,20 +760,9 @@ table_finish(RunContext *rc, TableSync *ts)
 	else
 		tr->watermark = snapshot ? job->at : job->until;
 	tr->schema_version = job->schema_version;
-	if (tr->upserted - tr->unchanged + tr->deleted == 0)
-		; /* nothing changed: the map and the duplicates stand as they are */
-	else if (strcmp(tr->table, "users") == 0 || strcmp(tr->table, "pseudonyms") == 0 ||
-			 strcmp(tr->table, "enrollments") == 0)
-	{
-		/* an input of the merge resolver changed: the map follows in this transaction */
-		report(rc, tr->table, "refreshing cd2.user_merges");
-		catalog_run_sql("SELECT cd2sync.refresh_user_merges()", 0, NULL);
-	}
-	else if (strcmp(tr->table, "submissions") == 0)
-	{
-		report(rc, tr->table, "refreshing merge duplicates");
-		catalog_run_sql("SELECT cd2sync.refresh_merge_duplicates('submissions')", 0, NULL);
-	}
+	/* what follows an apply (merge map, change feeds) is SQL's: one hook */
+	report(rc, tr->table, "after apply");
+	catalog_after_apply(tr);
 	tr->load_seconds = seconds_since(t0);
 	catalog_log_success(tr);
 	commit_tx();

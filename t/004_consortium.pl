@@ -84,6 +84,43 @@ for my $i (sort keys %shard)
 		  . "SELECT cd2_add_instance('$i', 'us-east-1#$i', '$i-secret', api_url => '$emu->{url}', shard_id => $shard{$i})");
 }
 
+# A change feed follows both reconciled tables from before the first sync
+$node->safe_psql('postgres', "SELECT cd2_create_feed('sis', tables => ARRAY['enrollments', 'submissions'])");
+
+# Replaying a feed from its start gives exactly the rows of the views
+sub feed_is_exact
+{
+	my ($feed, $label, @tables) = @_;
+	my $views = join(' UNION ALL ', map { "SELECT '$_'::text AS table_name, to_jsonb(v) AS r FROM cd2.$_ v" } @tables);
+	is($node->safe_psql('postgres', qq{
+		WITH c AS (SELECT * FROM cd2_feed_read('$feed', 100000000)),
+		     last AS (SELECT DISTINCT ON (table_name, instance, key) * FROM c
+		               ORDER BY table_name, instance, key, position DESC),
+		     replayed AS (SELECT table_name, "row" AS r FROM last WHERE op <> 'delete'),
+		     actual AS ($views)
+		SELECT (SELECT count(*) FROM (SELECT * FROM actual EXCEPT ALL SELECT * FROM replayed) x) || ' missing, '
+		    || (SELECT count(*) FROM (SELECT * FROM replayed EXCEPT ALL SELECT * FROM actual) y) || ' extra'}),
+		'0 missing, 0 extra', "$label: feed $feed replays to the views");
+}
+
+# The changes of feed sis since the last call: "table|op|instance|id|changed|cause" lines
+my $feed_seen = 0;
+sub new_changes
+{
+	my $out = $node->safe_psql('postgres',
+		"SELECT position, table_name, op, instance, key->>'id', coalesce(changed::text, ''), cause "
+		  . "FROM cd2_feed_read('sis', 100000000) WHERE position > $feed_seen ORDER BY position");
+	my @lines;
+	for (split /\n/, $out)
+	{
+		my ($pos, @rest) = split /\|/, $_, -1;
+		$feed_seen = $pos;
+		push @lines, join('|', @rest);
+	}
+	return \@lines;
+}
+sub changes_of { my ($changes, $table, $id) = @_; return [ grep { (split /\|/)[0] eq $table && (split /\|/)[3] == $id } @$changes ]; }
+
 # Changes, as the emulator's epochs; %data follows them for the expected values
 sub change
 {
@@ -159,10 +196,13 @@ sub check
 	is($node->safe_psql('postgres',
 		"SELECT instance, id, user_id, original_user_id, grader_id, original_grader_id FROM cd2.submissions ORDER BY instance, id"),
 		join("\n", sort @exp), "$label: every row of cd2.submissions");
+	feed_is_exact('sis', $label, 'enrollments', 'submissions');
 }
 
 sync_all();
 check('epoch 0');
+my $ch = new_changes();
+is(scalar(grep { /\|insert\|/ && /\|sync$/ } @$ch), scalar(@$ch), 'epoch 0: the first syncs are inserts, cause sync');
 
 # epoch 1: Ann (c1 user 1) moves home to c2 as user 10; her login and a
 # submission move with her; her conflicting enrolment stays, soft-deleted, on
@@ -176,6 +216,11 @@ change([ 'c2', 'users', user(10, 'Ann') ],
 sync_all();
 my %m = ((1 * $G + 1) => [ $ann, 1, 'users.merged_into_user_id' ]);
 check('epoch 1 (cross-instance merge, references lag on c3)', %m);
+$ch = new_changes();
+is_deeply(changes_of($ch, 'enrollments', 3 * $G + 31), [ "enrollments|update|c3|@{[3 * $G + 31]}|{user_id}|merge" ],
+	'epoch 1: the lagging enrolment on c3 gets one update, cause merge, user_id changed');
+is_deeply(changes_of($ch, 'submissions', 3 * $G + 31), [ "submissions|update|c3|@{[3 * $G + 31]}|{user_id}|merge" ],
+	'epoch 1: the lagging submission on c3 too');
 
 # epoch 2: c3's references catch up; Bob merged into Cat (chain, first step);
 # Fay's enrolment moves to a new user but Fay stays active (a failed merge);
@@ -192,6 +237,9 @@ sync_all();
 $m{ 1 * $G + 2 } = [ 1 * $G + 3, 1, 'users.merged_into_user_id' ];
 $m{ 1 * $G + 7 } = [ 1 * $G + 4, 1, 'users.merged_into_user_id' ];
 check('epoch 2 (chain step, failed merge, merge to be split)', %m);
+$ch = new_changes();
+is_deeply(changes_of($ch, 'enrollments', 3 * $G + 31), [ "enrollments|update|c3|@{[3 * $G + 31]}|{original_user_id}|sync" ],
+	'epoch 2: the enrolment moved upstream to the user the view showed: only original_user_id changes, no merge update');
 is($node->safe_psql('postgres', "SELECT unknown_users FROM cd2.reconciliation_health WHERE instance = 'c3' AND table_name = 'enrollments' AND column_name = 'user_id'"),
 	'1', 'health: the reference to a user not arrived yet is counted');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2.enrollments WHERE user_id = " . (3 * $G + 99)), '1',
@@ -236,11 +284,15 @@ check('epoch 5 (a cycle)', %m);
 # the map is recomputed only by a sync that changed one of its inputs
 my $refreshes = sub {
 	$node->safe_psql('postgres', "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions "
-		  . "WHERE schemaname = 'cd2sync' AND funcname = 'refresh_user_merges'");
+		  . "WHERE schemaname = 'cd2sync' AND funcname = '_refresh_user_merges'");
 };
 my $before = $refreshes->();
+new_changes();
 sync_all();
 is($refreshes->() - $before, 0, 'runs that change no user, login or enrolment leave the map alone');
+is_deeply(new_changes(), [], 'runs that change nothing publish no change');
+$node->safe_psql('postgres', "SELECT * FROM cd2_sync_now('$_', \"full\" => true)") for sort keys %shard;
+is_deeply(new_changes(), [], 'a full resync of unchanged data publishes no change');
 change([ 'c3', 'users', user(30, 'Quinn Q') ]);
 sync_all();
 is($refreshes->() - $before, 1, 'a run that changes users recomputes it once');
@@ -249,6 +301,36 @@ check('after a rename', %m);
 # the moves seen at apply time are kept
 ok($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.user_moves WHERE table_name = 'pseudonyms'") >= 4,
 	'login moves are recorded when they are applied');
+
+# A feed's whole history: no key was ever deleted, or inserted twice
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('sis', 100000000) WHERE op = 'delete'"), '0',
+	'no enrolment or submission disappeared from the feed on the way');
+is($node->safe_psql('postgres', "SELECT count(*) FROM (SELECT 1 FROM cd2_feed_read('sis', 100000000) WHERE op = 'insert' "
+	  . "GROUP BY table_name, instance, key HAVING count(*) > 1) x"), '0', 'no key inserted twice');
+
+# A feed created from the start begins with the current rows; both go on
+$node->safe_psql('postgres', "SELECT cd2_create_feed('late', tables => ARRAY['enrollments'], from_start => true)");
+is($node->safe_psql('postgres', "SELECT count(*) FILTER (WHERE op = 'insert' AND cause = 'start' AND watermark IS NULL), count(*) "
+	  . "FROM cd2_feed_read('late')"),
+	$node->safe_psql('postgres', "SELECT count(*), count(*) FROM cd2.enrollments"), 'from_start: one start insert per row');
+feed_is_exact('late', 'from_start', 'enrollments');
+change([ 'c2', 'users', with(row_of('c2', 'users', 11), workflow_state => 'deleted', merged_into_user_id => 2 * $G + 13) ],
+	[ 'c1', 'enrollments', enr(9, 1, 101) ]);
+sync_all();
+feed_is_exact('late', 'after a merge of Cat2 into Eve2', 'enrollments');
+feed_is_exact('sis', 'after a merge of Cat2 into Eve2', 'enrollments', 'submissions');
+$ch = new_changes();
+ok(scalar(grep { /\|merge$/ } @$ch) >= 2, 'the rows of the merged user get merge updates');
+
+# Acknowledging: everything up to a position is processed; less is a no-op
+my ($last) = $node->safe_psql('postgres', "SELECT max(position) FROM cd2_feed_read('sis', 100000000)");
+$node->safe_psql('postgres', "SELECT cd2_feed_ack('sis', $last)");
+$node->safe_psql('postgres', "SELECT cd2_feed_ack('sis', 1)");
+is($node->safe_psql('postgres', "SELECT acknowledged, pending, status FROM cd2sync.feeds WHERE name = 'sis'"),
+	"$last|0|ok", 'acknowledged: nothing pending, and acknowledging less changes nothing');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('sis')"), '0', 'read after the acknowledged position');
+ok($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE feed IS NULL AND table_name = 'submissions'") == 0,
+	'changes every feed acknowledged are forgotten');
 
 $node->stop;
 $emu->stop;

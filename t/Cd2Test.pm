@@ -137,12 +137,17 @@ sub table_diff
 	my $state = $emu->state($client_id, $table, $opts{fresh});
 	my $doc = $json->encode($state->{rows});
 	my $rel = qq{"$schema"."$table"};
+	# the CD2 columns: cd2sync's own bookkeeping (cd2_*) is not upstream's
+	my $cols = $node->safe_psql('postgres', qq{
+		SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
+		 WHERE attrelid = '$rel'::regclass AND attnum > 0 AND NOT attisdropped AND attname NOT LIKE 'cd2\\_%'});
 	my $sql = qq{
 		WITH exp AS (
-			SELECT (jsonb_populate_record(NULL::$rel, (r->'key') || coalesce(r->'value', '{}'))).*
-			  FROM jsonb_array_elements(\$cd2state\$$doc\$cd2state\$::jsonb) r),
-		     missing AS (SELECT * FROM exp EXCEPT ALL SELECT * FROM $rel),
-		     extra AS (SELECT * FROM $rel EXCEPT ALL SELECT * FROM exp)
+			SELECT $cols FROM (SELECT (jsonb_populate_record(NULL::$rel, (r->'key') || coalesce(r->'value', '{}'))).*
+			  FROM jsonb_array_elements(\$cd2state\$$doc\$cd2state\$::jsonb) r) e),
+		     act AS (SELECT $cols FROM $rel),
+		     missing AS (SELECT * FROM exp EXCEPT ALL SELECT * FROM act),
+		     extra AS (SELECT * FROM act EXCEPT ALL SELECT * FROM exp)
 		SELECT 'missing ' || row_to_json(m)::text FROM missing m
 		UNION ALL
 		SELECT 'extra   ' || row_to_json(e)::text FROM extra e};

@@ -148,4 +148,4 @@ SELECT pg_catalog.pg_extension_config_dump('cd2sync.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.sync_log', '');
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.run_id_seq', '');
 
--- (privileges: sql/privileges.sql)
+-- (privileges: src/sql/privileges.sql)

@@ -5,8 +5,9 @@
 --   cd2sync_reader: read the synced schemas (granted as they are created),
 --                   the reconciled views, watermarks, runs, sync log,
 --                   schedules, progress; resolve user ids.
---   cd2sync_admin:  all of the reader's, plus configure instances and start
---                   syncs. Never the secrets: they are read by the extension's
+--   cd2sync_reader also reads and acknowledges change feeds.
+--   cd2sync_admin:  all of the reader's, plus configure instances, start
+--                   syncs, create and drop change feeds. Never the secrets: they are read by the extension's
 --                   owner only (SECURITY DEFINER functions with a fixed
 --                   search_path, and the sync workers, which run as the owner).
 --
@@ -35,17 +36,22 @@ REVOKE ALL ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, 
                        cd2_watermark(text, text),
                        cd2_consistent_watermark(text[]),
                        cd2_global_id(text, bigint),
-                       cd2_resolve_user(bigint)
+                       cd2_resolve_user(bigint),
+                       cd2_create_feed(text, text[], boolean),
+                       cd2_drop_feed(text),
+                       cd2_feed_read(text, integer),
+                       cd2_feed_ack(text, bigint)
     FROM PUBLIC;
 GRANT USAGE ON SCHEMA cd2sync, cd2 TO PUBLIC;
 
 -- reader
 GRANT SELECT ON cd2sync.watermarks, cd2sync.sync_log, cd2sync.runs, cd2sync.schedules,
-                cd2sync.progress, cd2.user_merges, cd2.reconciliation_health
+                cd2sync.progress, cd2.user_merges, cd2.reconciliation_health, cd2sync.feeds
     TO cd2sync_reader;
 GRANT EXECUTE ON FUNCTION cd2_watermark(text, text), cd2_consistent_watermark(text[]),
                           cd2_global_id(text, bigint), cd2_resolve_user(bigint),
-                          cd2sync.reconciliation_health()
+                          cd2sync.reconciliation_health(),
+                          cd2_feed_read(text, integer), cd2_feed_ack(text, bigint)
     TO cd2sync_reader;
 
 -- admin: configuration (no secrets) and syncs
@@ -56,7 +62,9 @@ GRANT EXECUTE ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigin
                           cd2_drop_instance(text, boolean),
                           cd2_sync_now(text, text[], boolean),
                           cd2_sync_start(text, text[], boolean),
-                          cd2sync._check_instance(text)
+                          cd2sync._check_instance(text),
+                          cd2_create_feed(text, text[], boolean),
+                          cd2_drop_feed(text)
     TO cd2sync_admin;
 
 -- DROP EXTENSION must not wait behind a running sync (its worker holds

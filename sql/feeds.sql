@@ -1,0 +1,140 @@
+-- Change feeds and reconciled lookups, on instance tables written here the
+-- way a sync writes them (the worker end to end: t/004_consortium.pl, t/011_feeds.pl).
+\set VERBOSITY sqlstate
+SET client_min_messages = warning;
+SELECT cd2_add_instance('east', 'id-e', 'x', api_url => 'http://127.0.0.1:9', shard_id => 7);
+SELECT cd2_add_instance('west', 'id-w', 'x', api_url => 'http://127.0.0.1:9', shard_id => 8);
+CREATE SCHEMA east;
+CREATE SCHEMA west;
+CREATE TABLE east.enrollments (id bigint PRIMARY KEY, user_id bigint, course_id bigint, state text);
+CREATE TABLE west.enrollments (id bigint PRIMARY KEY, user_id bigint, course_id bigint, state text);
+CREATE TABLE east.users (id bigint PRIMARY KEY, name text, workflow_state text, merged_into_user_id bigint);
+CREATE TABLE west.users (id bigint PRIMARY KEY, name text, workflow_state text, merged_into_user_id bigint);
+INSERT INTO east.users VALUES (1, 'Ann', 'registered', NULL), (2, 'Bob', 'registered', NULL);
+INSERT INTO west.users VALUES (5, 'Cy', 'registered', NULL);
+INSERT INTO east.enrollments VALUES (10, 1, 100, 'active'), (11, 2, 100, 'active');
+INSERT INTO west.enrollments VALUES (20, 70000000000001, 200, 'active'), (21, 5, 200, 'active');
+INSERT INTO cd2sync.table_state (instance, table_name, status)
+VALUES ('east', 'enrollments', 'ok'), ('west', 'enrollments', 'ok'), ('east', 'users', 'ok'), ('west', 'users', 'ok');
+SELECT cd2sync.refresh_views();
+
+-- bookkeeping of the instance tables: a column per user reference, indexes
+SELECT attrelid::regclass, attname, format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid IN ('east.enrollments'::regclass, 'east.users'::regclass) AND attname LIKE 'cd2\_%' ORDER BY 1, 2;
+SELECT indexrelid::regclass, pg_get_indexdef(indexrelid) FROM pg_index
+ WHERE indrelid = 'east.enrollments'::regclass ORDER BY 1;
+
+-- the SQL surface: bad arguments are errors with SQLSTATEs, nothing is created
+SELECT cd2_create_feed('Bad-Name');
+SELECT cd2_create_feed(NULL);
+SELECT cd2_create_feed('f', tables => '{}');
+SELECT cd2_create_feed('f', tables => ARRAY['enrollments', 'no such']);
+SELECT cd2_create_feed('f', from_start => NULL);
+SELECT * FROM cd2_feed_read('nope');
+SELECT cd2_feed_ack('nope', 1);
+SELECT cd2_drop_feed('nope');
+SELECT count(*) FROM cd2sync.feeds;
+
+-- a feed from the start: one insert per current row, cause start
+SELECT cd2_create_feed('sis', tables => ARRAY['enrollments'], from_start => true);
+SELECT cd2_create_feed('sis');
+SELECT * FROM cd2_feed_read('sis', max_changes => 0);
+SELECT position, table_name, op, key, instance, "row"->>'user_id' AS user_id, changed, cause, watermark
+  FROM cd2_feed_read('sis');
+SELECT name, tables, acknowledged, pending, oldest_pending IS NOT NULL AS has_oldest, status FROM cd2sync.feeds;
+-- a feed without from_start starts empty, at the current state
+SELECT cd2_create_feed('all_tables');
+SELECT count(*) FROM cd2_feed_read('all_tables');
+
+-- a sync's transaction: rows written, then the hook
+BEGIN;
+SELECT set_config('cd2sync_tx.cause', 'sync', true);
+UPDATE east.enrollments SET state = 'completed' WHERE id = 10;
+UPDATE east.enrollments SET state = 'active' WHERE id = 11;          -- the same as before: quiet
+INSERT INTO east.enrollments VALUES (12, 2, 101, 'active');
+DELETE FROM east.enrollments WHERE id = 12;                           -- in and out: nothing
+INSERT INTO east.enrollments VALUES (13, 1, 102, 'invited');
+UPDATE east.enrollments SET state = 'active' WHERE id = 13;            -- nets to one insert
+DELETE FROM west.enrollments WHERE id = 21;
+SELECT cd2sync._after_apply('east', 'enrollments', 'incremental', 4, '2026-11-02 00:00:00+00');
+COMMIT;
+SELECT position, table_name, op, key, instance, "row"->>'state' AS state, changed, cause, watermark
+  FROM cd2_feed_read('sis') WHERE cause <> 'start';
+
+-- a merge: Ann (east 1) merged into Cy (west 5); her rows on both instances
+-- get one update each, cause merge, user_id changed
+BEGIN;
+UPDATE east.users SET workflow_state = 'deleted', merged_into_user_id = 80000000000005 WHERE id = 1;
+SELECT cd2sync._after_apply('east', 'users', 'incremental', 1, '2026-11-02 00:00:00+00');
+COMMIT;
+SELECT * FROM cd2.user_merges;
+SELECT position, table_name, op, key, instance, "row"->>'user_id' AS user_id,
+       "row"->>'original_user_id' AS original_user_id, changed, cause
+  FROM cd2_feed_read('sis') WHERE cause = 'merge';
+-- the users table is followed by all_tables only
+SELECT table_name, op, key, changed, cause FROM cd2_feed_read('all_tables') ORDER BY position;
+
+-- reconciled lookups use indexes on every instance's table
+SET enable_seqscan = off;
+EXPLAIN (COSTS OFF) SELECT * FROM cd2.enrollments WHERE id = 70000000000010;
+EXPLAIN (COSTS OFF) SELECT * FROM cd2.enrollments WHERE user_id = 80000000000005;
+SELECT instance, id, user_id, original_user_id FROM cd2.enrollments WHERE user_id = 80000000000005 ORDER BY id;
+SELECT instance, id FROM cd2.enrollments WHERE id = 70000000000010;
+-- an index a user makes on an instance table serves the view too
+CREATE INDEX ON east.enrollments ((CASE WHEN course_id < 10000000000000 AND course_id >= 0 THEN course_id + 70000000000000 ELSE course_id END));
+EXPLAIN (COSTS OFF) SELECT * FROM cd2.enrollments WHERE course_id = 70000000000100;
+RESET enable_seqscan;
+
+-- acknowledging
+SELECT max(position) AS last FROM cd2_feed_read('sis') \gset
+SELECT cd2_feed_ack('sis', :last);
+SELECT cd2_feed_ack('sis', 1);                 -- less than before: a no-op
+SELECT cd2_feed_ack('sis', :last + 1000);      -- never past the last change
+SELECT cd2_feed_ack('sis', NULL);
+SELECT name, acknowledged = :last AS at_last, pending, status FROM cd2sync.feeds ORDER BY name;
+SELECT count(*) FROM cd2_feed_read('sis');
+
+-- roles: the admin creates and drops, the reader reads and acknowledges,
+-- PUBLIC nothing
+CREATE ROLE feed_admin IN ROLE cd2sync_admin;
+CREATE ROLE feed_reader IN ROLE cd2sync_reader;
+CREATE ROLE nobody;
+SET ROLE feed_reader;
+SELECT count(*) FROM cd2_feed_read('all_tables');
+SELECT cd2_feed_ack('all_tables', 0);
+SELECT name, status FROM cd2sync.feeds ORDER BY name;
+SELECT cd2_create_feed('mine');
+SELECT cd2_drop_feed('sis');
+SELECT count(*) FROM cd2sync.changes;
+SET ROLE nobody;
+SELECT count(*) FROM cd2_feed_read('all_tables');
+SELECT count(*) FROM cd2sync.feeds;
+SET ROLE feed_admin;
+SELECT cd2_create_feed('mine', tables => ARRAY['users']);
+SELECT cd2_drop_feed('mine');
+RESET ROLE;
+
+-- a feed that falls behind is stale: a WARNING, reading it is an error, the
+-- others go on; its triggers go when no other feed follows its tables
+SET cd2sync.feed_max_pending = 2;
+SET client_min_messages = warning;
+BEGIN;
+UPDATE west.users SET name = 'Cyrus' WHERE id = 5;
+UPDATE east.users SET name = 'Bobby' WHERE id = 2;
+SELECT cd2sync._after_apply('west', 'users', 'incremental', 2, NULL);
+COMMIT;
+SELECT name, pending, status FROM cd2sync.feeds ORDER BY name;
+SELECT * FROM cd2_feed_read('all_tables');
+SELECT count(*) FROM cd2_feed_read('sis');
+RESET cd2sync.feed_max_pending;
+SELECT cd2_drop_feed('all_tables');
+SELECT tgrelid::regclass, tgname FROM pg_trigger WHERE tgname LIKE 'cd2_feed%' ORDER BY 1, 2;
+
+-- dropping an instance deletes its rows from the feeds
+SELECT cd2_drop_instance('west');
+SELECT table_name, op, key, instance, cause FROM cd2_feed_read('sis') ORDER BY position;
+SELECT cd2_drop_feed('sis');
+SELECT count(*) AS changes_left FROM cd2sync.changes;
+SELECT cd2_drop_instance('east', drop_data => true);
+DROP SCHEMA west CASCADE;
+DROP ROLE feed_admin, feed_reader, nobody;

@@ -1,0 +1,1 @@
+-- cd2sync 0.1 is the script released as 1.0: nothing changes.

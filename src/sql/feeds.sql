@@ -1,0 +1,476 @@
+-- feeds.sql: change feeds. A feed follows the reconciled rows (cd2.<table>)
+-- of some tables for a downstream system: every insert, update and delete
+-- of those rows, in the order they became visible, until the feed
+-- acknowledges them.
+--
+-- Wording: a "capture" is what a statement did to an instance table's rows,
+-- seen as cd2.<table> shows them (statement triggers with transition
+-- tables, on the tables some feed follows); "publishing" nets the captures
+-- of a transaction by key (first image before, last image after) and writes
+-- what changed to cd2sync.changes, under a lock held until commit, so that
+-- positions grow in commit order.
+--
+-- What a row looks like is said once, by cd2sync._view_select
+-- (reconcile.sql); so the images a feed carries are the view's rows.
+
+CREATE TABLE cd2sync.feed (
+    name          text PRIMARY KEY,
+    tables        text[],                 -- NULL: every table
+    acknowledged  bigint NOT NULL,        -- everything up to here is processed
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    stale_since   timestamptz,            -- fell behind cd2sync.feed_max_pending / feed_max_age
+    stale_reason  text
+);
+
+-- Positions: taken only under the lock on cd2sync.changes (see _feed_publish)
+CREATE SEQUENCE cd2sync.change_position_seq;
+
+-- The changes of every feed, until each feed that follows them has
+-- acknowledged them. Publishable with PostgreSQL's logical replication:
+--   CREATE PUBLICATION cd2sync_changes FOR TABLE cd2sync.changes WITH (publish = 'insert');
+CREATE TABLE cd2sync.changes (
+    position      bigint PRIMARY KEY,
+    feed          text,                   -- NULL: every feed following table_name; else that feed's start
+    table_name    text NOT NULL,
+    op            text NOT NULL CHECK (op IN ('insert', 'update', 'delete')),
+    key           jsonb NOT NULL,
+    instance      text NOT NULL,
+    "row"         jsonb,
+    changed       text[],
+    cause         text NOT NULL CHECK (cause IN ('start', 'sync', 'merge', 'resync')),
+    watermark     timestamptz,
+    committed_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE VIEW cd2sync.feeds AS
+    SELECT f.name, f.tables, f.acknowledged, p.pending, p.oldest_pending,
+           CASE WHEN f.stale_since IS NULL THEN 'ok' ELSE 'stale' END AS status
+      FROM cd2sync.feed f
+      CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.committed_at) AS oldest_pending
+                            FROM cd2sync.changes c
+                           WHERE c.position > f.acknowledged AND f.stale_since IS NULL
+                             AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))) p;
+
+CREATE FUNCTION cd2sync._feed_limits(OUT max_pending bigint, OUT max_age_seconds int)
+AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;
+
+-- Raises unless the feed exists; returns it
+CREATE FUNCTION cd2sync._check_feed(name text)
+RETURNS cd2sync.feed LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed;
+BEGIN
+    SELECT * INTO f FROM cd2sync.feed x WHERE x.name = _check_feed.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cd2sync feed "%" does not exist', name
+              USING ERRCODE = 'undefined_object', HINT = 'See SELECT name FROM cd2sync.feeds.';
+    END IF;
+    RETURN f;
+END $$;
+
+-- Whether any feed (not stale) follows the table
+CREATE FUNCTION cd2sync._feed_follows(table_name text)
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM cd2sync.feed f
+                    WHERE f.stale_since IS NULL
+                      AND (f.tables IS NULL OR _feed_follows.table_name = ANY (f.tables)))
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Capture
+-- ---------------------------------------------------------------------------
+
+-- The captures of this transaction (a session's temporary table)
+CREATE FUNCTION cd2sync._feed_capture_table()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+BEGIN
+    IF to_regclass('pg_temp.cd2_feed_capture') IS NULL THEN
+        CREATE TEMP TABLE cd2_feed_capture (
+            seq        bigserial,
+            table_name text NOT NULL,
+            instance   text NOT NULL,
+            key        jsonb NOT NULL,
+            old_row    jsonb,          -- NULL: the row did not exist before the statement
+            new_row    jsonb,          -- NULL: the row does not exist after it
+            cause      text NOT NULL
+        ) ON COMMIT DELETE ROWS;
+    END IF;
+END $$;
+
+-- The statement that captures rows of instance table rel, read from
+-- relations old_src and new_src (the table itself, or a trigger's
+-- transition tables: the statement must run where those are visible) as
+-- images before (old) and after (new); rows of one key in both are paired
+-- (an update, captured only when it changed the image). NULL when there is
+-- nothing to capture: rel is not an instance's table (any more), or its
+-- instance is being changed as a whole (_feed_capture_instance).
+-- cause: the changes' cause (NULL: the transaction's, cd2sync_tx.cause,
+-- set by the step that writes: _apply, _after_apply; else 'sync').
+CREATE FUNCTION cd2sync._feed_capture_sql(rel regclass, table_name text, old_src text, new_src text,
+                                          cause text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances;
+    v record;
+    keys text[] := cd2sync._key_columns(rel);
+    keyexpr text;
+BEGIN
+    SELECT i.* INTO inst FROM cd2sync.instances i JOIN pg_class c ON c.oid = rel
+      JOIN pg_namespace s ON s.oid = c.relnamespace WHERE i.target_schema = s.nspname;
+    IF NOT FOUND OR keys IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true) THEN
+        RETURN NULL;
+    END IF;
+    cause := coalesce(cause, nullif(current_setting('cd2sync_tx.cause', true), ''), 'sync');
+    v := cd2sync._view_columns(table_name);
+    SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
+      INTO keyexpr FROM unnest(keys) k;
+    PERFORM cd2sync._feed_capture_table();
+    IF old_src IS NOT NULL AND new_src IS NOT NULL THEN
+        RETURN format(
+            'INSERT INTO pg_temp.cd2_feed_capture (table_name, instance, key, old_row, new_row, cause)
+             SELECT %1$L, %2$L, coalesce(o.k, w.k), o.r, w.r, %3$L
+               FROM (SELECT %4$s AS k, r FROM (SELECT to_jsonb(x) AS r FROM (%5$s) x) y) o
+               FULL JOIN (SELECT %4$s AS k, r FROM (SELECT to_jsonb(x) AS r FROM (%6$s) x) y) w ON w.k = o.k
+              WHERE o.r IS DISTINCT FROM w.r',
+            table_name, inst.name, cause, keyexpr,
+            cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src),
+            cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src));
+    END IF;
+    RETURN format(
+        'INSERT INTO pg_temp.cd2_feed_capture (table_name, instance, key, old_row, new_row, cause)
+         SELECT %1$L, %2$L, %3$s, %4$s, %5$s, %6$L FROM (SELECT to_jsonb(x) AS r FROM (%7$s) x) y',
+        table_name, inst.name, keyexpr,
+        CASE WHEN old_src IS NOT NULL THEN 'r' ELSE 'NULL' END,
+        CASE WHEN new_src IS NOT NULL THEN 'r' ELSE 'NULL' END, cause,
+        cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types,
+                             coalesce(old_src, new_src)));
+END $$;
+
+-- The capture trigger of a followed instance table (one per statement; its
+-- transition tables are visible to this function's statements only)
+CREATE FUNCTION cd2sync._feed_capture()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
+                                        CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old' END,
+                                        CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
+BEGIN
+    IF q IS NOT NULL THEN
+        EXECUTE q;
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Gives an instance table its capture triggers when a feed follows the
+-- table, and takes them away when none does.
+CREATE FUNCTION cd2sync._feed_ensure_capture(rel regclass, table_name text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    wanted boolean := cd2sync._feed_follows(table_name);
+    has boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert');
+BEGIN
+    IF wanted AND NOT has THEN
+        EXECUTE format('CREATE TRIGGER cd2_feed_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS cd2_new
+                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
+        EXECUTE format('CREATE TRIGGER cd2_feed_update AFTER UPDATE ON %s
+                        REFERENCING OLD TABLE AS cd2_old NEW TABLE AS cd2_new
+                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
+        EXECUTE format('CREATE TRIGGER cd2_feed_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS cd2_old
+                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
+    ELSIF has AND NOT wanted THEN
+        EXECUTE format('DROP TRIGGER cd2_feed_insert ON %s', rel);
+        EXECUTE format('DROP TRIGGER cd2_feed_update ON %s', rel);
+        EXECUTE format('DROP TRIGGER cd2_feed_delete ON %s', rel);
+    END IF;
+END $$;
+
+-- Every instance table's triggers, after the feeds changed
+CREATE FUNCTION cd2sync._feed_ensure_captures()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT c.oid::regclass AS rel, c.relname::text AS tab
+               FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
+               JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r'
+              ORDER BY c.oid LOOP
+        PERFORM cd2sync._feed_ensure_capture(r.rel, r.tab);
+    END LOOP;
+END $$;
+
+-- Captures every row of an instance's followed tables, as images before
+-- (side 'old') or after (side 'new') a change to the instance itself (added,
+-- dropped, a new shard_id or target schema): the views' rows of that
+-- instance change wholesale. In between, the rows of that instance are not
+-- captured as they are brought up to date (cd2sync_tx.quiet_instance), so
+-- that each key nets to its image before and after.
+CREATE FUNCTION cd2sync._feed_capture_instance(instance text, side text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    q text;
+BEGIN
+    FOR r IN SELECT c.oid::regclass AS rel, c.relname::text AS tab
+               FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
+               JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r'
+              WHERE i.name = instance AND cd2sync._feed_follows(c.relname) LOOP
+        q := cd2sync._feed_capture_sql(r.rel, r.tab, CASE WHEN side = 'old' THEN r.rel::text END,
+                                       CASE WHEN side = 'new' THEN r.rel::text END, 'resync');
+        IF q IS NOT NULL THEN
+            EXECUTE q;
+        END IF;
+    END LOOP;
+    PERFORM set_config('cd2sync_tx.quiet_instance', CASE WHEN side = 'old' THEN instance ELSE '' END, true);
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Publishing
+-- ---------------------------------------------------------------------------
+
+-- Nets this transaction's captures by key and writes what changed, with
+-- positions taken under an exclusive lock on cd2sync.changes that is held
+-- until commit: a transaction that commits later always has higher
+-- positions, so a reader never skips a change. The table just applied
+-- (instance, table_name) is given its new watermark (not committed yet);
+-- other tables take theirs from table_state. Returns the changes written.
+CREATE FUNCTION cd2sync._feed_publish(instance text DEFAULT NULL, table_name text DEFAULT NULL,
+                                      watermark timestamptz DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+    f record;
+BEGIN
+    IF to_regclass('pg_temp.cd2_feed_capture') IS NULL THEN
+        RETURN 0;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_temp.cd2_feed_capture) THEN
+        RETURN 0;
+    END IF;
+    LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
+    INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
+    SELECT nextval('cd2sync.change_position_seq'), x.table_name,
+           CASE WHEN x.before IS NULL THEN 'insert' WHEN x.after IS NULL THEN 'delete' ELSE 'update' END,
+           x.key, x.instance, x.after,
+           CASE WHEN x.before IS NOT NULL AND x.after IS NOT NULL THEN
+               ARRAY(SELECT a.k FROM jsonb_each(x.after) a(k, v)
+                      WHERE a.v IS DISTINCT FROM coalesce(x.before->a.k, 'null'::jsonb) ORDER BY a.k) END,
+           x.cause,
+           CASE WHEN x.instance = _feed_publish.instance AND x.table_name = _feed_publish.table_name
+                THEN _feed_publish.watermark
+                ELSE (SELECT s.watermark FROM cd2sync.table_state s
+                       WHERE s.instance = x.instance AND s.table_name = x.table_name) END
+      FROM (SELECT c.table_name, c.instance, c.key,
+                   (array_agg(c.old_row ORDER BY c.seq))[1] AS before,
+                   (array_agg(c.new_row ORDER BY c.seq DESC))[1] AS after,
+                   coalesce(min(c.cause) FILTER (WHERE c.cause <> 'merge'), 'merge') AS cause,
+                   min(c.seq) AS first_seq
+              FROM pg_temp.cd2_feed_capture c
+             GROUP BY c.table_name, c.instance, c.key) x
+     -- quiet: nothing for a row that looks as it did (a column that is new
+     -- and NULL counts as unchanged)
+     WHERE NOT (x.before IS NULL AND x.after IS NULL)
+       AND (x.before IS NULL OR x.after IS NULL OR jsonb_strip_nulls(x.before) <> jsonb_strip_nulls(x.after))
+     ORDER BY x.first_seq;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    TRUNCATE pg_temp.cd2_feed_capture;
+    IF n > 0 THEN
+        FOR f IN SELECT DISTINCT x.name FROM cd2sync.feed x
+                  WHERE x.stale_since IS NULL
+                    AND EXISTS (SELECT 1 FROM cd2sync.changes c
+                                 WHERE c.position > currval('cd2sync.change_position_seq') - n
+                                   AND c.feed IS NULL AND (x.tables IS NULL OR c.table_name = ANY (x.tables))) LOOP
+            PERFORM pg_notify('cd2sync_feed', f.name);
+        END LOOP;
+        PERFORM cd2sync._feed_check_limits();
+    END IF;
+    RETURN n;
+END $$;
+
+-- Marks stale, with a WARNING, every feed that fell behind
+-- cd2sync.feed_max_pending changes or cd2sync.feed_max_age, and forgets
+-- the changes no other feed waits for. (The capture triggers of tables no
+-- feed follows any more go with the next change to the feeds or instances.)
+CREATE FUNCTION cd2sync._feed_check_limits()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lim record := cd2sync._feed_limits();
+    f record;
+    oldest timestamptz;
+    pending bigint;
+    why text;
+BEGIN
+    FOR f IN SELECT * FROM cd2sync.feed WHERE stale_since IS NULL ORDER BY name LOOP
+        why := NULL;
+        SELECT c.committed_at INTO oldest FROM cd2sync.changes c
+         WHERE c.position > f.acknowledged
+           AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))
+         ORDER BY c.position LIMIT 1;
+        IF oldest < now() - make_interval(secs => lim.max_age_seconds) THEN
+            why := format('a change waits since %s, longer than cd2sync.feed_max_age', oldest);
+        ELSIF (SELECT max(position) FROM cd2sync.changes) - f.acknowledged > lim.max_pending THEN
+            -- positions bound the count; count only when the bound is over
+            SELECT count(*) INTO pending
+              FROM (SELECT 1 FROM cd2sync.changes c
+                     WHERE c.position > f.acknowledged
+                       AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))
+                     LIMIT lim.max_pending + 1) x;
+            IF pending > lim.max_pending THEN
+                why := format('more than %s changes wait, over cd2sync.feed_max_pending', lim.max_pending);
+            END IF;
+        END IF;
+        IF why IS NOT NULL THEN
+            UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why WHERE x.name = f.name;
+            RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
+                  USING HINT = 'Drop it and create it again; its changes are no longer kept.';
+            PERFORM cd2sync._feed_forget(f.acknowledged);
+        END IF;
+    END LOOP;
+END $$;
+
+-- Deletes the changes with positions in (after, upto] that no feed waits
+-- for any more: every feed that follows them (and is not stale) has
+-- acknowledged them. Only an acknowledgement, a feed dropped or gone stale
+-- can make a change forgettable: each forgets within what it moved.
+CREATE FUNCTION cd2sync._feed_forget(after bigint DEFAULT 0, upto bigint DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM cd2sync.changes c
+     WHERE c.position > after AND (upto IS NULL OR c.position <= upto)
+       AND NOT EXISTS (SELECT 1 FROM cd2sync.feed f
+                        WHERE f.stale_since IS NULL AND f.acknowledged < c.position
+                          AND (c.feed = f.name
+                               OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables)))));
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- The SQL surface
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION cd2_create_feed(name text, tables text[] DEFAULT NULL, from_start boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n text := cd2_create_feed.name;
+    t text;
+    keys text[];
+    start bigint;
+BEGIN
+    IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
+        RAISE EXCEPTION 'invalid feed name "%"', n
+              USING ERRCODE = 'invalid_parameter_value',
+                    DETAIL = 'A feed name is a lower-case letter followed by up to 47 lower-case letters, digits or underscores.';
+    END IF;
+    IF from_start IS NULL THEN
+        RAISE EXCEPTION 'from_start must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF tables IS NOT NULL THEN
+        IF cardinality(tables) = 0 THEN
+            RAISE EXCEPTION 'tables must name at least one table, or be NULL for every table'
+                  USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF EXISTS (SELECT 1 FROM unnest(tables) x WHERE x IS NULL OR x !~ '^[A-Za-z0-9_]{1,63}$') THEN
+            RAISE EXCEPTION 'invalid table name in tables'
+                  USING ERRCODE = 'invalid_parameter_value',
+                        DETAIL = 'CD2 table names are made of letters, digits and underscores.';
+        END IF;
+    END IF;
+    IF EXISTS (SELECT 1 FROM cd2sync.feed f WHERE f.name = n) THEN
+        RAISE EXCEPTION 'cd2sync feed "%" already exists', n USING ERRCODE = 'duplicate_object';
+    END IF;
+
+    -- the feed's row first: the capture triggers follow it. Making them
+    -- waits for the syncs applying to those tables, and keeps new ones out
+    -- until commit; then the lock on the changes orders the feed's start
+    -- after every change already published.
+    INSERT INTO cd2sync.feed (name, tables, acknowledged)
+    VALUES (n, (SELECT array_agg(DISTINCT x ORDER BY x) FROM unnest(tables) x), 0);
+    PERFORM cd2sync._feed_ensure_captures();
+    LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
+    UPDATE cd2sync.feed f SET acknowledged = start WHERE f.name = n;
+    IF from_start THEN
+        FOR t IN SELECT c.relname::text FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
+                  WHERE s.nspname = 'cd2' AND c.relkind = 'v'
+                    AND c.relname NOT IN ('user_merges', 'reconciliation_health')
+                    AND (tables IS NULL OR c.relname = ANY (tables))
+                  ORDER BY 1 LOOP
+            SELECT cd2sync._key_columns(x.rel) INTO keys FROM cd2sync._instances_with(t) x LIMIT 1;
+            EXECUTE format(
+                'INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+                 SELECT nextval(''cd2sync.change_position_seq''), %L, %L, ''insert'', %s, r->>''instance'', r, ''start''
+                   FROM (SELECT to_jsonb(v) AS r FROM cd2.%I v) x',
+                n, t, (SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
+                         FROM unnest(keys) k), t);
+        END LOOP;
+        IF EXISTS (SELECT 1 FROM cd2sync.changes c WHERE c.feed = n) THEN
+            PERFORM pg_notify('cd2sync_feed', n);
+        END IF;
+    END IF;
+END $$;
+
+CREATE FUNCTION cd2_drop_feed(name text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed := cd2sync._check_feed(name);
+BEGIN
+    DELETE FROM cd2sync.feed x WHERE x.name = f.name;
+    PERFORM cd2sync._feed_ensure_captures();
+    PERFORM cd2sync._feed_forget(f.acknowledged);
+END $$;
+
+-- The changes after the feed's acknowledged position, in position order,
+-- without advancing it.
+CREATE FUNCTION cd2_feed_read(name text, max_changes int DEFAULT 10000)
+RETURNS TABLE ("position" bigint, table_name text, op text, key jsonb, instance text, "row" jsonb,
+               changed text[], cause text, watermark timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed := cd2sync._check_feed(name);
+BEGIN
+    IF max_changes IS NULL OR max_changes < 1 THEN
+        RAISE EXCEPTION 'max_changes must be a positive number' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF f.stale_since IS NULL THEN
+        PERFORM cd2sync._feed_check_limits();
+        f := cd2sync._check_feed(name);
+    END IF;
+    IF f.stale_since IS NOT NULL THEN
+        RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, f.stale_reason
+              USING ERRCODE = 'object_not_in_prerequisite_state',
+                    HINT = 'Drop it and create it again (from_start => true gives the current rows).';
+    END IF;
+    RETURN QUERY
+    SELECT c.position, c.table_name, c.op, c.key, c.instance, c."row", c.changed, c.cause, c.watermark
+      FROM cd2sync.changes c
+     WHERE c.position > f.acknowledged
+       AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))
+     ORDER BY c.position
+     LIMIT max_changes;
+END $$;
+
+-- Everything up to position upto is processed. Less than before: a no-op;
+-- never past the last change published.
+CREATE FUNCTION cd2_feed_ack(name text, upto bigint)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed := cd2sync._check_feed(name);
+    last bigint;
+BEGIN
+    IF upto IS NULL THEN
+        RAISE EXCEPTION 'upto must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF upto <= f.acknowledged THEN
+        RETURN;
+    END IF;
+    -- every position up to the last visible one is committed (see _feed_publish)
+    last := greatest(f.acknowledged, (SELECT max(c.position) FROM cd2sync.changes c));
+    UPDATE cd2sync.feed x SET acknowledged = least(upto, last)
+     WHERE x.name = f.name AND x.acknowledged < least(upto, last);
+    PERFORM cd2sync._feed_forget(f.acknowledged, least(upto, last));
+END $$;
+
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.feed', '');
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.changes', '');
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.change_position_seq', '');

@@ -1,0 +1,679 @@
+-- reconcile.sql: the consortium layer. Global ids, the user merge resolver
+-- and the reconciled views cd2.<table> over every instance.
+--
+-- Wording: a "reference" is a column that names a user (user_id,
+-- associated_user_id, grader_id, author_id, observer_id, any *_user_id); an
+-- "edge" is one piece of evidence that user A was superseded by user B; the
+-- "map" is the closure of the edges (A -> final replacement), kept in an
+-- indexed table so that views join it instead of walking chains per row.
+
+-- ---------------------------------------------------------------------------
+-- Global ids
+-- ---------------------------------------------------------------------------
+
+-- shard * 10^13 + id for a local id; an id >= 10^13 (already global), a
+-- negative id or an instance without a shard: the id as it is.
+CREATE FUNCTION cd2sync._global_id(shard bigint, id bigint)
+RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN shard IS NULL OR id IS NULL OR id < 0 OR id >= 10000000000000 THEN id
+                ELSE shard * 10000000000000 + id END
+$$;
+
+-- The SQL expression of _global_id for a column, inlined in generated SQL.
+CREATE FUNCTION cd2sync._global_expr(shard bigint, col text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN shard IS NULL THEN col
+                ELSE format('CASE WHEN %1$s < 10000000000000 AND %1$s >= 0 THEN %1$s + %2$s ELSE %1$s END',
+                            col, shard * 10000000000000) END
+$$;
+
+CREATE FUNCTION cd2_global_id(instance text, id bigint)
+RETURNS bigint LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN cd2sync._global_id((cd2sync._check_instance(instance)).shard_id, id);
+END $$;
+
+-- Whether a column references a user
+CREATE FUNCTION cd2sync._is_user_ref(col text)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT col IN ('user_id', 'associated_user_id', 'grader_id', 'author_id', 'observer_id')
+        OR col LIKE '%\_user\_id'
+$$;
+
+-- The instances whose target schema holds the given table, with their shards
+CREATE FUNCTION cd2sync._instances_with(table_name text)
+RETURNS TABLE (instance text, shard_id bigint, rel regclass)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT i.name, i.shard_id, to_regclass(format('%I.%I', i.target_schema, table_name))
+      FROM cd2sync.instances i
+     WHERE to_regclass(format('%I.%I', i.target_schema, table_name)) IS NOT NULL
+     ORDER BY i.name
+$$;
+
+-- Whether a relation has a column
+CREATE FUNCTION cd2sync._has_column(rel regclass, col text)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                    WHERE attrelid = rel AND attname = col AND attnum > 0 AND NOT attisdropped)
+$$;
+
+-- The user columns of an instance table: bigint references (not cd2_ ones)
+CREATE FUNCTION cd2sync._user_columns(rel regclass)
+RETURNS SETOF text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT a.attname::text FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.atttypid = 'bigint'::regtype AND a.attname NOT LIKE 'cd2\_%'
+       AND cd2sync._is_user_ref(a.attname)
+     ORDER BY a.attnum
+$$;
+
+-- The bookkeeping column that keeps a user column's replacement: the final
+-- replacement of the stored user when the map has one, else NULL
+CREATE FUNCTION cd2sync._resolved_column(col text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT left('cd2_' || col, 63)
+$$;
+
+-- The global, resolved value of user column col of an instance table's row
+-- (columns qualified by alias, if given): what cd2.<table> shows, and what
+-- the column's lookup index holds
+CREATE FUNCTION cd2sync._resolved_expr(shard bigint, col text, alias text DEFAULT 't')
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT format('coalesce(%s%I, %s)', alias || '.', cd2sync._resolved_column(col),
+                  cd2sync._global_expr(shard, format('%s%I', alias || '.', col)))
+$$;
+
+-- An index cd2sync keeps on an instance table, made again when its
+-- expression changed (a new shard_id): the comment records the expression.
+-- Returns true when it was (re)made.
+CREATE FUNCTION cd2sync._ensure_index(rel regclass, suffix text, expr text, pred text DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    name text := left(format('%s_%s', (SELECT relname FROM pg_class WHERE oid = rel), suffix), 63);
+    nsp text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+    idx regclass := to_regclass(format('%I.%I', nsp, name));
+    want text := 'cd2sync: ' || expr || coalesce(' WHERE ' || pred, '');
+BEGIN
+    IF idx IS NOT NULL AND obj_description(idx, 'pg_class') IS NOT DISTINCT FROM want THEN
+        RETURN false;
+    END IF;
+    IF idx IS NOT NULL THEN
+        EXECUTE format('DROP INDEX %s', idx);
+    END IF;
+    EXECUTE format('CREATE INDEX %I ON %s ((%s))%s', name, rel, expr, coalesce(' WHERE ' || pred, ''));
+    EXECUTE format('COMMENT ON INDEX %I.%I IS %L', nsp, name, want);
+    RETURN true;
+END $$;
+
+-- Brings an instance table's bookkeeping up to date: for each user column c
+-- a column cd2_<c> (its replacement, see _resolve_users) and an index on the
+-- resolved global value (lookups by person through cd2.<table>, merges); an
+-- index on the global id (lookups by id, when the instance has a shard); a
+-- flag cd2_merge_duplicate on tables where a merge can leave duplicates.
+CREATE FUNCTION cd2sync._ensure_bookkeeping(rel regclass, shard bigint, table_name text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    c text;
+    rc text;
+    reset boolean := false;
+    dupkey text[] := cd2sync._duplicate_key(table_name);
+BEGIN
+    FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
+        rc := cd2sync._resolved_column(c);
+        IF NOT cd2sync._has_column(rel, rc) THEN
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I bigint', rel, rc);
+        END IF;
+        IF cd2sync._ensure_index(rel, c || '_resolved', cd2sync._resolved_expr(shard, c, NULL)) THEN
+            reset := true;
+        END IF;
+        PERFORM cd2sync._ensure_index(rel, c || '_replaced', format('%I', rc), format('%I IS NOT NULL', rc));
+    END LOOP;
+    IF shard IS NOT NULL AND cd2sync._has_column(rel, 'id') THEN
+        PERFORM cd2sync._ensure_index(rel, 'global_id', cd2sync._global_expr(shard, 'id'));
+    END IF;
+    IF dupkey IS NOT NULL AND cd2sync._has_column(rel, 'id') AND cd2sync._has_column(rel, 'user_id')
+       AND NOT cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN cd2_merge_duplicate boolean', rel);
+        PERFORM cd2sync._ensure_index(rel, 'merge_duplicates', 'id', 'cd2_merge_duplicate');
+    END IF;
+    IF reset THEN
+        -- new (or changed) global ids: every replacement is looked up again
+        PERFORM cd2sync._resolve_users(rel, shard, NULL);
+    END IF;
+END $$;
+
+-- Keeps the cd2_<c> columns of an instance table equal to the map: cd2_<c>
+-- holds the final replacement of the stored user (as a global id), or NULL
+-- when the map has none. changes NULL: every row (a new or re-keyed
+-- table); false: rows whose stored user the map has, and rows with a
+-- replacement (a sync wrote rows: cost by the map's size, not the table's);
+-- true: rows of the users in pg_temp.cd2_map_changes (the map changed).
+CREATE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean)
+RETURNS bigint LANGUAGE plpgsql
+-- lookups through the columns' indexes, never a scan of a large table
+SET search_path = pg_catalog, pg_temp SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    c text;
+    rc text;
+    g text;
+    n bigint := 0;
+    k bigint;
+BEGIN
+    FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
+        rc := cd2sync._resolved_column(c);
+        IF NOT cd2sync._has_column(rel, rc) THEN
+            CONTINUE;   -- not a table of cd2sync's making (see _ensure_bookkeeping)
+        END IF;
+        g := cd2sync._global_expr(shard, format('t.%I', c));
+        IF changes THEN
+            -- a row is consistent with the old map: its resolved value is the
+            -- old replacement, or the user itself
+            EXECUTE format('UPDATE %s t SET %I = x.new_replacement FROM pg_temp.cd2_map_changes x
+                             WHERE %s = coalesce(x.old_replacement, x.superseded) AND %s = x.superseded',
+                           rel, rc, cd2sync._resolved_expr(shard, c), g);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+            CONTINUE;
+        END IF;
+        IF changes IS NULL THEN
+            EXECUTE format('UPDATE %s t SET %I = NULL WHERE %I IS NOT NULL', rel, rc, rc);
+        END IF;
+        EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
+                         WHERE %s = m.superseded_user_id AND t.%I IS NULL',
+                       rel, rc, cd2sync._resolved_expr(shard, c), rc);
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+        IF changes IS NOT NULL THEN
+            -- (a row's stored user changed, or its replacement did)
+            EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                       WHERE m.superseded_user_id = %3$s)
+                             WHERE t.%2$I IS NOT NULL
+                               AND t.%2$I IS DISTINCT FROM (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                             WHERE m.superseded_user_id = %3$s)',
+                           rel, rc, g);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
+    END LOOP;
+    RETURN n;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- The resolver
+-- ---------------------------------------------------------------------------
+
+-- Evidence CD2 does not keep: a login or enrolment whose user_id a sync
+-- moved from one user to another, recorded when the sync applies it.
+CREATE TABLE cd2sync.user_moves (
+    instance      text NOT NULL,
+    table_name    text NOT NULL,
+    row_id        bigint NOT NULL,
+    from_user_id  bigint NOT NULL,
+    to_user_id    bigint NOT NULL,
+    moved_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (instance, table_name, row_id, from_user_id, to_user_id)
+);
+
+-- The map: every superseded user with its final replacement.
+CREATE TABLE cd2sync.user_merge_map (
+    superseded_user_id  bigint PRIMARY KEY,
+    replacement_user_id bigint NOT NULL,
+    chain_length        int NOT NULL,
+    evidence            text NOT NULL,
+    merged_at           timestamptz,
+    source_instance     text
+);
+CREATE INDEX ON cd2sync.user_merge_map (replacement_user_id);
+
+CREATE VIEW cd2.user_merges AS
+    SELECT superseded_user_id, replacement_user_id, chain_length, evidence, merged_at, source_instance
+      FROM cd2sync.user_merge_map;
+
+CREATE FUNCTION cd2_resolve_user(user_id bigint)
+RETURNS bigint LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                      WHERE m.superseded_user_id = cd2_resolve_user.user_id), user_id)
+$$;
+
+-- Records the user_id moves of a staged result (pg_temp.cd2_typed) before it
+-- is applied to target: pseudonyms and enrollments only.
+CREATE FUNCTION cd2sync._record_user_moves(target regclass)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances;
+    tab text;
+    n bigint;
+BEGIN
+    SELECT c.relname INTO tab FROM pg_class c WHERE c.oid = target;
+    IF tab NOT IN ('pseudonyms', 'enrollments') OR NOT cd2sync._has_column(target, 'user_id')
+       OR NOT cd2sync._has_column(target, 'id') THEN
+        RETURN 0;
+    END IF;
+    SELECT i.* INTO inst FROM cd2sync.instances i JOIN pg_class c ON c.oid = target
+      JOIN pg_namespace s ON s.oid = c.relnamespace WHERE i.target_schema = s.nspname;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    EXECUTE format(
+        'INSERT INTO cd2sync.user_moves (instance, table_name, row_id, from_user_id, to_user_id)
+         SELECT %L, %L, t.id, cd2sync._global_id(%s, t.user_id), cd2sync._global_id(%s, d.user_id)
+           FROM cd2_typed d JOIN %s t ON t.id = d.id
+          WHERE d.cd2_action IS DISTINCT FROM ''D'' AND t.user_id <> d.user_id
+         ON CONFLICT DO NOTHING',
+        inst.name, tab, coalesce(inst.shard_id::text, 'NULL'), coalesce(inst.shard_id::text, 'NULL'), target);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+-- Recomputes the map from every instance's users, pseudonyms, enrollments
+-- and the recorded moves. Runs in the transaction of the sync that changed
+-- an input; writers are serialized, readers see the old map until commit.
+--
+-- Evidence, strongest first:
+--   1 users.merged_into_user_id: a user that is deleted now, with a pointer
+--     (interpreted on the old user's shard);
+--   2 a recorded move of a login or enrolment from X to Y, X now deleted or
+--     without an active login;
+--   3 enrollments.sis_pseudonym_id: the enrolment's login now belongs to
+--     another user, while the enrolled user is deleted or has no active login.
+-- A user active again (a split) or a failed merge (old user active, no
+-- pointer) has no edge. Chains are followed to their end; a cycle, or an
+-- end that is a deleted user, gives no mapping.
+CREATE FUNCTION cd2sync._refresh_user_merges()
+RETURNS bigint LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    r record;
+    users_sql text[] := '{}';
+    logins_sql text[] := '{}';
+    enr_sql text[] := '{}';
+    n bigint;
+BEGIN
+    LOCK TABLE cd2sync.user_merge_map IN EXCLUSIVE MODE;
+
+    FOR r IN SELECT * FROM cd2sync._instances_with('users') LOOP
+        IF cd2sync._has_column(r.rel, 'workflow_state') AND cd2sync._has_column(r.rel, 'merged_into_user_id') THEN
+            users_sql := users_sql || format(
+                'SELECT %L::text AS instance, %s AS id, u.workflow_state::text = ''deleted'' AS deleted,
+                        %s AS merged_into, %s AS deleted_at FROM %s u',
+                r.instance, cd2sync._global_expr(r.shard_id, 'u.id'),
+                cd2sync._global_expr(r.shard_id, 'u.merged_into_user_id'),
+                CASE WHEN cd2sync._has_column(r.rel, 'deleted_at') THEN 'u.deleted_at::timestamptz' ELSE 'NULL::timestamptz' END,
+                r.rel);
+        END IF;
+    END LOOP;
+    FOR r IN SELECT * FROM cd2sync._instances_with('pseudonyms') LOOP
+        IF cd2sync._has_column(r.rel, 'user_id') AND cd2sync._has_column(r.rel, 'workflow_state') THEN
+            logins_sql := logins_sql || format(
+                'SELECT %s AS id, %s AS user_id, p.workflow_state::text = ''active'' AS active FROM %s p',
+                cd2sync._global_expr(r.shard_id, 'p.id'), cd2sync._global_expr(r.shard_id, 'p.user_id'), r.rel);
+        END IF;
+    END LOOP;
+    FOR r IN SELECT * FROM cd2sync._instances_with('enrollments') LOOP
+        IF cd2sync._has_column(r.rel, 'user_id') AND cd2sync._has_column(r.rel, 'sis_pseudonym_id') THEN
+            enr_sql := enr_sql || format(
+                'SELECT %L::text AS instance, %s AS user_id, %s AS sis_pseudonym_id, %s AS changed_at
+                   FROM %s e WHERE e.sis_pseudonym_id IS NOT NULL',
+                r.instance, cd2sync._global_expr(r.shard_id, 'e.user_id'),
+                cd2sync._global_expr(r.shard_id, 'e.sis_pseudonym_id'),
+                CASE WHEN cd2sync._has_column(r.rel, 'updated_at') THEN 'e.updated_at::timestamptz' ELSE 'NULL::timestamptz' END,
+                r.rel);
+        END IF;
+    END LOOP;
+
+    IF to_regclass('pg_temp.cd2_users') IS NOT NULL THEN
+        DROP TABLE pg_temp.cd2_users, pg_temp.cd2_logins, pg_temp.cd2_edges, pg_temp.cd2_new_map,
+                   pg_temp.cd2_map_changes;
+    END IF;
+    CREATE TEMP TABLE cd2_new_map (LIKE cd2sync.user_merge_map) ON COMMIT DROP;
+    CREATE TEMP TABLE cd2_map_changes (superseded bigint, old_replacement bigint, new_replacement bigint)
+        ON COMMIT DROP;
+    EXECUTE 'CREATE TEMP TABLE cd2_users ON COMMIT DROP AS '
+         || coalesce(nullif(array_to_string(users_sql, ' UNION ALL '), ''),
+                     'SELECT NULL::text AS instance, NULL::bigint AS id, NULL::boolean AS deleted, NULL::bigint AS merged_into, NULL::timestamptz AS deleted_at WHERE false');
+    EXECUTE 'CREATE TEMP TABLE cd2_logins ON COMMIT DROP AS '
+         || coalesce(nullif(array_to_string(logins_sql, ' UNION ALL '), ''),
+                     'SELECT NULL::bigint AS id, NULL::bigint AS user_id, NULL::boolean AS active WHERE false');
+    CREATE INDEX ON cd2_users (id);
+    CREATE INDEX ON cd2_logins (id);
+    ANALYZE cd2_users;
+    ANALYZE cd2_logins;
+
+    -- one edge per superseded user, the strongest evidence first; a user is
+    -- "gone" when deleted, or when no active login of it is known
+    CREATE TEMP TABLE cd2_edges ON COMMIT DROP AS
+    SELECT DISTINCT ON (superseded) superseded, replacement, evidence, merged_at, instance
+      FROM (SELECT u.id AS superseded, u.merged_into AS replacement, 1 AS priority,
+                   'users.merged_into_user_id' AS evidence, u.deleted_at AS merged_at, u.instance
+              FROM cd2_users u
+             WHERE u.deleted AND u.merged_into IS NOT NULL
+            UNION ALL
+            SELECT m.from_user_id, m.to_user_id, 2, m.table_name || '.user_id moved', m.moved_at, m.instance
+              FROM cd2sync.user_moves m
+             WHERE EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = m.from_user_id AND u.deleted)
+                OR NOT EXISTS (SELECT 1 FROM cd2_logins a WHERE a.user_id = m.from_user_id AND a.active)
+           ) candidates
+     WHERE superseded <> replacement
+     ORDER BY superseded, priority, merged_at DESC NULLS LAST;
+
+    IF cardinality(enr_sql) > 0 THEN
+        EXECUTE format(
+            'INSERT INTO cd2_edges
+             SELECT DISTINCT ON (e.user_id) e.user_id, l.user_id, ''enrollments.sis_pseudonym_id'', e.changed_at, e.instance
+               FROM (%s) e JOIN cd2_logins l ON l.id = e.sis_pseudonym_id
+              WHERE l.user_id <> e.user_id
+                AND NOT EXISTS (SELECT 1 FROM cd2_edges x WHERE x.superseded = e.user_id)
+                AND (EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = e.user_id AND u.deleted)
+                     OR NOT EXISTS (SELECT 1 FROM cd2_logins a WHERE a.user_id = e.user_id AND a.active))
+              ORDER BY e.user_id, e.changed_at DESC NULLS LAST',
+            array_to_string(enr_sql, ' UNION ALL '));
+    END IF;
+    CREATE INDEX ON cd2_edges (superseded);
+    ANALYZE cd2_edges;
+
+    WITH RECURSIVE walk (start, cur, depth, path) AS (
+        SELECT superseded, replacement, 1, ARRAY[superseded, replacement] FROM cd2_edges
+        UNION ALL
+        SELECT w.start, e.replacement, w.depth + 1, w.path || e.replacement
+          FROM walk w JOIN cd2_edges e ON e.superseded = w.cur
+         WHERE e.replacement <> ALL (w.path) AND w.depth < 64
+    ), ends AS (
+        SELECT DISTINCT ON (start) start, cur, depth FROM walk ORDER BY start, depth DESC
+    )
+    INSERT INTO cd2_new_map
+    SELECT x.start, x.cur, x.depth, e.evidence, e.merged_at, e.instance
+      FROM ends x JOIN cd2_edges e ON e.superseded = x.start
+     WHERE NOT EXISTS (SELECT 1 FROM cd2_edges c WHERE c.superseded = x.cur)   -- a cycle has no end
+       AND NOT EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = x.cur AND u.deleted);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    CREATE INDEX ON cd2_new_map (superseded_user_id);
+
+    -- the map changes by its difference alone: the users whose replacement
+    -- changed are what the instance tables' cd2_<c> columns follow
+    INSERT INTO cd2_map_changes
+    SELECT coalesce(o.superseded_user_id, w.superseded_user_id), o.replacement_user_id, w.replacement_user_id
+      FROM cd2sync.user_merge_map o FULL JOIN cd2_new_map w ON w.superseded_user_id = o.superseded_user_id
+     WHERE o.replacement_user_id IS DISTINCT FROM w.replacement_user_id;
+    DELETE FROM cd2sync.user_merge_map m
+     WHERE NOT EXISTS (SELECT 1 FROM cd2_new_map w WHERE w.superseded_user_id = m.superseded_user_id);
+    INSERT INTO cd2sync.user_merge_map AS m SELECT * FROM cd2_new_map
+        ON CONFLICT (superseded_user_id) DO UPDATE
+       SET replacement_user_id = excluded.replacement_user_id, chain_length = excluded.chain_length,
+           evidence = excluded.evidence, merged_at = excluded.merged_at, source_instance = excluded.source_instance
+     WHERE (m.*) IS DISTINCT FROM (excluded.*);
+    IF EXISTS (SELECT 1 FROM cd2_map_changes) THEN
+        PERFORM set_config('cd2sync_tx.cause', 'merge', true);   -- what feeds say of it
+        FOR r IN SELECT i.shard_id, c.oid::regclass AS rel
+                   FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
+                   JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r' LOOP
+            PERFORM cd2sync._resolve_users(r.rel, r.shard_id, true);
+        END LOOP;
+    END IF;
+    -- the map changed: so may have the duplicates it reveals
+    PERFORM cd2sync._refresh_merge_duplicates('enrollments');
+    PERFORM cd2sync._refresh_merge_duplicates('submissions');
+    RETURN n;
+END $$;
+
+-- Rows a merge left on the old user while the replacement has its own row
+-- with the same natural key (see _duplicate_key): the "losing" duplicates.
+CREATE TABLE cd2sync.merge_duplicates (
+    instance   text NOT NULL,
+    table_name text NOT NULL,
+    id         bigint NOT NULL,
+    PRIMARY KEY (instance, table_name, id)
+);
+
+-- Recomputes the losing duplicates of one table over every instance: a
+-- semi-join of the rows on superseded users with the table's rows by
+-- natural key, one pass over the table.
+CREATE FUNCTION cd2sync._refresh_merge_duplicates(table_name text)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    dupkey text[] := cd2sync._duplicate_key(table_name);
+    n bigint := 0;
+    k bigint;
+BEGIN
+    DELETE FROM cd2sync.merge_duplicates d WHERE d.table_name = _refresh_merge_duplicates.table_name;
+    IF dupkey IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
+        IF cd2sync._has_column(r.rel, 'id') AND cd2sync._has_column(r.rel, 'user_id')
+           AND (SELECT bool_and(cd2sync._has_column(r.rel, c)) FROM unnest(dupkey) c) THEN
+            EXECUTE format(
+                'INSERT INTO cd2sync.merge_duplicates (instance, table_name, id)
+                 SELECT %L, %L, t.id
+                   FROM (SELECT t.*, m.replacement_user_id FROM %s t
+                           JOIN cd2sync.user_merge_map m ON m.superseded_user_id = %s) t
+                  WHERE EXISTS (SELECT 1 FROM %s o
+                                 WHERE %s = t.replacement_user_id AND o.id <> t.id AND %s)',
+                r.instance, table_name, r.rel, cd2sync._global_expr(r.shard_id, 't.user_id'), r.rel,
+                cd2sync._global_expr(r.shard_id, 'o.user_id'),
+                (SELECT string_agg(format('o.%1$I IS NOT DISTINCT FROM t.%1$I', c), ' AND ') FROM unnest(dupkey) c));
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
+        -- the rows' flags (what cd2.<table> shows) follow the set
+        IF cd2sync._has_column(r.rel, 'cd2_merge_duplicate') THEN
+            EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = NULL
+                             WHERE t.cd2_merge_duplicate
+                               AND NOT EXISTS (SELECT 1 FROM cd2sync.merge_duplicates d
+                                                WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id)',
+                           r.rel, r.instance, table_name);
+            EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = true FROM cd2sync.merge_duplicates d
+                             WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id
+                               AND t.cd2_merge_duplicate IS NOT TRUE',
+                           r.rel, r.instance, table_name);
+        END IF;
+    END LOOP;
+    RETURN n;
+END $$;
+
+-- The map and the duplicates recomputed on demand (what a sync's
+-- transaction does by itself): the rows this changes reach the change feeds
+-- when it commits.
+CREATE FUNCTION cd2sync.refresh_user_merges()
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint := cd2sync._refresh_user_merges();
+BEGIN
+    PERFORM cd2sync._feed_publish();
+    RETURN n;
+END $$;
+
+CREATE FUNCTION cd2sync.refresh_merge_duplicates(table_name text)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+    n := cd2sync._refresh_merge_duplicates(table_name);
+    PERFORM cd2sync._feed_publish();
+    RETURN n;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Reconciled views
+-- ---------------------------------------------------------------------------
+
+-- Natural keys of rows a merge can leave doubled on the old user
+CREATE FUNCTION cd2sync._duplicate_key(table_name text)
+RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE table_name
+        WHEN 'enrollments' THEN ARRAY['course_section_id', 'type', 'role_id']
+        WHEN 'submissions' THEN ARRAY['assignment_id']
+        END
+$$;
+
+-- The columns of cd2.<table> after instance, in order (attnum order of each
+-- instance's table, first seen first; cd2_ bookkeeping left out), and each
+-- one's type (text for enums). NULL when no instance has the table.
+CREATE FUNCTION cd2sync._view_columns(table_name text, OUT cols text[], OUT types jsonb)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT array_agg(attname ORDER BY first_seen), jsonb_object_agg(attname, typ)
+      FROM (SELECT a.attname::text AS attname,
+                   min(i.ord * 10000 + a.attnum) AS first_seen,
+                   max(CASE WHEN t.typtype = 'e' THEN 'text' ELSE format_type(a.atttypid, a.atttypmod) END) AS typ
+              FROM (SELECT rel, row_number() OVER () AS ord FROM cd2sync._instances_with(table_name)) i
+              JOIN pg_attribute a ON a.attrelid = i.rel AND a.attnum > 0 AND NOT a.attisdropped
+                                 AND a.attname NOT LIKE 'cd2\_%'
+              JOIN pg_type t ON t.oid = a.atttypid
+             GROUP BY a.attname) x
+$$;
+
+-- The SELECT of one instance's rows as cd2.<table> shows them, reading
+-- relation src (rel itself, or rows of rel's type such as a trigger's
+-- transition table) as t. The one place that says how a stored row is seen:
+-- the views and the change feeds both use it.
+CREATE FUNCTION cd2sync._view_select(table_name text, instance text, shard bigint, rel regclass,
+                                     cols text[], types jsonb, src text)
+RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sel text[] := ARRAY[format('%L::text AS instance', instance)];
+    c text;
+    g text;
+    dupkey text[] := cd2sync._duplicate_key(table_name);
+BEGIN
+    FOREACH c IN ARRAY cols LOOP
+        IF NOT cd2sync._has_column(rel, c) THEN
+            sel := sel || format('NULL::%s AS %I', types->>c, c);
+            IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
+                sel := sel || format('NULL::bigint AS %I', 'original_' || c);
+            END IF;
+            CONTINUE;
+        END IF;
+        IF types->>c = 'bigint' AND (c = 'id' OR c LIKE '%\_id') THEN
+            g := cd2sync._global_expr(shard, format('t.%I', c));
+        ELSE
+            g := format('t.%I::%s', c, types->>c);
+        END IF;
+        IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
+            -- resolved through the map (kept in cd2_<c>: _resolve_users)
+            sel := sel || format('%s AS %I',
+                                 CASE WHEN cd2sync._has_column(rel, cd2sync._resolved_column(c))
+                                      THEN cd2sync._resolved_expr(shard, c) ELSE g END, c)
+                       || format('%s AS %I', g, 'original_' || c);
+        ELSE
+            sel := sel || format('%s AS %I', g, c);
+        END IF;
+    END LOOP;
+    IF dupkey IS NOT NULL AND 'user_id' = ANY (cols) AND 'id' = ANY (cols)
+       AND (SELECT bool_and(k = ANY (cols)) FROM unnest(dupkey) k) THEN
+        -- a row left on a superseded user while the replacement has its own
+        -- (cd2sync.merge_duplicates, flagged in the row)
+        sel := sel || CASE WHEN cd2sync._has_column(rel, 'cd2_merge_duplicate')
+                           THEN 'coalesce(t.cd2_merge_duplicate, false) AS cd2_merge_duplicate'
+                           ELSE 'false AS cd2_merge_duplicate' END;
+    END IF;
+    RETURN format('SELECT %s FROM %s t', array_to_string(sel, ', '), src);
+END $$;
+
+-- (Re)creates cd2.<table>: the union over every instance that syncs it,
+-- after bringing each instance table's bookkeeping up to date.
+CREATE FUNCTION cd2sync.refresh_view(table_name text)
+RETURNS void LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    v record;
+    r record;
+    parts text[] := '{}';
+    body text;
+    vname text := format('cd2.%I', table_name);
+BEGIN
+    FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
+        PERFORM cd2sync._ensure_bookkeeping(r.rel, r.shard_id, table_name);
+        PERFORM cd2sync._feed_ensure_capture(r.rel, table_name);   -- (feeds.sql)
+    END LOOP;
+    v := cd2sync._view_columns(table_name);
+    IF v.cols IS NULL THEN
+        EXECUTE format('DROP VIEW IF EXISTS %s', vname);
+        RETURN;
+    END IF;
+    FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
+        parts := parts || cd2sync._view_select(table_name, r.instance, r.shard_id, r.rel, v.cols, v.types,
+                                               r.rel::text);
+    END LOOP;
+
+    body := array_to_string(parts, E'\nUNION ALL\n');
+    BEGIN
+        EXECUTE format('CREATE OR REPLACE VIEW %s AS %s', vname, body);
+    EXCEPTION WHEN invalid_table_definition OR feature_not_supported OR datatype_mismatch THEN
+        -- columns changed in a way CREATE OR REPLACE cannot follow
+        BEGIN
+            EXECUTE format('DROP VIEW IF EXISTS %s', vname);
+            EXECUTE format('CREATE VIEW %s AS %s', vname, body);
+        EXCEPTION WHEN dependent_objects_still_exist THEN
+            RAISE WARNING 'cd2sync: view % kept as it was: other views depend on it', vname
+                  USING HINT = 'Drop the dependent views, then SELECT cd2sync.refresh_views().';
+        END;
+    END;
+    -- synced data: readable by cd2sync_reader, never by PUBLIC
+    EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', vname);
+    EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', vname);
+    EXECUTE format('COMMENT ON VIEW %s IS %L', vname,
+                   format('CD2 table %s over every cd2sync instance, global ids, users resolved through cd2.user_merges', table_name));
+END $$;
+
+-- (Re)creates every reconciled view, and drops those no instance feeds.
+CREATE FUNCTION cd2sync.refresh_views()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t text;
+BEGIN
+    FOR t IN SELECT DISTINCT s.table_name FROM cd2sync.table_state s
+              UNION SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = 'cd2' AND c.relkind = 'v' AND c.relname <> 'user_merges'
+                       AND c.relname <> 'reconciliation_health' LOOP
+        PERFORM cd2sync.refresh_view(t);
+    END LOOP;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Health: what reconciliation cannot settle yet (it drops nothing; it tells)
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION cd2sync.reconciliation_health()
+RETURNS TABLE (instance text, table_name text, column_name text, unknown_users bigint,
+               unknown_shards bigint, waiting_merges bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    a record;
+    g text;
+    users_sql text;
+BEGIN
+    SELECT string_agg(format('SELECT %s AS id FROM %s u', cd2sync._global_expr(x.shard_id, 'u.id'), x.rel), ' UNION ALL ')
+      INTO users_sql FROM cd2sync._instances_with('users') x;
+    FOR r IN SELECT i.name, i.shard_id, c.oid::regclass AS rel, c.relname::text AS tab
+               FROM cd2sync.instances i JOIN pg_namespace n ON n.nspname = i.target_schema
+               JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind = 'r' ORDER BY 1, 4 LOOP
+        FOR a IN SELECT attname::text AS col FROM pg_attribute
+                  WHERE attrelid = r.rel AND attnum > 0 AND NOT attisdropped AND atttypid = 'bigint'::regtype
+                    AND (attname = 'id' OR attname LIKE '%\_id') AND attname NOT LIKE 'cd2\_%' ORDER BY attnum LOOP
+            g := cd2sync._global_expr(r.shard_id, format('t.%I', a.col));
+            instance := r.name;
+            table_name := r.tab;
+            column_name := a.col;
+            EXECUTE format(
+                'SELECT count(*) FILTER (WHERE %2$L::boolean AND v IS NOT NULL AND %3$s),
+                        count(*) FILTER (WHERE v >= 10000000000000
+                                           AND v / 10000000000000 NOT IN (SELECT shard_id FROM cd2sync.instances WHERE shard_id IS NOT NULL)),
+                        count(*) FILTER (WHERE %2$L::boolean AND v IN (SELECT superseded_user_id FROM cd2sync.user_merge_map))
+                   FROM (SELECT %1$s AS v FROM %4$s t) s',
+                g, cd2sync._is_user_ref(a.col),
+                CASE WHEN users_sql IS NULL THEN 'true'
+                     ELSE format('coalesce((SELECT m.replacement_user_id FROM cd2sync.user_merge_map m WHERE m.superseded_user_id = v), v) NOT IN (%s)', users_sql) END,
+                r.rel)
+              INTO unknown_users, unknown_shards, waiting_merges;
+            IF unknown_users + unknown_shards + waiting_merges > 0 OR a.col = 'id' THEN
+                RETURN NEXT;
+            END IF;
+        END LOOP;
+    END LOOP;
+END $$;
+
+CREATE VIEW cd2.reconciliation_health AS SELECT * FROM cd2sync.reconciliation_health();
+
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.user_moves', '');

@@ -1,0 +1,160 @@
+# Change feeds end to end, with the sync worker: a feed replays to the
+# reconciled views after every sync; a failed table and a killed worker
+# publish nothing of their transaction; two instances syncing at once never
+# make a reader skip a change; NOTIFY at commit; and the changes stream into
+# a second cluster through PostgreSQL's own logical replication.
+use strict;
+use warnings;
+use utf8;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use Cd2Test;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $emu = Cd2Test::start_emulator(generate => 'demo');
+$emu->config(job_latency => 0.05, dedupe_jobs => JSON::PP::false);
+my $node = Cd2Test::new_node('feeds', conf => "wal_level = logical\nmax_wal_senders = 4\nmax_replication_slots = 4\nrestart_after_crash = on");
+my ($north, $south) = ('us-east-1#demo-north', 'us-east-1#demo-south');
+$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+	  . "SELECT cd2_add_instance('north', '$north', 'north-secret', api_url => '$emu->{url}', shard_id => 1,"
+	  . "                        tables => ARRAY['users', 'pseudonyms', 'enrollments', 'courses']);\n"
+	  . "SELECT cd2_add_instance('south', '$south', 'south-secret', api_url => '$emu->{url}', shard_id => 2,"
+	  . "                        tables => ARRAY['users', 'pseudonyms', 'enrollments']);");
+$node->safe_psql('postgres', "SELECT cd2_create_feed('dl', tables => ARRAY['users', 'enrollments'])");
+
+# the changes leave through a publication, into a subscriber's copy
+$node->safe_psql('postgres', "CREATE PUBLICATION cd2_changes FOR TABLE cd2sync.changes WITH (publish = 'insert')");
+my $sub = PostgreSQL::Test::Cluster->new('subscriber');
+$sub->init;
+$sub->start;
+$sub->safe_psql('postgres', q{
+	CREATE SCHEMA cd2sync;
+	CREATE TABLE cd2sync.changes (position bigint PRIMARY KEY, feed text, table_name text NOT NULL, op text NOT NULL,
+	    key jsonb NOT NULL, instance text NOT NULL, "row" jsonb, changed text[], cause text NOT NULL,
+	    watermark timestamptz, committed_at timestamptz NOT NULL)});
+my $connstr = $node->connstr('postgres');
+$sub->safe_psql('postgres', "CREATE SUBSCRIPTION cd2_changes CONNECTION \$\$$connstr\$\$ PUBLICATION cd2_changes");
+
+# a listener, told at each commit of changes
+my $listener = $node->background_psql('postgres');
+$listener->query_safe('LISTEN cd2sync_feed');
+
+sub feed_is_exact
+{
+	my ($label) = @_;
+	is($node->safe_psql('postgres', q{
+		WITH c AS (SELECT * FROM cd2_feed_read('dl', 100000000)),
+		     last AS (SELECT DISTINCT ON (table_name, instance, key) * FROM c
+		               ORDER BY table_name, instance, key, position DESC),
+		     replayed AS (SELECT table_name, "row" AS r FROM last WHERE op <> 'delete'),
+		     actual AS (SELECT 'users'::text, to_jsonb(v) FROM cd2.users v
+		                UNION ALL SELECT 'enrollments', to_jsonb(v) FROM cd2.enrollments v)
+		SELECT (SELECT count(*) FROM (SELECT * FROM actual EXCEPT ALL SELECT * FROM replayed) x) || ' missing, '
+		    || (SELECT count(*) FROM (SELECT * FROM replayed EXCEPT ALL SELECT * FROM actual) y) || ' extra'}),
+		'0 missing, 0 extra', "$label: the feed replays to cd2.users and cd2.enrollments");
+}
+sub last_position { return $node->safe_psql('postgres', "SELECT coalesce(max(position), 0) FROM cd2sync.changes"); }
+
+# 1. first syncs: every row arrives as an insert
+for my $i ('north', 'south')
+{
+	my $r = Cd2Test::sync($node, $i);
+	is(join(',', map { $r->{$_}{error} } sort keys %$r), join(',', map { '' } keys %$r), "$i: first sync");
+}
+feed_is_exact('snapshots');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('dl', 100000000) WHERE table_name = 'courses'"), '0',
+	'a table the feed does not follow has no changes');
+like($listener->query_safe('SELECT 1'), qr/Asynchronous notification "cd2sync_feed" with payload "dl" received/,
+	'NOTIFY cd2sync_feed, payload the feed, when changes commit');
+
+# 2. a failed table publishes nothing; the next run converges
+my $users = $emu->state($north, 'users')->{rows};
+my $enr = $emu->state($north, 'enrollments')->{rows};
+$users->[0]{value}{name} = 'Renamed';
+$enr->[0]{value}{workflow_state} = 'completed';
+$emu->epoch({ client_id => $north, table => 'users', upsert => [ $users->[0] ] },
+	{ client_id => $north, table => 'enrollments', upsert => [ $enr->[0] ], delete => [ { key => $enr->[1]{key} } ] });
+$emu->faults({ endpoint => 'download', kind => 'corrupt_gzip', table => 'enrollments', times => 10 });
+my $before = last_position();
+my $r = Cd2Test::sync($node, 'north');
+like($r->{enrollments}{error}, qr/.+/, 'enrollments failed');
+is($node->safe_psql('postgres', "SELECT string_agg(table_name || ' ' || op, ',') FROM cd2sync.changes WHERE position > $before"),
+	'users update', 'only the table that succeeded published its change');
+$emu->clear_faults;
+$r = Cd2Test::sync($node, 'north');
+is($r->{enrollments}{error}, '', 'the next run succeeds');
+is($node->safe_psql('postgres', "SELECT string_agg(op || ' ' || coalesce(changed::text, ''), ',' ORDER BY op) FROM cd2sync.changes "
+	  . "WHERE position > $before AND table_name = 'enrollments'"),
+	'delete ,update {workflow_state}', 'and publishes the enrolment changes, once');
+feed_is_exact('after a failed table');
+
+# 3. a worker killed in the middle of a load publishes nothing
+$enr = $emu->state($north, 'enrollments')->{rows};
+$enr->[0]{value}{workflow_state} = 'active';
+$emu->epoch({ client_id => $north, table => 'enrollments', upsert => [ $enr->[0] ] });
+$emu->faults({ endpoint => 'download', kind => 'hang', seconds => 20, table => 'enrollments', times => 1 });
+$before = last_position();
+$node->safe_psql('postgres', "SELECT cd2_sync_start('north')");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM cd2sync.progress WHERE table_name = 'enrollments' AND phase ~ '^(downloading|loading)'"),
+	'the worker is inside the enrollments load');
+kill 'KILL', $node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker'");
+ok($node->poll_query_until('postgres', "SELECT true"), 'the server recovered from the killed worker');
+$listener = $node->background_psql('postgres');    # (the crash ended the old session)
+$listener->query_safe('LISTEN cd2sync_feed');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE position > $before AND table_name = 'enrollments'"),
+	'0', 'the killed transaction published nothing');
+$emu->clear_faults;
+Cd2Test::sync($node, 'north');
+feed_is_exact('after a killed worker');
+
+# 4. two instances syncing at once: a reader polling the feed never finds a
+# position below one it already saw, that it had not seen
+my @changes;
+for my $i (['north', $north], ['south', $south])
+{
+	my $rows = $emu->state($i->[1], 'enrollments')->{rows};
+	$_->{value}{workflow_state} = $_->{value}{workflow_state} eq 'active' ? 'inactive' : 'active' for @$rows;
+	push @changes, { client_id => $i->[1], table => 'enrollments', upsert => $rows };
+}
+$emu->epoch(@changes);
+$node->safe_psql('postgres', "SELECT cd2_sync_start('north'), cd2_sync_start('south')");
+my (%seen, $max, @late) = ((), 0);
+for (1 .. 400)
+{
+	my @pos = split /\n/, $node->safe_psql('postgres', "SELECT position FROM cd2sync.changes WHERE position > 0 ORDER BY 1");
+	for my $p (@pos)
+	{
+		push @late, $p if !$seen{$p} && $p < $max;
+		$seen{$p} = 1;
+	}
+	$max = $pos[-1] if @pos && $pos[-1] > $max;
+	last if $node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.runs WHERE status = 'running'") == 0 && $_ > 5;
+}
+is(join(',', @late), '', 'no change became visible below a position already seen');
+ok($node->poll_query_until('postgres', "SELECT count(*) = 0 FROM cd2sync.runs WHERE status = 'running'"), 'both runs ended');
+feed_is_exact('after two instances synced at once');
+is($node->safe_psql('postgres', "SELECT count(DISTINCT instance) FROM cd2sync.changes WHERE position > $max - 1000"), '2',
+	'both instances published');
+
+# 5. the subscriber has every change, in the same positions
+$node->wait_for_catchup('cd2_changes');
+is($sub->safe_psql('postgres', "SELECT count(*), max(position), md5(string_agg(position || op || key::text || coalesce(\"row\"::text, ''), ',' ORDER BY position)) FROM cd2sync.changes"),
+	$node->safe_psql('postgres', "SELECT count(*), max(position), md5(string_agg(position || op || key::text || coalesce(\"row\"::text, ''), ',' ORDER BY position)) FROM cd2sync.changes"),
+	'logical replication streamed every change to the subscriber');
+
+# acknowledged changes are forgotten here; the subscriber keeps its copy
+my $last = last_position();
+$node->safe_psql('postgres', "SELECT cd2_feed_ack('dl', $last)");
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'acknowledged changes are forgotten');
+$node->wait_for_catchup('cd2_changes');
+ok($sub->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes") > 0, 'the subscriber keeps what it received');
+
+$listener->quit;
+$sub->stop;
+$node->stop;
+$emu->stop;
+done_testing();
