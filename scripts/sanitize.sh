@@ -53,21 +53,11 @@ trap cleanup EXIT
 cd "$work"    # the test user can read it
 
 root=$work/root
-mkdir -p "$root/usr/lib/postgresql" "$root/usr/share/postgresql" "$root/usr/include"
-
 echo "== private PostgreSQL $PGVER in $root"
-cp -a "/usr/lib/postgresql/$PGVER" "$root/usr/lib/postgresql/"
-cp -a "/usr/share/postgresql/$PGVER" "$root/usr/share/postgresql/"
-cp -a /usr/include/postgresql "$root/usr/include/"    # PGXS's -I (includedir_server)
-bindir=$root/usr/lib/postgresql/$PGVER/bin
-pgc=$bindir/pg_config    # the ELF one: /usr/bin/pg_config is a wrapper script with fixed paths
-for d in "$($pgc --bindir)" "$($pgc --pkglibdir)" "$($pgc --sharedir)" "$($pgc --includedir-server)"; do
-    case "$d" in "$root"/*) ;; *) echo "pg_config is not relocated: $d" >&2; exit 1 ;; esac
-done
+bindir=$(private_pg_root "$root")
+pgc=$bindir/pg_config
 pkglibdir=$($pgc --pkglibdir)
 sharedir=$($pgc --sharedir)
-# the system's cd2sync must not be what the tests load
-rm -f "$pkglibdir/cd2sync.so" "$sharedir"/extension/cd2sync*
 
 # Suppressions: only for reports inside PostgreSQL or system libraries that are
 # known false positives, each with its reason. Never for cd2sync (checked here).

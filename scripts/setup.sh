@@ -7,6 +7,7 @@ set -euo pipefail
 
 CD2_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CD2_USER=${CD2_USER:-cd2sync}
+CD2_RELEASE_1_0=bcaa35a   # the commit released as cd2sync 1.0
 PACKAGES="postgresql-15 postgresql-server-dev-15 postgresql-contrib libcurl4-openssl-dev zlib1g-dev
           libipc-run-perl python3 make gcc curl ca-certificates openssl"
 export PATH="/usr/lib/postgresql/15/bin:$PATH"
@@ -52,6 +53,39 @@ make_workdir() {
     chmod 755 "$d"
     [ "$(id -u)" = 0 ] && chown "$CD2_USER" "$d"
     echo "$d"
+}
+
+# A private copy of PostgreSQL 15 under DIR (relocatable: pg_config and the
+# server find lib/ and share/ relative to their own binaries); prints its
+# bin directory. Used to build and install other builds of cd2sync there.
+private_pg_root() {
+    local root=$1 pgver=15 bindir d
+    mkdir -p "$root/usr/lib/postgresql" "$root/usr/share/postgresql" "$root/usr/include"
+    cp -a "/usr/lib/postgresql/$pgver" "$root/usr/lib/postgresql/"
+    cp -a "/usr/share/postgresql/$pgver" "$root/usr/share/postgresql/"
+    cp -a /usr/include/postgresql "$root/usr/include/"    # PGXS's -I (includedir_server)
+    bindir=$root/usr/lib/postgresql/$pgver/bin
+    # (the ELF pg_config: /usr/bin/pg_config is a wrapper script with fixed paths)
+    for d in "$("$bindir/pg_config" --bindir)" "$("$bindir/pg_config" --pkglibdir)" \
+             "$("$bindir/pg_config" --sharedir)" "$("$bindir/pg_config" --includedir-server)"; do
+        case "$d" in "$root"/*) ;; *) echo "pg_config is not relocated: $d" >&2; return 1 ;; esac
+    done
+    # the system's cd2sync is not what this root loads
+    rm -f "$("$bindir/pg_config" --pkglibdir)/cd2sync.so" "$("$bindir/pg_config" --sharedir)"/extension/cd2sync*
+    echo "$bindir"
+}
+
+# cd2sync as released at git commit REV, built and installed into a private
+# PostgreSQL root under DIR; prints its bin directory (t/012_upgrade.pl runs
+# a cluster of that release, then this build's). Needs the git history.
+release_root() {
+    local rev=$1 dir=$2 bindir
+    mkdir -p "$dir/src"
+    git -C "$CD2_ROOT" archive "$rev" | tar -x -C "$dir/src"
+    bindir=$(private_pg_root "$dir/root") || return 1
+    make -C "$dir/src" -s PG_CONFIG="$bindir/pg_config" >/dev/null
+    make -C "$dir/src" -s PG_CONFIG="$bindir/pg_config" install >/dev/null
+    echo "$bindir"
 }
 
 setup_all() {

@@ -969,6 +969,8 @@ close_stale_runs(RunContext *rc)
 					"       error = 'the sync worker stopped before this table was done' "
 					" WHERE run_id IN (SELECT run_id FROM stale) AND status = 'running'",
 					2, args);
+	/* tables and views an earlier version made take this one's layout */
+	catalog_run_sql("SELECT cd2sync._ensure_layout()", 0, NULL);
 	commit_tx();
 }
 

@@ -1,4 +1,1546 @@
--- cd2sync 1.0 -> 1.1. Every change to the SQL surface since 1.0, in the
--- order the install script (the parts in src/sql/) makes it; t/011_upgrade.pl
--- checks that an updated database and a fresh install of 1.1 are the same.
+-- cd2sync 1.0 -> 1.1: change feeds, the after-apply hook, replacements kept
+-- in the instance tables (cd2_<column>) with lookup indexes. Every object
+-- 1.1 adds or changes, as the install script (src/sql/*.sql) makes it;
+-- t/012_upgrade.pl checks that an updated database and a fresh install of
+-- 1.1 have the same objects.
+--
+-- The instance tables and the reconciled views are not the extension's
+-- objects (syncs make them), so this script cannot change them: the next
+-- sync run (or a new feed, or a change to an instance) brings them to 1.1's
+-- layout, cd2sync._ensure_layout. Until then the 1.0 views keep working.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.1'" to load this file. \quit
+
+CREATE OR REPLACE FUNCTION cd2_add_instance(
+    name          text,
+    client_id     text,
+    client_secret text,
+    api_url       text     DEFAULT 'https://api-gateway.instructure.com',
+    tables        text[]   DEFAULT NULL,
+    shard_id      bigint   DEFAULT NULL,
+    schedule      interval DEFAULT NULL,
+    target_schema text     DEFAULT NULL,
+    full_resync_every interval DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n text := cd2_add_instance.name;
+    tables_clean text[];
+BEGIN
+    IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
+        RAISE EXCEPTION 'invalid instance name "%"', n
+              USING ERRCODE = 'invalid_parameter_value',
+                    DETAIL = 'An instance name is a lower-case letter followed by up to 47 lower-case letters, digits or underscores.';
+    END IF;
+    PERFORM cd2sync._check_settings(client_id, client_secret, api_url, tables, shard_id, schedule,
+                                    target_schema, full_resync_every);
+    IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.name = n) THEN
+        RAISE EXCEPTION 'cd2sync instance "%" already exists', n USING ERRCODE = 'duplicate_object';
+    END IF;
+    IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.target_schema = coalesce(cd2_add_instance.target_schema, n)) THEN
+        RAISE EXCEPTION 'schema "%" is already the target of another instance',
+              coalesce(cd2_add_instance.target_schema, n) USING ERRCODE = 'duplicate_schema';
+    END IF;
+    SELECT array_agg(DISTINCT t ORDER BY t) INTO tables_clean FROM unnest(tables) t;
+    PERFORM cd2sync._check_remote_tables(api_url, client_id, client_secret, tables_clean);
+
+    -- (no rows in the views yet: captures none, and keeps its rows' passes quiet)
+    PERFORM cd2sync._feed_capture_instance(n, 'old');
+    INSERT INTO cd2sync.instances (name, client_id, api_url, tables, shard_id, schedule, target_schema,
+                                   full_resync_every)
+    VALUES (n, client_id, api_url, tables_clean, shard_id, schedule,
+            coalesce(cd2_add_instance.target_schema, n), full_resync_every);
+    INSERT INTO cd2sync.instance_secrets (instance, client_secret) VALUES (n, client_secret);
+    -- an instance whose target schema already holds synced tables joins the
+    -- views (and the feeds that follow them)
+    PERFORM cd2sync._reconcile_changed();
+    PERFORM cd2sync._feed_capture_instance(n, 'new');
+    PERFORM cd2sync._feed_publish();
+END $$;
+
+-- Arguments not given keep their value. Given as NULL, tables, shard_id,
+-- schedule, target_schema and full_resync_every go back to cd2_add_instance's
+-- defaults (every table, no shard, on demand only, the instance name, no
+-- periodic snapshots). The defaults below are
+-- markers for "not given" that no valid value can take.
+CREATE OR REPLACE FUNCTION cd2_alter_instance(
+    name          text,
+    client_id     text     DEFAULT NULL,
+    client_secret text     DEFAULT NULL,
+    api_url       text     DEFAULT NULL,
+    tables        text[]   DEFAULT '{}',
+    shard_id      bigint   DEFAULT -1,
+    schedule      interval DEFAULT '-00:00:00.000001',
+    target_schema text     DEFAULT '',
+    full_resync_every interval DEFAULT '-00:00:00.000001')
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old cd2sync.instances := cd2sync._check_instance(cd2_alter_instance.name);
+    new cd2sync.instances := old;
+    secret text;
+BEGIN
+    SELECT s.client_secret INTO secret FROM cd2sync.instance_secrets s WHERE s.instance = old.name;
+    new.client_id := coalesce(cd2_alter_instance.client_id, old.client_id);
+    secret := coalesce(cd2_alter_instance.client_secret, secret);
+    new.api_url := coalesce(cd2_alter_instance.api_url, old.api_url);
+    IF tables IS NULL OR cardinality(tables) > 0 THEN
+        SELECT array_agg(DISTINCT t ORDER BY t) INTO new.tables FROM unnest(tables) t;
+    END IF;
+    IF shard_id IS DISTINCT FROM -1 THEN
+        new.shard_id := shard_id;
+    END IF;
+    IF schedule IS DISTINCT FROM interval '-00:00:00.000001' THEN
+        new.schedule := schedule;
+    END IF;
+    IF target_schema IS DISTINCT FROM '' THEN
+        new.target_schema := coalesce(target_schema, old.name);
+    END IF;
+    IF full_resync_every IS DISTINCT FROM interval '-00:00:00.000001' THEN
+        new.full_resync_every := full_resync_every;
+    END IF;
+    PERFORM cd2sync._check_settings(new.client_id, secret, new.api_url,
+                                    CASE WHEN tables IS NULL OR cardinality(tables) > 0 THEN tables END,
+                                    new.shard_id, new.schedule,
+                                    CASE WHEN target_schema IS NOT NULL AND target_schema <> ''
+                                         THEN target_schema END,
+                                    new.full_resync_every);
+    IF new.target_schema <> old.target_schema THEN
+        IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.target_schema = new.target_schema) THEN
+            RAISE EXCEPTION 'schema "%" is already the target of another instance', new.target_schema
+                  USING ERRCODE = 'duplicate_schema';
+        END IF;
+        IF to_regnamespace(quote_ident(old.target_schema)) IS NOT NULL THEN
+            IF to_regnamespace(quote_ident(new.target_schema)) IS NOT NULL THEN
+                RAISE EXCEPTION 'schema "%" already exists', new.target_schema
+                      USING ERRCODE = 'duplicate_schema';
+            END IF;
+            -- the synced data moves with the instance
+            PERFORM cd2sync._lock_instance(old.name);
+            PERFORM cd2sync._feed_capture_instance(old.name, 'old');
+            EXECUTE format('ALTER SCHEMA %I RENAME TO %I', old.target_schema, new.target_schema);
+        END IF;
+    END IF;
+    IF new.tables IS DISTINCT FROM old.tables OR new.api_url <> old.api_url
+       OR new.client_id <> old.client_id THEN
+        PERFORM cd2sync._check_remote_tables(new.api_url, new.client_id, secret, new.tables);
+    END IF;
+    IF new.shard_id IS DISTINCT FROM old.shard_id AND new.target_schema = old.target_schema THEN
+        PERFORM cd2sync._feed_capture_instance(old.name, 'old');   -- ids change in the views
+    END IF;
+
+    UPDATE cd2sync.instances i
+       SET client_id = new.client_id, api_url = new.api_url, tables = new.tables,
+           shard_id = new.shard_id, schedule = new.schedule, target_schema = new.target_schema,
+           full_resync_every = new.full_resync_every, updated_at = now()
+     WHERE i.name = old.name;
+    UPDATE cd2sync.instance_secrets s SET client_secret = secret WHERE s.instance = old.name;
+    IF new.shard_id IS DISTINCT FROM old.shard_id OR new.target_schema <> old.target_schema THEN
+        PERFORM cd2sync._reconcile_changed();
+        PERFORM cd2sync._feed_capture_instance(old.name, 'new');
+        PERFORM cd2sync._feed_publish();
+    END IF;
+END $$;
+
+-- Forgets an instance (its configuration, secret and watermarks); its synced
+-- data stays unless drop_data. The sync log keeps its history.
+CREATE OR REPLACE FUNCTION cd2_drop_instance(name text, drop_data boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old cd2sync.instances := cd2sync._check_instance(cd2_drop_instance.name);
+BEGIN
+    IF drop_data IS NULL THEN
+        RAISE EXCEPTION 'drop_data must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM cd2sync._lock_instance(old.name);
+    PERFORM cd2sync._feed_capture_instance(old.name, 'old');
+    DELETE FROM cd2sync.instances i WHERE i.name = old.name;
+    -- the reconciled views stop reading the schema before it may go
+    PERFORM cd2sync._reconcile_changed();
+    PERFORM cd2sync._feed_capture_instance(old.name, 'new');   -- (no rows: gone from the views)
+    PERFORM cd2sync._feed_publish();
+    IF drop_data THEN
+        EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', old.target_schema);
+    END IF;
+END $$;
+
+-- Instances changed: rebuild the reconciled views and the merge map.
+-- (Defined in reconcile.sql's terms; resolved when called.)
+CREATE OR REPLACE FUNCTION cd2sync._reconcile_changed()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM cd2sync.refresh_views();
+    PERFORM cd2sync._refresh_user_merges();
+END $$;
+
+-- Before a fresh snapshot is applied (it is in the staging table already):
+-- gives the columns waiting for a type change their new types. The table's
+-- rows are deleted first, in the snapshot's transaction, so no value needs
+-- converting; readers wait for that transaction (ALTER TABLE locks the
+-- table) and then see the new rows. Returns how many rows were deleted, or
+-- NULL when no type changed: none was pending, or a view on a column cannot
+-- be created again, in which case the table keeps its types, with a
+-- warning, and the change is not asked for again. Other errors (a lock
+-- timeout, a deadlock) fail the table sync, and the next one tries again.
+CREATE OR REPLACE FUNCTION cd2sync._apply_pending_types(instance text, table_name text, target regclass)
+RETURNS bigint LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    pending jsonb;
+    c record;
+    n bigint;
+BEGIN
+    SELECT s.pending_types INTO pending FROM cd2sync.table_state s
+     WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name
+       FOR UPDATE;
+    IF pending IS NULL THEN
+        RETURN NULL;
+    END IF;
+    UPDATE cd2sync.table_state s SET pending_types = NULL
+     WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name;
+    PERFORM set_config('cd2sync_tx.cause', 'resync', true);   -- what feeds say of it
+    BEGIN
+        EXECUTE format('DELETE FROM %s', target);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        FOR c IN SELECT key, value FROM jsonb_each_text(pending) ORDER BY key LOOP
+            PERFORM cd2sync._alter_column_type(target, c.key, c.value, true);
+        END LOOP;
+        RETURN n;
+    EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist
+                   OR syntax_error_or_access_rule_violation THEN
+        RAISE WARNING 'cd2sync: table % keeps its column types (upstream: %): %', target, pending, SQLERRM
+              USING HINT = 'Values that do not fit a stored type fail their table.';
+        RETURN NULL;
+    END;
+END $$;
+
+-- The staging table of a target table: cd2_action, cd2_ts and the target's
+-- columns, typed or all text (see _stage_type); not its cd2_ bookkeeping
+-- (reconcile.sql keeps it).
+CREATE OR REPLACE FUNCTION cd2sync._create_staging(target regclass, typed boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+BEGIN
+    IF to_regclass('pg_temp.cd2_stage') IS NOT NULL THEN
+        DROP TABLE pg_temp.cd2_stage, pg_temp.cd2_stage_json;
+    END IF;
+    EXECUTE format('CREATE TEMP TABLE cd2_stage (cd2_action text, cd2_ts text%s) ON COMMIT DROP',
+        (SELECT string_agg(format(', %I %s', attname, cd2sync._stage_type(atttypid, atttypmod, typed)),
+                           '' ORDER BY attnum)
+           FROM pg_attribute WHERE attrelid = target AND attnum > 0 AND NOT attisdropped
+            AND attname NOT LIKE 'cd2\_%'));
+    CREATE TEMP TABLE cd2_stage_json (line text) ON COMMIT DROP;
+END $$;
+
+-- Applies the staged result to the target table.
+--   mode 'snapshot_new': the table is empty: insert every row;
+--   mode 'snapshot': the result replaces the table's contents (upsert every
+--        row, delete rows the result lacks), without ever emptying it;
+--   mode 'incremental': upsert records with action U, delete those with D.
+-- fill: the columns the result carries (NULL: all); others are left alone.
+-- typed: the staging table was made with typed => true.
+-- A value "__cd2_oversized_truncated__" never replaces a stored value.
+-- Rows whose values did not change are not rewritten.
+CREATE OR REPLACE FUNCTION cd2sync._apply(target regclass, mode text, fill text[] DEFAULT NULL,
+                               typed boolean DEFAULT false,
+                               OUT upserted bigint, OUT deleted bigint,
+                               OUT unchanged bigint, OUT oversized bigint)
+LANGUAGE plpgsql
+-- the de-duplicating sort of a large result stays in memory (bounded)
+SET search_path = pg_catalog, pg_temp SET work_mem = '32MB' AS $$
+DECLARE
+    ph constant text := '__cd2_oversized_truncated__';
+    keys text[] := cd2sync._key_columns(target);
+    a record;
+    cols text[] := '{}';     -- quoted column names to fill
+    exprs text[] := '{}';    -- their values, from staging s (and target t)
+    setcols text[] := '{}';  -- non-key columns
+    cmpcols text[];          -- the same, fixed-width first: comparisons stop sooner
+    phcols text;             -- staging columns that can hold a placeholder
+    keyjoin text;            -- t.k = <k from staging s>
+    keyjoin_typed text;      -- t.k = d.k for target t and cd2_typed d
+    keyorder text;           -- the key columns
+    keyexprs text;           -- the key values from staging s
+    has_ph boolean;
+    has_dups boolean;
+    ph_new text;
+    e text;
+    written bigint;
+    target_rows float8;
+    few boolean;             -- the result is small beside the table
+    joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin')];
+    sample_same bigint;      -- of a sample of the records, how many change nothing
+    sample_size bigint;
+BEGIN
+    IF keys IS NULL THEN
+        RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
+    END IF;
+    -- what change feeds say of the rows written (feeds.sql)
+    PERFORM set_config('cd2sync_tx.cause', CASE WHEN mode = 'snapshot' THEN 'resync' ELSE 'sync' END, true);
+
+    SELECT string_agg(format('t.%I = %s', k, cd2sync._cast_expr(k, atttypid, atttypmod, typed)), ' AND '),
+           string_agg(format('%I', k), ', '),
+           string_agg(cd2sync._cast_expr(k, atttypid, atttypmod, typed), ', ')
+      INTO keyjoin, keyorder, keyexprs
+      FROM unnest(keys) k JOIN pg_attribute ON attrelid = target AND attname = k;
+    SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_typed FROM unnest(keys) k;
+
+    -- values kept because of placeholders (a table just created keeps none);
+    -- only a text staging column can hold one
+    SELECT string_agg(format('s.%I', attname), ', ') INTO phcols
+      FROM pg_attribute
+     WHERE attrelid = target AND attnum > 0 AND NOT attisdropped AND attname NOT LIKE 'cd2\_%'
+       AND cd2sync._stage_type(atttypid, atttypmod, typed) = 'text';
+    IF mode = 'snapshot_new' THEN
+        oversized := 0;
+    ELSE
+        -- one pass over the records: placeholders, actions, and whether a
+        -- key comes twice (then the counts are taken again, of the latest)
+        EXECUTE format('SELECT %s, count(*) FILTER (WHERE s.cd2_action = ''D''),
+                               count(*) FILTER (WHERE s.cd2_action IS DISTINCT FROM ''D''),
+                               count(*) > count(DISTINCT %s)
+                          FROM cd2_stage s',
+                       CASE WHEN phcols IS NULL THEN '0'
+                            ELSE format('count(*) FILTER (WHERE %L IN (%s))', ph, phcols) END,
+                       CASE WHEN cardinality(keys) = 1 THEN keyexprs ELSE format('ROW(%s)', keyexprs) END)
+           INTO oversized, deleted, upserted, has_dups;
+    END IF;
+    has_ph := oversized > 0;
+
+    FOR a IN SELECT attname::text AS name, atttypid, atttypmod,
+                    (SELECT typcategory FROM pg_type WHERE oid = atttypid) AS cat,
+                    cd2sync._stage_type(atttypid, atttypmod, typed) = 'text' AS staged_text
+               FROM pg_attribute
+              WHERE attrelid = target AND attnum > 0 AND NOT attisdropped AND attname NOT LIKE 'cd2\_%'
+                AND (fill IS NULL OR attname = ANY (fill) OR attname = ANY (keys))
+              ORDER BY attnum LOOP
+        cols := cols || format('%I', a.name);
+        e := cd2sync._cast_expr(a.name, a.atttypid, a.atttypmod, typed);
+        IF a.name = ANY (keys) THEN
+            exprs := exprs || e;
+        ELSIF NOT a.staged_text THEN
+            setcols := setcols || format('%I', a.name);
+            exprs := exprs || e;
+        ELSE
+            setcols := setcols || format('%I', a.name);
+            -- what a placeholder becomes in a new row: itself where text can hold it
+            ph_new := CASE WHEN a.cat = 'S' AND (a.atttypmod < 0 OR a.atttypmod - 4 >= length(ph))
+                           THEN quote_literal(ph) ELSE 'NULL' END;
+            IF mode = 'snapshot_new' THEN
+                exprs := exprs || format('CASE WHEN s.%I = %L THEN %s ELSE %s END', a.name, ph, ph_new, e);
+            ELSIF has_ph THEN
+                -- keep the stored value
+                exprs := exprs || format(
+                    'CASE WHEN s.%I = %L THEN CASE WHEN t.%I IS NULL THEN %s ELSE t.%I END ELSE %s END',
+                    a.name, ph, keys[1], ph_new, a.name, e);
+            ELSE
+                exprs := exprs || e;
+            END IF;
+        END IF;
+    END LOOP;
+
+    IF mode = 'snapshot_new' THEN
+        -- keys are unique within one result: no sort needed
+        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_stage s
+                         WHERE s.cd2_action IS DISTINCT FROM ''D'' ON CONFLICT DO NOTHING',
+                       target, array_to_string(cols, ', '), array_to_string(exprs, ', '));
+        GET DIAGNOSTICS upserted = ROW_COUNT;
+        deleted := 0;
+        unchanged := 0;
+        RETURN;
+    END IF;
+
+    -- one typed row per key, the latest change winning. A typed result with
+    -- no key twice and no placeholder to keep (the usual case) is read
+    -- through a view on the staging table: no sort, no copy
+    EXECUTE format('CREATE TEMP %s cd2_typed %s AS
+                    SELECT %s s.cd2_action AS cd2_action, %s FROM cd2_stage s %s %s',
+                   CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN 'VIEW' ELSE 'TABLE' END,
+                   CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN '' ELSE 'ON COMMIT DROP' END,
+                   CASE WHEN has_dups THEN format('DISTINCT ON (%s)', keyorder) ELSE '' END,
+                   (SELECT string_agg(format('%s AS %s', x, c), ', ') FROM unnest(exprs, cols) u(x, c)),
+                   CASE WHEN has_ph THEN format('LEFT JOIN %s t ON %s', target, keyjoin) ELSE '' END,
+                   CASE WHEN has_dups THEN format('ORDER BY %s, s.cd2_ts DESC NULLS LAST, s.ctid DESC', keyorder)
+                        ELSE '' END);
+    -- evidence of user merges that CD2 does not keep (logins, enrolments moving)
+    PERFORM cd2sync._record_user_moves(target);
+
+    IF has_dups THEN
+        SELECT count(*) FILTER (WHERE cd2_action = 'D'), count(*) FILTER (WHERE cd2_action IS DISTINCT FROM 'D')
+          INTO deleted, upserted FROM cd2_typed;
+    END IF;
+
+    -- an incremental touches few of a large table's rows: look each up by its
+    -- key rather than scan the table for a merge or hash join (the planner,
+    -- without statistics on cd2_typed, tends to scan)
+    SELECT CASE WHEN reltuples >= 0 THEN reltuples ELSE pg_relation_size(target) / 200.0 END
+      INTO target_rows FROM pg_class WHERE oid = target;
+    few := mode = 'incremental' AND (upserted + deleted) * 4 < target_rows;
+    IF few THEN
+        PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true);
+    END IF;
+
+    IF deleted > 0 THEN
+        EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
+                       target, keyjoin_typed);
+    END IF;
+    IF mode = 'snapshot' THEN
+        -- rows the new snapshot does not have are gone upstream
+        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
+                       target, keyjoin_typed);
+        GET DIAGNOSTICS deleted = ROW_COUNT;
+    END IF;
+
+    SELECT array_agg(format('%I', attname) ORDER BY attlen < 0, attnum) INTO cmpcols
+      FROM pg_attribute
+     WHERE attrelid = target AND attnum > 0 AND NOT attisdropped AND format('%I', attname) = ANY (setcols);
+
+    -- Records that change nothing are left out by an anti-join: their rows
+    -- are neither rewritten nor even locked (no new row version, no WAL),
+    -- where ON CONFLICT DO UPDATE ... WHERE alone would lock each one. The
+    -- anti-join costs a lookup per record, which a result that changes
+    -- most of its rows does not need: a sample of the records decides.
+    IF cardinality(setcols) > 0 THEN
+        EXECUTE format('SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM %1$s t WHERE %2$s
+                                                   AND (%3$s) IS NOT DISTINCT FROM (%4$s))), count(*)
+                          FROM (SELECT * FROM cd2_typed d WHERE d.cd2_action IS DISTINCT FROM ''D''
+                                 LIMIT 1000) d',
+                       target, keyjoin_typed,
+                       (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
+                       (SELECT string_agg('d.' || c, ', ') FROM unnest(cmpcols) c))
+           INTO sample_same, sample_size;
+    END IF;
+    IF cardinality(setcols) = 0 THEN
+        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_typed WHERE cd2_action IS DISTINCT FROM ''D''
+                         ON CONFLICT DO NOTHING', target, array_to_string(cols, ', '), array_to_string(cols, ', '));
+    ELSE
+        EXECUTE format('INSERT INTO %1$s AS t (%2$s) SELECT %7$s FROM cd2_typed d
+                         WHERE d.cd2_action IS DISTINCT FROM ''D'' %8$s
+                        ON CONFLICT (%3$s) DO UPDATE SET (%4$s) = ROW(%5$s)
+                         WHERE (%6$s) IS DISTINCT FROM (%9$s)',
+                       target, array_to_string(cols, ', '), keyorder,
+                       array_to_string(setcols, ', '),
+                       (SELECT string_agg('excluded.' || c, ', ') FROM unnest(setcols) c),
+                       (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
+                       (SELECT string_agg('d.' || c, ', ') FROM unnest(cols) c),
+                       CASE WHEN sample_same * 5 >= sample_size   -- 20% or more unchanged
+                            THEN format('AND NOT EXISTS (SELECT 1 FROM %s t WHERE %s AND (%s) IS NOT DISTINCT FROM (%s))',
+                                        target, keyjoin_typed,
+                                        (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
+                                        (SELECT string_agg('d.' || c, ', ') FROM unnest(cmpcols) c))
+                            ELSE '' END,
+                       (SELECT string_agg('excluded.' || c, ', ') FROM unnest(cmpcols) c));
+    END IF;
+    GET DIAGNOSTICS written = ROW_COUNT;
+    IF few THEN
+        PERFORM set_config('enable_mergejoin', joins[1], true), set_config('enable_hashjoin', joins[2], true);
+    END IF;
+    unchanged := upserted - written;
+    IF to_regclass('pg_temp.cd2_typed') IS NOT NULL AND
+       (SELECT relkind FROM pg_class WHERE oid = 'pg_temp.cd2_typed'::regclass) = 'v' THEN
+        DROP VIEW cd2_typed;
+    ELSE
+        DROP TABLE cd2_typed;
+    END IF;
+END $$;
+
+-- The user columns of an instance table: bigint references (not cd2_ ones)
+CREATE OR REPLACE FUNCTION cd2sync._user_columns(rel regclass)
+RETURNS SETOF text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT a.attname::text FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.atttypid = 'bigint'::regtype AND a.attname NOT LIKE 'cd2\_%'
+       AND cd2sync._is_user_ref(a.attname)
+     ORDER BY a.attnum
+$$;
+
+-- The bookkeeping column that keeps a user column's replacement: the final
+-- replacement of the stored user when the map has one, else NULL
+CREATE OR REPLACE FUNCTION cd2sync._resolved_column(col text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT left('cd2_' || col, 63)
+$$;
+
+-- The global, resolved value of user column col of an instance table's row
+-- (columns qualified by alias, if given): what cd2.<table> shows, and what
+-- the column's lookup index holds
+CREATE OR REPLACE FUNCTION cd2sync._resolved_expr(shard bigint, col text, alias text DEFAULT 't')
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT format('coalesce(%s%I, %s)', alias || '.', cd2sync._resolved_column(col),
+                  cd2sync._global_expr(shard, format('%s%I', alias || '.', col)))
+$$;
+
+-- An index cd2sync keeps on an instance table, made again when its
+-- expression changed (a new shard_id): the comment records the expression.
+-- Returns true when it was (re)made.
+CREATE OR REPLACE FUNCTION cd2sync._ensure_index(rel regclass, suffix text, expr text, pred text DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    name text := left(format('%s_%s', (SELECT relname FROM pg_class WHERE oid = rel), suffix), 63);
+    nsp text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+    idx regclass := to_regclass(format('%I.%I', nsp, name));
+    want text := 'cd2sync: ' || expr || coalesce(' WHERE ' || pred, '');
+BEGIN
+    IF idx IS NOT NULL AND obj_description(idx, 'pg_class') IS NOT DISTINCT FROM want THEN
+        RETURN false;
+    END IF;
+    IF idx IS NOT NULL THEN
+        EXECUTE format('DROP INDEX %s', idx);
+    END IF;
+    EXECUTE format('CREATE INDEX %I ON %s ((%s))%s', name, rel, expr, coalesce(' WHERE ' || pred, ''));
+    EXECUTE format('COMMENT ON INDEX %I.%I IS %L', nsp, name, want);
+    RETURN true;
+END $$;
+
+-- Brings an instance table's bookkeeping up to date: for each user column c
+-- a column cd2_<c> (its replacement, see _resolve_users) and an index on the
+-- resolved global value (lookups by person through cd2.<table>, merges); an
+-- index on the global id (lookups by id, when the instance has a shard); a
+-- flag cd2_merge_duplicate on tables where a merge can leave duplicates.
+CREATE OR REPLACE FUNCTION cd2sync._ensure_bookkeeping(rel regclass, shard bigint, table_name text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    c text;
+    rc text;
+    reset boolean := false;
+    dupkey text[] := cd2sync._duplicate_key(table_name);
+BEGIN
+    FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
+        rc := cd2sync._resolved_column(c);
+        IF NOT cd2sync._has_column(rel, rc) THEN
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I bigint', rel, rc);
+        END IF;
+        IF cd2sync._ensure_index(rel, c || '_resolved', cd2sync._resolved_expr(shard, c, NULL)) THEN
+            reset := true;
+        END IF;
+        PERFORM cd2sync._ensure_index(rel, c || '_replaced', format('%I', rc), format('%I IS NOT NULL', rc));
+    END LOOP;
+    IF shard IS NOT NULL AND cd2sync._has_column(rel, 'id') THEN
+        PERFORM cd2sync._ensure_index(rel, 'global_id', cd2sync._global_expr(shard, 'id'));
+    END IF;
+    IF dupkey IS NOT NULL AND cd2sync._has_column(rel, 'id') AND cd2sync._has_column(rel, 'user_id')
+       AND NOT cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN cd2_merge_duplicate boolean', rel);
+        PERFORM cd2sync._ensure_index(rel, 'merge_duplicates', 'id', 'cd2_merge_duplicate');
+    END IF;
+    IF reset THEN
+        -- new (or changed) global ids: every replacement is looked up again
+        PERFORM cd2sync._resolve_users(rel, shard, NULL);
+    END IF;
+END $$;
+
+-- Keeps the cd2_<c> columns of an instance table equal to the map: cd2_<c>
+-- holds the final replacement of the stored user (as a global id), or NULL
+-- when the map has none. changes NULL: every row (a new or re-keyed
+-- table); false: rows whose stored user the map has, and rows with a
+-- replacement (a sync wrote rows: cost by the map's size, not the table's);
+-- true: rows of the users in pg_temp.cd2_map_changes (the map changed).
+CREATE OR REPLACE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean)
+RETURNS bigint LANGUAGE plpgsql
+-- lookups through the columns' indexes, never a scan of a large table
+SET search_path = pg_catalog, pg_temp SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    c text;
+    rc text;
+    g text;
+    n bigint := 0;
+    k bigint;
+BEGIN
+    FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
+        rc := cd2sync._resolved_column(c);
+        IF NOT cd2sync._has_column(rel, rc) THEN
+            CONTINUE;   -- not a table of cd2sync's making (see _ensure_bookkeeping)
+        END IF;
+        g := cd2sync._global_expr(shard, format('t.%I', c));
+        IF changes THEN
+            -- a row is consistent with the old map: its resolved value is the
+            -- old replacement, or the user itself
+            EXECUTE format('UPDATE %s t SET %I = x.new_replacement FROM pg_temp.cd2_map_changes x
+                             WHERE %s = coalesce(x.old_replacement, x.superseded) AND %s = x.superseded',
+                           rel, rc, cd2sync._resolved_expr(shard, c), g);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+            CONTINUE;
+        END IF;
+        IF changes IS NULL THEN
+            EXECUTE format('UPDATE %s t SET %I = NULL WHERE %I IS NOT NULL', rel, rc, rc);
+        END IF;
+        EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
+                         WHERE %s = m.superseded_user_id AND t.%I IS NULL',
+                       rel, rc, cd2sync._resolved_expr(shard, c), rc);
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+        IF changes IS NOT NULL THEN
+            -- (a row's stored user changed, or its replacement did)
+            EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                       WHERE m.superseded_user_id = %3$s)
+                             WHERE t.%2$I IS NOT NULL
+                               AND t.%2$I IS DISTINCT FROM (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                             WHERE m.superseded_user_id = %3$s)',
+                           rel, rc, g);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
+    END LOOP;
+    RETURN n;
+END $$;
+
+-- Recomputes the map from every instance's users, pseudonyms, enrollments
+-- and the recorded moves. Runs in the transaction of the sync that changed
+-- an input; writers are serialized, readers see the old map until commit.
+--
+-- Evidence, strongest first:
+--   1 users.merged_into_user_id: a user that is deleted now, with a pointer
+--     (interpreted on the old user's shard);
+--   2 a recorded move of a login or enrolment from X to Y, X now deleted or
+--     without an active login;
+--   3 enrollments.sis_pseudonym_id: the enrolment's login now belongs to
+--     another user, while the enrolled user is deleted or has no active login.
+-- A user active again (a split) or a failed merge (old user active, no
+-- pointer) has no edge. Chains are followed to their end; a cycle, or an
+-- end that is a deleted user, gives no mapping.
+CREATE OR REPLACE FUNCTION cd2sync._refresh_user_merges()
+RETURNS bigint LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    r record;
+    users_sql text[] := '{}';
+    logins_sql text[] := '{}';
+    enr_sql text[] := '{}';
+    n bigint;
+BEGIN
+    LOCK TABLE cd2sync.user_merge_map IN EXCLUSIVE MODE;
+
+    FOR r IN SELECT * FROM cd2sync._instances_with('users') LOOP
+        IF cd2sync._has_column(r.rel, 'workflow_state') AND cd2sync._has_column(r.rel, 'merged_into_user_id') THEN
+            users_sql := users_sql || format(
+                'SELECT %L::text AS instance, %s AS id, u.workflow_state::text = ''deleted'' AS deleted,
+                        %s AS merged_into, %s AS deleted_at FROM %s u',
+                r.instance, cd2sync._global_expr(r.shard_id, 'u.id'),
+                cd2sync._global_expr(r.shard_id, 'u.merged_into_user_id'),
+                CASE WHEN cd2sync._has_column(r.rel, 'deleted_at') THEN 'u.deleted_at::timestamptz' ELSE 'NULL::timestamptz' END,
+                r.rel);
+        END IF;
+    END LOOP;
+    FOR r IN SELECT * FROM cd2sync._instances_with('pseudonyms') LOOP
+        IF cd2sync._has_column(r.rel, 'user_id') AND cd2sync._has_column(r.rel, 'workflow_state') THEN
+            logins_sql := logins_sql || format(
+                'SELECT %s AS id, %s AS user_id, p.workflow_state::text = ''active'' AS active FROM %s p',
+                cd2sync._global_expr(r.shard_id, 'p.id'), cd2sync._global_expr(r.shard_id, 'p.user_id'), r.rel);
+        END IF;
+    END LOOP;
+    FOR r IN SELECT * FROM cd2sync._instances_with('enrollments') LOOP
+        IF cd2sync._has_column(r.rel, 'user_id') AND cd2sync._has_column(r.rel, 'sis_pseudonym_id') THEN
+            enr_sql := enr_sql || format(
+                'SELECT %L::text AS instance, %s AS user_id, %s AS sis_pseudonym_id, %s AS changed_at
+                   FROM %s e WHERE e.sis_pseudonym_id IS NOT NULL',
+                r.instance, cd2sync._global_expr(r.shard_id, 'e.user_id'),
+                cd2sync._global_expr(r.shard_id, 'e.sis_pseudonym_id'),
+                CASE WHEN cd2sync._has_column(r.rel, 'updated_at') THEN 'e.updated_at::timestamptz' ELSE 'NULL::timestamptz' END,
+                r.rel);
+        END IF;
+    END LOOP;
+
+    IF to_regclass('pg_temp.cd2_users') IS NOT NULL THEN
+        DROP TABLE pg_temp.cd2_users, pg_temp.cd2_logins, pg_temp.cd2_edges, pg_temp.cd2_new_map,
+                   pg_temp.cd2_map_changes;
+    END IF;
+    CREATE TEMP TABLE cd2_new_map (LIKE cd2sync.user_merge_map) ON COMMIT DROP;
+    CREATE TEMP TABLE cd2_map_changes (superseded bigint, old_replacement bigint, new_replacement bigint)
+        ON COMMIT DROP;
+    EXECUTE 'CREATE TEMP TABLE cd2_users ON COMMIT DROP AS '
+         || coalesce(nullif(array_to_string(users_sql, ' UNION ALL '), ''),
+                     'SELECT NULL::text AS instance, NULL::bigint AS id, NULL::boolean AS deleted, NULL::bigint AS merged_into, NULL::timestamptz AS deleted_at WHERE false');
+    EXECUTE 'CREATE TEMP TABLE cd2_logins ON COMMIT DROP AS '
+         || coalesce(nullif(array_to_string(logins_sql, ' UNION ALL '), ''),
+                     'SELECT NULL::bigint AS id, NULL::bigint AS user_id, NULL::boolean AS active WHERE false');
+    CREATE INDEX ON cd2_users (id);
+    CREATE INDEX ON cd2_logins (id);
+    ANALYZE cd2_users;
+    ANALYZE cd2_logins;
+
+    -- one edge per superseded user, the strongest evidence first; a user is
+    -- "gone" when deleted, or when no active login of it is known
+    CREATE TEMP TABLE cd2_edges ON COMMIT DROP AS
+    SELECT DISTINCT ON (superseded) superseded, replacement, evidence, merged_at, instance
+      FROM (SELECT u.id AS superseded, u.merged_into AS replacement, 1 AS priority,
+                   'users.merged_into_user_id' AS evidence, u.deleted_at AS merged_at, u.instance
+              FROM cd2_users u
+             WHERE u.deleted AND u.merged_into IS NOT NULL
+            UNION ALL
+            SELECT m.from_user_id, m.to_user_id, 2, m.table_name || '.user_id moved', m.moved_at, m.instance
+              FROM cd2sync.user_moves m
+             WHERE EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = m.from_user_id AND u.deleted)
+                OR NOT EXISTS (SELECT 1 FROM cd2_logins a WHERE a.user_id = m.from_user_id AND a.active)
+           ) candidates
+     WHERE superseded <> replacement
+     ORDER BY superseded, priority, merged_at DESC NULLS LAST;
+
+    IF cardinality(enr_sql) > 0 THEN
+        EXECUTE format(
+            'INSERT INTO cd2_edges
+             SELECT DISTINCT ON (e.user_id) e.user_id, l.user_id, ''enrollments.sis_pseudonym_id'', e.changed_at, e.instance
+               FROM (%s) e JOIN cd2_logins l ON l.id = e.sis_pseudonym_id
+              WHERE l.user_id <> e.user_id
+                AND NOT EXISTS (SELECT 1 FROM cd2_edges x WHERE x.superseded = e.user_id)
+                AND (EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = e.user_id AND u.deleted)
+                     OR NOT EXISTS (SELECT 1 FROM cd2_logins a WHERE a.user_id = e.user_id AND a.active))
+              ORDER BY e.user_id, e.changed_at DESC NULLS LAST',
+            array_to_string(enr_sql, ' UNION ALL '));
+    END IF;
+    CREATE INDEX ON cd2_edges (superseded);
+    ANALYZE cd2_edges;
+
+    WITH RECURSIVE walk (start, cur, depth, path) AS (
+        SELECT superseded, replacement, 1, ARRAY[superseded, replacement] FROM cd2_edges
+        UNION ALL
+        SELECT w.start, e.replacement, w.depth + 1, w.path || e.replacement
+          FROM walk w JOIN cd2_edges e ON e.superseded = w.cur
+         WHERE e.replacement <> ALL (w.path) AND w.depth < 64
+    ), ends AS (
+        SELECT DISTINCT ON (start) start, cur, depth FROM walk ORDER BY start, depth DESC
+    )
+    INSERT INTO cd2_new_map
+    SELECT x.start, x.cur, x.depth, e.evidence, e.merged_at, e.instance
+      FROM ends x JOIN cd2_edges e ON e.superseded = x.start
+     WHERE NOT EXISTS (SELECT 1 FROM cd2_edges c WHERE c.superseded = x.cur)   -- a cycle has no end
+       AND NOT EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = x.cur AND u.deleted);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    CREATE INDEX ON cd2_new_map (superseded_user_id);
+
+    -- the map changes by its difference alone: the users whose replacement
+    -- changed are what the instance tables' cd2_<c> columns follow
+    INSERT INTO cd2_map_changes
+    SELECT coalesce(o.superseded_user_id, w.superseded_user_id), o.replacement_user_id, w.replacement_user_id
+      FROM cd2sync.user_merge_map o FULL JOIN cd2_new_map w ON w.superseded_user_id = o.superseded_user_id
+     WHERE o.replacement_user_id IS DISTINCT FROM w.replacement_user_id;
+    DELETE FROM cd2sync.user_merge_map m
+     WHERE NOT EXISTS (SELECT 1 FROM cd2_new_map w WHERE w.superseded_user_id = m.superseded_user_id);
+    INSERT INTO cd2sync.user_merge_map AS m SELECT * FROM cd2_new_map
+        ON CONFLICT (superseded_user_id) DO UPDATE
+       SET replacement_user_id = excluded.replacement_user_id, chain_length = excluded.chain_length,
+           evidence = excluded.evidence, merged_at = excluded.merged_at, source_instance = excluded.source_instance
+     WHERE (m.*) IS DISTINCT FROM (excluded.*);
+    IF EXISTS (SELECT 1 FROM cd2_map_changes) THEN
+        PERFORM set_config('cd2sync_tx.cause', 'merge', true);   -- what feeds say of it
+        FOR r IN SELECT i.shard_id, c.oid::regclass AS rel
+                   FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
+                   JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r' LOOP
+            PERFORM cd2sync._resolve_users(r.rel, r.shard_id, true);
+        END LOOP;
+    END IF;
+    -- the map changed: so may have the duplicates it reveals
+    PERFORM cd2sync._refresh_merge_duplicates('enrollments');
+    PERFORM cd2sync._refresh_merge_duplicates('submissions');
+    RETURN n;
+END $$;
+
+-- Recomputes the losing duplicates of one table over every instance: a
+-- semi-join of the rows on superseded users with the table's rows by
+-- natural key, one pass over the table.
+CREATE OR REPLACE FUNCTION cd2sync._refresh_merge_duplicates(table_name text)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    dupkey text[] := cd2sync._duplicate_key(table_name);
+    n bigint := 0;
+    k bigint;
+BEGIN
+    DELETE FROM cd2sync.merge_duplicates d WHERE d.table_name = _refresh_merge_duplicates.table_name;
+    IF dupkey IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
+        IF cd2sync._has_column(r.rel, 'id') AND cd2sync._has_column(r.rel, 'user_id')
+           AND (SELECT bool_and(cd2sync._has_column(r.rel, c)) FROM unnest(dupkey) c) THEN
+            EXECUTE format(
+                'INSERT INTO cd2sync.merge_duplicates (instance, table_name, id)
+                 SELECT %L, %L, t.id
+                   FROM (SELECT t.*, m.replacement_user_id FROM %s t
+                           JOIN cd2sync.user_merge_map m ON m.superseded_user_id = %s) t
+                  WHERE EXISTS (SELECT 1 FROM %s o
+                                 WHERE %s = t.replacement_user_id AND o.id <> t.id AND %s)',
+                r.instance, table_name, r.rel, cd2sync._global_expr(r.shard_id, 't.user_id'), r.rel,
+                cd2sync._global_expr(r.shard_id, 'o.user_id'),
+                (SELECT string_agg(format('o.%1$I IS NOT DISTINCT FROM t.%1$I', c), ' AND ') FROM unnest(dupkey) c));
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
+        -- the rows' flags (what cd2.<table> shows) follow the set
+        IF cd2sync._has_column(r.rel, 'cd2_merge_duplicate') THEN
+            EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = NULL
+                             WHERE t.cd2_merge_duplicate
+                               AND NOT EXISTS (SELECT 1 FROM cd2sync.merge_duplicates d
+                                                WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id)',
+                           r.rel, r.instance, table_name);
+            EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = true FROM cd2sync.merge_duplicates d
+                             WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id
+                               AND t.cd2_merge_duplicate IS NOT TRUE',
+                           r.rel, r.instance, table_name);
+        END IF;
+    END LOOP;
+    RETURN n;
+END $$;
+
+-- The map and the duplicates recomputed on demand (what a sync's
+-- transaction does by itself): the rows this changes reach the change feeds
+-- when it commits.
+CREATE OR REPLACE FUNCTION cd2sync.refresh_user_merges()
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint := cd2sync._refresh_user_merges();
+BEGIN
+    PERFORM cd2sync._feed_publish();
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync.refresh_merge_duplicates(table_name text)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+    n := cd2sync._refresh_merge_duplicates(table_name);
+    PERFORM cd2sync._feed_publish();
+    RETURN n;
+END $$;
+
+-- The columns of cd2.<table> after instance, in order (attnum order of each
+-- instance's table, first seen first; cd2_ bookkeeping left out), and each
+-- one's type (text for enums). NULL when no instance has the table.
+CREATE OR REPLACE FUNCTION cd2sync._view_columns(table_name text, OUT cols text[], OUT types jsonb)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT array_agg(attname ORDER BY first_seen), jsonb_object_agg(attname, typ)
+      FROM (SELECT a.attname::text AS attname,
+                   min(i.ord * 10000 + a.attnum) AS first_seen,
+                   max(CASE WHEN t.typtype = 'e' THEN 'text' ELSE format_type(a.atttypid, a.atttypmod) END) AS typ
+              FROM (SELECT rel, row_number() OVER () AS ord FROM cd2sync._instances_with(table_name)) i
+              JOIN pg_attribute a ON a.attrelid = i.rel AND a.attnum > 0 AND NOT a.attisdropped
+                                 AND a.attname NOT LIKE 'cd2\_%'
+              JOIN pg_type t ON t.oid = a.atttypid
+             GROUP BY a.attname) x
+$$;
+
+-- The SELECT of one instance's rows as cd2.<table> shows them, reading
+-- relation src (rel itself, or rows of rel's type such as a trigger's
+-- transition table) as t. The one place that says how a stored row is seen:
+-- the views and the change feeds both use it.
+CREATE OR REPLACE FUNCTION cd2sync._view_select(table_name text, instance text, shard bigint, rel regclass,
+                                     cols text[], types jsonb, src text)
+RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sel text[] := ARRAY[format('%L::text AS instance', instance)];
+    c text;
+    g text;
+    dupkey text[] := cd2sync._duplicate_key(table_name);
+BEGIN
+    FOREACH c IN ARRAY cols LOOP
+        IF NOT cd2sync._has_column(rel, c) THEN
+            sel := sel || format('NULL::%s AS %I', types->>c, c);
+            IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
+                sel := sel || format('NULL::bigint AS %I', 'original_' || c);
+            END IF;
+            CONTINUE;
+        END IF;
+        IF types->>c = 'bigint' AND (c = 'id' OR c LIKE '%\_id') THEN
+            g := cd2sync._global_expr(shard, format('t.%I', c));
+        ELSE
+            g := format('t.%I::%s', c, types->>c);
+        END IF;
+        IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
+            -- resolved through the map (kept in cd2_<c>: _resolve_users)
+            sel := sel || format('%s AS %I',
+                                 CASE WHEN cd2sync._has_column(rel, cd2sync._resolved_column(c))
+                                      THEN cd2sync._resolved_expr(shard, c) ELSE g END, c)
+                       || format('%s AS %I', g, 'original_' || c);
+        ELSE
+            sel := sel || format('%s AS %I', g, c);
+        END IF;
+    END LOOP;
+    IF dupkey IS NOT NULL AND 'user_id' = ANY (cols) AND 'id' = ANY (cols)
+       AND (SELECT bool_and(k = ANY (cols)) FROM unnest(dupkey) k) THEN
+        -- a row left on a superseded user while the replacement has its own
+        -- (cd2sync.merge_duplicates, flagged in the row)
+        sel := sel || CASE WHEN cd2sync._has_column(rel, 'cd2_merge_duplicate')
+                           THEN 'coalesce(t.cd2_merge_duplicate, false) AS cd2_merge_duplicate'
+                           ELSE 'false AS cd2_merge_duplicate' END;
+    END IF;
+    RETURN format('SELECT %s FROM %s t', array_to_string(sel, ', '), src);
+END $$;
+
+-- (Re)creates cd2.<table>: the union over every instance that syncs it,
+-- after bringing each instance table's bookkeeping up to date.
+CREATE OR REPLACE FUNCTION cd2sync.refresh_view(table_name text)
+RETURNS void LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    v record;
+    r record;
+    parts text[] := '{}';
+    body text;
+    vname text := format('cd2.%I', table_name);
+BEGIN
+    FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
+        PERFORM cd2sync._ensure_bookkeeping(r.rel, r.shard_id, table_name);
+        PERFORM cd2sync._feed_ensure_capture(r.rel, table_name);   -- (feeds.sql)
+    END LOOP;
+    v := cd2sync._view_columns(table_name);
+    IF v.cols IS NULL THEN
+        EXECUTE format('DROP VIEW IF EXISTS %s', vname);
+        RETURN;
+    END IF;
+    FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
+        parts := parts || cd2sync._view_select(table_name, r.instance, r.shard_id, r.rel, v.cols, v.types,
+                                               r.rel::text);
+    END LOOP;
+
+    body := array_to_string(parts, E'\nUNION ALL\n');
+    BEGIN
+        EXECUTE format('CREATE OR REPLACE VIEW %s AS %s', vname, body);
+    EXCEPTION WHEN invalid_table_definition OR feature_not_supported OR datatype_mismatch THEN
+        -- columns changed in a way CREATE OR REPLACE cannot follow
+        BEGIN
+            EXECUTE format('DROP VIEW IF EXISTS %s', vname);
+            EXECUTE format('CREATE VIEW %s AS %s', vname, body);
+        EXCEPTION WHEN dependent_objects_still_exist THEN
+            RAISE WARNING 'cd2sync: view % kept as it was: other views depend on it', vname
+                  USING HINT = 'Drop the dependent views, then SELECT cd2sync.refresh_views().';
+        END;
+    END;
+    -- synced data: readable by cd2sync_reader, never by PUBLIC
+    EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', vname);
+    EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', vname);
+    EXECUTE format('COMMENT ON VIEW %s IS %L', vname,
+                   format('CD2 table %s over every cd2sync instance, global ids, users resolved through cd2.user_merges', table_name));
+END $$;
+
+-- Brings what an earlier version made to this version's layout: the
+-- instance tables' bookkeeping (cd2_ columns, indexes, replacements,
+-- duplicate flags) and the reconciled views. ALTER EXTENSION UPDATE cannot
+-- (the views are not the extension's to replace): each sync run, a new feed
+-- and every change to the instances call this first; it costs a catalog
+-- look when there is nothing to do.
+CREATE OR REPLACE FUNCTION cd2sync._ensure_layout()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM cd2sync.table_state s JOIN cd2sync.instances i ON i.name = s.instance
+                     CROSS JOIN LATERAL (SELECT to_regclass(format('%I.%I', i.target_schema, s.table_name)) AS rel) t
+                     CROSS JOIN LATERAL cd2sync._user_columns(t.rel) u(col)
+                    WHERE t.rel IS NOT NULL AND NOT cd2sync._has_column(t.rel, cd2sync._resolved_column(u.col)))
+       AND NOT EXISTS (SELECT 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+                        WHERE d.classid = 'pg_rewrite'::regclass
+                          AND d.refobjid = 'cd2sync.user_merge_map'::regclass
+                          AND r.ev_class <> 'cd2.user_merges'::regclass) THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(52518, 1);   -- one at a time
+    PERFORM cd2sync.refresh_views();
+    PERFORM cd2sync._refresh_merge_duplicates('enrollments');
+    PERFORM cd2sync._refresh_merge_duplicates('submissions');
+    PERFORM cd2sync._feed_publish();
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Health: what reconciliation cannot settle yet (it drops nothing; it tells)
+-- ---------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION cd2sync.reconciliation_health()
+RETURNS TABLE (instance text, table_name text, column_name text, unknown_users bigint,
+               unknown_shards bigint, waiting_merges bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    a record;
+    g text;
+    users_sql text;
+BEGIN
+    SELECT string_agg(format('SELECT %s AS id FROM %s u', cd2sync._global_expr(x.shard_id, 'u.id'), x.rel), ' UNION ALL ')
+      INTO users_sql FROM cd2sync._instances_with('users') x;
+    FOR r IN SELECT i.name, i.shard_id, c.oid::regclass AS rel, c.relname::text AS tab
+               FROM cd2sync.instances i JOIN pg_namespace n ON n.nspname = i.target_schema
+               JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind = 'r' ORDER BY 1, 4 LOOP
+        FOR a IN SELECT attname::text AS col FROM pg_attribute
+                  WHERE attrelid = r.rel AND attnum > 0 AND NOT attisdropped AND atttypid = 'bigint'::regtype
+                    AND (attname = 'id' OR attname LIKE '%\_id') AND attname NOT LIKE 'cd2\_%' ORDER BY attnum LOOP
+            g := cd2sync._global_expr(r.shard_id, format('t.%I', a.col));
+            instance := r.name;
+            table_name := r.tab;
+            column_name := a.col;
+            EXECUTE format(
+                'SELECT count(*) FILTER (WHERE %2$L::boolean AND v IS NOT NULL AND %3$s),
+                        count(*) FILTER (WHERE v >= 10000000000000
+                                           AND v / 10000000000000 NOT IN (SELECT shard_id FROM cd2sync.instances WHERE shard_id IS NOT NULL)),
+                        count(*) FILTER (WHERE %2$L::boolean AND v IN (SELECT superseded_user_id FROM cd2sync.user_merge_map))
+                   FROM (SELECT %1$s AS v FROM %4$s t) s',
+                g, cd2sync._is_user_ref(a.col),
+                CASE WHEN users_sql IS NULL THEN 'true'
+                     ELSE format('coalesce((SELECT m.replacement_user_id FROM cd2sync.user_merge_map m WHERE m.superseded_user_id = v), v) NOT IN (%s)', users_sql) END,
+                r.rel)
+              INTO unknown_users, unknown_shards, waiting_merges;
+            IF unknown_users + unknown_shards + waiting_merges > 0 OR a.col = 'id' THEN
+                RETURN NEXT;
+            END IF;
+        END LOOP;
+    END LOOP;
+END $$;
+
+-- feeds.sql: change feeds. A feed follows the reconciled rows (cd2.<table>)
+-- of some tables for a downstream system: every insert, update and delete
+-- of those rows, in the order they became visible, until the feed
+-- acknowledges them.
+--
+-- Wording: a "capture" is what a statement did to an instance table's rows,
+-- seen as cd2.<table> shows them (statement triggers with transition
+-- tables, on the tables some feed follows); "publishing" nets the captures
+-- of a transaction by key (first image before, last image after) and writes
+-- what changed to cd2sync.changes, under a lock held until commit, so that
+-- positions grow in commit order.
+--
+-- What a row looks like is said once, by cd2sync._view_select
+-- (reconcile.sql); so the images a feed carries are the view's rows.
+
+CREATE TABLE cd2sync.feed (
+    name          text PRIMARY KEY,
+    tables        text[],                 -- NULL: every table
+    acknowledged  bigint NOT NULL,        -- everything up to here is processed
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    stale_since   timestamptz,            -- fell behind cd2sync.feed_max_pending / feed_max_age
+    stale_reason  text
+);
+
+-- Positions: taken only under the lock on cd2sync.changes (see _feed_publish)
+CREATE SEQUENCE cd2sync.change_position_seq;
+
+-- The changes of every feed, until each feed that follows them has
+-- acknowledged them. Publishable with PostgreSQL's logical replication:
+--   CREATE PUBLICATION cd2sync_changes FOR TABLE cd2sync.changes WITH (publish = 'insert');
+CREATE TABLE cd2sync.changes (
+    position      bigint PRIMARY KEY,
+    feed          text,                   -- NULL: every feed following table_name; else that feed's start
+    table_name    text NOT NULL,
+    op            text NOT NULL CHECK (op IN ('insert', 'update', 'delete')),
+    key           jsonb NOT NULL,
+    instance      text NOT NULL,
+    "row"         jsonb,
+    changed       text[],
+    cause         text NOT NULL CHECK (cause IN ('start', 'sync', 'merge', 'resync')),
+    watermark     timestamptz,
+    committed_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE VIEW cd2sync.feeds AS
+    SELECT f.name, f.tables, f.acknowledged, p.pending, p.oldest_pending,
+           CASE WHEN f.stale_since IS NULL THEN 'ok' ELSE 'stale' END AS status
+      FROM cd2sync.feed f
+      CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.committed_at) AS oldest_pending
+                            FROM cd2sync.changes c
+                           WHERE c.position > f.acknowledged AND f.stale_since IS NULL
+                             AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))) p;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_limits(OUT max_pending bigint, OUT max_age_seconds int)
+AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;
+
+-- Raises unless the feed exists; returns it
+CREATE OR REPLACE FUNCTION cd2sync._check_feed(name text)
+RETURNS cd2sync.feed LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed;
+BEGIN
+    SELECT * INTO f FROM cd2sync.feed x WHERE x.name = _check_feed.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cd2sync feed "%" does not exist', name
+              USING ERRCODE = 'undefined_object', HINT = 'See SELECT name FROM cd2sync.feeds.';
+    END IF;
+    RETURN f;
+END $$;
+
+-- Whether any feed (not stale) follows the table
+CREATE OR REPLACE FUNCTION cd2sync._feed_follows(table_name text)
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM cd2sync.feed f
+                    WHERE f.stale_since IS NULL
+                      AND (f.tables IS NULL OR _feed_follows.table_name = ANY (f.tables)))
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Capture
+-- ---------------------------------------------------------------------------
+
+-- The captures of this transaction (a session's temporary table)
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture_table()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+BEGIN
+    IF to_regclass('pg_temp.cd2_feed_capture') IS NULL THEN
+        CREATE TEMP TABLE cd2_feed_capture (
+            seq        bigserial,
+            table_name text NOT NULL,
+            instance   text NOT NULL,
+            key        jsonb NOT NULL,
+            old_row    jsonb,          -- NULL: the row did not exist before the statement
+            new_row    jsonb,          -- NULL: the row does not exist after it
+            cause      text NOT NULL
+        ) ON COMMIT DELETE ROWS;
+    END IF;
+END $$;
+
+-- The statement that captures rows of instance table rel, read from
+-- relations old_src and new_src (the table itself, or a trigger's
+-- transition tables: the statement must run where those are visible) as
+-- images before (old) and after (new); rows of one key in both are paired
+-- (an update, captured only when it changed the image). NULL when there is
+-- nothing to capture: rel is not an instance's table (any more), or its
+-- instance is being changed as a whole (_feed_capture_instance).
+-- cause: the changes' cause (NULL: the transaction's, cd2sync_tx.cause,
+-- set by the step that writes: _apply, _after_apply; else 'sync').
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture_sql(rel regclass, table_name text, old_src text, new_src text,
+                                          cause text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances;
+    v record;
+    keys text[] := cd2sync._key_columns(rel);
+    keyexpr text;
+BEGIN
+    SELECT i.* INTO inst FROM cd2sync.instances i JOIN pg_class c ON c.oid = rel
+      JOIN pg_namespace s ON s.oid = c.relnamespace WHERE i.target_schema = s.nspname;
+    IF NOT FOUND OR keys IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true) THEN
+        RETURN NULL;
+    END IF;
+    cause := coalesce(cause, nullif(current_setting('cd2sync_tx.cause', true), ''), 'sync');
+    v := cd2sync._view_columns(table_name);
+    SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
+      INTO keyexpr FROM unnest(keys) k;
+    PERFORM cd2sync._feed_capture_table();
+    IF old_src IS NOT NULL AND new_src IS NOT NULL THEN
+        RETURN format(
+            'INSERT INTO pg_temp.cd2_feed_capture (table_name, instance, key, old_row, new_row, cause)
+             SELECT %1$L, %2$L, coalesce(o.k, w.k), o.r, w.r, %3$L
+               FROM (SELECT %4$s AS k, r FROM (SELECT to_jsonb(x) AS r FROM (%5$s) x) y) o
+               FULL JOIN (SELECT %4$s AS k, r FROM (SELECT to_jsonb(x) AS r FROM (%6$s) x) y) w ON w.k = o.k
+              WHERE o.r IS DISTINCT FROM w.r',
+            table_name, inst.name, cause, keyexpr,
+            cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src),
+            cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src));
+    END IF;
+    RETURN format(
+        'INSERT INTO pg_temp.cd2_feed_capture (table_name, instance, key, old_row, new_row, cause)
+         SELECT %1$L, %2$L, %3$s, %4$s, %5$s, %6$L FROM (SELECT to_jsonb(x) AS r FROM (%7$s) x) y',
+        table_name, inst.name, keyexpr,
+        CASE WHEN old_src IS NOT NULL THEN 'r' ELSE 'NULL' END,
+        CASE WHEN new_src IS NOT NULL THEN 'r' ELSE 'NULL' END, cause,
+        cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types,
+                             coalesce(old_src, new_src)));
+END $$;
+
+-- The capture trigger of a followed instance table (one per statement; its
+-- transition tables are visible to this function's statements only)
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture()
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
+                                        CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old' END,
+                                        CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
+BEGIN
+    IF q IS NOT NULL THEN
+        EXECUTE q;
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Gives an instance table its capture triggers when a feed follows the
+-- table, and takes them away when none does.
+CREATE OR REPLACE FUNCTION cd2sync._feed_ensure_capture(rel regclass, table_name text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    wanted boolean := cd2sync._feed_follows(table_name);
+    has boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert');
+BEGIN
+    IF wanted AND NOT has THEN
+        EXECUTE format('CREATE TRIGGER cd2_feed_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS cd2_new
+                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
+        EXECUTE format('CREATE TRIGGER cd2_feed_update AFTER UPDATE ON %s
+                        REFERENCING OLD TABLE AS cd2_old NEW TABLE AS cd2_new
+                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
+        EXECUTE format('CREATE TRIGGER cd2_feed_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS cd2_old
+                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
+    ELSIF has AND NOT wanted THEN
+        EXECUTE format('DROP TRIGGER cd2_feed_insert ON %s', rel);
+        EXECUTE format('DROP TRIGGER cd2_feed_update ON %s', rel);
+        EXECUTE format('DROP TRIGGER cd2_feed_delete ON %s', rel);
+    END IF;
+END $$;
+
+-- Every instance table's triggers, after the feeds changed
+CREATE OR REPLACE FUNCTION cd2sync._feed_ensure_captures()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT c.oid::regclass AS rel, c.relname::text AS tab
+               FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
+               JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r'
+              ORDER BY c.oid LOOP
+        PERFORM cd2sync._feed_ensure_capture(r.rel, r.tab);
+    END LOOP;
+END $$;
+
+-- Captures every row of an instance's followed tables, as images before
+-- (side 'old') or after (side 'new') a change to the instance itself (added,
+-- dropped, a new shard_id or target schema): the views' rows of that
+-- instance change wholesale. In between, the rows of that instance are not
+-- captured as they are brought up to date (cd2sync_tx.quiet_instance), so
+-- that each key nets to its image before and after.
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture_instance(instance text, side text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    q text;
+BEGIN
+    FOR r IN SELECT c.oid::regclass AS rel, c.relname::text AS tab
+               FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
+               JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r'
+              WHERE i.name = instance AND cd2sync._feed_follows(c.relname) LOOP
+        q := cd2sync._feed_capture_sql(r.rel, r.tab, CASE WHEN side = 'old' THEN r.rel::text END,
+                                       CASE WHEN side = 'new' THEN r.rel::text END, 'resync');
+        IF q IS NOT NULL THEN
+            EXECUTE q;
+        END IF;
+    END LOOP;
+    PERFORM set_config('cd2sync_tx.quiet_instance', CASE WHEN side = 'old' THEN instance ELSE '' END, true);
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- Publishing
+-- ---------------------------------------------------------------------------
+
+-- Nets this transaction's captures by key and writes what changed, with
+-- positions taken under an exclusive lock on cd2sync.changes that is held
+-- until commit: a transaction that commits later always has higher
+-- positions, so a reader never skips a change. The table just applied
+-- (instance, table_name) is given its new watermark (not committed yet);
+-- other tables take theirs from table_state. Returns the changes written.
+CREATE OR REPLACE FUNCTION cd2sync._feed_publish(instance text DEFAULT NULL, table_name text DEFAULT NULL,
+                                      watermark timestamptz DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+    f record;
+BEGIN
+    IF to_regclass('pg_temp.cd2_feed_capture') IS NULL THEN
+        RETURN 0;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_temp.cd2_feed_capture) THEN
+        RETURN 0;
+    END IF;
+    LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
+    INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
+    SELECT nextval('cd2sync.change_position_seq'), x.table_name,
+           CASE WHEN x.before IS NULL THEN 'insert' WHEN x.after IS NULL THEN 'delete' ELSE 'update' END,
+           x.key, x.instance, x.after,
+           CASE WHEN x.before IS NOT NULL AND x.after IS NOT NULL THEN
+               ARRAY(SELECT a.k FROM jsonb_each(x.after) a(k, v)
+                      WHERE a.v IS DISTINCT FROM coalesce(x.before->a.k, 'null'::jsonb) ORDER BY a.k) END,
+           x.cause,
+           CASE WHEN x.instance = _feed_publish.instance AND x.table_name = _feed_publish.table_name
+                THEN _feed_publish.watermark
+                ELSE (SELECT s.watermark FROM cd2sync.table_state s
+                       WHERE s.instance = x.instance AND s.table_name = x.table_name) END
+      FROM (SELECT c.table_name, c.instance, c.key,
+                   (array_agg(c.old_row ORDER BY c.seq))[1] AS before,
+                   (array_agg(c.new_row ORDER BY c.seq DESC))[1] AS after,
+                   coalesce(min(c.cause) FILTER (WHERE c.cause <> 'merge'), 'merge') AS cause,
+                   min(c.seq) AS first_seq
+              FROM pg_temp.cd2_feed_capture c
+             GROUP BY c.table_name, c.instance, c.key) x
+     -- quiet: nothing for a row that looks as it did (a column that is new
+     -- and NULL counts as unchanged)
+     WHERE NOT (x.before IS NULL AND x.after IS NULL)
+       AND (x.before IS NULL OR x.after IS NULL OR jsonb_strip_nulls(x.before) <> jsonb_strip_nulls(x.after))
+     ORDER BY x.first_seq;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    TRUNCATE pg_temp.cd2_feed_capture;
+    IF n > 0 THEN
+        FOR f IN SELECT DISTINCT x.name FROM cd2sync.feed x
+                  WHERE x.stale_since IS NULL
+                    AND EXISTS (SELECT 1 FROM cd2sync.changes c
+                                 WHERE c.position > currval('cd2sync.change_position_seq') - n
+                                   AND c.feed IS NULL AND (x.tables IS NULL OR c.table_name = ANY (x.tables))) LOOP
+            PERFORM pg_notify('cd2sync_feed', f.name);
+        END LOOP;
+        PERFORM cd2sync._feed_check_limits();
+    END IF;
+    RETURN n;
+END $$;
+
+-- Marks stale, with a WARNING, every feed that fell behind
+-- cd2sync.feed_max_pending changes or cd2sync.feed_max_age, and forgets
+-- the changes no other feed waits for. (The capture triggers of tables no
+-- feed follows any more go with the next change to the feeds or instances.)
+CREATE OR REPLACE FUNCTION cd2sync._feed_check_limits()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lim record := cd2sync._feed_limits();
+    f record;
+    oldest timestamptz;
+    pending bigint;
+    why text;
+BEGIN
+    FOR f IN SELECT * FROM cd2sync.feed WHERE stale_since IS NULL ORDER BY name LOOP
+        why := NULL;
+        SELECT c.committed_at INTO oldest FROM cd2sync.changes c
+         WHERE c.position > f.acknowledged
+           AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))
+         ORDER BY c.position LIMIT 1;
+        IF oldest < now() - make_interval(secs => lim.max_age_seconds) THEN
+            why := format('a change waits since %s, longer than cd2sync.feed_max_age', oldest);
+        ELSIF (SELECT max(position) FROM cd2sync.changes) - f.acknowledged > lim.max_pending THEN
+            -- positions bound the count; count only when the bound is over
+            SELECT count(*) INTO pending
+              FROM (SELECT 1 FROM cd2sync.changes c
+                     WHERE c.position > f.acknowledged
+                       AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))
+                     LIMIT lim.max_pending + 1) x;
+            IF pending > lim.max_pending THEN
+                why := format('more than %s changes wait, over cd2sync.feed_max_pending', lim.max_pending);
+            END IF;
+        END IF;
+        IF why IS NOT NULL THEN
+            UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why WHERE x.name = f.name;
+            RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
+                  USING HINT = 'Drop it and create it again; its changes are no longer kept.';
+            PERFORM cd2sync._feed_forget(f.acknowledged);
+        END IF;
+    END LOOP;
+END $$;
+
+-- Deletes the changes with positions in (after, upto] that no feed waits
+-- for any more: every feed that follows them (and is not stale) has
+-- acknowledged them. Only an acknowledgement, a feed dropped or gone stale
+-- can make a change forgettable: each forgets within what it moved.
+CREATE OR REPLACE FUNCTION cd2sync._feed_forget(after bigint DEFAULT 0, upto bigint DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM cd2sync.changes c
+     WHERE c.position > after AND (upto IS NULL OR c.position <= upto)
+       AND NOT EXISTS (SELECT 1 FROM cd2sync.feed f
+                        WHERE f.stale_since IS NULL AND f.acknowledged < c.position
+                          AND (c.feed = f.name
+                               OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables)))));
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- The SQL surface
+-- ---------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION cd2_create_feed(name text, tables text[] DEFAULT NULL, from_start boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n text := cd2_create_feed.name;
+    t text;
+    keys text[];
+    start bigint;
+BEGIN
+    IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
+        RAISE EXCEPTION 'invalid feed name "%"', n
+              USING ERRCODE = 'invalid_parameter_value',
+                    DETAIL = 'A feed name is a lower-case letter followed by up to 47 lower-case letters, digits or underscores.';
+    END IF;
+    IF from_start IS NULL THEN
+        RAISE EXCEPTION 'from_start must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF tables IS NOT NULL THEN
+        IF cardinality(tables) = 0 THEN
+            RAISE EXCEPTION 'tables must name at least one table, or be NULL for every table'
+                  USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF EXISTS (SELECT 1 FROM unnest(tables) x WHERE x IS NULL OR x !~ '^[A-Za-z0-9_]{1,63}$') THEN
+            RAISE EXCEPTION 'invalid table name in tables'
+                  USING ERRCODE = 'invalid_parameter_value',
+                        DETAIL = 'CD2 table names are made of letters, digits and underscores.';
+        END IF;
+    END IF;
+    IF EXISTS (SELECT 1 FROM cd2sync.feed f WHERE f.name = n) THEN
+        RAISE EXCEPTION 'cd2sync feed "%" already exists', n USING ERRCODE = 'duplicate_object';
+    END IF;
+
+    -- the feed's row first: the capture triggers follow it. Making them
+    -- waits for the syncs applying to those tables, and keeps new ones out
+    -- until commit; then the lock on the changes orders the feed's start
+    -- after every change already published.
+    PERFORM cd2sync._ensure_layout();   -- (tables an earlier version made)
+    INSERT INTO cd2sync.feed (name, tables, acknowledged)
+    VALUES (n, (SELECT array_agg(DISTINCT x ORDER BY x) FROM unnest(tables) x), 0);
+    PERFORM cd2sync._feed_ensure_captures();
+    LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
+    UPDATE cd2sync.feed f SET acknowledged = start WHERE f.name = n;
+    IF from_start THEN
+        FOR t IN SELECT c.relname::text FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
+                  WHERE s.nspname = 'cd2' AND c.relkind = 'v'
+                    AND c.relname NOT IN ('user_merges', 'reconciliation_health')
+                    AND (tables IS NULL OR c.relname = ANY (tables))
+                  ORDER BY 1 LOOP
+            SELECT cd2sync._key_columns(x.rel) INTO keys FROM cd2sync._instances_with(t) x LIMIT 1;
+            EXECUTE format(
+                'INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+                 SELECT nextval(''cd2sync.change_position_seq''), %L, %L, ''insert'', %s, r->>''instance'', r, ''start''
+                   FROM (SELECT to_jsonb(v) AS r FROM cd2.%I v) x',
+                n, t, (SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
+                         FROM unnest(keys) k), t);
+        END LOOP;
+        IF EXISTS (SELECT 1 FROM cd2sync.changes c WHERE c.feed = n) THEN
+            PERFORM pg_notify('cd2sync_feed', n);
+        END IF;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2_drop_feed(name text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed := cd2sync._check_feed(name);
+BEGIN
+    DELETE FROM cd2sync.feed x WHERE x.name = f.name;
+    PERFORM cd2sync._feed_ensure_captures();
+    PERFORM cd2sync._feed_forget(f.acknowledged);
+END $$;
+
+-- The changes after the feed's acknowledged position, in position order,
+-- without advancing it.
+CREATE OR REPLACE FUNCTION cd2_feed_read(name text, max_changes int DEFAULT 10000)
+RETURNS TABLE ("position" bigint, table_name text, op text, key jsonb, instance text, "row" jsonb,
+               changed text[], cause text, watermark timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed := cd2sync._check_feed(name);
+BEGIN
+    IF max_changes IS NULL OR max_changes < 1 THEN
+        RAISE EXCEPTION 'max_changes must be a positive number' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF f.stale_since IS NULL THEN
+        PERFORM cd2sync._feed_check_limits();
+        f := cd2sync._check_feed(name);
+    END IF;
+    IF f.stale_since IS NOT NULL THEN
+        RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, f.stale_reason
+              USING ERRCODE = 'object_not_in_prerequisite_state',
+                    HINT = 'Drop it and create it again (from_start => true gives the current rows).';
+    END IF;
+    RETURN QUERY
+    SELECT c.position, c.table_name, c.op, c.key, c.instance, c."row", c.changed, c.cause, c.watermark
+      FROM cd2sync.changes c
+     WHERE c.position > f.acknowledged
+       AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))
+     ORDER BY c.position
+     LIMIT max_changes;
+END $$;
+
+-- Everything up to position upto is processed. Less than before: a no-op;
+-- never past the last change published.
+CREATE OR REPLACE FUNCTION cd2_feed_ack(name text, upto bigint)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed := cd2sync._check_feed(name);
+    last bigint;
+BEGIN
+    IF upto IS NULL THEN
+        RAISE EXCEPTION 'upto must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF upto <= f.acknowledged THEN
+        RETURN;
+    END IF;
+    -- every position up to the last visible one is committed (see _feed_publish)
+    last := greatest(f.acknowledged, (SELECT max(c.position) FROM cd2sync.changes c));
+    UPDATE cd2sync.feed x SET acknowledged = least(upto, last)
+     WHERE x.name = f.name AND x.acknowledged < least(upto, last);
+    PERFORM cd2sync._feed_forget(f.acknowledged, least(upto, last));
+END $$;
+
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.feed', '');
+
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.changes', '');
+
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.change_position_seq', '');
+
+-- after_apply.sql: what follows the apply of a table, in the transaction
+-- that applies it. The sync worker calls cd2sync._after_apply once per table
+-- sync, after the rows are in and before the watermark and the sync log are
+-- written; everything that depends on synced rows hangs here, in this order:
+--   1 the users' replacements of the rows the sync wrote (cd2_<c> columns);
+--   2 the change feeds: what the sync did to the reconciled rows;
+--   3 the merge map and the duplicates it reveals, when an input of the
+--     resolver changed (and the replacements of every table, by the map's
+--     difference), and what that did to the reconciled rows.
+
+-- The tables whose rows are evidence of user merges (see refresh_user_merges)
+CREATE OR REPLACE FUNCTION cd2sync._merge_inputs()
+RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['users', 'pseudonyms', 'enrollments']
+$$;
+
+-- instance, table_name: the table just applied; mode: the sync log's mode;
+-- changes: rows the apply inserted, updated or deleted; watermark: the one
+-- this transaction commits for the table. The feeds get the sync's changes
+-- first (its rows as the views show them, users resolved by the map as it
+-- was), then what a new map changed (cause 'merge').
+CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint,
+                                     watermark timestamptz)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances := cd2sync._check_instance(instance);
+    rel regclass := to_regclass(format('%I.%I', inst.target_schema, table_name));
+BEGIN
+    IF changes > 0 AND rel IS NOT NULL THEN
+        PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
+    END IF;
+    PERFORM cd2sync._feed_publish(instance, table_name, watermark);
+    IF changes > 0 AND rel IS NOT NULL THEN
+        PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+        IF table_name = ANY (cd2sync._merge_inputs()) THEN
+            PERFORM cd2sync._refresh_user_merges();
+        ELSIF cd2sync._duplicate_key(table_name) IS NOT NULL THEN
+            PERFORM cd2sync._refresh_merge_duplicates(table_name);
+        END IF;
+        PERFORM cd2sync._feed_publish();
+    END IF;
+END $$;
+
+REVOKE ALL ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text, interval),
+                       cd2_alter_instance(text, text, text, text, text[], bigint, interval, text, interval),
+                       cd2_drop_instance(text, boolean),
+                       cd2_sync_now(text, text[], boolean),
+                       cd2_sync_start(text, text[], boolean),
+                       cd2_watermark(text, text),
+                       cd2_consistent_watermark(text[]),
+                       cd2_global_id(text, bigint),
+                       cd2_resolve_user(bigint),
+                       cd2_create_feed(text, text[], boolean),
+                       cd2_drop_feed(text),
+                       cd2_feed_read(text, integer),
+                       cd2_feed_ack(text, bigint)
+    FROM PUBLIC;
+
+-- reader
+GRANT SELECT ON cd2sync.watermarks, cd2sync.sync_log, cd2sync.runs, cd2sync.schedules,
+                cd2sync.progress, cd2.user_merges, cd2.reconciliation_health, cd2sync.feeds
+    TO cd2sync_reader;
+
+GRANT EXECUTE ON FUNCTION cd2_watermark(text, text), cd2_consistent_watermark(text[]),
+                          cd2_global_id(text, bigint), cd2_resolve_user(bigint),
+                          cd2sync.reconciliation_health(),
+                          cd2_feed_read(text, integer), cd2_feed_ack(text, bigint)
+    TO cd2sync_reader;
+
+GRANT EXECUTE ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text, interval),
+                          cd2_alter_instance(text, text, text, text, text[], bigint, interval, text, interval),
+                          cd2_drop_instance(text, boolean),
+                          cd2_sync_now(text, text[], boolean),
+                          cd2_sync_start(text, text[], boolean),
+                          cd2sync._check_instance(text),
+                          cd2_create_feed(text, text[], boolean),
+                          cd2_drop_feed(text)
+    TO cd2sync_admin;
+
+-- what the install script's privileges.sql does for every object
+REVOKE ALL ON ALL TABLES IN SCHEMA cd2sync FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA cd2sync FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cd2sync FROM PUBLIC;

@@ -384,6 +384,7 @@ BEGIN
     -- waits for the syncs applying to those tables, and keeps new ones out
     -- until commit; then the lock on the changes orders the feed's start
     -- after every change already published.
+    PERFORM cd2sync._ensure_layout();   -- (tables an earlier version made)
     INSERT INTO cd2sync.feed (name, tables, acknowledged)
     VALUES (n, (SELECT array_agg(DISTINCT x ORDER BY x) FROM unnest(tables) x), 0);
     PERFORM cd2sync._feed_ensure_captures();

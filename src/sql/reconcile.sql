@@ -630,6 +630,32 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Brings what an earlier version made to this version's layout: the
+-- instance tables' bookkeeping (cd2_ columns, indexes, replacements,
+-- duplicate flags) and the reconciled views. ALTER EXTENSION UPDATE cannot
+-- (the views are not the extension's to replace): each sync run, a new feed
+-- and every change to the instances call this first; it costs a catalog
+-- look when there is nothing to do.
+CREATE FUNCTION cd2sync._ensure_layout()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM cd2sync.table_state s JOIN cd2sync.instances i ON i.name = s.instance
+                     CROSS JOIN LATERAL (SELECT to_regclass(format('%I.%I', i.target_schema, s.table_name)) AS rel) t
+                     CROSS JOIN LATERAL cd2sync._user_columns(t.rel) u(col)
+                    WHERE t.rel IS NOT NULL AND NOT cd2sync._has_column(t.rel, cd2sync._resolved_column(u.col)))
+       AND NOT EXISTS (SELECT 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+                        WHERE d.classid = 'pg_rewrite'::regclass
+                          AND d.refobjid = 'cd2sync.user_merge_map'::regclass
+                          AND r.ev_class <> 'cd2.user_merges'::regclass) THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(52518, 1);   -- one at a time
+    PERFORM cd2sync.refresh_views();
+    PERFORM cd2sync._refresh_merge_duplicates('enrollments');
+    PERFORM cd2sync._refresh_merge_duplicates('submissions');
+    PERFORM cd2sync._feed_publish();
+END $$;
+
 -- ---------------------------------------------------------------------------
 -- Health: what reconciliation cannot settle yet (it drops nothing; it tells)
 -- ---------------------------------------------------------------------------
