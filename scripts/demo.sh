@@ -91,6 +91,66 @@ echo "== second sync of north: incrementals"
 psql -c "SELECT * FROM cd2_sync_now('north')"
 psql -c "SELECT id, name FROM north.users WHERE name LIKE '%(renamed)' ORDER BY id"
 
+echo "== a change feed for the SIS: it follows cd2.enrollments from now on"
+psql -c "SELECT cd2_create_feed('sis', tables => ARRAY['enrollments'])"
+
+echo "== a user merge across instances, arriving out of order"
+echo "   Canvas merges a north user into a south user. CD2 gives the evidence (the old user"
+echo "   deleted, merged_into_user_id set) in north's users table first; north's enrolments"
+echo "   still name the old user until a later export."
+python3 - "$emu" "$work/merge-later.json" >"$work/merge.env" <<'PY'
+import json, sys, urllib.request, urllib.parse
+emu = sys.argv[1]
+def call(path, body=None):
+    req = urllib.request.Request(emu + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req))
+def state(cid, table):
+    return call("/_emu/state?client_id=" + urllib.parse.quote(cid) + "&table=" + table)["rows"]
+north, south = "us-east-1#demo-north", "us-east-1#demo-south"
+G, shard = 10**13, {north: 1, south: 2}
+gid = lambda cid, i: i if i >= G else shard[cid] * G + i
+users = {u["key"]["id"]: u for u in state(north, "users")}
+enr = state(north, "enrollments")
+# a registered north user with enrolments, and a registered south user
+old = next(uid for uid in sorted(users) if users[uid]["value"].get("workflow_state") == "registered"
+           and sum(1 for e in enr if e["value"].get("user_id") == uid) >= 2)
+new = next(u for u in state(south, "users") if u["value"].get("workflow_state") == "registered")
+u = users[old]
+u["value"].update(workflow_state="deleted", merged_into_user_id=gid(south, new["key"]["id"]))
+call("/_emu/epoch", {"changes": [{"client_id": north, "table": "users", "upsert": [u]}]})
+moved = [e for e in enr if e["value"].get("user_id") == old]
+for e in moved:
+    e["value"]["user_id"] = gid(south, new["key"]["id"])
+print("OLD=%d NEW=%d" % (gid(north, old), gid(south, new["key"]["id"])))
+with open(sys.argv[2], "w") as f:   # the enrolments' own move, for the next epoch
+    json.dump({"changes": [{"client_id": north, "table": "enrollments", "upsert": moved}]}, f)
+PY
+. "$work/merge.env"
+echo "   old user $OLD (north) -> new user $NEW (south)"
+psql -c "SELECT table_name, mode, rows_upserted FROM cd2_sync_now('north', tables => ARRAY['users'])"
+echo "-- the resolver maps the old user, the view shows the new one at once:"
+psql -c "SELECT * FROM cd2.user_merges WHERE superseded_user_id = $OLD"
+psql -c "SELECT instance, id, user_id, original_user_id, workflow_state FROM cd2.enrollments WHERE user_id = $NEW ORDER BY id"
+echo "-- the feed: one update per enrolment, cause merge, user_id changed, nothing deleted:"
+psql -c "SELECT position, op, key, changed, cause FROM cd2_feed_read('sis') ORDER BY position"
+
+echo "== later, north's enrolments catch up: they name the new user upstream too"
+python3 - "$emu" "$work/merge-later.json" <<'PY'
+import json, sys, urllib.request
+req = urllib.request.Request(sys.argv[1] + "/_emu/epoch", data=open(sys.argv[2], "rb").read(),
+                             headers={"Content-Type": "application/json"})
+urllib.request.urlopen(req).read()
+PY
+psql -c "SELECT table_name, mode, rows_upserted FROM cd2_sync_now('north', tables => ARRAY['enrollments'])"
+echo "-- the view did not move (user_id stays; the stored value beside it caught up):"
+psql -c "SELECT instance, id, user_id, original_user_id, workflow_state FROM cd2.enrollments WHERE user_id = $NEW ORDER BY id"
+echo "-- the feed: updates of original_user_id only, cause sync; no delete, no insert:"
+psql -c "SELECT position, op, key, changed, cause FROM cd2_feed_read('sis') ORDER BY position"
+psql -c "SELECT cd2_feed_ack('sis', (SELECT max(position) FROM cd2_feed_read('sis')))" -c "SELECT * FROM cd2sync.feeds"
+echo "-- \"everything of this person\" is an index scan on each instance's table:"
+psql -c "EXPLAIN (COSTS OFF) SELECT * FROM cd2.enrollments WHERE user_id = $NEW"
+
 echo "== sync log (latest run)"
 psql -c "SELECT run_id, instance, table_name, mode, rows_upserted, rows_deleted, objects, bytes_downloaded, round(seconds::numeric, 3) AS seconds
            FROM cd2sync.sync_log WHERE run_id = (SELECT max(run_id) FROM cd2sync.runs) ORDER BY table_name"
