@@ -7,7 +7,10 @@
 #   3 per-row client  cd2_sync_now vs P  = psycopg2, one prepared statement per record
 #   4 no-op           rows rewritten, WAL bytes and time: cd2sync vs L2 on the same records
 #   5 memory          peak RSS of the sync worker during the snapshot
-#   6 consortium      an analyst query over cd2.enrollments vs the raw per-instance tables
+#   6 consortium      an analyst query over cd2.enrollments vs the raw per-instance tables;
+#                     lookups by global id and by person through the view
+#   7 change feeds    an incremental and a full resync with a feed following the table vs
+#                     without; reading the changes
 # It is a benchmark, never a test: it fails only when something cannot run. Sets the machine
 # up (scripts/setup.sh), starts a cluster and the emulator on loopback, and removes them.
 #
@@ -66,9 +69,11 @@ check_same() {
     else echo "   WARNING: $1 and $2 differ"; problems+=("$1 and $2 differ after $3"); fi
 }
 # cd2_sync_now on the bench table; prints "mode rows_upserted rows_deleted seconds error"
-sync_now() {
+sync_now() {   # [full]
+    local full=false
+    [ "${1:-}" = full ] && full=true
     sql -At -F ' ' -c "SELECT mode, rows_upserted, rows_deleted, round(seconds::numeric, 3), coalesce(error, '')
-                         FROM cd2_sync_now('bench', tables => ARRAY['submissions'])"
+                         FROM cd2_sync_now('bench', tables => ARRAY['submissions'], \"full\" => $full)"
 }
 # the latest sync's log: unchanged rows, job_seconds and the rest (its load_seconds is logged
 # before it is measured), objects and bytes
@@ -79,6 +84,10 @@ sync_split() { val "SELECT rows_unchanged || ' unchanged, ' || round(job_seconds
 # seconds the latest sync waited for its query job upstream (the emulator's job_latency)
 job_s() { val "SELECT round(job_seconds::numeric, 3) FROM cd2sync.sync_log WHERE instance = 'bench'
                 ORDER BY run_id DESC LIMIT 1"; }
+# the CD2 columns of a table, for COPY: the files do not carry cd2sync's cd2_* bookkeeping
+data_cols() { val "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
+                    WHERE attrelid = '$1'::regclass AND attnum > 0 AND NOT attisdropped
+                      AND attname NOT LIKE 'cd2\\_%'"; }
 # the hand-written incremental: COPY into temp tables, upsert, delete, one transaction
 l2_apply() {   # TABLE UPSERTS_FILE DELETES_FILE
     local sets
@@ -91,7 +100,7 @@ l2_apply() {   # TABLE UPSERTS_FILE DELETES_FILE
 BEGIN;
 CREATE TEMP TABLE l2_up (LIKE $1) ON COMMIT DROP;
 CREATE TEMP TABLE l2_del (id bigint) ON COMMIT DROP;
-COPY l2_up FROM '$2';
+COPY l2_up ($(data_cols "$1")) FROM '$2';
 COPY l2_del FROM '$3';
 INSERT INTO $1 AS t SELECT * FROM l2_up ON CONFLICT (id) DO UPDATE SET $sets;
 DELETE FROM $1 t USING l2_del d WHERE t.id = d.id;
@@ -276,11 +285,15 @@ sql -c '\d bench.submissions' | sed 's/^/   /' | head -40
 sql -c "CREATE SCHEMA baseline" -c "CREATE TABLE baseline.base (LIKE bench.submissions INCLUDING ALL)"
 checkpoint
 w0=$(lsn); t0=$(now)
-sql -c "COPY baseline.base FROM '$data/snapshot.copy'"
+sql -c "COPY baseline.base ($(data_cols baseline.base)) FROM '$data/snapshot.copy'"
 t1=$(now); w1=$(lsn)
 T_L=$(calc "$t1 - $t0"); WAL_L=$(wal_mb "$w0" "$w1")
 echo "   L (COPY): ${T_L}s, WAL ${WAL_L} MB"
 check_same bench.submissions baseline.base "the snapshot"
+
+# (7. replays the incremental from this state, with and without a change feed)
+sql -c "CREATE TABLE baseline.pre_inc AS SELECT * FROM bench.submissions"
+WM_SNAP=$(val "SELECT watermark_raw FROM cd2sync.table_state WHERE instance = 'bench' AND table_name = 'submissions'")
 
 # ---- 2. incremental: cd2_sync_now vs L2 (hand-written set-based SQL) --------------------------
 echo "== 2. incremental of $BENCH_CHANGES records ($INC_SUMMARY)"
@@ -349,6 +362,39 @@ check_same bench.submissions baseline.l2 "the no-op incremental"
 RSS_ANON_MB=$(calc "$RSS_ANON / 1024" 1); RSS_HWM_MB=$(calc "$RSS_HWM / 1024" 1)
 echo "== 5. sync worker memory during the snapshot ($RSS_N samples): peak private (RssAnon) ${RSS_ANON_MB} MB," \
      "VmHWM ${RSS_HWM_MB} MB (includes the shared buffers it touched); the data was $(calc "$SNAP_RAW / 1048576" 0) MB uncompressed"
+
+# ---- 7. change feeds: the same syncs with a feed following the table, and without -----------
+# From the table as the snapshot left it (restored, watermark included): a full resync of
+# unchanged data, then the incremental of step 2; then both again with a feed following
+# submissions; then a reader takes the feed's changes.
+restore_snapshot() {
+    sql -o /dev/null -c "TRUNCATE bench.submissions" -c "INSERT INTO bench.submissions SELECT * FROM baseline.pre_inc" \
+        -c "UPDATE cd2sync.table_state SET watermark_raw = '$WM_SNAP', watermark = '$WM_SNAP'
+             WHERE instance = 'bench' AND table_name = 'submissions'" \
+        -c "VACUUM ANALYZE bench.submissions"
+}
+timed_sync() {   # [full] -> sets TS (seconds) and TS_OUT (the sync's line)
+    checkpoint
+    local t0 t1
+    t0=$(now); TS_OUT=$(sync_now "$@"); t1=$(now)
+    TS=$(calc "$t1 - $t0")
+}
+feed_changes() { val "SELECT count(*) FROM cd2sync.changes"; }
+echo "== 7. change feeds: full resync of unchanged data and incremental, without and with a feed"
+restore_snapshot
+timed_sync full; T_RES0=$TS; echo "   without a feed: full resync ${TS}s ($TS_OUT)"
+timed_sync; T_INC0=$TS; echo "   without a feed: incremental ${TS}s ($TS_OUT)"
+restore_snapshot
+sql -o /dev/null -c "SELECT cd2_create_feed('bench', tables => ARRAY['submissions'])"
+timed_sync full; T_RES1=$TS; C_RES=$(feed_changes); echo "   with a feed: full resync ${TS}s ($TS_OUT), $C_RES changes"
+timed_sync; T_INC1=$TS; C_INC=$(( $(feed_changes) - C_RES )); echo "   with a feed: incremental ${TS}s ($TS_OUT), $C_INC changes"
+[ "$C_RES" = 0 ] || problems+=("a full resync of unchanged data published $C_RES changes")
+[ "$C_INC" -gt 0 ] || problems+=("the incremental published no change")
+t0=$(now)
+sql -o /dev/null -c "SELECT * FROM cd2_feed_read('bench', max_changes => $BENCH_CHANGES)"
+t1=$(now); T_READ=$(calc "$t1 - $t0")
+echo "   a reader takes $BENCH_CHANGES changes (psql, rows to the client): ${T_READ}s"
+sql -o /dev/null -c "SELECT cd2_drop_feed('bench')"
 
 # ---- 6. reconciled view cost: cd2.enrollments vs the raw tables of two instances --------------
 # Built with SQL (no emulator): two sharded instances, users and enrollments in their target
@@ -456,6 +502,20 @@ if [ "$Q3_V" != timeout ] && [ "$Q3_V" != error ]; then
     Q3_V=$(median3 "$Q3_V" "$(qtime "$Q3_VIEW" "$SERIAL")" "$(qtime "$Q3_VIEW" "$SERIAL")")
 fi
 echo "   Q3 README's query (NOT cd2_merge_duplicate): $(ms_s "$Q3_V") (vs raw Q1 $(ms_s "$Q1_R"))"
+# lookups: an enrolment by its global id, and every enrolment of a person who was merged (rows
+# stored under the superseded ids included); warm (each run 7 times, median), psql's \timing
+LOOK_ID=$(val "SELECT 20000000000000 + $E_HALF / 2")
+LOOK_USER=$(val "SELECT replacement_user_id FROM cd2sync.user_merge_map GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1")
+lookup_ms() {   # QUERY -> median ms of 7 runs
+    local args=() i
+    for i in 1 2 3 4 5 6 7; do args+=(-c "$1"); done
+    sql -c '\timing on' "${args[@]}" | awk '/^Time:/ {print $2}' | sort -g | sed -n 4p
+}
+L_ID=$(lookup_ms "SELECT * FROM cd2.enrollments WHERE id = $LOOK_ID")
+L_USER=$(lookup_ms "SELECT * FROM cd2.enrollments WHERE user_id = $LOOK_USER")
+L_USER_N=$(val "SELECT count(*) || ' rows, ' || count(*) FILTER (WHERE original_user_id <> user_id) || ' under superseded ids'
+                 FROM cd2.enrollments WHERE user_id = $LOOK_USER")
+echo "   lookup by global id: ${L_ID} ms; every enrolment of user $LOOK_USER ($L_USER_N): ${L_USER} ms"
 
 # ---- results --------------------------------------------------------------------------------
 R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
@@ -495,6 +555,13 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
       "$(rows_per_s "$N_ENR" "$(calc "$Q1P_V / 1000")")" ""
     R "6e Q2, default planner (parallel)" "$(ms_s "$Q2P_V")" "$(ms_s "$Q2P_R")" "$(ratio "$Q2P_V" "$Q2P_R")" "<= 1.5" \
       "$(rows_per_s "$N_ENR" "$(calc "$Q2P_V / 1000")")" ""
+    R "6f lookup by global id, cd2 view" "${L_ID} ms" "-" "-" "< 5 ms" "" ""
+    R "6g every enrolment of a person, cd2 view" "${L_USER} ms" "-" "-" "< 5 ms" "" ""
+    R "7a incremental with a feed vs without" "${T_INC1}s" "${T_INC0}s" "$(ratio "$T_INC1" "$T_INC0")" "<= 1.3" \
+      "$(rows_per_s "$BENCH_CHANGES" "$T_INC1")" ""
+    R "7b full resync, unchanged, feed vs without" "${T_RES1}s" "${T_RES0}s" "$(ratio "$T_RES1" "$T_RES0")" "<= 1.3" "" ""
+    R "7c   changes it published" "$C_RES" "-" "-" "0" "" ""
+    R "7d reading $C_INC changes (cd2_feed_read)" "${T_READ}s" "-" "-" "< 1 s" "$(rows_per_s "$C_INC" "$T_READ")" ""
     echo
     echo "(*) P ran $np of $BENCH_ROWS snapshot rows (${tp}s) and is extrapolated linearly; its incremental ran in full."
     echo "(**) private memory (RssAnon) of the 'cd2sync sync worker' backend, sampled every 100 ms; its VmHWM," \
@@ -502,6 +569,8 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
     echo "(***) wall time less the time the sync waited for its query job upstream (the emulator's job_latency, 0.3 s;" \
          "${J_SNAP}s, ${J_INC}s and ${J_NOOP}s here): download, decompression, decoding and apply against the baseline's work."
     echo "WAL: snapshot cd2sync ${WAL_SNAP} MB vs L ${WAL_L} MB. No-op HOT updates: cd2sync $NOOP_HOT, L2 $L2_HOT."
+    echo "6f/6g: median of 7 warm runs (psql \\timing, client round trip included); the person: $L_USER_N."
+    echo "7: syncs of the bench table restored to its snapshot; 7a/7b with and without a feed following it."
     echo "6: $N_ENR enrollments, $N_MAP merges, 3 runs each, median; raw = UNION ALL of c1/c2.enrollments grouped by (shard, ...);" \
          "6-6c with max_parallel_workers_per_gather = 0 (the planner parallelises the view but not the raw union);" \
          "6c runs until BENCH_VIEW_TIMEOUT=${BENCH_VIEW_TIMEOUT}s."

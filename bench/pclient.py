@@ -42,8 +42,9 @@ def main():
     conn = psycopg2.connect(host=a.host, port=a.port, user=a.user, dbname=a.dbname)
     cur = conn.cursor()
     schema, table = a.table.split(".")
+    # the CD2 columns (cd2sync's own cd2_* bookkeeping is not in the files)
     cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-                "AND NOT attisdropped ORDER BY attnum", (a.table,))
+                "AND NOT attisdropped AND attname NOT LIKE 'cd2\\_%%' ORDER BY attnum", (a.table,))
     cols = [r[0] for r in cur.fetchall()]
     q = lambda c: '"' + c.replace('"', '""') + '"'  # noqa: E731
     params = ", ".join(f"${k + 1}" for k in range(len(cols)))

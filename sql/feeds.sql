@@ -46,17 +46,19 @@ SELECT name, tables, acknowledged, pending, oldest_pending IS NOT NULL AS has_ol
 SELECT cd2_create_feed('all_tables');
 SELECT count(*) FROM cd2_feed_read('all_tables');
 
--- a sync's transaction: rows written, then the hook
+-- a sync's transaction: the hooks around rows written as an apply writes
+-- them; each statement's changes, in order; an update that changes nothing
+-- the view shows is quiet
 BEGIN;
-SELECT set_config('cd2sync_tx.cause', 'sync', true);
+SELECT cd2sync._before_apply('east', 'enrollments', '2026-11-02 00:00:00+00');
 UPDATE east.enrollments SET state = 'completed' WHERE id = 10;
 UPDATE east.enrollments SET state = 'active' WHERE id = 11;          -- the same as before: quiet
 INSERT INTO east.enrollments VALUES (12, 2, 101, 'active');
-DELETE FROM east.enrollments WHERE id = 12;                           -- in and out: nothing
+DELETE FROM east.enrollments WHERE id = 12;                           -- in and out: both
 INSERT INTO east.enrollments VALUES (13, 1, 102, 'invited');
-UPDATE east.enrollments SET state = 'active' WHERE id = 13;            -- nets to one insert
+UPDATE east.enrollments SET state = 'active' WHERE id = 13;            -- an insert, an update
 DELETE FROM west.enrollments WHERE id = 21;
-SELECT cd2sync._after_apply('east', 'enrollments', 'incremental', 4, '2026-11-02 00:00:00+00');
+SELECT cd2sync._after_apply('east', 'enrollments', 'incremental', 4);
 COMMIT;
 SELECT position, table_name, op, key, instance, "row"->>'state' AS state, changed, cause, watermark
   FROM cd2_feed_read('sis') WHERE cause <> 'start';
@@ -64,8 +66,9 @@ SELECT position, table_name, op, key, instance, "row"->>'state' AS state, change
 -- a merge: Ann (east 1) merged into Cy (west 5); her rows on both instances
 -- get one update each, cause merge, user_id changed
 BEGIN;
+SELECT cd2sync._before_apply('east', 'users', '2026-11-02 00:00:00+00');
 UPDATE east.users SET workflow_state = 'deleted', merged_into_user_id = 80000000000005 WHERE id = 1;
-SELECT cd2sync._after_apply('east', 'users', 'incremental', 1, '2026-11-02 00:00:00+00');
+SELECT cd2sync._after_apply('east', 'users', 'incremental', 1);
 COMMIT;
 SELECT * FROM cd2.user_merges;
 SELECT position, table_name, op, key, instance, "row"->>'user_id' AS user_id,
@@ -121,7 +124,7 @@ SET client_min_messages = warning;
 BEGIN;
 UPDATE west.users SET name = 'Cyrus' WHERE id = 5;
 UPDATE east.users SET name = 'Bobby' WHERE id = 2;
-SELECT cd2sync._after_apply('west', 'users', 'incremental', 2, NULL);
+SELECT cd2sync._after_apply('west', 'users', 'incremental', 2);
 COMMIT;
 SELECT name, pending, status FROM cd2sync.feeds ORDER BY name;
 SELECT * FROM cd2_feed_read('all_tables');

@@ -298,16 +298,26 @@ catalog_log_failure(TableRun *tr, const char *error, const char *sqlstate)
 }
 
 /*
+ * Calls cd2sync._before_apply at the start of the transaction that applies
+ * a table: the watermark it will commit (tr->watermark) is known by then.
+ */
+void
+catalog_before_apply(TableRun *tr)
+{
+	const char *args[3] = { tr->instance, tr->table, tr->watermark };
+
+	run_row("SELECT cd2sync._before_apply($1, $2, $3::timestamptz)", 3, args);
+}
+
+/*
  * Calls cd2sync._after_apply, which owns everything that follows the apply
  * of a table in its transaction (the merge map, duplicates, change feeds).
- * tr->watermark is the one this transaction commits for the table.
  */
 void
 catalog_after_apply(TableRun *tr)
 {
-	const char *args[5] = { tr->instance, tr->table, tr->mode,
-							int8_text(tr->upserted - tr->unchanged + tr->deleted),
-							tr->watermark };
+	const char *args[4] = { tr->instance, tr->table, tr->mode,
+							int8_text(tr->upserted - tr->unchanged + tr->deleted) };
 
-	run_row("SELECT cd2sync._after_apply($1, $2, $3, $4::bigint, $5::timestamptz)", 5, args);
+	run_row("SELECT cd2sync._after_apply($1, $2, $3, $4::bigint)", 4, args);
 }

@@ -63,6 +63,7 @@ extern void catalog_table_state(const char *instance, const char *target_schema,
 extern void catalog_log_start(TableRun *tr);
 extern void catalog_log_success(TableRun *tr);
 extern void catalog_log_failure(TableRun *tr, const char *error, const char *sqlstate);
+extern void catalog_before_apply(TableRun *tr);
 extern void catalog_after_apply(TableRun *tr);
 
 #endif /* CD2SYNC_CATALOG_H */

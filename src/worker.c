@@ -742,8 +742,14 @@ table_finish(RunContext *rc, TableSync *ts)
 		tr->job_seconds = seconds_since(ts->started_job);
 	}
 
+	if (catchups != NIL)
+		tr->watermark = ((DapJob *) linitial((List *) llast(catchups)))->until;
+	else
+		tr->watermark = snapshot ? job->at : job->until;
+
 	t0 = GetCurrentTimestamp();
 	begin_tx();
+	catalog_before_apply(tr);
 	apply_job(rc, tr, job, urls, snapshot);
 	foreach (lc, catchups)
 	{
@@ -755,10 +761,6 @@ table_finish(RunContext *rc, TableSync *ts)
 		tr->mode = "snapshot";
 	else
 		tr->mode = (tr->upserted == 0 && tr->deleted == 0) ? "unchanged" : "incremental";
-	if (catchups != NIL)
-		tr->watermark = ((DapJob *) linitial((List *) llast(catchups)))->until;
-	else
-		tr->watermark = snapshot ? job->at : job->until;
 	tr->schema_version = job->schema_version;
 	/* what follows an apply (merge map, change feeds) is SQL's: one hook */
 	report(rc, tr->table, "after apply");
@@ -950,6 +952,39 @@ lock_instance(RunContext *rc)
 }
 
 /*
+ * Brings the instance's rows up to the merge map when a refresh in another
+ * instance's sync had to leave them (this run held the instance's lock). A
+ * failure is logged: the next run, or the next refresh, does it again.
+ */
+static void
+resolve_due(RunContext *rc)
+{
+	const char *args[1] = { rc->instance->name };
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		begin_tx();
+		catalog_run_sql("SELECT cd2sync._resolve_due($1)", 1, args);
+		commit_tx();
+	}
+	PG_CATCH();
+	{
+		ErrorData *edata;
+
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		RESUME_INTERRUPTS();
+		ereport(LOG, (errmsg("cd2sync %s: could not bring its rows up to the merge map: %s",
+							 rc->instance->name, edata->message)));
+	}
+	PG_END_TRY();
+}
+
+/*
  * Runs of this instance still marked running hold no lock, so their worker
  * is gone (cancelled, killed, or the server restarted): say so in the log.
  */
@@ -972,6 +1007,7 @@ close_stale_runs(RunContext *rc)
 	/* tables and views an earlier version made take this one's layout */
 	catalog_run_sql("SELECT cd2sync._ensure_layout()", 0, NULL);
 	commit_tx();
+	resolve_due(rc);
 }
 
 /* The tables this run syncs: asked for, else configured, else all listed */
@@ -1059,6 +1095,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full, const char 
 	PG_END_TRY();
 
 	run_pipeline(&rc, tables);
+	resolve_due(&rc);
 
 	begin_tx();
 	catalog_run_finish(run_id, NULL, NULL);

@@ -213,7 +213,18 @@ change([ 'c2', 'users', user(10, 'Ann') ],
 	[ 'c1', 'pseudonyms', with(row_of('c1', 'pseudonyms', 1), user_id => $ann) ],
 	[ 'c1', 'enrollments', enr(8, $ann, 100), with(row_of('c1', 'enrollments', 1), workflow_state => 'deleted') ],
 	[ 'c1', 'submissions', with(row_of('c1', 'submissions', 1), user_id => $ann) ]);
-sync_all();
+# while c1's sync refreshes the map, a sync of c3 runs (its lock is held):
+# c1 leaves c3's rows to c3 (waiting on its row locks could deadlock)
+my $c3_sync = $node->background_psql('postgres');
+$c3_sync->query_safe("SELECT pg_advisory_lock(52517, hashtext('c3'))");
+my $r1 = Cd2Test::sync($node, 'c1');
+is(join(',', map { $r1->{$_}{error} } sort keys %$r1), ',,,', 'c1 synced without error while c3 is locked');
+is($node->safe_psql('postgres', "SELECT instance FROM cd2sync.resolve_due"), 'c3', 'c3 is due for the new map');
+is($node->safe_psql('postgres', "SELECT user_id FROM cd2.enrollments WHERE id = @{[3 * $G + 31]}"), 1 * $G + 1,
+	'and its rows wait for it');
+$c3_sync->quit;
+sync_all();   # c3's run brings them up to date
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.resolve_due"), '0', 'c3\'s run did what was due');
 my %m = ((1 * $G + 1) => [ $ann, 1, 'users.merged_into_user_id' ]);
 check('epoch 1 (cross-instance merge, references lag on c3)', %m);
 $ch = new_changes();

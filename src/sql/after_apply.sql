@@ -2,11 +2,13 @@
 -- that applies it. The sync worker calls cd2sync._after_apply once per table
 -- sync, after the rows are in and before the watermark and the sync log are
 -- written; everything that depends on synced rows hangs here, in this order:
---   1 the users' replacements of the rows the sync wrote (cd2_<c> columns);
---   2 the change feeds: what the sync did to the reconciled rows;
---   3 the merge map and the duplicates it reveals, when an input of the
+--   1 the users' replacements of rows loaded without them (cd2_<c> columns);
+--   2 the merge map and the duplicates it reveals, when an input of the
 --     resolver changed (and the replacements of every table, by the map's
---     difference), and what that did to the reconciled rows.
+--     difference: the change feeds see them as merges);
+--   3 the change feeds' limits.
+-- And _before_apply, before the rows go in: what the change feeds need to
+-- know of the transaction.
 
 -- The tables whose rows are evidence of user merges (see refresh_user_merges)
 CREATE FUNCTION cd2sync._merge_inputs()
@@ -14,29 +16,34 @@ RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['users', 'pseudonyms', 'enrollments']
 $$;
 
+-- Before the apply of a table, in its transaction: the watermark this
+-- transaction will commit for it, which the changes it writes carry.
+CREATE FUNCTION cd2sync._before_apply(instance text, table_name text, watermark timestamptz)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT set_config('cd2sync_tx.applying', instance || '.' || table_name, true),
+           set_config('cd2sync_tx.watermark', coalesce(watermark::text, ''), true),
+           set_config('cd2sync_tx.cause', 'sync', true);
+$$;
+
 -- instance, table_name: the table just applied; mode: the sync log's mode;
--- changes: rows the apply inserted, updated or deleted; watermark: the one
--- this transaction commits for the table. The feeds get the sync's changes
--- first (its rows as the views show them, users resolved by the map as it
--- was), then what a new map changed (cause 'merge').
-CREATE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint,
-                                     watermark timestamptz)
+-- changes: rows the apply inserted, updated or deleted. The feeds have the
+-- sync's changes already (its rows as the views show them, users resolved
+-- by the map as it was); what a new map changes follows, cause 'merge'.
+CREATE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     inst cd2sync.instances := cd2sync._check_instance(instance);
     rel regclass := to_regclass(format('%I.%I', inst.target_schema, table_name));
 BEGIN
     IF changes > 0 AND rel IS NOT NULL THEN
+        -- (rows loaded straight by COPY have no replacements yet)
         PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
-    END IF;
-    PERFORM cd2sync._feed_publish(instance, table_name, watermark);
-    IF changes > 0 AND rel IS NOT NULL THEN
         PERFORM set_config('cd2sync_tx.cause', 'merge', true);
         IF table_name = ANY (cd2sync._merge_inputs()) THEN
             PERFORM cd2sync._refresh_user_merges();
         ELSIF cd2sync._duplicate_key(table_name) IS NOT NULL THEN
             PERFORM cd2sync._refresh_merge_duplicates(table_name);
         END IF;
-        PERFORM cd2sync._feed_publish();
+        PERFORM cd2sync._feed_check_limits();
     END IF;
 END $$;

@@ -140,6 +140,7 @@ DECLARE
     joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin')];
     sample_same bigint;      -- of a sample of the records, how many change nothing
     sample_size bigint;
+    shard bigint;            -- of the target's instance
 BEGIN
     IF keys IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
@@ -208,6 +209,20 @@ BEGIN
         END IF;
     END LOOP;
 
+    -- each user column's replacement (reconcile.sql's cd2_<c>), looked up in
+    -- the map as the row is written
+    SELECT i.shard_id INTO shard FROM cd2sync.instances i JOIN pg_class c ON c.oid = target
+      JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.target_schema = n.nspname;
+    FOR a IN SELECT u.col, cd2sync._resolved_column(u.col) AS rc,
+                    (SELECT x FROM unnest(exprs, cols) z(x, q) WHERE q = format('%I', u.col)) AS e
+               FROM cd2sync._user_columns(target) u(col)
+              WHERE format('%I', u.col) = ANY (cols) AND cd2sync._has_column(target, cd2sync._resolved_column(u.col)) LOOP
+        cols := cols || format('%I', a.rc);
+        setcols := setcols || format('%I', a.rc);
+        exprs := exprs || format('(SELECT m.replacement_user_id FROM cd2sync.user_merge_map m WHERE m.superseded_user_id = %s)',
+                                 cd2sync._global_expr(shard, format('(%s)', a.e)));
+    END LOOP;
+
     IF mode = 'snapshot_new' THEN
         -- keys are unique within one result: no sort needed
         EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_stage s
@@ -247,17 +262,6 @@ BEGIN
     few := mode = 'incremental' AND (upserted + deleted) * 4 < target_rows;
     IF few THEN
         PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true);
-    END IF;
-
-    IF deleted > 0 THEN
-        EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
-                       target, keyjoin_typed);
-    END IF;
-    IF mode = 'snapshot' THEN
-        -- rows the new snapshot does not have are gone upstream
-        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
-                       target, keyjoin_typed);
-        GET DIAGNOSTICS deleted = ROW_COUNT;
     END IF;
 
     SELECT array_agg(format('%I', attname) ORDER BY attlen < 0, attnum) INTO cmpcols
@@ -301,6 +305,20 @@ BEGIN
                        (SELECT string_agg('excluded.' || c, ', ') FROM unnest(cmpcols) c));
     END IF;
     GET DIAGNOSTICS written = ROW_COUNT;
+    -- deletes after the upsert (their keys are apart): the upsert, the
+    -- statement that writes most, is over before a change feed's capture
+    -- takes its lock (feeds.sql)
+    IF deleted > 0 THEN
+        EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
+                       target, keyjoin_typed);
+    END IF;
+    IF mode = 'snapshot' THEN
+        -- rows the new snapshot does not have are gone upstream
+        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
+                       target, keyjoin_typed);
+        GET DIAGNOSTICS deleted = ROW_COUNT;
+    END IF;
+
     IF few THEN
         PERFORM set_config('enable_mergejoin', joins[1], true), set_config('enable_hashjoin', joins[2], true);
     END IF;

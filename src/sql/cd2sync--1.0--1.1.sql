@@ -53,7 +53,6 @@ BEGIN
     -- views (and the feeds that follow them)
     PERFORM cd2sync._reconcile_changed();
     PERFORM cd2sync._feed_capture_instance(n, 'new');
-    PERFORM cd2sync._feed_publish();
 END $$;
 
 -- Arguments not given keep their value. Given as NULL, tables, shard_id,
@@ -135,7 +134,6 @@ BEGIN
     IF new.shard_id IS DISTINCT FROM old.shard_id OR new.target_schema <> old.target_schema THEN
         PERFORM cd2sync._reconcile_changed();
         PERFORM cd2sync._feed_capture_instance(old.name, 'new');
-        PERFORM cd2sync._feed_publish();
     END IF;
 END $$;
 
@@ -155,9 +153,28 @@ BEGIN
     -- the reconciled views stop reading the schema before it may go
     PERFORM cd2sync._reconcile_changed();
     PERFORM cd2sync._feed_capture_instance(old.name, 'new');   -- (no rows: gone from the views)
-    PERFORM cd2sync._feed_publish();
     IF drop_data THEN
         EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', old.target_schema);
+    END IF;
+END $$;
+
+-- Takes the instance's sync lock for the rest of the transaction (the one a
+-- sync worker holds for its run: src/worker.c) unless a sync of it runs in
+-- another session; says whether it did.
+CREATE OR REPLACE FUNCTION cd2sync._try_lock_instance(instance text)
+RETURNS boolean LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_try_advisory_xact_lock(52517, hashtext(instance))
+$$;
+
+-- Takes the instance's sync lock for the rest of the transaction, or fails
+-- at once when a sync of it is running.
+CREATE OR REPLACE FUNCTION cd2sync._lock_instance(instance text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT cd2sync._try_lock_instance(instance) THEN
+        RAISE EXCEPTION 'a sync of cd2sync instance "%" is running', instance
+              USING ERRCODE = 'object_in_use',
+                    HINT = 'Wait for it to finish, or cancel it with pg_cancel_backend().';
     END IF;
 END $$;
 
@@ -268,6 +285,7 @@ DECLARE
     joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin')];
     sample_same bigint;      -- of a sample of the records, how many change nothing
     sample_size bigint;
+    shard bigint;            -- of the target's instance
 BEGIN
     IF keys IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
@@ -336,6 +354,20 @@ BEGIN
         END IF;
     END LOOP;
 
+    -- each user column's replacement (reconcile.sql's cd2_<c>), looked up in
+    -- the map as the row is written
+    SELECT i.shard_id INTO shard FROM cd2sync.instances i JOIN pg_class c ON c.oid = target
+      JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.target_schema = n.nspname;
+    FOR a IN SELECT u.col, cd2sync._resolved_column(u.col) AS rc,
+                    (SELECT x FROM unnest(exprs, cols) z(x, q) WHERE q = format('%I', u.col)) AS e
+               FROM cd2sync._user_columns(target) u(col)
+              WHERE format('%I', u.col) = ANY (cols) AND cd2sync._has_column(target, cd2sync._resolved_column(u.col)) LOOP
+        cols := cols || format('%I', a.rc);
+        setcols := setcols || format('%I', a.rc);
+        exprs := exprs || format('(SELECT m.replacement_user_id FROM cd2sync.user_merge_map m WHERE m.superseded_user_id = %s)',
+                                 cd2sync._global_expr(shard, format('(%s)', a.e)));
+    END LOOP;
+
     IF mode = 'snapshot_new' THEN
         -- keys are unique within one result: no sort needed
         EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_stage s
@@ -375,17 +407,6 @@ BEGIN
     few := mode = 'incremental' AND (upserted + deleted) * 4 < target_rows;
     IF few THEN
         PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true);
-    END IF;
-
-    IF deleted > 0 THEN
-        EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
-                       target, keyjoin_typed);
-    END IF;
-    IF mode = 'snapshot' THEN
-        -- rows the new snapshot does not have are gone upstream
-        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
-                       target, keyjoin_typed);
-        GET DIAGNOSTICS deleted = ROW_COUNT;
     END IF;
 
     SELECT array_agg(format('%I', attname) ORDER BY attlen < 0, attnum) INTO cmpcols
@@ -429,6 +450,20 @@ BEGIN
                        (SELECT string_agg('excluded.' || c, ', ') FROM unnest(cmpcols) c));
     END IF;
     GET DIAGNOSTICS written = ROW_COUNT;
+    -- deletes after the upsert (their keys are apart): the upsert, the
+    -- statement that writes most, is over before a change feed's capture
+    -- takes its lock (feeds.sql)
+    IF deleted > 0 THEN
+        EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
+                       target, keyjoin_typed);
+    END IF;
+    IF mode = 'snapshot' THEN
+        -- rows the new snapshot does not have are gone upstream
+        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
+                       target, keyjoin_typed);
+        GET DIAGNOSTICS deleted = ROW_COUNT;
+    END IF;
+
     IF few THEN
         PERFORM set_config('enable_mergejoin', joins[1], true), set_config('enable_hashjoin', joins[2], true);
     END IF;
@@ -601,11 +636,17 @@ RETURNS bigint LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     r record;
+    tb record;
     users_sql text[] := '{}';
     logins_sql text[] := '{}';
     enr_sql text[] := '{}';
     n bigint;
 BEGIN
+    -- locks in one order: a change feed's positions (a sync that wrote
+    -- changes holds them), then the map
+    IF EXISTS (SELECT 1 FROM cd2sync.feed) THEN
+        PERFORM cd2sync._feed_lock();
+    END IF;
     LOCK TABLE cd2sync.user_merge_map IN EXCLUSIVE MODE;
 
     FOR r IN SELECT * FROM cd2sync._instances_with('users') LOOP
@@ -720,10 +761,13 @@ BEGIN
      WHERE (m.*) IS DISTINCT FROM (excluded.*);
     IF EXISTS (SELECT 1 FROM cd2_map_changes) THEN
         PERFORM set_config('cd2sync_tx.cause', 'merge', true);   -- what feeds say of it
-        FOR r IN SELECT i.shard_id, c.oid::regclass AS rel
-                   FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
-                   JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r' LOOP
-            PERFORM cd2sync._resolve_users(r.rel, r.shard_id, true);
+        FOR r IN SELECT i.name FROM cd2sync.instances i ORDER BY i.name LOOP
+            IF cd2sync._resolve_due(r.name, true) THEN
+                CONTINUE;   -- brought up to the new map whole, or left to its sync
+            END IF;
+            FOR tb IN SELECT * FROM cd2sync._instance_tables(r.name) LOOP
+                PERFORM cd2sync._resolve_users(tb.rel, tb.shard_id, true);
+            END LOOP;
         END LOOP;
     END IF;
     -- the map changed: so may have the duplicates it reveals
@@ -764,42 +808,94 @@ BEGIN
             n := n + k;
         END IF;
         -- the rows' flags (what cd2.<table> shows) follow the set
-        IF cd2sync._has_column(r.rel, 'cd2_merge_duplicate') THEN
-            EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = NULL
-                             WHERE t.cd2_merge_duplicate
-                               AND NOT EXISTS (SELECT 1 FROM cd2sync.merge_duplicates d
-                                                WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id)',
-                           r.rel, r.instance, table_name);
-            EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = true FROM cd2sync.merge_duplicates d
-                             WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id
-                               AND t.cd2_merge_duplicate IS NOT TRUE',
-                           r.rel, r.instance, table_name);
+        IF NOT cd2sync._resolve_due(r.instance, true) THEN
+            PERFORM cd2sync._duplicate_flags(r.instance, table_name, r.rel);
         END IF;
     END LOOP;
     RETURN n;
 END $$;
 
+-- Brings the cd2_merge_duplicate flags of an instance table to the set in
+-- cd2sync.merge_duplicates.
+CREATE OR REPLACE FUNCTION cd2sync._duplicate_flags(instance text, table_name text, rel regclass)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
+        RETURN;
+    END IF;
+    EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = NULL
+                     WHERE t.cd2_merge_duplicate
+                       AND NOT EXISTS (SELECT 1 FROM cd2sync.merge_duplicates d
+                                        WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id)',
+                   rel, instance, table_name);
+    EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = true FROM cd2sync.merge_duplicates d
+                     WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id
+                       AND t.cd2_merge_duplicate IS NOT TRUE',
+                   rel, instance, table_name);
+END $$;
+
+-- Instances whose rows a map or duplicates refresh could not bring up to
+-- date: a sync of that instance was running (it holds row locks the refresh
+-- would wait for while the sync waits for the map: a deadlock). Its run, or
+-- the next refresh that can take its lock, brings them up to date.
+CREATE TABLE cd2sync.resolve_due (
+    instance text PRIMARY KEY,
+    since    timestamptz NOT NULL DEFAULT now()
+);
+
+-- The tables of an instance, with its shard
+CREATE OR REPLACE FUNCTION cd2sync._instance_tables(instance text)
+RETURNS TABLE (rel regclass, table_name text, shard_id bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass, c.relname::text, i.shard_id
+      FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
+      JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r'
+     WHERE i.name = _instance_tables.instance
+     ORDER BY c.oid
+$$;
+
+-- For a refresh about to write an instance's rows (only_lockable): when a
+-- sync of it runs elsewhere, marks it due and returns true (skip it). Then,
+-- or when called by the instance's own sync: when it is due, brings every
+-- row of its tables to the map and the duplicates as they are now, and
+-- returns true (done whole); else false.
+CREATE OR REPLACE FUNCTION cd2sync._resolve_due(instance text, only_lockable boolean DEFAULT false)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t record;
+BEGIN
+    IF only_lockable AND NOT cd2sync._try_lock_instance(instance) THEN
+        INSERT INTO cd2sync.resolve_due (instance) VALUES (instance) ON CONFLICT DO NOTHING;
+        RETURN true;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM cd2sync.resolve_due d WHERE d.instance = _resolve_due.instance) THEN
+        RETURN false;
+    END IF;
+    PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+    FOR t IN SELECT * FROM cd2sync._instance_tables(instance) LOOP
+        PERFORM cd2sync._resolve_users(t.rel, t.shard_id, false);
+        IF cd2sync._duplicate_key(t.table_name) IS NOT NULL THEN
+            PERFORM cd2sync._duplicate_flags(instance, t.table_name, t.rel);
+        END IF;
+    END LOOP;
+    DELETE FROM cd2sync.resolve_due d WHERE d.instance = _resolve_due.instance;
+    RETURN true;
+END $$;
+
 -- The map and the duplicates recomputed on demand (what a sync's
--- transaction does by itself): the rows this changes reach the change feeds
--- when it commits.
+-- transaction does by itself); the change feeds see what changes as merges.
 CREATE OR REPLACE FUNCTION cd2sync.refresh_user_merges()
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n bigint := cd2sync._refresh_user_merges();
 BEGIN
-    PERFORM cd2sync._feed_publish();
-    RETURN n;
+    PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+    RETURN cd2sync._refresh_user_merges();
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync.refresh_merge_duplicates(table_name text)
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n bigint;
 BEGIN
     PERFORM set_config('cd2sync_tx.cause', 'merge', true);
-    n := cd2sync._refresh_merge_duplicates(table_name);
-    PERFORM cd2sync._feed_publish();
-    RETURN n;
+    RETURN cd2sync._refresh_merge_duplicates(table_name);
 END $$;
 
 -- The columns of cd2.<table> after instance, in order (attnum order of each
@@ -821,17 +917,24 @@ $$;
 -- The SELECT of one instance's rows as cd2.<table> shows them, reading
 -- relation src (rel itself, or rows of rel's type such as a trigger's
 -- transition table) as t. The one place that says how a stored row is seen:
--- the views and the change feeds both use it.
+-- the views and the change feeds both use it. columns: its columns after
+-- instance.
 CREATE OR REPLACE FUNCTION cd2sync._view_select(table_name text, instance text, shard bigint, rel regclass,
-                                     cols text[], types jsonb, src text)
-RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+                                     cols text[], types jsonb, src text,
+                                     OUT sql text, OUT columns text[])
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     sel text[] := ARRAY[format('%L::text AS instance', instance)];
     c text;
     g text;
     dupkey text[] := cd2sync._duplicate_key(table_name);
 BEGIN
+    columns := '{}';
     FOREACH c IN ARRAY cols LOOP
+        columns := columns || c;
+        IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
+            columns := columns || ('original_' || c);
+        END IF;
         IF NOT cd2sync._has_column(rel, c) THEN
             sel := sel || format('NULL::%s AS %I', types->>c, c);
             IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
@@ -861,8 +964,9 @@ BEGIN
         sel := sel || CASE WHEN cd2sync._has_column(rel, 'cd2_merge_duplicate')
                            THEN 'coalesce(t.cd2_merge_duplicate, false) AS cd2_merge_duplicate'
                            ELSE 'false AS cd2_merge_duplicate' END;
+        columns := columns || 'cd2_merge_duplicate'::text;
     END IF;
-    RETURN format('SELECT %s FROM %s t', array_to_string(sel, ', '), src);
+    sql := format('SELECT %s FROM %s t', array_to_string(sel, ', '), src);
 END $$;
 
 -- (Re)creates cd2.<table>: the union over every instance that syncs it,
@@ -887,8 +991,8 @@ BEGIN
         RETURN;
     END IF;
     FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
-        parts := parts || cd2sync._view_select(table_name, r.instance, r.shard_id, r.rel, v.cols, v.types,
-                                               r.rel::text);
+        parts := parts || (cd2sync._view_select(table_name, r.instance, r.shard_id, r.rel, v.cols, v.types,
+                                                r.rel::text)).sql;
     END LOOP;
 
     body := array_to_string(parts, E'\nUNION ALL\n');
@@ -934,7 +1038,6 @@ BEGIN
     PERFORM cd2sync.refresh_views();
     PERFORM cd2sync._refresh_merge_duplicates('enrollments');
     PERFORM cd2sync._refresh_merge_duplicates('submissions');
-    PERFORM cd2sync._feed_publish();
 END $$;
 
 -- ---------------------------------------------------------------------------
@@ -981,17 +1084,18 @@ BEGIN
     END LOOP;
 END $$;
 
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.resolve_due', '');
+
 -- feeds.sql: change feeds. A feed follows the reconciled rows (cd2.<table>)
 -- of some tables for a downstream system: every insert, update and delete
 -- of those rows, in the order they became visible, until the feed
 -- acknowledges them.
 --
--- Wording: a "capture" is what a statement did to an instance table's rows,
--- seen as cd2.<table> shows them (statement triggers with transition
--- tables, on the tables some feed follows); "publishing" nets the captures
--- of a transaction by key (first image before, last image after) and writes
--- what changed to cd2sync.changes, under a lock held until commit, so that
--- positions grow in commit order.
+-- How: a statement trigger with transition tables, on each instance table
+-- that some feed follows, writes what the statement did to the table's rows,
+-- seen as cd2.<table> shows them, to cd2sync.changes at once, in the
+-- statement's transaction; positions are taken under a lock held until
+-- commit, so that they grow in commit order.
 --
 -- What a row looks like is said once, by cd2sync._view_select
 -- (reconcile.sql); so the images a feed carries are the view's rows.
@@ -1005,7 +1109,7 @@ CREATE TABLE cd2sync.feed (
     stale_reason  text
 );
 
--- Positions: taken only under the lock on cd2sync.changes (see _feed_publish)
+-- Positions: taken only under the lock on cd2sync.changes (see _feed_lock)
 CREATE SEQUENCE cd2sync.change_position_seq;
 
 -- The changes of every feed, until each feed that follows them has
@@ -1063,40 +1167,34 @@ $$;
 -- Capture
 -- ---------------------------------------------------------------------------
 
--- The captures of this transaction (a session's temporary table)
-CREATE OR REPLACE FUNCTION cd2sync._feed_capture_table()
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+-- Takes positions: the lock on cd2sync.changes is held until the
+-- transaction ends, so a transaction that writes changes later waits for
+-- this one to commit and takes higher positions.
+CREATE OR REPLACE FUNCTION cd2sync._feed_lock()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF to_regclass('pg_temp.cd2_feed_capture') IS NULL THEN
-        CREATE TEMP TABLE cd2_feed_capture (
-            seq        bigserial,
-            table_name text NOT NULL,
-            instance   text NOT NULL,
-            key        jsonb NOT NULL,
-            old_row    jsonb,          -- NULL: the row did not exist before the statement
-            new_row    jsonb,          -- NULL: the row does not exist after it
-            cause      text NOT NULL
-        ) ON COMMIT DELETE ROWS;
-    END IF;
+    LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
 END $$;
 
--- The statement that captures rows of instance table rel, read from
--- relations old_src and new_src (the table itself, or a trigger's
--- transition tables: the statement must run where those are visible) as
--- images before (old) and after (new); rows of one key in both are paired
--- (an update, captured only when it changed the image). NULL when there is
--- nothing to capture: rel is not an instance's table (any more), or its
--- instance is being changed as a whole (_feed_capture_instance).
--- cause: the changes' cause (NULL: the transaction's, cd2sync_tx.cause,
--- set by the step that writes: _apply, _after_apply; else 'sync').
+-- The statement that writes, as changes, what a statement did to instance
+-- table rel, reading its rows before from relation old_src and after from
+-- new_src (a trigger's transition tables, or the table itself): both as
+-- cd2.<table> shows them (_view_select). An update pairs the two by key and
+-- is a change only when a column of the view changed. NULL when there is
+-- nothing to write: rel is not an instance's table (any more), or its
+-- instance is changing as a whole (_feed_capture_instance says what).
+-- cause: NULL for the transaction's (cd2sync_tx.cause, set by the step that
+-- writes: _apply, _after_apply, ...; else 'sync').
 CREATE OR REPLACE FUNCTION cd2sync._feed_capture_sql(rel regclass, table_name text, old_src text, new_src text,
                                           cause text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     inst cd2sync.instances;
     v record;
+    vo record;            -- the view's rows of old_src
+    vn record;            -- ... and of new_src
     keys text[] := cd2sync._key_columns(rel);
-    keyexpr text;
+    wm timestamptz;
 BEGIN
     SELECT i.* INTO inst FROM cd2sync.instances i JOIN pg_class c ON c.oid = rel
       JOIN pg_namespace s ON s.oid = c.relnamespace WHERE i.target_schema = s.nspname;
@@ -1107,45 +1205,71 @@ BEGIN
         RETURN NULL;
     END IF;
     cause := coalesce(cause, nullif(current_setting('cd2sync_tx.cause', true), ''), 'sync');
-    v := cd2sync._view_columns(table_name);
-    SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
-      INTO keyexpr FROM unnest(keys) k;
-    PERFORM cd2sync._feed_capture_table();
-    IF old_src IS NOT NULL AND new_src IS NOT NULL THEN
-        RETURN format(
-            'INSERT INTO pg_temp.cd2_feed_capture (table_name, instance, key, old_row, new_row, cause)
-             SELECT %1$L, %2$L, coalesce(o.k, w.k), o.r, w.r, %3$L
-               FROM (SELECT %4$s AS k, r FROM (SELECT to_jsonb(x) AS r FROM (%5$s) x) y) o
-               FULL JOIN (SELECT %4$s AS k, r FROM (SELECT to_jsonb(x) AS r FROM (%6$s) x) y) w ON w.k = o.k
-              WHERE o.r IS DISTINCT FROM w.r',
-            table_name, inst.name, cause, keyexpr,
-            cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src),
-            cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src));
+    -- the table's watermark as this transaction commits it: the sync that
+    -- applies it says so beforehand (cd2sync_tx.watermark); else the stored one
+    IF current_setting('cd2sync_tx.applying', true) = inst.name || '.' || table_name THEN
+        wm := nullif(current_setting('cd2sync_tx.watermark', true), '')::timestamptz;
+    ELSE
+        SELECT s.watermark INTO wm FROM cd2sync.table_state s
+         WHERE s.instance = inst.name AND s.table_name = _feed_capture_sql.table_name;
     END IF;
+    v := cd2sync._view_columns(table_name);
+    vo := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src);
+    vn := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src);
     RETURN format(
-        'INSERT INTO pg_temp.cd2_feed_capture (table_name, instance, key, old_row, new_row, cause)
-         SELECT %1$L, %2$L, %3$s, %4$s, %5$s, %6$L FROM (SELECT to_jsonb(x) AS r FROM (%7$s) x) y',
-        table_name, inst.name, keyexpr,
-        CASE WHEN old_src IS NOT NULL THEN 'r' ELSE 'NULL' END,
-        CASE WHEN new_src IS NOT NULL THEN 'r' ELSE 'NULL' END, cause,
-        cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types,
-                             coalesce(old_src, new_src)));
+        'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
+         SELECT nextval(''cd2sync.change_position_seq''), %L, %s, %s, %L, %s, %s, %L, %L::timestamptz FROM %s',
+        table_name,
+        CASE WHEN old_src IS NULL THEN '''insert''' WHEN new_src IS NULL THEN '''delete''' ELSE '''update''' END,
+        (SELECT 'jsonb_build_object(' || string_agg(format('%L, %s.%I', k, CASE WHEN new_src IS NULL THEN 'o' ELSE 'n' END, k), ', ') || ')'
+           FROM unnest(keys) k),
+        inst.name,
+        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(n)' END,
+        CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'x.changed' END,
+        cause, wm,
+        CASE WHEN old_src IS NULL THEN format('(%s) n', vn.sql)
+             WHEN new_src IS NULL THEN format('(%s) o', vo.sql)
+             ELSE format('(%s) o JOIN (%s) n ON %s
+                          CROSS JOIN LATERAL (SELECT array_remove(ARRAY[%s], NULL) AS changed) x
+                          WHERE cardinality(x.changed) > 0',
+                         vo.sql, vn.sql,
+                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k),
+                         (SELECT string_agg(format('CASE WHEN o.%1$I IS DISTINCT FROM n.%1$I THEN %1$L END', c), ', ')
+                            FROM unnest(vn.columns) c)) END);
 END $$;
 
--- The capture trigger of a followed instance table (one per statement; its
--- transition tables are visible to this function's statements only)
+-- The capture trigger of a followed instance table: one per statement, its
+-- transition tables visible to this function's statements only. Changes are
+-- written at once, with positions taken under _feed_lock: in the
+-- transaction that writes the rows (a failure or a crash leaves none).
 CREATE OR REPLACE FUNCTION cd2sync._feed_capture()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS trigger LANGUAGE plpgsql
+-- an update's old and new rows pair by a hash join in memory (bounded)
+SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' AS $$
 DECLARE
     q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
                                         CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old' END,
                                         CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
+    n bigint;
 BEGIN
     IF q IS NOT NULL THEN
+        PERFORM cd2sync._feed_lock();
         EXECUTE q;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+            PERFORM cd2sync._feed_notify(TG_TABLE_NAME);
+        END IF;
     END IF;
     RETURN NULL;
 END $$;
+
+-- NOTIFY cd2sync_feed, payload the feed, for each feed following the table
+-- (delivered at commit; repeats within a transaction are folded)
+CREATE OR REPLACE FUNCTION cd2sync._feed_notify(table_name text)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_notify('cd2sync_feed', f.name) FROM cd2sync.feed f
+     WHERE f.stale_since IS NULL AND (f.tables IS NULL OR _feed_notify.table_name = ANY (f.tables))
+$$;
 
 -- Gives an instance table its capture triggers when a feed follows the
 -- table, and takes them away when none does.
@@ -1184,12 +1308,11 @@ BEGIN
     END LOOP;
 END $$;
 
--- Captures every row of an instance's followed tables, as images before
--- (side 'old') or after (side 'new') a change to the instance itself (added,
--- dropped, a new shard_id or target schema): the views' rows of that
--- instance change wholesale. In between, the rows of that instance are not
--- captured as they are brought up to date (cd2sync_tx.quiet_instance), so
--- that each key nets to its image before and after.
+-- A change to an instance itself (added, dropped, a new shard_id or target
+-- schema) changes its rows in the views wholesale: side 'old', before it,
+-- writes a delete for each of its followed rows; side 'new', after it, an
+-- insert (cause 'resync'). In between its rows are not captured
+-- (cd2sync_tx.quiet_instance) as passes bring them up to date.
 CREATE OR REPLACE FUNCTION cd2sync._feed_capture_instance(instance text, side text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -1203,73 +1326,12 @@ BEGIN
         q := cd2sync._feed_capture_sql(r.rel, r.tab, CASE WHEN side = 'old' THEN r.rel::text END,
                                        CASE WHEN side = 'new' THEN r.rel::text END, 'resync');
         IF q IS NOT NULL THEN
+            PERFORM cd2sync._feed_lock();
             EXECUTE q;
+            PERFORM cd2sync._feed_notify(r.tab);
         END IF;
     END LOOP;
     PERFORM set_config('cd2sync_tx.quiet_instance', CASE WHEN side = 'old' THEN instance ELSE '' END, true);
-END $$;
-
--- ---------------------------------------------------------------------------
--- Publishing
--- ---------------------------------------------------------------------------
-
--- Nets this transaction's captures by key and writes what changed, with
--- positions taken under an exclusive lock on cd2sync.changes that is held
--- until commit: a transaction that commits later always has higher
--- positions, so a reader never skips a change. The table just applied
--- (instance, table_name) is given its new watermark (not committed yet);
--- other tables take theirs from table_state. Returns the changes written.
-CREATE OR REPLACE FUNCTION cd2sync._feed_publish(instance text DEFAULT NULL, table_name text DEFAULT NULL,
-                                      watermark timestamptz DEFAULT NULL)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n bigint;
-    f record;
-BEGIN
-    IF to_regclass('pg_temp.cd2_feed_capture') IS NULL THEN
-        RETURN 0;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_temp.cd2_feed_capture) THEN
-        RETURN 0;
-    END IF;
-    LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
-    INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
-    SELECT nextval('cd2sync.change_position_seq'), x.table_name,
-           CASE WHEN x.before IS NULL THEN 'insert' WHEN x.after IS NULL THEN 'delete' ELSE 'update' END,
-           x.key, x.instance, x.after,
-           CASE WHEN x.before IS NOT NULL AND x.after IS NOT NULL THEN
-               ARRAY(SELECT a.k FROM jsonb_each(x.after) a(k, v)
-                      WHERE a.v IS DISTINCT FROM coalesce(x.before->a.k, 'null'::jsonb) ORDER BY a.k) END,
-           x.cause,
-           CASE WHEN x.instance = _feed_publish.instance AND x.table_name = _feed_publish.table_name
-                THEN _feed_publish.watermark
-                ELSE (SELECT s.watermark FROM cd2sync.table_state s
-                       WHERE s.instance = x.instance AND s.table_name = x.table_name) END
-      FROM (SELECT c.table_name, c.instance, c.key,
-                   (array_agg(c.old_row ORDER BY c.seq))[1] AS before,
-                   (array_agg(c.new_row ORDER BY c.seq DESC))[1] AS after,
-                   coalesce(min(c.cause) FILTER (WHERE c.cause <> 'merge'), 'merge') AS cause,
-                   min(c.seq) AS first_seq
-              FROM pg_temp.cd2_feed_capture c
-             GROUP BY c.table_name, c.instance, c.key) x
-     -- quiet: nothing for a row that looks as it did (a column that is new
-     -- and NULL counts as unchanged)
-     WHERE NOT (x.before IS NULL AND x.after IS NULL)
-       AND (x.before IS NULL OR x.after IS NULL OR jsonb_strip_nulls(x.before) <> jsonb_strip_nulls(x.after))
-     ORDER BY x.first_seq;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    TRUNCATE pg_temp.cd2_feed_capture;
-    IF n > 0 THEN
-        FOR f IN SELECT DISTINCT x.name FROM cd2sync.feed x
-                  WHERE x.stale_since IS NULL
-                    AND EXISTS (SELECT 1 FROM cd2sync.changes c
-                                 WHERE c.position > currval('cd2sync.change_position_seq') - n
-                                   AND c.feed IS NULL AND (x.tables IS NULL OR c.table_name = ANY (x.tables))) LOOP
-            PERFORM pg_notify('cd2sync_feed', f.name);
-        END LOOP;
-        PERFORM cd2sync._feed_check_limits();
-    END IF;
-    RETURN n;
 END $$;
 
 -- Marks stale, with a WARNING, every feed that fell behind
@@ -1371,7 +1433,7 @@ BEGIN
     INSERT INTO cd2sync.feed (name, tables, acknowledged)
     VALUES (n, (SELECT array_agg(DISTINCT x ORDER BY x) FROM unnest(tables) x), 0);
     PERFORM cd2sync._feed_ensure_captures();
-    LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
+    PERFORM cd2sync._feed_lock();
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
     UPDATE cd2sync.feed f SET acknowledged = start WHERE f.name = n;
     IF from_start THEN
@@ -1448,7 +1510,7 @@ BEGIN
     IF upto <= f.acknowledged THEN
         RETURN;
     END IF;
-    -- every position up to the last visible one is committed (see _feed_publish)
+    -- every position up to the last visible one is committed (see _feed_lock)
     last := greatest(f.acknowledged, (SELECT max(c.position) FROM cd2sync.changes c));
     UPDATE cd2sync.feed x SET acknowledged = least(upto, last)
      WHERE x.name = f.name AND x.acknowledged < least(upto, last);
@@ -1465,11 +1527,13 @@ SELECT pg_catalog.pg_extension_config_dump('cd2sync.change_position_seq', '');
 -- that applies it. The sync worker calls cd2sync._after_apply once per table
 -- sync, after the rows are in and before the watermark and the sync log are
 -- written; everything that depends on synced rows hangs here, in this order:
---   1 the users' replacements of the rows the sync wrote (cd2_<c> columns);
---   2 the change feeds: what the sync did to the reconciled rows;
---   3 the merge map and the duplicates it reveals, when an input of the
+--   1 the users' replacements of rows loaded without them (cd2_<c> columns);
+--   2 the merge map and the duplicates it reveals, when an input of the
 --     resolver changed (and the replacements of every table, by the map's
---     difference), and what that did to the reconciled rows.
+--     difference: the change feeds see them as merges);
+--   3 the change feeds' limits.
+-- And _before_apply, before the rows go in: what the change feeds need to
+-- know of the transaction.
 
 -- The tables whose rows are evidence of user merges (see refresh_user_merges)
 CREATE OR REPLACE FUNCTION cd2sync._merge_inputs()
@@ -1477,30 +1541,35 @@ RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['users', 'pseudonyms', 'enrollments']
 $$;
 
+-- Before the apply of a table, in its transaction: the watermark this
+-- transaction will commit for it, which the changes it writes carry.
+CREATE OR REPLACE FUNCTION cd2sync._before_apply(instance text, table_name text, watermark timestamptz)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT set_config('cd2sync_tx.applying', instance || '.' || table_name, true),
+           set_config('cd2sync_tx.watermark', coalesce(watermark::text, ''), true),
+           set_config('cd2sync_tx.cause', 'sync', true);
+$$;
+
 -- instance, table_name: the table just applied; mode: the sync log's mode;
--- changes: rows the apply inserted, updated or deleted; watermark: the one
--- this transaction commits for the table. The feeds get the sync's changes
--- first (its rows as the views show them, users resolved by the map as it
--- was), then what a new map changed (cause 'merge').
-CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint,
-                                     watermark timestamptz)
+-- changes: rows the apply inserted, updated or deleted. The feeds have the
+-- sync's changes already (its rows as the views show them, users resolved
+-- by the map as it was); what a new map changes follows, cause 'merge'.
+CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     inst cd2sync.instances := cd2sync._check_instance(instance);
     rel regclass := to_regclass(format('%I.%I', inst.target_schema, table_name));
 BEGIN
     IF changes > 0 AND rel IS NOT NULL THEN
+        -- (rows loaded straight by COPY have no replacements yet)
         PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
-    END IF;
-    PERFORM cd2sync._feed_publish(instance, table_name, watermark);
-    IF changes > 0 AND rel IS NOT NULL THEN
         PERFORM set_config('cd2sync_tx.cause', 'merge', true);
         IF table_name = ANY (cd2sync._merge_inputs()) THEN
             PERFORM cd2sync._refresh_user_merges();
         ELSIF cd2sync._duplicate_key(table_name) IS NOT NULL THEN
             PERFORM cd2sync._refresh_merge_duplicates(table_name);
         END IF;
-        PERFORM cd2sync._feed_publish();
+        PERFORM cd2sync._feed_check_limits();
     END IF;
 END $$;
 

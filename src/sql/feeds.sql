@@ -3,12 +3,11 @@
 -- of those rows, in the order they became visible, until the feed
 -- acknowledges them.
 --
--- Wording: a "capture" is what a statement did to an instance table's rows,
--- seen as cd2.<table> shows them (statement triggers with transition
--- tables, on the tables some feed follows); "publishing" nets the captures
--- of a transaction by key (first image before, last image after) and writes
--- what changed to cd2sync.changes, under a lock held until commit, so that
--- positions grow in commit order.
+-- How: a statement trigger with transition tables, on each instance table
+-- that some feed follows, writes what the statement did to the table's rows,
+-- seen as cd2.<table> shows them, to cd2sync.changes at once, in the
+-- statement's transaction; positions are taken under a lock held until
+-- commit, so that they grow in commit order.
 --
 -- What a row looks like is said once, by cd2sync._view_select
 -- (reconcile.sql); so the images a feed carries are the view's rows.
@@ -22,7 +21,7 @@ CREATE TABLE cd2sync.feed (
     stale_reason  text
 );
 
--- Positions: taken only under the lock on cd2sync.changes (see _feed_publish)
+-- Positions: taken only under the lock on cd2sync.changes (see _feed_lock)
 CREATE SEQUENCE cd2sync.change_position_seq;
 
 -- The changes of every feed, until each feed that follows them has
@@ -80,40 +79,34 @@ $$;
 -- Capture
 -- ---------------------------------------------------------------------------
 
--- The captures of this transaction (a session's temporary table)
-CREATE FUNCTION cd2sync._feed_capture_table()
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+-- Takes positions: the lock on cd2sync.changes is held until the
+-- transaction ends, so a transaction that writes changes later waits for
+-- this one to commit and takes higher positions.
+CREATE FUNCTION cd2sync._feed_lock()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF to_regclass('pg_temp.cd2_feed_capture') IS NULL THEN
-        CREATE TEMP TABLE cd2_feed_capture (
-            seq        bigserial,
-            table_name text NOT NULL,
-            instance   text NOT NULL,
-            key        jsonb NOT NULL,
-            old_row    jsonb,          -- NULL: the row did not exist before the statement
-            new_row    jsonb,          -- NULL: the row does not exist after it
-            cause      text NOT NULL
-        ) ON COMMIT DELETE ROWS;
-    END IF;
+    LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
 END $$;
 
--- The statement that captures rows of instance table rel, read from
--- relations old_src and new_src (the table itself, or a trigger's
--- transition tables: the statement must run where those are visible) as
--- images before (old) and after (new); rows of one key in both are paired
--- (an update, captured only when it changed the image). NULL when there is
--- nothing to capture: rel is not an instance's table (any more), or its
--- instance is being changed as a whole (_feed_capture_instance).
--- cause: the changes' cause (NULL: the transaction's, cd2sync_tx.cause,
--- set by the step that writes: _apply, _after_apply; else 'sync').
+-- The statement that writes, as changes, what a statement did to instance
+-- table rel, reading its rows before from relation old_src and after from
+-- new_src (a trigger's transition tables, or the table itself): both as
+-- cd2.<table> shows them (_view_select). An update pairs the two by key and
+-- is a change only when a column of the view changed. NULL when there is
+-- nothing to write: rel is not an instance's table (any more), or its
+-- instance is changing as a whole (_feed_capture_instance says what).
+-- cause: NULL for the transaction's (cd2sync_tx.cause, set by the step that
+-- writes: _apply, _after_apply, ...; else 'sync').
 CREATE FUNCTION cd2sync._feed_capture_sql(rel regclass, table_name text, old_src text, new_src text,
                                           cause text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     inst cd2sync.instances;
     v record;
+    vo record;            -- the view's rows of old_src
+    vn record;            -- ... and of new_src
     keys text[] := cd2sync._key_columns(rel);
-    keyexpr text;
+    wm timestamptz;
 BEGIN
     SELECT i.* INTO inst FROM cd2sync.instances i JOIN pg_class c ON c.oid = rel
       JOIN pg_namespace s ON s.oid = c.relnamespace WHERE i.target_schema = s.nspname;
@@ -124,45 +117,71 @@ BEGIN
         RETURN NULL;
     END IF;
     cause := coalesce(cause, nullif(current_setting('cd2sync_tx.cause', true), ''), 'sync');
-    v := cd2sync._view_columns(table_name);
-    SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
-      INTO keyexpr FROM unnest(keys) k;
-    PERFORM cd2sync._feed_capture_table();
-    IF old_src IS NOT NULL AND new_src IS NOT NULL THEN
-        RETURN format(
-            'INSERT INTO pg_temp.cd2_feed_capture (table_name, instance, key, old_row, new_row, cause)
-             SELECT %1$L, %2$L, coalesce(o.k, w.k), o.r, w.r, %3$L
-               FROM (SELECT %4$s AS k, r FROM (SELECT to_jsonb(x) AS r FROM (%5$s) x) y) o
-               FULL JOIN (SELECT %4$s AS k, r FROM (SELECT to_jsonb(x) AS r FROM (%6$s) x) y) w ON w.k = o.k
-              WHERE o.r IS DISTINCT FROM w.r',
-            table_name, inst.name, cause, keyexpr,
-            cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src),
-            cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src));
+    -- the table's watermark as this transaction commits it: the sync that
+    -- applies it says so beforehand (cd2sync_tx.watermark); else the stored one
+    IF current_setting('cd2sync_tx.applying', true) = inst.name || '.' || table_name THEN
+        wm := nullif(current_setting('cd2sync_tx.watermark', true), '')::timestamptz;
+    ELSE
+        SELECT s.watermark INTO wm FROM cd2sync.table_state s
+         WHERE s.instance = inst.name AND s.table_name = _feed_capture_sql.table_name;
     END IF;
+    v := cd2sync._view_columns(table_name);
+    vo := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src);
+    vn := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src);
     RETURN format(
-        'INSERT INTO pg_temp.cd2_feed_capture (table_name, instance, key, old_row, new_row, cause)
-         SELECT %1$L, %2$L, %3$s, %4$s, %5$s, %6$L FROM (SELECT to_jsonb(x) AS r FROM (%7$s) x) y',
-        table_name, inst.name, keyexpr,
-        CASE WHEN old_src IS NOT NULL THEN 'r' ELSE 'NULL' END,
-        CASE WHEN new_src IS NOT NULL THEN 'r' ELSE 'NULL' END, cause,
-        cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types,
-                             coalesce(old_src, new_src)));
+        'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
+         SELECT nextval(''cd2sync.change_position_seq''), %L, %s, %s, %L, %s, %s, %L, %L::timestamptz FROM %s',
+        table_name,
+        CASE WHEN old_src IS NULL THEN '''insert''' WHEN new_src IS NULL THEN '''delete''' ELSE '''update''' END,
+        (SELECT 'jsonb_build_object(' || string_agg(format('%L, %s.%I', k, CASE WHEN new_src IS NULL THEN 'o' ELSE 'n' END, k), ', ') || ')'
+           FROM unnest(keys) k),
+        inst.name,
+        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(n)' END,
+        CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'x.changed' END,
+        cause, wm,
+        CASE WHEN old_src IS NULL THEN format('(%s) n', vn.sql)
+             WHEN new_src IS NULL THEN format('(%s) o', vo.sql)
+             ELSE format('(%s) o JOIN (%s) n ON %s
+                          CROSS JOIN LATERAL (SELECT array_remove(ARRAY[%s], NULL) AS changed) x
+                          WHERE cardinality(x.changed) > 0',
+                         vo.sql, vn.sql,
+                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k),
+                         (SELECT string_agg(format('CASE WHEN o.%1$I IS DISTINCT FROM n.%1$I THEN %1$L END', c), ', ')
+                            FROM unnest(vn.columns) c)) END);
 END $$;
 
--- The capture trigger of a followed instance table (one per statement; its
--- transition tables are visible to this function's statements only)
+-- The capture trigger of a followed instance table: one per statement, its
+-- transition tables visible to this function's statements only. Changes are
+-- written at once, with positions taken under _feed_lock: in the
+-- transaction that writes the rows (a failure or a crash leaves none).
 CREATE FUNCTION cd2sync._feed_capture()
-RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS trigger LANGUAGE plpgsql
+-- an update's old and new rows pair by a hash join in memory (bounded)
+SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' AS $$
 DECLARE
     q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
                                         CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old' END,
                                         CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
+    n bigint;
 BEGIN
     IF q IS NOT NULL THEN
+        PERFORM cd2sync._feed_lock();
         EXECUTE q;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+            PERFORM cd2sync._feed_notify(TG_TABLE_NAME);
+        END IF;
     END IF;
     RETURN NULL;
 END $$;
+
+-- NOTIFY cd2sync_feed, payload the feed, for each feed following the table
+-- (delivered at commit; repeats within a transaction are folded)
+CREATE FUNCTION cd2sync._feed_notify(table_name text)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_notify('cd2sync_feed', f.name) FROM cd2sync.feed f
+     WHERE f.stale_since IS NULL AND (f.tables IS NULL OR _feed_notify.table_name = ANY (f.tables))
+$$;
 
 -- Gives an instance table its capture triggers when a feed follows the
 -- table, and takes them away when none does.
@@ -201,12 +220,11 @@ BEGIN
     END LOOP;
 END $$;
 
--- Captures every row of an instance's followed tables, as images before
--- (side 'old') or after (side 'new') a change to the instance itself (added,
--- dropped, a new shard_id or target schema): the views' rows of that
--- instance change wholesale. In between, the rows of that instance are not
--- captured as they are brought up to date (cd2sync_tx.quiet_instance), so
--- that each key nets to its image before and after.
+-- A change to an instance itself (added, dropped, a new shard_id or target
+-- schema) changes its rows in the views wholesale: side 'old', before it,
+-- writes a delete for each of its followed rows; side 'new', after it, an
+-- insert (cause 'resync'). In between its rows are not captured
+-- (cd2sync_tx.quiet_instance) as passes bring them up to date.
 CREATE FUNCTION cd2sync._feed_capture_instance(instance text, side text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -220,73 +238,12 @@ BEGIN
         q := cd2sync._feed_capture_sql(r.rel, r.tab, CASE WHEN side = 'old' THEN r.rel::text END,
                                        CASE WHEN side = 'new' THEN r.rel::text END, 'resync');
         IF q IS NOT NULL THEN
+            PERFORM cd2sync._feed_lock();
             EXECUTE q;
+            PERFORM cd2sync._feed_notify(r.tab);
         END IF;
     END LOOP;
     PERFORM set_config('cd2sync_tx.quiet_instance', CASE WHEN side = 'old' THEN instance ELSE '' END, true);
-END $$;
-
--- ---------------------------------------------------------------------------
--- Publishing
--- ---------------------------------------------------------------------------
-
--- Nets this transaction's captures by key and writes what changed, with
--- positions taken under an exclusive lock on cd2sync.changes that is held
--- until commit: a transaction that commits later always has higher
--- positions, so a reader never skips a change. The table just applied
--- (instance, table_name) is given its new watermark (not committed yet);
--- other tables take theirs from table_state. Returns the changes written.
-CREATE FUNCTION cd2sync._feed_publish(instance text DEFAULT NULL, table_name text DEFAULT NULL,
-                                      watermark timestamptz DEFAULT NULL)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n bigint;
-    f record;
-BEGIN
-    IF to_regclass('pg_temp.cd2_feed_capture') IS NULL THEN
-        RETURN 0;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_temp.cd2_feed_capture) THEN
-        RETURN 0;
-    END IF;
-    LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
-    INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
-    SELECT nextval('cd2sync.change_position_seq'), x.table_name,
-           CASE WHEN x.before IS NULL THEN 'insert' WHEN x.after IS NULL THEN 'delete' ELSE 'update' END,
-           x.key, x.instance, x.after,
-           CASE WHEN x.before IS NOT NULL AND x.after IS NOT NULL THEN
-               ARRAY(SELECT a.k FROM jsonb_each(x.after) a(k, v)
-                      WHERE a.v IS DISTINCT FROM coalesce(x.before->a.k, 'null'::jsonb) ORDER BY a.k) END,
-           x.cause,
-           CASE WHEN x.instance = _feed_publish.instance AND x.table_name = _feed_publish.table_name
-                THEN _feed_publish.watermark
-                ELSE (SELECT s.watermark FROM cd2sync.table_state s
-                       WHERE s.instance = x.instance AND s.table_name = x.table_name) END
-      FROM (SELECT c.table_name, c.instance, c.key,
-                   (array_agg(c.old_row ORDER BY c.seq))[1] AS before,
-                   (array_agg(c.new_row ORDER BY c.seq DESC))[1] AS after,
-                   coalesce(min(c.cause) FILTER (WHERE c.cause <> 'merge'), 'merge') AS cause,
-                   min(c.seq) AS first_seq
-              FROM pg_temp.cd2_feed_capture c
-             GROUP BY c.table_name, c.instance, c.key) x
-     -- quiet: nothing for a row that looks as it did (a column that is new
-     -- and NULL counts as unchanged)
-     WHERE NOT (x.before IS NULL AND x.after IS NULL)
-       AND (x.before IS NULL OR x.after IS NULL OR jsonb_strip_nulls(x.before) <> jsonb_strip_nulls(x.after))
-     ORDER BY x.first_seq;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    TRUNCATE pg_temp.cd2_feed_capture;
-    IF n > 0 THEN
-        FOR f IN SELECT DISTINCT x.name FROM cd2sync.feed x
-                  WHERE x.stale_since IS NULL
-                    AND EXISTS (SELECT 1 FROM cd2sync.changes c
-                                 WHERE c.position > currval('cd2sync.change_position_seq') - n
-                                   AND c.feed IS NULL AND (x.tables IS NULL OR c.table_name = ANY (x.tables))) LOOP
-            PERFORM pg_notify('cd2sync_feed', f.name);
-        END LOOP;
-        PERFORM cd2sync._feed_check_limits();
-    END IF;
-    RETURN n;
 END $$;
 
 -- Marks stale, with a WARNING, every feed that fell behind
@@ -388,7 +345,7 @@ BEGIN
     INSERT INTO cd2sync.feed (name, tables, acknowledged)
     VALUES (n, (SELECT array_agg(DISTINCT x ORDER BY x) FROM unnest(tables) x), 0);
     PERFORM cd2sync._feed_ensure_captures();
-    LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
+    PERFORM cd2sync._feed_lock();
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
     UPDATE cd2sync.feed f SET acknowledged = start WHERE f.name = n;
     IF from_start THEN
@@ -465,7 +422,7 @@ BEGIN
     IF upto <= f.acknowledged THEN
         RETURN;
     END IF;
-    -- every position up to the last visible one is committed (see _feed_publish)
+    -- every position up to the last visible one is committed (see _feed_lock)
     last := greatest(f.acknowledged, (SELECT max(c.position) FROM cd2sync.changes c));
     UPDATE cd2sync.feed x SET acknowledged = least(upto, last)
      WHERE x.name = f.name AND x.acknowledged < least(upto, last);

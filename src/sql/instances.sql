@@ -135,7 +135,6 @@ BEGIN
     -- views (and the feeds that follow them)
     PERFORM cd2sync._reconcile_changed();
     PERFORM cd2sync._feed_capture_instance(n, 'new');
-    PERFORM cd2sync._feed_publish();
 END $$;
 
 -- Arguments not given keep their value. Given as NULL, tables, shard_id,
@@ -217,7 +216,6 @@ BEGIN
     IF new.shard_id IS DISTINCT FROM old.shard_id OR new.target_schema <> old.target_schema THEN
         PERFORM cd2sync._reconcile_changed();
         PERFORM cd2sync._feed_capture_instance(old.name, 'new');
-        PERFORM cd2sync._feed_publish();
     END IF;
 END $$;
 
@@ -237,18 +235,25 @@ BEGIN
     -- the reconciled views stop reading the schema before it may go
     PERFORM cd2sync._reconcile_changed();
     PERFORM cd2sync._feed_capture_instance(old.name, 'new');   -- (no rows: gone from the views)
-    PERFORM cd2sync._feed_publish();
     IF drop_data THEN
         EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', old.target_schema);
     END IF;
 END $$;
+
+-- Takes the instance's sync lock for the rest of the transaction (the one a
+-- sync worker holds for its run: src/worker.c) unless a sync of it runs in
+-- another session; says whether it did.
+CREATE FUNCTION cd2sync._try_lock_instance(instance text)
+RETURNS boolean LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_try_advisory_xact_lock(52517, hashtext(instance))
+$$;
 
 -- Takes the instance's sync lock for the rest of the transaction, or fails
 -- at once when a sync of it is running.
 CREATE FUNCTION cd2sync._lock_instance(instance text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT pg_try_advisory_xact_lock(52517, hashtext(instance)) THEN
+    IF NOT cd2sync._try_lock_instance(instance) THEN
         RAISE EXCEPTION 'a sync of cd2sync instance "%" is running', instance
               USING ERRCODE = 'object_in_use',
                     HINT = 'Wait for it to finish, or cancel it with pg_cancel_backend().';

@@ -284,11 +284,17 @@ RETURNS bigint LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     r record;
+    tb record;
     users_sql text[] := '{}';
     logins_sql text[] := '{}';
     enr_sql text[] := '{}';
     n bigint;
 BEGIN
+    -- locks in one order: a change feed's positions (a sync that wrote
+    -- changes holds them), then the map
+    IF EXISTS (SELECT 1 FROM cd2sync.feed) THEN
+        PERFORM cd2sync._feed_lock();
+    END IF;
     LOCK TABLE cd2sync.user_merge_map IN EXCLUSIVE MODE;
 
     FOR r IN SELECT * FROM cd2sync._instances_with('users') LOOP
@@ -403,10 +409,13 @@ BEGIN
      WHERE (m.*) IS DISTINCT FROM (excluded.*);
     IF EXISTS (SELECT 1 FROM cd2_map_changes) THEN
         PERFORM set_config('cd2sync_tx.cause', 'merge', true);   -- what feeds say of it
-        FOR r IN SELECT i.shard_id, c.oid::regclass AS rel
-                   FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
-                   JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r' LOOP
-            PERFORM cd2sync._resolve_users(r.rel, r.shard_id, true);
+        FOR r IN SELECT i.name FROM cd2sync.instances i ORDER BY i.name LOOP
+            IF cd2sync._resolve_due(r.name, true) THEN
+                CONTINUE;   -- brought up to the new map whole, or left to its sync
+            END IF;
+            FOR tb IN SELECT * FROM cd2sync._instance_tables(r.name) LOOP
+                PERFORM cd2sync._resolve_users(tb.rel, tb.shard_id, true);
+            END LOOP;
         END LOOP;
     END IF;
     -- the map changed: so may have the duplicates it reveals
@@ -456,42 +465,94 @@ BEGIN
             n := n + k;
         END IF;
         -- the rows' flags (what cd2.<table> shows) follow the set
-        IF cd2sync._has_column(r.rel, 'cd2_merge_duplicate') THEN
-            EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = NULL
-                             WHERE t.cd2_merge_duplicate
-                               AND NOT EXISTS (SELECT 1 FROM cd2sync.merge_duplicates d
-                                                WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id)',
-                           r.rel, r.instance, table_name);
-            EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = true FROM cd2sync.merge_duplicates d
-                             WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id
-                               AND t.cd2_merge_duplicate IS NOT TRUE',
-                           r.rel, r.instance, table_name);
+        IF NOT cd2sync._resolve_due(r.instance, true) THEN
+            PERFORM cd2sync._duplicate_flags(r.instance, table_name, r.rel);
         END IF;
     END LOOP;
     RETURN n;
 END $$;
 
+-- Brings the cd2_merge_duplicate flags of an instance table to the set in
+-- cd2sync.merge_duplicates.
+CREATE FUNCTION cd2sync._duplicate_flags(instance text, table_name text, rel regclass)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
+        RETURN;
+    END IF;
+    EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = NULL
+                     WHERE t.cd2_merge_duplicate
+                       AND NOT EXISTS (SELECT 1 FROM cd2sync.merge_duplicates d
+                                        WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id)',
+                   rel, instance, table_name);
+    EXECUTE format('UPDATE %s t SET cd2_merge_duplicate = true FROM cd2sync.merge_duplicates d
+                     WHERE d.instance = %L AND d.table_name = %L AND d.id = t.id
+                       AND t.cd2_merge_duplicate IS NOT TRUE',
+                   rel, instance, table_name);
+END $$;
+
+-- Instances whose rows a map or duplicates refresh could not bring up to
+-- date: a sync of that instance was running (it holds row locks the refresh
+-- would wait for while the sync waits for the map: a deadlock). Its run, or
+-- the next refresh that can take its lock, brings them up to date.
+CREATE TABLE cd2sync.resolve_due (
+    instance text PRIMARY KEY,
+    since    timestamptz NOT NULL DEFAULT now()
+);
+
+-- The tables of an instance, with its shard
+CREATE FUNCTION cd2sync._instance_tables(instance text)
+RETURNS TABLE (rel regclass, table_name text, shard_id bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass, c.relname::text, i.shard_id
+      FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
+      JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r'
+     WHERE i.name = _instance_tables.instance
+     ORDER BY c.oid
+$$;
+
+-- For a refresh about to write an instance's rows (only_lockable): when a
+-- sync of it runs elsewhere, marks it due and returns true (skip it). Then,
+-- or when called by the instance's own sync: when it is due, brings every
+-- row of its tables to the map and the duplicates as they are now, and
+-- returns true (done whole); else false.
+CREATE FUNCTION cd2sync._resolve_due(instance text, only_lockable boolean DEFAULT false)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t record;
+BEGIN
+    IF only_lockable AND NOT cd2sync._try_lock_instance(instance) THEN
+        INSERT INTO cd2sync.resolve_due (instance) VALUES (instance) ON CONFLICT DO NOTHING;
+        RETURN true;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM cd2sync.resolve_due d WHERE d.instance = _resolve_due.instance) THEN
+        RETURN false;
+    END IF;
+    PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+    FOR t IN SELECT * FROM cd2sync._instance_tables(instance) LOOP
+        PERFORM cd2sync._resolve_users(t.rel, t.shard_id, false);
+        IF cd2sync._duplicate_key(t.table_name) IS NOT NULL THEN
+            PERFORM cd2sync._duplicate_flags(instance, t.table_name, t.rel);
+        END IF;
+    END LOOP;
+    DELETE FROM cd2sync.resolve_due d WHERE d.instance = _resolve_due.instance;
+    RETURN true;
+END $$;
+
 -- The map and the duplicates recomputed on demand (what a sync's
--- transaction does by itself): the rows this changes reach the change feeds
--- when it commits.
+-- transaction does by itself); the change feeds see what changes as merges.
 CREATE FUNCTION cd2sync.refresh_user_merges()
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n bigint := cd2sync._refresh_user_merges();
 BEGIN
-    PERFORM cd2sync._feed_publish();
-    RETURN n;
+    PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+    RETURN cd2sync._refresh_user_merges();
 END $$;
 
 CREATE FUNCTION cd2sync.refresh_merge_duplicates(table_name text)
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n bigint;
 BEGIN
     PERFORM set_config('cd2sync_tx.cause', 'merge', true);
-    n := cd2sync._refresh_merge_duplicates(table_name);
-    PERFORM cd2sync._feed_publish();
-    RETURN n;
+    RETURN cd2sync._refresh_merge_duplicates(table_name);
 END $$;
 
 -- ---------------------------------------------------------------------------
@@ -526,17 +587,24 @@ $$;
 -- The SELECT of one instance's rows as cd2.<table> shows them, reading
 -- relation src (rel itself, or rows of rel's type such as a trigger's
 -- transition table) as t. The one place that says how a stored row is seen:
--- the views and the change feeds both use it.
+-- the views and the change feeds both use it. columns: its columns after
+-- instance.
 CREATE FUNCTION cd2sync._view_select(table_name text, instance text, shard bigint, rel regclass,
-                                     cols text[], types jsonb, src text)
-RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+                                     cols text[], types jsonb, src text,
+                                     OUT sql text, OUT columns text[])
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     sel text[] := ARRAY[format('%L::text AS instance', instance)];
     c text;
     g text;
     dupkey text[] := cd2sync._duplicate_key(table_name);
 BEGIN
+    columns := '{}';
     FOREACH c IN ARRAY cols LOOP
+        columns := columns || c;
+        IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
+            columns := columns || ('original_' || c);
+        END IF;
         IF NOT cd2sync._has_column(rel, c) THEN
             sel := sel || format('NULL::%s AS %I', types->>c, c);
             IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
@@ -566,8 +634,9 @@ BEGIN
         sel := sel || CASE WHEN cd2sync._has_column(rel, 'cd2_merge_duplicate')
                            THEN 'coalesce(t.cd2_merge_duplicate, false) AS cd2_merge_duplicate'
                            ELSE 'false AS cd2_merge_duplicate' END;
+        columns := columns || 'cd2_merge_duplicate'::text;
     END IF;
-    RETURN format('SELECT %s FROM %s t', array_to_string(sel, ', '), src);
+    sql := format('SELECT %s FROM %s t', array_to_string(sel, ', '), src);
 END $$;
 
 -- (Re)creates cd2.<table>: the union over every instance that syncs it,
@@ -592,8 +661,8 @@ BEGIN
         RETURN;
     END IF;
     FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
-        parts := parts || cd2sync._view_select(table_name, r.instance, r.shard_id, r.rel, v.cols, v.types,
-                                               r.rel::text);
+        parts := parts || (cd2sync._view_select(table_name, r.instance, r.shard_id, r.rel, v.cols, v.types,
+                                                r.rel::text)).sql;
     END LOOP;
 
     body := array_to_string(parts, E'\nUNION ALL\n');
@@ -653,7 +722,6 @@ BEGIN
     PERFORM cd2sync.refresh_views();
     PERFORM cd2sync._refresh_merge_duplicates('enrollments');
     PERFORM cd2sync._refresh_merge_duplicates('submissions');
-    PERFORM cd2sync._feed_publish();
 END $$;
 
 -- ---------------------------------------------------------------------------
@@ -703,3 +771,4 @@ END $$;
 CREATE VIEW cd2.reconciliation_health AS SELECT * FROM cd2sync.reconciliation_health();
 
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.user_moves', '');
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.resolve_due', '');
