@@ -133,6 +133,12 @@ RESET cd2sync.feed_max_pending;
 SELECT cd2_drop_feed('all_tables');
 SELECT tgrelid::regclass, tgname FROM pg_trigger WHERE tgname LIKE 'cd2_feed%' ORDER BY 1, 2;
 
+-- a TRUNCATE of a followed table deletes its rows from the feeds
+BEGIN;
+TRUNCATE east.enrollments;
+SELECT table_name, op, key, instance, cause FROM cd2_feed_read('sis') ORDER BY position;
+ROLLBACK;
+
 -- dropping an instance deletes its rows from the feeds
 SELECT cd2_drop_instance('west');
 SELECT table_name, op, key, instance, cause FROM cd2_feed_read('sis') ORDER BY position;

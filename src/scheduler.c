@@ -190,14 +190,8 @@ cd2_scheduler_main(Datum main_arg)
 		}
 		PG_CATCH();
 		{
-			ErrorData *edata;
+			ErrorData *edata = cd2_abort_keeping_error(cxt);
 
-			HOLD_INTERRUPTS();
-			MemoryContextSwitchTo(cxt);
-			edata = CopyErrorData();
-			FlushErrorState();
-			AbortCurrentTransaction();
-			RESUME_INTERRUPTS();
 			ereport(LOG, (errmsg("cd2sync scheduler: %s", edata->message)));
 			FreeErrorData(edata);
 		}

@@ -790,14 +790,7 @@ table_step(RunContext *rc, TableSync *ts, TableStep step)
 	}
 	PG_CATCH();
 	{
-		ErrorData *edata;
-
-		HOLD_INTERRUPTS();
-		MemoryContextSwitchTo(rc->cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		RESUME_INTERRUPTS();
+		ErrorData *edata = cd2_abort_keeping_error(rc->cxt);
 
 		ereport(LOG, (errmsg("cd2sync %s.%s failed: %s", rc->instance->name, ts->tr->table,
 							 edata->message)));
@@ -952,6 +945,26 @@ lock_instance(RunContext *rc)
 }
 
 /*
+ * In a PG_CATCH: aborts the transaction (interrupts held meanwhile) and
+ * returns the error, copied into cxt, which is current on return. The
+ * caller then records the failure in a new transaction and carries on.
+ */
+ErrorData *
+cd2_abort_keeping_error(MemoryContext cxt)
+{
+	ErrorData *edata;
+
+	HOLD_INTERRUPTS();
+	MemoryContextSwitchTo(cxt);
+	edata = CopyErrorData();
+	FlushErrorState();
+	AbortCurrentTransaction();
+	RESUME_INTERRUPTS();
+	MemoryContextSwitchTo(cxt);
+	return edata;
+}
+
+/*
  * Brings the instance's rows up to the merge map when a refresh in another
  * instance's sync had to leave them (this run held the instance's lock). A
  * failure is logged: the next run, or the next refresh, does it again.
@@ -970,14 +983,7 @@ resolve_due(RunContext *rc)
 	}
 	PG_CATCH();
 	{
-		ErrorData *edata;
-
-		HOLD_INTERRUPTS();
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		RESUME_INTERRUPTS();
+		ErrorData *edata = cd2_abort_keeping_error(cxt);
 		ereport(LOG, (errmsg("cd2sync %s: could not bring its rows up to the merge map: %s",
 							 rc->instance->name, edata->message)));
 	}
@@ -1078,14 +1084,7 @@ run_sync(int64 run_id, const char *instance, List *asked, bool full, const char 
 	}
 	PG_CATCH();
 	{
-		ErrorData *edata;
-
-		HOLD_INTERRUPTS();
-		MemoryContextSwitchTo(rc.cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		RESUME_INTERRUPTS();
+		ErrorData *edata = cd2_abort_keeping_error(rc.cxt);
 		ereport(LOG, (errmsg("cd2sync %s: run failed: %s", instance, edata->message)));
 		begin_tx();
 		catalog_run_finish(run_id, edata->message, unpack_sql_state(edata->sqlerrcode));

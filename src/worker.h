@@ -26,6 +26,13 @@ typedef struct SyncRequest
 	char data[FLEXIBLE_ARRAY_MEMBER];
 } SyncRequest;
 
+/*
+ * In a PG_CATCH of a long-lived worker: the error, copied into cxt, after
+ * the transaction is aborted and the error state flushed (worker.c).
+ */
+struct ErrorData;
+extern struct ErrorData *cd2_abort_keeping_error(MemoryContext cxt);
+
 struct BackgroundWorkerHandle;
 extern struct BackgroundWorkerHandle *cd2_launch_worker(const char *instance, List *tables,
 														bool full, const char *trigger,

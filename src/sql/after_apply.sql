@@ -2,7 +2,8 @@
 -- that applies it. The sync worker calls cd2sync._after_apply once per table
 -- sync, after the rows are in and before the watermark and the sync log are
 -- written; everything that depends on synced rows hangs here, in this order:
---   1 the users' replacements of rows loaded without them (cd2_<c> columns);
+--   1 a first load's lookup indexes, and the users' replacements of rows
+--     loaded without them (cd2_<c> columns);
 --   2 the merge map and the duplicates it reveals, when an input of the
 --     resolver changed (and the replacements of every table, by the map's
 --     difference: the change feeds see them as merges);
@@ -36,7 +37,9 @@ DECLARE
     rel regclass := to_regclass(format('%I.%I', inst.target_schema, table_name));
 BEGIN
     IF changes > 0 AND rel IS NOT NULL THEN
-        -- (rows loaded straight by COPY have no replacements yet)
+        -- a first load gets its indexes now; rows loaded straight by COPY
+        -- get their replacements
+        PERFORM cd2sync._ensure_bookkeeping(rel, inst.shard_id, table_name);
         PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
         PERFORM set_config('cd2sync_tx.cause', 'merge', true);
         IF table_name = ANY (cd2sync._merge_inputs()) THEN

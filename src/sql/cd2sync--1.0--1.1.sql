@@ -10,6 +10,59 @@
 -- layout, cd2sync._ensure_layout. Until then the 1.0 views keep working.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.1'" to load this file. \quit
 
+-- Checks a tables argument (of an instance or a feed): NULL for every
+-- table, else CD2 table names.
+CREATE OR REPLACE FUNCTION cd2sync._check_tables(tables text[])
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF tables IS NOT NULL THEN
+        IF cardinality(tables) = 0 THEN
+            RAISE EXCEPTION 'tables must name at least one table, or be NULL for every table'
+                  USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF EXISTS (SELECT 1 FROM unnest(tables) t WHERE t IS NULL OR t !~ '^[A-Za-z0-9_]{1,63}$') THEN
+            RAISE EXCEPTION 'invalid table name in tables'
+                  USING ERRCODE = 'invalid_parameter_value',
+                        DETAIL = 'CD2 table names are made of letters, digits and underscores.';
+        END IF;
+    END IF;
+END $$;
+
+-- Checks the arguments shared by cd2_add_instance and cd2_alter_instance.
+CREATE OR REPLACE FUNCTION cd2sync._check_settings(client_id text, client_secret text, api_url text,
+                                        tables text[], shard_id bigint, schedule interval,
+                                        target_schema text, full_resync_every interval DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF client_id IS NULL OR client_id = '' THEN
+        RAISE EXCEPTION 'client_id must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF client_secret IS NULL OR client_secret = '' THEN
+        RAISE EXCEPTION 'client_secret must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF api_url IS NULL OR api_url !~* '^https?://[^/?#\s]+[^\s]*$' THEN
+        RAISE EXCEPTION 'api_url must be an http or https URL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM cd2sync._check_tables(tables);
+    IF shard_id < 0 OR shard_id >= 922337 THEN
+        RAISE EXCEPTION 'shard_id must be between 0 and 922336' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF schedule <= interval '0' THEN
+        RAISE EXCEPTION 'schedule must be a positive interval, or NULL for syncs on demand only'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF full_resync_every <= interval '0' THEN
+        RAISE EXCEPTION 'full_resync_every must be a positive interval, or NULL for snapshots only when needed'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF target_schema IS NOT NULL AND (target_schema = '' OR octet_length(target_schema) > 63
+           OR target_schema ~ '^pg_' OR target_schema IN ('cd2sync', 'cd2', 'information_schema', 'public')) THEN
+        RAISE EXCEPTION 'target_schema "%" cannot be used', target_schema
+              USING ERRCODE = 'invalid_schema_name',
+                    DETAIL = 'It must be 1 to 63 bytes and not a system schema, public, cd2 or cd2sync.';
+    END IF;
+END $$;
+
 CREATE OR REPLACE FUNCTION cd2_add_instance(
     name          text,
     client_id     text,
@@ -529,30 +582,39 @@ END $$;
 -- resolved global value (lookups by person through cd2.<table>, merges); an
 -- index on the global id (lookups by id, when the instance has a shard); a
 -- flag cd2_merge_duplicate on tables where a merge can leave duplicates.
+-- Called when the views are made again, and after each apply.
 CREATE OR REPLACE FUNCTION cd2sync._ensure_bookkeeping(rel regclass, shard bigint, table_name text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     c text;
     rc text;
     reset boolean := false;
+    has_rows boolean;
     dupkey text[] := cd2sync._duplicate_key(table_name);
 BEGIN
+    -- a table still empty gets its indexes after its first load: built
+    -- whole then, not row by row during it (readers are not blocked)
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', rel) INTO has_rows;
     FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
         rc := cd2sync._resolved_column(c);
         IF NOT cd2sync._has_column(rel, rc) THEN
             EXECUTE format('ALTER TABLE %s ADD COLUMN %I bigint', rel, rc);
         END IF;
-        IF cd2sync._ensure_index(rel, c || '_resolved', cd2sync._resolved_expr(shard, c, NULL)) THEN
-            reset := true;
+        IF has_rows THEN
+            IF cd2sync._ensure_index(rel, c || '_resolved', cd2sync._resolved_expr(shard, c, NULL)) THEN
+                reset := true;
+            END IF;
+            PERFORM cd2sync._ensure_index(rel, c || '_replaced', format('%I', rc), format('%I IS NOT NULL', rc));
         END IF;
-        PERFORM cd2sync._ensure_index(rel, c || '_replaced', format('%I', rc), format('%I IS NOT NULL', rc));
     END LOOP;
-    IF shard IS NOT NULL AND cd2sync._has_column(rel, 'id') THEN
+    IF has_rows AND shard IS NOT NULL AND cd2sync._has_column(rel, 'id') THEN
         PERFORM cd2sync._ensure_index(rel, 'global_id', cd2sync._global_expr(shard, 'id'));
     END IF;
     IF dupkey IS NOT NULL AND cd2sync._has_column(rel, 'id') AND cd2sync._has_column(rel, 'user_id')
        AND NOT cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
         EXECUTE format('ALTER TABLE %s ADD COLUMN cd2_merge_duplicate boolean', rel);
+    END IF;
+    IF has_rows AND cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
         PERFORM cd2sync._ensure_index(rel, 'merge_duplicates', 'id', 'cd2_merge_duplicate');
     END IF;
     IF reset THEN
@@ -1239,7 +1301,8 @@ BEGIN
 END $$;
 
 -- The capture trigger of a followed instance table: one per statement, its
--- transition tables visible to this function's statements only. Changes are
+-- transition tables visible to this function's statements only (a TRUNCATE,
+-- which has none, is captured before it, from the table). Changes are
 -- written at once, with positions taken under _feed_lock: in the
 -- transaction that writes the rows (a failure or a crash leaves none).
 CREATE OR REPLACE FUNCTION cd2sync._feed_capture()
@@ -1247,8 +1310,10 @@ RETURNS trigger LANGUAGE plpgsql
 -- an update's old and new rows pair by a hash join in memory (bounded)
 SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' AS $$
 DECLARE
+    -- (TRUNCATE: before it, every row of the table is deleted)
     q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
-                                        CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old' END,
+                                        CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old'
+                                             WHEN TG_OP = 'TRUNCATE' THEN TG_RELID::regclass::text END,
                                         CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
     n bigint;
 BEGIN
@@ -1287,10 +1352,13 @@ BEGIN
                         FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
         EXECUTE format('CREATE TRIGGER cd2_feed_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS cd2_old
                         FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
+        EXECUTE format('CREATE TRIGGER cd2_feed_truncate BEFORE TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
     ELSIF has AND NOT wanted THEN
         EXECUTE format('DROP TRIGGER cd2_feed_insert ON %s', rel);
         EXECUTE format('DROP TRIGGER cd2_feed_update ON %s', rel);
         EXECUTE format('DROP TRIGGER cd2_feed_delete ON %s', rel);
+        EXECUTE format('DROP TRIGGER cd2_feed_truncate ON %s', rel);
     END IF;
 END $$;
 
@@ -1410,17 +1478,7 @@ BEGIN
     IF from_start IS NULL THEN
         RAISE EXCEPTION 'from_start must be true or false' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    IF tables IS NOT NULL THEN
-        IF cardinality(tables) = 0 THEN
-            RAISE EXCEPTION 'tables must name at least one table, or be NULL for every table'
-                  USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        IF EXISTS (SELECT 1 FROM unnest(tables) x WHERE x IS NULL OR x !~ '^[A-Za-z0-9_]{1,63}$') THEN
-            RAISE EXCEPTION 'invalid table name in tables'
-                  USING ERRCODE = 'invalid_parameter_value',
-                        DETAIL = 'CD2 table names are made of letters, digits and underscores.';
-        END IF;
-    END IF;
+    PERFORM cd2sync._check_tables(tables);
     IF EXISTS (SELECT 1 FROM cd2sync.feed f WHERE f.name = n) THEN
         RAISE EXCEPTION 'cd2sync feed "%" already exists', n USING ERRCODE = 'duplicate_object';
     END IF;
@@ -1527,7 +1585,8 @@ SELECT pg_catalog.pg_extension_config_dump('cd2sync.change_position_seq', '');
 -- that applies it. The sync worker calls cd2sync._after_apply once per table
 -- sync, after the rows are in and before the watermark and the sync log are
 -- written; everything that depends on synced rows hangs here, in this order:
---   1 the users' replacements of rows loaded without them (cd2_<c> columns);
+--   1 a first load's lookup indexes, and the users' replacements of rows
+--     loaded without them (cd2_<c> columns);
 --   2 the merge map and the duplicates it reveals, when an input of the
 --     resolver changed (and the replacements of every table, by the map's
 --     difference: the change feeds see them as merges);
@@ -1561,7 +1620,9 @@ DECLARE
     rel regclass := to_regclass(format('%I.%I', inst.target_schema, table_name));
 BEGIN
     IF changes > 0 AND rel IS NOT NULL THEN
-        -- (rows loaded straight by COPY have no replacements yet)
+        -- a first load gets its indexes now; rows loaded straight by COPY
+        -- get their replacements
+        PERFORM cd2sync._ensure_bookkeeping(rel, inst.shard_id, table_name);
         PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
         PERFORM set_config('cd2sync_tx.cause', 'merge', true);
         IF table_name = ANY (cd2sync._merge_inputs()) THEN

@@ -151,7 +151,8 @@ BEGIN
 END $$;
 
 -- The capture trigger of a followed instance table: one per statement, its
--- transition tables visible to this function's statements only. Changes are
+-- transition tables visible to this function's statements only (a TRUNCATE,
+-- which has none, is captured before it, from the table). Changes are
 -- written at once, with positions taken under _feed_lock: in the
 -- transaction that writes the rows (a failure or a crash leaves none).
 CREATE FUNCTION cd2sync._feed_capture()
@@ -159,8 +160,10 @@ RETURNS trigger LANGUAGE plpgsql
 -- an update's old and new rows pair by a hash join in memory (bounded)
 SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' AS $$
 DECLARE
+    -- (TRUNCATE: before it, every row of the table is deleted)
     q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
-                                        CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old' END,
+                                        CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old'
+                                             WHEN TG_OP = 'TRUNCATE' THEN TG_RELID::regclass::text END,
                                         CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
     n bigint;
 BEGIN
@@ -199,10 +202,13 @@ BEGIN
                         FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
         EXECUTE format('CREATE TRIGGER cd2_feed_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS cd2_old
                         FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
+        EXECUTE format('CREATE TRIGGER cd2_feed_truncate BEFORE TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
     ELSIF has AND NOT wanted THEN
         EXECUTE format('DROP TRIGGER cd2_feed_insert ON %s', rel);
         EXECUTE format('DROP TRIGGER cd2_feed_update ON %s', rel);
         EXECUTE format('DROP TRIGGER cd2_feed_delete ON %s', rel);
+        EXECUTE format('DROP TRIGGER cd2_feed_truncate ON %s', rel);
     END IF;
 END $$;
 
@@ -322,17 +328,7 @@ BEGIN
     IF from_start IS NULL THEN
         RAISE EXCEPTION 'from_start must be true or false' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    IF tables IS NOT NULL THEN
-        IF cardinality(tables) = 0 THEN
-            RAISE EXCEPTION 'tables must name at least one table, or be NULL for every table'
-                  USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        IF EXISTS (SELECT 1 FROM unnest(tables) x WHERE x IS NULL OR x !~ '^[A-Za-z0-9_]{1,63}$') THEN
-            RAISE EXCEPTION 'invalid table name in tables'
-                  USING ERRCODE = 'invalid_parameter_value',
-                        DETAIL = 'CD2 table names are made of letters, digits and underscores.';
-        END IF;
-    END IF;
+    PERFORM cd2sync._check_tables(tables);
     IF EXISTS (SELECT 1 FROM cd2sync.feed f WHERE f.name = n) THEN
         RAISE EXCEPTION 'cd2sync feed "%" already exists', n USING ERRCODE = 'duplicate_object';
     END IF;

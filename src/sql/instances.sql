@@ -19,6 +19,24 @@ BEGIN
     RETURN r;
 END $$;
 
+-- Checks a tables argument (of an instance or a feed): NULL for every
+-- table, else CD2 table names.
+CREATE FUNCTION cd2sync._check_tables(tables text[])
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF tables IS NOT NULL THEN
+        IF cardinality(tables) = 0 THEN
+            RAISE EXCEPTION 'tables must name at least one table, or be NULL for every table'
+                  USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF EXISTS (SELECT 1 FROM unnest(tables) t WHERE t IS NULL OR t !~ '^[A-Za-z0-9_]{1,63}$') THEN
+            RAISE EXCEPTION 'invalid table name in tables'
+                  USING ERRCODE = 'invalid_parameter_value',
+                        DETAIL = 'CD2 table names are made of letters, digits and underscores.';
+        END IF;
+    END IF;
+END $$;
+
 -- Checks the arguments shared by cd2_add_instance and cd2_alter_instance.
 CREATE FUNCTION cd2sync._check_settings(client_id text, client_secret text, api_url text,
                                         tables text[], shard_id bigint, schedule interval,
@@ -34,17 +52,7 @@ BEGIN
     IF api_url IS NULL OR api_url !~* '^https?://[^/?#\s]+[^\s]*$' THEN
         RAISE EXCEPTION 'api_url must be an http or https URL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF tables IS NOT NULL THEN
-        IF cardinality(tables) = 0 THEN
-            RAISE EXCEPTION 'tables must name at least one table, or be NULL for every table'
-                  USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        IF EXISTS (SELECT 1 FROM unnest(tables) t WHERE t IS NULL OR t !~ '^[A-Za-z0-9_]{1,63}$') THEN
-            RAISE EXCEPTION 'invalid table name in tables'
-                  USING ERRCODE = 'invalid_parameter_value',
-                        DETAIL = 'CD2 table names are made of letters, digits and underscores.';
-        END IF;
-    END IF;
+    PERFORM cd2sync._check_tables(tables);
     IF shard_id < 0 OR shard_id >= 922337 THEN
         RAISE EXCEPTION 'shard_id must be between 0 and 922336' USING ERRCODE = 'invalid_parameter_value';
     END IF;

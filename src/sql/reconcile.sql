@@ -110,30 +110,39 @@ END $$;
 -- resolved global value (lookups by person through cd2.<table>, merges); an
 -- index on the global id (lookups by id, when the instance has a shard); a
 -- flag cd2_merge_duplicate on tables where a merge can leave duplicates.
+-- Called when the views are made again, and after each apply.
 CREATE FUNCTION cd2sync._ensure_bookkeeping(rel regclass, shard bigint, table_name text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     c text;
     rc text;
     reset boolean := false;
+    has_rows boolean;
     dupkey text[] := cd2sync._duplicate_key(table_name);
 BEGIN
+    -- a table still empty gets its indexes after its first load: built
+    -- whole then, not row by row during it (readers are not blocked)
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', rel) INTO has_rows;
     FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
         rc := cd2sync._resolved_column(c);
         IF NOT cd2sync._has_column(rel, rc) THEN
             EXECUTE format('ALTER TABLE %s ADD COLUMN %I bigint', rel, rc);
         END IF;
-        IF cd2sync._ensure_index(rel, c || '_resolved', cd2sync._resolved_expr(shard, c, NULL)) THEN
-            reset := true;
+        IF has_rows THEN
+            IF cd2sync._ensure_index(rel, c || '_resolved', cd2sync._resolved_expr(shard, c, NULL)) THEN
+                reset := true;
+            END IF;
+            PERFORM cd2sync._ensure_index(rel, c || '_replaced', format('%I', rc), format('%I IS NOT NULL', rc));
         END IF;
-        PERFORM cd2sync._ensure_index(rel, c || '_replaced', format('%I', rc), format('%I IS NOT NULL', rc));
     END LOOP;
-    IF shard IS NOT NULL AND cd2sync._has_column(rel, 'id') THEN
+    IF has_rows AND shard IS NOT NULL AND cd2sync._has_column(rel, 'id') THEN
         PERFORM cd2sync._ensure_index(rel, 'global_id', cd2sync._global_expr(shard, 'id'));
     END IF;
     IF dupkey IS NOT NULL AND cd2sync._has_column(rel, 'id') AND cd2sync._has_column(rel, 'user_id')
        AND NOT cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
         EXECUTE format('ALTER TABLE %s ADD COLUMN cd2_merge_duplicate boolean', rel);
+    END IF;
+    IF has_rows AND cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
         PERFORM cd2sync._ensure_index(rel, 'merge_duplicates', 'id', 'cd2_merge_duplicate');
     END IF;
     IF reset THEN
