@@ -9,7 +9,7 @@ CD2_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CD2_USER=${CD2_USER:-cd2sync}
 CD2_RELEASE_1_0=bcaa35a   # the commit released as cd2sync 1.0
 PACKAGES="postgresql-15 postgresql-server-dev-15 postgresql-contrib libcurl4-openssl-dev zlib1g-dev
-          libipc-run-perl python3 make gcc curl ca-certificates openssl"
+          libipc-run-perl python3 make gcc curl ca-certificates openssl git"
 export PATH="/usr/lib/postgresql/15/bin:$PATH"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
