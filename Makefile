@@ -3,7 +3,7 @@ EXTENSION = cd2sync
 # The version lives in cd2sync.control alone
 EXTVERSION := $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
 MODULE_big = cd2sync
-OBJS = src/cd2sync.o src/http.o src/download.o src/dap_client.o src/decode.o src/codec.o \
+OBJS = src/cd2sync.o src/feeds.o src/http.o src/download.o src/dap_client.o src/decode.o src/codec.o \
        src/inflater.o src/catalog.o src/worker.o src/sync_functions.o src/scheduler.o
 
 # The install script of the current version is assembled from one file per
@@ -34,7 +34,7 @@ include $(PGXS)
 # PGXS does not track headers: every object depends on all of ours
 $(OBJS): $(wildcard src/*.h)
 # nor the version, which the library compares with the installed SQL
-src/cd2sync.o src/http.o src/sync_functions.o src/worker.o src/scheduler.o: $(EXTENSION).control
+src/cd2sync.o src/feeds.o src/http.o src/sync_functions.o src/worker.o src/scheduler.o: $(EXTENSION).control
 
 $(DATA_built): $(SQL_PARTS)
 	cat $^ > $@

@@ -11,9 +11,9 @@
  */
 #include "cd2sync.h"
 
+#include <limits.h>
+
 #include "fmgr.h"
-#include "funcapi.h"
-#include "access/htup_details.h"
 #include "miscadmin.h"
 #include "lib/stringinfo.h"
 #include "utils/guc.h"
@@ -135,27 +135,6 @@ static const Cd2Setting settings[] = {
 };
 
 void _PG_init(void);
-
-PG_FUNCTION_INFO_V1(cd2_feed_limits);
-
-/*
- * cd2sync._feed_limits(): cd2sync.feed_max_pending and feed_max_age (in
- * seconds), for the feeds' SQL. Being C, calling it also loads the library,
- * so the settings are defined in a session that has not loaded it yet.
- */
-Datum
-cd2_feed_limits(PG_FUNCTION_ARGS)
-{
-	TupleDesc desc;
-	Datum values[2];
-	bool nulls[2] = { false, false };
-
-	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "cd2sync._feed_limits must return a record");
-	values[0] = Int64GetDatum(cd2_feed_max_pending);
-	values[1] = Int32GetDatum(cd2_feed_max_age);
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
-}
 
 void
 _PG_init(void)

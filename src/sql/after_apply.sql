@@ -37,10 +37,13 @@ DECLARE
     rel regclass := to_regclass(format('%I.%I', inst.target_schema, table_name));
 BEGIN
     IF changes > 0 AND rel IS NOT NULL THEN
-        -- a first load gets its indexes now; rows loaded straight by COPY
-        -- get their replacements
+        -- a first load gets its indexes now; rows a snapshot loaded
+        -- straight by COPY get their replacements (_apply gives every row
+        -- it writes its own)
         PERFORM cd2sync._ensure_bookkeeping(rel, inst.shard_id, table_name);
-        PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
+        IF mode = 'snapshot' THEN
+            PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
+        END IF;
         PERFORM set_config('cd2sync_tx.cause', 'merge', true);
         IF table_name = ANY (cd2sync._merge_inputs()) THEN
             PERFORM cd2sync._refresh_user_merges();

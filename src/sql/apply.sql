@@ -141,6 +141,8 @@ DECLARE
     sample_same bigint;      -- of a sample of the records, how many change nothing
     sample_size bigint;
     shard bigint;            -- of the target's instance
+    map_empty boolean;
+    mapjoins text := '';     -- the user columns' lookups in the merge map
 BEGIN
     IF keys IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
@@ -213,21 +215,28 @@ BEGIN
     -- the map as the row is written
     SELECT i.shard_id INTO shard FROM cd2sync.instances i JOIN pg_class c ON c.oid = target
       JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.target_schema = n.nspname;
-    FOR a IN SELECT u.col, cd2sync._resolved_column(u.col) AS rc,
+    -- (a join, not a subquery per row; nothing to look up in an empty map)
+    map_empty := NOT EXISTS (SELECT 1 FROM cd2sync.user_merge_map);
+    FOR a IN SELECT u.col, cd2sync._resolved_column(u.col) AS rc, u.i,
                     (SELECT x FROM unnest(exprs, cols) z(x, q) WHERE q = format('%I', u.col)) AS e
-               FROM cd2sync._user_columns(target) u(col)
+               FROM cd2sync._user_columns(target) WITH ORDINALITY u(col, i)
               WHERE format('%I', u.col) = ANY (cols) AND cd2sync._has_column(target, cd2sync._resolved_column(u.col)) LOOP
         cols := cols || format('%I', a.rc);
         setcols := setcols || format('%I', a.rc);
-        exprs := exprs || format('(SELECT m.replacement_user_id FROM cd2sync.user_merge_map m WHERE m.superseded_user_id = %s)',
-                                 cd2sync._global_expr(shard, format('(%s)', a.e)));
+        IF map_empty THEN
+            exprs := exprs || 'NULL::bigint'::text;
+        ELSE
+            exprs := exprs || format('cd2_m%s.replacement_user_id', a.i);
+            mapjoins := mapjoins || format(' LEFT JOIN cd2sync.user_merge_map cd2_m%1$s ON cd2_m%1$s.superseded_user_id = %2$s',
+                                           a.i, cd2sync._global_expr(shard, format('(%s)', a.e)));
+        END IF;
     END LOOP;
 
     IF mode = 'snapshot_new' THEN
         -- keys are unique within one result: no sort needed
-        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_stage s
+        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_stage s %s
                          WHERE s.cd2_action IS DISTINCT FROM ''D'' ON CONFLICT DO NOTHING',
-                       target, array_to_string(cols, ', '), array_to_string(exprs, ', '));
+                       target, array_to_string(cols, ', '), array_to_string(exprs, ', '), mapjoins);
         GET DIAGNOSTICS upserted = ROW_COUNT;
         deleted := 0;
         unchanged := 0;
@@ -238,12 +247,13 @@ BEGIN
     -- no key twice and no placeholder to keep (the usual case) is read
     -- through a view on the staging table: no sort, no copy
     EXECUTE format('CREATE TEMP %s cd2_typed %s AS
-                    SELECT %s s.cd2_action AS cd2_action, %s FROM cd2_stage s %s %s',
+                    SELECT %s s.cd2_action AS cd2_action, %s FROM cd2_stage s %s %s %s',
                    CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN 'VIEW' ELSE 'TABLE' END,
                    CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN '' ELSE 'ON COMMIT DROP' END,
                    CASE WHEN has_dups THEN format('DISTINCT ON (%s)', keyorder) ELSE '' END,
                    (SELECT string_agg(format('%s AS %s', x, c), ', ') FROM unnest(exprs, cols) u(x, c)),
                    CASE WHEN has_ph THEN format('LEFT JOIN %s t ON %s', target, keyjoin) ELSE '' END,
+                   mapjoins,
                    CASE WHEN has_dups THEN format('ORDER BY %s, s.cd2_ts DESC NULLS LAST, s.ctid DESC', keyorder)
                         ELSE '' END);
     -- evidence of user merges that CD2 does not keep (logins, enrolments moving)

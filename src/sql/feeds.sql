@@ -53,6 +53,11 @@ CREATE VIEW cd2sync.feeds AS
 CREATE FUNCTION cd2sync._feed_limits(OUT max_pending bigint, OUT max_age_seconds int)
 AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;
 
+-- The names of the columns whose values differ between two rows of the same
+-- columns (NULL: none): what an update changed (src/feeds.c)
+CREATE FUNCTION cd2sync._changed_columns(old record, new record)
+RETURNS text[] AS 'MODULE_PATHNAME', 'cd2_changed_columns' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
 -- Raises unless the feed exists; returns it
 CREATE FUNCTION cd2sync._check_feed(name text)
 RETURNS cd2sync.feed LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -128,26 +133,26 @@ BEGIN
     v := cd2sync._view_columns(table_name);
     vo := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src);
     vn := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src);
+    -- each change's image r (the new row; the old for a delete); an update
+    -- pairs old and new by key, and is a change when a column changed (the
+    -- fence keeps the pair's row and comparison from being computed twice)
     RETURN format(
         'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
          SELECT nextval(''cd2sync.change_position_seq''), %L, %s, %s, %L, %s, %s, %L, %L::timestamptz FROM %s',
         table_name,
         CASE WHEN old_src IS NULL THEN '''insert''' WHEN new_src IS NULL THEN '''delete''' ELSE '''update''' END,
-        (SELECT 'jsonb_build_object(' || string_agg(format('%L, %s.%I', k, CASE WHEN new_src IS NULL THEN 'o' ELSE 'n' END, k), ', ') || ')'
-           FROM unnest(keys) k),
+        (SELECT 'jsonb_build_object(' || string_agg(format('%L, (p.r).%I', k, k), ', ') || ')' FROM unnest(keys) k),
         inst.name,
-        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(n)' END,
-        CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'x.changed' END,
+        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(p.r)' END,
+        CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'p.changed' END,
         cause, wm,
-        CASE WHEN old_src IS NULL THEN format('(%s) n', vn.sql)
-             WHEN new_src IS NULL THEN format('(%s) o', vo.sql)
-             ELSE format('(%s) o JOIN (%s) n ON %s
-                          CROSS JOIN LATERAL (SELECT array_remove(ARRAY[%s], NULL) AS changed) x
-                          WHERE cardinality(x.changed) > 0',
+        CASE WHEN old_src IS NULL THEN format('(SELECT n AS r FROM (%s) n) p', vn.sql)
+             WHEN new_src IS NULL THEN format('(SELECT o AS r FROM (%s) o) p', vo.sql)
+             ELSE format('(SELECT n AS r, cd2sync._changed_columns(o, n) AS changed
+                             FROM (%s) o JOIN (%s) n ON %s OFFSET 0) p
+                          WHERE p.changed IS NOT NULL',
                          vo.sql, vn.sql,
-                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k),
-                         (SELECT string_agg(format('CASE WHEN o.%1$I IS DISTINCT FROM n.%1$I THEN %1$L END', c), ', ')
-                            FROM unnest(vn.columns) c)) END);
+                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k)) END);
 END $$;
 
 -- The capture trigger of a followed instance table: one per statement, its
@@ -157,8 +162,10 @@ END $$;
 -- transaction that writes the rows (a failure or a crash leaves none).
 CREATE FUNCTION cd2sync._feed_capture()
 RETURNS trigger LANGUAGE plpgsql
--- an update's old and new rows pair by a hash join in memory (bounded)
-SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' AS $$
+-- an update's old and new rows pair by a hash join in memory (bounded); the
+-- planner cannot know that they pair one to one, and its estimate would
+-- have JIT compile the statement, which costs more than it saves
+SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off AS $$
 DECLARE
     -- (TRUNCATE: before it, every row of the table is deleted)
     q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,

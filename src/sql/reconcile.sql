@@ -159,14 +159,17 @@ END $$;
 -- true: rows of the users in pg_temp.cd2_map_changes (the map changed).
 CREATE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean)
 RETURNS bigint LANGUAGE plpgsql
--- lookups through the columns' indexes, never a scan of a large table
-SET search_path = pg_catalog, pg_temp SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+-- lookups through the columns' indexes, never a scan of a large table (a
+-- table just loaded has no statistics that would tell the planner so)
+SET search_path = pg_catalog, pg_temp SET enable_hashjoin = off SET enable_mergejoin = off
+SET enable_seqscan = off AS $$
 DECLARE
     c text;
     rc text;
     g text;
     n bigint := 0;
     k bigint;
+    map_empty boolean := NOT EXISTS (SELECT 1 FROM cd2sync.user_merge_map);
 BEGIN
     FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
         rc := cd2sync._resolved_column(c);
@@ -187,11 +190,13 @@ BEGIN
         IF changes IS NULL THEN
             EXECUTE format('UPDATE %s t SET %I = NULL WHERE %I IS NOT NULL', rel, rc, rc);
         END IF;
-        EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
-                         WHERE %s = m.superseded_user_id AND t.%I IS NULL',
-                       rel, rc, cd2sync._resolved_expr(shard, c), rc);
-        GET DIAGNOSTICS k = ROW_COUNT;
-        n := n + k;
+        IF NOT map_empty THEN
+            EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
+                             WHERE %s = m.superseded_user_id AND t.%I IS NULL',
+                           rel, rc, cd2sync._resolved_expr(shard, c), rc);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
         IF changes IS NOT NULL THEN
             -- (a row's stored user changed, or its replacement did)
             EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
