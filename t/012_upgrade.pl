@@ -1,4 +1,4 @@
-# Upgrades. ALTER EXTENSION cd2sync UPDATE from 1.0 gives the same objects
+# Upgrades. ALTER EXTENSION cd2sync UPDATE from 1.0 or 1.1 gives the same objects
 # as a fresh install of this version (pg_dump --binary-upgrade lists every
 # object of the extension).
 # Then a cluster of the released 1.0 (built by scripts/test.sh from git, in
@@ -21,9 +21,14 @@ use Test::More;
 
 # 1. the same objects, fresh or updated
 my $node = Cd2Test::new_node('catalog');
-$node->safe_psql('postgres', 'CREATE DATABASE from_1_0');
-$node->safe_psql('from_1_0', "CREATE EXTENSION cd2sync VERSION '1.0'");
-for my $db ('from_1_0')
+# every released version's install script is frozen beside its upgrade
+for my $v ('1.0', '1.1')
+{
+	my $db = 'from_' . ($v =~ s/\./_/r);
+	$node->safe_psql('postgres', "CREATE DATABASE $db");
+	$node->safe_psql($db, "CREATE EXTENSION cd2sync VERSION '$v'");
+}
+for my $db ('from_1_0', 'from_1_1')
 {
 	$node->safe_psql($db, 'ALTER EXTENSION cd2sync UPDATE');
 	is($node->safe_psql($db, "SELECT extversion FROM pg_extension WHERE extname = 'cd2sync'"),
@@ -32,7 +37,7 @@ for my $db ('from_1_0')
 }
 my $fresh = extension_objects($node, 'postgres');
 ok(scalar(() = $fresh =~ /ALTER EXTENSION cd2sync ADD/g) > 50, 'the dump lists the extension\'s objects');
-for my $db ('from_1_0')
+for my $db ('from_1_0', 'from_1_1')
 {
 	my $up = extension_objects($node, $db);
 	is($up, $fresh, "$db: the updated extension has exactly the objects of a fresh install");
@@ -112,7 +117,7 @@ SKIP:
 	is($r->{users}{mode}, 'unchanged', 'and changes nothing else');
 	Cd2Test::table_is($old, $emu, 'us-east-1#demo-north', 'north', 'enrollments', 'north.enrollments converges');
 	is($old->safe_psql('postgres', "SELECT count(*) FROM pg_attribute WHERE attrelid = 'north.enrollments'::regclass AND attname = 'cd2_user_id'"),
-		'1', 'the first run gave the 1.0 tables their 1.1 bookkeeping');
+		'1', 'the first run gave the 1.0 tables their new bookkeeping');
 	is($old->safe_psql('postgres', "SELECT * FROM cd2.user_merges ORDER BY 1"), $before{merges}, 'cd2.user_merges is still equal');
 	is($old->safe_psql('postgres', "SELECT count(*) FROM cd2.enrollments WHERE user_id <> original_user_id"),
 		$old->safe_psql('postgres', "SELECT count(*) FROM cd2.enrollments e JOIN cd2.user_merges m ON m.superseded_user_id = e.original_user_id"),

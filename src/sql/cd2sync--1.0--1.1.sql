@@ -339,8 +339,6 @@ DECLARE
     sample_same bigint;      -- of a sample of the records, how many change nothing
     sample_size bigint;
     shard bigint;            -- of the target's instance
-    map_empty boolean;
-    mapjoins text := '';     -- the user columns' lookups in the merge map
 BEGIN
     IF keys IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
@@ -413,28 +411,21 @@ BEGIN
     -- the map as the row is written
     SELECT i.shard_id INTO shard FROM cd2sync.instances i JOIN pg_class c ON c.oid = target
       JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.target_schema = n.nspname;
-    -- (a join, not a subquery per row; nothing to look up in an empty map)
-    map_empty := NOT EXISTS (SELECT 1 FROM cd2sync.user_merge_map);
-    FOR a IN SELECT u.col, cd2sync._resolved_column(u.col) AS rc, u.i,
+    FOR a IN SELECT u.col, cd2sync._resolved_column(u.col) AS rc,
                     (SELECT x FROM unnest(exprs, cols) z(x, q) WHERE q = format('%I', u.col)) AS e
-               FROM cd2sync._user_columns(target) WITH ORDINALITY u(col, i)
+               FROM cd2sync._user_columns(target) u(col)
               WHERE format('%I', u.col) = ANY (cols) AND cd2sync._has_column(target, cd2sync._resolved_column(u.col)) LOOP
         cols := cols || format('%I', a.rc);
         setcols := setcols || format('%I', a.rc);
-        IF map_empty THEN
-            exprs := exprs || 'NULL::bigint'::text;
-        ELSE
-            exprs := exprs || format('cd2_m%s.replacement_user_id', a.i);
-            mapjoins := mapjoins || format(' LEFT JOIN cd2sync.user_merge_map cd2_m%1$s ON cd2_m%1$s.superseded_user_id = %2$s',
-                                           a.i, cd2sync._global_expr(shard, format('(%s)', a.e)));
-        END IF;
+        exprs := exprs || format('(SELECT m.replacement_user_id FROM cd2sync.user_merge_map m WHERE m.superseded_user_id = %s)',
+                                 cd2sync._global_expr(shard, format('(%s)', a.e)));
     END LOOP;
 
     IF mode = 'snapshot_new' THEN
         -- keys are unique within one result: no sort needed
-        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_stage s %s
+        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_stage s
                          WHERE s.cd2_action IS DISTINCT FROM ''D'' ON CONFLICT DO NOTHING',
-                       target, array_to_string(cols, ', '), array_to_string(exprs, ', '), mapjoins);
+                       target, array_to_string(cols, ', '), array_to_string(exprs, ', '));
         GET DIAGNOSTICS upserted = ROW_COUNT;
         deleted := 0;
         unchanged := 0;
@@ -445,13 +436,12 @@ BEGIN
     -- no key twice and no placeholder to keep (the usual case) is read
     -- through a view on the staging table: no sort, no copy
     EXECUTE format('CREATE TEMP %s cd2_typed %s AS
-                    SELECT %s s.cd2_action AS cd2_action, %s FROM cd2_stage s %s %s %s',
+                    SELECT %s s.cd2_action AS cd2_action, %s FROM cd2_stage s %s %s',
                    CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN 'VIEW' ELSE 'TABLE' END,
                    CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN '' ELSE 'ON COMMIT DROP' END,
                    CASE WHEN has_dups THEN format('DISTINCT ON (%s)', keyorder) ELSE '' END,
                    (SELECT string_agg(format('%s AS %s', x, c), ', ') FROM unnest(exprs, cols) u(x, c)),
                    CASE WHEN has_ph THEN format('LEFT JOIN %s t ON %s', target, keyjoin) ELSE '' END,
-                   mapjoins,
                    CASE WHEN has_dups THEN format('ORDER BY %s, s.cd2_ts DESC NULLS LAST, s.ctid DESC', keyorder)
                         ELSE '' END);
     -- evidence of user merges that CD2 does not keep (logins, enrolments moving)
@@ -641,17 +631,14 @@ END $$;
 -- true: rows of the users in pg_temp.cd2_map_changes (the map changed).
 CREATE OR REPLACE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean)
 RETURNS bigint LANGUAGE plpgsql
--- lookups through the columns' indexes, never a scan of a large table (a
--- table just loaded has no statistics that would tell the planner so)
-SET search_path = pg_catalog, pg_temp SET enable_hashjoin = off SET enable_mergejoin = off
-SET enable_seqscan = off AS $$
+-- lookups through the columns' indexes, never a scan of a large table
+SET search_path = pg_catalog, pg_temp SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     c text;
     rc text;
     g text;
     n bigint := 0;
     k bigint;
-    map_empty boolean := NOT EXISTS (SELECT 1 FROM cd2sync.user_merge_map);
 BEGIN
     FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
         rc := cd2sync._resolved_column(c);
@@ -672,13 +659,11 @@ BEGIN
         IF changes IS NULL THEN
             EXECUTE format('UPDATE %s t SET %I = NULL WHERE %I IS NOT NULL', rel, rc, rc);
         END IF;
-        IF NOT map_empty THEN
-            EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
-                             WHERE %s = m.superseded_user_id AND t.%I IS NULL',
-                           rel, rc, cd2sync._resolved_expr(shard, c), rc);
-            GET DIAGNOSTICS k = ROW_COUNT;
-            n := n + k;
-        END IF;
+        EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
+                         WHERE %s = m.superseded_user_id AND t.%I IS NULL',
+                       rel, rc, cd2sync._resolved_expr(shard, c), rc);
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
         IF changes IS NOT NULL THEN
             -- (a row's stored user changed, or its replacement did)
             EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
@@ -1218,11 +1203,6 @@ CREATE VIEW cd2sync.feeds AS
 CREATE OR REPLACE FUNCTION cd2sync._feed_limits(OUT max_pending bigint, OUT max_age_seconds int)
 AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;
 
--- The names of the columns whose values differ between two rows of the same
--- columns (NULL: none): what an update changed (src/feeds.c)
-CREATE OR REPLACE FUNCTION cd2sync._changed_columns(old record, new record)
-RETURNS text[] AS 'MODULE_PATHNAME', 'cd2_changed_columns' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
-
 -- Raises unless the feed exists; returns it
 CREATE OR REPLACE FUNCTION cd2sync._check_feed(name text)
 RETURNS cd2sync.feed LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -1298,26 +1278,26 @@ BEGIN
     v := cd2sync._view_columns(table_name);
     vo := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src);
     vn := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src);
-    -- each change's image r (the new row; the old for a delete); an update
-    -- pairs old and new by key, and is a change when a column changed (the
-    -- fence keeps the pair's row and comparison from being computed twice)
     RETURN format(
         'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
          SELECT nextval(''cd2sync.change_position_seq''), %L, %s, %s, %L, %s, %s, %L, %L::timestamptz FROM %s',
         table_name,
         CASE WHEN old_src IS NULL THEN '''insert''' WHEN new_src IS NULL THEN '''delete''' ELSE '''update''' END,
-        (SELECT 'jsonb_build_object(' || string_agg(format('%L, (p.r).%I', k, k), ', ') || ')' FROM unnest(keys) k),
+        (SELECT 'jsonb_build_object(' || string_agg(format('%L, %s.%I', k, CASE WHEN new_src IS NULL THEN 'o' ELSE 'n' END, k), ', ') || ')'
+           FROM unnest(keys) k),
         inst.name,
-        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(p.r)' END,
-        CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'p.changed' END,
+        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(n)' END,
+        CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'x.changed' END,
         cause, wm,
-        CASE WHEN old_src IS NULL THEN format('(SELECT n AS r FROM (%s) n) p', vn.sql)
-             WHEN new_src IS NULL THEN format('(SELECT o AS r FROM (%s) o) p', vo.sql)
-             ELSE format('(SELECT n AS r, cd2sync._changed_columns(o, n) AS changed
-                             FROM (%s) o JOIN (%s) n ON %s OFFSET 0) p
-                          WHERE p.changed IS NOT NULL',
+        CASE WHEN old_src IS NULL THEN format('(%s) n', vn.sql)
+             WHEN new_src IS NULL THEN format('(%s) o', vo.sql)
+             ELSE format('(%s) o JOIN (%s) n ON %s
+                          CROSS JOIN LATERAL (SELECT array_remove(ARRAY[%s], NULL) AS changed) x
+                          WHERE cardinality(x.changed) > 0',
                          vo.sql, vn.sql,
-                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k)) END);
+                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k),
+                         (SELECT string_agg(format('CASE WHEN o.%1$I IS DISTINCT FROM n.%1$I THEN %1$L END', c), ', ')
+                            FROM unnest(vn.columns) c)) END);
 END $$;
 
 -- The capture trigger of a followed instance table: one per statement, its
@@ -1327,10 +1307,8 @@ END $$;
 -- transaction that writes the rows (a failure or a crash leaves none).
 CREATE OR REPLACE FUNCTION cd2sync._feed_capture()
 RETURNS trigger LANGUAGE plpgsql
--- an update's old and new rows pair by a hash join in memory (bounded); the
--- planner cannot know that they pair one to one, and its estimate would
--- have JIT compile the statement, which costs more than it saves
-SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off AS $$
+-- an update's old and new rows pair by a hash join in memory (bounded)
+SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' AS $$
 DECLARE
     -- (TRUNCATE: before it, every row of the table is deleted)
     q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
@@ -1642,13 +1620,10 @@ DECLARE
     rel regclass := to_regclass(format('%I.%I', inst.target_schema, table_name));
 BEGIN
     IF changes > 0 AND rel IS NOT NULL THEN
-        -- a first load gets its indexes now; rows a snapshot loaded
-        -- straight by COPY get their replacements (_apply gives every row
-        -- it writes its own)
+        -- a first load gets its indexes now; rows loaded straight by COPY
+        -- get their replacements
         PERFORM cd2sync._ensure_bookkeeping(rel, inst.shard_id, table_name);
-        IF mode = 'snapshot' THEN
-            PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
-        END IF;
+        PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
         PERFORM set_config('cd2sync_tx.cause', 'merge', true);
         IF table_name = ANY (cd2sync._merge_inputs()) THEN
             PERFORM cd2sync._refresh_user_merges();

@@ -1,0 +1,398 @@
+-- cd2sync 1.1 -> 1.2. Every object 1.2 adds or changes, as the install
+-- script (src/sql/*.sql) makes it; t/012_upgrade.pl checks that an updated
+-- database and a fresh install of 1.2 have the same objects. 1.2 changes
+-- no table: only functions, and which tables a pg_dump keeps.
+\echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.2'" to load this file. \quit
+
+CREATE OR REPLACE FUNCTION cd2sync._apply(target regclass, mode text, fill text[] DEFAULT NULL,
+                               typed boolean DEFAULT false,
+                               OUT upserted bigint, OUT deleted bigint,
+                               OUT unchanged bigint, OUT oversized bigint)
+LANGUAGE plpgsql
+-- the de-duplicating sort of a large result stays in memory (bounded)
+SET search_path = pg_catalog, pg_temp SET work_mem = '32MB' AS $$
+DECLARE
+    ph constant text := '__cd2_oversized_truncated__';
+    keys text[] := cd2sync._key_columns(target);
+    a record;
+    cols text[] := '{}';     -- quoted column names to fill
+    exprs text[] := '{}';    -- their values, from staging s (and target t)
+    setcols text[] := '{}';  -- non-key columns
+    cmpcols text[];          -- the same, fixed-width first: comparisons stop sooner
+    phcols text;             -- staging columns that can hold a placeholder
+    keyjoin text;            -- t.k = <k from staging s>
+    keyjoin_typed text;      -- t.k = d.k for target t and cd2_typed d
+    keyorder text;           -- the key columns
+    keyexprs text;           -- the key values from staging s
+    has_ph boolean;
+    has_dups boolean;
+    ph_new text;
+    e text;
+    written bigint;
+    target_rows float8;
+    few boolean;             -- the result is small beside the table
+    joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin')];
+    sample_same bigint;      -- of a sample of the records, how many change nothing
+    sample_size bigint;
+    shard bigint;            -- of the target's instance
+    map_empty boolean;
+    mapjoins text := '';     -- the user columns' lookups in the merge map
+BEGIN
+    IF keys IS NULL THEN
+        RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
+    END IF;
+    -- what change feeds say of the rows written (feeds.sql)
+    PERFORM set_config('cd2sync_tx.cause', CASE WHEN mode = 'snapshot' THEN 'resync' ELSE 'sync' END, true);
+
+    SELECT string_agg(format('t.%I = %s', k, cd2sync._cast_expr(k, atttypid, atttypmod, typed)), ' AND '),
+           string_agg(format('%I', k), ', '),
+           string_agg(cd2sync._cast_expr(k, atttypid, atttypmod, typed), ', ')
+      INTO keyjoin, keyorder, keyexprs
+      FROM unnest(keys) k JOIN pg_attribute ON attrelid = target AND attname = k;
+    SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_typed FROM unnest(keys) k;
+
+    -- values kept because of placeholders (a table just created keeps none);
+    -- only a text staging column can hold one
+    SELECT string_agg(format('s.%I', attname), ', ') INTO phcols
+      FROM pg_attribute
+     WHERE attrelid = target AND attnum > 0 AND NOT attisdropped AND attname NOT LIKE 'cd2\_%'
+       AND cd2sync._stage_type(atttypid, atttypmod, typed) = 'text';
+    IF mode = 'snapshot_new' THEN
+        oversized := 0;
+    ELSE
+        -- one pass over the records: placeholders, actions, and whether a
+        -- key comes twice (then the counts are taken again, of the latest)
+        EXECUTE format('SELECT %s, count(*) FILTER (WHERE s.cd2_action = ''D''),
+                               count(*) FILTER (WHERE s.cd2_action IS DISTINCT FROM ''D''),
+                               count(*) > count(DISTINCT %s)
+                          FROM cd2_stage s',
+                       CASE WHEN phcols IS NULL THEN '0'
+                            ELSE format('count(*) FILTER (WHERE %L IN (%s))', ph, phcols) END,
+                       CASE WHEN cardinality(keys) = 1 THEN keyexprs ELSE format('ROW(%s)', keyexprs) END)
+           INTO oversized, deleted, upserted, has_dups;
+    END IF;
+    has_ph := oversized > 0;
+
+    FOR a IN SELECT attname::text AS name, atttypid, atttypmod,
+                    (SELECT typcategory FROM pg_type WHERE oid = atttypid) AS cat,
+                    cd2sync._stage_type(atttypid, atttypmod, typed) = 'text' AS staged_text
+               FROM pg_attribute
+              WHERE attrelid = target AND attnum > 0 AND NOT attisdropped AND attname NOT LIKE 'cd2\_%'
+                AND (fill IS NULL OR attname = ANY (fill) OR attname = ANY (keys))
+              ORDER BY attnum LOOP
+        cols := cols || format('%I', a.name);
+        e := cd2sync._cast_expr(a.name, a.atttypid, a.atttypmod, typed);
+        IF a.name = ANY (keys) THEN
+            exprs := exprs || e;
+        ELSIF NOT a.staged_text THEN
+            setcols := setcols || format('%I', a.name);
+            exprs := exprs || e;
+        ELSE
+            setcols := setcols || format('%I', a.name);
+            -- what a placeholder becomes in a new row: itself where text can hold it
+            ph_new := CASE WHEN a.cat = 'S' AND (a.atttypmod < 0 OR a.atttypmod - 4 >= length(ph))
+                           THEN quote_literal(ph) ELSE 'NULL' END;
+            IF mode = 'snapshot_new' THEN
+                exprs := exprs || format('CASE WHEN s.%I = %L THEN %s ELSE %s END', a.name, ph, ph_new, e);
+            ELSIF has_ph THEN
+                -- keep the stored value
+                exprs := exprs || format(
+                    'CASE WHEN s.%I = %L THEN CASE WHEN t.%I IS NULL THEN %s ELSE t.%I END ELSE %s END',
+                    a.name, ph, keys[1], ph_new, a.name, e);
+            ELSE
+                exprs := exprs || e;
+            END IF;
+        END IF;
+    END LOOP;
+
+    -- each user column's replacement (reconcile.sql's cd2_<c>), looked up in
+    -- the map as the row is written
+    SELECT i.shard_id INTO shard FROM cd2sync.instances i JOIN pg_class c ON c.oid = target
+      JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.target_schema = n.nspname;
+    -- (a join, not a subquery per row; nothing to look up in an empty map)
+    map_empty := NOT EXISTS (SELECT 1 FROM cd2sync.user_merge_map);
+    FOR a IN SELECT u.col, cd2sync._resolved_column(u.col) AS rc, u.i,
+                    (SELECT x FROM unnest(exprs, cols) z(x, q) WHERE q = format('%I', u.col)) AS e
+               FROM cd2sync._user_columns(target) WITH ORDINALITY u(col, i)
+              WHERE format('%I', u.col) = ANY (cols) AND cd2sync._has_column(target, cd2sync._resolved_column(u.col)) LOOP
+        cols := cols || format('%I', a.rc);
+        setcols := setcols || format('%I', a.rc);
+        IF map_empty THEN
+            exprs := exprs || 'NULL::bigint'::text;
+        ELSE
+            exprs := exprs || format('cd2_m%s.replacement_user_id', a.i);
+            mapjoins := mapjoins || format(' LEFT JOIN cd2sync.user_merge_map cd2_m%1$s ON cd2_m%1$s.superseded_user_id = %2$s',
+                                           a.i, cd2sync._global_expr(shard, format('(%s)', a.e)));
+        END IF;
+    END LOOP;
+
+    IF mode = 'snapshot_new' THEN
+        -- keys are unique within one result: no sort needed
+        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_stage s %s
+                         WHERE s.cd2_action IS DISTINCT FROM ''D'' ON CONFLICT DO NOTHING',
+                       target, array_to_string(cols, ', '), array_to_string(exprs, ', '), mapjoins);
+        GET DIAGNOSTICS upserted = ROW_COUNT;
+        deleted := 0;
+        unchanged := 0;
+        RETURN;
+    END IF;
+
+    -- one typed row per key, the latest change winning. A typed result with
+    -- no key twice and no placeholder to keep (the usual case) is read
+    -- through a view on the staging table: no sort, no copy
+    EXECUTE format('CREATE TEMP %s cd2_typed %s AS
+                    SELECT %s s.cd2_action AS cd2_action, %s FROM cd2_stage s %s %s %s',
+                   CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN 'VIEW' ELSE 'TABLE' END,
+                   CASE WHEN typed AND NOT has_dups AND NOT has_ph THEN '' ELSE 'ON COMMIT DROP' END,
+                   CASE WHEN has_dups THEN format('DISTINCT ON (%s)', keyorder) ELSE '' END,
+                   (SELECT string_agg(format('%s AS %s', x, c), ', ') FROM unnest(exprs, cols) u(x, c)),
+                   CASE WHEN has_ph THEN format('LEFT JOIN %s t ON %s', target, keyjoin) ELSE '' END,
+                   mapjoins,
+                   CASE WHEN has_dups THEN format('ORDER BY %s, s.cd2_ts DESC NULLS LAST, s.ctid DESC', keyorder)
+                        ELSE '' END);
+    -- evidence of user merges that CD2 does not keep (logins, enrolments moving)
+    PERFORM cd2sync._record_user_moves(target);
+
+    IF has_dups THEN
+        SELECT count(*) FILTER (WHERE cd2_action = 'D'), count(*) FILTER (WHERE cd2_action IS DISTINCT FROM 'D')
+          INTO deleted, upserted FROM cd2_typed;
+    END IF;
+
+    -- an incremental touches few of a large table's rows: look each up by its
+    -- key rather than scan the table for a merge or hash join (the planner,
+    -- without statistics on cd2_typed, tends to scan)
+    SELECT CASE WHEN reltuples >= 0 THEN reltuples ELSE pg_relation_size(target) / 200.0 END
+      INTO target_rows FROM pg_class WHERE oid = target;
+    few := mode = 'incremental' AND (upserted + deleted) * 4 < target_rows;
+    IF few THEN
+        PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true);
+    END IF;
+
+    SELECT array_agg(format('%I', attname) ORDER BY attlen < 0, attnum) INTO cmpcols
+      FROM pg_attribute
+     WHERE attrelid = target AND attnum > 0 AND NOT attisdropped AND format('%I', attname) = ANY (setcols);
+
+    -- Records that change nothing are left out by an anti-join: their rows
+    -- are neither rewritten nor even locked (no new row version, no WAL),
+    -- where ON CONFLICT DO UPDATE ... WHERE alone would lock each one. The
+    -- anti-join costs a lookup per record, which a result that changes
+    -- most of its rows does not need: a sample of the records decides.
+    IF cardinality(setcols) > 0 THEN
+        EXECUTE format('SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM %1$s t WHERE %2$s
+                                                   AND (%3$s) IS NOT DISTINCT FROM (%4$s))), count(*)
+                          FROM (SELECT * FROM cd2_typed d WHERE d.cd2_action IS DISTINCT FROM ''D''
+                                 LIMIT 1000) d',
+                       target, keyjoin_typed,
+                       (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
+                       (SELECT string_agg('d.' || c, ', ') FROM unnest(cmpcols) c))
+           INTO sample_same, sample_size;
+    END IF;
+    IF cardinality(setcols) = 0 THEN
+        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM cd2_typed WHERE cd2_action IS DISTINCT FROM ''D''
+                         ON CONFLICT DO NOTHING', target, array_to_string(cols, ', '), array_to_string(cols, ', '));
+    ELSE
+        EXECUTE format('INSERT INTO %1$s AS t (%2$s) SELECT %7$s FROM cd2_typed d
+                         WHERE d.cd2_action IS DISTINCT FROM ''D'' %8$s
+                        ON CONFLICT (%3$s) DO UPDATE SET (%4$s) = ROW(%5$s)
+                         WHERE (%6$s) IS DISTINCT FROM (%9$s)',
+                       target, array_to_string(cols, ', '), keyorder,
+                       array_to_string(setcols, ', '),
+                       (SELECT string_agg('excluded.' || c, ', ') FROM unnest(setcols) c),
+                       (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
+                       (SELECT string_agg('d.' || c, ', ') FROM unnest(cols) c),
+                       CASE WHEN sample_same * 5 >= sample_size   -- 20% or more unchanged
+                            THEN format('AND NOT EXISTS (SELECT 1 FROM %s t WHERE %s AND (%s) IS NOT DISTINCT FROM (%s))',
+                                        target, keyjoin_typed,
+                                        (SELECT string_agg('t.' || c, ', ') FROM unnest(cmpcols) c),
+                                        (SELECT string_agg('d.' || c, ', ') FROM unnest(cmpcols) c))
+                            ELSE '' END,
+                       (SELECT string_agg('excluded.' || c, ', ') FROM unnest(cmpcols) c));
+    END IF;
+    GET DIAGNOSTICS written = ROW_COUNT;
+    -- deletes after the upsert (their keys are apart): the upsert, the
+    -- statement that writes most, is over before a change feed's capture
+    -- takes its lock (feeds.sql)
+    IF deleted > 0 THEN
+        EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
+                       target, keyjoin_typed);
+    END IF;
+    IF mode = 'snapshot' THEN
+        -- rows the new snapshot does not have are gone upstream
+        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
+                       target, keyjoin_typed);
+        GET DIAGNOSTICS deleted = ROW_COUNT;
+    END IF;
+
+    IF few THEN
+        PERFORM set_config('enable_mergejoin', joins[1], true), set_config('enable_hashjoin', joins[2], true);
+    END IF;
+    unchanged := upserted - written;
+    IF to_regclass('pg_temp.cd2_typed') IS NOT NULL AND
+       (SELECT relkind FROM pg_class WHERE oid = 'pg_temp.cd2_typed'::regclass) = 'v' THEN
+        DROP VIEW cd2_typed;
+    ELSE
+        DROP TABLE cd2_typed;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean)
+RETURNS bigint LANGUAGE plpgsql
+-- lookups through the columns' indexes, never a scan of a large table (a
+-- table just loaded has no statistics that would tell the planner so)
+SET search_path = pg_catalog, pg_temp SET enable_hashjoin = off SET enable_mergejoin = off
+SET enable_seqscan = off AS $$
+DECLARE
+    c text;
+    rc text;
+    g text;
+    n bigint := 0;
+    k bigint;
+    map_empty boolean := NOT EXISTS (SELECT 1 FROM cd2sync.user_merge_map);
+BEGIN
+    FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
+        rc := cd2sync._resolved_column(c);
+        IF NOT cd2sync._has_column(rel, rc) THEN
+            CONTINUE;   -- not a table of cd2sync's making (see _ensure_bookkeeping)
+        END IF;
+        g := cd2sync._global_expr(shard, format('t.%I', c));
+        IF changes THEN
+            -- a row is consistent with the old map: its resolved value is the
+            -- old replacement, or the user itself
+            EXECUTE format('UPDATE %s t SET %I = x.new_replacement FROM pg_temp.cd2_map_changes x
+                             WHERE %s = coalesce(x.old_replacement, x.superseded) AND %s = x.superseded',
+                           rel, rc, cd2sync._resolved_expr(shard, c), g);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+            CONTINUE;
+        END IF;
+        IF changes IS NULL THEN
+            EXECUTE format('UPDATE %s t SET %I = NULL WHERE %I IS NOT NULL', rel, rc, rc);
+        END IF;
+        IF NOT map_empty THEN
+            EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
+                             WHERE %s = m.superseded_user_id AND t.%I IS NULL',
+                           rel, rc, cd2sync._resolved_expr(shard, c), rc);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
+        IF changes IS NOT NULL THEN
+            -- (a row's stored user changed, or its replacement did)
+            EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                       WHERE m.superseded_user_id = %3$s)
+                             WHERE t.%2$I IS NOT NULL
+                               AND t.%2$I IS DISTINCT FROM (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                             WHERE m.superseded_user_id = %3$s)',
+                           rel, rc, g);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
+    END LOOP;
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._changed_columns(old record, new record)
+RETURNS text[] AS 'MODULE_PATHNAME', 'cd2_changed_columns' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture_sql(rel regclass, table_name text, old_src text, new_src text,
+                                          cause text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances;
+    v record;
+    vo record;            -- the view's rows of old_src
+    vn record;            -- ... and of new_src
+    keys text[] := cd2sync._key_columns(rel);
+    wm timestamptz;
+BEGIN
+    SELECT i.* INTO inst FROM cd2sync.instances i JOIN pg_class c ON c.oid = rel
+      JOIN pg_namespace s ON s.oid = c.relnamespace WHERE i.target_schema = s.nspname;
+    IF NOT FOUND OR keys IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true) THEN
+        RETURN NULL;
+    END IF;
+    cause := coalesce(cause, nullif(current_setting('cd2sync_tx.cause', true), ''), 'sync');
+    -- the table's watermark as this transaction commits it: the sync that
+    -- applies it says so beforehand (cd2sync_tx.watermark); else the stored one
+    IF current_setting('cd2sync_tx.applying', true) = inst.name || '.' || table_name THEN
+        wm := nullif(current_setting('cd2sync_tx.watermark', true), '')::timestamptz;
+    ELSE
+        SELECT s.watermark INTO wm FROM cd2sync.table_state s
+         WHERE s.instance = inst.name AND s.table_name = _feed_capture_sql.table_name;
+    END IF;
+    v := cd2sync._view_columns(table_name);
+    vo := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src);
+    vn := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src);
+    -- each change's image r (the new row; the old for a delete); an update
+    -- pairs old and new by key, and is a change when a column changed (the
+    -- fence keeps the pair's row and comparison from being computed twice)
+    RETURN format(
+        'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
+         SELECT nextval(''cd2sync.change_position_seq''), %L, %s, %s, %L, %s, %s, %L, %L::timestamptz FROM %s',
+        table_name,
+        CASE WHEN old_src IS NULL THEN '''insert''' WHEN new_src IS NULL THEN '''delete''' ELSE '''update''' END,
+        (SELECT 'jsonb_build_object(' || string_agg(format('%L, (p.r).%I', k, k), ', ') || ')' FROM unnest(keys) k),
+        inst.name,
+        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(p.r)' END,
+        CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'p.changed' END,
+        cause, wm,
+        CASE WHEN old_src IS NULL THEN format('(SELECT n AS r FROM (%s) n) p', vn.sql)
+             WHEN new_src IS NULL THEN format('(SELECT o AS r FROM (%s) o) p', vo.sql)
+             ELSE format('(SELECT n AS r, cd2sync._changed_columns(o, n) AS changed
+                             FROM (%s) o JOIN (%s) n ON %s OFFSET 0) p
+                          WHERE p.changed IS NOT NULL',
+                         vo.sql, vn.sql,
+                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k)) END);
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture()
+RETURNS trigger LANGUAGE plpgsql
+-- an update's old and new rows pair by a hash join in memory (bounded); the
+-- planner cannot know that they pair one to one, and its estimate would
+-- have JIT compile the statement, which costs more than it saves
+SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off AS $$
+DECLARE
+    -- (TRUNCATE: before it, every row of the table is deleted)
+    q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
+                                        CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old'
+                                             WHEN TG_OP = 'TRUNCATE' THEN TG_RELID::regclass::text END,
+                                        CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
+    n bigint;
+BEGIN
+    IF q IS NOT NULL THEN
+        PERFORM cd2sync._feed_lock();
+        EXECUTE q;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+            PERFORM cd2sync._feed_notify(TG_TABLE_NAME);
+        END IF;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances := cd2sync._check_instance(instance);
+    rel regclass := to_regclass(format('%I.%I', inst.target_schema, table_name));
+BEGIN
+    IF changes > 0 AND rel IS NOT NULL THEN
+        -- a first load gets its indexes now; rows a snapshot loaded
+        -- straight by COPY get their replacements (_apply gives every row
+        -- it writes its own)
+        PERFORM cd2sync._ensure_bookkeeping(rel, inst.shard_id, table_name);
+        IF mode = 'snapshot' THEN
+            PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
+        END IF;
+        PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+        IF table_name = ANY (cd2sync._merge_inputs()) THEN
+            PERFORM cd2sync._refresh_user_merges();
+        ELSIF cd2sync._duplicate_key(table_name) IS NOT NULL THEN
+            PERFORM cd2sync._refresh_merge_duplicates(table_name);
+        END IF;
+        PERFORM cd2sync._feed_check_limits();
+    END IF;
+END $$;
+
+REVOKE ALL ON FUNCTION cd2sync._changed_columns(record, record) FROM PUBLIC;
