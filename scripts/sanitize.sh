@@ -36,7 +36,7 @@ ensure_user
 
 SECONDS=0
 PGVER=15
-SAN_FLAGS="-fsanitize=address,undefined -fno-sanitize=alignment -fno-omit-frame-pointer -g -O1"
+SAN_FLAGS="-fsanitize=address,undefined,float-cast-overflow -fno-sanitize=alignment -fno-omit-frame-pointer -g -O1"
 LIBASAN=$(readlink -f "$(gcc -print-file-name=libasan.so)")
 [ -f "$LIBASAN" ] || { echo "no ASan runtime for gcc (libasan)" >&2; exit 1; }
 

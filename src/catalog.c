@@ -16,6 +16,7 @@
 #include "catalog.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 
 /*
@@ -112,19 +113,37 @@ catalog_text_array(List *l)
 	return buf.data;
 }
 
+/* s cut to at most limit bytes, at a character boundary */
+static const char *
+clip_bytes(const char *s, int limit)
+{
+	int len;
+
+	if (s == NULL)
+		return NULL;
+	len = strlen(s);
+	return len <= limit ? s : pnstrdup(s, pg_mbcliplen(s, len, limit));
+}
+
 /*
  * NOTIFY cd2sync with what a table sync did, as JSON, delivered when the
- * transaction that recorded it commits.
+ * transaction that recorded it commits. A payload must stay under 8000
+ * bytes whatever the API sends: the table name (from the API when every
+ * table is synced) and the error are cut by bytes, and JSON escapes each
+ * byte into at most six (200 * 6 + 1000 * 6 + the rest < 8000).
  */
 static void
 notify(int64 run_id, const char *instance, const char *table, const char *status, const char *mode,
 	   const char *watermark, const char *error)
 {
-	const char *args[7] = { int8_text(run_id), instance, table, status, mode, watermark, error };
+	const char *args[7] = {
+		int8_text(run_id),      instance, clip_bytes(table, 200), status, mode, watermark,
+		clip_bytes(error, 1000)
+	};
 
 	run_row("SELECT pg_notify('cd2sync', json_build_object("
 			"  'run_id', $1::bigint, 'instance', $2, 'table', $3, 'status', $4, 'mode', $5, "
-			"  'watermark', $6::timestamptz, 'error', left($7, 2000))::text)",
+			"  'watermark', $6::timestamptz, 'error', $7)::text)",
 			7, args);
 }
 

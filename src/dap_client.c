@@ -19,6 +19,7 @@
 #include "cd2sync.h"
 
 #include <curl/curl.h>
+#include <math.h>
 
 #include "common/base64.h"
 #include "dap_client.h"
@@ -32,10 +33,15 @@
 
 /* ---- small jsonb helpers ---- */
 
+/*
+ * The jsonb of a text, or NULL if it is not JSON. The error is dropped in
+ * the caller's memory context: FlushErrorState() resets ErrorContext, so
+ * nothing allocated after it may live there.
+ */
 static Jsonb *
-parse_json(const char *text, const char *what)
+try_parse_json(const char *text)
 {
-	Jsonb *result = NULL;
+	Jsonb *volatile result = NULL;
 	MemoryContext cxt = CurrentMemoryContext;
 
 	PG_TRY();
@@ -46,10 +52,20 @@ parse_json(const char *text, const char *what)
 	{
 		MemoryContextSwitchTo(cxt);
 		FlushErrorState();
-		ereport(ERROR, (errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-						errmsg("CD2 API answered %s with something that is not JSON", what)));
+		result = NULL;
 	}
 	PG_END_TRY();
+	return result;
+}
+
+static Jsonb *
+parse_json(const char *text, const char *what)
+{
+	Jsonb *result = try_parse_json(text);
+
+	if (result == NULL)
+		ereport(ERROR, (errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+						errmsg("CD2 API answered %s with something that is not JSON", what)));
 	return result;
 }
 
@@ -109,6 +125,25 @@ dap_client_create(const char *api_url, const char *client_id, const char *client
 	return c;
 }
 
+/*
+ * A number of seconds the API gave (a JWT's exp, expires_in), as a count
+ * a C cast is defined for: NULL or not a number gives dflt; anything else
+ * is clamped to 0 .. 10^11 (the year 5138).
+ */
+static int64
+seconds_in(const char *text, int64 dflt)
+{
+	double v;
+	char *end;
+
+	if (text == NULL)
+		return dflt;
+	v = strtod(text, &end);
+	if (end == text || isnan(v))
+		return dflt;
+	return (int64) Max(0.0, Min(v, 1e11));
+}
+
 /* The "exp" claim of a JWT, or 0 when it has none we can read */
 static int64
 jwt_exp(const char *token)
@@ -118,6 +153,7 @@ jwt_exp(const char *token)
 	StringInfoData b64;
 	char *decoded;
 	int n;
+	Jsonb *claims;
 	char *exp;
 
 	if (p2 == NULL)
@@ -132,45 +168,26 @@ jwt_exp(const char *token)
 	if (n <= 0)
 		return 0;
 	decoded[n] = '\0';
-	PG_TRY();
-	{
-		Jsonb *claims = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(decoded)));
-
-		exp = json_get_text(&claims->root, "exp");
-	}
-	PG_CATCH();
-	{
-		FlushErrorState();
-		exp = NULL;
-	}
-	PG_END_TRY();
-	return exp ? (int64) strtod(exp, NULL) : 0;
+	claims = try_parse_json(decoded);
+	exp = claims ? json_get_text(&claims->root, "exp") : NULL;
+	return seconds_in(exp, 0);
 }
 
 static void
 fill_error(DapError *err, const char *method, const char *path, HttpResponse *resp, int attempts)
 {
 	StringInfoData msg;
-	char *volatile type = NULL;
-	char *volatile message = NULL;
+	char *type = NULL;
+	char *message = NULL;
 
 	/* the API's errors are {"error": {"type", "message", ...}} */
 	if (resp->body.len > 0 && resp->body.data[0] == '{')
 	{
-		PG_TRY();
-		{
-			Jsonb *j =
-				DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(resp->body.data)));
-			JsonbContainer *e = json_get_container(&j->root, "error");
+		Jsonb *j = try_parse_json(resp->body.data);
+		JsonbContainer *e = j ? json_get_container(&j->root, "error") : NULL;
 
-			type = json_get_text(e, "type");
-			message = json_get_text(e, "message");
-		}
-		PG_CATCH();
-		{
-			FlushErrorState();
-		}
-		PG_END_TRY();
+		type = json_get_text(e, "type");
+		message = json_get_text(e, "message");
 	}
 
 	initStringInfo(&msg);
@@ -249,7 +266,7 @@ dap_login(DapClient *c)
 	expires_in = json_get_text(&j->root, "expires_in");
 	exp = jwt_exp(token);
 	if (exp <= now)
-		exp = now + (expires_in ? (int64) strtod(expires_in, NULL) : 3600);
+		exp = now + seconds_in(expires_in, 3600);
 	lifetime = exp - now;
 
 	/* renew 5 minutes before expiry, or after 3/4 of a short lifetime */
@@ -512,6 +529,15 @@ dap_object_urls(DapClient *c, List *object_ids, DapError *err)
 		if (url == NULL)
 			ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 							errmsg("CD2 API gave no URL for object \"%s\"", id)));
+
+		/*
+		 * An https API may not send this server to plain http, which
+		 * http.c allows to loopback: a request to a service on this
+		 * machine that the API would choose.
+		 */
+		if (pg_strncasecmp(c->api_url, "https:", 6) == 0 && pg_strncasecmp(url, "https:", 6) != 0)
+			ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+							errmsg("CD2 API gave a URL for object \"%s\" that is not https", id)));
 		result = lappend(result, url);
 	}
 	return result;

@@ -119,8 +119,9 @@ requested_tables(const char *instance, ArrayType *arr)
 							errmsg("invalid table name \"%s\"", t)));
 		values[0] = CStringGetTextDatum(instance);
 		values[1] = CStringGetTextDatum(t);
-		if (strcmp(query_value("SELECT tables IS NULL OR $2 = ANY (tables) "
-							   "  FROM cd2sync.instances WHERE name = $1",
+		/* _check_instance: a row, or its error if the instance was just dropped */
+		if (strcmp(query_value("SELECT coalesce(tables IS NULL OR $2 = ANY (tables), false) "
+							   "  FROM cd2sync._check_instance($1)",
 							   2, types, values),
 				   "t") != 0)
 			ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),

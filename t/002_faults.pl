@@ -155,12 +155,12 @@ for my $case (@cases)
 
 # connection refused: an API that is not there fails the run, keeps everything
 change_upstream();
-$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', api_url => 'http://127.0.0.1:1')");
+$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', api_url => 'http://127.0.0.1:1', client_secret => 'north-secret')");
 $r = Cd2Test::sync($node, 'north', pre => $pre);
 like($r->{users}{error}, qr/Couldn't connect|Failed to connect/, 'connection refused: the reason is given');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.sync_log l WHERE l.run_id = (SELECT max(run_id) FROM cd2sync.runs) AND l.status = 'failed'"),
 	'2', 'connection refused: both tables failed');
-$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', api_url => '$emu->{url}')");
+$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', api_url => '$emu->{url}', client_secret => 'north-secret')");
 $r = Cd2Test::sync($node, 'north', pre => $pre);
 is($r->{users}{error} . $r->{courses}{error}, '', 'connection refused: the next run succeeds');
 push @matrix, sprintf("%-36s %-9s %s", 'connection refused', 'failed', 'tables failed with the curl error; next run converged');

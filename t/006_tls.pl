@@ -1,7 +1,8 @@
 # TLS: certificates and host names are always verified; cd2sync.ca_file names
 # a private CA. The emulator serves HTTPS with a certificate of a test CA:
 # refused without the CA, accepted with it. Plain http to a host other than
-# loopback is refused before any connection is attempted.
+# loopback is refused before any connection is attempted; an https API's
+# object URLs must be https too.
 use strict;
 use warnings;
 use utf8;
@@ -9,6 +10,7 @@ use utf8;
 use FindBin;
 use lib $FindBin::RealBin;
 use Cd2Test;
+use IO::Socket::INET;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -66,6 +68,18 @@ $node->safe_psql('postgres', "SET log_statement = 'none';\n"
 	  . "SELECT cd2_add_instance('far', '$north', 'north-secret', api_url => 'http://192.0.2.1:9', tables => ARRAY['users'])");
 $r = Cd2Test::sync($node, 'far');
 like($r->{users}{error}, qr/plain http is allowed only to this machine/, 'plain http to another host is refused');
+
+# an https API may not send this server to plain http, even on this machine
+# (presigned URLs come from the API: a request to a local service it chose)
+my $listener = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 4, ReuseAddr => 1)
+  or die "listen: $!";
+$emu->config(object_base_url => 'http://127.0.0.1:' . $listener->sockport);
+$r = Cd2Test::sync($node, 'north', full => 1);
+like($r->{users}{error}, qr/gave a URL for object .* that is not https/, 'a plain-http object URL from an https API is refused');
+$listener->blocking(0);
+ok(!defined $listener->accept, 'and nothing connected to it');
+$emu->config(object_base_url => undef);
+is(Cd2Test::sync($node, 'north', full => 1)->{users}{error}, '', 'the next run converges');
 
 $node->stop;
 $emu->stop;

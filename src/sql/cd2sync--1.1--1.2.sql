@@ -4,6 +4,91 @@
 -- no table: only functions, and which tables a pg_dump keeps.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.2'" to load this file. \quit
 
+CREATE OR REPLACE FUNCTION cd2_alter_instance(
+    name          text,
+    client_id     text     DEFAULT NULL,
+    client_secret text     DEFAULT NULL,
+    api_url       text     DEFAULT NULL,
+    tables        text[]   DEFAULT '{}',
+    shard_id      bigint   DEFAULT -1,
+    schedule      interval DEFAULT '-00:00:00.000001',
+    target_schema text     DEFAULT '',
+    full_resync_every interval DEFAULT '-00:00:00.000001')
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old cd2sync.instances := cd2sync._check_instance(cd2_alter_instance.name);
+    new cd2sync.instances := old;
+    secret text;
+BEGIN
+    SELECT s.client_secret INTO secret FROM cd2sync.instance_secrets s WHERE s.instance = old.name;
+    new.client_id := coalesce(cd2_alter_instance.client_id, old.client_id);
+    secret := coalesce(cd2_alter_instance.client_secret, secret);
+    new.api_url := coalesce(cd2_alter_instance.api_url, old.api_url);
+    IF tables IS NULL OR cardinality(tables) > 0 THEN
+        SELECT array_agg(DISTINCT t ORDER BY t) INTO new.tables FROM unnest(tables) t;
+    END IF;
+    IF shard_id IS DISTINCT FROM -1 THEN
+        new.shard_id := shard_id;
+    END IF;
+    IF schedule IS DISTINCT FROM interval '-00:00:00.000001' THEN
+        new.schedule := schedule;
+    END IF;
+    IF target_schema IS DISTINCT FROM '' THEN
+        new.target_schema := coalesce(target_schema, old.name);
+    END IF;
+    IF full_resync_every IS DISTINCT FROM interval '-00:00:00.000001' THEN
+        new.full_resync_every := full_resync_every;
+    END IF;
+    PERFORM cd2sync._check_settings(new.client_id, secret, new.api_url,
+                                    CASE WHEN tables IS NULL OR cardinality(tables) > 0 THEN tables END,
+                                    new.shard_id, new.schedule,
+                                    CASE WHEN target_schema IS NOT NULL AND target_schema <> ''
+                                         THEN target_schema END,
+                                    new.full_resync_every);
+    -- the stored secret is only ever sent where it was given for
+    IF (new.api_url <> old.api_url OR new.client_id <> old.client_id)
+       AND cd2_alter_instance.client_secret IS NULL THEN
+        RAISE EXCEPTION 'changing api_url or client_id of cd2sync instance "%" needs its client_secret',
+                        old.name
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'Give client_secret too: the stored one is not sent to another URL or client.';
+    END IF;
+    IF new.target_schema <> old.target_schema THEN
+        IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.target_schema = new.target_schema) THEN
+            RAISE EXCEPTION 'schema "%" is already the target of another instance', new.target_schema
+                  USING ERRCODE = 'duplicate_schema';
+        END IF;
+        IF to_regnamespace(quote_ident(old.target_schema)) IS NOT NULL THEN
+            IF to_regnamespace(quote_ident(new.target_schema)) IS NOT NULL THEN
+                RAISE EXCEPTION 'schema "%" already exists', new.target_schema
+                      USING ERRCODE = 'duplicate_schema';
+            END IF;
+            -- the synced data moves with the instance
+            PERFORM cd2sync._lock_instance(old.name);
+            PERFORM cd2sync._feed_capture_instance(old.name, 'old');
+            EXECUTE format('ALTER SCHEMA %I RENAME TO %I', old.target_schema, new.target_schema);
+        END IF;
+    END IF;
+    IF new.tables IS DISTINCT FROM old.tables OR new.api_url <> old.api_url
+       OR new.client_id <> old.client_id THEN
+        PERFORM cd2sync._check_remote_tables(new.api_url, new.client_id, secret, new.tables);
+    END IF;
+    IF new.shard_id IS DISTINCT FROM old.shard_id AND new.target_schema = old.target_schema THEN
+        PERFORM cd2sync._feed_capture_instance(old.name, 'old');   -- ids change in the views
+    END IF;
+
+    UPDATE cd2sync.instances i
+       SET client_id = new.client_id, api_url = new.api_url, tables = new.tables,
+           shard_id = new.shard_id, schedule = new.schedule, target_schema = new.target_schema,
+           full_resync_every = new.full_resync_every, updated_at = now()
+     WHERE i.name = old.name;
+    UPDATE cd2sync.instance_secrets s SET client_secret = secret WHERE s.instance = old.name;
+    IF new.shard_id IS DISTINCT FROM old.shard_id OR new.target_schema <> old.target_schema THEN
+        PERFORM cd2sync._reconcile_changed();
+        PERFORM cd2sync._feed_capture_instance(old.name, 'new');
+    END IF;
+END $$;
+
 CREATE OR REPLACE FUNCTION cd2sync._apply(target regclass, mode text, fill text[] DEFAULT NULL,
                                typed boolean DEFAULT false,
                                OUT upserted bigint, OUT deleted bigint,

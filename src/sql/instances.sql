@@ -191,6 +191,14 @@ BEGIN
                                     CASE WHEN target_schema IS NOT NULL AND target_schema <> ''
                                          THEN target_schema END,
                                     new.full_resync_every);
+    -- the stored secret is only ever sent where it was given for
+    IF (new.api_url <> old.api_url OR new.client_id <> old.client_id)
+       AND cd2_alter_instance.client_secret IS NULL THEN
+        RAISE EXCEPTION 'changing api_url or client_id of cd2sync instance "%" needs its client_secret',
+                        old.name
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'Give client_secret too: the stored one is not sent to another URL or client.';
+    END IF;
     IF new.target_schema <> old.target_schema THEN
         IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.target_schema = new.target_schema) THEN
             RAISE EXCEPTION 'schema "%" is already the target of another instance', new.target_schema
