@@ -17,6 +17,7 @@
 #include "cd2sync.h"
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
@@ -152,6 +153,11 @@ launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("full must be true or false")));
+	/* a standby replays the primary's syncs; once promoted, its scheduler syncs */
+	if (RecoveryInProgress())
+		ereport(ERROR, (errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+						errmsg("cd2sync cannot sync on a standby"),
+						errhint("Sync on the primary; this server replays its data.")));
 	instance = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	values[0] = CStringGetTextDatum(instance);
 	(void) query_value("SELECT cd2sync._check_instance($1)", 1, types, values);

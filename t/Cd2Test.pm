@@ -91,7 +91,7 @@ sub new_node
 {
 	my ($name, %opts) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init;
+	$node->init(%{ $opts{init} // {} });
 	$node->append_conf('postgresql.conf', join("\n",
 		"max_worker_processes = 16",
 		"cd2sync.retry_base_delay = 20ms",
@@ -101,7 +101,7 @@ sub new_node
 		"log_min_messages = info",
 		$opts{conf} // ''));
 	$node->start;
-	$node->safe_psql('postgres', 'CREATE EXTENSION cd2sync');
+	$node->safe_psql('postgres', 'CREATE EXTENSION cd2sync') unless $opts{no_extension};
 	return $node;
 }
 

@@ -456,6 +456,34 @@ BEGIN
     RETURN NULL;
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2_feed_read(name text, max_changes int DEFAULT 10000)
+RETURNS TABLE ("position" bigint, table_name text, op text, key jsonb, instance text, "row" jsonb,
+               changed text[], cause text, watermark timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed := cd2sync._check_feed(name);
+BEGIN
+    IF max_changes IS NULL OR max_changes < 1 THEN
+        RAISE EXCEPTION 'max_changes must be a positive number' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF f.stale_since IS NULL AND NOT pg_is_in_recovery() THEN   -- (a standby reads only)
+        PERFORM cd2sync._feed_check_limits();
+        f := cd2sync._check_feed(name);
+    END IF;
+    IF f.stale_since IS NOT NULL THEN
+        RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, f.stale_reason
+              USING ERRCODE = 'object_not_in_prerequisite_state',
+                    HINT = 'Drop it and create it again (from_start => true gives the current rows).';
+    END IF;
+    RETURN QUERY
+    SELECT c.position, c.table_name, c.op, c.key, c.instance, c."row", c.changed, c.cause, c.watermark
+      FROM cd2sync.changes c
+     WHERE c.position > f.acknowledged
+       AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))
+     ORDER BY c.position
+     LIMIT max_changes;
+END $$;
+
 CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -481,3 +509,8 @@ BEGIN
 END $$;
 
 REVOKE ALL ON FUNCTION cd2sync._changed_columns(record, record) FROM PUBLIC;
+
+-- derived from the evidence, but the instance tables' cd2_<column> hold what
+-- they said when the dump was taken: a restore keeps them agreeing
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.user_merge_map', '');
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.merge_duplicates', '');

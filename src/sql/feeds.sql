@@ -393,7 +393,7 @@ BEGIN
     IF max_changes IS NULL OR max_changes < 1 THEN
         RAISE EXCEPTION 'max_changes must be a positive number' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF f.stale_since IS NULL THEN
+    IF f.stale_since IS NULL AND NOT pg_is_in_recovery() THEN   -- (a standby reads only)
         PERFORM cd2sync._feed_check_limits();
         f := cd2sync._check_feed(name);
     END IF;

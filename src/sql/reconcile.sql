@@ -786,3 +786,7 @@ CREATE VIEW cd2.reconciliation_health AS SELECT * FROM cd2sync.reconciliation_he
 
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.user_moves', '');
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.resolve_due', '');
+-- derived from the evidence, but the instance tables' cd2_<column> hold what
+-- they said when the dump was taken: a restore keeps them agreeing
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.user_merge_map', '');
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.merge_duplicates', '');
