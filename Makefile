@@ -11,12 +11,12 @@ OBJS = src/cd2sync.o src/feeds.o src/http.o src/download.o src/dap_client.o src/
 # each later version has an upgrade script (src/sql/cd2sync--A--B.sql).
 SQL_PARTS = src/sql/catalog.sql src/sql/instances.sql src/sql/schema_ddl.sql src/sql/apply.sql \
             src/sql/reconcile.sql src/sql/feeds.sql src/sql/after_apply.sql src/sql/sync.sql \
-            src/sql/privileges.sql
+            src/sql/monitoring.sql src/sql/privileges.sql
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 DATA = $(filter-out src/sql/$(DATA_built),$(wildcard src/sql/$(EXTENSION)--*.sql))
 
 # pg_regress: sql/*.sql against expected/*.out
-REGRESS = setup instances sync_args schema_ddl apply watermarks reconcile feeds
+REGRESS = setup instances sync_args schema_ddl apply watermarks reconcile feeds monitoring
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=test/regress.conf
 TAP_TESTS = 1
 

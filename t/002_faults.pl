@@ -72,7 +72,7 @@ my @cases = (
 	[ 'corrupt gzip, gunzip_thread off', [ { endpoint => 'download', kind => 'corrupt_gzip', table => 'users', times => -1 } ], 'fails', qr/gzip stream .* is corrupt/, undef, 'SET cd2sync.gunzip_thread = off;' ],
 	[ 'truncated gzip, gunzip_thread off', [ { endpoint => 'download', kind => 'truncated_gzip', table => 'users', times => -1 } ], 'fails', qr/gzip stream .* is truncated/, undef, 'SET cd2sync.gunzip_thread = off;' ],
 	[ 'body cut short, gunzip_thread off', [ { endpoint => 'download', kind => 'reset_mid_body', table => 'users', times => 2 } ], 'recovers', undef, undef, 'SET cd2sync.gunzip_thread = off;' ],
-	[ 'malformed record', [ { endpoint => 'create_job', kind => 'malformed_record', table => 'users' } ], 'fails', qr/COPY|JSON|invalid|missing data|extra data/i ],
+	[ 'malformed record', [ { endpoint => 'create_job', kind => 'malformed_record', table => 'users' } ], 'fails', qr/missing data for column "updated_at"/ ],
 	[ 'record with a field too many', [ { endpoint => 'create_job', kind => 'malformed_record', shape => 'extra_field', table => 'users' } ], 'fails', qr/extra data after last expected column/ ],
 	[ 'value that does not fit its column', [ { endpoint => 'create_job', kind => 'bad_value', table => 'users', column => 'merged_into_user_id' } ], 'fails', qr/invalid input syntax for type bigint/ ],
 	[ 'job ends failed', [ { endpoint => 'create_job', kind => 'job_failed', table => 'users', message => 'upstream exploded' } ], 'fails', qr/upstream exploded/ ],
@@ -81,6 +81,9 @@ my @cases = (
 	[ '503 forever (retries run out)', [ { endpoint => 'create_job', kind => 'status', status => 503, table => 'users', times => -1 } ], 'fails', qr/HTTP 503.*after 5 attempts/ ],
 );
 
+# what a monitoring system sees of north.users
+my $monitoring = "SELECT status, consecutive_failures, last_error IS NOT NULL FROM cd2sync.monitoring "
+  . "WHERE instance = 'north' AND name = 'users'";
 for my $case (@cases)
 {
 	my ($name, $faults, $outcome, $pattern, $mode, $settings) = @$case;
@@ -124,7 +127,9 @@ for my $case (@cases)
 			'0', "$name: users rows unchanged");
 		is($node->safe_psql('postgres', "SELECT status || ': ' || (last_error IS NOT NULL) FROM cd2sync.watermarks WHERE instance = 'north' AND table_name = 'users'"),
 			'failed: true', "$name: cd2sync.watermarks shows the failure");
+		is($node->safe_psql('postgres', $monitoring), 'failing|1|t', "$name: cd2sync.monitoring shows the failure");
 		my $again = Cd2Test::sync($node, 'north', pre => $pre);
+		is($node->safe_psql('postgres', $monitoring), 'ok|0|f', "$name: and then the success");
 		is($again->{users}{error}, '', "$name: the next run succeeds");
 		is($again->{users}{watermark}, $clock, "$name: the next run advances the watermark");
 		Cd2Test::table_is($node, $emu, $north, 'north', 'users', "$name: the next run converges");
@@ -178,6 +183,31 @@ Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'with the default limit
 push @matrix, sprintf("%-36s %-9s %s", 'record over max_line_length', 'failed', 'table failed cleanly; next run converged');
 
 diag("fault matrix:\n" . join("\n", @matrix));
+
+# The exporter's queries (docs/monitoring/postgres_exporter.yml) run as a
+# role in pg_monitor, and give the columns the file names as metrics
+$node->safe_psql('postgres', "CREATE ROLE exporter LOGIN IN ROLE pg_monitor;\n"
+	  . "SELECT cd2_create_feed('monitored', tables => ARRAY['courses'])");
+my $yml = slurp_file("$FindBin::RealBin/../docs/monitoring/postgres_exporter.yml");
+my %queries;
+while ($yml =~ /^(\w+):\n  query: \|\n((?:    .*\n)+)  metrics:\n((?:    .*\n)+)/mg)
+{
+	$queries{$1} = [ $2, $3 ];
+}
+is(join(',', sort keys %queries), 'cd2sync_feed,cd2sync_table', 'the exporter file: two queries');
+my %rows = (cd2sync_table => "canvas_instance = 'north' AND cd2_table = 'users'", cd2sync_feed => "feed = 'monitored'");
+my %want = (cd2sync_table => qr/^north\|users\|-?\d+(\.\d+)?\|0\|0\|0\|\d+(\.\d+)?\|\d+\|\d+$/,
+	cd2sync_feed => qr/^monitored\|0\|0\|\|0$/);
+for my $q (sort keys %queries)
+{
+	my ($sql, $metrics) = @{ $queries{$q} };
+	my @names = $metrics =~ /^    - (\w+):/mg;
+	is($node->safe_psql('postgres', "SELECT string_agg(k, ',') FROM (SELECT * FROM ($sql) q LIMIT 1) q, "
+		  . "json_object_keys(row_to_json(q)) k", extra_params => [ '-U', 'exporter' ]),
+		join(',', @names), "$q: the query's columns are the metrics the file names");
+	like($node->safe_psql('postgres', "SELECT * FROM ($sql) q WHERE $rows{$q}", extra_params => [ '-U', 'exporter' ]),
+		$want{$q}, "$q: what the exporter reads");
+}
 
 $node->stop;
 $emu->stop;

@@ -1,4 +1,5 @@
-# Production life (issue 15): a pg_dump / pg_restore into a new cluster
+# Production life (issue 15): the generated DDL keeps Citus's rules; a
+# pg_dump / pg_restore into a new cluster
 # keeps what exists nowhere else (configuration, secrets, watermarks, merge
 # evidence, feeds) and the next sync is incremental; a streaming standby
 # reads everything, refuses to sync (25006), runs no scheduler; once
@@ -43,6 +44,15 @@ is($r->{users}{mode}, 'incremental', 'the merge arrives incrementally');
 my $resolves = "SELECT cd2_resolve_user(cd2_global_id('north', $gone->{key}{id})) = "
   . "cd2_global_id('north', $kept->{key}{id})";
 is($node->safe_psql('postgres', $resolves), 't', 'the merged user resolves to its replacement');
+# Citus's rules (test/citus_rules.sql) hold for the DDL cd2sync generated,
+# and the check sees a table that breaks one
+my $citus_rules = slurp_file("$FindBin::RealBin/../test/citus_rules.sql");
+is($node->safe_psql('postgres', $citus_rules), '', 'Citus: the generated DDL breaks no rule');
+$node->safe_psql('postgres', "CREATE TABLE public.planted (id bigint PRIMARY KEY);\n"
+	  . "ALTER TABLE north.courses ADD CONSTRAINT planted FOREIGN KEY (id) REFERENCES public.planted NOT VALID");
+is($node->safe_psql('postgres', $citus_rules), 'north.courses|foreign key planted', 'Citus: ... and sees a broken one');
+$node->safe_psql('postgres', "ALTER TABLE north.courses DROP CONSTRAINT planted; DROP TABLE public.planted");
+
 # part of the feed acknowledged: the restore must keep where it stands
 $node->safe_psql('postgres',
 	"SELECT cd2_feed_ack('dl', (SELECT min(position) + 3 FROM cd2_feed_read('dl', 10)))");

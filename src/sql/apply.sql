@@ -137,7 +137,8 @@ DECLARE
     written bigint;
     target_rows float8;
     few boolean;             -- the result is small beside the table
-    joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin')];
+    joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin'),
+                          current_setting('enable_material')];
     sample_same bigint;      -- of a sample of the records, how many change nothing
     sample_size bigint;
     shard bigint;            -- of the target's instance
@@ -266,12 +267,17 @@ BEGIN
 
     -- an incremental touches few of a large table's rows: look each up by its
     -- key rather than scan the table for a merge or hash join (the planner,
-    -- without statistics on cd2_typed, tends to scan)
+    -- without statistics on cd2_typed, tends to scan), nor materialize the
+    -- table for a nested loop (a comparison with a constant, such as a
+    -- bookkeeping column against NULL while the merge map is empty, is
+    -- pushed down to the table and estimated at one row: every record then
+    -- rescanned the whole table)
     SELECT CASE WHEN reltuples >= 0 THEN reltuples ELSE pg_relation_size(target) / 200.0 END
       INTO target_rows FROM pg_class WHERE oid = target;
     few := mode = 'incremental' AND (upserted + deleted) * 4 < target_rows;
     IF few THEN
-        PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true);
+        PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true),
+                set_config('enable_material', 'off', true);
     END IF;
 
     SELECT array_agg(format('%I', attname) ORDER BY attlen < 0, attnum) INTO cmpcols
@@ -330,7 +336,8 @@ BEGIN
     END IF;
 
     IF few THEN
-        PERFORM set_config('enable_mergejoin', joins[1], true), set_config('enable_hashjoin', joins[2], true);
+        PERFORM set_config('enable_mergejoin', joins[1], true), set_config('enable_hashjoin', joins[2], true),
+                set_config('enable_material', joins[3], true);
     END IF;
     unchanged := upserted - written;
     IF to_regclass('pg_temp.cd2_typed') IS NOT NULL AND

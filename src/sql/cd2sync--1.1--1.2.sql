@@ -1,7 +1,8 @@
 -- cd2sync 1.1 -> 1.2. Every object 1.2 adds or changes, as the install
 -- script (src/sql/*.sql) makes it; t/012_upgrade.pl checks that an updated
--- database and a fresh install of 1.2 have the same objects. 1.2 changes
--- no table: only functions, and which tables a pg_dump keeps.
+-- database and a fresh install of 1.2 have the same objects. 1.2 replaces
+-- functions, adds cd2sync.monitoring and the column it reads in
+-- cd2sync.feed (acknowledged_at), and has pg_dump keep the merge map.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.2'" to load this file. \quit
 
 CREATE OR REPLACE FUNCTION cd2_alter_instance(
@@ -116,7 +117,8 @@ DECLARE
     written bigint;
     target_rows float8;
     few boolean;             -- the result is small beside the table
-    joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin')];
+    joins text[] := ARRAY[current_setting('enable_mergejoin'), current_setting('enable_hashjoin'),
+                          current_setting('enable_material')];
     sample_same bigint;      -- of a sample of the records, how many change nothing
     sample_size bigint;
     shard bigint;            -- of the target's instance
@@ -245,12 +247,17 @@ BEGIN
 
     -- an incremental touches few of a large table's rows: look each up by its
     -- key rather than scan the table for a merge or hash join (the planner,
-    -- without statistics on cd2_typed, tends to scan)
+    -- without statistics on cd2_typed, tends to scan), nor materialize the
+    -- table for a nested loop (a comparison with a constant, such as a
+    -- bookkeeping column against NULL while the merge map is empty, is
+    -- pushed down to the table and estimated at one row: every record then
+    -- rescanned the whole table)
     SELECT CASE WHEN reltuples >= 0 THEN reltuples ELSE pg_relation_size(target) / 200.0 END
       INTO target_rows FROM pg_class WHERE oid = target;
     few := mode = 'incremental' AND (upserted + deleted) * 4 < target_rows;
     IF few THEN
-        PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true);
+        PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true),
+                set_config('enable_material', 'off', true);
     END IF;
 
     SELECT array_agg(format('%I', attname) ORDER BY attlen < 0, attnum) INTO cmpcols
@@ -309,7 +316,8 @@ BEGIN
     END IF;
 
     IF few THEN
-        PERFORM set_config('enable_mergejoin', joins[1], true), set_config('enable_hashjoin', joins[2], true);
+        PERFORM set_config('enable_mergejoin', joins[1], true), set_config('enable_hashjoin', joins[2], true),
+                set_config('enable_material', joins[3], true);
     END IF;
     unchanged := upserted - written;
     IF to_regclass('pg_temp.cd2_typed') IS NOT NULL AND
@@ -484,6 +492,25 @@ BEGIN
      LIMIT max_changes;
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2_feed_ack(name text, upto bigint)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed := cd2sync._check_feed(name);
+    last bigint;
+BEGIN
+    IF upto IS NULL THEN
+        RAISE EXCEPTION 'upto must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF upto <= f.acknowledged THEN
+        RETURN;
+    END IF;
+    -- every position up to the last visible one is committed (see _feed_lock)
+    last := greatest(f.acknowledged, (SELECT max(c.position) FROM cd2sync.changes c));
+    UPDATE cd2sync.feed x SET acknowledged = least(upto, last), acknowledged_at = now()
+     WHERE x.name = f.name AND x.acknowledged < least(upto, last);
+    PERFORM cd2sync._feed_forget(f.acknowledged, least(upto, last));
+END $$;
+
 CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -514,3 +541,40 @@ REVOKE ALL ON FUNCTION cd2sync._changed_columns(record, record) FROM PUBLIC;
 -- they said when the dump was taken: a restore keeps them agreeing
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.user_merge_map', '');
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.merge_duplicates', '');
+
+-- monitoring.sql (new): one view for a monitoring system, and the time a
+-- feed last acknowledged
+ALTER TABLE cd2sync.feed ADD COLUMN acknowledged_at timestamptz;
+CREATE VIEW cd2sync.monitoring AS
+    SELECT 'table'::text AS kind, i.name AS instance, s.table_name AS name,
+           CASE WHEN s.synced_at IS NULL THEN 'never'
+                WHEN s.status = 'failed' THEN 'failing'
+                ELSE 'ok' END AS status,
+           s.watermark,
+           extract(epoch FROM now() - s.watermark)::float8 AS seconds_behind,
+           s.synced_at AS last_success,
+           coalesce(f.n, 0)::int AS consecutive_failures,
+           l.rows_upserted + l.rows_deleted AS last_rows, l.bytes_downloaded AS last_bytes,
+           s.last_error
+      FROM cd2sync.instances i
+      LEFT JOIN cd2sync.table_state s ON s.instance = i.name
+      LEFT JOIN LATERAL (SELECT x.* FROM cd2sync.sync_log x
+                          WHERE x.instance = s.instance AND x.table_name = s.table_name
+                            AND x.status <> 'running'
+                          ORDER BY x.started_at DESC LIMIT 1) l ON true
+      LEFT JOIN LATERAL (SELECT count(*) AS n FROM cd2sync.sync_log x
+                          WHERE x.instance = s.instance AND x.table_name = s.table_name
+                            AND x.status = 'failed'
+                            AND x.started_at > coalesce((SELECT max(y.started_at) FROM cd2sync.sync_log y
+                                                          WHERE y.instance = s.instance
+                                                            AND y.table_name = s.table_name
+                                                            AND y.status = 'ok'), '-infinity')) f ON true
+    UNION ALL
+    SELECT 'feed', NULL, f.name, f.status, NULL,
+           coalesce(extract(epoch FROM now() - f.oldest_pending)::float8, 0),
+           x.acknowledged_at, 0, f.pending, NULL, x.stale_reason
+      FROM cd2sync.feeds f JOIN cd2sync.feed x ON x.name = f.name;
+GRANT SELECT ON cd2sync.monitoring TO cd2sync_reader;
+GRANT SELECT (kind, instance, name, status, watermark, seconds_behind, last_success,
+              consecutive_failures, last_rows, last_bytes)
+    ON cd2sync.monitoring TO pg_monitor;

@@ -18,7 +18,8 @@ CREATE TABLE cd2sync.feed (
     acknowledged  bigint NOT NULL,        -- everything up to here is processed
     created_at    timestamptz NOT NULL DEFAULT now(),
     stale_since   timestamptz,            -- fell behind cd2sync.feed_max_pending / feed_max_age
-    stale_reason  text
+    stale_reason  text,
+    acknowledged_at timestamptz           -- when acknowledged last moved (cd2sync.monitoring)
 );
 
 -- Positions: taken only under the lock on cd2sync.changes (see _feed_lock)
@@ -427,7 +428,7 @@ BEGIN
     END IF;
     -- every position up to the last visible one is committed (see _feed_lock)
     last := greatest(f.acknowledged, (SELECT max(c.position) FROM cd2sync.changes c));
-    UPDATE cd2sync.feed x SET acknowledged = least(upto, last)
+    UPDATE cd2sync.feed x SET acknowledged = least(upto, last), acknowledged_at = now()
      WHERE x.name = f.name AND x.acknowledged < least(upto, last);
     PERFORM cd2sync._feed_forget(f.acknowledged, least(upto, last));
 END $$;

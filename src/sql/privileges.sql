@@ -5,7 +5,10 @@
 --   cd2sync_reader: read the synced schemas (granted as they are created),
 --                   the reconciled views, watermarks, runs, sync log,
 --                   schedules, progress; resolve user ids.
---   cd2sync_reader also reads and acknowledges change feeds.
+--   cd2sync_reader also reads and acknowledges change feeds, and reads
+--                   cd2sync.monitoring.
+--   pg_monitor (PostgreSQL's role for monitoring systems): cd2sync.monitoring
+--                   but its last_error (an error may quote a value).
 --   cd2sync_admin:  all of the reader's, plus configure instances, start
 --                   syncs, create and drop change feeds. Never the secrets: they are read by the extension's
 --                   owner only (SECURITY DEFINER functions with a fixed
@@ -46,13 +49,19 @@ GRANT USAGE ON SCHEMA cd2sync, cd2 TO PUBLIC;
 
 -- reader
 GRANT SELECT ON cd2sync.watermarks, cd2sync.sync_log, cd2sync.runs, cd2sync.schedules,
-                cd2sync.progress, cd2.user_merges, cd2.reconciliation_health, cd2sync.feeds
+                cd2sync.progress, cd2.user_merges, cd2.reconciliation_health, cd2sync.feeds,
+                cd2sync.monitoring
     TO cd2sync_reader;
 GRANT EXECUTE ON FUNCTION cd2_watermark(text, text), cd2_consistent_watermark(text[]),
                           cd2_global_id(text, bigint), cd2_resolve_user(bigint),
                           cd2sync.reconciliation_health(),
                           cd2_feed_read(text, integer), cd2_feed_ack(text, bigint)
     TO cd2sync_reader;
+
+-- monitoring systems
+GRANT SELECT (kind, instance, name, status, watermark, seconds_behind, last_success,
+              consecutive_failures, last_rows, last_bytes)
+    ON cd2sync.monitoring TO pg_monitor;
 
 -- admin: configuration (no secrets) and syncs
 GRANT SELECT ON cd2sync.instances TO cd2sync_admin;     -- secrets live apart
