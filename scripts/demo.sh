@@ -46,12 +46,22 @@ as_user pg_ctl -D "$work/data" -l "$work/postgres.log" -w start >/dev/null
 psql() { as_user env PGHOST="$work" PGPORT=5499 PGUSER=postgres /usr/lib/postgresql/15/bin/psql -X -v ON_ERROR_STOP=1 -q "$@"; }
 
 echo "== CREATE EXTENSION cd2sync; register two instances"
+# secrets come from files, never in a statement's text (README, Security)
+(umask 077; echo north-secret > "$work/north.secret"; echo south-secret > "$work/south.secret")
+[ "$(id -u)" = 0 ] && chown "$CD2_USER" "$work/north.secret" "$work/south.secret"
 psql <<SQL
 CREATE EXTENSION cd2sync;
-SET log_statement = 'none';   -- the next statements carry secrets
-SELECT cd2_add_instance('north', 'us-east-1#demo-north', 'north-secret', api_url => '$emu', shard_id => 1);
-SELECT cd2_add_instance('south', 'us-east-1#demo-south', 'south-secret', api_url => '$emu', shard_id => 2,
-                        tables => ARRAY['users', 'courses', 'enrollments']);
+BEGIN;
+CREATE TEMP TABLE cd2_secret (instance text, v text) ON COMMIT DROP;
+\\copy cd2_secret (v) FROM '$work/north.secret'
+UPDATE cd2_secret SET instance = 'north';
+\\copy cd2_secret (v) FROM '$work/south.secret'
+UPDATE cd2_secret SET instance = 'south' WHERE instance IS NULL;
+SELECT cd2_add_instance('north', 'us-east-1#demo-north', (SELECT v FROM cd2_secret WHERE instance = 'north'),
+                        api_url => '$emu', shard_id => 1);
+SELECT cd2_add_instance('south', 'us-east-1#demo-south', (SELECT v FROM cd2_secret WHERE instance = 'south'),
+                        api_url => '$emu', shard_id => 2, tables => ARRAY['users', 'courses', 'enrollments']);
+COMMIT;
 SQL
 
 echo "== first sync: snapshots"

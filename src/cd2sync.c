@@ -31,6 +31,7 @@ int cd2_retry_max_delay = 60000;
 int cd2_poll_interval = 5000;
 int cd2_job_timeout = 3600;
 char *cd2_ca_file = NULL;
+char *cd2_proxy = NULL;
 int cd2_max_line_length = 64 * 1024 * 1024;
 int cd2_max_workers = 4;
 int cd2_scheduler_naptime = 10000;
@@ -99,6 +100,10 @@ static const Cd2Setting settings[] = {
 	STRING_SETTING("cd2sync.ca_file",
 				   "File of CA certificates to verify the API with (empty: the system's).", false,
 				   PGC_SIGHUP, &cd2_ca_file, ""),
+	STRING_SETTING("cd2sync.proxy",
+				   "Proxy for every API call and download, as libcurl takes it (empty: none; the "
+				   "server's *_proxy environment variables are never used).",
+				   false, PGC_SIGHUP, &cd2_proxy, ""),
 	BOOL_SETTING(
 		"cd2sync.allow_insecure_http",
 		"Allow plain http to hosts other than loopback (credentials would travel in clear).", false,

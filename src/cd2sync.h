@@ -25,6 +25,7 @@ extern int cd2_retry_max_delay;
 extern int cd2_poll_interval;
 extern int cd2_job_timeout;
 extern char *cd2_ca_file;
+extern char *cd2_proxy;
 extern int cd2_max_line_length;
 extern int cd2_max_workers;
 extern int cd2_scheduler_naptime;

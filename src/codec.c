@@ -183,14 +183,18 @@ codec_drop_fields(CodecFieldFilter *f, const char *in, int n, char *out)
 }
 
 void
-codec_line_check_init(CodecLineCheck *c)
+codec_line_check_init(CodecLineCheck *c, char quote)
 {
 	c->line_bytes = 0;
+	c->quote = quote;
+	c->quoted = false;
 }
 
 /*
- * Takes the next bytes of the stream; false when a line (so far) is longer
- * than limit bytes. Guards against records too long to hold.
+ * Takes the next bytes of the stream; false when a record (so far) is
+ * longer than limit bytes. Guards against records too long to hold. With a
+ * quote character, a newline inside quotes is part of the record (a doubled
+ * quote inside a quoted field toggles twice: it changes nothing).
  */
 bool
 codec_line_check(CodecLineCheck *c, const char *buf, size_t n, int64_t limit)
@@ -199,6 +203,22 @@ codec_line_check(CodecLineCheck *c, const char *buf, size_t n, int64_t limit)
 	const char *end = buf + n;
 	const char *nl = NULL;
 
+	if (c->quote != 0)
+	{
+		for (; p < end; p++)
+		{
+			if (*p == c->quote)
+				c->quoted = !c->quoted;
+			else if (*p == '\n' && !c->quoted)
+			{
+				c->line_bytes = 0;
+				continue;
+			}
+			if (++c->line_bytes > limit)
+				return false;
+		}
+		return true;
+	}
 	while (p < end && (nl = memchr(p, '\n', end - p)) != NULL)
 	{
 		if (c->line_bytes + (nl - p) > limit)

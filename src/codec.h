@@ -69,13 +69,19 @@ typedef struct CodecFieldFilter
 extern void codec_field_filter_init(CodecFieldFilter *f, const bool *keep, int nfields);
 extern int codec_drop_fields(CodecFieldFilter *f, const char *in, int n, char *out);
 
-/* Record length guard: whether a line (without its newline) exceeds a limit */
+/*
+ * Record length guard: whether a record (without its newline) exceeds a
+ * limit. A record ends at a newline, except inside a quoted field when the
+ * format has a quote character (CSV: a field may hold newlines).
+ */
 typedef struct CodecLineCheck
 {
-	int64_t line_bytes; /* bytes since the last newline */
+	int64_t line_bytes; /* bytes since the record began */
+	char quote;         /* CSV's quote character, or 0: no quoting */
+	bool quoted;        /* inside a quoted field */
 } CodecLineCheck;
 
-extern void codec_line_check_init(CodecLineCheck *c);
+extern void codec_line_check_init(CodecLineCheck *c, char quote);
 extern bool codec_line_check(CodecLineCheck *c, const char *buf, size_t n, int64_t limit);
 
 #endif /* CD2SYNC_CODEC_H */

@@ -343,7 +343,7 @@ decode_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool 
 
 	src.download = d;
 	src.cxt = CurrentMemoryContext;
-	codec_line_check_init(&src.lines);
+	codec_line_check_init(&src.lines, 0);
 	source = &src;
 	*was_jsonl = false;
 
@@ -417,7 +417,11 @@ decode_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool 
 		src.ahead_off = nl ? linelen + 1 : head.len;
 		src.ahead_len = head.len;
 		if (!tsv)
+		{
 			options = list_make1(makeDefElem("format", (Node *) makeString("csv"), -1));
+			/* a quoted field may hold newlines: count records, not lines */
+			codec_line_check_init(&src.lines, '"');
+		}
 		rows = copy_into(into, attnames, options);
 	}
 	if (src.unreported > 0 && decode_progress_hook)

@@ -305,6 +305,8 @@ http_stream_open(const HttpRequest *req)
 	setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
 	if (cd2_ca_file && cd2_ca_file[0])
 		setopt(h, CURLOPT_CAINFO, cd2_ca_file);
+	/* "" also keeps libcurl from the environment's http_proxy and the like */
+	setopt(h, CURLOPT_PROXY, cd2_proxy ? cd2_proxy : "");
 	setopt(h, CURLOPT_CONNECTTIMEOUT, (long) cd2_connect_timeout);
 	/* a transfer that moves no byte for http_timeout seconds has stalled */
 	setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);

@@ -71,7 +71,10 @@ usleep(500_000);
 is($node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'cd2sync scheduler'"),
 	$pid, 'SIGHUP reloads without restarting the scheduler');
 my $since = $node->safe_psql('postgres', "SELECT now()");
-sleep 3;
+# (the check says something only once both instances ran meanwhile, twice)
+ok($node->poll_query_until('postgres', "SELECT count(*) >= 2 AND min(n) >= 2 FROM (SELECT count(*) n "
+	  . "FROM cd2sync.runs WHERE started_at > '$since' AND status = 'done' GROUP BY instance) r"),
+	'with max_workers = 1 both instances still run');
 is($node->safe_psql('postgres',
 	"SELECT count(*) FROM cd2sync.runs a JOIN cd2sync.runs b ON a.instance < b.instance "
 	  . "AND a.started_at > '$since' AND b.started_at > '$since' "

@@ -1,6 +1,7 @@
 # TLS: certificates and host names are always verified; cd2sync.ca_file names
 # a private CA. The emulator serves HTTPS with a certificate of a test CA:
-# refused without the CA, accepted with it. Plain http to a host other than
+# refused without the CA, accepted with it; a certificate of that CA for
+# another host name is refused. Plain http to a host other than
 # loopback is refused before any connection is attempted; an https API's
 # object URLs must be https too.
 use strict;
@@ -62,6 +63,23 @@ $r = Cd2Test::sync($node, 'north');
 is($r->{users}{error}, '', 'with cd2sync.ca_file naming the CA, the sync succeeds');
 is($r->{users}{mode}, 'snapshot', 'snapshot over https');
 Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'rows equal the expected state');
+
+# host names are verified: a server with a certificate of the same CA for
+# another name is refused
+ossl(qw(req -newkey rsa:2048 -nodes -subj /CN=other.example), '-keyout', "$dir/other.key", '-out', "$dir/other.csr");
+open($ext, '>', "$dir/other.cnf") or die;
+print $ext "subjectAltName=DNS:other.example\nbasicConstraints=CA:FALSE\n";
+close $ext;
+ossl(qw(x509 -req -days 2 -CAcreateserial), '-in', "$dir/other.csr", '-CA', "$dir/ca.pem",
+	'-CAkey', "$dir/ca.key", '-out', "$dir/other.pem", '-extfile', "$dir/other.cnf");
+my $other = Cd2Test::start_emulator(generate => 'demo', tls_cert => "$dir/other.pem", tls_key => "$dir/other.key");
+$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+	  . "SELECT cd2_add_instance('misnamed', '$north', 'north-secret', api_url => 'https://127.0.0.1:$other->{port}', "
+	  . "tables => ARRAY['users'])");
+$r = Cd2Test::sync($node, 'misnamed', pre => "SET cd2sync.http_retries = 1; SET cd2sync.retry_base_delay = 10;");
+is($r->{users}{mode}, 'failed', 'a certificate of the trusted CA for another host name is refused');
+like($r->{users}{error}, qr/subject name|host ?name|does not match/i, 'the error says the name does not match');
+$other->stop;
 
 # plain http: loopback only (checked before any connection: no traffic leaves)
 $node->safe_psql('postgres', "SET log_statement = 'none';\n"

@@ -4,11 +4,15 @@
 #    given for: a cd2sync_admin who points an instance at a listener of their
 #    own, without giving the secret again, gets 42501 and the listener
 #    receives nothing.
+# 3. The documented way to give a secret (a temporary table filled by
+#    \copy from a file) keeps it out of the server log, whatever fails.
+# 5. A CSV record is measured whole: a quoted field may hold newlines.
 # 6. An error as long as the API likes, in 4-byte characters, reaches the
 #    sync log and a NOTIFY payload cut to fit (a payload cut by characters
 #    raised inside the error handler and left the run 'running').
 # 7. A token lifetime no C integer holds (undefined behaviour in a cast,
-#    caught by scripts/sanitize.sh's UBSan) is clamped: syncs work. Object
+#    caught by scripts/sanitize.sh's UBSan) is clamped: syncs work. The
+#    server's *_proxy environment is never used; cd2sync.proxy is. Object
 #    URLs of an https API must be https: t/006_tls.pl.
 use strict;
 use warnings;
@@ -92,6 +96,40 @@ my $given = encode_base64("$north:admins-own", '');
 like(heard(), qr/\Q$given\E/, 'hole 1: the listener receives the secret given with the URL');
 unlike(heard(), qr/\Q$stored\E|north-secret/, 'hole 1: and never the stored one');
 
+# hole 3: the documented way to give a secret (README, Security) keeps it out
+# of statement text, so out of the server log (every statement logged, and
+# failing ones with log_min_error_statement) and pg_stat_activity
+$node->safe_psql('postgres', "ALTER SYSTEM SET log_statement = 'all'; SELECT pg_reload_conf()");
+my $secret_file = "$PostgreSQL::Test::Utils::tmp_check/north.secret";
+PostgreSQL::Test::Utils::append_to_file($secret_file, "north-secret\n");
+my $log_at = -s $node->logfile;
+sub with_secret
+{
+	my ($call) = @_;
+	return as_admin("BEGIN;\nCREATE TEMP TABLE cd2_secret (v text) ON COMMIT DROP;\n"
+		  . "\\copy cd2_secret FROM '$secret_file'\n$call;\nCOMMIT;");
+}
+my $add = "SELECT cd2_add_instance('%s', '$north', (SELECT v FROM cd2_secret), api_url => '$emu->{url}', tables => %s)";
+($rc, $err) = with_secret(sprintf($add, 'south', "ARRAY['users']"));
+is($rc, 0, 'hole 3: an admin registers an instance with a secret read from a file');
+($rc, $err) = with_secret(sprintf($add, 'south', "ARRAY['users']"));
+like($err, qr/23505|42710/, 'hole 3: a duplicate name fails');
+($rc, $err) = with_secret(sprintf($add, 'west', "ARRAY['no_such_table']"));
+like($err, qr/42P01/, 'hole 3: an unknown table fails');
+($rc, $err) = with_secret("SELECT cd2_alter_instance('south', client_secret => (SELECT v FROM cd2_secret), tables => ARRAY['nope'])");
+isnt($rc, 0, 'hole 3: a failed rotation');
+($rc, $err) = with_secret("SELECT cd2_alter_instance('south', client_secret => (SELECT v FROM cd2_secret))");
+is($rc, 0, 'hole 3: a rotation');
+my ($prc, $pout, $perr) = $node->psql('postgres', "CREATE ROLE outsider LOGIN;\nSET ROLE outsider;\n"
+	  . "SELECT cd2_add_instance('east', '$north', 'north-secret-guess', api_url => '$emu->{url}')");
+like($perr, qr/permission denied/, 'hole 3: a role without cd2sync_admin is refused');
+my $r = Cd2Test::sync($node, 'south');
+is($r->{users}{error}, '', 'hole 3: the secret from the file is the one the API accepts');
+$node->safe_psql('postgres', "ALTER SYSTEM RESET log_statement; SELECT pg_reload_conf()");
+my $log = substr(slurp_file($node->logfile), $log_at);
+like($log, qr/cd2_alter_instance.*\n(.*\n)*.*(ERROR|STATEMENT)/, 'hole 3: the server logged the statements and errors');
+unlike($log, qr/north-secret(?!-guess)/, 'hole 3: the log holds no secret given the documented way');
+
 # hole 6: the API's error message is 2,500 emoji (10,000 bytes)
 $node->safe_psql('postgres', "SELECT cd2_alter_instance('north', api_url => '$emu->{url}', "
 	  . "client_secret => 'north-secret')");
@@ -111,7 +149,7 @@ is($node->safe_psql('postgres', "SELECT status FROM cd2sync.runs ORDER BY run_id
 is($node->safe_psql('postgres', "SELECT position(repeat(U&'\\+01F600', 2500) IN error) > 0 "
 	  . "FROM cd2sync.sync_log ORDER BY run_id DESC LIMIT 1"),
 	't', 'hole 6: the sync log keeps the whole error');
-my $r = Cd2Test::sync($node, 'north');
+$r = Cd2Test::sync($node, 'north');
 is($r->{users}{mode}, 'snapshot', 'hole 6: the next run converges');
 
 # hole 7: expires_in of 1e300 (and a JWT exp to match)
@@ -119,5 +157,39 @@ $emu->config(token_lifetime => 1e300);
 $r = Cd2Test::sync($node, 'north', full => 1);
 is($r->{users}{error}, '', 'hole 7: a token lifetime of 1e300 s is clamped, and the sync works');
 $emu->config(token_lifetime => 3600);
+
+# hole 7: a server started with proxy variables in its environment (set for
+# some other program) sends nothing to that proxy; cd2sync.proxy alone
+# names one
+my $heard_before = length(heard());
+{
+	local $ENV{http_proxy} = $url;
+	local $ENV{HTTPS_PROXY} = $url;
+	local $ENV{ALL_PROXY} = $url;
+	$node->restart;
+}
+$emu->epoch({ client_id => $north, table => 'users', upsert => [ $emu->state($north, 'users')->{rows}[2] ] });
+$r = Cd2Test::sync($node, 'north');
+is($r->{users}{error}, '', 'hole 7: with *_proxy in the server\'s environment the sync goes straight to the API');
+usleep(300_000);
+is(length(heard()), $heard_before, 'hole 7: and the proxy of the environment received nothing');
+$node->safe_psql('postgres', "LOAD 'cd2sync'; ALTER SYSTEM SET cd2sync.proxy = '$url'; SELECT pg_reload_conf()");
+$r = Cd2Test::sync($node, 'north', pre => "SET cd2sync.http_retries = 0;");
+like($r->{users}{error}, qr/HTTP 503/, 'hole 7: cd2sync.proxy names the proxy (this one answers 503)');
+like(substr(heard(), $heard_before), qr/CONNECTION\n(POST|GET) http:\/\/127\.0\.0\.1:$emu->{port}\//,
+	'hole 7: ... which received the request');
+$node->safe_psql('postgres', "LOAD 'cd2sync'; ALTER SYSTEM RESET cd2sync.proxy; SELECT pg_reload_conf()");
+
+# hole 5: a CSV record whose quoted field holds 5,000 bytes in lines of 100
+my $urows = $emu->state($north, 'users')->{rows};
+my %tall = %{ $urows->[1]{value} };
+$tall{name} = join("\n", ('y' x 99) x 50);
+$emu->epoch({ client_id => $north, table => 'users', upsert => [ { key => $urows->[1]{key}, value => \%tall } ] });
+$r = Cd2Test::sync($node, 'north', pre => "SET cd2sync.format = 'csv'; SET cd2sync.max_line_length = '2kB';");
+like($r->{users}{error}, qr/a record is longer than cd2sync.max_line_length \(2048 bytes\)/,
+	'hole 5: a CSV record is measured whole, not by its lines');
+$r = Cd2Test::sync($node, 'north', pre => "SET cd2sync.format = 'csv';");
+is($r->{users}{error}, '', 'hole 5: within the limit it syncs');
+Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'hole 5: and converges');
 
 done_testing();

@@ -1065,6 +1065,7 @@ class Emulator:
         self.faults = FaultRules()
         self.url_key = os.urandom(32)
         self.base_url = "http://127.0.0.1:0"
+        self.objects_base_url = None  # --objects-host: presigned URLs name a host of their own
         self.requests = []
         self.stats = self._empty_stats()
         self.job_counter = 0
@@ -1128,7 +1129,7 @@ class Emulator:
     def sign_url(self, oid: str, now: float) -> str:
         payload = b64url(compact_json({"o": oid, "e": round(now + self.config["url_lifetime"], 3)}).encode())
         sig = b64url(hmac.new(self.url_key, payload.encode(), hashlib.sha256).digest()[:20])
-        base = (self.config["object_base_url"] or self.base_url).rstrip("/")
+        base = (self.config["object_base_url"] or self.objects_base_url or self.base_url).rstrip("/")
         return f"{base}/_obj/{payload}.{sig}"
 
     def parse_url_token(self, token: str):
@@ -1362,6 +1363,7 @@ class Handler(BaseHTTPRequestHandler):
                          "endpoint": self._endpoint, "table": self._table,
                          "status": self._status if self._status is not None else 0,
                          "headers": dict(self.headers.items()),
+                         "server": "objects" if getattr(self.server, "objects_only", False) else "api",
                          "rate_limited": self._rate_limited}
                 if self._fault:
                     entry["fault"] = self._fault
@@ -1426,6 +1428,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._endpoint = endpoint
         self._table = params.get("table")
+        # with an objects host, objects are there only, and the API is not
+        if emu.objects_base_url and (endpoint == "download") != getattr(self.server, "objects_only", False):
+            self._err(404, "NotFound", f"no such resource on this host: {path}", id=path, kind="resource")
+            return
         if self.command not in methods:
             self._err(405, "MethodNotAllowed", f"{self.command} not allowed on {path}",
                       headers={"Allow": ", ".join(methods)})
@@ -2335,6 +2341,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
     ap.add_argument("--tls-key", help="PEM private key for --tls-cert")
     ap.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
+    ap.add_argument("--objects-host", action="store_true",
+                    help="serve objects from a second port, named localhost in presigned URLs (as "
+                         "real ones name a storage host): the API port then serves no object")
     args = ap.parse_args(argv)
     if args.scenario and args.generate:
         ap.error("--scenario and --generate are exclusive")
@@ -2358,6 +2367,14 @@ def main(argv=None) -> int:
         log(f"cd2emu: bad scenario: {e}")
         return 2
     port = server.server_address[1]
+    servers = [server]
+    if args.objects_host:
+        objects = make_server(0, None, args.tls_cert, args.tls_key, quiet=args.quiet)
+        objects.emu = server.emu
+        objects.objects_only = True
+        scheme = server.emu.base_url.split(":", 1)[0]
+        server.emu.objects_base_url = f"{scheme}://localhost:{objects.server_address[1]}"
+        servers.append(objects)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -2365,16 +2382,17 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     except (AttributeError, ValueError):
         pass
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-    thread.start()
+    for srv in servers:
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
     if args.port_file:
         write_port_file(args.port_file, port)
     if not args.quiet:
         log(f"cd2emu: listening on {server.emu.base_url}")
     while not stop.wait(0.1):
         pass
-    server.shutdown()
-    server.server_close()
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
     if not args.quiet:
         log("cd2emu: stopped")
     return 0
