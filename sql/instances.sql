@@ -44,6 +44,12 @@ SELECT cd2_add_instance('inst4', 'id', 'x', target_schema => 'public');
 -- a target schema already taken: 42P06
 SELECT cd2_add_instance('inst4', 'id', 'x', target_schema => 'canvas_two');
 SELECT cd2_add_instance('canvas_two', 'id', 'x');
+-- a schema another role owns: 42501 (its tables' triggers would run as
+-- cd2sync's owner); one a superuser made is cd2sync's to use
+CREATE ROLE someone;
+CREATE SCHEMA theirs AUTHORIZATION someone;
+SELECT cd2_add_instance('inst4', 'id', 'x', target_schema => 'theirs');
+SELECT cd2_add_instance('theirs', 'id', 'x');
 -- nothing was half-created
 SELECT count(*) AS instances, (SELECT count(*) FROM cd2sync.instance_secrets) AS secrets
   FROM cd2sync.instances;
@@ -93,3 +99,13 @@ SELECT cd2_add_instance('inst2', 'id2', 'x', target_schema => 'canvas_2');
 SELECT cd2_drop_instance('inst2', drop_data => true);
 SELECT to_regnamespace('canvas_2') IS NULL AS schema_dropped;
 SELECT count(*) FROM cd2sync.instance_secrets WHERE instance = 'inst2';
+-- a schema that changed hands is neither renamed nor dropped
+SELECT cd2_add_instance('inst2', 'id2', 'x', target_schema => 'canvas_2');
+CREATE SCHEMA canvas_2;
+ALTER SCHEMA canvas_2 OWNER TO someone;
+SELECT cd2_alter_instance('inst2', target_schema => 'canvas_3');
+SELECT cd2_drop_instance('inst2', drop_data => true);
+SELECT cd2_drop_instance('inst2');
+SELECT nspname, nspowner::regrole FROM pg_namespace WHERE nspname = 'canvas_2';
+DROP SCHEMA theirs, canvas_2;
+DROP ROLE someone;

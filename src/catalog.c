@@ -209,7 +209,7 @@ catalog_table_state(const char *instance, const char *target_schema, const char 
 	const char *args[3] = { instance, table, target_schema };
 	char **row = run_row(
 		"SELECT s.watermark_raw, s.schema_version, "
-		"       to_regclass(format('%I.%I', $3, $2)) IS NOT NULL, "
+		"       cd2sync._instance_rel($3, $2) IS NOT NULL, "
 		"       s.pending_types IS NOT NULL OR "
 		"       coalesce(s.snapshot_at + i.full_resync_every <= now(), i.full_resync_every IS NOT NULL) "
 		"  FROM cd2sync.instances i "

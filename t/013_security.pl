@@ -4,6 +4,9 @@
 #    given for: a cd2sync_admin who points an instance at a listener of their
 #    own, without giving the secret again, gets 42501 and the listener
 #    receives nothing.
+# 2. cd2sync writes and reads only schemas and tables it (or a superuser)
+#    owns: another role's schema is refused as a target, her table planted
+#    in an instance schema fails its sync, her look-alike view is never read.
 # 3. The documented way to give a secret (a temporary table filled by
 #    \copy from a file) keeps it out of the server log, whatever fails.
 # 5. A CSV record is measured whole: a quoted field may hold newlines.
@@ -129,6 +132,52 @@ $node->safe_psql('postgres', "ALTER SYSTEM RESET log_statement; SELECT pg_reload
 my $log = substr(slurp_file($node->logfile), $log_at);
 like($log, qr/cd2_alter_instance.*\n(.*\n)*.*(ERROR|STATEMENT)/, 'hole 3: the server logged the statements and errors');
 unlike($log, qr/north-secret(?!-guess)/, 'hole 3: the log holds no secret given the documented way');
+
+# hole 2: cd2sync writes and reads only what it owns. mallory owns a schema
+# with a table whose trigger records who fires it, and (with CREATE on an
+# instance schema, as a careless grant would give) plants a table and a
+# look-alike view of her own there: none of her code ever runs.
+$node->safe_psql('postgres', q{
+	CREATE ROLE mallory LOGIN;
+	GRANT CREATE ON DATABASE postgres TO mallory;
+	SET ROLE mallory;
+	CREATE SCHEMA planted;
+	CREATE TABLE planted.fired (who text, what text);
+	CREATE FUNCTION planted.fire() RETURNS trigger LANGUAGE plpgsql AS $f$
+	BEGIN INSERT INTO planted.fired VALUES (current_user, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME); RETURN NULL; END $f$;
+	CREATE FUNCTION planted.peek() RETURNS bigint LANGUAGE sql AS $f$
+	    INSERT INTO planted.fired VALUES (current_user, 'view') RETURNING 1::bigint $f$;
+	CREATE TABLE planted.users (id bigint PRIMARY KEY);
+	CREATE TRIGGER fire AFTER INSERT OR UPDATE OR DELETE ON planted.users
+	    FOR EACH STATEMENT EXECUTE FUNCTION planted.fire();
+	RESET ROLE;
+	GRANT USAGE, CREATE ON SCHEMA south TO mallory;
+	SET ROLE mallory;
+	CREATE TABLE south.courses (id bigint PRIMARY KEY);
+	CREATE TRIGGER fire AFTER INSERT OR UPDATE OR DELETE ON south.courses
+	    FOR EACH STATEMENT EXECUTE FUNCTION planted.fire();
+	CREATE VIEW south.pseudonyms AS
+	    SELECT planted.peek() AS id, planted.peek() AS user_id, 'active'::text AS workflow_state;
+	RESET ROLE;
+});
+($rc, $err) = with_secret("SELECT cd2_add_instance('evil', '$north', (SELECT v FROM cd2_secret), "
+	  . "api_url => '$emu->{url}', tables => ARRAY['users'], target_schema => 'planted')");
+like($err, qr/42501.*schema "planted" belongs to role mallory/s,
+	'hole 2: an instance cannot target a schema another role owns (42501)');
+$node->safe_psql('postgres', "SELECT cd2_alter_instance('south', tables => ARRAY['users', 'courses'])");
+$r = Cd2Test::sync($node, 'south');
+like($r->{courses}{error}, qr/relation south\.courses is not a table of cd2sync's/,
+	'hole 2: a table another role planted in an instance schema fails its sync');
+is($r->{users}{error}, '', 'hole 2: ... and only its own');
+$node->safe_psql('postgres', "SELECT cd2sync.refresh_user_merges(); SELECT count(*) FROM cd2.reconciliation_health;\n"
+	  . "SELECT cd2_create_feed('watch', from_start => true); SELECT cd2_drop_feed('watch');");
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_views WHERE viewname = 'pseudonyms' AND schemaname = 'cd2'"),
+	'0', 'hole 2: the look-alike view makes no reconciled view');
+is($node->safe_psql('postgres', 'SELECT coalesce(string_agg(who || \' \' || what, \', \'), \'none\') FROM planted.fired'),
+	'none', 'hole 2: no trigger or view of hers ran: not in a sync, a refresh, the health view or a feed');
+$node->safe_psql('postgres', "DROP SCHEMA planted CASCADE; DROP TABLE south.courses;\n"
+	  . "REVOKE USAGE, CREATE ON SCHEMA south FROM mallory; REVOKE CREATE ON DATABASE postgres FROM mallory;\n"
+	  . "SELECT cd2_alter_instance('south', tables => ARRAY['users'])");
 
 # hole 6: the API's error message is 2,500 emoji (10,000 bytes)
 $node->safe_psql('postgres', "SELECT cd2_alter_instance('north', api_url => '$emu->{url}', "

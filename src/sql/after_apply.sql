@@ -34,7 +34,7 @@ CREATE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, 
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     inst cd2sync.instances := cd2sync._check_instance(instance);
-    rel regclass := to_regclass(format('%I.%I', inst.target_schema, table_name));
+    rel regclass := cd2sync._instance_rel(inst.target_schema, table_name);
 BEGIN
     IF changes > 0 AND rel IS NOT NULL THEN
         -- a first load gets its indexes now; rows a snapshot loaded

@@ -5,6 +5,78 @@
 -- cd2sync.feed (acknowledged_at), and has pg_dump keep the merge map.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.2'" to load this file. \quit
 
+CREATE OR REPLACE FUNCTION cd2sync._trusted_owner(owner oid)
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT owner = (SELECT e.extowner FROM pg_extension e WHERE e.extname = 'cd2sync')
+        OR coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.oid = owner), false)
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._check_schema_owner(target_schema text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    owner oid;
+BEGIN
+    SELECT n.nspowner INTO owner FROM pg_namespace n WHERE n.nspname = target_schema;
+    IF FOUND AND NOT cd2sync._trusted_owner(owner) THEN
+        RAISE EXCEPTION 'schema "%" belongs to role %, not to cd2sync', target_schema, owner::regrole
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'cd2sync writes only into schemas it creates: give a target_schema that does not exist.';
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._instance_rel(target_schema text, table_name text)
+RETURNS regclass LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = target_schema AND c.relname = table_name AND c.relkind IN ('r', 'p')
+       AND cd2sync._trusted_owner(c.relowner) AND cd2sync._trusted_owner(n.nspowner)
+$$;
+
+CREATE OR REPLACE FUNCTION cd2_add_instance(
+    name          text,
+    client_id     text,
+    client_secret text,
+    api_url       text     DEFAULT 'https://api-gateway.instructure.com',
+    tables        text[]   DEFAULT NULL,
+    shard_id      bigint   DEFAULT NULL,
+    schedule      interval DEFAULT NULL,
+    target_schema text     DEFAULT NULL,
+    full_resync_every interval DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n text := cd2_add_instance.name;
+    tables_clean text[];
+BEGIN
+    IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
+        RAISE EXCEPTION 'invalid instance name "%"', n
+              USING ERRCODE = 'invalid_parameter_value',
+                    DETAIL = 'An instance name is a lower-case letter followed by up to 47 lower-case letters, digits or underscores.';
+    END IF;
+    PERFORM cd2sync._check_settings(client_id, client_secret, api_url, tables, shard_id, schedule,
+                                    target_schema, full_resync_every);
+    IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.name = n) THEN
+        RAISE EXCEPTION 'cd2sync instance "%" already exists', n USING ERRCODE = 'duplicate_object';
+    END IF;
+    IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.target_schema = coalesce(cd2_add_instance.target_schema, n)) THEN
+        RAISE EXCEPTION 'schema "%" is already the target of another instance',
+              coalesce(cd2_add_instance.target_schema, n) USING ERRCODE = 'duplicate_schema';
+    END IF;
+    PERFORM cd2sync._check_schema_owner(coalesce(cd2_add_instance.target_schema, n));
+    SELECT array_agg(DISTINCT t ORDER BY t) INTO tables_clean FROM unnest(tables) t;
+    PERFORM cd2sync._check_remote_tables(api_url, client_id, client_secret, tables_clean);
+
+    -- (no rows in the views yet: captures none, and keeps its rows' passes quiet)
+    PERFORM cd2sync._feed_capture_instance(n, 'old');
+    INSERT INTO cd2sync.instances (name, client_id, api_url, tables, shard_id, schedule, target_schema,
+                                   full_resync_every)
+    VALUES (n, client_id, api_url, tables_clean, shard_id, schedule,
+            coalesce(cd2_add_instance.target_schema, n), full_resync_every);
+    INSERT INTO cd2sync.instance_secrets (instance, client_secret) VALUES (n, client_secret);
+    -- an instance whose target schema already holds synced tables joins the
+    -- views (and the feeds that follow them)
+    PERFORM cd2sync._reconcile_changed();
+    PERFORM cd2sync._feed_capture_instance(n, 'new');
+END $$;
+
 CREATE OR REPLACE FUNCTION cd2_alter_instance(
     name          text,
     client_id     text     DEFAULT NULL,
@@ -65,6 +137,7 @@ BEGIN
                       USING ERRCODE = 'duplicate_schema';
             END IF;
             -- the synced data moves with the instance
+            PERFORM cd2sync._check_schema_owner(old.target_schema);
             PERFORM cd2sync._lock_instance(old.name);
             PERFORM cd2sync._feed_capture_instance(old.name, 'old');
             EXECUTE format('ALTER SCHEMA %I RENAME TO %I', old.target_schema, new.target_schema);
@@ -88,6 +161,133 @@ BEGIN
         PERFORM cd2sync._reconcile_changed();
         PERFORM cd2sync._feed_capture_instance(old.name, 'new');
     END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2_drop_instance(name text, drop_data boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old cd2sync.instances := cd2sync._check_instance(cd2_drop_instance.name);
+BEGIN
+    IF drop_data IS NULL THEN
+        RAISE EXCEPTION 'drop_data must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF drop_data THEN
+        PERFORM cd2sync._check_schema_owner(old.target_schema);   -- (nobody else's goes)
+    END IF;
+    PERFORM cd2sync._lock_instance(old.name);
+    PERFORM cd2sync._feed_capture_instance(old.name, 'old');
+    DELETE FROM cd2sync.instances i WHERE i.name = old.name;
+    -- the reconciled views stop reading the schema before it may go
+    PERFORM cd2sync._reconcile_changed();
+    PERFORM cd2sync._feed_capture_instance(old.name, 'new');   -- (no rows: gone from the views)
+    IF drop_data THEN
+        EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', old.target_schema);
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc json)
+RETURNS boolean LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    c record;
+    cols text[] := '{}';
+    keys text[] := '{}';
+    rel regclass;
+    v text;
+    created boolean := false;
+BEGIN
+    IF octet_length(table_name) > 63 OR table_name = '' THEN
+        RAISE EXCEPTION 'CD2 table name "%" is not a valid PostgreSQL identifier', table_name
+              USING ERRCODE = 'invalid_name';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM cd2sync._schema_columns(target_schema, table_name, doc) s WHERE s.is_key) THEN
+        RAISE EXCEPTION 'CD2 schema of table "%" has no key columns', table_name
+              USING ERRCODE = 'invalid_table_definition';
+    END IF;
+
+    IF to_regnamespace(quote_ident(target_schema)) IS NULL THEN
+        EXECUTE format('CREATE SCHEMA %I', target_schema);
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO cd2sync_reader', target_schema);
+    END IF;
+    -- only into what cd2sync owns: anyone else's table runs its triggers as us
+    PERFORM cd2sync._check_schema_owner(target_schema);
+    IF to_regclass(format('%I.%I', target_schema, table_name)) IS DISTINCT FROM
+       cd2sync._instance_rel(target_schema, table_name) THEN
+        RAISE EXCEPTION 'relation %.% is not a table of cd2sync''s', quote_ident(target_schema),
+                        quote_ident(table_name)
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'Another role owns it, or it is not a table: cd2sync neither writes nor reads it.';
+    END IF;
+
+    FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc) ORDER BY ord LOOP
+        IF octet_length(c.column_name) > 63 OR c.column_name = '' OR c.column_name LIKE 'cd2\_%' THEN
+            RAISE EXCEPTION 'CD2 column name "%" of table "%" is not usable as a PostgreSQL column',
+                  c.column_name, table_name USING ERRCODE = 'invalid_name';
+        END IF;
+        IF c.enum_values IS NOT NULL THEN
+            IF to_regtype(c.type_sql) IS NULL THEN
+                EXECUTE format('CREATE TYPE %s AS ENUM (%s)', c.type_sql,
+                               (SELECT string_agg(quote_literal(x), ', ') FROM unnest(c.enum_values) x));
+            ELSE
+                FOREACH v IN ARRAY c.enum_values LOOP
+                    EXECUTE format('ALTER TYPE %s ADD VALUE IF NOT EXISTS %L', c.type_sql, v);
+                END LOOP;
+            END IF;
+        END IF;
+        cols := cols || format('%I %s%s', c.column_name, c.type_sql,
+                               CASE WHEN c.not_null THEN ' NOT NULL' ELSE '' END);
+        IF c.is_key THEN
+            keys := keys || format('%I', c.column_name);
+        END IF;
+    END LOOP;
+
+    rel := to_regclass(format('%I.%I', target_schema, table_name));
+    IF rel IS NULL THEN
+        EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', target_schema, table_name,
+                       array_to_string(cols, ', '), array_to_string(keys, ', '));
+        rel := format('%I.%I', target_schema, table_name)::regclass;
+        created := true;
+        EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', rel);
+        EXECUTE format('COMMENT ON TABLE %s IS %L', rel,
+                       coalesce(coalesce(doc->'schema', doc)->>'description',
+                                format('CD2 table %s, synced by cd2sync', table_name)));
+    ELSE
+        -- new columns arrive nullable: rows already stored have no value
+        FOR c IN SELECT s.* FROM cd2sync._schema_columns(target_schema, table_name, doc) s
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
+                                     WHERE a.attrelid = rel AND a.attname = s.column_name
+                                       AND NOT a.attisdropped) ORDER BY s.ord LOOP
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', rel, c.column_name, c.type_sql);
+        END LOOP;
+
+        -- a column whose type grew upstream is widened where no value can be
+        -- lost; other type changes wait for a fresh snapshot (_pending_types)
+        FOR c IN SELECT s.column_name, s.type_sql, format_type(a.atttypid, a.atttypmod) AS old_type
+                   FROM cd2sync._schema_columns(target_schema, table_name, doc) s
+                   JOIN pg_attribute a ON a.attrelid = rel AND a.attname = s.column_name AND NOT a.attisdropped
+                  WHERE format_type(a.atttypid, a.atttypmod) <> s.type_sql LOOP
+            IF cd2sync._is_widening(c.old_type, c.type_sql) THEN
+                BEGIN
+                    PERFORM cd2sync._alter_column_type(rel, c.column_name, c.type_sql, false);
+                EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist
+                               OR syntax_error_or_access_rule_violation THEN
+                    -- a view that cannot be created again uses the column (other
+                    -- errors, such as a lock timeout, fail the table sync: retried)
+                    RAISE WARNING 'cd2sync: column %.% stays % (upstream: %): %', rel, c.column_name,
+                          c.old_type, c.type_sql, SQLERRM;
+                END;
+            ELSE
+                RAISE LOG 'cd2sync: column %.% changes type from % to %: the table will be reloaded from a fresh snapshot',
+                      rel, c.column_name, c.old_type, c.type_sql;
+            END IF;
+        END LOOP;
+    END IF;
+
+    FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc)
+              WHERE description IS NOT NULL LOOP
+        EXECUTE format('COMMENT ON COLUMN %s.%I IS %L', rel, c.column_name, c.description);
+    END LOOP;
+    RETURN created;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._apply(target regclass, mode text, fill text[] DEFAULT NULL,
@@ -328,6 +528,15 @@ BEGIN
     END IF;
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._instances_with(table_name text)
+RETURNS TABLE (instance text, shard_id bigint, rel regclass)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT i.name, i.shard_id, cd2sync._instance_rel(i.target_schema, table_name)
+      FROM cd2sync.instances i
+     WHERE cd2sync._instance_rel(i.target_schema, table_name) IS NOT NULL
+     ORDER BY i.name
+$$;
+
 CREATE OR REPLACE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean)
 RETURNS bigint LANGUAGE plpgsql
 -- lookups through the columns' indexes, never a scan of a large table (a
@@ -381,6 +590,76 @@ BEGIN
         END IF;
     END LOOP;
     RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._instance_tables(instance text)
+RETURNS TABLE (rel regclass, table_name text, shard_id bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass, c.relname::text, i.shard_id
+      FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
+      JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind IN ('r', 'p')
+     WHERE i.name = _instance_tables.instance
+       AND cd2sync._trusted_owner(c.relowner) AND cd2sync._trusted_owner(s.nspowner)
+     ORDER BY c.oid
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._ensure_layout()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM cd2sync.table_state s JOIN cd2sync.instances i ON i.name = s.instance
+                     CROSS JOIN LATERAL (SELECT cd2sync._instance_rel(i.target_schema, s.table_name) AS rel) t
+                     CROSS JOIN LATERAL cd2sync._user_columns(t.rel) u(col)
+                    WHERE t.rel IS NOT NULL AND NOT cd2sync._has_column(t.rel, cd2sync._resolved_column(u.col)))
+       AND NOT EXISTS (SELECT 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+                        WHERE d.classid = 'pg_rewrite'::regclass
+                          AND d.refobjid = 'cd2sync.user_merge_map'::regclass
+                          AND r.ev_class <> 'cd2.user_merges'::regclass) THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(52518, 1);   -- one at a time
+    PERFORM cd2sync.refresh_views();
+    PERFORM cd2sync._refresh_merge_duplicates('enrollments');
+    PERFORM cd2sync._refresh_merge_duplicates('submissions');
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync.reconciliation_health()
+RETURNS TABLE (instance text, table_name text, column_name text, unknown_users bigint,
+               unknown_shards bigint, waiting_merges bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    a record;
+    g text;
+    users_sql text;
+BEGIN
+    SELECT string_agg(format('SELECT %s AS id FROM %s u', cd2sync._global_expr(x.shard_id, 'u.id'), x.rel), ' UNION ALL ')
+      INTO users_sql FROM cd2sync._instances_with('users') x;
+    FOR r IN SELECT i.name, i.shard_id, t.rel, t.table_name AS tab
+               FROM cd2sync.instances i CROSS JOIN LATERAL cd2sync._instance_tables(i.name) t
+              ORDER BY 1, 4 LOOP
+        FOR a IN SELECT attname::text AS col FROM pg_attribute
+                  WHERE attrelid = r.rel AND attnum > 0 AND NOT attisdropped AND atttypid = 'bigint'::regtype
+                    AND (attname = 'id' OR attname LIKE '%\_id') AND attname NOT LIKE 'cd2\_%' ORDER BY attnum LOOP
+            g := cd2sync._global_expr(r.shard_id, format('t.%I', a.col));
+            instance := r.name;
+            table_name := r.tab;
+            column_name := a.col;
+            EXECUTE format(
+                'SELECT count(*) FILTER (WHERE %2$L::boolean AND v IS NOT NULL AND %3$s),
+                        count(*) FILTER (WHERE v >= 10000000000000
+                                           AND v / 10000000000000 NOT IN (SELECT shard_id FROM cd2sync.instances WHERE shard_id IS NOT NULL)),
+                        count(*) FILTER (WHERE %2$L::boolean AND v IN (SELECT superseded_user_id FROM cd2sync.user_merge_map))
+                   FROM (SELECT %1$s AS v FROM %4$s t) s',
+                g, cd2sync._is_user_ref(a.col),
+                CASE WHEN users_sql IS NULL THEN 'true'
+                     ELSE format('coalesce((SELECT m.replacement_user_id FROM cd2sync.user_merge_map m WHERE m.superseded_user_id = v), v) NOT IN (%s)', users_sql) END,
+                r.rel)
+              INTO unknown_users, unknown_shards, waiting_merges;
+            IF unknown_users + unknown_shards + waiting_merges > 0 OR a.col = 'id' THEN
+                RETURN NEXT;
+            END IF;
+        END LOOP;
+    END LOOP;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._changed_columns(old record, new record)
@@ -443,8 +722,12 @@ CREATE OR REPLACE FUNCTION cd2sync._feed_capture()
 RETURNS trigger LANGUAGE plpgsql
 -- an update's old and new rows pair by a hash join in memory (bounded); the
 -- planner cannot know that they pair one to one, and its estimate would
--- have JIT compile the statement, which costs more than it saves
-SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off AS $$
+-- have JIT compile the statement, which costs more than it saves. The
+-- statement that fires it may have turned joins off for itself (_apply
+-- does, for a small incremental): a nested loop over transition tables
+-- rescans one for every row of the other
+SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off
+SET enable_hashjoin = on SET enable_mergejoin = on SET enable_material = on AS $$
 DECLARE
     -- (TRUNCATE: before it, every row of the table is deleted)
     q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
@@ -462,6 +745,37 @@ BEGIN
         END IF;
     END IF;
     RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_ensure_captures()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT t.rel, t.table_name AS tab
+               FROM cd2sync.instances i CROSS JOIN LATERAL cd2sync._instance_tables(i.name) t
+              ORDER BY t.rel::oid LOOP
+        PERFORM cd2sync._feed_ensure_capture(r.rel, r.tab);
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture_instance(instance text, side text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    q text;
+BEGIN
+    FOR r IN SELECT t.rel, t.table_name AS tab FROM cd2sync._instance_tables(instance) t
+              WHERE cd2sync._feed_follows(t.table_name) LOOP
+        q := cd2sync._feed_capture_sql(r.rel, r.tab, CASE WHEN side = 'old' THEN r.rel::text END,
+                                       CASE WHEN side = 'new' THEN r.rel::text END, 'resync');
+        IF q IS NOT NULL THEN
+            PERFORM cd2sync._feed_lock();
+            EXECUTE q;
+            PERFORM cd2sync._feed_notify(r.tab);
+        END IF;
+    END LOOP;
+    PERFORM set_config('cd2sync_tx.quiet_instance', CASE WHEN side = 'old' THEN instance ELSE '' END, true);
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2_feed_read(name text, max_changes int DEFAULT 10000)
@@ -515,7 +829,7 @@ CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, 
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     inst cd2sync.instances := cd2sync._check_instance(instance);
-    rel regclass := to_regclass(format('%I.%I', inst.target_schema, table_name));
+    rel regclass := cd2sync._instance_rel(inst.target_schema, table_name);
 BEGIN
     IF changes > 0 AND rel IS NOT NULL THEN
         -- a first load gets its indexes now; rows a snapshot loaded
@@ -535,7 +849,8 @@ BEGIN
     END IF;
 END $$;
 
-REVOKE ALL ON FUNCTION cd2sync._changed_columns(record, record) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._changed_columns(record, record), cd2sync._trusted_owner(oid),
+                       cd2sync._check_schema_owner(text), cd2sync._instance_rel(text, text) FROM PUBLIC;
 
 -- derived from the evidence, but the instance tables' cd2_<column> hold what
 -- they said when the dump was taken: a restore keeps them agreeing

@@ -165,8 +165,12 @@ CREATE FUNCTION cd2sync._feed_capture()
 RETURNS trigger LANGUAGE plpgsql
 -- an update's old and new rows pair by a hash join in memory (bounded); the
 -- planner cannot know that they pair one to one, and its estimate would
--- have JIT compile the statement, which costs more than it saves
-SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off AS $$
+-- have JIT compile the statement, which costs more than it saves. The
+-- statement that fires it may have turned joins off for itself (_apply
+-- does, for a small incremental): a nested loop over transition tables
+-- rescans one for every row of the other
+SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off
+SET enable_hashjoin = on SET enable_mergejoin = on SET enable_material = on AS $$
 DECLARE
     -- (TRUNCATE: before it, every row of the table is deleted)
     q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
@@ -226,10 +230,9 @@ RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
 BEGIN
-    FOR r IN SELECT c.oid::regclass AS rel, c.relname::text AS tab
-               FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
-               JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r'
-              ORDER BY c.oid LOOP
+    FOR r IN SELECT t.rel, t.table_name AS tab
+               FROM cd2sync.instances i CROSS JOIN LATERAL cd2sync._instance_tables(i.name) t
+              ORDER BY t.rel::oid LOOP
         PERFORM cd2sync._feed_ensure_capture(r.rel, r.tab);
     END LOOP;
 END $$;
@@ -245,10 +248,8 @@ DECLARE
     r record;
     q text;
 BEGIN
-    FOR r IN SELECT c.oid::regclass AS rel, c.relname::text AS tab
-               FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
-               JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r'
-              WHERE i.name = instance AND cd2sync._feed_follows(c.relname) LOOP
+    FOR r IN SELECT t.rel, t.table_name AS tab FROM cd2sync._instance_tables(instance) t
+              WHERE cd2sync._feed_follows(t.table_name) LOOP
         q := cd2sync._feed_capture_sql(r.rel, r.tab, CASE WHEN side = 'old' THEN r.rel::text END,
                                        CASE WHEN side = 'new' THEN r.rel::text END, 'resync');
         IF q IS NOT NULL THEN

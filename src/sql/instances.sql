@@ -19,6 +19,39 @@ BEGIN
     RETURN r;
 END $$;
 
+-- Whether objects of a role are ones cd2sync may write and read as its
+-- owner: the extension's owner's, or a superuser's. Anyone else's table
+-- would run its triggers, and a view its code, as that owner.
+CREATE FUNCTION cd2sync._trusted_owner(owner oid)
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT owner = (SELECT e.extowner FROM pg_extension e WHERE e.extname = 'cd2sync')
+        OR coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.oid = owner), false)
+$$;
+
+-- Raises unless a target schema is missing (a sync creates it) or trusted
+CREATE FUNCTION cd2sync._check_schema_owner(target_schema text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    owner oid;
+BEGIN
+    SELECT n.nspowner INTO owner FROM pg_namespace n WHERE n.nspname = target_schema;
+    IF FOUND AND NOT cd2sync._trusted_owner(owner) THEN
+        RAISE EXCEPTION 'schema "%" belongs to role %, not to cd2sync', target_schema, owner::regrole
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'cd2sync writes only into schemas it creates: give a target_schema that does not exist.';
+    END IF;
+END $$;
+
+-- The table of an instance that cd2sync may read and write: a plain or
+-- partitioned table, it and its schema trusted (_trusted_owner); NULL when
+-- there is none. What anyone else planted under that name is never read.
+CREATE FUNCTION cd2sync._instance_rel(target_schema text, table_name text)
+RETURNS regclass LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = target_schema AND c.relname = table_name AND c.relkind IN ('r', 'p')
+       AND cd2sync._trusted_owner(c.relowner) AND cd2sync._trusted_owner(n.nspowner)
+$$;
+
 -- Checks a tables argument (of an instance or a feed): NULL for every
 -- table, else CD2 table names.
 CREATE FUNCTION cd2sync._check_tables(tables text[])
@@ -129,6 +162,7 @@ BEGIN
         RAISE EXCEPTION 'schema "%" is already the target of another instance',
               coalesce(cd2_add_instance.target_schema, n) USING ERRCODE = 'duplicate_schema';
     END IF;
+    PERFORM cd2sync._check_schema_owner(coalesce(cd2_add_instance.target_schema, n));
     SELECT array_agg(DISTINCT t ORDER BY t) INTO tables_clean FROM unnest(tables) t;
     PERFORM cd2sync._check_remote_tables(api_url, client_id, client_secret, tables_clean);
 
@@ -210,6 +244,7 @@ BEGIN
                       USING ERRCODE = 'duplicate_schema';
             END IF;
             -- the synced data moves with the instance
+            PERFORM cd2sync._check_schema_owner(old.target_schema);
             PERFORM cd2sync._lock_instance(old.name);
             PERFORM cd2sync._feed_capture_instance(old.name, 'old');
             EXECUTE format('ALTER SCHEMA %I RENAME TO %I', old.target_schema, new.target_schema);
@@ -244,6 +279,9 @@ DECLARE
 BEGIN
     IF drop_data IS NULL THEN
         RAISE EXCEPTION 'drop_data must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF drop_data THEN
+        PERFORM cd2sync._check_schema_owner(old.target_schema);   -- (nobody else's goes)
     END IF;
     PERFORM cd2sync._lock_instance(old.name);
     PERFORM cd2sync._feed_capture_instance(old.name, 'old');

@@ -44,9 +44,9 @@ $$;
 CREATE FUNCTION cd2sync._instances_with(table_name text)
 RETURNS TABLE (instance text, shard_id bigint, rel regclass)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT i.name, i.shard_id, to_regclass(format('%I.%I', i.target_schema, table_name))
+    SELECT i.name, i.shard_id, cd2sync._instance_rel(i.target_schema, table_name)
       FROM cd2sync.instances i
-     WHERE to_regclass(format('%I.%I', i.target_schema, table_name)) IS NOT NULL
+     WHERE cd2sync._instance_rel(i.target_schema, table_name) IS NOT NULL
      ORDER BY i.name
 $$;
 
@@ -520,8 +520,9 @@ RETURNS TABLE (rel regclass, table_name text, shard_id bigint)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT c.oid::regclass, c.relname::text, i.shard_id
       FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
-      JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind = 'r'
+      JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind IN ('r', 'p')
      WHERE i.name = _instance_tables.instance
+       AND cd2sync._trusted_owner(c.relowner) AND cd2sync._trusted_owner(s.nspowner)
      ORDER BY c.oid
 $$;
 
@@ -723,7 +724,7 @@ CREATE FUNCTION cd2sync._ensure_layout()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM cd2sync.table_state s JOIN cd2sync.instances i ON i.name = s.instance
-                     CROSS JOIN LATERAL (SELECT to_regclass(format('%I.%I', i.target_schema, s.table_name)) AS rel) t
+                     CROSS JOIN LATERAL (SELECT cd2sync._instance_rel(i.target_schema, s.table_name) AS rel) t
                      CROSS JOIN LATERAL cd2sync._user_columns(t.rel) u(col)
                     WHERE t.rel IS NOT NULL AND NOT cd2sync._has_column(t.rel, cd2sync._resolved_column(u.col)))
        AND NOT EXISTS (SELECT 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
@@ -754,9 +755,9 @@ DECLARE
 BEGIN
     SELECT string_agg(format('SELECT %s AS id FROM %s u', cd2sync._global_expr(x.shard_id, 'u.id'), x.rel), ' UNION ALL ')
       INTO users_sql FROM cd2sync._instances_with('users') x;
-    FOR r IN SELECT i.name, i.shard_id, c.oid::regclass AS rel, c.relname::text AS tab
-               FROM cd2sync.instances i JOIN pg_namespace n ON n.nspname = i.target_schema
-               JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind = 'r' ORDER BY 1, 4 LOOP
+    FOR r IN SELECT i.name, i.shard_id, t.rel, t.table_name AS tab
+               FROM cd2sync.instances i CROSS JOIN LATERAL cd2sync._instance_tables(i.name) t
+              ORDER BY 1, 4 LOOP
         FOR a IN SELECT attname::text AS col FROM pg_attribute
                   WHERE attrelid = r.rel AND attnum > 0 AND NOT attisdropped AND atttypid = 'bigint'::regtype
                     AND (attname = 'id' OR attname LIKE '%\_id') AND attname NOT LIKE 'cd2\_%' ORDER BY attnum LOOP

@@ -330,6 +330,15 @@ BEGIN
         EXECUTE format('CREATE SCHEMA %I', target_schema);
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO cd2sync_reader', target_schema);
     END IF;
+    -- only into what cd2sync owns: anyone else's table runs its triggers as us
+    PERFORM cd2sync._check_schema_owner(target_schema);
+    IF to_regclass(format('%I.%I', target_schema, table_name)) IS DISTINCT FROM
+       cd2sync._instance_rel(target_schema, table_name) THEN
+        RAISE EXCEPTION 'relation %.% is not a table of cd2sync''s', quote_ident(target_schema),
+                        quote_ident(table_name)
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'Another role owns it, or it is not a table: cd2sync neither writes nor reads it.';
+    END IF;
 
     FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc) ORDER BY ord LOOP
         IF octet_length(c.column_name) > 63 OR c.column_name = '' OR c.column_name LIKE 'cd2\_%' THEN
