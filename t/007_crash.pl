@@ -33,7 +33,7 @@ sub start_hanging_sync
 		{ client_id => $north, table => 'courses', delete => [ { key => $courses->[0]{key} } ] });
 	$node->safe_psql('postgres', "DROP TABLE IF EXISTS before_users; CREATE TABLE before_users AS SELECT * FROM north.users");
 	my $wm = $node->safe_psql('postgres', "SELECT watermark_raw FROM cd2sync.table_state WHERE table_name = 'users'");
-	$emu->faults({ endpoint => 'download', kind => 'hang', seconds => 20, table => 'users', times => 1 });
+	$emu->faults({ endpoint => 'download', kind => 'hang', seconds => 60, table => 'users', times => 1 });
 	$node->safe_psql('postgres', "SELECT cd2_sync_start('north')");
 	ok($node->poll_query_until('postgres',
 		"SELECT count(*) = 1 FROM cd2sync.progress WHERE table_name = 'users' AND phase ~ '^(downloading|loading)'"),
@@ -80,13 +80,14 @@ start_hanging_sync();
 my $t0 = time;
 my ($rc, $out, $err) = $node->psql('postgres', "SELECT cd2_drop_instance('north')");
 like($err, qr/a sync of cd2sync instance "north" is running/, 'cd2_drop_instance refuses while a sync runs');
-ok(time - $t0 < 3, 'cd2_drop_instance does not wait');
+# (the download hangs for 60 s: the bounds leave a loaded machine its margin)
+ok(time - $t0 < 15, 'cd2_drop_instance does not wait');
 $t0 = time;
 $node->safe_psql('postgres', 'DROP DATABASE other');
-ok(time - $t0 < 5, 'DROP DATABASE of another database is not held up');
+ok(time - $t0 < 15, 'DROP DATABASE of another database is not held up');
 $t0 = time;
 $node->safe_psql('postgres', 'DROP EXTENSION cd2sync CASCADE');
-ok(time - $t0 < 8, 'DROP EXTENSION does not wait for the hanging sync');
+ok(time - $t0 < 20, 'DROP EXTENSION does not wait for the hanging sync');
 is($node->safe_psql('postgres', "SELECT count(*) FROM pg_extension WHERE extname = 'cd2sync'"), '0', 'the extension is gone');
 ok($node->poll_query_until('postgres', "SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker'"),
 	'no sync worker is left');

@@ -89,20 +89,21 @@ $node->safe_psql('postgres', q{
 });
 $emu->epoch({ client_id => $cid, table => 'things', schema => schema(3, %v3),
 	upsert => [ { key => { id => 2 }, value => { name => 'n2', state => 'active', score => 'high', rank => 3000000000 } } ] });
-# the snapshot's download hangs 3 s: readers are not locked out meanwhile
-# (the types change only once everything is downloaded)
-$emu->faults({ endpoint => 'download', kind => 'hang', seconds => 3, times => 1 });
+# the snapshot's download hangs 10 s: readers are not locked out meanwhile
+# (the types change only once everything is downloaded); they read for 6 s
+# of it, a margin for a loaded machine
+$emu->faults({ endpoint => 'download', kind => 'hang', seconds => 10, times => 1 });
 my $rows_before = $node->safe_psql('postgres', "SELECT count(*) FROM evo.things");
 my $run = $node->safe_psql('postgres', "SELECT cd2_sync_start('evo')");
 my ($reads, $blocked) = (0, 0);
 my $t0 = time;
-while (time - $t0 < 2.5)
+while (time - $t0 < 6)
 {
 	my ($rc, $out, $err) = $node->psql('postgres', "SET lock_timeout = '500ms'; SELECT count(*) FROM evo.things");
 	if ($rc == 0) { $reads++ } else { $blocked++ }
 	select(undef, undef, undef, 0.1);
 }
-ok($reads >= 5 && $blocked == 0, "readers read the table during the snapshot's download ($reads reads, $blocked blocked)");
+ok($reads >= 3 && $blocked == 0, "readers read the table during the snapshot's download ($reads reads, $blocked blocked)");
 ok($node->poll_query_until('postgres', "SELECT status <> 'running' FROM cd2sync.runs WHERE run_id = $run"), 'the run ended');
 $emu->clear_faults;
 $r = { things => { map { my @f = split /\|/; (mode => $f[0], error => $f[1] // '') }

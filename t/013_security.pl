@@ -9,6 +9,8 @@
 #    in an instance schema fails its sync, her look-alike view is never read.
 # 3. The documented way to give a secret (a temporary table filled by
 #    \copy from a file) keeps it out of the server log, whatever fails.
+# 4. An instance dropped while a sync of it checks its tables: an error,
+#    not a crash of the server.
 # 5. A CSV record is measured whole: a quoted field may hold newlines.
 # 6. An error as long as the API likes, in 4-byte characters, reaches the
 #    sync log and a NOTIFY payload cut to fit (a payload cut by characters
@@ -240,5 +242,41 @@ like($r->{users}{error}, qr/a record is longer than cd2sync.max_line_length \(20
 $r = Cd2Test::sync($node, 'north', pre => "SET cd2sync.format = 'csv';");
 is($r->{users}{error}, '', 'hole 5: within the limit it syncs');
 Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'hole 5: and converges');
+
+# hole 4: an instance dropped while cd2_sync_now checks its tables. The
+# check of the instance is made to pause (for this session only) after it
+# found the row; meanwhile the instance goes. The next look must raise, not
+# crash the server (a NULL compared with strcmp restarted it).
+$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+	  . "SELECT cd2_add_instance('racer', '$north', 'north-secret', api_url => '$emu->{url}', tables => ARRAY['users'])");
+$node->safe_psql('postgres', q{
+	CREATE OR REPLACE FUNCTION cd2sync._check_instance(instance text)
+	RETURNS cd2sync.instances LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $f$
+	DECLARE
+	    r cd2sync.instances;
+	BEGIN
+	    SELECT * INTO r FROM cd2sync.instances i WHERE i.name = instance;
+	    IF NOT FOUND THEN
+	        RAISE EXCEPTION 'cd2sync instance "%" does not exist', instance USING ERRCODE = 'undefined_object';
+	    END IF;
+	    IF current_setting('application_name') = 'racer' THEN
+	        PERFORM pg_sleep(2);
+	    END IF;
+	    RETURN r;
+	END $f$;
+});
+my $log_before = -s $node->logfile;
+my ($race_out, $race_err) = ('', '');
+my $race = IPC::Run::start(
+	[ 'psql', '-XAtq', '-v', 'VERBOSITY=verbose', '-d', $node->connstr('postgres') . ' application_name=racer',
+	  '-c', "SELECT * FROM cd2_sync_now('racer', tables => ARRAY['users'])" ],
+	'>', \$race_out, '2>', \$race_err);
+usleep(500_000);
+$node->safe_psql('postgres', "SELECT cd2_drop_instance('racer')");
+$race->finish;
+like($race_err, qr/42704.*cd2sync instance "racer" does not exist/s,
+	'hole 4: a sync of an instance dropped meanwhile fails with 42704');
+unlike(substr(slurp_file($node->logfile), $log_before), qr/terminated by signal|server process .* was terminated/,
+	'hole 4: no backend crashed (a crash restarts every session of the server)');
 
 done_testing();
