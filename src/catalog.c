@@ -20,18 +20,15 @@
 #include "utils/builtins.h"
 
 /*
- * Runs one statement with text parameters (NULL for SQL NULL); returns the
- * first row's values as strings in the caller's memory context, or NULL
- * when there is no row.
+ * Runs one statement with text parameters (NULL for SQL NULL), inside
+ * SPI_connect: the caller reads SPI_tuptable before SPI_finish.
  */
-static char **
-run_row(const char *sql, int nargs, const char **args)
+static void
+execute(const char *sql, int nargs, const char **args)
 {
-	MemoryContext cxt = CurrentMemoryContext;
 	Oid *types = palloc(sizeof(Oid) * Max(nargs, 1));
 	Datum *values = palloc(sizeof(Datum) * Max(nargs, 1));
 	char *nulls = palloc(Max(nargs, 1) + 1);
-	char **row = NULL;
 	int rc;
 
 	for (int i = 0; i < nargs; i++)
@@ -41,11 +38,23 @@ run_row(const char *sql, int nargs, const char **args)
 		nulls[i] = args[i] ? ' ' : 'n';
 	}
 	nulls[nargs] = '\0';
-
-	SPI_connect();
 	rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
 	if (rc < 0)
 		elog(ERROR, "cd2sync catalog query failed: %s", SPI_result_code_string(rc));
+}
+
+/*
+ * Runs one statement; returns the first row's values as strings in the
+ * caller's memory context, or NULL when there is no row.
+ */
+static char **
+run_row(const char *sql, int nargs, const char **args)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	char **row = NULL;
+
+	SPI_connect();
+	execute(sql, nargs, args);
 	if (SPI_tuptable && SPI_processed > 0)
 	{
 		TupleDesc desc = SPI_tuptable->tupdesc;
@@ -62,6 +71,36 @@ run_row(const char *sql, int nargs, const char **args)
 	return row;
 }
 
+/*
+ * Runs one statement whose first ncols columns are of types passed by
+ * value (bool, bigint, oid); fills values and nulls from its first row.
+ * False when there is no row.
+ */
+static bool
+run_values(const char *sql, int nargs, const char **args, int ncols, Datum *values, bool *nulls)
+{
+	bool found = false;
+
+	SPI_connect();
+	execute(sql, nargs, args);
+	if (SPI_tuptable && SPI_processed > 0)
+	{
+		TupleDesc desc = SPI_tuptable->tupdesc;
+
+		if (desc->natts < ncols)
+			elog(ERROR, "cd2sync catalog query returned %d columns, not %d", desc->natts, ncols);
+		for (int i = 0; i < ncols; i++)
+		{
+			if (!TupleDescAttr(desc, i)->attbyval)
+				elog(ERROR, "cd2sync catalog query column %d is not passed by value", i + 1);
+			values[i] = SPI_getbinval(SPI_tuptable->vals[0], desc, i + 1, &nulls[i]);
+		}
+		found = true;
+	}
+	SPI_finish();
+	return found;
+}
+
 /* Runs a statement; returns the first column of the first row, or NULL */
 char *
 catalog_run_sql(const char *sql, int nargs, const char **args)
@@ -69,6 +108,33 @@ catalog_run_sql(const char *sql, int nargs, const char **args)
 	char **row = run_row(sql, nargs, args);
 
 	return row ? row[0] : NULL;
+}
+
+/* Runs a statement; whether its first row's first (boolean) column is true */
+bool
+catalog_bool(const char *sql, int nargs, const char **args)
+{
+	Datum value;
+	bool isnull;
+
+	return run_values(sql, nargs, args, 1, &value, &isnull) && !isnull && DatumGetBool(value);
+}
+
+/*
+ * Runs a statement; n bigint columns of its first row into out (NULL: 0).
+ * False when there is no row.
+ */
+bool
+catalog_int64s(const char *sql, int nargs, const char **args, int n, int64 *out)
+{
+	Datum *values = palloc(sizeof(Datum) * n);
+	bool *nulls = palloc(sizeof(bool) * n);
+
+	if (!run_values(sql, nargs, args, n, values, nulls))
+		return false;
+	for (int i = 0; i < n; i++)
+		out[i] = nulls[i] ? 0 : DatumGetInt64(values[i]);
+	return true;
 }
 
 static char *

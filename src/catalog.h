@@ -54,6 +54,8 @@ typedef struct TableRun
 
 extern char *catalog_text_array(List *strings);
 extern char *catalog_run_sql(const char *sql, int nargs, const char **args);
+extern bool catalog_bool(const char *sql, int nargs, const char **args);
+extern bool catalog_int64s(const char *sql, int nargs, const char **args, int n, int64 *out);
 extern InstanceConfig *catalog_load_instance(const char *name);
 extern void catalog_run_start(int64 run_id, const char *instance, List *tables, bool full,
 							  const char *trigger);

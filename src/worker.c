@@ -320,13 +320,11 @@ ensure_schema(RunContext *rc, TableRun *tr, DapJob *job)
 		"   SET schema_version = excluded.schema_version, columns = excluded.columns "
 		"RETURNING ts.schema_version",
 		4, args);
-	pending =
-		strcmp(catalog_run_sql("UPDATE cd2sync.table_state "
-							   "   SET pending_types = cd2sync._pending_types($1, $2, $3::json) "
-							   " WHERE instance = $4 AND table_name = $2 "
-							   "RETURNING pending_types IS NOT NULL",
-							   4, args),
-			   "t") == 0;
+	pending = catalog_bool("UPDATE cd2sync.table_state "
+						   "   SET pending_types = cd2sync._pending_types($1, $2, $3::json) "
+						   " WHERE instance = $4 AND table_name = $2 "
+						   "RETURNING pending_types IS NOT NULL",
+						   4, args);
 	/* the reconciled view follows the table's columns */
 	catalog_run_sql("SELECT cd2sync.refresh_view($1)", 1, &args[1]);
 	commit_tx();
@@ -486,10 +484,9 @@ static void
 apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 {
 	const char *args[6];
-	char *counts;
+	int64 counts[4]; /* upserted, deleted, unchanged, oversized */
 	char *target = quote_qualified_identifier(rc->instance->target_schema, tr->table);
 	const char *mode;
-	int64 upserted, deleted, unchanged, oversized;
 	LoadWay way = { 0 };
 	bool retype = false;
 
@@ -498,27 +495,23 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 	args[1] = rc->instance->name;
 	args[2] = tr->table;
 	if (snapshot)
-		retype = strcmp(catalog_run_sql("SELECT EXISTS (SELECT 1 FROM cd2sync.table_state "
-										" WHERE instance = $2 AND table_name = $3 "
-										"   AND pending_types IS NOT NULL)",
-										3, args),
-						"t") == 0;
+		retype = catalog_bool("SELECT EXISTS (SELECT 1 FROM cd2sync.table_state "
+							  " WHERE instance = $2 AND table_name = $3 "
+							  "   AND pending_types IS NOT NULL)",
+							  3, args);
 	if (!snapshot)
 		mode = "incremental";
-	else if (retype ||
-			 strcmp(catalog_run_sql(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL),
-					"t") == 0)
+	else if (retype || catalog_bool(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL))
 		mode = "snapshot";
 	else
 	{
 		mode = "snapshot_new";
 		if (cd2_direct_load && rc->format == FORMAT_TSV &&
-			strcmp(catalog_run_sql("SELECT NOT EXISTS (SELECT 1 FROM pg_attribute a "
-								   "  JOIN pg_type t ON t.oid = a.atttypid "
-								   " WHERE a.attrelid = $1::regclass AND a.attnum > 0 "
-								   "   AND NOT a.attisdropped AND t.typcategory = 'A')",
-								   1, args),
-				   "t") == 0)
+			catalog_bool("SELECT NOT EXISTS (SELECT 1 FROM pg_attribute a "
+						 "  JOIN pg_type t ON t.oid = a.atttypid "
+						 " WHERE a.attrelid = $1::regclass AND a.attnum > 0 "
+						 "   AND NOT a.attisdropped AND t.typcategory = 'A')",
+						 1, args))
 		{
 			way.direct = atooid(catalog_run_sql("SELECT $1::regclass::oid", 1, args));
 			if (try_load(rc, tr, job, urls, &way))
@@ -557,9 +550,7 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 			tr->deleted += strtoi64(emptied, NULL, 10);
 			mode = "snapshot_new";
 		}
-		else if (strcmp(
-					 catalog_run_sql(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL),
-					 "t") != 0)
+		else if (!catalog_bool(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL))
 			mode = "snapshot_new";
 	}
 
@@ -569,20 +560,16 @@ apply_job(RunContext *rc, TableRun *tr, DapJob *job, List *urls, bool snapshot)
 	args[3] = rc->instance->name;
 	args[4] = tr->table;
 	args[5] = way.typed ? "true" : "false";
-	counts =
-		catalog_run_sql("SELECT concat_ws(' ', a.upserted, a.deleted, a.unchanged, a.oversized) "
+	if (!catalog_int64s("SELECT a.upserted, a.deleted, a.unchanged, a.oversized "
 						"  FROM cd2sync._apply($1::regclass, $2, cd2sync._fill_columns($3::text[], "
 						"         (SELECT columns FROM cd2sync.table_state "
 						"           WHERE instance = $4 AND table_name = $5)), $6::boolean) a",
-						6, args);
-	if (counts == NULL ||
-		sscanf(counts, INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT, &upserted,
-			   &deleted, &unchanged, &oversized) != 4)
+						6, args, 4, counts))
 		elog(ERROR, "cd2sync could not apply table %s", target);
-	tr->upserted += upserted;
-	tr->deleted += deleted;
-	tr->unchanged += unchanged;
-	tr->oversized += oversized;
+	tr->upserted += counts[0];
+	tr->deleted += counts[1];
+	tr->unchanged += counts[2];
+	tr->oversized += counts[3];
 }
 
 /* Whether ISO timestamp a is before b */
@@ -931,12 +918,12 @@ static void
 lock_instance(RunContext *rc)
 {
 	const char *args[1] = { rc->instance->name };
-	char *got;
+	bool got;
 
 	begin_tx();
-	got = catalog_run_sql("SELECT pg_try_advisory_lock(52517, hashtext($1))", 1, args);
+	got = catalog_bool("SELECT pg_try_advisory_lock(52517, hashtext($1))", 1, args);
 	commit_tx();
-	if (strcmp(got, "t") == 0)
+	if (got)
 		return;
 	report(rc, NULL, "waiting for the running sync of this instance to finish");
 	begin_tx();
