@@ -15,6 +15,7 @@
  *-------------------------------------------------------------------------
  */
 #include "cd2sync.h"
+#include "catalog.h"
 
 #include "access/xact.h"
 #include "access/xlog.h"
@@ -69,27 +70,6 @@ extension_owner(void)
 	return owner;
 }
 
-/* One value of a one-row query, as text; NULL for no row or SQL NULL */
-static char *
-query_value(const char *sql, int nargs, Oid *types, Datum *values)
-{
-	MemoryContext cxt = CurrentMemoryContext;
-	char *result = NULL;
-
-	SPI_connect();
-	if (SPI_execute_with_args(sql, nargs, types, values, NULL, false, 1) < 0)
-		elog(ERROR, "cd2sync query failed");
-	if (SPI_processed > 0)
-	{
-		char *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-
-		if (v)
-			result = MemoryContextStrdup(cxt, v);
-	}
-	SPI_finish();
-	return result;
-}
-
 /* The requested tables as C strings; checks them against the configuration */
 static List *
 requested_tables(const char *instance, ArrayType *arr)
@@ -106,8 +86,7 @@ requested_tables(const char *instance, ArrayType *arr)
 	for (int i = 0; i < n; i++)
 	{
 		char *t;
-		Oid types[2] = { TEXTOID, TEXTOID };
-		Datum values[2];
+		const char *args[2];
 
 		if (nulls[i])
 			ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -118,13 +97,12 @@ requested_tables(const char *instance, ArrayType *arr)
 			strlen(t) == 0 || strlen(t) > 63)
 			ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 							errmsg("invalid table name \"%s\"", t)));
-		values[0] = CStringGetTextDatum(instance);
-		values[1] = CStringGetTextDatum(t);
+		args[0] = instance;
+		args[1] = t;
 		/* _check_instance: a row, or its error if the instance was just dropped */
-		if (strcmp(query_value("SELECT coalesce(tables IS NULL OR $2 = ANY (tables), false) "
-							   "  FROM cd2sync._check_instance($1)",
-							   2, types, values),
-				   "t") != 0)
+		if (!catalog_bool("SELECT tables IS NULL OR $2 = ANY (tables) "
+						  "  FROM cd2sync._check_instance($1)",
+						  2, args))
 			ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
 							errmsg("table \"%s\" is not configured for cd2sync instance \"%s\"", t,
 								   instance),
@@ -144,8 +122,6 @@ launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 {
 	char *instance;
 	List *tables = NIL;
-	Oid types[1] = { TEXTOID };
-	Datum values[1];
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -159,8 +135,7 @@ launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 						errmsg("cd2sync cannot sync on a standby"),
 						errhint("Sync on the primary; this server replays its data.")));
 	instance = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	values[0] = CStringGetTextDatum(instance);
-	(void) query_value("SELECT cd2sync._check_instance($1)", 1, types, values);
+	(void) catalog_run_sql("SELECT cd2sync._check_instance($1)", 1, (const char **) &instance);
 	if (!PG_ARGISNULL(1))
 		tables = requested_tables(instance, PG_GETARG_ARRAYTYPE_P(1));
 	return cd2_launch_worker(instance, tables, PG_GETARG_BOOL(2), "manual", run_id);
@@ -183,9 +158,9 @@ cd2_launch_worker(const char *instance, List *tables, bool full, const char *tri
 	BackgroundWorker worker = { 0 };
 	BackgroundWorkerHandle *handle;
 	ListCell *lc;
-	char *sql_version = query_value("SELECT extversion FROM pg_catalog.pg_extension "
-									" WHERE extname = 'cd2sync'",
-									0, NULL, NULL);
+	char *sql_version = catalog_run_sql("SELECT extversion FROM pg_catalog.pg_extension "
+										" WHERE extname = 'cd2sync'",
+										0, NULL);
 
 	/* the worker calls SQL of this library's version: an older one lacks it */
 	if (sql_version == NULL || strcmp(sql_version, CD2SYNC_VERSION) != 0)
@@ -194,7 +169,8 @@ cd2_launch_worker(const char *instance, List *tables, bool full, const char *tri
 							   sql_version ? sql_version : "(none)", CD2SYNC_VERSION),
 						errhint("Run ALTER EXTENSION cd2sync UPDATE.")));
 
-	*run_id = pg_strtoint64(query_value("SELECT nextval('cd2sync.run_id_seq')", 0, NULL, NULL));
+	if (!catalog_int64s("SELECT nextval('cd2sync.run_id_seq')", 0, NULL, 1, run_id))
+		elog(ERROR, "cd2sync could not take a run id");
 
 	/* the request */
 	settings = cd2_serialize_settings();
