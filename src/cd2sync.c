@@ -69,6 +69,12 @@ typedef struct Cd2Setting
 		.name = (n), .description = (d), .inherited = (inh), .context = (ctx),                     \
 		.string_var = (var), .string_default = (def)                                               \
 	}
+/* ... that only superusers may read (it may hold a password) */
+#define SECRET_STRING_SETTING(n, d, inh, ctx, var, def)                                            \
+	{                                                                                              \
+		.name = (n), .description = (d), .inherited = (inh), .context = (ctx),                     \
+		.string_var = (var), .string_default = (def), .flags = GUC_SUPERUSER_ONLY                  \
+	}
 #define BOOL_SETTING(n, d, inh, ctx, var, def)                                                     \
 	{                                                                                              \
 		.name = (n), .description = (d), .inherited = (inh), .context = (ctx), .bool_var = (var),  \
@@ -100,10 +106,11 @@ static const Cd2Setting settings[] = {
 	STRING_SETTING("cd2sync.ca_file",
 				   "File of CA certificates to verify the API with (empty: the system's).", false,
 				   PGC_SIGHUP, &cd2_ca_file, ""),
-	STRING_SETTING("cd2sync.proxy",
-				   "Proxy for every API call and download, as libcurl takes it (empty: none; the "
-				   "server's *_proxy environment variables are never used).",
-				   false, PGC_SIGHUP, &cd2_proxy, ""),
+	SECRET_STRING_SETTING(
+		"cd2sync.proxy",
+		"Proxy for every API call and download, as libcurl takes it (empty: none; the "
+		"server's *_proxy environment variables are never used).",
+		false, PGC_SIGHUP, &cd2_proxy, ""),
 	BOOL_SETTING(
 		"cd2sync.allow_insecure_http",
 		"Allow plain http to hosts other than loopback (credentials would travel in clear).", false,
@@ -156,7 +163,7 @@ _PG_init(void)
 									s->int_min, s->int_max, s->context, s->flags, NULL, NULL, NULL);
 		else
 			DefineCustomStringVariable(s->name, s->description, NULL, s->string_var,
-									   s->string_default, s->context, 0, NULL, NULL, NULL);
+									   s->string_default, s->context, s->flags, NULL, NULL, NULL);
 	}
 	MarkGUCPrefixReserved("cd2sync");
 

@@ -255,6 +255,8 @@ check_url(const char *url)
 		problem = "only http and https are supported";
 	else if (!is_loopback(host) && !cd2_allow_insecure_http)
 		problem = "plain http is allowed only to this machine (loopback)";
+	else if (cd2_proxy && cd2_proxy[0] && !cd2_allow_insecure_http)
+		problem = "plain http through cd2sync.proxy would show the credentials to the proxy";
 	curl_free(scheme);
 	curl_free(host);
 	curl_url_cleanup(u);
@@ -307,6 +309,7 @@ http_stream_open(const HttpRequest *req)
 		setopt(h, CURLOPT_CAINFO, cd2_ca_file);
 	/* "" also keeps libcurl from the environment's http_proxy and the like */
 	setopt(h, CURLOPT_PROXY, cd2_proxy ? cd2_proxy : "");
+	setopt(h, CURLOPT_NOPROXY, ""); /* ... and from its no_proxy */
 	setopt(h, CURLOPT_CONNECTTIMEOUT, (long) cd2_connect_timeout);
 	/* a transfer that moves no byte for http_timeout seconds has stalled */
 	setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);

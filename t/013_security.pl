@@ -225,11 +225,20 @@ is($r->{users}{error}, '', 'hole 7: with *_proxy in the server\'s environment th
 usleep(300_000);
 is(length(heard()), $heard_before, 'hole 7: and the proxy of the environment received nothing');
 $node->safe_psql('postgres', "LOAD 'cd2sync'; ALTER SYSTEM SET cd2sync.proxy = '$url'; SELECT pg_reload_conf()");
+# plain http (this emulator) would show the login to the proxy: refused
+$r = Cd2Test::sync($node, 'north', pre => "SET cd2sync.http_retries = 0;");
+like($r->{users}{error}, qr/plain http through cd2sync.proxy/, 'hole 7: plain http through a proxy is refused');
+usleep(300_000);
+is(length(heard()), $heard_before, 'hole 7: ... before the proxy hears anything');
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_settings WHERE name = 'cd2sync.proxy'",
+	extra_params => [ '-U', 'admin' ]), '0', 'hole 7: cd2sync.proxy (which may hold a password) is for superusers');
+$node->safe_psql('postgres', "LOAD 'cd2sync'; ALTER SYSTEM SET cd2sync.allow_insecure_http = on; SELECT pg_reload_conf()");
 $r = Cd2Test::sync($node, 'north', pre => "SET cd2sync.http_retries = 0;");
 like($r->{users}{error}, qr/HTTP 503/, 'hole 7: cd2sync.proxy names the proxy (this one answers 503)');
 like(substr(heard(), $heard_before), qr/CONNECTION\n(POST|GET) http:\/\/127\.0\.0\.1:$emu->{port}\//,
 	'hole 7: ... which received the request');
-$node->safe_psql('postgres', "LOAD 'cd2sync'; ALTER SYSTEM RESET cd2sync.proxy; SELECT pg_reload_conf()");
+$node->safe_psql('postgres', "LOAD 'cd2sync'; ALTER SYSTEM RESET cd2sync.proxy;\n"
+	  . "ALTER SYSTEM RESET cd2sync.allow_insecure_http; SELECT pg_reload_conf()");
 
 # hole 5: a CSV record whose quoted field holds 5,000 bytes in lines of 100
 my $urows = $emu->state($north, 'users')->{rows};
@@ -271,7 +280,10 @@ my $race = IPC::Run::start(
 	[ 'psql', '-XAtq', '-v', 'VERBOSITY=verbose', '-d', $node->connstr('postgres') . ' application_name=racer',
 	  '-c', "SELECT * FROM cd2_sync_now('racer', tables => ARRAY['users'])" ],
 	'>', \$race_out, '2>', \$race_err);
-usleep(500_000);
+# (the drop comes once the sync is inside the pause, after its first check)
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = 'racer' AND wait_event = 'PgSleep'"),
+	'hole 4: the sync paused after checking the instance');
 $node->safe_psql('postgres', "SELECT cd2_drop_instance('racer')");
 $race->finish;
 like($race_err, qr/42704.*cd2sync instance "racer" does not exist/s,

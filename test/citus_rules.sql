@@ -44,10 +44,19 @@ SELECT rel.name || '.' || a.attname, 'type ' || format_type(a.atttypid, a.atttyp
   LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typelem <> 0
  WHERE coalesce(e.typnamespace, t.typnamespace) NOT IN ('pg_catalog'::regnamespace, c.relnamespace)
 UNION ALL
-SELECT rel.name || '.' || a.attname, 'default ' || pg_get_expr(ad.adbin, ad.adrelid)
+SELECT rel.name || '.' || a.attname, 'default uses ' || d.refobjid::regprocedure
   FROM rel JOIN pg_attrdef ad ON ad.adrelid = rel.oid
   JOIN pg_attribute a ON a.attrelid = rel.oid AND a.attnum = ad.adnum
- WHERE pg_get_expr(ad.adbin, ad.adrelid) ~ '(nextval|cd2sync\.|cd2_)'
+  JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                  AND d.refclassid = 'pg_proc'::regclass
+  JOIN pg_proc p ON p.oid = d.refobjid
+ WHERE p.pronamespace <> 'pg_catalog'::regnamespace
+UNION ALL
+SELECT rel.name || '.' || a.attname, 'default uses sequence ' || d.refobjid::regclass
+  FROM rel JOIN pg_attrdef ad ON ad.adrelid = rel.oid
+  JOIN pg_attribute a ON a.attrelid = rel.oid AND a.attnum = ad.adnum
+  JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                  AND d.refclassid = 'pg_class'::regclass
 UNION ALL
 SELECT format('index %s', i.indexrelid::regclass), 'expression calls ' || p.oid::regprocedure
   FROM rel JOIN pg_index i ON i.indrelid = rel.oid
@@ -60,4 +69,5 @@ UNION ALL
 SELECT rel.name, 'trigger ' || g.tgname
   FROM rel JOIN pg_trigger g ON g.tgrelid = rel.oid AND NOT g.tgisinternal
  WHERE g.tgname !~ '^cd2_feed_(insert|update|delete|truncate)$'
+    OR g.tgfoid <> 'cd2sync._feed_capture()'::regprocedure
 ORDER BY 1, 2;

@@ -131,6 +131,7 @@ BEGIN
             RAISE EXCEPTION 'schema "%" is already the target of another instance', new.target_schema
                   USING ERRCODE = 'duplicate_schema';
         END IF;
+        PERFORM cd2sync._check_schema_owner(new.target_schema);
         IF to_regnamespace(quote_ident(old.target_schema)) IS NOT NULL THEN
             IF to_regnamespace(quote_ident(new.target_schema)) IS NOT NULL THEN
                 RAISE EXCEPTION 'schema "%" already exists', new.target_schema
@@ -938,7 +939,7 @@ CREATE VIEW cd2sync.monitoring AS
                                                             AND y.status = 'ok'), '-infinity')) f ON true
     UNION ALL
     SELECT 'feed', NULL, f.name, f.status, NULL,
-           coalesce(extract(epoch FROM now() - f.oldest_pending)::float8, 0),
+           coalesce(extract(epoch FROM now() - coalesce(x.stale_since, f.oldest_pending))::float8, 0),
            x.acknowledged_at, 0, f.pending, NULL, x.stale_reason
       FROM cd2sync.feeds f JOIN cd2sync.feed x ON x.name = f.name;
 GRANT SELECT ON cd2sync.monitoring TO cd2sync_reader;

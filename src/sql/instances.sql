@@ -238,6 +238,7 @@ BEGIN
             RAISE EXCEPTION 'schema "%" is already the target of another instance', new.target_schema
                   USING ERRCODE = 'duplicate_schema';
         END IF;
+        PERFORM cd2sync._check_schema_owner(new.target_schema);
         IF to_regnamespace(quote_ident(old.target_schema)) IS NOT NULL THEN
             IF to_regnamespace(quote_ident(new.target_schema)) IS NOT NULL THEN
                 RAISE EXCEPTION 'schema "%" already exists', new.target_schema

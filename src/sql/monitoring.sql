@@ -7,7 +7,8 @@
 --                         (no sync has succeeded); a feed: 'ok' or 'stale'
 --   seconds_behind        now - watermark (NULL while there is none); a
 --                         feed: the age of its oldest unacknowledged change
---                         (0 when it has none)
+--                         (0 when it has none); a stale feed: since when
+--                         it is stale (its changes are dropped)
 --   last_success          the last successful sync; a feed: its last
 --                         acknowledgement that moved it
 --   consecutive_failures  failed syncs of the table since its last success
@@ -16,8 +17,9 @@
 --                         by the table's last finished sync; a feed: its
 --                         pending changes, and NULL
 --   last_error            why the last sync failed, why a feed went stale
--- Every figure is read through the index on cd2sync.sync_log: polling costs
--- the same however long the history is.
+-- A table's figures are read through the index on cd2sync.sync_log:
+-- polling costs the same however long the history is. A feed's count its
+-- pending changes (as cd2sync.feeds does).
 
 CREATE VIEW cd2sync.monitoring AS
     SELECT 'table'::text AS kind, i.name AS instance, s.table_name AS name,
@@ -45,7 +47,7 @@ CREATE VIEW cd2sync.monitoring AS
                                                             AND y.status = 'ok'), '-infinity')) f ON true
     UNION ALL
     SELECT 'feed', NULL, f.name, f.status, NULL,
-           coalesce(extract(epoch FROM now() - f.oldest_pending)::float8, 0),
+           coalesce(extract(epoch FROM now() - coalesce(x.stale_since, f.oldest_pending))::float8, 0),
            x.acknowledged_at, 0, f.pending, NULL, x.stale_reason
       FROM cd2sync.feeds f JOIN cd2sync.feed x ON x.name = f.name;
 
