@@ -3,8 +3,9 @@ EXTENSION = cd2sync
 # The version lives in cd2sync.control alone
 EXTVERSION := $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
 MODULE_big = cd2sync
-OBJS = src/cd2sync.o src/feeds.o src/http.o src/download.o src/dap_client.o src/decode.o src/codec.o \
-       src/inflater.o src/catalog.o src/worker.o src/sync_functions.o src/scheduler.o
+OBJS = src/cd2sync.o src/settings.o src/feeds.o src/http.o src/download.o src/dap_client.o \
+       src/decode.o src/codec.o src/inflater.o src/catalog.o src/launch.o src/progress.o \
+       src/table_sync.o src/run.o src/sync_functions.o src/scheduler.o
 
 # The install script of the current version is assembled from one file per
 # stage, in this order. Released versions' install scripts are frozen, and
@@ -34,7 +35,7 @@ include $(PGXS)
 # PGXS does not track headers: every object depends on all of ours
 $(OBJS): $(wildcard src/*.h)
 # nor the version, which the library compares with the installed SQL
-src/cd2sync.o src/feeds.o src/http.o src/sync_functions.o src/worker.o src/scheduler.o: $(EXTENSION).control
+src/cd2sync.o src/catalog.o src/feeds.o src/http.o src/launch.o src/scheduler.o: $(EXTENSION).control
 
 $(DATA_built): $(SQL_PARTS)
 	cat $^ > $@

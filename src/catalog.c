@@ -1,9 +1,11 @@
 /*-------------------------------------------------------------------------
  *
  * catalog.c
- *	  Reads and writes cd2sync's own tables for the sync worker: the
- *	  instance's configuration and secret, the state of each table (its
- *	  watermark), runs and the sync log.
+ *	  The only C file that speaks SQL. Reads and writes cd2sync's own
+ *	  tables (the instance's configuration and secret, the state of each
+ *	  table with its watermark, runs and the sync log), asks the questions
+ *	  the sync has about its target tables, and calls the SQL stages (the
+ *	  schema, staging, apply and the hooks around it).
  *
  * Every value goes to SQL as a parameter. Callers own the transactions:
  * the success of a table sync is recorded in the transaction that applies
@@ -13,11 +15,15 @@
  */
 #include "cd2sync.h"
 
+#include "access/xact.h"
 #include "catalog.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "pgstat.h"
 #include "utils/builtins.h"
+#include "utils/snapmgr.h"
 
 /*
  * Runs one statement with text parameters (NULL for SQL NULL), inside
@@ -102,8 +108,8 @@ run_values(const char *sql, int nargs, const char **args, int ncols, Datum *valu
 }
 
 /* Runs a statement; returns the first column of the first row, or NULL */
-char *
-catalog_run_sql(const char *sql, int nargs, const char **args)
+static char *
+sql_text(const char *sql, int nargs, const char **args)
 {
 	char **row = run_row(sql, nargs, args);
 
@@ -111,8 +117,8 @@ catalog_run_sql(const char *sql, int nargs, const char **args)
 }
 
 /* Runs a statement; whether its first row's first (boolean) column is true */
-bool
-catalog_bool(const char *sql, int nargs, const char **args)
+static bool
+sql_bool(const char *sql, int nargs, const char **args)
 {
 	Datum value;
 	bool isnull;
@@ -124,8 +130,8 @@ catalog_bool(const char *sql, int nargs, const char **args)
  * Runs a statement; n bigint columns of its first row into out (NULL: 0).
  * False when there is no row.
  */
-bool
-catalog_int64s(const char *sql, int nargs, const char **args, int n, int64 *out)
+static bool
+sql_int64s(const char *sql, int nargs, const char **args, int n, int64 *out)
 {
 	Datum *values = palloc(sizeof(Datum) * n);
 	bool *nulls = palloc(sizeof(bool) * n);
@@ -135,6 +141,48 @@ catalog_int64s(const char *sql, int nargs, const char **args, int n, int64 *out)
 	for (int i = 0; i < n; i++)
 		out[i] = nulls[i] ? 0 : DatumGetInt64(values[i]);
 	return true;
+}
+
+/* Whether the extension's SQL objects are at this library's version */
+bool
+catalog_sql_current(void)
+{
+	const char *args[1] = { CD2SYNC_VERSION };
+
+	return sql_bool("SELECT extversion = $1 FROM pg_catalog.pg_extension "
+					" WHERE extname = 'cd2sync'",
+					1, args);
+}
+
+/*
+ * The instances with a schedule that are not running, soonest due first:
+ * a list of ScheduleDue in the caller's memory context.
+ */
+List *
+catalog_schedules_due(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	List *due = NIL;
+
+	SPI_connect();
+	execute("SELECT instance, greatest(0, extract(epoch FROM next_run_at - now()) * 1000)::int8 "
+			"  FROM cd2sync.schedules "
+			" WHERE schedule IS NOT NULL AND NOT running ORDER BY next_run_at",
+			0, NULL);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		MemoryContext old = MemoryContextSwitchTo(cxt);
+		ScheduleDue *d = palloc(sizeof(ScheduleDue));
+		bool isnull;
+
+		d->instance = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		d->due_in_ms =
+			DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull));
+		due = lappend(due, d);
+		MemoryContextSwitchTo(old);
+	}
+	SPI_finish();
+	return due;
 }
 
 static char *
@@ -150,7 +198,7 @@ float_text(double v)
 }
 
 /* A text[] literal of a list of strings, or NULL for NIL */
-char *
+static char *
 catalog_text_array(List *l)
 {
 	StringInfoData buf;
@@ -273,23 +321,27 @@ catalog_table_state(const char *instance, const char *target_schema, const char 
 					TableState *st)
 {
 	const char *args[3] = { instance, table, target_schema };
-	char **row = run_row(
-		"SELECT s.watermark_raw, s.schema_version, "
-		"       cd2sync._instance_rel($3, $2) IS NOT NULL, "
-		"       s.pending_types IS NOT NULL OR "
-		"       coalesce(s.snapshot_at + i.full_resync_every <= now(), i.full_resync_every IS NOT NULL) "
-		"  FROM cd2sync.instances i "
-		"  LEFT JOIN cd2sync.table_state s ON s.instance = i.name AND s.table_name = $2 "
-		" WHERE i.name = $1",
-		3, args);
+	Datum v[3];
+	bool n[3];
 
-	if (row == NULL)
+	if (!run_values(
+			"SELECT s.schema_version::int8, "
+			"       cd2sync._instance_rel($3, $2) IS NOT NULL, "
+			"       s.pending_types IS NOT NULL OR "
+			"       coalesce(s.snapshot_at + i.full_resync_every <= now(), "
+			"                i.full_resync_every IS NOT NULL) "
+			"  FROM cd2sync.instances i "
+			"  LEFT JOIN cd2sync.table_state s ON s.instance = i.name AND s.table_name = $2 "
+			" WHERE i.name = $1",
+			3, args, 3, v, n))
 		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_OBJECT),
 						errmsg("cd2sync instance \"%s\" does not exist", instance)));
-	st->watermark_raw = row[0];
-	st->schema_version = row[1] ? atoi(row[1]) : -1;
-	st->snapshot_due = (row[3] != NULL && strcmp(row[3], "t") == 0);
-	st->table_exists = (strcmp(row[2], "t") == 0);
+	st->schema_version = n[0] ? -1 : (int) DatumGetInt64(v[0]);
+	st->table_exists = !n[1] && DatumGetBool(v[1]);
+	st->snapshot_due = !n[2] && DatumGetBool(v[2]);
+	st->watermark_raw = sql_text("SELECT watermark_raw FROM cd2sync.table_state "
+								 " WHERE instance = $1 AND table_name = $2",
+								 2, args);
 }
 
 void
@@ -405,4 +457,368 @@ catalog_after_apply(TableRun *tr)
 							int8_text(tr->upserted - tr->unchanged + tr->deleted) };
 
 	run_row("SELECT cd2sync._after_apply($1, $2, $3, $4::bigint)", 4, args);
+}
+
+/* ---- the sync worker's questions about its target table ---- */
+
+/*
+ * Creates or extends the target table for a CD2 schema document (the
+ * API's answer as text), records the table's columns and schema version
+ * and refreshes its reconciled view. Returns whether a column's type
+ * changed in a way that needs a fresh snapshot; *version is the
+ * document's schema version.
+ */
+bool
+catalog_ensure_table(const char *instance, const char *target_schema, const char *table,
+					 const char *schema_doc, int *version)
+{
+	const char *args[4] = { target_schema, table, schema_doc, instance };
+	Datum v[1];
+	bool n[1];
+
+	if (!run_values(
+			"WITH t AS (SELECT cd2sync._ensure_table($1, $2, $3::json) AS created), "
+			"     s AS (SELECT coalesce(($3::json->>'version')::int, 0) AS version, "
+			"                  array_agg(c.column_name ORDER BY c.ord) AS columns "
+			"             FROM t, cd2sync._schema_columns($1, $2, $3::json) c) "
+			"INSERT INTO cd2sync.table_state AS ts (instance, table_name, schema_version, columns) "
+			"SELECT $4, $2, s.version, s.columns FROM s "
+			"ON CONFLICT (instance, table_name) DO UPDATE "
+			"   SET schema_version = excluded.schema_version, columns = excluded.columns "
+			"RETURNING ts.schema_version::int8",
+			4, args, 1, v, n))
+		elog(ERROR, "cd2sync could not record the schema of table %s", table);
+	*version = n[0] ? 0 : (int) DatumGetInt64(v[0]);
+	/* the reconciled view follows the table's columns */
+	run_row("SELECT cd2sync.refresh_view($1)", 1, &args[1]);
+	return sql_bool("UPDATE cd2sync.table_state "
+					"   SET pending_types = cd2sync._pending_types($1, $2, $3::json) "
+					" WHERE instance = $4 AND table_name = $2 "
+					"RETURNING pending_types IS NOT NULL",
+					4, args);
+}
+
+/* Whether column types of the table wait for a snapshot to change */
+bool
+catalog_types_pending(const char *instance, const char *table)
+{
+	const char *args[2] = { instance, table };
+
+	return sql_bool("SELECT EXISTS (SELECT 1 FROM cd2sync.table_state "
+					" WHERE instance = $1 AND table_name = $2 "
+					"   AND pending_types IS NOT NULL)",
+					2, args);
+}
+
+/* Whether the table (a quoted, qualified name) holds any row */
+bool
+catalog_has_rows(const char *target)
+{
+	return sql_bool(psprintf("SELECT EXISTS (SELECT 1 FROM %s)", target), 0, NULL);
+}
+
+/*
+ * The table's oid if COPY can load the files straight into it (no array
+ * column, which CD2 sends as JSON), else InvalidOid.
+ */
+Oid
+catalog_direct_target(const char *target)
+{
+	const char *args[1] = { target };
+	Datum v[1];
+	bool n[1];
+
+	if (!run_values("SELECT $1::regclass::oid WHERE NOT EXISTS ("
+					"  SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+					"   WHERE a.attrelid = $1::regclass AND a.attnum > 0 "
+					"     AND NOT a.attisdropped AND t.typcategory = 'A')",
+					1, args, 1, v, n) ||
+		n[0])
+		return InvalidOid;
+	return DatumGetObjectId(v[0]);
+}
+
+/* pg_temp.cd2_stage for the target: of its types (typed), or all text */
+void
+catalog_create_staging(const char *target, bool typed)
+{
+	const char *args[2] = { target, typed ? "true" : "false" };
+
+	run_row("SELECT cd2sync._create_staging($1::regclass, $2::boolean)", 2, args);
+}
+
+/* Adds a text column to the staging table, for a field the target lacks */
+void
+catalog_add_staging_column(const char *column)
+{
+	if (SPI_connect() != SPI_OK_CONNECT ||
+		SPI_execute(
+			psprintf("ALTER TABLE pg_temp.cd2_stage ADD COLUMN %s text", quote_identifier(column)),
+			false, 0) != SPI_OK_UTILITY)
+		elog(ERROR, "could not add a column to the staging table");
+	SPI_finish();
+}
+
+/* Spreads the JSON lines staged for the target over its columns */
+void
+catalog_expand_jsonl(const char *target)
+{
+	const char *args[1] = { target };
+
+	run_row("SELECT cd2sync._expand_jsonl($1::regclass)", 1, args);
+}
+
+/*
+ * Changes the column types a snapshot waited for. Returns the rows the
+ * table held if it had to be emptied for that, else -1.
+ */
+int64
+catalog_apply_pending_types(const char *instance, const char *table, const char *target)
+{
+	const char *args[3] = { target, instance, table };
+	Datum v[1];
+	bool n[1];
+
+	if (!run_values("SELECT cd2sync._apply_pending_types($2, $3, $1::regclass)", 3, args, 1, v,
+					n) ||
+		n[0])
+		return -1;
+	return DatumGetInt64(v[0]);
+}
+
+/*
+ * Moves the staged rows into the target, set-based (_apply). columns: the
+ * columns the files carried (NIL: every recorded column); typed: whether
+ * the staging table has the target's types.
+ */
+void
+catalog_apply(const char *instance, const char *table, const char *target, const char *mode,
+			  List *columns, bool typed, ApplyCounts *counts)
+{
+	const char *args[6] = { target,   mode,  catalog_text_array(columns),
+							instance, table, typed ? "true" : "false" };
+	Datum v[4];
+	bool n[4];
+
+	if (!run_values("SELECT a.upserted, a.deleted, a.unchanged, a.oversized "
+					"  FROM cd2sync._apply($1::regclass, $2, cd2sync._fill_columns($3::text[], "
+					"         (SELECT columns FROM cd2sync.table_state "
+					"           WHERE instance = $4 AND table_name = $5)), $6::boolean) a",
+					6, args, 4, v, n))
+		elog(ERROR, "cd2sync could not apply table %s", target);
+	counts->upserted = n[0] ? 0 : DatumGetInt64(v[0]);
+	counts->deleted = n[1] ? 0 : DatumGetInt64(v[1]);
+	counts->unchanged = n[2] ? 0 : DatumGetInt64(v[2]);
+	counts->oversized = n[3] ? 0 : DatumGetInt64(v[3]);
+}
+
+/* ---- the run ---- */
+
+/*
+ * Takes the instance's sync lock (a session-level advisory lock held for
+ * the run): at once when it is free, else, if wait, once the running sync
+ * has released it. Returns whether it is held.
+ */
+bool
+catalog_lock_instance(const char *instance, bool wait)
+{
+	const char *args[1] = { instance };
+
+	return sql_bool(wait ? "SELECT cd2sync._sync_lock($1, 'run')"
+						 : "SELECT cd2sync._sync_lock($1, 'try_run')",
+					1, args);
+}
+
+/*
+ * Marks the instance's runs that are still "running" but hold no lock as
+ * failed (their worker is gone), then brings tables and views an earlier
+ * version made to this one's layout.
+ */
+void
+catalog_close_stale_runs(const char *instance, int64 run_id)
+{
+	const char *args[2] = { instance, int8_text(run_id) };
+
+	run_row("WITH stale AS ("
+			"  UPDATE cd2sync.runs SET status = 'failed', finished_at = clock_timestamp(), "
+			"         error = 'the sync worker stopped before the run was done' "
+			"   WHERE instance = $1 AND status = 'running' AND run_id <> $2::bigint "
+			"  RETURNING run_id) "
+			"UPDATE cd2sync.sync_log SET status = 'failed', mode = 'failed', "
+			"       finished_at = clock_timestamp(), "
+			"       error = 'the sync worker stopped before this table was done' "
+			" WHERE run_id IN (SELECT run_id FROM stale) AND status = 'running'",
+			2, args);
+	run_row("SELECT cd2sync._ensure_layout()", 0, NULL);
+}
+
+/* Brings the instance's rows up to the merge map where a refresh left them */
+void
+catalog_resolve_due(const char *instance)
+{
+	const char *args[1] = { instance };
+
+	run_row("SELECT cd2sync._resolve_due($1)", 1, args);
+}
+
+/* ---- the session that starts a sync ---- */
+
+/* Raises unless the instance exists (and the caller may sync it) */
+void
+catalog_check_instance(const char *instance)
+{
+	const char *args[1] = { instance };
+
+	run_row("SELECT cd2sync._check_instance($1)", 1, args);
+}
+
+/* Whether the instance syncs the table (it syncs all when none is configured) */
+bool
+catalog_table_configured(const char *instance, const char *table)
+{
+	const char *args[2] = { instance, table };
+
+	/* _check_instance: a row, or its error if the instance was just dropped */
+	return sql_bool("SELECT tables IS NULL OR $2 = ANY (tables) "
+					"  FROM cd2sync._check_instance($1)",
+					2, args);
+}
+
+/* Raises unless a text[] names CD2 tables (cd2sync._check_tables) */
+void
+catalog_check_tables(Datum tables)
+{
+	Oid types[1] = { TEXTARRAYOID };
+	Datum values[1] = { tables };
+
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT cd2sync._check_tables($1)", 1, types, values, NULL, false,
+							  0) != SPI_OK_SELECT)
+		elog(ERROR, "cd2sync could not check table names");
+	SPI_finish();
+}
+
+/* The version of the extension's SQL objects, or NULL */
+char *
+catalog_sql_version(void)
+{
+	return sql_text("SELECT extversion FROM pg_catalog.pg_extension "
+					" WHERE extname = 'cd2sync'",
+					0, NULL);
+}
+
+int64
+catalog_next_run_id(void)
+{
+	int64 id;
+
+	if (!sql_int64s("SELECT nextval('cd2sync.run_id_seq')", 0, NULL, 1, &id))
+		elog(ERROR, "cd2sync could not take a run id");
+	return id;
+}
+
+/*
+ * The result of a run that has ended, one row per table into tupstore:
+ * table_name, mode, rows_upserted, rows_deleted, watermark, seconds,
+ * error. A run that failed as a whole raises its error with its SQLSTATE.
+ * Read with the latest snapshot: the worker committed after this
+ * transaction's snapshot was taken.
+ */
+void
+catalog_run_results(int64 run_id, Tuplestorestate *tupstore, TupleDesc desc)
+{
+	Oid types[1] = { INT8OID };
+	Datum values[1] = { Int64GetDatum(run_id) };
+	int rc;
+	char *run_error;
+	char *run_code;
+
+	PushActiveSnapshot(GetLatestSnapshot());
+	SPI_connect();
+	rc = SPI_execute_with_args("SELECT error, error_code FROM cd2sync.runs WHERE run_id = $1", 1,
+							   types, values, NULL, true, 1);
+	if (rc != SPI_OK_SELECT || SPI_processed == 0)
+		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
+						errmsg("cd2sync sync worker exited before it recorded its run"),
+						errhint("See the server log.")));
+	run_error = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	run_code = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	if (run_error)
+		ereport(ERROR, (errcode(run_code && strlen(run_code) == 5
+									? MAKE_SQLSTATE(run_code[0], run_code[1], run_code[2],
+													run_code[3], run_code[4])
+									: ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("cd2sync run %lld failed: %s", (long long) run_id, run_error)));
+
+	rc = SPI_execute_with_args(
+		"SELECT table_name, "
+		"       CASE WHEN status = 'running' THEN 'failed' ELSE mode END, "
+		"       rows_upserted, rows_deleted, coalesce(watermark, watermark_before), "
+		"       coalesce(seconds, extract(epoch FROM clock_timestamp() - started_at)::float8), "
+		"       CASE WHEN status = 'running' "
+		"            THEN 'the sync worker exited before this table was done' ELSE error END "
+		"  FROM cd2sync.sync_log WHERE run_id = $1 ORDER BY started_at, table_name",
+		1, types, values, NULL, true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not read cd2sync.sync_log");
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		Datum v[7];
+		bool n[7];
+
+		for (int c = 0; c < 7; c++)
+			v[c] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, c + 1, &n[c]);
+		tuplestore_putvalues(tupstore, desc, v, n);
+	}
+	SPI_finish();
+	PopActiveSnapshot();
+}
+
+/* ---- transactions of the background workers ---- */
+
+/*
+ * Transactions leave CurrentMemoryContext where it was: what a worker reads
+ * in a transaction lives as long as the table sync or run that asked for
+ * it. now() is each transaction's start.
+ */
+void
+catalog_begin(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	MemoryContextSwitchTo(cxt);
+}
+
+void
+catalog_commit(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_stat(false);
+}
+
+/*
+ * In a PG_CATCH: aborts the transaction (interrupts held meanwhile) and
+ * returns the error, copied into cxt, which is current on return. The
+ * caller then records the failure in a new transaction and carries on.
+ */
+ErrorData *
+catalog_abort_keeping_error(MemoryContext cxt)
+{
+	ErrorData *edata;
+
+	HOLD_INTERRUPTS();
+	MemoryContextSwitchTo(cxt);
+	edata = CopyErrorData();
+	FlushErrorState();
+	AbortCurrentTransaction();
+	RESUME_INTERRUPTS();
+	MemoryContextSwitchTo(cxt);
+	return edata;
 }

@@ -1,15 +1,20 @@
 /*-------------------------------------------------------------------------
  *
  * catalog.h
- *	  What cd2sync keeps in its tables: instances, table state (the
- *	  watermarks), runs and the sync log.
+ *	  The one C interface to SQL: what cd2sync keeps in its tables
+ *	  (instances, table state with the watermarks, runs, the sync log), the
+ *	  questions the sync asks of its target tables and the SQL stages it
+ *	  calls (schema, staging, apply, hooks), and the workers' transactions.
+ *	  Every result is typed.
  *
  *-------------------------------------------------------------------------
  */
 #ifndef CD2SYNC_CATALOG_H
 #define CD2SYNC_CATALOG_H
 
+#include "access/tupdesc.h"
 #include "nodes/pg_list.h"
+#include "utils/tuplestore.h"
 #include "utils/timestamp.h"
 
 typedef struct InstanceConfig
@@ -52,10 +57,39 @@ typedef struct TableRun
 	double load_seconds;
 } TableRun;
 
-extern char *catalog_text_array(List *strings);
-extern char *catalog_run_sql(const char *sql, int nargs, const char **args);
-extern bool catalog_bool(const char *sql, int nargs, const char **args);
-extern bool catalog_int64s(const char *sql, int nargs, const char **args, int n, int64 *out);
+/* An instance the scheduler may start: not running, with a schedule */
+typedef struct ScheduleDue
+{
+	char *instance;
+	int64 due_in_ms; /* 0: due now */
+} ScheduleDue;
+
+/* What an apply did (cd2sync._apply) */
+typedef struct ApplyCounts
+{
+	int64 upserted;
+	int64 deleted;
+	int64 unchanged;
+	int64 oversized;
+} ApplyCounts;
+
+/* the workers' transactions */
+extern void catalog_begin(void);
+extern void catalog_commit(void);
+struct ErrorData;
+extern struct ErrorData *catalog_abort_keeping_error(MemoryContext cxt);
+
+/* the session that starts a sync, and the scheduler */
+extern void catalog_check_instance(const char *instance);
+extern void catalog_check_tables(Datum tables);
+extern bool catalog_table_configured(const char *instance, const char *table);
+extern char *catalog_sql_version(void);
+extern bool catalog_sql_current(void);
+extern int64 catalog_next_run_id(void);
+extern void catalog_run_results(int64 run_id, Tuplestorestate *tupstore, TupleDesc desc);
+extern List *catalog_schedules_due(void);
+
+/* the run */
 extern InstanceConfig *catalog_load_instance(const char *name);
 extern void catalog_run_start(int64 run_id, const char *instance, List *tables, bool full,
 							  const char *trigger);
@@ -67,5 +101,22 @@ extern void catalog_log_success(TableRun *tr);
 extern void catalog_log_failure(TableRun *tr, const char *error, const char *sqlstate);
 extern void catalog_before_apply(TableRun *tr);
 extern void catalog_after_apply(TableRun *tr);
+extern bool catalog_lock_instance(const char *instance, bool wait);
+extern void catalog_close_stale_runs(const char *instance, int64 run_id);
+extern void catalog_resolve_due(const char *instance);
+
+/* the table sync's target table */
+extern bool catalog_ensure_table(const char *instance, const char *target_schema, const char *table,
+								 const char *schema_doc, int *version);
+extern bool catalog_types_pending(const char *instance, const char *table);
+extern bool catalog_has_rows(const char *target);
+extern Oid catalog_direct_target(const char *target);
+extern void catalog_create_staging(const char *target, bool typed);
+extern void catalog_add_staging_column(const char *column);
+extern void catalog_expand_jsonl(const char *target);
+extern int64 catalog_apply_pending_types(const char *instance, const char *table,
+										 const char *target);
+extern void catalog_apply(const char *instance, const char *table, const char *target,
+						  const char *mode, List *columns, bool typed, ApplyCounts *counts);
 
 #endif /* CD2SYNC_CATALOG_H */

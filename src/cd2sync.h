@@ -14,7 +14,7 @@
 
 #include "postgres.h"
 
-/* Settings (GUCs cd2sync.*), defined in cd2sync.c */
+/* Settings (GUCs cd2sync.*), defined in settings.c */
 extern char *cd2_database;
 extern char *cd2_format;
 extern int cd2_http_timeout;
@@ -41,10 +41,11 @@ extern int cd2_feed_max_age;
  * The settings a sync worker inherits from the session that started it, as
  * "name=value\n" lines.
  */
+extern void cd2_define_settings(void);
 extern char *cd2_serialize_settings(void);
 extern void cd2_restore_settings(const char *blob);
 
-/* Entry points of the sync worker (worker.c) and the scheduler (scheduler.c) */
+/* Entry points of the sync worker (run.c) and the scheduler (scheduler.c) */
 extern PGDLLEXPORT void cd2_worker_main(Datum main_arg);
 extern PGDLLEXPORT void cd2_scheduler_main(Datum main_arg);
 extern void cd2_register_scheduler(void);

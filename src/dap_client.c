@@ -207,10 +207,14 @@ fill_error(DapError *err, const char *method, const char *path, HttpResponse *re
 	err->message = msg.data;
 }
 
-static void raise_error(DapError *err) pg_attribute_noreturn();
-
-static void
-raise_error(DapError *err)
+/*
+ * Raises an error the API answered with. The one place where failures of
+ * the API become SQLSTATEs: 28000 for a credential refused (401, 403),
+ * 08006 for a failure that retries did not overcome (transport, 5xx, 429),
+ * 38000 for anything else the API refused.
+ */
+void
+dap_raise(DapError *err)
 {
 	int code;
 
@@ -221,6 +225,26 @@ raise_error(DapError *err)
 	else
 		code = ERRCODE_EXTERNAL_ROUTINE_EXCEPTION;
 	ereport(ERROR, (errcode(code), errmsg_internal("%s", err->message)));
+}
+
+/*
+ * The retry loop: makes the request, and makes it again after a backoff
+ * while it fails transiently, at most cd2sync.http_retries more times.
+ * Returns the number of attempts.
+ */
+static int
+request_retrying(HttpRequest *req, HttpResponse *resp)
+{
+	int attempt = 0;
+
+	for (;;)
+	{
+		http_request(req, resp);
+		if (resp->outcome != HTTP_TRANSIENT || attempt >= cd2_http_retries)
+			return attempt + 1;
+		cd2_sleep_ms(http_backoff_ms(attempt, resp->retry_after_ms));
+		attempt++;
+	}
 }
 
 /* Logs in with the client credentials; keeps the token in c->cxt. */
@@ -237,6 +261,7 @@ dap_login(DapClient *c)
 	int64 exp;
 	int64 now = (int64) time(NULL);
 	int64 lifetime;
+	int attempts;
 
 	req.method = "POST";
 	req.url = url;
@@ -245,17 +270,11 @@ dap_login(DapClient *c)
 	req.basic_user = c->client_id;
 	req.basic_password = c->client_secret;
 
-	for (int attempt = 0;; attempt++)
-	{
-		http_request(&req, &resp);
-		if (resp.outcome != HTTP_TRANSIENT || attempt >= cd2_http_retries)
-			break;
-		cd2_sleep_ms(http_backoff_ms(attempt, resp.retry_after_ms));
-	}
+	attempts = request_retrying(&req, &resp);
 	if (resp.outcome != HTTP_OK)
 	{
-		fill_error(&err, "POST", "/ids/auth/login", &resp, 1);
-		raise_error(&err);
+		fill_error(&err, "POST", "/ids/auth/login", &resp, attempts);
+		dap_raise(&err);
 	}
 
 	j = parse_json(resp.body.data, "the login");
@@ -290,8 +309,7 @@ dap_call_text(DapClient *c, const char *method, const char *path, const char *bo
 {
 	HttpRequest req = { 0 };
 	HttpResponse resp;
-	bool relogged = false;
-	int attempt = 0;
+	int attempts;
 	DapError local;
 
 	req.method = method;
@@ -299,33 +317,23 @@ dap_call_text(DapClient *c, const char *method, const char *path, const char *bo
 	req.body = body;
 	req.content_type = "application/json";
 
-	for (;;)
+	for (bool relogged = false;; relogged = true)
 	{
 		if (c->token == NULL || GetCurrentTimestamp() >= c->token_renew_at)
 			dap_login(c);
 		req.bearer = c->token;
-		http_request(&req, &resp);
+		attempts = request_retrying(&req, &resp);
 		if (resp.outcome == HTTP_OK)
 			return resp.body.data;
-		if (resp.outcome == HTTP_UNAUTHORIZED && !relogged)
-		{
-			/* token revoked or expired early: log in again, once */
-			relogged = true;
-			c->token_renew_at = 0;
-			continue;
-		}
-		if (resp.outcome == HTTP_TRANSIENT && attempt < cd2_http_retries)
-		{
-			cd2_sleep_ms(http_backoff_ms(attempt, resp.retry_after_ms));
-			attempt++;
-			continue;
-		}
-		break;
+		if (resp.outcome != HTTP_UNAUTHORIZED || relogged)
+			break;
+		/* token revoked or expired early: log in again, once */
+		c->token_renew_at = 0;
 	}
 
-	fill_error(err ? err : &local, method, path, &resp, attempt + 1);
+	fill_error(err ? err : &local, method, path, &resp, attempts);
 	if (err == NULL || resp.outcome == HTTP_TRANSIENT)
-		raise_error(err ? err : &local);
+		dap_raise(err ? err : &local);
 	return NULL;
 }
 
@@ -456,6 +464,19 @@ dap_job_done(DapJob *job)
 	return strcmp(job->status, "complete") == 0 || strcmp(job->status, "failed") == 0;
 }
 
+/* Raises unless a finished job can be loaded (38000: the API failed it) */
+void
+dap_check_finished(DapJob *job, bool snapshot)
+{
+	if (strcmp(job->status, "failed") == 0)
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("CD2 query job %s failed: %s", job->id, job->error)));
+	if ((snapshot ? job->at : job->until) == NULL)
+		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+						errmsg("CD2 query job %s completed without \"%s\"", job->id,
+							   snapshot ? "at" : "until")));
+}
+
 /* Asks for a job's state once. NULL (with err) when the job is gone. */
 DapJob *
 dap_poll_job(DapClient *c, DapJob *job, DapError *err)
@@ -464,30 +485,6 @@ dap_poll_job(DapClient *c, DapJob *job, DapError *err)
 	Jsonb *j = dap_call(c, "GET", path, NULL, err);
 
 	return j ? parse_job(j) : NULL;
-}
-
-/*
- * Polls a job until it is complete or failed: soon at first, then less
- * often, up to cd2sync.poll_interval. NULL (with err) when the job is gone.
- */
-DapJob *
-dap_wait_job(DapClient *c, DapJob *job, DapError *err)
-{
-	int delay = Min(100, cd2_poll_interval);
-	TimestampTz deadline = GetCurrentTimestamp() + (TimestampTz) cd2_job_timeout * USECS_PER_SEC;
-
-	while (job && !dap_job_done(job))
-	{
-		if (GetCurrentTimestamp() > deadline)
-			ereport(ERROR,
-					(errcode(ERRCODE_QUERY_CANCELED),
-					 errmsg("CD2 query job %s did not finish within cd2sync.job_timeout (%d s)",
-							job->id, cd2_job_timeout)));
-		cd2_sleep_ms(delay);
-		delay = Min(delay * 2, cd2_poll_interval);
-		job = dap_poll_job(c, job, err);
-	}
-	return job;
 }
 
 /* Presigned URLs for the given object ids, in the same order */

@@ -48,8 +48,9 @@ extern char *dap_get_schema(DapClient *c, const char *table);
 extern DapJob *dap_start_query(DapClient *c, const char *table, const char *format,
 							   const char *since, DapError *err);
 extern bool dap_job_done(DapJob *job);
+extern void dap_check_finished(DapJob *job, bool snapshot);
 extern DapJob *dap_poll_job(DapClient *c, DapJob *job, DapError *err);
-extern DapJob *dap_wait_job(DapClient *c, DapJob *job, DapError *err);
 extern List *dap_object_urls(DapClient *c, List *object_ids, DapError *err);
+extern void dap_raise(DapError *err) pg_attribute_noreturn();
 
 #endif /* CD2SYNC_DAP_CLIENT_H */

@@ -28,11 +28,11 @@
 #include "cd2sync.h"
 
 #include "access/table.h"
+#include "catalog.h"
 #include "catalog/namespace.h"
 #include "codec.h"
 #include "commands/copy.h"
 #include "decode.h"
-#include "executor/spi.h"
 #include "nodes/makefuncs.h"
 #include "parser/parse_node.h"
 #include "parser/parse_relation.h"
@@ -212,10 +212,8 @@ static char *
 add_ignored_column(void)
 {
 	char *col = psprintf("cd2_ignored_%d", ++ignored_columns);
-	char *sql = psprintf("ALTER TABLE pg_temp.cd2_stage ADD COLUMN %s text", col);
 
-	if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY)
-		elog(ERROR, "could not add a column to the staging table");
+	catalog_add_staging_column(col);
 	return col;
 }
 

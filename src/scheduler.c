@@ -27,11 +27,11 @@
 /* used by this worker */
 #include "access/xact.h"
 #include "commands/extension.h"
-#include "executor/spi.h"
 #include "pgstat.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
-#include "worker.h"
+#include "catalog.h"
+#include "launch.h"
 
 typedef struct ScheduledSync
 {
@@ -82,19 +82,13 @@ static long
 start_due_syncs(void)
 {
 	long sleep_ms = cd2_scheduler_naptime;
-	int rc;
-	bool isnull;
 	static bool version_warned = false;
+	ListCell *lc;
 
 	if (!OidIsValid(get_extension_oid("cd2sync", true)))
 		return sleep_ms; /* not created (yet) in this database */
 
-	SPI_connect();
-	rc = SPI_execute("SELECT extversion = '" CD2SYNC_VERSION "' FROM pg_catalog.pg_extension "
-					 " WHERE extname = 'cd2sync'",
-					 true, 1);
-	if (rc != SPI_OK_SELECT || SPI_processed != 1 ||
-		!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+	if (!catalog_sql_current())
 	{
 		/* the SQL objects wait for ALTER EXTENSION UPDATE: no sync until then */
 		if (!version_warned)
@@ -103,23 +97,15 @@ start_due_syncs(void)
 								 "cd2sync UPDATE",
 								 CD2SYNC_VERSION)));
 		version_warned = true;
-		SPI_finish();
 		return sleep_ms;
 	}
 	version_warned = false;
-	rc = SPI_execute(
-		"SELECT instance, greatest(0, extract(epoch FROM next_run_at - now()) * 1000)::int8 "
-		"  FROM cd2sync.schedules "
-		" WHERE schedule IS NOT NULL AND NOT running ORDER BY next_run_at",
-		true, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "cd2sync scheduler could not read cd2sync.schedules");
 
-	for (uint64 i = 0; i < SPI_processed; i++)
+	foreach (lc, catalog_schedules_due())
 	{
-		char *instance = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
-		int64 due_in =
-			DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull));
+		ScheduleDue *d = lfirst(lc);
+		char *instance = d->instance;
+		int64 due_in = d->due_in_ms;
 
 		if (is_started(instance))
 			continue;
@@ -143,7 +129,6 @@ start_due_syncs(void)
 								 (long long) run_id, instance)));
 		}
 	}
-	SPI_finish();
 	return sleep_ms;
 }
 
@@ -181,23 +166,19 @@ cd2_scheduler_main(Datum main_arg)
 		PG_TRY();
 		{
 			pgstat_report_activity(STATE_RUNNING, "cd2sync scheduler: starting due syncs");
-			SetCurrentStatementStartTimestamp(); /* now() moves on */
-			StartTransactionCommand();
-			PushActiveSnapshot(GetTransactionSnapshot());
+			catalog_begin();
 			sleep_ms = start_due_syncs();
-			PopActiveSnapshot();
-			CommitTransactionCommand();
+			catalog_commit();
 		}
 		PG_CATCH();
 		{
-			ErrorData *edata = cd2_abort_keeping_error(cxt);
+			ErrorData *edata = catalog_abort_keeping_error(cxt);
 
 			ereport(LOG, (errmsg("cd2sync scheduler: %s", edata->message)));
 			FreeErrorData(edata);
 		}
 		PG_END_TRY();
 		MemoryContextSwitchTo(cxt);
-		pgstat_report_stat(false);
 		pgstat_report_activity(STATE_IDLE, NULL);
 
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

@@ -81,6 +81,15 @@ my @cases = (
 	[ '503 forever (retries run out)', [ { endpoint => 'create_job', kind => 'status', status => 503, table => 'users', times => -1 } ], 'fails', qr/HTTP 503.*after 5 attempts/ ],
 );
 
+# the SQLSTATE a failure is recorded with (dap_raise maps the API's answers)
+my %sqlstate = (
+	'403 AccountDisabled' => '28000',             # a credential refused
+	'503 forever (retries run out)' => '08006',   # retries did not overcome it
+	'400 ValidationError' => '38000',             # anything else the API refused
+	'job ends failed' => '38000',
+	'malformed record' => '22P04',                # COPY's own
+);
+
 # what a monitoring system sees of north.users
 my $monitoring = "SELECT status, consecutive_failures, last_error IS NOT NULL FROM cd2sync.monitoring "
   . "WHERE instance = 'north' AND name = 'users'";
@@ -119,6 +128,9 @@ for my $case (@cases)
 	{
 		is($r->{users}{mode}, 'failed', "$name: users failed");
 		like($r->{users}{error}, $pattern, "$name: the error says why");
+		is($node->safe_psql('postgres', "SELECT error_code FROM cd2sync.sync_log WHERE instance = 'north' "
+			  . "AND table_name = 'users' ORDER BY run_id DESC LIMIT 1"), $sqlstate{$name}, "$name: SQLSTATE")
+		  if $sqlstate{$name};
 		is($node->safe_psql('postgres', "SELECT watermark_raw FROM cd2sync.table_state WHERE instance = 'north' AND table_name = 'users'"),
 			$wm_before, "$name: watermark unchanged");
 		is($node->safe_psql('postgres',

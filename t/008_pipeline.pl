@@ -3,7 +3,8 @@
 # in turn; it never starts more jobs a minute than cd2sync.job_rate, so the
 # API's rate limit (here the emulator's) is never hit.
 # Bound from the issue: at most 1.2 x max(tables / rate, T) plus loading,
-# where T is how long one job takes upstream.
+# where T is how long one job takes upstream. A table whose job must be
+# started again does not hold the others up.
 use strict;
 use warnings;
 use utf8;
@@ -78,6 +79,24 @@ ok($creates[$rate] - $creates[0] >= 59.5, sprintf('job %d started a minute after
 $bound = 1.2 * ($n / $rate * 60) + 5;
 ok($took < $bound, sprintf('took %.1f s, within the bound of %.1f s', $took, $bound));
 diag(sprintf('rate-bound: %d tables at %d jobs/min, jobs of %d s: %.1f s (bound %.1f s)', $n, $rate, $T, $took, $bound));
+
+# 3. no table waits for another's job: a job gone upstream (404 on its object
+# URLs) is started again as a state of its table sync, and the pipeline
+# loads the other table meanwhile. t01 comes first and its job is gone when
+# it has finished: started again, it finishes T later; t02, whose job
+# finished with t01's first one, is loaded meanwhile, so it ends first.
+$T = 3;
+$emu->config(job_latency => $T, rate_limits => {});
+$emu->faults({ endpoint => 'object_urls', kind => 'expire_job', table => 't01' });
+$r = Cd2Test::sync($node, 'many', tables => [ 't01', 't02' ], pre => 'SET cd2sync.job_rate = 0;');
+is(join(',', map { "$_:$r->{$_}{mode}:$r->{$_}{error}" } sort keys %$r), 't01:unchanged:,t02:unchanged:',
+	'a job gone upstream is started again');
+is($node->safe_psql('postgres', "SELECT string_agg(table_name, ',' ORDER BY finished_at) FROM cd2sync.sync_log "
+	  . "WHERE run_id = (SELECT max(run_id) FROM cd2sync.runs)"), 't02,t01',
+	'the other table was loaded while the restarted job ran upstream');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.sync_log "
+	  . "WHERE run_id = (SELECT max(run_id) FROM cd2sync.runs) AND job_seconds >= $T * 2 - 0.5"), '1',
+	'only the restarted table waited for two jobs');
 
 $node->stop;
 $emu->stop;

@@ -120,21 +120,21 @@ CREATE VIEW cd2sync.schedules AS
       LEFT JOIN LATERAL (SELECT * FROM cd2sync.runs r WHERE r.instance = i.name
                           ORDER BY r.started_at DESC LIMIT 1) l ON true;
 
--- Running table syncs, read back from what the workers publish in
--- pg_stat_activity (seeing other roles' activity needs pg_read_all_stats).
+-- What each running sync worker is doing, as it publishes it in shared
+-- memory (src/progress.c): table and counts NULL while the run is not at a table.
+CREATE FUNCTION cd2sync._progress(OUT pid int, OUT run_id bigint, OUT instance text,
+                                  OUT table_name text, OUT phase text, OUT objects_done int,
+                                  OUT objects_total int, OUT bytes_downloaded bigint,
+                                  OUT bytes_decoded bigint, OUT records bigint)
+RETURNS SETOF record LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'cd2_progress';
+
 CREATE VIEW cd2sync.progress AS
-    SELECT a.pid, r.run_id, m[1] AS instance, m[2] AS table_name, m[3] AS phase,
-           (regexp_match(m[4], 'objects=(\d+)/'))[1]::int AS objects_done,
-           (regexp_match(m[4], 'objects=\d+/(\d+)'))[1]::int AS objects_total,
-           (regexp_match(m[4], 'downloaded=(\d+)'))[1]::bigint AS bytes_downloaded,
-           (regexp_match(m[4], 'decoded=(\d+)'))[1]::bigint AS bytes_decoded,
-           (regexp_match(m[4], 'records=(\d+)'))[1]::bigint AS records,
+    SELECT p.pid, p.run_id, p.instance, p.table_name, p.phase, p.objects_done, p.objects_total,
+           p.bytes_downloaded, p.bytes_decoded, p.records,
            coalesce(l.started_at, r.started_at) AS started_at
-      FROM pg_catalog.pg_stat_activity a
-     CROSS JOIN LATERAL regexp_match(a.query, '^cd2sync ([a-z][a-z0-9_]*)(?:\.([^:]+))?: (.*?)(?: \[(.*)\])?$') m
-      LEFT JOIN cd2sync.runs r ON r.worker_pid = a.pid AND r.status = 'running'
-      LEFT JOIN cd2sync.sync_log l ON l.run_id = r.run_id AND l.table_name = m[2]
-     WHERE a.backend_type = 'cd2sync sync worker';
+      FROM cd2sync._progress() p
+      LEFT JOIN cd2sync.runs r ON r.run_id = p.run_id
+      LEFT JOIN cd2sync.sync_log l ON l.run_id = p.run_id AND l.table_name = p.table_name;
 
 CREATE VIEW cd2sync.watermarks AS
     SELECT instance, table_name, watermark, schema_version, synced_at, status, last_error

@@ -52,18 +52,22 @@ RETURNS regclass LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
        AND cd2sync._trusted_owner(c.relowner) AND cd2sync._trusted_owner(n.nspowner)
 $$;
 
--- Checks a tables argument (of an instance or a feed): NULL for every
--- table, else CD2 table names.
+-- Checks a tables argument (of an instance, a feed or a sync): NULL for
+-- every table, else CD2 table names. The one owner of what a table name is.
 CREATE FUNCTION cd2sync._check_tables(tables text[])
 RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    bad text;
 BEGIN
     IF tables IS NOT NULL THEN
         IF cardinality(tables) = 0 THEN
             RAISE EXCEPTION 'tables must name at least one table, or be NULL for every table'
                   USING ERRCODE = 'invalid_parameter_value';
         END IF;
-        IF EXISTS (SELECT 1 FROM unnest(tables) t WHERE t IS NULL OR t !~ '^[A-Za-z0-9_]{1,63}$') THEN
-            RAISE EXCEPTION 'invalid table name in tables'
+        SELECT coalesce(quote_literal(t), 'NULL') INTO bad
+          FROM unnest(tables) t WHERE t IS NULL OR t !~ '^[A-Za-z0-9_]{1,63}$' LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'invalid table name % in tables', bad
                   USING ERRCODE = 'invalid_parameter_value',
                         DETAIL = 'CD2 table names are made of letters, digits and underscores.';
         END IF;
@@ -295,12 +299,27 @@ BEGIN
     END IF;
 END $$;
 
--- Takes the instance's sync lock for the rest of the transaction (the one a
--- sync worker holds for its run: src/worker.c) unless a sync of it runs in
--- another session; says whether it did.
+-- The instance's sync lock, one advisory lock key (52517, hashtext(instance))
+-- that shows in pg_locks: a sync worker holds it for its run (hold 'run' waits
+-- for it, 'try_run' does not; both until the session ends), changes of an
+-- instance for their transaction ('try_xact'). Says whether it is held.
+CREATE FUNCTION cd2sync._sync_lock(instance text, hold text)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k int := hashtext(instance);
+BEGIN
+    CASE hold
+    WHEN 'try_xact' THEN RETURN pg_try_advisory_xact_lock(52517, k);
+    WHEN 'try_run' THEN RETURN pg_try_advisory_lock(52517, k);
+    WHEN 'run' THEN PERFORM pg_advisory_lock(52517, k); RETURN true;
+    END CASE;
+END $$;
+
+-- Takes the instance's sync lock for the rest of the transaction unless a
+-- sync of it runs in another session; says whether it did.
 CREATE FUNCTION cd2sync._try_lock_instance(instance text)
 RETURNS boolean LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    SELECT pg_try_advisory_xact_lock(52517, hashtext(instance))
+    SELECT cd2sync._sync_lock(instance, 'try_xact')
 $$;
 
 -- Takes the instance's sync lock for the rest of the transaction, or fails

@@ -1,0 +1,721 @@
+/*-------------------------------------------------------------------------
+ *
+ * table_sync.c
+ *	  One table's sync: a state machine (SyncStep) that the run's pipeline
+ *	  advances one step at a time, interleaved with the other tables'.
+ *
+ *	 BEGIN      read the table's state (watermark, schema version), record
+ *	            the start; a snapshot when there is no watermark, a full
+ *	            resync is asked or due, or the table is missing
+ *	 START_JOB  start the job set up, within cd2sync.job_rate (an
+ *	            incremental the API refuses, SnapshotRequired or OutOfRange,
+ *	            becomes a snapshot; a format it refuses, jsonl)
+ *	 POLL       ask how the job does, less and less often
+ *	 SCHEMA     the first job's schema version is new: fetch the schema,
+ *	            create or alter the table (own transaction: new enum values
+ *	            must be committed before use); a type that cannot change in
+ *	            place restarts the table as a snapshot (START_JOB)
+ *	 URLS       the objects' URLs; a job gone upstream is started again once
+ *	 CATCHUP    identical queries are deduplicated upstream for a day, so a
+ *	            snapshot can be older than the data held: chain incrementals
+ *	            from its "at" (START_JOB, POLL, URLS, CATCHUP ...) until they
+ *	            reach the stored watermark
+ *	 LOAD       in one transaction: COPY every object (into a staging table,
+ *	            or straight into a new table), apply it set-based, the SQL
+ *	            hooks around the apply, the watermark and the log row
+ *
+ * An error in any step aborts that step's transaction, so the table's rows
+ * and watermark stay as they were; the failure is recorded in a new
+ * transaction and the run goes on with the other tables.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "cd2sync.h"
+
+#include "access/xact.h"
+#include "download.h"
+#include "http.h"
+#include "miscadmin.h"
+#include "table_sync.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+
+/* Most incrementals chained to bring an old (deduplicated) snapshot forward */
+#define CATCHUP_MAX_JOBS 48
+
+/* ---- progress ---- */
+
+/*
+ * Says what the run does (ts NULL) or a table sync of it does, in
+ * pg_stat_activity and cd2sync.progress.
+ */
+void
+report(RunContext *rc, TableSync *ts, const char *fmt, ...)
+{
+	Progress *p = &rc->progress;
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(p->phase, sizeof(p->phase), fmt, ap);
+	va_end(ap);
+	if (ts)
+	{
+		strlcpy(p->table, ts->tr->table, sizeof(p->table));
+		p->objects_done = ts->tr->objects;
+		p->objects_total = ts->objects_total;
+		p->bytes_downloaded = ts->tr->bytes;
+		p->bytes_decoded = ts->decoded;
+		p->records = ts->records;
+	}
+	else
+		p->table[0] = '\0';
+	progress_publish(p);
+}
+
+static RunContext *decoding_run = NULL; /* for the decoder's progress hook */
+
+/* Called by the decoder every few megabytes of a file */
+static void
+decode_progress(int64 bytes)
+{
+	RunContext *rc = decoding_run;
+
+	if (rc && rc->loading)
+	{
+		rc->loading->decoded += bytes;
+		rc->progress.bytes_decoded = rc->loading->decoded;
+		progress_publish(&rc->progress);
+	}
+}
+
+static double
+seconds_since(TimestampTz t)
+{
+	return (double) (GetCurrentTimestamp() - t) / USECS_PER_SEC;
+}
+
+/* ---- jobs ---- */
+
+/*
+ * How long until another job may start under cd2sync.job_rate (jobs per
+ * minute, counted over the last minute); 0: now.
+ */
+long
+job_budget_wait_ms(RunContext *rc)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz window = now - 60 * USECS_PER_SEC;
+
+	while (rc->job_starts != NIL && *(TimestampTz *) linitial(rc->job_starts) <= window)
+	{
+		pfree(linitial(rc->job_starts));
+		rc->job_starts = list_delete_first(rc->job_starts);
+	}
+	if (cd2_job_rate == 0 || list_length(rc->job_starts) < cd2_job_rate)
+		return 0;
+	return (long) ((*(TimestampTz *) linitial(rc->job_starts) - window) / 1000) + 1;
+}
+
+/* Starts one query job, counted against cd2sync.job_rate */
+static DapJob *
+start_query(RunContext *rc, TableSync *ts, const char *fmt, const char *since, DapError *err)
+{
+	MemoryContext old = MemoryContextSwitchTo(rc->cxt);
+
+	rc->job_starts = lappend(rc->job_starts, palloc(sizeof(TimestampTz)));
+	*(TimestampTz *) llast(rc->job_starts) = GetCurrentTimestamp();
+	MemoryContextSwitchTo(old);
+	return dap_start_query(rc->client, ts->tr->table, fmt, since, err);
+}
+
+/* Sets up the next job; START_JOB starts it */
+static void
+next_job(TableSync *ts, JobRole role, bool snapshot, const char *since)
+{
+	ts->role = role;
+	ts->job_snapshot = snapshot;
+	ts->job_since = snapshot ? NULL : since;
+	ts->job_restarted = false;
+	ts->step = STEP_START_JOB;
+}
+
+/* Whether ISO timestamp a is before b */
+static bool
+timestamp_before(const char *a, const char *b)
+{
+	Datum ta = DirectFunctionCall3(timestamptz_in, CStringGetDatum(a), ObjectIdGetDatum(InvalidOid),
+								   Int32GetDatum(-1));
+	Datum tb = DirectFunctionCall3(timestamptz_in, CStringGetDatum(b), ObjectIdGetDatum(InvalidOid),
+								   Int32GetDatum(-1));
+
+	return DatumGetTimestampTz(ta) < DatumGetTimestampTz(tb);
+}
+
+/* A fresh URL for an object whose presigned URL stopped working */
+static char *
+refresh_url(void *arg, const char *object_id)
+{
+	RunContext *rc = (RunContext *) arg;
+	DapError err;
+	List *urls = dap_object_urls(rc->client, list_make1(pstrdup(object_id)), &err);
+
+	if (urls == NIL)
+		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						errmsg("the query job expired while its objects were downloaded: %s",
+							   err.message)));
+	return (char *) linitial(urls);
+}
+
+/* ---- loading ---- */
+
+/*
+ * decode_object, closing the download if it fails: its connection and
+ * inflater thread go at once, not with the table's memory.
+ */
+static uint64
+decode_closing(Download *d, RecordFormat format, Oid direct, List **columns, bool *jsonl)
+{
+	volatile uint64 records = 0;
+
+	PG_TRY();
+	{
+		records = decode_object(d, format, direct, columns, jsonl);
+	}
+	PG_CATCH();
+	{
+		download_close(d);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return records;
+}
+
+/*
+ * Downloads and decodes every object of a job: straight into the target
+ * table (direct, a valid relid) or into the staging table. Returns the
+ * records decoded; adds the columns the files carry to *columns and tells
+ * whether any file was JSON lines.
+ */
+static uint64
+load_objects(RunContext *rc, TableSync *ts, DapJob *job, List *urls, Oid direct, List **columns,
+			 bool *any_jsonl)
+{
+	TableRun *tr = ts->tr;
+	ListCell *lo, *lu;
+	uint64 records = 0;
+
+	ts->objects_total = list_length(job->objects);
+	forboth(lo, job->objects, lu, urls)
+	{
+		Download *d;
+		bool jsonl;
+
+		ts->records = records;
+		report(rc, ts, "%s object %d of %d",
+			   OidIsValid(direct) ? "loading straight into the table" : "downloading",
+			   foreach_current_index(lo) + 1, list_length(job->objects));
+		d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
+		records += decode_closing(d, rc->format, direct, columns, &jsonl);
+		tr->bytes += download_compressed_bytes(d);
+		tr->objects++;
+		*any_jsonl |= jsonl;
+		download_close(d);
+	}
+	ts->records = records;
+	return records;
+}
+
+/* What one way of loading a job's objects needs */
+typedef struct LoadWay
+{
+	const char *target;
+	Oid direct;     /* load straight into this table, or InvalidOid: staging */
+	bool typed;     /* staging with the target's types */
+	List *columns;  /* out: the columns the files carry */
+	bool any_jsonl; /* out */
+	uint64 records; /* out */
+} LoadWay;
+
+/*
+ * Loads a job's objects one way, in a subtransaction. When the data does not
+ * suit that way (a value that does not parse as its column's type, such as
+ * an oversized placeholder in a number column; a duplicate key; a format the
+ * way does not take), rolls it back and returns false, and the caller loads
+ * another way. Other errors (the network, a cancel, a record with the wrong
+ * number of fields or bytes that are not text) go on up.
+ */
+static bool
+try_load(RunContext *rc, TableSync *ts, DapJob *job, List *urls, LoadWay *way)
+{
+	TableRun *tr = ts->tr;
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	int64 bytes = tr->bytes;
+	int objects = tr->objects;
+	volatile bool done = false;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		if (!OidIsValid(way->direct))
+			catalog_create_staging(way->target, way->typed);
+		way->records = load_objects(rc, ts, job, urls, way->direct, &way->columns, &way->any_jsonl);
+		if (way->any_jsonl)
+			catalog_expand_jsonl(way->target);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		done = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData *edata;
+		int category;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		category = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
+		if ((category != ERRCODE_DATA_EXCEPTION &&
+			 category != ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION &&
+			 category != ERRCODE_FEATURE_NOT_SUPPORTED) ||
+			/* what no staging table takes either: the wrong number of fields, bad text */
+			edata->sqlerrcode == ERRCODE_BAD_COPY_FILE_FORMAT ||
+			edata->sqlerrcode == ERRCODE_CHARACTER_NOT_IN_REPERTOIRE ||
+			edata->sqlerrcode == ERRCODE_UNTRANSLATABLE_CHARACTER)
+			ReThrowError(edata);
+		ereport(LOG, (errmsg("cd2sync %s.%s: loading through the %s staging table: %s",
+							 rc->instance->name, tr->table,
+							 OidIsValid(way->direct) ? "typed" : "text", edata->message)));
+		FreeErrorData(edata);
+		tr->bytes = bytes;
+		tr->objects = objects;
+		way->columns = NIL;
+		way->any_jsonl = false;
+	}
+	PG_END_TRY();
+	return done;
+}
+
+/*
+ * Downloads, decodes and applies every object of a job, in the current
+ * transaction; adds its counts to the table sync's.
+ *
+ * A snapshot into an empty table, in TSV, with no column that needs a
+ * conversion COPY cannot do (JSON arrays), is COPYed straight into the
+ * table, the meta.* fields dropped on the way, as PostgreSQL's own COPY FROM
+ * would. Otherwise the objects are COPYed into a staging table with the
+ * target's types, and _apply moves them set-based. Each way falls back to
+ * the next when the data does not suit it; the last, a staging table of
+ * text columns, takes anything (and _apply says what does not fit).
+ */
+static void
+apply_job(RunContext *rc, TableSync *ts, DapJob *job, List *urls, bool snapshot)
+{
+	TableRun *tr = ts->tr;
+	const char *instance = rc->instance->name;
+	char *target = quote_qualified_identifier(rc->instance->target_schema, tr->table);
+	const char *mode;
+	LoadWay way = { 0 };
+	bool retype = snapshot && catalog_types_pending(instance, tr->table);
+	ApplyCounts counts;
+
+	way.target = target;
+	if (!snapshot)
+		mode = "incremental";
+	else if (retype || catalog_has_rows(target))
+		mode = "snapshot";
+	else
+	{
+		mode = "snapshot_new";
+		if (cd2_direct_load && rc->format == FORMAT_TSV)
+		{
+			way.direct = catalog_direct_target(target);
+			if (OidIsValid(way.direct) && try_load(rc, ts, job, urls, &way))
+			{
+				tr->upserted += way.records;
+				return;
+			}
+			way.direct = InvalidOid;
+		}
+	}
+
+	/* columns about to change type take their values as text */
+	way.typed = !retype;
+	if (retype || !try_load(rc, ts, job, urls, &way))
+	{
+		way.typed = false;
+		catalog_create_staging(target, false);
+		way.records = load_objects(rc, ts, job, urls, InvalidOid, &way.columns, &way.any_jsonl);
+		if (way.any_jsonl)
+			catalog_expand_jsonl(target);
+	}
+
+	if (retype)
+	{
+		/*
+		 * Everything is downloaded: only now delete the rows and change the
+		 * types, so that readers wait for the apply alone.
+		 */
+		int64 emptied;
+
+		report(rc, ts, "changing column types");
+		emptied = catalog_apply_pending_types(instance, tr->table, target);
+		if (emptied >= 0)
+		{
+			tr->deleted += emptied;
+			mode = "snapshot_new";
+		}
+		else if (!catalog_has_rows(target))
+			mode = "snapshot_new";
+	}
+
+	report(rc, ts, "applying (%s)", mode);
+	catalog_apply(instance, tr->table, target, mode, way.any_jsonl ? NIL : way.columns, way.typed,
+				  &counts);
+	tr->upserted += counts.upserted;
+	tr->deleted += counts.deleted;
+	tr->unchanged += counts.unchanged;
+	tr->oversized += counts.oversized;
+}
+
+/* ---- the steps ---- */
+
+static void
+step_begin(RunContext *rc, TableSync *ts)
+{
+	TableRun *tr = ts->tr;
+	TableState *st = &ts->st;
+
+	catalog_begin();
+	catalog_table_state(rc->instance->name, rc->instance->target_schema, tr->table, st);
+	tr->watermark_before = st->watermark_raw;
+	catalog_log_start(tr);
+	catalog_commit();
+
+	ts->snapshot = (st->watermark_raw == NULL || rc->full || !st->table_exists || st->snapshot_due);
+	ts->started = GetCurrentTimestamp();
+	next_job(ts, JOB_MAIN, ts->snapshot, st->watermark_raw);
+}
+
+/*
+ * Starts the job set up. An incremental the API refuses as too old becomes
+ * a snapshot; a format the API refuses becomes jsonl. The job may already
+ * be complete (identical queries are deduplicated).
+ */
+static void
+step_start_job(RunContext *rc, TableSync *ts)
+{
+	DapError err;
+	DapJob *job;
+	const char *fmt = decode_format_name(rc->format);
+	bool snapshot = ts->job_snapshot;
+	const char *since = ts->job_since;
+
+	report(rc, ts, "starting a %s query job", snapshot ? "snapshot" : "incremental");
+	job = start_query(rc, ts, fmt, since, &err);
+	if (job == NULL && rc->format != FORMAT_JSONL &&
+		(err.type ? strcmp(err.type, "ValidationError") == 0 : err.status == 400))
+	{
+		/*
+		 * The query was refused as invalid: perhaps the format. JSON lines is
+		 * the format every DAP server documents: ask for it once, and keep it
+		 * for the run if it is accepted.
+		 */
+		ereport(LOG, (errmsg("cd2sync %s.%s: query in format %s refused (%s), asking for jsonl",
+							 rc->instance->name, ts->tr->table, fmt, err.message)));
+		job = start_query(rc, ts, "jsonl", since, &err);
+		if (job != NULL)
+		{
+			rc->format = FORMAT_JSONL;
+			fmt = decode_format_name(rc->format);
+		}
+	}
+	if (job == NULL && !snapshot && err.type &&
+		(strcmp(err.type, "SnapshotRequired") == 0 || strcmp(err.type, "OutOfRange") == 0))
+	{
+		ereport(LOG, (errmsg("cd2sync %s.%s: incremental refused (%s), taking a snapshot",
+							 rc->instance->name, ts->tr->table, err.type)));
+		snapshot = true;
+		job = start_query(rc, ts, fmt, NULL, &err);
+	}
+	if (job == NULL)
+		dap_raise(&err);
+
+	ts->job = job;
+	ts->job_snapshot = snapshot;
+	if (ts->role == JOB_MAIN)
+	{
+		ts->snapshot = snapshot;
+		ts->tr->job_id = job->id;
+	}
+	ts->job_started = GetCurrentTimestamp();
+	ts->poll_delay = Min(100, cd2_poll_interval);
+	ts->next_poll = ts->job_started + (TimestampTz) ts->poll_delay * 1000;
+	report(rc, ts, "waiting for query job %s", job->id);
+	ts->step = STEP_POLL;
+}
+
+static void
+step_poll(RunContext *rc, TableSync *ts)
+{
+	if (!dap_job_done(ts->job))
+	{
+		DapError err;
+
+		if (GetCurrentTimestamp() - ts->job_started > (TimestampTz) cd2_job_timeout * USECS_PER_SEC)
+			ereport(ERROR,
+					(errcode(ERRCODE_QUERY_CANCELED),
+					 errmsg("CD2 query job %s did not finish within cd2sync.job_timeout (%d s)",
+							ts->job->id, cd2_job_timeout)));
+		ts->job = dap_poll_job(rc->client, ts->job, &err);
+		if (ts->job == NULL)
+			dap_raise(&err);
+		ts->poll_delay = Min(ts->poll_delay * 2, cd2_poll_interval);
+		ts->next_poll = GetCurrentTimestamp() + (TimestampTz) ts->poll_delay * 1000;
+		if (!dap_job_done(ts->job))
+			return;
+	}
+	dap_check_finished(ts->job, ts->job_snapshot);
+	ts->jobs_done = GetCurrentTimestamp();
+	ts->step = (ts->role == JOB_MAIN && !ts->schema_checked) ? STEP_SCHEMA : STEP_URLS;
+}
+
+static void
+step_schema(RunContext *rc, TableSync *ts)
+{
+	TableRun *tr = ts->tr;
+	TableState *st = &ts->st;
+	DapJob *job = ts->job;
+	char *doc;
+	int version;
+	bool retype;
+
+	ts->schema_checked = true;
+	ts->step = STEP_URLS;
+	if (st->table_exists && job->schema_version > 0 && job->schema_version == st->schema_version)
+		return;
+
+	report(rc, ts, "fetching schema");
+	doc = dap_get_schema(rc->client, tr->table);
+	report(rc, ts, "creating or altering the table");
+	catalog_begin();
+	retype = catalog_ensure_table(rc->instance->name, rc->instance->target_schema, tr->table, doc,
+								  &version);
+	catalog_commit();
+	if (job->schema_version <= 0)
+		job->schema_version = version;
+
+	if (retype && !ts->job_snapshot)
+	{
+		/* a type that cannot change in place: the table is reloaded */
+		ereport(LOG, (errmsg("cd2sync %s.%s: a column type changed upstream, taking a snapshot",
+							 rc->instance->name, tr->table)));
+		next_job(ts, JOB_MAIN, true, NULL);
+	}
+}
+
+static void
+step_urls(RunContext *rc, TableSync *ts)
+{
+	DapJob *job = ts->job;
+	const char *watermark = ts->st.watermark_raw;
+	List *urls = NIL;
+
+	if (job->objects != NIL) /* (a result may have no objects at all) */
+	{
+		DapError err;
+
+		urls = dap_object_urls(rc->client, job->objects, &err);
+		if (urls == NIL)
+		{
+			/* the job is gone upstream (expired): start it again, once */
+			if (ts->job_restarted)
+				dap_raise(&err);
+			ereport(LOG, (errmsg("cd2sync %s.%s: %s; starting a new query job", rc->instance->name,
+								 ts->tr->table, err.message)));
+			ts->job_restarted = true;
+			ts->step = STEP_START_JOB;
+			return;
+		}
+	}
+	ts->step = STEP_LOAD;
+
+	if (ts->role == JOB_MAIN)
+	{
+		ts->main = job;
+		ts->main_urls = urls;
+		if (ts->snapshot && watermark && timestamp_before(job->at, watermark))
+		{
+			ts->catchup_since = job->at;
+			ts->step = STEP_CATCHUP;
+		}
+	}
+	else if (ts->job_snapshot)
+	{
+		/* the incremental was refused as too old: this newer snapshot replaces it all */
+		ts->main = job;
+		ts->main_urls = urls;
+		ts->catchups = NIL;
+		ts->catchup_since = job->at;
+		if (timestamp_before(ts->catchup_since, watermark))
+			ts->step = STEP_CATCHUP;
+	}
+	else if (timestamp_before(ts->catchup_since, job->until))
+	{
+		/* (no progress: what upstream has is all there is) */
+		ts->catchups = lappend(ts->catchups, list_make2(job, urls));
+		/* a window from what we held is current; else go on from its end */
+		if (timestamp_before(ts->catchup_since, watermark))
+		{
+			ts->catchup_since = job->until;
+			ts->step = STEP_CATCHUP;
+		}
+	}
+}
+
+static void
+step_catchup(RunContext *rc, TableSync *ts)
+{
+	if (ts->catchup_jobs >= CATCHUP_MAX_JOBS)
+	{
+		ts->step = STEP_LOAD;
+		return;
+	}
+	ts->catchup_jobs++;
+	next_job(ts, JOB_CATCHUP, false, ts->catchup_since);
+}
+
+static void
+step_load(RunContext *rc, TableSync *ts)
+{
+	TableRun *tr = ts->tr;
+	TimestampTz t0 = GetCurrentTimestamp();
+	ListCell *lc;
+
+	tr->job_seconds = (double) (ts->jobs_done - ts->started) / USECS_PER_SEC;
+	if (ts->catchups != NIL)
+		tr->watermark = ((DapJob *) linitial((List *) llast(ts->catchups)))->until;
+	else
+		tr->watermark = ts->snapshot ? ts->main->at : ts->main->until;
+
+	catalog_begin();
+	rc->loading = ts;
+	catalog_before_apply(tr);
+	apply_job(rc, ts, ts->main, ts->main_urls, ts->snapshot);
+	foreach (lc, ts->catchups)
+	{
+		List *pair = (List *) lfirst(lc);
+
+		apply_job(rc, ts, (DapJob *) linitial(pair), (List *) lsecond(pair), false);
+	}
+	rc->loading = NULL;
+	if (ts->snapshot)
+		tr->mode = "snapshot";
+	else
+		tr->mode = (tr->upserted == 0 && tr->deleted == 0) ? "unchanged" : "incremental";
+	tr->schema_version = ts->main->schema_version;
+	/* what follows an apply (merge map, change feeds) is SQL's: one hook */
+	report(rc, ts, "after apply");
+	catalog_after_apply(tr);
+	tr->load_seconds = seconds_since(t0);
+	catalog_log_success(tr);
+	catalog_commit();
+	ts->step = STEP_DONE;
+}
+
+typedef void (*StepFunction)(RunContext *rc, TableSync *ts);
+
+static const StepFunction steps[] = {
+	[STEP_BEGIN] = step_begin,   [STEP_START_JOB] = step_start_job, [STEP_POLL] = step_poll,
+	[STEP_SCHEMA] = step_schema, [STEP_URLS] = step_urls,           [STEP_CATCHUP] = step_catchup,
+	[STEP_LOAD] = step_load,
+};
+
+/* ---- the interface to the run ---- */
+
+TableSync *
+table_sync_new(RunContext *rc, const char *table)
+{
+	MemoryContext cxt = AllocSetContextCreate(rc->cxt, "cd2sync table", ALLOCSET_DEFAULT_SIZES);
+	TableSync *ts = MemoryContextAllocZero(cxt, sizeof(TableSync));
+
+	ts->cxt = cxt;
+	ts->step = STEP_BEGIN;
+	ts->tr = MemoryContextAllocZero(cxt, sizeof(TableRun));
+	ts->tr->run_id = rc->run_id;
+	ts->tr->instance = rc->instance->name;
+	ts->tr->table = table;
+	ts->tr->started = GetCurrentTimestamp();
+	decoding_run = rc;
+	decode_progress_hook = decode_progress;
+	return ts;
+}
+
+/*
+ * Whether the table sync's next step can run now; if not, lowers *wait_ms
+ * to when it can (a job that is not due to be asked again, a job that
+ * cd2sync.job_rate does not allow yet).
+ */
+bool
+table_sync_ready(RunContext *rc, TableSync *ts, long *wait_ms)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	long budget;
+
+	switch (ts->step)
+	{
+		case STEP_START_JOB:
+			budget = job_budget_wait_ms(rc);
+			*wait_ms = Min(*wait_ms, budget);
+			return budget == 0;
+		case STEP_POLL:
+			if (dap_job_done(ts->job) || now >= ts->next_poll)
+				return true;
+			*wait_ms = Min(*wait_ms, (long) ((ts->next_poll - now) / 1000));
+			return false;
+		default:
+			return true;
+	}
+}
+
+/*
+ * Runs the table sync's next step. A failure aborts the step's transaction
+ * (the table keeps its rows and watermark), is recorded in a new one, and
+ * ends the table sync. Returns whether the table sync goes on (false: done
+ * or failed).
+ */
+bool
+table_sync_step(RunContext *rc, TableSync *ts)
+{
+	volatile bool ok = true;
+
+	Assert(ts->step < STEP_DONE);
+	MemoryContextSwitchTo(ts->cxt);
+	PG_TRY();
+	{
+		steps[ts->step](rc, ts);
+	}
+	PG_CATCH();
+	{
+		ErrorData *edata = catalog_abort_keeping_error(rc->cxt);
+
+		rc->loading = NULL;
+		ereport(LOG, (errmsg("cd2sync %s.%s failed: %s", rc->instance->name, ts->tr->table,
+							 edata->message)));
+		MemoryContextSwitchTo(ts->cxt);
+		catalog_begin();
+		catalog_log_failure(ts->tr, edata->message, unpack_sql_state(edata->sqlerrcode));
+		catalog_commit();
+		FreeErrorData(edata);
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(rc->cxt);
+	return ok && ts->step != STEP_DONE;
+}
