@@ -59,8 +59,11 @@ UPDATE cd2_secret SET instance = 'north';
 UPDATE cd2_secret SET instance = 'south' WHERE instance IS NULL;
 SELECT cd2_add_instance('north', 'us-east-1#demo-north', (SELECT v FROM cd2_secret WHERE instance = 'north'),
                         api_url => '$emu', shard_id => 1);
+-- south: three canvas tables and one table of each other namespace
 SELECT cd2_add_instance('south', 'us-east-1#demo-south', (SELECT v FROM cd2_secret WHERE instance = 'south'),
-                        api_url => '$emu', shard_id => 2, tables => ARRAY['users', 'courses', 'enrollments']);
+                        api_url => '$emu', shard_id => 2,
+                        tables => ARRAY['users', 'courses', 'enrollments', 'canvas_logs.web_logs',
+                                        'new_quizzes.quiz_sessions', 'catalog.products']);
 COMMIT;
 SQL
 
@@ -72,11 +75,20 @@ psql -c "SELECT instance, table_name, watermark, schema_version, status FROM cd2
 
 echo "== row counts"
 psql <<'SQL'
-SELECT i.name AS instance, t.table_name,
-       (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', i.target_schema, t.table_name),
+SELECT i.name AS instance, t.table_name, r.rel AS stored_in,
+       (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %s', r.rel),
                                             false, true, '')))[1]::text::bigint AS rows
   FROM cd2sync.instances i JOIN cd2sync.table_state t ON t.instance = i.name
+ CROSS JOIN LATERAL (SELECT cd2sync._instance_rel(i.target_schema, t.table_name) AS rel) r
  ORDER BY 1, 2;
+SQL
+
+echo "== the other namespaces: reconciled views in cd2_<namespace>, users resolved as in cd2"
+psql <<'SQL'
+SELECT instance, "timestamp", user_id, original_user_id, http_method, url
+  FROM cd2_canvas_logs.web_logs WHERE user_id IS NOT NULL ORDER BY "timestamp" DESC LIMIT 3;
+SELECT instance, id, quiz_id, user_id, score, status FROM cd2_new_quizzes.quiz_sessions ORDER BY id LIMIT 3;
+SELECT instance, id, title, type, price FROM cd2_catalog.products ORDER BY id LIMIT 3;
 SQL
 
 echo "== upstream changes (an epoch in the emulator): users renamed, enrollments deleted"

@@ -116,6 +116,31 @@ sql_text(const char *sql, int nargs, const char **args)
 	return row ? row[0] : NULL;
 }
 
+/* Runs a statement; the first column of every row, as strings (NULLs skipped) */
+static List *
+sql_list(const char *sql, int nargs, const char **args)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	List *result = NIL;
+
+	SPI_connect();
+	execute(sql, nargs, args);
+	for (uint64 i = 0; SPI_tuptable && i < SPI_processed; i++)
+	{
+		char *v = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+
+		if (v)
+		{
+			MemoryContext old = MemoryContextSwitchTo(cxt);
+
+			result = lappend(result, pstrdup(v));
+			MemoryContextSwitchTo(old);
+		}
+	}
+	SPI_finish();
+	return result;
+}
+
 /* Runs a statement; whether its first row's first (boolean) column is true */
 static bool
 sql_bool(const char *sql, int nargs, const char **args)
@@ -323,6 +348,7 @@ catalog_table_state(const char *instance, const char *target_schema, const char 
 	const char *args[3] = { instance, table, target_schema };
 	Datum v[3];
 	bool n[3];
+	char **place;
 
 	if (!run_values(
 			"SELECT s.schema_version::int8, "
@@ -342,6 +368,12 @@ catalog_table_state(const char *instance, const char *target_schema, const char 
 	st->watermark_raw = sql_text("SELECT watermark_raw FROM cd2sync.table_state "
 								 " WHERE instance = $1 AND table_name = $2",
 								 2, args);
+	place = run_row("SELECT p.namespace, p.remote_name, format('%I.%I', p.schema_name, p.rel_name) "
+					"  FROM cd2sync._table_place($3, $2) p",
+					3, args);
+	st->namespace = place[0];
+	st->remote_name = place[1];
+	st->target = place[2];
 }
 
 void
@@ -429,6 +461,7 @@ catalog_log_failure(TableRun *tr, const char *error, const char *sqlstate)
 	run_row(
 		"INSERT INTO cd2sync.table_state (instance, table_name, status, last_error) "
 		"SELECT $2, $3, 'failed', $4 WHERE EXISTS (SELECT 1 FROM cd2sync.instances WHERE name = $2) "
+		"   AND NOT cd2sync._is_wildcard($3) "
 		"ON CONFLICT (instance, table_name) DO UPDATE SET status = 'failed', last_error = $4",
 		9, args);
 	notify(tr->run_id, tr->instance, tr->table, "failed", "failed", tr->watermark_before, error);
@@ -652,6 +685,59 @@ catalog_close_stale_runs(const char *instance, int64 run_id)
 	run_row("SELECT cd2sync._ensure_layout()", 0, NULL);
 }
 
+/*
+ * The namespaces a run must list to know its tables: asked (NIL: the
+ * configured ones; NIL too: every canvas table).
+ */
+List *
+catalog_listings_needed(List *configured, List *asked)
+{
+	const char *args[2] = { catalog_text_array(configured), catalog_text_array(asked) };
+
+	return sql_list("SELECT unnest(cd2sync._listings_needed($1::text[], $2::text[]))", 2, args);
+}
+
+/*
+ * The tables a run syncs, given what the API listed (listed_ns[i] lists
+ * listed[i]) and the namespaces it could not list (failed_ns[i], with
+ * failed_error[i] and SQLSTATE failed_code[i]): a list of TableToSync, an error set for an entry that
+ * stands for the tables of a namespace that could not be listed. Raises
+ * when a table asked for is not listed.
+ */
+List *
+catalog_tables_to_sync(List *configured, List *asked, List *listed_ns, List *listed,
+					   List *failed_ns, List *failed_error, List *failed_code)
+{
+	const char *args[7] = { catalog_text_array(configured), catalog_text_array(asked),
+							catalog_text_array(listed_ns),  catalog_text_array(listed),
+							catalog_text_array(failed_ns),  catalog_text_array(failed_error),
+							catalog_text_array(failed_code) };
+	MemoryContext cxt = CurrentMemoryContext;
+	List *result = NIL;
+
+	SPI_connect();
+	execute(
+		"SELECT table_name, error, error_code "
+		"  FROM cd2sync._tables_to_sync($1::text[], $2::text[], "
+		"       coalesce($3::text[], '{}'), coalesce($4::text[], '{}'), "
+		"       coalesce($5::text[], '{}'), coalesce($6::text[], '{}'), coalesce($7::text[], '{}'))",
+		7, args);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		MemoryContext old = MemoryContextSwitchTo(cxt);
+		TableToSync *t = palloc(sizeof(TableToSync));
+		char *error = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2);
+
+		t->table = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		t->error = error ? pstrdup(error) : NULL;
+		t->error_code = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 3);
+		result = lappend(result, t);
+		MemoryContextSwitchTo(old);
+	}
+	SPI_finish();
+	return result;
+}
+
 /* Brings the instance's rows up to the merge map where a refresh left them */
 void
 catalog_resolve_due(const char *instance)
@@ -679,23 +765,19 @@ catalog_table_configured(const char *instance, const char *table)
 	const char *args[2] = { instance, table };
 
 	/* _check_instance: a row, or its error if the instance was just dropped */
-	return sql_bool("SELECT tables IS NULL OR $2 = ANY (tables) "
-					"  FROM cd2sync._check_instance($1)",
-					2, args);
+	return sql_bool("SELECT cd2sync._covers(tables, $2) FROM cd2sync._check_instance($1)", 2, args);
 }
 
-/* Raises unless a text[] names CD2 tables (cd2sync._check_tables) */
-void
-catalog_check_tables(Datum tables)
+/*
+ * Raises unless the strings name CD2 tables (cd2sync._check_tables);
+ * returns them as stored: once each, "canvas." dropped.
+ */
+List *
+catalog_check_tables(List *tables)
 {
-	Oid types[1] = { TEXTARRAYOID };
-	Datum values[1] = { tables };
+	const char *args[1] = { catalog_text_array(tables) };
 
-	SPI_connect();
-	if (SPI_execute_with_args("SELECT cd2sync._check_tables($1)", 1, types, values, NULL, false,
-							  0) != SPI_OK_SELECT)
-		elog(ERROR, "cd2sync could not check table names");
-	SPI_finish();
+	return sql_list("SELECT unnest(cd2sync._check_tables($1::text[]))", 1, args);
 }
 
 /* The version of the extension's SQL objects, or NULL */

@@ -33,7 +33,18 @@ typedef struct TableState
 	int schema_version;  /* -1: none yet */
 	bool table_exists;   /* the target table is there */
 	bool snapshot_due;   /* a periodic full resync or a type change asks for one */
+	char *namespace;     /* the CD2 namespace of the table ... */
+	char *remote_name;   /* ... and its name there */
+	char *target;        /* the instance's table, quoted and qualified */
 } TableState;
+
+/* A table a run syncs, or (error set) the tables of a namespace it could not list */
+typedef struct TableToSync
+{
+	char *table;
+	char *error;
+	char *error_code;
+} TableToSync;
 
 /* One table sync, as the sync log records it */
 typedef struct TableRun
@@ -81,7 +92,7 @@ extern struct ErrorData *catalog_abort_keeping_error(MemoryContext cxt);
 
 /* the session that starts a sync, and the scheduler */
 extern void catalog_check_instance(const char *instance);
-extern void catalog_check_tables(Datum tables);
+extern List *catalog_check_tables(List *tables);
 extern bool catalog_table_configured(const char *instance, const char *table);
 extern char *catalog_sql_version(void);
 extern bool catalog_sql_current(void);
@@ -104,6 +115,9 @@ extern void catalog_after_apply(TableRun *tr);
 extern bool catalog_lock_instance(const char *instance, bool wait);
 extern void catalog_close_stale_runs(const char *instance, int64 run_id);
 extern void catalog_resolve_due(const char *instance);
+extern List *catalog_listings_needed(List *configured, List *asked);
+extern List *catalog_tables_to_sync(List *configured, List *asked, List *listed_ns, List *listed,
+									List *failed_ns, List *failed_error, List *failed_code);
 
 /* the table sync's target table */
 extern bool catalog_ensure_table(const char *instance, const char *target_schema, const char *table,

@@ -213,18 +213,27 @@ fill_error(DapError *err, const char *method, const char *path, HttpResponse *re
  * 08006 for a failure that retries did not overcome (transport, 5xx, 429),
  * 38000 for anything else the API refused.
  */
+static int
+error_code(const DapError *err)
+{
+	if (err->status == 401 || err->status == 403)
+		return ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+	if (err->status == 0 || err->status >= 500 || err->status == 429)
+		return ERRCODE_CONNECTION_FAILURE;
+	return ERRCODE_EXTERNAL_ROUTINE_EXCEPTION;
+}
+
 void
 dap_raise(DapError *err)
 {
-	int code;
+	ereport(ERROR, (errcode(error_code(err)), errmsg_internal("%s", err->message)));
+}
 
-	if (err->status == 401 || err->status == 403)
-		code = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
-	else if (err->status == 0 || err->status >= 500 || err->status == 429)
-		code = ERRCODE_CONNECTION_FAILURE;
-	else
-		code = ERRCODE_EXTERNAL_ROUTINE_EXCEPTION;
-	ereport(ERROR, (errcode(code), errmsg_internal("%s", err->message)));
+/* The SQLSTATE dap_raise would raise err with */
+const char *
+dap_sqlstate(const DapError *err)
+{
+	return unpack_sql_state(error_code(err));
 }
 
 /*
@@ -356,12 +365,22 @@ escape_path(const char *s)
 	return r;
 }
 
+/*
+ * The tables the API lists in a namespace, as it names them. With err, an
+ * answer refusing the call (a namespace the credential may not read: 403,
+ * 404) fills err and gives NIL; other failures raise.
+ */
 List *
-dap_list_tables(DapClient *c)
+dap_list_tables(DapClient *c, const char *ns, DapError *err)
 {
-	Jsonb *j = dap_call(c, "GET", "/dap/query/canvas/table", NULL, NULL);
-	JsonbContainer *arr = json_get_container(&j->root, "tables");
+	char *path = psprintf("/dap/query/%s/table", escape_path(ns));
+	Jsonb *j = dap_call(c, "GET", path, NULL, err);
+	JsonbContainer *arr;
 	List *tables = NIL;
+
+	if (j == NULL)
+		return NIL;
+	arr = json_get_container(&j->root, "tables");
 
 	if (arr == NULL || !JsonContainerIsArray(arr))
 		ereport(ERROR, (errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
@@ -381,9 +400,9 @@ dap_list_tables(DapClient *c)
  * its order of properties is the order of the table's columns.
  */
 char *
-dap_get_schema(DapClient *c, const char *table)
+dap_get_schema(DapClient *c, const char *ns, const char *table)
 {
-	char *path = psprintf("/dap/query/canvas/table/%s/schema", escape_path(table));
+	char *path = psprintf("/dap/query/%s/table/%s/schema", escape_path(ns), escape_path(table));
 	char *text = dap_call_text(c, "GET", path, NULL, NULL);
 
 	(void) parse_json(text, path); /* it must be JSON */
@@ -438,10 +457,10 @@ parse_job(Jsonb *j)
  * job that is already complete (identical queries are deduplicated).
  */
 DapJob *
-dap_start_query(DapClient *c, const char *table, const char *format, const char *since,
-				DapError *err)
+dap_start_query(DapClient *c, const char *ns, const char *table, const char *format,
+				const char *since, DapError *err)
 {
-	char *path = psprintf("/dap/query/canvas/table/%s/data", escape_path(table));
+	char *path = psprintf("/dap/query/%s/table/%s/data", escape_path(ns), escape_path(table));
 	StringInfoData body;
 	Jsonb *j;
 

@@ -43,14 +43,16 @@ typedef struct DapJob
 
 extern DapClient *dap_client_create(const char *api_url, const char *client_id,
 									const char *client_secret);
-extern List *dap_list_tables(DapClient *c);
-extern char *dap_get_schema(DapClient *c, const char *table);
-extern DapJob *dap_start_query(DapClient *c, const char *table, const char *format,
+/* ns: the CD2 namespace (canvas, canvas_logs, ...); table: its name there */
+extern List *dap_list_tables(DapClient *c, const char *ns, DapError *err);
+extern char *dap_get_schema(DapClient *c, const char *ns, const char *table);
+extern DapJob *dap_start_query(DapClient *c, const char *ns, const char *table, const char *format,
 							   const char *since, DapError *err);
 extern bool dap_job_done(DapJob *job);
 extern void dap_check_finished(DapJob *job, bool snapshot);
 extern DapJob *dap_poll_job(DapClient *c, DapJob *job, DapError *err);
 extern List *dap_object_urls(DapClient *c, List *object_ids, DapError *err);
 extern void dap_raise(DapError *err) pg_attribute_noreturn();
+extern const char *dap_sqlstate(const DapError *err);
 
 #endif /* CD2SYNC_DAP_CLIENT_H */

@@ -170,38 +170,70 @@ close_stale_runs(RunContext *rc)
 	resolve_due(rc);
 }
 
-/* The tables this run syncs: asked for, else configured, else all listed */
+/*
+ * The tables this run syncs: asked for, else configured, else every canvas
+ * table; "ns.*" stands for every table the API lists in ns. A namespace
+ * the API refuses to list (a credential without access to it: 403, 404)
+ * fails its own entries, recorded as such, and the run goes on with the
+ * others; any other failure to list fails the run.
+ */
 static List *
 tables_to_sync(RunContext *rc, List *asked)
 {
-	List *listed;
+	List *configured = rc->instance->tables;
+	List *listed_ns = NIL, *listed = NIL, *failed_ns = NIL, *failed_error = NIL, *failed_code = NIL;
+	List *tables = NIL;
 	ListCell *lc;
-	StringInfoData missing;
 
-	/* configured tables were checked against the API then; asked ones against them */
-	if (rc->instance->tables != NIL)
-		return asked != NIL ? asked : rc->instance->tables;
-	report(rc, NULL, "listing tables");
-	listed = dap_list_tables(rc->client);
-	if (asked == NIL)
-		return listed;
-
-	/* tables asked of an instance that syncs every table: the API must list them */
-	initStringInfo(&missing);
-	foreach (lc, asked)
+	catalog_begin();
+	foreach (lc, catalog_listings_needed(configured, asked))
 	{
-		ListCell *lc2;
-		bool found = false;
+		char *ns = (char *) lfirst(lc);
+		DapError err = { 0 };
+		List *names;
 
-		foreach (lc2, listed)
-			found |= strcmp((char *) lfirst(lc), (char *) lfirst(lc2)) == 0;
-		if (!found)
-			appendStringInfo(&missing, "%s%s", missing.len ? ", " : "", (char *) lfirst(lc));
+		report(rc, NULL, "listing the tables of namespace %s", ns);
+		names = dap_list_tables(rc->client, ns, &err);
+		if (err.message == NULL)
+		{
+			ListCell *lc2;
+
+			foreach (lc2, names)
+			{
+				listed_ns = lappend(listed_ns, ns);
+				listed = lappend(listed, lfirst(lc2));
+			}
+		}
+		else if (err.status == 403 || err.status == 404)
+		{
+			ereport(LOG, (errmsg("cd2sync %s: %s", rc->instance->name, err.message)));
+			failed_ns = lappend(failed_ns, ns);
+			failed_error = lappend(failed_error, err.message);
+			failed_code = lappend(failed_code, pstrdup(dap_sqlstate(&err)));
+		}
+		else
+			dap_raise(&err);
 	}
-	if (missing.len > 0)
-		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
-						errmsg("the CD2 API does not list table(s) %s", missing.data)));
-	return asked;
+	foreach (lc, catalog_tables_to_sync(configured, asked, listed_ns, listed, failed_ns,
+										failed_error, failed_code))
+	{
+		TableToSync *t = (TableToSync *) lfirst(lc);
+
+		if (t->error)
+		{
+			TableRun tr = { .run_id = rc->run_id,
+							.instance = rc->instance->name,
+							.table = t->table,
+							.started = GetCurrentTimestamp() };
+
+			catalog_log_start(&tr);
+			catalog_log_failure(&tr, t->error, t->error_code);
+		}
+		else
+			tables = lappend(tables, t->table);
+	}
+	catalog_commit();
+	return tables;
 }
 
 static void

@@ -30,8 +30,8 @@ PG_FUNCTION_INFO_V1(cd2_sync_start);
 PG_FUNCTION_INFO_V1(cd2_remote_tables);
 
 /*
- * The requested tables as C strings, once each: names as _check_tables
- * has them, each configured for the instance.
+ * The requested tables as C strings, as _check_tables has them (once each;
+ * "ns.*" for every table of a namespace), each configured for the instance.
  */
 static List *
 requested_tables(const char *instance, ArrayType *arr)
@@ -39,31 +39,32 @@ requested_tables(const char *instance, ArrayType *arr)
 	Datum *elems;
 	bool *nulls;
 	int n;
-	List *tables = NIL;
+	List *given = NIL;
+	List *tables;
+	ListCell *lc;
 
 	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
 	for (int i = 0; i < n; i++)
+	{
 		if (nulls[i])
 			ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 							errmsg("tables must not contain NULL")));
-	catalog_check_tables(PointerGetDatum(arr));
-	for (int i = 0; i < n; i++)
+		given = lappend(given, TextDatumGetCString(elems[i]));
+	}
+	if (given == NIL)
+		ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						errmsg("tables must name at least one table, or be NULL for every table")));
+	tables = catalog_check_tables(given);
+	foreach (lc, tables)
 	{
-		char *t;
-		bool seen = false;
-		ListCell *lc;
+		char *t = (char *) lfirst(lc);
 
-		t = TextDatumGetCString(elems[i]);
 		if (!catalog_table_configured(instance, t))
 			ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
 							errmsg("table \"%s\" is not configured for cd2sync instance \"%s\"", t,
 								   instance),
 							errhint("Add it with cd2_alter_instance(%s, tables => ...).",
 									quote_literal_cstr(instance))));
-		foreach (lc, tables)
-			seen |= strcmp((char *) lfirst(lc), t) == 0;
-		if (!seen)
-			tables = lappend(tables, t);
 	}
 	return tables;
 }
@@ -136,7 +137,7 @@ cd2_sync_start(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(run_id);
 }
 
-/* cd2sync._remote_tables(api_url, client_id, client_secret): the API's tables */
+/* cd2sync._remote_tables(api_url, client_id, client_secret, namespace): the API's tables */
 Datum
 cd2_remote_tables(PG_FUNCTION_ARGS)
 {
@@ -145,12 +146,12 @@ cd2_remote_tables(PG_FUNCTION_ARGS)
 	Datum *elems;
 	ListCell *lc;
 
-	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2) || PG_ARGISNULL(3))
 		PG_RETURN_NULL();
 	c = dap_client_create(text_to_cstring(PG_GETARG_TEXT_PP(0)),
 						  text_to_cstring(PG_GETARG_TEXT_PP(1)),
 						  text_to_cstring(PG_GETARG_TEXT_PP(2)));
-	tables = dap_list_tables(c);
+	tables = dap_list_tables(c, text_to_cstring(PG_GETARG_TEXT_PP(3)), NULL);
 	elems = palloc(sizeof(Datum) * Max(list_length(tables), 1));
 	foreach (lc, tables)
 		elems[foreach_current_index(lc)] = CStringGetTextDatum((char *) lfirst(lc));

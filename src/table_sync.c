@@ -126,7 +126,7 @@ start_query(RunContext *rc, TableSync *ts, const char *fmt, const char *since, D
 	rc->job_starts = lappend(rc->job_starts, palloc(sizeof(TimestampTz)));
 	*(TimestampTz *) llast(rc->job_starts) = GetCurrentTimestamp();
 	MemoryContextSwitchTo(old);
-	return dap_start_query(rc->client, ts->tr->table, fmt, since, err);
+	return dap_start_query(rc->client, ts->st.namespace, ts->st.remote_name, fmt, since, err);
 }
 
 /* Sets up the next job; START_JOB starts it */
@@ -319,7 +319,7 @@ apply_job(RunContext *rc, TableSync *ts, DapJob *job, List *urls, bool snapshot)
 {
 	TableRun *tr = ts->tr;
 	const char *instance = rc->instance->name;
-	char *target = quote_qualified_identifier(rc->instance->target_schema, tr->table);
+	const char *target = ts->st.target;
 	const char *mode;
 	LoadWay way = { 0 };
 	bool retype = snapshot && catalog_types_pending(instance, tr->table);
@@ -502,7 +502,7 @@ step_schema(RunContext *rc, TableSync *ts)
 		return;
 
 	report(rc, ts, "fetching schema");
-	doc = dap_get_schema(rc->client, tr->table);
+	doc = dap_get_schema(rc->client, st->namespace, st->remote_name);
 	report(rc, ts, "creating or altering the table");
 	catalog_begin();
 	retype = catalog_ensure_table(rc->instance->name, rc->instance->target_schema, tr->table, doc,

@@ -66,6 +66,8 @@ like($activity, qr/^cd2sync north cd2sync north: waiting for 2 query jobs \(cour
 unlike($activity, qr/north-secret|Bearer/, 'activity holds no secret');
 is($node->safe_psql('postgres', "SELECT instance, coalesce(table_name, '-'), phase, started_at IS NOT NULL FROM cd2sync.progress"),
 	'north|-|waiting for 2 query jobs (courses, users), 0 tables to start|t', 'cd2sync.progress shows the running sync');
+is($node->safe_psql('postgres', "SET ROLE cd2sync_reader; SELECT count(*) FROM cd2sync.progress"), '1',
+	'cd2sync_reader reads it too');
 $node->safe_psql('postgres',
 	"SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT * FROM cd2_sync_now%' AND pid <> pg_backend_pid()");
 $gone = wait_no_worker();

@@ -68,10 +68,11 @@ sub clock  { my ($s) = @_; return $s->get('/_emu/health')->{clock}; }
 
 sub state
 {
-	my ($s, $client_id, $table, $fresh) = @_;
+	my ($s, $client_id, $table, $fresh, $window) = @_;
 	my $cid = $client_id;
 	$cid =~ s/([^A-Za-z0-9_.-])/sprintf('%%%02X', ord($1))/ge;
-	return $s->get("/_emu/state?client_id=$cid&table=$table" . ($fresh ? '&fresh=1' : ''));
+	return $s->get("/_emu/state?client_id=$cid&table=$table" . ($fresh ? '&fresh=1' : '')
+		  . ($window ? '&window=1' : ''));
 }
 
 sub stop
@@ -132,11 +133,13 @@ sub sync
 sub iso { my ($t) = @_; $t =~ s/\.\d+Z$/Z/; return $t; }
 
 # Rows that differ between a synced table and the emulator's expected state
-# (both directions), as text; empty when they are equal.
+# (both directions), as text; empty when they are equal. opts: cd2 => the
+# CD2 name when it is not the table's (canvas_logs.web_logs), window => only
+# the rows the API still serves, fresh => as a fresh snapshot has them.
 sub table_diff
 {
 	my ($node, $emu, $client_id, $schema, $table, %opts) = @_;
-	my $state = $emu->state($client_id, $table, $opts{fresh});
+	my $state = $emu->state($client_id, $opts{cd2} // $table, $opts{fresh}, $opts{window});
 	my $doc = $json->encode($state->{rows});
 	my $rel = qq{"$schema"."$table"};
 	# the CD2 columns: cd2sync's own bookkeeping (cd2_*) is not upstream's

@@ -214,8 +214,7 @@ BEGIN
 
     -- each user column's replacement (reconcile.sql's cd2_<c>), looked up in
     -- the map as the row is written
-    SELECT i.shard_id INTO shard FROM cd2sync.instances i JOIN pg_class c ON c.oid = target
-      JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.target_schema = n.nspname;
+    SELECT t.shard_id INTO shard FROM cd2sync._rel_table(target) t;
     -- (a join, not a subquery per row; nothing to look up in an empty map)
     map_empty := NOT EXISTS (SELECT 1 FROM cd2sync.user_merge_map);
     FOR a IN SELECT u.col, cd2sync._resolved_column(u.col) AS rc, u.i,

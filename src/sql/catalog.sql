@@ -1,5 +1,6 @@
--- catalog.sql: what cd2sync knows: instances, their secrets, the state of
--- each synced table (its watermark), runs and the sync log.
+-- catalog.sql: what cd2sync knows: the names of CD2 tables across
+-- namespaces, instances, their secrets, the state of each synced table (its
+-- watermark), runs and the sync log.
 --
 -- The extension script never creates the per-instance target schemas: the
 -- sync worker creates them at run time (so that a distributed layer such as
@@ -9,6 +10,105 @@
 
 CREATE SCHEMA cd2sync;
 CREATE SCHEMA cd2;
+
+-- ---------------------------------------------------------------------------
+-- Namespaces. A CD2 table is named as users see it: "table" in namespace
+-- canvas, "ns.table" in another (canvas_logs.web_logs). The functions below
+-- are the one owner of what that name means: its namespace, its name in the
+-- API, the schema an instance keeps it in (canvas: the target schema; ns:
+-- <target_schema>_<ns>) and the schema of its reconciled view (cd2, cd2_<ns>).
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION cd2sync._namespaces()
+RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['canvas', 'canvas_logs', 'new_quizzes', 'catalog']
+$$;
+
+-- The schema an instance keeps the tables of a namespace in (its name; may
+-- be too long for a name: _ns_schema says so)
+CREATE FUNCTION cd2sync._ns_schema_name(target_schema text, namespace text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN namespace = 'canvas' THEN target_schema ELSE target_schema || '_' || namespace END
+$$;
+
+CREATE FUNCTION cd2sync._ns_schema(target_schema text, namespace text)
+RETURNS text LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s text := cd2sync._ns_schema_name(target_schema, namespace);
+BEGIN
+    IF octet_length(s) > 63 THEN
+        RAISE EXCEPTION 'schema name "%" for namespace % is too long', s, namespace
+              USING ERRCODE = 'name_too_long',
+                    HINT = 'Give the instance a shorter target_schema.';
+    END IF;
+    RETURN s;
+END $$;
+
+-- The namespace of a CD2 table name, and its name in that namespace
+-- (plain SQL expressions: the planner inlines them)
+CREATE FUNCTION cd2sync._namespace_of(table_name text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN strpos(table_name, '.') > 0 THEN split_part(table_name, '.', 1) ELSE 'canvas' END
+$$;
+
+CREATE FUNCTION cd2sync._remote_name(table_name text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT substr(table_name, strpos(table_name, '.') + 1)
+$$;
+
+-- A CD2 table name taken apart: its namespace, its name in the API, and the
+-- schema (and table) an instance with that target schema keeps it in
+CREATE FUNCTION cd2sync._table_place(target_schema text, table_name text,
+                                     OUT namespace text, OUT remote_name text,
+                                     OUT schema_name text, OUT rel_name text)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT cd2sync._namespace_of(table_name), cd2sync._remote_name(table_name),
+           cd2sync._ns_schema(target_schema, cd2sync._namespace_of(table_name)),
+           cd2sync._remote_name(table_name)
+$$;
+
+-- The name of a table of a namespace, as users see it
+CREATE FUNCTION cd2sync._qualified(namespace text, remote_name text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN namespace = 'canvas' THEN remote_name ELSE namespace || '.' || remote_name END
+$$;
+
+-- The schema of a namespace's reconciled views: cd2, cd2_<ns>
+CREATE FUNCTION cd2sync._view_schema(namespace text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN namespace = 'canvas' THEN 'cd2' ELSE 'cd2_' || namespace END
+$$;
+
+-- The reconciled view of a CD2 table: cd2.<table>, cd2_<ns>.<table>
+CREATE FUNCTION cd2sync._view_name(table_name text, OUT schema_name text, OUT view_name text)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT cd2sync._view_schema(cd2sync._namespace_of(table_name)), cd2sync._remote_name(table_name)
+$$;
+
+-- The schemas an instance with this target schema may keep tables in, one
+-- per namespace (whether they exist or not)
+CREATE FUNCTION cd2sync._instance_schemas(target_schema text)
+RETURNS TABLE (namespace text, schema_name text)
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT ns, cd2sync._ns_schema_name(target_schema, ns)
+      FROM unnest(cd2sync._namespaces()) ns
+     WHERE octet_length(cd2sync._ns_schema_name(target_schema, ns)) <= 63
+$$;
+
+-- Whether a CD2 table name stands for the tables of its namespace ("ns.*")
+CREATE FUNCTION cd2sync._is_wildcard(table_name text)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT table_name LIKE '%.*'
+$$;
+
+-- Whether an instance syncing these tables (NULL: every canvas table) syncs
+-- the given one (a name, or "ns.*")
+CREATE FUNCTION cd2sync._covers(tables text[], table_name text)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN tables IS NULL THEN cd2sync._namespace_of(table_name) = 'canvas'
+                ELSE table_name = ANY (tables) OR cd2sync._namespace_of(table_name) || '.*' = ANY (tables) END
+$$;
+
 
 -- One Canvas instance = one CD2 credential = one target schema.
 CREATE TABLE cd2sync.instances (
@@ -24,7 +124,9 @@ CREATE TABLE cd2sync.instances (
     -- a fresh snapshot of each table at least this often (NULL: only when needed)
     full_resync_every interval CHECK (full_resync_every > interval '0'),
     created_at    timestamptz NOT NULL DEFAULT now(),
-    updated_at    timestamptz NOT NULL DEFAULT now()
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    -- local history of namespace canvas_logs (web_logs) kept this long (NULL: forever)
+    keep_logs     interval CHECK (keep_logs > interval '0')
 );
 
 -- Client secrets live apart, readable by the extension's owner only.
@@ -114,7 +216,7 @@ CREATE VIEW cd2sync.schedules AS
                 THEN (SELECT CASE WHEN count(*) = 0 OR bool_or(s.snapshot_at IS NULL) THEN now()
                                   ELSE min(s.snapshot_at) + i.full_resync_every END
                         FROM cd2sync.table_state s
-                       WHERE s.instance = i.name AND (i.tables IS NULL OR s.table_name = ANY (i.tables)))
+                       WHERE s.instance = i.name AND cd2sync._covers(i.tables, s.table_name))
            END AS next_full_resync_at
       FROM cd2sync.instances i
       LEFT JOIN LATERAL (SELECT * FROM cd2sync.runs r WHERE r.instance = i.name

@@ -49,7 +49,7 @@ CREATE VIEW cd2sync.feeds AS
       CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.committed_at) AS oldest_pending
                             FROM cd2sync.changes c
                            WHERE c.position > f.acknowledged AND f.stale_since IS NULL
-                             AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))) p;
+                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p;
 
 CREATE FUNCTION cd2sync._feed_limits(OUT max_pending bigint, OUT max_age_seconds int)
 AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;
@@ -78,7 +78,7 @@ CREATE FUNCTION cd2sync._feed_follows(table_name text)
 RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT EXISTS (SELECT 1 FROM cd2sync.feed f
                     WHERE f.stale_since IS NULL
-                      AND (f.tables IS NULL OR _feed_follows.table_name = ANY (f.tables)))
+                      AND cd2sync._covers(f.tables, _feed_follows.table_name))
 $$;
 
 -- ---------------------------------------------------------------------------
@@ -114,8 +114,7 @@ DECLARE
     keys text[] := cd2sync._key_columns(rel);
     wm timestamptz;
 BEGIN
-    SELECT i.* INTO inst FROM cd2sync.instances i JOIN pg_class c ON c.oid = rel
-      JOIN pg_namespace s ON s.oid = c.relnamespace WHERE i.target_schema = s.nspname;
+    SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
     IF NOT FOUND OR keys IS NULL THEN
         RETURN NULL;
     END IF;
@@ -172,8 +171,9 @@ RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off
 SET enable_hashjoin = on SET enable_mergejoin = on SET enable_material = on AS $$
 DECLARE
+    tab text := (cd2sync._rel_table(TG_RELID)).table_name;   -- (its CD2 name: ns.table)
     -- (TRUNCATE: before it, every row of the table is deleted)
-    q text := cd2sync._feed_capture_sql(TG_RELID, TG_TABLE_NAME,
+    q text := cd2sync._feed_capture_sql(TG_RELID, tab,
                                         CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old'
                                              WHEN TG_OP = 'TRUNCATE' THEN TG_RELID::regclass::text END,
                                         CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
@@ -184,7 +184,7 @@ BEGIN
         EXECUTE q;
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n > 0 THEN
-            PERFORM cd2sync._feed_notify(TG_TABLE_NAME);
+            PERFORM cd2sync._feed_notify(tab);
         END IF;
     END IF;
     RETURN NULL;
@@ -195,7 +195,7 @@ END $$;
 CREATE FUNCTION cd2sync._feed_notify(table_name text)
 RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_notify('cd2sync_feed', f.name) FROM cd2sync.feed f
-     WHERE f.stale_since IS NULL AND (f.tables IS NULL OR _feed_notify.table_name = ANY (f.tables))
+     WHERE f.stale_since IS NULL AND cd2sync._covers(f.tables, _feed_notify.table_name)
 $$;
 
 -- Gives an instance table its capture triggers when a feed follows the
@@ -278,7 +278,7 @@ BEGIN
         why := NULL;
         SELECT c.committed_at INTO oldest FROM cd2sync.changes c
          WHERE c.position > f.acknowledged
-           AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))
+           AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
          ORDER BY c.position LIMIT 1;
         IF oldest < now() - make_interval(secs => lim.max_age_seconds) THEN
             why := format('a change waits since %s, longer than cd2sync.feed_max_age', oldest);
@@ -287,7 +287,7 @@ BEGIN
             SELECT count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
                      WHERE c.position > f.acknowledged
-                       AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))
+                       AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
                      LIMIT lim.max_pending + 1) x;
             IF pending > lim.max_pending THEN
                 why := format('more than %s changes wait, over cd2sync.feed_max_pending', lim.max_pending);
@@ -314,7 +314,7 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM cd2sync.feed f
                         WHERE f.stale_since IS NULL AND f.acknowledged < c.position
                           AND (c.feed = f.name
-                               OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables)))));
+                               OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name))));
 END $$;
 
 -- ---------------------------------------------------------------------------
@@ -326,6 +326,7 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     n text := cd2_create_feed.name;
     t text;
+    vw regclass;
     keys text[];
     start bigint;
 BEGIN
@@ -337,7 +338,7 @@ BEGIN
     IF from_start IS NULL THEN
         RAISE EXCEPTION 'from_start must be true or false' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    PERFORM cd2sync._check_tables(tables);
+    tables := cd2sync._check_tables(tables);
     IF EXISTS (SELECT 1 FROM cd2sync.feed f WHERE f.name = n) THEN
         RAISE EXCEPTION 'cd2sync feed "%" already exists', n USING ERRCODE = 'duplicate_object';
     END IF;
@@ -348,24 +349,21 @@ BEGIN
     -- after every change already published.
     PERFORM cd2sync._ensure_layout();   -- (tables an earlier version made)
     INSERT INTO cd2sync.feed (name, tables, acknowledged)
-    VALUES (n, (SELECT array_agg(DISTINCT x ORDER BY x) FROM unnest(tables) x), 0);
+    VALUES (n, tables, 0);
     PERFORM cd2sync._feed_ensure_captures();
     PERFORM cd2sync._feed_lock();
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
     UPDATE cd2sync.feed f SET acknowledged = start WHERE f.name = n;
     IF from_start THEN
-        FOR t IN SELECT c.relname::text FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
-                  WHERE s.nspname = 'cd2' AND c.relkind = 'v'
-                    AND c.relname NOT IN ('user_merges', 'reconciliation_health')
-                    AND (tables IS NULL OR c.relname = ANY (tables))
-                  ORDER BY 1 LOOP
+        FOR t, vw IN SELECT v.table_name, v.view FROM cd2sync._views() v
+                      WHERE cd2sync._covers(tables, v.table_name) ORDER BY 1 LOOP
             SELECT cd2sync._key_columns(x.rel) INTO keys FROM cd2sync._instances_with(t) x LIMIT 1;
             EXECUTE format(
                 'INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
                  SELECT nextval(''cd2sync.change_position_seq''), %L, %L, ''insert'', %s, r->>''instance'', r, ''start''
-                   FROM (SELECT to_jsonb(v) AS r FROM cd2.%I v) x',
+                   FROM (SELECT to_jsonb(v) AS r FROM %s v) x',
                 n, t, (SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
-                         FROM unnest(keys) k), t);
+                         FROM unnest(keys) k), vw);
         END LOOP;
         IF EXISTS (SELECT 1 FROM cd2sync.changes c WHERE c.feed = n) THEN
             PERFORM pg_notify('cd2sync_feed', n);
@@ -408,7 +406,7 @@ BEGIN
     SELECT c.position, c.table_name, c.op, c.key, c.instance, c."row", c.changed, c.cause, c.watermark
       FROM cd2sync.changes c
      WHERE c.position > f.acknowledged
-       AND (c.feed = f.name OR (c.feed IS NULL AND (f.tables IS NULL OR c.table_name = ANY (f.tables))))
+       AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
      ORDER BY c.position
      LIMIT max_changes;
 END $$;

@@ -47,37 +47,63 @@ END $$;
 -- there is none. What anyone else planted under that name is never read.
 CREATE FUNCTION cd2sync._instance_rel(target_schema text, table_name text)
 RETURNS regclass LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE n.nspname = target_schema AND c.relname = table_name AND c.relkind IN ('r', 'p')
+    SELECT c.oid::regclass FROM cd2sync._table_place(target_schema, table_name) p
+      JOIN pg_namespace n ON n.nspname = p.schema_name
+      JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.rel_name
+     WHERE c.relkind IN ('r', 'p')
        AND cd2sync._trusted_owner(c.relowner) AND cd2sync._trusted_owner(n.nspowner)
 $$;
 
+-- The instance and CD2 table name of an instance table, when it is one
+CREATE FUNCTION cd2sync._rel_table(rel regclass, OUT instance text, OUT table_name text,
+                                   OUT shard_id bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT i.name, cd2sync._qualified(s.namespace, c.relname), i.shard_id
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN cd2sync.instances i ON n.nspname LIKE i.target_schema || '%'
+      CROSS JOIN LATERAL cd2sync._instance_schemas(i.target_schema) s
+     WHERE c.oid = rel AND s.schema_name = n.nspname
+$$;
+
 -- Checks a tables argument (of an instance, a feed or a sync): NULL for
--- every table, else CD2 table names. The one owner of what a table name is.
+-- every canvas table, else CD2 table names ("table", "ns.table", "ns.*" for
+-- every table the API lists in ns). The one owner of what a table name is.
+-- Returns the names as stored: once each, sorted, "canvas." dropped.
 CREATE FUNCTION cd2sync._check_tables(tables text[])
-RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS text[] LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     bad text;
+    clean text[];
 BEGIN
-    IF tables IS NOT NULL THEN
-        IF cardinality(tables) = 0 THEN
-            RAISE EXCEPTION 'tables must name at least one table, or be NULL for every table'
-                  USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        SELECT coalesce(quote_literal(t), 'NULL') INTO bad
-          FROM unnest(tables) t WHERE t IS NULL OR t !~ '^[A-Za-z0-9_]{1,63}$' LIMIT 1;
-        IF FOUND THEN
-            RAISE EXCEPTION 'invalid table name % in tables', bad
-                  USING ERRCODE = 'invalid_parameter_value',
-                        DETAIL = 'CD2 table names are made of letters, digits and underscores.';
-        END IF;
+    IF tables IS NULL THEN
+        RETURN NULL;
     END IF;
+    IF cardinality(tables) = 0 THEN
+        RAISE EXCEPTION 'tables must name at least one table, or be NULL for every table'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT coalesce(quote_literal(t), 'NULL') INTO bad
+      FROM unnest(tables) t
+     WHERE t IS NULL OR t !~ '^([a-z_]+\.)?([A-Za-z0-9_]{1,63}|\*)$'
+        OR (strpos(t, '.') > 0 AND NOT split_part(t, '.', 1) = ANY (cd2sync._namespaces()))
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'invalid table name % in tables', bad
+              USING ERRCODE = 'invalid_parameter_value',
+                    DETAIL = 'A CD2 table is "table" (namespace canvas), "namespace.table" or "namespace.*", '
+                             || 'a table name made of letters, digits and underscores; the namespaces are '
+                             || array_to_string(cd2sync._namespaces(), ', ') || '.';
+    END IF;
+    SELECT array_agg(DISTINCT n ORDER BY n) INTO clean
+      FROM unnest(tables) t, regexp_replace(t, '^canvas\.(?!\*$)', '') n;
+    RETURN clean;
 END $$;
 
 -- Checks the arguments shared by cd2_add_instance and cd2_alter_instance.
 CREATE FUNCTION cd2sync._check_settings(client_id text, client_secret text, api_url text,
                                         tables text[], shard_id bigint, schedule interval,
-                                        target_schema text, full_resync_every interval DEFAULT NULL)
+                                        target_schema text, full_resync_every interval DEFAULT NULL,
+                                        keep_logs interval DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF client_id IS NULL OR client_id = '' THEN
@@ -101,40 +127,81 @@ BEGIN
         RAISE EXCEPTION 'full_resync_every must be a positive interval, or NULL for snapshots only when needed'
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF keep_logs <= interval '0' THEN
+        RAISE EXCEPTION 'keep_logs must be a positive interval, or NULL to keep canvas_logs history forever'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF target_schema IS NOT NULL AND (target_schema = '' OR octet_length(target_schema) > 63
-           OR target_schema ~ '^pg_' OR target_schema IN ('cd2sync', 'cd2', 'information_schema', 'public')) THEN
+           OR target_schema ~ '^pg_' OR target_schema IN ('cd2sync', 'cd2', 'information_schema', 'public')
+           OR target_schema IN (SELECT cd2sync._view_schema(ns) FROM unnest(cd2sync._namespaces()) ns)) THEN
         RAISE EXCEPTION 'target_schema "%" cannot be used', target_schema
               USING ERRCODE = 'invalid_schema_name',
-                    DETAIL = 'It must be 1 to 63 bytes and not a system schema, public, cd2 or cd2sync.';
+                    DETAIL = 'It must be 1 to 63 bytes and not a system schema, public, cd2, cd2_<namespace> or cd2sync.';
     END IF;
 END $$;
 
--- Checks that the API lists every configured table. An API that cannot be
--- reached gets a warning: the tables are checked again at each sync.
+-- Raises when an instance with this target schema would keep tables in a
+-- schema another instance keeps tables in (north_catalog is both north's
+-- schema of namespace catalog and the target schema of an instance of
+-- that name), or when one of its schemas belongs to an untrusted role.
+CREATE FUNCTION cd2sync._check_target_schema(target_schema text, instance text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    other text;
+    s record;
+BEGIN
+    SELECT i.name INTO other
+      FROM cd2sync.instances i
+      JOIN cd2sync._instance_schemas(i.target_schema) a ON true
+      JOIN cd2sync._instance_schemas(_check_target_schema.target_schema) b
+        ON a.schema_name = b.schema_name
+     WHERE i.name IS DISTINCT FROM _check_target_schema.instance
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'schema "%" is already the target of another instance', target_schema
+              USING ERRCODE = 'duplicate_schema',
+                    DETAIL = format('Instance %s keeps tables in a schema this one would use '
+                                    '(a namespace''s tables go to <target_schema>_<namespace>).', other);
+    END IF;
+    FOR s IN SELECT * FROM cd2sync._instance_schemas(_check_target_schema.target_schema) LOOP
+        PERFORM cd2sync._check_schema_owner(s.schema_name);
+    END LOOP;
+END $$;
+
+-- Checks that the API lists every configured table, namespace by
+-- namespace ("ns.*" only needs the namespace to be listed). A namespace or an
+-- API that cannot be read gets a warning: the tables are checked again at
+-- each sync, and a namespace the credential may not read fails its own
+-- tables there.
 CREATE FUNCTION cd2sync._check_remote_tables(api_url text, client_id text, client_secret text,
                                              tables text[])
 RETURNS void LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET cd2sync.http_retries = 2 AS $$
 DECLARE
+    ns text;
     remote text[];
     missing text[];
 BEGIN
     IF tables IS NULL THEN
         RETURN;
     END IF;
-    BEGIN
-        remote := cd2sync._remote_tables(api_url, client_id, client_secret);
-    EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'could not check the tables against the CD2 API: %', SQLERRM
-              USING HINT = 'Tables the API does not list will fail at sync time.';
-        RETURN;
-    END;
-    SELECT array_agg(t ORDER BY t) INTO missing FROM unnest(tables) t WHERE NOT t = ANY (remote);
-    IF missing IS NOT NULL THEN
-        RAISE EXCEPTION 'the CD2 API does not list table(s) %', array_to_string(missing, ', ')
-              USING ERRCODE = 'undefined_table',
-                    HINT = 'The API lists: ' || array_to_string(remote, ', ');
-    END IF;
+    FOR ns IN SELECT DISTINCT cd2sync._namespace_of(t) FROM unnest(tables) t ORDER BY 1 LOOP
+        BEGIN
+            remote := cd2sync._remote_tables(api_url, client_id, client_secret, ns);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'could not check the tables of namespace % against the CD2 API: %', ns, SQLERRM
+                  USING HINT = 'Tables the API does not list will fail at sync time.';
+            CONTINUE;
+        END;
+        SELECT array_agg(t ORDER BY t) INTO missing FROM unnest(tables) t
+         WHERE cd2sync._namespace_of(t) = ns AND NOT cd2sync._is_wildcard(t)
+           AND NOT cd2sync._remote_name(t) = ANY (remote);
+        IF missing IS NOT NULL THEN
+            RAISE EXCEPTION 'the CD2 API does not list table(s) %', array_to_string(missing, ', ')
+                  USING ERRCODE = 'undefined_table',
+                        HINT = format('The API lists in namespace %s: %s', ns, array_to_string(remote, ', '));
+        END IF;
+    END LOOP;
 END $$;
 
 CREATE FUNCTION cd2_add_instance(
@@ -146,7 +213,8 @@ CREATE FUNCTION cd2_add_instance(
     shard_id      bigint   DEFAULT NULL,
     schedule      interval DEFAULT NULL,
     target_schema text     DEFAULT NULL,
-    full_resync_every interval DEFAULT NULL)
+    full_resync_every interval DEFAULT NULL,
+    keep_logs     interval DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n text := cd2_add_instance.name;
@@ -158,24 +226,20 @@ BEGIN
                     DETAIL = 'An instance name is a lower-case letter followed by up to 47 lower-case letters, digits or underscores.';
     END IF;
     PERFORM cd2sync._check_settings(client_id, client_secret, api_url, tables, shard_id, schedule,
-                                    target_schema, full_resync_every);
+                                    target_schema, full_resync_every, keep_logs);
     IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.name = n) THEN
         RAISE EXCEPTION 'cd2sync instance "%" already exists', n USING ERRCODE = 'duplicate_object';
     END IF;
-    IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.target_schema = coalesce(cd2_add_instance.target_schema, n)) THEN
-        RAISE EXCEPTION 'schema "%" is already the target of another instance',
-              coalesce(cd2_add_instance.target_schema, n) USING ERRCODE = 'duplicate_schema';
-    END IF;
-    PERFORM cd2sync._check_schema_owner(coalesce(cd2_add_instance.target_schema, n));
-    SELECT array_agg(DISTINCT t ORDER BY t) INTO tables_clean FROM unnest(tables) t;
+    PERFORM cd2sync._check_target_schema(coalesce(cd2_add_instance.target_schema, n), n);
+    tables_clean := cd2sync._check_tables(tables);
     PERFORM cd2sync._check_remote_tables(api_url, client_id, client_secret, tables_clean);
 
     -- (no rows in the views yet: captures none, and keeps its rows' passes quiet)
     PERFORM cd2sync._feed_capture_instance(n, 'old');
     INSERT INTO cd2sync.instances (name, client_id, api_url, tables, shard_id, schedule, target_schema,
-                                   full_resync_every)
+                                   full_resync_every, keep_logs)
     VALUES (n, client_id, api_url, tables_clean, shard_id, schedule,
-            coalesce(cd2_add_instance.target_schema, n), full_resync_every);
+            coalesce(cd2_add_instance.target_schema, n), full_resync_every, keep_logs);
     INSERT INTO cd2sync.instance_secrets (instance, client_secret) VALUES (n, client_secret);
     -- an instance whose target schema already holds synced tables joins the
     -- views (and the feeds that follow them)
@@ -197,19 +261,22 @@ CREATE FUNCTION cd2_alter_instance(
     shard_id      bigint   DEFAULT -1,
     schedule      interval DEFAULT '-00:00:00.000001',
     target_schema text     DEFAULT '',
-    full_resync_every interval DEFAULT '-00:00:00.000001')
+    full_resync_every interval DEFAULT '-00:00:00.000001',
+    keep_logs     interval DEFAULT '-00:00:00.000001')
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     old cd2sync.instances := cd2sync._check_instance(cd2_alter_instance.name);
     new cd2sync.instances := old;
     secret text;
+    r record;
+    moved boolean := false;
 BEGIN
     SELECT s.client_secret INTO secret FROM cd2sync.instance_secrets s WHERE s.instance = old.name;
     new.client_id := coalesce(cd2_alter_instance.client_id, old.client_id);
     secret := coalesce(cd2_alter_instance.client_secret, secret);
     new.api_url := coalesce(cd2_alter_instance.api_url, old.api_url);
     IF tables IS NULL OR cardinality(tables) > 0 THEN
-        SELECT array_agg(DISTINCT t ORDER BY t) INTO new.tables FROM unnest(tables) t;
+        new.tables := cd2sync._check_tables(tables);
     END IF;
     IF shard_id IS DISTINCT FROM -1 THEN
         new.shard_id := shard_id;
@@ -223,12 +290,15 @@ BEGIN
     IF full_resync_every IS DISTINCT FROM interval '-00:00:00.000001' THEN
         new.full_resync_every := full_resync_every;
     END IF;
+    IF keep_logs IS DISTINCT FROM interval '-00:00:00.000001' THEN
+        new.keep_logs := keep_logs;
+    END IF;
     PERFORM cd2sync._check_settings(new.client_id, secret, new.api_url,
                                     CASE WHEN tables IS NULL OR cardinality(tables) > 0 THEN tables END,
                                     new.shard_id, new.schedule,
                                     CASE WHEN target_schema IS NOT NULL AND target_schema <> ''
                                          THEN target_schema END,
-                                    new.full_resync_every);
+                                    new.full_resync_every, new.keep_logs);
     -- the stored secret is only ever sent where it was given for
     IF (new.api_url <> old.api_url OR new.client_id <> old.client_id)
        AND cd2_alter_instance.client_secret IS NULL THEN
@@ -238,22 +308,24 @@ BEGIN
                     HINT = 'Give client_secret too: the stored one is not sent to another URL or client.';
     END IF;
     IF new.target_schema <> old.target_schema THEN
-        IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.target_schema = new.target_schema) THEN
-            RAISE EXCEPTION 'schema "%" is already the target of another instance', new.target_schema
-                  USING ERRCODE = 'duplicate_schema';
-        END IF;
-        PERFORM cd2sync._check_schema_owner(new.target_schema);
-        IF to_regnamespace(quote_ident(old.target_schema)) IS NOT NULL THEN
-            IF to_regnamespace(quote_ident(new.target_schema)) IS NOT NULL THEN
-                RAISE EXCEPTION 'schema "%" already exists', new.target_schema
+        PERFORM cd2sync._check_target_schema(new.target_schema, old.name);
+        -- the synced data moves with the instance, a schema per namespace
+        FOR r IN SELECT o.schema_name AS old_schema, n.schema_name AS new_schema
+                   FROM cd2sync._instance_schemas(old.target_schema) o
+                   JOIN cd2sync._instance_schemas(new.target_schema) n USING (namespace)
+                  WHERE to_regnamespace(quote_ident(o.schema_name)) IS NOT NULL LOOP
+            IF to_regnamespace(quote_ident(r.new_schema)) IS NOT NULL THEN
+                RAISE EXCEPTION 'schema "%" already exists', r.new_schema
                       USING ERRCODE = 'duplicate_schema';
             END IF;
-            -- the synced data moves with the instance
-            PERFORM cd2sync._check_schema_owner(old.target_schema);
-            PERFORM cd2sync._lock_instance(old.name);
-            PERFORM cd2sync._feed_capture_instance(old.name, 'old');
-            EXECUTE format('ALTER SCHEMA %I RENAME TO %I', old.target_schema, new.target_schema);
-        END IF;
+            PERFORM cd2sync._check_schema_owner(r.old_schema);
+            IF NOT moved THEN
+                PERFORM cd2sync._lock_instance(old.name);
+                PERFORM cd2sync._feed_capture_instance(old.name, 'old');
+                moved := true;
+            END IF;
+            EXECUTE format('ALTER SCHEMA %I RENAME TO %I', r.old_schema, r.new_schema);
+        END LOOP;
     END IF;
     IF new.tables IS DISTINCT FROM old.tables OR new.api_url <> old.api_url
        OR new.client_id <> old.client_id THEN
@@ -266,7 +338,7 @@ BEGIN
     UPDATE cd2sync.instances i
        SET client_id = new.client_id, api_url = new.api_url, tables = new.tables,
            shard_id = new.shard_id, schedule = new.schedule, target_schema = new.target_schema,
-           full_resync_every = new.full_resync_every, updated_at = now()
+           full_resync_every = new.full_resync_every, keep_logs = new.keep_logs, updated_at = now()
      WHERE i.name = old.name;
     UPDATE cd2sync.instance_secrets s SET client_secret = secret WHERE s.instance = old.name;
     IF new.shard_id IS DISTINCT FROM old.shard_id OR new.target_schema <> old.target_schema THEN
@@ -281,12 +353,14 @@ CREATE FUNCTION cd2_drop_instance(name text, drop_data boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     old cd2sync.instances := cd2sync._check_instance(cd2_drop_instance.name);
+    s record;
 BEGIN
     IF drop_data IS NULL THEN
         RAISE EXCEPTION 'drop_data must be true or false' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     IF drop_data THEN
-        PERFORM cd2sync._check_schema_owner(old.target_schema);   -- (nobody else's goes)
+        -- (nobody else's goes)
+        PERFORM cd2sync._check_schema_owner(x.schema_name) FROM cd2sync._instance_schemas(old.target_schema) x;
     END IF;
     PERFORM cd2sync._lock_instance(old.name);
     PERFORM cd2sync._feed_capture_instance(old.name, 'old');
@@ -295,7 +369,10 @@ BEGIN
     PERFORM cd2sync._reconcile_changed();
     PERFORM cd2sync._feed_capture_instance(old.name, 'new');   -- (no rows: gone from the views)
     IF drop_data THEN
-        EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', old.target_schema);
+        FOR s IN SELECT * FROM cd2sync._instance_schemas(old.target_schema) x
+                  WHERE to_regnamespace(quote_ident(x.schema_name)) IS NOT NULL LOOP
+            EXECUTE format('DROP SCHEMA %I CASCADE', s.schema_name);
+        END LOOP;
     END IF;
 END $$;
 

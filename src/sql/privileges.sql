@@ -31,8 +31,8 @@ REVOKE ALL ON ALL TABLES IN SCHEMA cd2sync FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA cd2sync FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cd2sync FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA cd2 FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text, interval),
-                       cd2_alter_instance(text, text, text, text, text[], bigint, interval, text, interval),
+REVOKE ALL ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text, interval, interval),
+                       cd2_alter_instance(text, text, text, text, text[], bigint, interval, text, interval, interval),
                        cd2_drop_instance(text, boolean),
                        cd2_sync_now(text, text[], boolean),
                        cd2_sync_start(text, text[], boolean),
@@ -58,6 +58,11 @@ GRANT EXECUTE ON FUNCTION cd2_watermark(text, text), cd2_consistent_watermark(te
                           cd2_feed_read(text, integer), cd2_feed_ack(text, bigint)
     TO cd2sync_reader;
 
+-- what the views call is checked for whoever reads them: the pure name
+-- rules for all, the workers' progress for the readers of cd2sync.progress
+GRANT EXECUTE ON FUNCTION cd2sync._covers(text[], text), cd2sync._namespace_of(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION cd2sync._progress() TO cd2sync_reader;
+
 -- monitoring systems
 GRANT SELECT (kind, instance, name, status, watermark, seconds_behind, last_success,
               consecutive_failures, last_rows, last_bytes)
@@ -66,8 +71,8 @@ GRANT SELECT (kind, instance, name, status, watermark, seconds_behind, last_succ
 -- admin: configuration (no secrets) and syncs
 GRANT SELECT ON cd2sync.instances TO cd2sync_admin;     -- secrets live apart
 GRANT USAGE ON SEQUENCE cd2sync.run_id_seq TO cd2sync_admin;
-GRANT EXECUTE ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text, interval),
-                          cd2_alter_instance(text, text, text, text, text[], bigint, interval, text, interval),
+GRANT EXECUTE ON FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text, interval, interval),
+                          cd2_alter_instance(text, text, text, text, text[], bigint, interval, text, interval, interval),
                           cd2_drop_instance(text, boolean),
                           cd2_sync_now(text, text[], boolean),
                           cd2_sync_start(text, text[], boolean),

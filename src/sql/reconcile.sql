@@ -142,7 +142,9 @@ BEGIN
             PERFORM cd2sync._ensure_index(rel, c || '_replaced', format('%I', rc), format('%I IS NOT NULL', rc));
         END IF;
     END LOOP;
-    IF has_rows AND shard IS NOT NULL AND cd2sync._has_column(rel, 'id') THEN
+    IF has_rows AND shard IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = rel AND attname = 'id' AND NOT attisdropped
+                      AND atttypid = 'bigint'::regtype) THEN   -- (web_logs' id is a uuid)
         made := cd2sync._ensure_index(rel, 'global_id', cd2sync._global_expr(shard, 'id')) OR made;
     END IF;
     IF dupkey IS NOT NULL AND cd2sync._has_column(rel, 'id') AND cd2sync._has_column(rel, 'user_id')
@@ -270,13 +272,12 @@ DECLARE
     tab text;
     n bigint;
 BEGIN
-    SELECT c.relname INTO tab FROM pg_class c WHERE c.oid = target;
-    IF tab NOT IN ('pseudonyms', 'enrollments') OR NOT cd2sync._has_column(target, 'user_id')
+    SELECT t.table_name INTO tab FROM cd2sync._rel_table(target) t;
+    IF tab IS NULL OR tab NOT IN ('pseudonyms', 'enrollments') OR NOT cd2sync._has_column(target, 'user_id')
        OR NOT cd2sync._has_column(target, 'id') THEN
         RETURN 0;
     END IF;
-    SELECT i.* INTO inst FROM cd2sync.instances i JOIN pg_class c ON c.oid = target
-      JOIN pg_namespace s ON s.oid = c.relnamespace WHERE i.target_schema = s.nspname;
+    SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(target) t ON t.instance = i.name;
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
@@ -530,9 +531,11 @@ CREATE TABLE cd2sync.resolve_due (
 CREATE FUNCTION cd2sync._instance_tables(instance text)
 RETURNS TABLE (rel regclass, table_name text, shard_id bigint)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT c.oid::regclass, c.relname::text, i.shard_id
-      FROM cd2sync.instances i JOIN pg_namespace s ON s.nspname = i.target_schema
-      JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind IN ('r', 'p')
+    SELECT c.oid::regclass, cd2sync._qualified(x.namespace, c.relname), i.shard_id
+      FROM cd2sync.instances i
+     CROSS JOIN LATERAL cd2sync._instance_schemas(i.target_schema) x
+      JOIN pg_namespace s ON s.nspname = x.schema_name
+      JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
      WHERE i.name = _instance_tables.instance
        AND cd2sync._trusted_owner(c.relowner) AND cd2sync._trusted_owner(s.nspowner)
      ORDER BY c.oid
@@ -666,8 +669,21 @@ BEGIN
     sql := format('SELECT %s FROM %s t', array_to_string(sel, ', '), src);
 END $$;
 
--- (Re)creates cd2.<table>: the union over every instance that syncs it,
--- after bringing each instance table's bookkeeping up to date.
+-- The reconciled views there are, with their CD2 table names
+CREATE FUNCTION cd2sync._views()
+RETURNS TABLE (table_name text, view regclass)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT cd2sync._qualified(ns, c.relname), c.oid::regclass
+      FROM unnest(cd2sync._namespaces()) ns
+      JOIN pg_namespace n ON n.nspname = cd2sync._view_schema(ns)
+      JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind = 'v'
+     WHERE NOT (ns = 'canvas' AND c.relname IN ('user_merges', 'reconciliation_health'))
+       AND cd2sync._trusted_owner(c.relowner) AND cd2sync._trusted_owner(n.nspowner)
+$$;
+
+-- (Re)creates cd2.<table> (cd2_<ns>.<table> for a table of namespace ns):
+-- the union over every instance that syncs it, after bringing each instance
+-- table's bookkeeping up to date.
 CREATE FUNCTION cd2sync.refresh_view(table_name text)
 RETURNS void LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
@@ -676,8 +692,18 @@ DECLARE
     r record;
     parts text[] := '{}';
     body text;
-    vname text := format('cd2.%I', table_name);
+    vs text := (cd2sync._view_name(table_name)).schema_name;
+    vname text := format('%I.%I', vs, (cd2sync._view_name(table_name)).view_name);
 BEGIN
+    IF to_regnamespace(quote_ident(vs)) IS NULL THEN
+        IF NOT EXISTS (SELECT 1 FROM cd2sync._instances_with(table_name)) THEN
+            RETURN;
+        END IF;
+        -- a namespace's views: readable as cd2's are (the views themselves by cd2sync_reader)
+        EXECUTE format('CREATE SCHEMA %I', vs);
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO PUBLIC', vs);
+    END IF;
+    PERFORM cd2sync._check_schema_owner(vs);
     FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
         PERFORM cd2sync._ensure_bookkeeping(r.rel, r.shard_id, table_name);
         PERFORM cd2sync._feed_ensure_capture(r.rel, table_name);   -- (feeds.sql)
@@ -719,9 +745,7 @@ DECLARE
     t text;
 BEGIN
     FOR t IN SELECT DISTINCT s.table_name FROM cd2sync.table_state s
-              UNION SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE n.nspname = 'cd2' AND c.relkind = 'v' AND c.relname <> 'user_merges'
-                       AND c.relname <> 'reconciliation_health' LOOP
+              UNION SELECT v.table_name FROM cd2sync._views() v LOOP
         PERFORM cd2sync.refresh_view(t);
     END LOOP;
 END $$;

@@ -93,6 +93,7 @@ DECLARE
     prop record;
     p jsonb;
     n int := 0;
+    place record := cd2sync._table_place(target_schema, table_name);
 BEGIN
     FOREACH part IN ARRAY ARRAY['key', 'value'] LOOP
         obj := root_json->'properties'->part;
@@ -113,7 +114,7 @@ BEGIN
                   FROM jsonb_array_elements_text(p->'enum') WITH ORDINALITY v(x, i);
             END IF;
             type_sql := cd2sync._pg_type(root, p,
-                format('%I.%I', target_schema, cd2sync._enum_type_name(table_name, prop.key)));
+                format('%I.%I', place.schema_name, cd2sync._enum_type_name(place.rel_name, prop.key)));
             description := p->>'description';
             RETURN NEXT;
         END LOOP;
@@ -173,10 +174,12 @@ DECLARE
     saved jsonb[] := '{}';
     s jsonb;
     g jsonb;
-    table_name name := (SELECT relname FROM pg_class WHERE oid = rel);
+    -- the table's reconciled view (cd2.<table>, cd2_<ns>.<table>)
+    recon regclass := (SELECT w.view FROM cd2sync._rel_table(rel) t
+                         JOIN cd2sync._views() w ON w.table_name = t.table_name);
 BEGIN
     FOR v IN SELECT c.oid, c.relkind, format('%I.%I', n.nspname, c.relname) AS name,
-                    n.nspname = 'cd2' AND c.relname = table_name AS reconciled
+                    c.oid IS NOT DISTINCT FROM recon AS reconciled
                FROM cd2sync._dependent_views(rel, col) d
                JOIN pg_class c ON c.oid = d.view_oid
                JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -223,7 +226,7 @@ BEGIN
         s := saved[i];
         IF (s->>'reconciled')::boolean THEN
             -- built anew for the new type; the grants of users are given back
-            PERFORM cd2sync.refresh_view(table_name);
+            PERFORM cd2sync.refresh_view((cd2sync._rel_table(rel)).table_name);
         ELSE
             EXECUTE format('CREATE VIEW %s%s AS %s', s->>'name',
                            CASE WHEN s ? 'options' THEN format(' WITH (%s)', s->>'options') ELSE '' END,
@@ -254,7 +257,7 @@ CREATE FUNCTION cd2sync._pending_types(target_schema text, table_name text, doc 
 RETURNS jsonb LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     SELECT jsonb_object_agg(s.column_name, s.type_sql)
       FROM cd2sync._schema_columns(target_schema, table_name, doc) s
-      JOIN pg_attribute a ON a.attrelid = to_regclass(format('%I.%I', target_schema, table_name))
+      JOIN pg_attribute a ON a.attrelid = cd2sync._instance_rel(target_schema, table_name)
                          AND a.attname = s.column_name AND NOT a.attisdropped
      WHERE format_type(a.atttypid, a.atttypmod) <> s.type_sql
        AND NOT cd2sync._is_widening(format_type(a.atttypid, a.atttypmod), s.type_sql)
@@ -316,8 +319,11 @@ DECLARE
     rel regclass;
     v text;
     created boolean := false;
+    place record := cd2sync._table_place(target_schema, table_name);
+    sch text := place.schema_name;   -- where the table goes (its namespace's schema)
+    tab text := place.rel_name;
 BEGIN
-    IF octet_length(table_name) > 63 OR table_name = '' THEN
+    IF octet_length(tab) > 63 OR tab = '' THEN
         RAISE EXCEPTION 'CD2 table name "%" is not a valid PostgreSQL identifier', table_name
               USING ERRCODE = 'invalid_name';
     END IF;
@@ -326,16 +332,15 @@ BEGIN
               USING ERRCODE = 'invalid_table_definition';
     END IF;
 
-    IF to_regnamespace(quote_ident(target_schema)) IS NULL THEN
-        EXECUTE format('CREATE SCHEMA %I', target_schema);
-        EXECUTE format('GRANT USAGE ON SCHEMA %I TO cd2sync_reader', target_schema);
+    IF to_regnamespace(quote_ident(sch)) IS NULL THEN
+        EXECUTE format('CREATE SCHEMA %I', sch);
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO cd2sync_reader', sch);
     END IF;
     -- only into what cd2sync owns: anyone else's table runs its triggers as us
-    PERFORM cd2sync._check_schema_owner(target_schema);
-    IF to_regclass(format('%I.%I', target_schema, table_name)) IS DISTINCT FROM
+    PERFORM cd2sync._check_schema_owner(sch);
+    IF to_regclass(format('%I.%I', sch, tab)) IS DISTINCT FROM
        cd2sync._instance_rel(target_schema, table_name) THEN
-        RAISE EXCEPTION 'relation %.% is not a table of cd2sync''s', quote_ident(target_schema),
-                        quote_ident(table_name)
+        RAISE EXCEPTION 'relation %.% is not a table of cd2sync''s', quote_ident(sch), quote_ident(tab)
               USING ERRCODE = 'insufficient_privilege',
                     HINT = 'Another role owns it, or it is not a table: cd2sync neither writes nor reads it.';
     END IF;
@@ -362,11 +367,11 @@ BEGIN
         END IF;
     END LOOP;
 
-    rel := to_regclass(format('%I.%I', target_schema, table_name));
+    rel := to_regclass(format('%I.%I', sch, tab));
     IF rel IS NULL THEN
-        EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', target_schema, table_name,
+        EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', sch, tab,
                        array_to_string(cols, ', '), array_to_string(keys, ', '));
-        rel := format('%I.%I', target_schema, table_name)::regclass;
+        rel := format('%I.%I', sch, tab)::regclass;
         created := true;
         EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', rel);
         EXECUTE format('COMMENT ON TABLE %s IS %L', rel,

@@ -54,6 +54,9 @@ ENDPOINTS = ("login", "list_tables", "schema", "create_job", "get_job", "object_
 RATE_LIMITED_ENDPOINTS = ("create_job", "get_job", "list_tables", "schema", "object_urls")
 MAX_BODY = 256 * 1024 * 1024
 MAX_LOG = 100_000
+NAMESPACES = ("canvas", "canvas_logs", "new_quizzes", "catalog")
+DEFAULT_NS = "canvas"        # a bare table name (scenario, control API) is a table of this namespace
+LOG_NS = "canvas_logs"       # its tables keep only the last log_retention_days days
 
 DEFAULT_CONFIG = {
     "job_latency": 0.3,          # seconds from creation until a job is terminal (0 = at once)
@@ -76,6 +79,7 @@ DEFAULT_CONFIG = {
     "csv_newline": "\r\n",       # record separator in csv files (RFC 4180: CRLF)
     "object_base_url": None,     # base of presigned URLs; default http(s)://127.0.0.1:PORT
     "seed": 0,                   # seed of the shuffle random generator
+    "log_retention_days": 30,    # canvas_logs: days of rows a snapshot holds / an incremental reaches
 }
 
 
@@ -220,6 +224,53 @@ class BadRequest(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
+# namespaces: a table is (namespace, bare name); the store keys it by its qualified name, which is
+# the bare name for namespace canvas (backwards compatible) and "ns.table" for the others
+# ----------------------------------------------------------------------------------------------
+
+def qualify(ns: str, name: str) -> str:
+    return name if ns == DEFAULT_NS else f"{ns}.{name}"
+
+
+def split_table(name, namespace=None, where="table"):
+    """-> (namespace, bare name) of a table named "table" (namespace canvas) or "ns.table",
+    optionally with an explicit namespace (which must agree with a qualified name)."""
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"{where} must be a non-empty string")
+    if namespace is not None and namespace not in NAMESPACES:
+        raise BadRequest(f"{where}: unknown namespace {namespace!r} (known: {', '.join(NAMESPACES)})")
+    ns, bare = None, name
+    head, dot, rest = name.partition(".")
+    if dot:
+        if head not in NAMESPACES or not rest:
+            raise BadRequest(f"{where}: {name!r} is not \"table\" or \"namespace.table\" "
+                             f"(namespaces: {', '.join(NAMESPACES)})")
+        ns, bare = head, rest
+    if namespace is not None and ns is not None and ns != namespace:
+        raise BadRequest(f"{where}: {name!r} is not in namespace {namespace!r}")
+    ns = namespace or ns or DEFAULT_NS
+    if ns == DEFAULT_NS and "." in bare:  # its qualified name would be another namespace's
+        raise BadRequest(f"{where}: a {DEFAULT_NS} table name cannot contain a dot ({name!r})")
+    return ns, bare
+
+
+def window_start(clock: datetime, days):
+    """Earliest timestamp inside a retention window of `days` before `clock` (None: unbounded)."""
+    try:
+        return clock - timedelta(days=float(days))
+    except (OverflowError, ValueError):
+        return None
+
+
+def row_time(value: dict):
+    """The `timestamp` of a canvas_logs row, or None when absent or not a timestamp."""
+    try:
+        return parse_ts(value.get("timestamp"))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
 # Store: instances, tables, change log, clock
 # ----------------------------------------------------------------------------------------------
 
@@ -239,11 +290,16 @@ class Row:
 
 
 class Table:
-    def __init__(self, name: str, version: int, schema: dict):
-        self.name = name
+    def __init__(self, name: str, version: int, schema: dict, namespace: str = DEFAULT_NS):
+        self.name = name            # the bare name (as in the API's paths)
+        self.namespace = namespace
         self.version = version
         self.schema = schema
         self.rows = {}  # key_id -> Row
+
+    @property
+    def qname(self):
+        return qualify(self.namespace, self.name)
 
     @property
     def key_cols(self):
@@ -255,10 +311,10 @@ class Table:
 
     def norm_key(self, key) -> dict:
         if not isinstance(key, dict) or not key:
-            raise BadRequest(f"table {self.name}: key must be a non-empty object")
+            raise BadRequest(f"table {self.qname}: key must be a non-empty object")
         missing = [c for c in self.key_cols if c not in key]
         if missing:
-            raise BadRequest(f"table {self.name}: key lacks {missing}")
+            raise BadRequest(f"table {self.qname}: key lacks {missing}")
         ordered = {c: key[c] for c in self.key_cols}
         for c, v in key.items():
             ordered.setdefault(c, v)
@@ -314,9 +370,11 @@ class BulkTable:
     large for the in-memory store: a snapshot (files, "at") and a chain of incrementals (files,
     "since", "until"). The emulator keeps no rows of it: no epochs, no expected state."""
 
-    def __init__(self, name: str, body: dict, serial: int):
+    def __init__(self, name: str, body: dict, serial: int, namespace: str = DEFAULT_NS):
         self.name = name
+        self.namespace = namespace
         self.serial = serial  # a new registration never reuses the jobs of an old one
+        name = qualify(namespace, name)  # in messages
         self.version = body.get("version", 1)
         _check_schema_entry(f"bulk table {name}", self.version, body.get("schema"))
         self.schema = copy.deepcopy(body["schema"])
@@ -350,23 +408,25 @@ class BulkTable:
 
     def result(self, since, until):
         """-> (result dict, list of BulkFile) of a query; raises BadRequest when no file set fits."""
+        name = qualify(self.namespace, self.name)
         if since is None:
             return {"at": fmt_ts(self.at)}, list(self.snapshot_files)
         for s, u, files in self.incrementals:
             if s == since:
                 if until is not None and until != u:
-                    raise BadRequest(f"bulk table {self.name}: the incremental since {fmt_ts(s)} "
+                    raise BadRequest(f"bulk table {name}: the incremental since {fmt_ts(s)} "
                                      f"ends at {fmt_ts(u)}; until cannot cut it")
                 return {"since": fmt_ts(s), "until": fmt_ts(u)}, list(files)
         if since >= self.clock:  # nothing new since then
             if until is not None and until != since:
-                raise BadRequest(f"bulk table {self.name}: no data after {fmt_ts(self.clock)}")
+                raise BadRequest(f"bulk table {name}: no data after {fmt_ts(self.clock)}")
             return {"since": fmt_ts(since), "until": fmt_ts(since)}, []
-        raise BadRequest(f"bulk table {self.name}: no incremental starts at {fmt_ts(since)} (known: "
+        raise BadRequest(f"bulk table {name}: no incremental starts at {fmt_ts(since)} (known: "
                          + ", ".join(fmt_ts(s) for s, _u, _f in self.incrementals) + ")")
 
     def summary(self, client_id: str) -> dict:
-        return {"client_id": client_id, "table": self.name, "version": self.version, "format": self.fmt,
+        return {"client_id": client_id, "table": self.name, "namespace": self.namespace,
+                "version": self.version, "format": self.fmt,
                 "at": fmt_ts(self.at), "files": len(self.snapshot_files),
                 "bytes": sum(f.size for f in self.snapshot_files),
                 "incrementals": [{"since": fmt_ts(s), "until": fmt_ts(u), "files": len(fs),
@@ -398,11 +458,14 @@ class Store:
                 raise BadRequest(f"instance {cid}: needs a string secret")
             tables = {}
             for tname, tdef in (inst.get("tables") or {}).items():
+                ns, bare = split_table(tname, where=f"{cid}/{tname}")
+                if qualify(ns, bare) in tables:
+                    raise BadRequest(f"{cid}/{tname}: table {qualify(ns, bare)} is given twice")
                 if not isinstance(tdef, dict):
                     raise BadRequest(f"{cid}/{tname}: table must be an object")
                 version = tdef.get("version", 1)
                 _check_schema_entry(f"{cid}/{tname}", version, tdef.get("schema"))
-                t = Table(tname, version, copy.deepcopy(tdef["schema"]))
+                t = Table(bare, version, copy.deepcopy(tdef["schema"]), ns)
                 for r in tdef.get("rows", []) or []:
                     if not isinstance(r, dict):
                         raise BadRequest(f"{cid}/{tname}: rows must be objects")
@@ -414,29 +477,36 @@ class Store:
                     if kid in t.rows:
                         raise BadRequest(f"{cid}/{tname}: duplicate key {kid}")
                     t.rows[kid] = Row(k, copy.deepcopy(v), start)
-                tables[tname] = t
+                tables[t.qname] = t
             new[cid] = {"secret": inst["secret"], "tables": tables, "bulk": {}}
         self.instances = new
         self.start = self.clock = start
 
-    def table(self, client_id: str, name: str):
+    # inst["tables"] and inst["bulk"] are keyed by qualified name (see qualify)
+    def table(self, client_id: str, name: str, namespace: str = DEFAULT_NS):
         inst = self.instances.get(client_id)
-        return inst["tables"].get(name) if inst else None
+        if not inst or (namespace == DEFAULT_NS and "." in name):  # never another namespace's table
+            return None
+        return inst["tables"].get(qualify(namespace, name))
 
-    def bulk_table(self, client_id: str, name: str):
+    def bulk_table(self, client_id: str, name: str, namespace: str = DEFAULT_NS):
         inst = self.instances.get(client_id)
-        return inst["bulk"].get(name) if inst else None
+        if not inst or (namespace == DEFAULT_NS and "." in name):
+            return None
+        return inst["bulk"].get(qualify(namespace, name))
 
-    def table_names(self, client_id: str) -> list:
+    def table_names(self, client_id: str, namespace: str = DEFAULT_NS) -> list:
+        """Bare names of the namespace's tables (in-memory and bulk)."""
         inst = self.instances[client_id]
-        return sorted(set(inst["tables"]) | set(inst["bulk"]))
+        return sorted({t.name for t in list(inst["tables"].values()) + list(inst["bulk"].values())
+                       if t.namespace == namespace})
 
     # -- bulk tables -----------------------------------------------------------------------------
     def register_bulk(self, body) -> dict:
         """POST /_emu/bulk: registers (or replaces) a table served from files."""
         if not isinstance(body, dict):
             raise BadRequest("bulk body must be an object")
-        unknown = set(body) - {"client_id", "secret", "table", "version", "schema", "format",
+        unknown = set(body) - {"client_id", "secret", "table", "namespace", "version", "schema", "format",
                                "snapshot", "incrementals"}
         if unknown:
             raise BadRequest(f"bulk: unknown keys {sorted(unknown)}")
@@ -445,18 +515,22 @@ class Store:
             raise BadRequest("bulk: client_id must be a string")
         if not isinstance(tname, str) or not tname:
             raise BadRequest("bulk: table must be a string")
+        ns, bare = split_table(tname, body.get("namespace"), where="bulk: table")
         if cid not in self.instances and not isinstance(body.get("secret"), str):
             raise BadRequest(f"bulk: unknown client_id {cid!r} (give a secret to create it)")
         self.bulk_serial += 1
-        bt = BulkTable(tname, body, self.bulk_serial)  # validates everything before any change
+        bt = BulkTable(bare, body, self.bulk_serial, ns)  # validates everything before any change
         inst = self.instances.setdefault(cid, {"secret": body.get("secret"), "tables": {}, "bulk": {}})
-        inst["tables"].pop(tname, None)  # a bulk table replaces an in-memory one of that name
-        inst["bulk"][tname] = bt
+        inst["tables"].pop(qualify(ns, bare), None)  # a bulk table replaces an in-memory one of that name
+        inst["bulk"][qualify(ns, bare)] = bt
         return bt.summary(cid)
 
-    def drop_bulk(self, client_id, name) -> bool:
+    def drop_bulk(self, client_id, name, namespace=None) -> bool:
         inst = self.instances.get(client_id)
-        return bool(inst) and inst["bulk"].pop(name, None) is not None
+        if not inst or not isinstance(name, str) or not name:
+            return False
+        ns, bare = split_table(name, namespace)
+        return inst["bulk"].pop(qualify(ns, bare), None) is not None
 
     # -- epochs ----------------------------------------------------------------------------------
     def apply_epoch(self, body: dict) -> datetime:
@@ -483,7 +557,7 @@ class Store:
             where = f"changes[{i}]"
             if not isinstance(ch, dict):
                 raise BadRequest(f"{where} must be an object")
-            unknown = set(ch) - {"client_id", "table", "upsert", "delete", "oversized", "schema"}
+            unknown = set(ch) - {"client_id", "table", "namespace", "upsert", "delete", "oversized", "schema"}
             if unknown:
                 raise BadRequest(f"{where}: unknown keys {sorted(unknown)}")
             cid, tname = ch.get("client_id"), ch.get("table")
@@ -491,6 +565,8 @@ class Store:
                 raise BadRequest(f"{where}: unknown client_id {cid!r}")
             if not isinstance(tname, str) or not tname:
                 raise BadRequest(f"{where}: table must be a string")
+            ns, bare = split_table(tname, ch.get("namespace"), where=f"{where}: table")
+            tname = qualify(ns, bare)  # the store's key
             if tname in self.instances[cid]["bulk"]:
                 raise BadRequest(f"{where}: table {tname!r} is a bulk table (served from files): "
                                  "epochs cannot change it")
@@ -503,7 +579,7 @@ class Store:
             if table is None and sch is None:
                 raise BadRequest(f"{where}: unknown table {tname!r} (give a schema to create it)")
             # a throw-away table object to normalise keys against the schema in force
-            probe = Table(tname, 0, sch["schema"] if sch else table.schema)
+            probe = Table(bare, 0, sch["schema"] if sch else table.schema, ns)
             ups, dels, ovs = [], [], []
             for u in ch.get("upsert", []) or []:
                 if not isinstance(u, dict):
@@ -530,11 +606,11 @@ class Store:
                 if key_id(k) not in live_after:
                     raise BadRequest(f"{where}: oversized row {key_id(k)} is not live")
                 ovs.append((k, o["column"]))
-            plan.append((cid, tname, sch, ups, dels, ovs))
+            plan.append((cid, tname, sch, ups, dels, ovs, ns, bare))
 
         # ---- state of the oversized rows before this epoch (see Row.good)
         before = {}
-        for cid, tname, _s, _u, _d, ovs in plan:
+        for cid, tname, _s, _u, _d, ovs, _ns, _b in plan:
             table = self.instances[cid]["tables"].get(tname)
             for k, _c in ovs:
                 r = table.rows.get(key_id(k)) if table else None
@@ -543,14 +619,14 @@ class Store:
                                       (copy.deepcopy(r.value), set(r.oversized), dict(r.good)))
 
         # ---- apply
-        for cid, tname, sch, ups, dels, ovs in plan:
+        for cid, tname, sch, ups, dels, ovs, ns, bare in plan:
             tables = self.instances[cid]["tables"]
             if sch is not None:
                 if tname in tables:
                     tables[tname].version = sch["version"]
                     tables[tname].schema = copy.deepcopy(sch["schema"])
                 else:
-                    tables[tname] = Table(tname, sch["version"], copy.deepcopy(sch["schema"]))
+                    tables[tname] = Table(bare, sch["version"], copy.deepcopy(sch["schema"]), ns)
             table = tables[tname]
             for k, v in ups:
                 table.rows[key_id(k)] = Row(k, copy.deepcopy(v), at)
@@ -576,10 +652,24 @@ class Store:
         return at
 
     # -- queries ---------------------------------------------------------------------------------
-    def snapshot(self, table: Table) -> list:
+    def log_window(self, table, days, clock=None):
+        """Start of the retention window of a canvas_logs table (None for other namespaces)."""
+        if table.namespace != LOG_NS:
+            return None
+        return window_start(self.clock if clock is None else clock, days)
+
+    @staticmethod
+    def in_window(row: Row, start) -> bool:
+        """A row is outside the window only when its `timestamp` is known and older than start."""
+        if start is None:
+            return True
+        t = row_time(row.value)
+        return t is None or t >= start
+
+    def snapshot(self, table: Table, window=None) -> list:
         recs = []
         for r in table.rows.values():
-            if not r.deleted:
+            if not r.deleted and self.in_window(r, window):
                 recs.append({"key": r.key, "value": table.export_value(r), "ts": r.ts, "action": None})
         recs.sort(key=lambda x: key_sort(x["key"], table.key_cols))
         return recs
@@ -599,11 +689,12 @@ class Store:
         recs.sort(key=lambda x: (x["ts"], key_sort(x["key"], table.key_cols)))
         return recs
 
-    def expected_rows(self, table: Table, fresh: bool = False) -> list:
-        """Rows a correct client holds after syncing to the clock (see README: oversized columns)."""
+    def expected_rows(self, table: Table, fresh: bool = False, window=None) -> list:
+        """Rows a correct client holds after syncing to the clock (see README: oversized columns);
+        with a window, only the rows whose timestamp is in it (canvas_logs)."""
         out = []
         for r in table.rows.values():
-            if r.deleted:
+            if r.deleted or not self.in_window(r, window):
                 continue
             value = {}
             for c in table.value_cols:
@@ -765,10 +856,11 @@ class FileEncoder:
 
 class Job:
     def __init__(self, client_id, table, fmt, created, latency, lifetime, schema_version,
-                 result, objects, error=None):
+                 result, objects, error=None, namespace=DEFAULT_NS):
         self.id = str(uuid.uuid4())
         self.client_id = client_id
-        self.table = table
+        self.table = table              # bare name
+        self.namespace = namespace
         self.fmt = fmt
         self.created = created          # wall time (time.time())
         self.latency = latency
@@ -927,7 +1019,7 @@ SPECIFIC_KINDS = {  # kind -> the only endpoint where it can fire
     "snapshot_required": "create_job", "out_of_range": "create_job",
     "expire_job": "object_urls",
 }
-RULE_KEYS = {"endpoint", "table", "client_id", "times", "kind", "status", "error_type", "message",
+RULE_KEYS = {"endpoint", "table", "namespace", "client_id", "times", "kind", "status", "error_type", "message",
              "retry_after", "seconds", "column", "since", "shape", "note"}
 DEFAULT_ERROR_TYPES = {400: "ValidationError", 401: "AuthenticationError", 403: "AccountNotOnboarded",
                        404: "NotFound", 409: "Conflict", 429: "TooManyRequests",
@@ -957,6 +1049,13 @@ class FaultRules:
             raise BadRequest(f"fault rule: unknown kind {kind!r}")
         if kind in SPECIFIC_KINDS and r["endpoint"] not in (SPECIFIC_KINDS[kind], "any"):
             raise BadRequest(f"fault rule: kind {kind} only applies to endpoint {SPECIFIC_KINDS[kind]}")
+        if r.get("namespace") is not None and r["namespace"] not in NAMESPACES:
+            raise BadRequest(f"fault rule: unknown namespace {r['namespace']!r} (known: {', '.join(NAMESPACES)})")
+        if r.get("table") is not None:
+            if not isinstance(r["table"], str) or not r["table"]:
+                raise BadRequest("fault rule: table must be a non-empty string")
+            if "." in r["table"]:  # "ns.table": that namespace and that table
+                r["namespace"], r["table"] = split_table(r["table"], r.get("namespace"), "fault rule: table")
         t = r["times"]
         if not isinstance(t, int) or isinstance(t, bool) or (t < 1 and t != -1):
             raise BadRequest("fault rule: times must be a positive integer or -1")
@@ -989,12 +1088,15 @@ class FaultRules:
         self.rules.extend(new)
         return len(new)
 
-    def take(self, endpoint, table, client_id, kinds, pred=None):
-        """Fire the first rule matching this request whose kind is in `kinds`; return a copy."""
+    def take(self, endpoint, table, client_id, kinds, pred=None, namespace=None):
+        """Fire the first rule matching this request whose kind is in `kinds`; return a copy.
+        `table` is the bare name, `namespace` the request's (None: a request of no namespace)."""
         for r in self.rules:
             if r["kind"] not in kinds or r["endpoint"] not in (endpoint, "any"):
                 continue
             if r.get("table") is not None and r["table"] != table:
+                continue
+            if r.get("namespace") is not None and r["namespace"] != namespace:
                 continue
             if r.get("client_id") is not None and r["client_id"] != client_id:
                 continue
@@ -1048,6 +1150,7 @@ CONFIG_CHECKS = {
     "csv_newline": lambda v: v in ("\n", "\r\n"),
     "object_base_url": lambda v: v is None or isinstance(v, str),
     "seed": lambda v: _is_int(v, -(2 ** 63)),
+    "log_retention_days": lambda v: _is_num(v, 0, strict=True) and math.isfinite(v),
 }
 
 
@@ -1162,8 +1265,8 @@ class Emulator:
                 records = self.store.incremental(table, since, until, cfg["since_inclusive"],
                                                  cfg["until_inclusive"])
                 result = {"since": fmt_ts(since), "until": fmt_ts(until)}
-            else:
-                records = self.store.snapshot(table)
+            else:  # a canvas_logs snapshot holds only the retention window
+                records = self.store.snapshot(table, self.store.log_window(table, cfg["log_retention_days"]))
                 result = {"at": fmt_ts(self.store.clock)}
             error, files = None, []
             if failed is not None:
@@ -1180,7 +1283,8 @@ class Emulator:
                 files = FileEncoder(cfg, rng).build(fmt, table, records, incremental,
                                                     malformed=malformed["shape"] if malformed else None)
             job = Job(client_id, table.name, fmt, now, float(cfg["job_latency"]),
-                      float(cfg["job_lifetime"]), table.version, result, files, error)
+                      float(cfg["job_lifetime"]), table.version, result, files, error,
+                      namespace=table.namespace)
             return job
 
     def create_bulk_job(self, client_id, table: BulkTable, since, until, failed=None):
@@ -1197,7 +1301,8 @@ class Emulator:
                          "message": failed.get("message") or "query failed"}
                 files = []
             return Job(client_id, table.name, table.fmt, now, float(cfg["job_latency"]),
-                       float(cfg["job_lifetime"]), table.version, result, files, error)
+                       float(cfg["job_lifetime"]), table.version, result, files, error,
+                       namespace=table.namespace)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1326,6 +1431,7 @@ class Handler(BaseHTTPRequestHandler):
         self._status = None
         self._endpoint = None
         self._table = None
+        self._namespace = None
         self._fault = None
         self._rate_limited = False
         path = self.path.split("?", 1)[0]
@@ -1360,7 +1466,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             if not control:
                 entry = {"t": round(t0, 6), "method": self.command, "path": self.path,
-                         "endpoint": self._endpoint, "table": self._table,
+                         "endpoint": self._endpoint, "table": self._table, "namespace": self._namespace,
                          "status": self._status if self._status is not None else 0,
                          "headers": dict(self.headers.items()),
                          "server": "objects" if getattr(self.server, "objects_only", False) else "api",
@@ -1380,12 +1486,14 @@ class Handler(BaseHTTPRequestHandler):
         parts = [unquote(p) for p in path.split("/")[1:]]
         if parts == ["ids", "auth", "login"]:
             return "login", {}, ("POST",)
-        if parts == ["dap", "query", "canvas", "table"]:
-            return "list_tables", {}, ("GET",)
-        if len(parts) == 6 and parts[:4] == ["dap", "query", "canvas", "table"] and parts[5] == "schema":
-            return "schema", {"table": parts[4]}, ("GET",)
-        if len(parts) == 6 and parts[:4] == ["dap", "query", "canvas", "table"] and parts[5] == "data":
-            return "create_job", {"table": parts[4]}, ("POST",)
+        # /dap/query/{ns}/...: the namespace is checked after authentication (unknown: 404)
+        if len(parts) == 4 and parts[:2] == ["dap", "query"] and parts[2] and parts[3] == "table":
+            return "list_tables", {"namespace": parts[2]}, ("GET",)
+        if len(parts) == 6 and parts[:2] == ["dap", "query"] and parts[2] and parts[3] == "table" \
+                and parts[4] and parts[5] in ("schema", "data"):
+            if parts[5] == "schema":
+                return "schema", {"namespace": parts[2], "table": parts[4]}, ("GET",)
+            return "create_job", {"namespace": parts[2], "table": parts[4]}, ("POST",)
         if len(parts) == 3 and parts[:2] == ["dap", "job"]:
             return "get_job", {"job_id": parts[2]}, ("GET",)
         if parts == ["dap", "object", "url"]:
@@ -1428,6 +1536,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._endpoint = endpoint
         self._table = params.get("table")
+        self._namespace = params.get("namespace")
         # with an objects host, objects are there only, and the API is not
         if emu.objects_base_url and (endpoint == "download") != getattr(self.server, "objects_only", False):
             self._err(404, "NotFound", f"no such resource on this host: {path}", id=path, kind="resource")
@@ -1464,10 +1573,11 @@ class Handler(BaseHTTPRequestHandler):
                         job = j
             if job is not None:
                 self._table = job.table
+                self._namespace = job.namespace
 
         # 2. generic faults
         with emu.lock:
-            rule = emu.faults.take(endpoint, self._table, client_id, GENERIC_KINDS)
+            rule = emu.faults.take(endpoint, self._table, client_id, GENERIC_KINDS, namespace=self._namespace)
         if rule is not None:
             self._fault = rule["kind"]
             kind = rule["kind"]
@@ -1479,8 +1589,10 @@ class Handler(BaseHTTPRequestHandler):
             elif kind == "status":
                 st = rule["status"]
                 headers = {"Retry-After": rule["retry_after"]} if rule.get("retry_after") else None
-                self._err(st, rule.get("error_type") or DEFAULT_ERROR_TYPES.get(st, "Error"),
-                          rule.get("message") or f"injected fault: HTTP {st}", headers=headers)
+                etype = rule.get("error_type") or DEFAULT_ERROR_TYPES.get(st, "Error")
+                extra = {"id": path, "kind": "resource"} if etype == "NotFound" else {}
+                self._err(st, etype, rule.get("message") or f"injected fault: HTTP {st}", headers=headers,
+                          **extra)
                 return
             elif kind == "revoke_tokens":
                 with emu.lock:
@@ -1500,8 +1612,11 @@ class Handler(BaseHTTPRequestHandler):
         if auth_problem:
             self._err(401, "AuthenticationError", auth_problem, headers={"WWW-Authenticate": "Bearer"})
             return
+        if self._namespace is not None and self._namespace not in NAMESPACES:
+            self._err(404, "NotFound", f"namespace {self._namespace} not found", id=path, kind="resource")
+            return
 
-        # 4. rate limits
+        # 4. rate limits (per credential and endpoint, across namespaces)
         with emu.lock:
             wait = emu.limiter.check(emu.config["rate_limits"], client_id, endpoint, now)
             send_retry_after = emu.config["retry_after"]
@@ -1539,18 +1654,20 @@ class Handler(BaseHTTPRequestHandler):
             token = emu.tokens.issue(cid, lifetime, now)
         inst_name = cid.split("#", 1)[-1]
         self._json(200, {"access_token": token, "expires_in": int(lifetime),
-                         "scope": f"urn:canvas:instance:{inst_name} dap:query:canvas",
+                         "scope": f"urn:canvas:instance:{inst_name} "
+                                  + " ".join(f"dap:query:{ns}" for ns in NAMESPACES),
                          "token_type": "Bearer"})
 
     def _list_tables(self, client_id, params, now):
         with self.emu.lock:
-            names = self.emu.store.table_names(client_id)
+            names = self.emu.store.table_names(client_id, params["namespace"])
         self._json(200, {"tables": names})
 
     def _schema(self, client_id, params, now):
+        ns = params["namespace"]
         with self.emu.lock:
-            t = self.emu.store.table(client_id, params["table"]) or \
-                self.emu.store.bulk_table(client_id, params["table"])
+            t = self.emu.store.table(client_id, params["table"], ns) or \
+                self.emu.store.bulk_table(client_id, params["table"], ns)
             body = {"version": t.version, "schema": copy.deepcopy(t.schema)} if t else None
         if body is None:
             self._err(404, "NotFound", f"table {params['table']} not found", id=params["table"], kind="table")
@@ -1559,7 +1676,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _create_job(self, client_id, params, now):
         emu = self.emu
-        tname = params["table"]
+        tname, ns = params["table"], params["namespace"]
         body = self._json_body()
         if not isinstance(body, dict):
             raise BadRequest("query body must be a JSON object")
@@ -1572,11 +1689,12 @@ class Handler(BaseHTTPRequestHandler):
         fmt = body.get("format")
         with emu.lock:
             cfg = copy.deepcopy(emu.config)
-            clock = emu.store.clock
-            table = emu.store.table(client_id, tname)
-            bulk = emu.store.bulk_table(client_id, tname) if table is None else None
+            clock, bulk_clock = emu.store.clock, None
+            table = emu.store.table(client_id, tname, ns)
+            bulk = emu.store.bulk_table(client_id, tname, ns) if table is None else None
             if bulk is not None:
                 clock = None  # its times are its own: BulkTable.result checks them
+                bulk_clock = bulk.clock
         if table is None and bulk is None:
             self._err(404, "NotFound", f"table {tname} not found", id=tname, kind="table")
             return
@@ -1607,16 +1725,25 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest(f"until ({fmt_ts(until)}) is later than the latest data ({fmt_ts(clock)})")
             if until < since:
                 raise BadRequest("until is earlier than since")
-        if since is not None and cfg["earliest_since"] and since < parse_ts(cfg["earliest_since"]):
-            etype = cfg["since_too_old_error"]
-            self._err(400, etype, f"since is earlier than {cfg['earliest_since']}"
+        # the earliest since served: earliest_since, and for canvas_logs the retention window
+        earliest, etype, why = None, None, ""
+        if cfg["earliest_since"]:
+            earliest, etype = parse_ts(cfg["earliest_since"]), cfg["since_too_old_error"]
+        if ns == LOG_NS:
+            wstart = window_start(clock if bulk is None else bulk_clock, cfg["log_retention_days"])
+            if wstart is not None and (earliest is None or wstart > earliest):
+                earliest, etype = wstart, "OutOfRange"
+                why = f" ({ns} keeps only the last {cfg['log_retention_days']:g} days)"
+        if since is not None and earliest is not None and since < earliest:
+            self._err(400, etype, f"since is earlier than {fmt_ts(earliest)}" + why
                       + ("; take a new snapshot" if etype == "SnapshotRequired" else ""),
-                      since=cfg["earliest_since"])
+                      since=fmt_ts(earliest))
             return
 
         # create_job faults
         with emu.lock:
-            take = lambda kinds, pred=None: emu.faults.take("create_job", tname, client_id, kinds, pred)  # noqa
+            take = lambda kinds, pred=None: emu.faults.take("create_job", tname, client_id, kinds, pred,  # noqa
+                                                            namespace=ns)
             tooold = take({"snapshot_required", "out_of_range"}, lambda r: since is not None)
             # the files of a bulk table are served as they are: only job_failed can shape its jobs
             shapers = ("job_failed",) if bulk is not None else ("malformed_record", "bad_value", "job_failed")
@@ -1624,7 +1751,7 @@ class Handler(BaseHTTPRequestHandler):
         if tooold:
             self._fault = tooold["kind"]
             etype = "SnapshotRequired" if tooold["kind"] == "snapshot_required" else "OutOfRange"
-            earliest = tooold.get("since") or cfg["earliest_since"] or fmt_ts(clock)
+            earliest = tooold.get("since") or cfg["earliest_since"] or fmt_ts(clock or bulk_clock)
             self._err(400, etype, tooold.get("message") or f"since is out of range; earliest is {earliest}",
                       since=earliest)
             return
@@ -1633,7 +1760,7 @@ class Handler(BaseHTTPRequestHandler):
             self._fault = ",".join(sorted(mods))
 
         query = {k: body[k] for k in ("format", "mode", "since", "until") if k in body}
-        dkey = (client_id, tname, json.dumps(query, sort_keys=True))
+        dkey = (client_id, ns, tname, json.dumps(query, sort_keys=True))
         if bulk is not None:
             dkey += ("bulk", bulk.serial)  # a new registration never reuses an old job
         with emu.lock:
@@ -1677,7 +1804,8 @@ class Handler(BaseHTTPRequestHandler):
                 if job.is_gone(now):
                     return self._err(404, "NotFound", f"job {job.id} not found (expired)",
                                      id=job.id, kind="job")
-                rule = emu.faults.take("object_urls", job.table, client_id, {"expire_job"})
+                rule = emu.faults.take("object_urls", job.table, client_id, {"expire_job"},
+                                       namespace=job.namespace)
                 if rule is not None:
                     self._fault = "expire_job"
                     emu.jobs.expire(job)
@@ -1698,7 +1826,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._xml_error(403, "AccessDenied", "Access Denied")
             data = job.files[oid]
             rule = emu.faults.take("download", job.table, job.client_id,
-                                   {"expire_url", "reset_mid_body", "corrupt_gzip", "truncated_gzip"})
+                                   {"expire_url", "reset_mid_body", "corrupt_gzip", "truncated_gzip"},
+                                   namespace=job.namespace)
         kind = rule["kind"] if rule else None
         if kind:
             self._fault = kind
@@ -1861,7 +1990,7 @@ class Handler(BaseHTTPRequestHandler):
                         return self._json(200, [t.summary(cid) for cid, inst in sorted(emu.store.instances.items())
                                                 for _n, t in sorted(inst["bulk"].items())])
                     if m == "DELETE":
-                        if not emu.store.drop_bulk(qs.get("client_id"), qs.get("table")):
+                        if not emu.store.drop_bulk(qs.get("client_id"), qs.get("table"), qs.get("namespace")):
                             raise BadRequest("no such bulk table (give client_id and table)")
                         return self._json(200, {"ok": True})
             if path == "/_emu/faults":
@@ -1904,34 +2033,60 @@ class Handler(BaseHTTPRequestHandler):
                 with emu.lock:
                     return self._json(200, {"revoked": emu.tokens.revoke(body["client_id"])})
             if path == "/_emu/jobs" and m == "GET":
+                # optional filters: client_id, table ("t" = canvas, or "ns.t"), namespace
+                want_ns, want_t = qs.get("namespace"), None
+                if qs.get("table"):
+                    want_ns, want_t = split_table(qs["table"], want_ns)
+                elif want_ns is not None and want_ns not in NAMESPACES:
+                    raise BadRequest(f"unknown namespace {want_ns!r}")
                 now = time.time()
                 with emu.lock:
-                    return self._json(200, [dict(j.view(now), client_id=j.client_id, table=j.table,
-                                                 gone=j.is_gone(now)) for j in emu.jobs.by_id.values()])
+                    return self._json(200, [
+                        dict(j.view(now), client_id=j.client_id, table=j.table, namespace=j.namespace,
+                             gone=j.is_gone(now)) for j in emu.jobs.by_id.values()
+                        if (qs.get("client_id") is None or j.client_id == qs["client_id"])
+                        and (want_ns is None or j.namespace == want_ns)
+                        and (want_t is None or j.table == want_t)])
             self._err(404, "NotFound", f"no control endpoint {m} {path}", id=path, kind="resource")
         except BadRequest as e:
             self._err(400, "ValidationError", str(e))
 
     def _state(self, qs):
+        """Expected state. `table` is "t" (canvas) or "ns.t" (or `namespace` + "t"). A canvas_logs
+        table gives every row the store holds, or with window=1 only the rows whose timestamp is
+        in the retention window (what a fresh snapshot holds)."""
         emu = self.emu
         cid = qs.get("client_id")
         fresh = qs.get("fresh", "") in ("1", "true", "yes")
+        window = qs.get("window", "") in ("1", "true", "yes")
         with emu.lock:
             inst = emu.store.instances.get(cid)
             if inst is None:
                 raise BadRequest(f"unknown client_id {cid!r}")
             at = fmt_ts(emu.store.clock)
+            days = emu.config["log_retention_days"]
+
+            def one(t):
+                w = emu.store.log_window(t, days) if window else None
+                d = {"version": t.version, "rows": emu.store.expected_rows(t, fresh, w)}
+                if w is not None:
+                    d["window_start"] = fmt_ts(w)
+                return d
+
             if qs.get("table"):
-                t = inst["tables"].get(qs["table"])
-                if t is None and qs["table"] in inst["bulk"]:
-                    raise BadRequest(f"table {qs['table']!r} is a bulk table: the emulator keeps no rows of it")
+                ns, bare = split_table(qs["table"], qs.get("namespace"))
+                name = qualify(ns, bare)
+                t = inst["tables"].get(name)
+                if t is None and name in inst["bulk"]:
+                    raise BadRequest(f"table {name!r} is a bulk table: the emulator keeps no rows of it")
                 if t is None:
-                    raise BadRequest(f"unknown table {qs['table']!r}")
-                return self._json(200, {"at": at, "version": t.version,
-                                        "rows": emu.store.expected_rows(t, fresh)})
+                    raise BadRequest(f"unknown table {name!r}")
+                return self._json(200, dict({"at": at}, **one(t)))
+            ns = qs.get("namespace")
+            if ns is not None and ns not in NAMESPACES:
+                raise BadRequest(f"unknown namespace {ns!r}")
             return self._json(200, {"at": at, "tables": {
-                name: {"version": t.version, "rows": emu.store.expected_rows(t, fresh)}
-                for name, t in sorted(inst["tables"].items())}})
+                name: one(t) for name, t in sorted(inst["tables"].items()) if ns is None or t.namespace == ns}})
 
 
 class EmuServer(ThreadingHTTPServer):
@@ -1978,7 +2133,7 @@ def _p(type_, desc, fmt=None, **extra):
     return d
 
 
-def _cd2_schema(title, desc, value_props, required):
+def _cd2_schema(title, desc, value_props, required, key_id=None):
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": title,
@@ -1986,8 +2141,8 @@ def _cd2_schema(title, desc, value_props, required):
         "type": "object",
         "properties": {
             "key": {"type": "object", "description": "Primary key.",
-                    "properties": {"id": _p("integer", f"The unique identifier of the {title[:-1]} record.",
-                                            "int64")},
+                    "properties": {"id": key_id or _p("integer", f"The unique identifier of the {title[:-1]} record.",
+                                                      "int64")},
                     "required": ["id"], "additionalProperties": False},
             "value": {"type": "object", "properties": value_props, "required": required,
                       "additionalProperties": False},
@@ -2112,6 +2267,344 @@ DEMO_SCHEMAS = {
     }, ["user_id", "account_id", "unique_id", "workflow_state", "login_count", "created_at", "updated_at"]),
 }
 
+# -- the other namespaces (keys are qualified table names, as in a scenario) --------------------
+
+HTTP_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
+UUID_STR = lambda d: _p("string", d, "uuid")  # noqa: E731
+F64 = lambda d: _p("number", d, "float64")  # noqa: E731
+
+DEMO_NS_SCHEMAS = {
+    "canvas_logs.web_logs": _cd2_schema("web_logs", "Requests made to the Canvas web application (access logs). "
+                                        "Only the last 30 days are available.", {
+        "timestamp": TS("Time the request was made, in UTC."),
+        "timestamp_year": _p("string", "Year of the request (YYYY, UTC)."),
+        "timestamp_month": _p("string", "Month of the request (YYYY-MM, UTC)."),
+        "timestamp_day": _p("string", "Day of the request (YYYY-MM-DD, UTC)."),
+        "user_id": I64("The user who made the request (canvas.users; may be a user of another "
+                       "institution, absent from users)."),
+        "real_user_id": I64("The real user when the request was made by a user masquerading as user_id."),
+        "course_id": I64("The course the request belongs to (canvas.courses)."),
+        "quiz_id": I64("The quiz of the request (canvas.quizzes), if any."),
+        "discussion_id": I64("The discussion topic of the request (canvas.discussion_topics), if any."),
+        "conversation_id": I64("The conversation of the request (canvas.conversations), if any."),
+        "assignment_id": I64("The assignment of the request (canvas.assignments), if any."),
+        "url": _p("string", "Path and query string of the requested URL."),
+        "http_method": _p("string", "HTTP method of the request.", enum=HTTP_METHODS),
+        "http_status": _p("string", "HTTP status code of the response.", maxLength=3),
+        "http_version": _p("string", "HTTP protocol version of the request."),
+        "remote_ip": _p("string", "IP address of the client (IPv4 or IPv6)."),
+        "interaction_micros": I64("Time spent handling the request, in microseconds."),
+        "web_application_controller": _p("string", "Rails controller that handled the request."),
+        "web_application_action": _p("string", "Rails action that handled the request."),
+        "web_application_context_type": _p("string", "Type of the context of the request.",
+                                           enum=["Course", "User", "Account", "Group"]),
+        "web_application_context_id": I64("The context of the request (of web_application_context_type)."),
+        "user_agent": _p("string", "User-Agent header of the request."),
+        "session_id": UUID_STR("The session of the request."),
+        "request_id": UUID_STR("The unique identifier Canvas gave the request."),
+        "developer_key_id": I64("Developer key of the API client that made the request, if any."),
+        "participated": _p("boolean", "Whether the request counts as participation (e.g. a submission)."),
+        "account_id": I64("The root account of the request."),
+    }, ["timestamp", "timestamp_year", "timestamp_month", "timestamp_day", "url", "http_method", "http_status",
+        "request_id", "participated", "account_id"],
+        key_id=UUID_STR("The unique identifier of the logged web request.")),
+    "new_quizzes.quizzes": _cd2_schema("quizzes", "Quizzes of New Quizzes (Quizzes.Next).", {
+        "title": _p("string", "Title of the quiz.", maxLength=255),
+        "instructions": _p("string", "HTML instructions shown before the quiz."),
+        "quiz_type": _p("string", "Kind of quiz.",
+                        enum=["graded_quiz", "practice_quiz", "graded_survey", "ungraded_survey"]),
+        "points_possible": F64("Maximum score of the quiz."),
+        "context_id": I64("The Canvas course of the quiz (canvas.courses)."),
+        "assignment_id": I64("The Canvas assignment that carries the quiz (canvas.assignments)."),
+        "shuffle_answers": _p("boolean", "Whether answers are shown in random order."),
+        "time_limit_seconds": I32("Time limit of an attempt in seconds, if any."),
+        "allowed_attempts": I32("Number of attempts allowed (-1 = unlimited)."),
+        "settings": _p("object", "Further quiz settings (serialized hash)."),
+        "workflow_state": _p("string", "Life-cycle state of the quiz.", enum=["active", "unpublished", "deleted"]),
+        "created_at": TS("Timestamp of creation."),
+        "updated_at": TS("Timestamp of the last update."),
+    }, ["title", "quiz_type", "context_id", "workflow_state", "created_at", "updated_at"]),
+    "new_quizzes.quiz_sessions": _cd2_schema("quiz_sessions", "Attempts of users at New Quizzes.", {
+        "quiz_id": I64("The quiz (new_quizzes.quizzes)."),
+        "user_id": I64("The Canvas user taking the quiz (canvas.users)."),
+        "attempt": I32("Attempt number."),
+        "score": F64("Score of the attempt."),
+        "points_possible": F64("Maximum score at the time of the attempt."),
+        "status": _p("string", "State of the session.",
+                     enum=["not_started", "in_progress", "submitted", "graded", "abandoned"]),
+        "started_at": TS("Time the attempt was started."),
+        "submitted_at": TS("Time the attempt was submitted."),
+        "created_at": TS("Timestamp of creation."),
+        "updated_at": TS("Timestamp of the last update."),
+    }, ["quiz_id", "user_id", "attempt", "status", "created_at", "updated_at"]),
+    "catalog.products": _cd2_schema("products", "Courses and programs offered in Catalog.", {
+        "title": _p("string", "Title of the product.", maxLength=255),
+        "description": _p("string", "HTML description of the product."),
+        "type": _p("string", "Kind of product.", enum=["course", "program"]),
+        "price": F64("Price of the product (0 = free)."),
+        "currency": _p("string", "ISO 4217 currency of the price.", maxLength=3),
+        "visibility": _p("string", "Whether the product is listed in the catalog.",
+                         enum=["listed", "unlisted", "hidden"]),
+        "canvas_course_id": I64("The Canvas course of a course product (canvas.courses)."),
+        "enrollment_open": _p("boolean", "Whether users can enroll."),
+        "start_date": _p("string", "First day of the product.", "date"),
+        "end_date": _p("string", "Last day of the product.", "date"),
+        "created_at": TS("Timestamp of creation."),
+        "updated_at": TS("Timestamp of the last update."),
+    }, ["title", "type", "price", "currency", "visibility", "created_at", "updated_at"]),
+    "catalog.users": _cd2_schema("users", "Users registered in Catalog (not the Canvas users).", {
+        "canvas_user_id": I64("The Canvas user of this Catalog user (canvas.users), once created."),
+        "email": _p("string", "Email address used to register.", maxLength=255),
+        "first_name": _p("string", "First name."),
+        "last_name": _p("string", "Last name."),
+        "created_at": TS("Timestamp of creation."),
+        "updated_at": TS("Timestamp of the last update."),
+    }, ["email", "created_at", "updated_at"]),
+    "catalog.enrollments": _cd2_schema("enrollments", "Enrollments of Catalog users in products.", {
+        "product_id": I64("The product (catalog.products)."),
+        "user_id": I64("The Catalog user (catalog.users, not canvas.users)."),
+        "root_program_id": I64("The program (a catalog.products row of type program) the enrollment came "
+                               "through, if any."),
+        "status": _p("string", "State of the enrollment.",
+                     enum=["pending", "active", "completed", "cancelled", "expired"]),
+        "created_at": TS("Timestamp of creation."),
+        "updated_at": TS("Timestamp of the last update."),
+    }, ["product_id", "user_id", "status", "created_at", "updated_at"]),
+}
+
+USER_AGENTS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 "
+    "Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 "
+    "Safari/605.1.15",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 "
+    "Safari/537.36 Edg/130.0.0.0",
+    "candroid/7.9.0 (460) Dalvik/2.1.0 (Linux; U; Android 14; Pixel 8 Build/AP2A.240905.003)",
+    "iCanvas/7.12 (com.instructure.icanvas; build:2342; iOS 18.1.1) Alamofire/5.9.1",
+    "python-requests/2.32.3",
+    'Mozilla/5.0 (compatible; "Campus Analytics" crawler/1.0; +https://example.invalid/bot, ops@example.invalid)',
+    "curl/8.5.0",
+]
+# (method, url template, controller, action, context type)
+LOG_ROUTES = [
+    ("GET", "/courses/{course}", "courses", "show", "Course"),
+    ("GET", "/courses/{course}/assignments/{assignment}", "assignments", "show", "Course"),
+    ("POST", "/courses/{course}/assignments/{assignment}/submissions", "submissions", "create", "Course"),
+    ("GET", "/courses/{course}/quizzes/{quiz}/take?user_id={user}", "quizzes/quizzes", "show", "Course"),
+    ("POST", "/courses/{course}/quizzes/{quiz}/submissions?user_id={user}", "quizzes/quiz_submissions", "create",
+     "Course"),
+    ("GET", "/courses/{course}/discussion_topics/{discussion}", "discussion_topics", "show", "Course"),
+    ("POST", "/api/v1/courses/{course}/discussion_topics/{discussion}/entries", "discussion_topics_api",
+     "add_entry", "Course"),
+    ("GET", "/conversations/{conversation}", "conversations", "show", "User"),
+    ("DELETE", "/api/v1/conversations/{conversation}", "conversations", "destroy", "User"),
+    ("GET", "/api/v1/courses/{course}/modules?include[]=items&include[]=content_details&per_page=50",
+     "context_modules_api", "index", "Course"),
+    ("PUT", "/api/v1/courses/{course}/assignments/{assignment}", "assignments_api", "update", "Course"),
+    ("PATCH", "/api/v1/users/self/settings?manual_mark_as_read=true", "users", "settings", "User"),
+    ("GET", "/api/v1/users/self/activity_stream?only_active_courses=true", "users", "activity_stream", "User"),
+    ("GET", "/api/v1/courses/{course}/users?enrollment_type[]=student&search_term=O%27Brien,+Jr.&per_page=100",
+     "courses", "users", "Course"),
+    ("GET", "/courses/{course}/files/{file}/download?download_frd=1&verifier=Xy%2Fz9q", "files", "show", "Course"),
+    ("POST", "/api/graphql", "graphql", "execute", None),
+    ("GET", "/", "users", "user_dashboard", None),
+    ("GET", "/login/canvas", "login/canvas", "new", None),
+    ("HEAD", "/health_check", "info", "health_check", None),
+]
+ANONYMOUS_ROUTES = {"/login/canvas", "/health_check"}
+
+
+def _demo_other_namespaces(rng: random.Random, scale: int, n_inst: int, base: int, start: datetime,
+                           user_ids: list, course_ids: list, assignment_ids: list, root: int) -> dict:
+    """Tables of canvas_logs, new_quizzes and catalog for one demo instance: {qualified name: rows}.
+    Uses its own random generator, so the canvas tables stay as they were."""
+    def n(k):
+        return max(3, int(k * scale))
+
+    def uid4():
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+    def when(lo: datetime, hi: datetime):
+        t = lo + timedelta(seconds=rng.randrange(max(1, int((hi - lo).total_seconds()))))
+        if rng.random() < 0.3:
+            t = t.replace(microsecond=rng.randrange(1000) * 1000)
+        return t
+
+    def row(key, value):
+        return {"key": {"id": key}, "value": {k: v for k, v in value.items() if v is not None}}
+
+    out = {}
+    # canvas_logs.web_logs: spread over the 40 days before start (the API serves the last 30)
+    logs = []
+    window = 40 * 86400 * 10 ** 6
+    sessions = [uid4() for _ in range(max(5, n(300) // 8))]
+    for _ in range(n(300 if n_inst == 0 else 260)):
+        t = start - timedelta(microseconds=rng.randrange(1, window))
+        if rng.random() < 0.3:
+            t = t.replace(microsecond=0)
+        method, tmpl, controller, action, ctx_type = rng.choice(LOG_ROUTES)
+        path = tmpl.split("?", 1)[0]
+        anonymous = path in ANONYMOUS_ROUTES
+        if anonymous or rng.random() < 0.03:
+            user = None
+        elif rng.random() < 0.06:  # a user of another institution (absent from users)
+            user = 90_000_000_000_000 + rng.randrange(1, 10 ** 6)
+        else:
+            user = rng.choice(user_ids)
+        ids = {"course": rng.choice(course_ids), "assignment": rng.choice(assignment_ids),
+               "quiz": base + 80000 + rng.randrange(40), "discussion": base + 85000 + rng.randrange(60),
+               "conversation": base + 87000 + rng.randrange(200), "file": base + 88000 + rng.randrange(500),
+               "user": user or rng.choice(user_ids)}
+        url = tmpl.format(**ids)
+        if method == "GET" and not anonymous and rng.random() < 0.1:
+            url += ("&" if "?" in url else "?") + "page=" + str(rng.randrange(2, 9))
+        status = ("200" if method == "HEAD" else
+                  rng.choice(["302", "200"]) if anonymous or path == "/" else
+                  rng.choice(["200"] * 14 + ["201", "204", "302", "304", "401", "404", "422", "500"]))
+        if user is None and path.startswith("/api/"):
+            status = "401"
+        ctx_id = ids["course"] if ctx_type == "Course" else (user if ctx_type == "User" else None)
+        logs.append(row(uid4(), {
+            "timestamp": fmt_ts(t),
+            "timestamp_year": t.strftime("%Y"),
+            "timestamp_month": t.strftime("%Y-%m"),
+            "timestamp_day": t.strftime("%Y-%m-%d"),
+            "user_id": user,
+            "real_user_id": rng.choice(user_ids[:10]) if user and rng.random() < 0.04 else None,
+            "course_id": ids["course"] if "{course}" in tmpl else None,
+            "quiz_id": ids["quiz"] if "{quiz}" in tmpl else None,
+            "discussion_id": ids["discussion"] if "{discussion}" in tmpl else None,
+            "conversation_id": ids["conversation"] if "{conversation}" in tmpl else None,
+            "assignment_id": ids["assignment"] if "{assignment}" in tmpl else None,
+            "url": url,
+            "http_method": method,
+            "http_status": status,
+            "http_version": rng.choice(["HTTP/1.1", "HTTP/2.0", "HTTP/2.0"]),
+            "remote_ip": rng.choice([f"203.0.113.{rng.randrange(1, 255)}", f"198.51.100.{rng.randrange(1, 255)}",
+                                     f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+                                     f"2001:db8:{rng.randrange(65536):x}::{rng.randrange(1, 65536):x}"]),
+            "interaction_micros": rng.randrange(800, 2_500_000),
+            "web_application_controller": controller,
+            "web_application_action": action,
+            "web_application_context_type": ctx_type if ctx_id else None,
+            "web_application_context_id": ctx_id,
+            "user_agent": rng.choice(USER_AGENTS) if rng.random() < 0.97 else None,
+            "session_id": None if path == "/health_check" else rng.choice(sessions),
+            "request_id": uid4(),
+            "developer_key_id": base + 170000 + rng.randrange(3) if path.startswith("/api/") and rng.random() < 0.4
+            else None,
+            "participated": method in ("POST", "PUT") and status in ("200", "201") and ctx_type == "Course",
+            "account_id": root,
+        }))
+    out["canvas_logs.web_logs"] = logs
+
+    # new_quizzes
+    begin = start - timedelta(days=400)
+    quizzes, quiz_points = [], {}
+    for i in range(n(30 if n_inst == 0 else 24)):
+        qid = base + 90000 + i
+        c = when(begin, start - timedelta(days=2))
+        qtype = rng.choice(["graded_quiz"] * 4 + ["practice_quiz", "graded_survey", "ungraded_survey"])
+        points = None if qtype == "ungraded_survey" else rng.choice([5.0, 10.0, 12.5, 20.0, 100.0])
+        quiz_points[qid] = points
+        quizzes.append(row(qid, {
+            "title": rng.choice(["Week 1 check-in", "Midterm", "Quiz: \"Vectors\", part 2", "Évaluation finale",
+                                 "小テスト", "Lab safety", "Survey, end of term"]) + f" #{i + 1}",
+            "instructions": rng.choice([None, "", "<p>Read carefully.</p>\n<p>No notes.</p>",
+                                        "Answer all questions;\tcalculators allowed"]),
+            "quiz_type": qtype,
+            "points_possible": points,
+            "context_id": rng.choice(course_ids),
+            "assignment_id": rng.choice(assignment_ids) if qtype in ("graded_quiz", "graded_survey") else None,
+            "shuffle_answers": rng.random() < 0.5,
+            "time_limit_seconds": rng.choice([None, None, 900, 1800, 3600]),
+            "allowed_attempts": rng.choice([1, 1, 2, 3, -1]),
+            "settings": rng.choice([None, {}, {"one_at_a_time_type": "question", "allow_backtracking": False},
+                                    {"calculator_type": "scientific",
+                                     "result_view_settings": {"display_points": True}}]),
+            "workflow_state": rng.choice(["active"] * 6 + ["unpublished", "deleted"]),
+            "created_at": fmt_ts(c), "updated_at": fmt_ts(when(c, start)),
+        }))
+    out["new_quizzes.quizzes"] = quizzes
+    sessions_rows = []
+    for i in range(n(60 if n_inst == 0 else 50)):
+        qid = rng.choice(list(quiz_points))
+        status = rng.choice(["graded"] * 4 + ["submitted", "in_progress", "not_started", "abandoned"])
+        c = when(begin, start - timedelta(hours=1))
+        started = when(c, start) if status != "not_started" else None
+        submitted = when(started, start) if status in ("graded", "submitted") else None
+        points = quiz_points[qid]
+        score = (round(rng.uniform(0, points), 2) if rng.random() < 0.9 else points) \
+            if status == "graded" and points is not None else None
+        sessions_rows.append(row(base + 95000 + i, {
+            "quiz_id": qid,
+            "user_id": rng.choice(user_ids),
+            "attempt": rng.randrange(1, 4),
+            "score": score,
+            "points_possible": points,
+            "status": status,
+            "started_at": fmt_ts(started) if started else None,
+            "submitted_at": fmt_ts(submitted) if submitted else None,
+            "created_at": fmt_ts(c), "updated_at": fmt_ts(submitted or started or c),
+        }))
+    out["new_quizzes.quiz_sessions"] = sessions_rows
+
+    # catalog
+    products, programs = [], []
+    for i in range(n(24 if n_inst == 0 else 16)):
+        pid = base + 110000 + i
+        ptype = "program" if i % 6 == 5 else "course"
+        if ptype == "program":
+            programs.append(pid)
+        c = when(begin, start - timedelta(days=1))
+        first_day = (c + timedelta(days=rng.randrange(0, 60))).date()
+        products.append(row(pid, {
+            "title": rng.choice(["Python for Everyone", "Leadership, Ethics & You", "Certificat \"Data\"",
+                                 "Grundkurs Statistik", "Professional Writing"]) + f" {i + 1}",
+            "description": rng.choice([None, "", "<p>Self-paced.</p>\n<ul><li>6 weeks</li></ul>"]),
+            "type": ptype,
+            "price": rng.choice([0.0, 49.0, 99.99, 150.0, 1250.5]),
+            "currency": rng.choice(["USD", "USD", "EUR", "GBP"]),
+            "visibility": rng.choice(["listed"] * 3 + ["unlisted", "hidden"]),
+            "canvas_course_id": rng.choice(course_ids) if ptype == "course" else None,
+            "enrollment_open": rng.random() < 0.7,
+            "start_date": first_day.isoformat() if rng.random() < 0.8 else None,
+            "end_date": (first_day + timedelta(days=rng.randrange(30, 200))).isoformat() if rng.random() < 0.6
+            else None,
+            "created_at": fmt_ts(c), "updated_at": fmt_ts(when(c, start)),
+        }))
+    out["catalog.products"] = products
+    cat_users = []
+    canvas_pool = list(user_ids)
+    rng.shuffle(canvas_pool)
+    for i in range(n(30 if n_inst == 0 else 20)):
+        first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+        c = when(begin, start - timedelta(days=1))
+        cat_users.append(row(base + 120000 + i, {
+            "canvas_user_id": canvas_pool[i % len(canvas_pool)] if rng.random() < 0.85 else None,
+            "email": f"learner{i + 1}@example.invalid",
+            "first_name": first, "last_name": last,
+            "created_at": fmt_ts(c), "updated_at": fmt_ts(when(c, start)),
+        }))
+    out["catalog.users"] = cat_users
+    cat_enr = []
+    product_ids = [r["key"]["id"] for r in products]
+    for i in range(n(40 if n_inst == 0 else 30)):
+        c = when(begin, start - timedelta(hours=2))
+        # keys deliberately in the same range as the canvas enrollments' (base + 30000 + i)
+        cat_enr.append(row(base + 30000 + i, {
+            "product_id": rng.choice(product_ids),
+            "user_id": rng.choice(cat_users)["key"]["id"],
+            "root_program_id": rng.choice(programs) if programs and rng.random() < 0.3 else None,
+            "status": rng.choice(["active"] * 4 + ["pending", "completed", "cancelled", "expired"]),
+            "created_at": fmt_ts(c), "updated_at": fmt_ts(when(c, start)),
+        }))
+    out["catalog.enrollments"] = cat_enr
+    return out
+
+
 FIRST_NAMES = ["Ana", "José", "Zoë", "Łukasz", "Søren", "Renée", "Ólafur", "Chloé", "Mateus", "Aiko",
                "王芳", "李雷", "Σοφία", "Иван", "Đặng", "Fatima", "Amélie", "Björn", "Çağlar", "Priya",
                "Kwame", "Siobhán", "Noah", "Emma", "Liam", "Olivia", "Maëlle", "Jürgen"]
@@ -2131,7 +2624,8 @@ SYLLABI = [
 
 
 def demo_scenario(scale: int = 1, seed: int = 2026) -> dict:
-    """The built-in deterministic sample: two instances with six CD2-like tables each."""
+    """The built-in deterministic sample: two instances, each with six CD2-like canvas tables and
+    tables of the namespaces canvas_logs, new_quizzes and catalog."""
     start = DEFAULT_START
     end = datetime(2026, 10, 31, tzinfo=UTC)
     begin = datetime(2019, 1, 1, tzinfo=UTC)
@@ -2309,6 +2803,12 @@ def demo_scenario(scale: int = 1, seed: int = 2026) -> dict:
         instances[cid] = {"secret": secret, "tables": {
             name: {"version": 1, "schema": copy.deepcopy(DEMO_SCHEMAS[name]), "rows": tables[name]}
             for name in DEMO_SCHEMAS}}
+        # the other namespaces: a random generator of their own, after the canvas tables
+        other = _demo_other_namespaces(random.Random(f"{seed}:{n_inst}:namespaces"), scale, n_inst, base,
+                                       parse_ts(start), user_ids, course_ids, assignment_ids, root)
+        for name in DEMO_NS_SCHEMAS:
+            instances[cid]["tables"][name] = {"version": 1, "schema": copy.deepcopy(DEMO_NS_SCHEMAS[name]),
+                                              "rows": other[name]}
     return {"start": start, "instances": instances}
 
 

@@ -33,6 +33,9 @@ import cd2emu  # noqa: E402
 NORTH, NORTH_SECRET = "us-east-1#demo-north", "north-secret"
 SOUTH, SOUTH_SECRET = "us-east-1#demo-south", "south-secret"
 DEMO = cd2emu.demo_scenario()
+CANVAS_TABLES = {"accounts", "users", "courses", "enrollments", "submissions", "pseudonyms"}
+OTHER_TABLES = ["canvas_logs.web_logs", "new_quizzes.quizzes", "new_quizzes.quiz_sessions",
+                "catalog.products", "catalog.users", "catalog.enrollments"]
 
 
 class Resp:
@@ -181,8 +184,8 @@ class EmuTestCase(unittest.TestCase):
         h.update(headers or {})
         return self.req(method, path, body, h)
 
-    def start_job(self, table, body, cid=NORTH):
-        return self.dap("POST", f"/dap/query/canvas/table/{table}/data", body, cid)
+    def start_job(self, table, body, cid=NORTH, ns="canvas"):
+        return self.dap("POST", f"/dap/query/{ns}/table/{table}/data", body, cid)
 
     def wait_job(self, job, cid=NORTH):
         deadline = time.time() + 10
@@ -210,8 +213,8 @@ class EmuTestCase(unittest.TestCase):
             out.append(gunzip_all(r.body))
         return out
 
-    def run_query(self, table, body, cid=NORTH):
-        r = self.start_job(table, body, cid)
+    def run_query(self, table, body, cid=NORTH, ns="canvas"):
+        r = self.start_job(table, body, cid, ns)
         self.assertEqual(r.status, 200, r.body)
         job = self.wait_job(r.json(), cid)
         self.assertEqual(job["status"], "complete", job)
@@ -241,8 +244,9 @@ class EmuTestCase(unittest.TestCase):
                 recs.append(rec)
         return recs
 
-    def state(self, table, cid=NORTH, fresh=False):
-        return self.ctl("GET", f"/_emu/state?client_id={urllib.parse.quote(cid)}&table={table}" + ("&fresh=1" if fresh else ""))
+    def state(self, table, cid=NORTH, fresh=False, window=False):
+        return self.ctl("GET", f"/_emu/state?client_id={urllib.parse.quote(cid)}&table={table}"
+                        + ("&fresh=1" if fresh else "") + ("&window=1" if window else ""))
 
     # ===== tests =================================================================================
     def test_health_and_control(self):
@@ -1050,16 +1054,265 @@ class EmuTestCase(unittest.TestCase):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    # -- namespaces ------------------------------------------------------------------------------
+    def test_namespaces_listing_schema_data(self):
+        listing = {ns: self.dap("GET", f"/dap/query/{ns}/table").json()["tables"] for ns in cd2emu.NAMESPACES}
+        self.assertEqual(set(listing["canvas"]), CANVAS_TABLES)  # unchanged
+        self.assertEqual(listing["canvas_logs"], ["web_logs"])
+        self.assertEqual(listing["new_quizzes"], ["quiz_sessions", "quizzes"])
+        self.assertEqual(listing["catalog"], ["enrollments", "products", "users"])
+        self.assertIn("dap:query:catalog", self.login().json()["scope"])
+        # an unknown namespace: 404 resource (after authentication)
+        for method, path in (("GET", "/dap/query/nope/table"), ("GET", "/dap/query/nope/table/users/schema"),
+                             ("POST", "/dap/query/nope/table/users/data")):
+            r = self.dap(method, path, {"format": "jsonl"} if method == "POST" else None)
+            self.assertEqual(r.status, 404, path)
+            self.assertEqual((r.json()["error"]["type"], r.json()["error"]["kind"]), ("NotFound", "resource"))
+            self.assertEqual(self.req(method, path).status, 401)
+        # a table is found only in its namespace
+        self.assertEqual(self.dap("GET", "/dap/query/canvas/table/web_logs/schema").status, 404)
+        self.assertEqual(self.dap("GET", "/dap/query/canvas/table/catalog.users/schema").status, 404)
+        self.assertEqual(self.dap("GET", "/dap/query/catalog/table/courses/schema").status, 404)
+        self.assertEqual(self.start_job("quizzes", {"format": "jsonl"}).status, 404)
+        # schema and data of a table of each namespace
+        for ns, table in (("canvas", "courses"), ("canvas_logs", "web_logs"), ("new_quizzes", "quiz_sessions"),
+                          ("catalog", "products")):
+            with self.subTest(ns=ns):
+                qname = table if ns == "canvas" else f"{ns}.{table}"
+                sch = self.dap("GET", f"/dap/query/{ns}/table/{table}/schema").json()
+                self.assertEqual(sch, {"version": 1, "schema": DEMO["instances"][NORTH]["tables"][qname]["schema"]})
+                self.assertIn("required", sch["schema"]["properties"]["value"])
+                expected = self.state(qname, window=True)
+                for fmt in ("jsonl", "tsv"):
+                    job, files = self.run_query(table, {"format": fmt}, ns=ns)
+                    self.assertEqual(job["at"], "2026-11-01T00:00:00Z")
+                    recs = self.records(fmt, files)
+                    self.assertEqual(sorted(str(r["key"]["id"]) for r in recs),
+                                     sorted(str(r["key"]["id"]) for r in expected["rows"]))
+                    job2, _ = self.run_query(table, {"format": fmt, "since": "2026-11-01T00:00:00Z"}, ns=ns)
+                    self.assertEqual(job2["until"], "2026-11-01T00:00:00Z")
+        wl = self.dap("GET", "/dap/query/canvas_logs/table/web_logs/schema").json()["schema"]["properties"]
+        self.assertEqual(wl["key"]["properties"]["id"]["format"], "uuid")
+        self.assertEqual(wl["value"]["properties"]["http_method"]["enum"], cd2emu.HTTP_METHODS)
+        for col in ("timestamp", "user_id", "real_user_id", "course_id", "url", "user_agent", "session_id",
+                    "request_id", "interaction_micros", "participated"):
+            self.assertIn(col, wl["value"]["properties"])
+        # csv of web_logs: user agents with commas and quotes survive
+        _job, files = self.run_query("web_logs", {"format": "csv"}, ns="canvas_logs")
+        agents = {r["value"]["user_agent"] for r in self.records("csv", files)}
+        self.assertTrue(any(a and '"' in a and "," in a for a in agents))
+        # load-time validation of qualified names
+        for bad in ({"users": {"schema": {"properties": {}}}, "canvas.users": {"schema": {"properties": {}}}},
+                    {"nope.users": {"schema": {"properties": {}}}}, {"canvas.a.b": {"schema": {"properties": {}}}}):
+            r = self.req("POST", "/_emu/load", {"instances": {"us-east-1#x": {"secret": "s", "tables": bad}}})
+            self.assertEqual(r.status, 400, bad)
+        self.ctl("POST", "/_emu/load", {"instances": {"us-east-1#x": {"secret": "s", "tables": {
+            "canvas.users": {"schema": {"properties": {}}}, "catalog.users": {"schema": {"properties": {}}}}}}})
+        tok = self.login("us-east-1#x", "s").json()["access_token"]
+        for ns in ("canvas", "catalog"):
+            r = self.req("GET", f"/dap/query/{ns}/table", headers={"Authorization": "Bearer " + tok})
+            self.assertEqual(r.json()["tables"], ["users"])
+        r = self.req("GET", "/dap/query/new_quizzes/table", headers={"Authorization": "Bearer " + tok})
+        self.assertEqual(r.json()["tables"], [])
+
+    def test_namespace_tables_independent(self):
+        canvas_before = self.state("enrollments")
+        cat_before = self.state("catalog.enrollments")
+        self.assertNotEqual(self.dap("GET", "/dap/query/canvas/table/enrollments/schema").json(),
+                            self.dap("GET", "/dap/query/catalog/table/enrollments/schema").json())
+        # the demo's catalog enrollments share keys with the canvas ones, with other values
+        shared = {r["key"]["id"] for r in canvas_before["rows"]} & {r["key"]["id"] for r in cat_before["rows"]}
+        self.assertGreater(len(shared), 5)
+        k = min(shared)
+        cat_row = next(r for r in cat_before["rows"] if r["key"]["id"] == k)
+        ep = self.ctl("POST", "/_emu/epoch", {"changes": [
+            {"client_id": NORTH, "table": "catalog.enrollments",
+             "upsert": [{"key": {"id": k}, "value": dict(cat_row["value"], status="completed")}]},
+            {"client_id": NORTH, "table": "enrollments", "namespace": "catalog", "delete": [{"key": {"id": k + 1}}]},
+            {"client_id": NORTH, "table": "new_quizzes.quiz_events", "schema": {
+                "version": 1, "schema": DEMO["instances"][NORTH]["tables"]["catalog.users"]["schema"]},
+             "upsert": [{"key": {"id": 1}, "value": {"email": "x@example.invalid"}}]}]})
+        self.assertEqual(self.state("enrollments"), dict(canvas_before, at=ep["at"]))  # untouched
+        after = {r["key"]["id"]: r["value"] for r in self.state("catalog.enrollments")["rows"]}
+        self.assertEqual(after[k]["status"], "completed")
+        self.assertNotIn(k + 1, after)
+        # the changes show up in an incremental of that namespace only
+        job, files = self.run_query("enrollments", {"format": "jsonl", "since": "2026-11-01T00:00:00Z"}, ns="catalog")
+        self.assertEqual(job["until"], ep["at"])
+        self.assertEqual(sorted((r["key"]["id"], r["meta"]["action"]) for r in self.records("jsonl", files)),
+                         [(k, "U"), (k + 1, "D")])
+        _job, files = self.run_query("enrollments", {"format": "jsonl", "since": "2026-11-01T00:00:00Z"})
+        self.assertEqual(self.records("jsonl", files), [])
+        # an epoch can create a table in a namespace
+        self.assertEqual(self.dap("GET", "/dap/query/new_quizzes/table").json()["tables"],
+                         ["quiz_events", "quiz_sessions", "quizzes"])
+        self.assertNotIn("quiz_events", self.dap("GET", "/dap/query/canvas/table").json()["tables"])
+        # the whole-instance state names tables by qualified name, optionally of one namespace
+        allst = self.ctl("GET", f"/_emu/state?client_id={urllib.parse.quote(NORTH)}")["tables"]
+        self.assertTrue(CANVAS_TABLES | set(OTHER_TABLES) <= set(allst))
+        cat = self.ctl("GET", f"/_emu/state?client_id={urllib.parse.quote(NORTH)}&namespace=catalog")["tables"]
+        self.assertEqual(set(cat), {"catalog.enrollments", "catalog.products", "catalog.users"})
+        self.assertEqual(self.state("enrollments&namespace=catalog")["rows"], self.state("catalog.enrollments")["rows"])
+        for bad in ("nope.users", "canvas_logs.nope"):
+            self.assertEqual(self.req("GET", f"/_emu/state?client_id={urllib.parse.quote(NORTH)}&table={bad}").status, 400)
+        self.assertEqual(self.req("POST", "/_emu/epoch", {"changes": [
+            {"client_id": NORTH, "table": "catalog.enrollments", "namespace": "canvas"}]}).status, 400)
+        # jobs of both namespaces, filtered by the control API
+        jobs = self.ctl("GET", "/_emu/jobs?table=catalog.enrollments")
+        self.assertTrue(jobs and all((j["namespace"], j["table"]) == ("catalog", "enrollments") for j in jobs))
+        jobs = self.ctl("GET", "/_emu/jobs?table=enrollments")
+        self.assertTrue(jobs and all((j["namespace"], j["table"]) == ("canvas", "enrollments") for j in jobs))
+        # a bulk table in a namespace
+        tmp = tempfile.mkdtemp()
+        try:
+            path = os.path.join(tmp, "s.tsv.gz")
+            with open(path, "wb") as f:
+                f.write(gzip.compress(b"meta.ts\tkey.id\n2026-01-01T00:00:00Z\t1\n"))
+            body = {"client_id": NORTH, "table": "users", "namespace": "catalog", "schema": {"properties": {}},
+                    "format": "tsv", "snapshot": {"at": "2026-01-01T00:00:00Z", "files": [path]}}
+            reg = self.ctl("POST", "/_emu/bulk", body)
+            self.assertEqual((reg["table"], reg["namespace"]), ("users", "catalog"))
+            self.assertEqual(self.req("POST", "/_emu/bulk", dict(body, table="canvas.users")).status, 400)
+            job, files = self.run_query("users", {"format": "tsv"}, ns="catalog")
+            self.assertEqual(job["at"], "2026-01-01T00:00:00Z")
+            self.assertEqual(self.run_query("users", {"format": "tsv"})[0]["at"], ep["at"])  # canvas: in memory
+            self.ctl("DELETE", "/_emu/bulk?client_id=" + urllib.parse.quote(NORTH) + "&table=catalog.users")
+            self.assertEqual(self.start_job("users", {"format": "tsv"}, ns="catalog").status, 404)
+            self.assertEqual(self.start_job("users", {"format": "tsv"}).status, 200)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def test_namespace_faults_and_request_log(self):
+        self.ctl("DELETE", "/_emu/requests")
+        self.faults(*[{"endpoint": ep, "namespace": "catalog", "kind": "status", "status": 403, "times": -1}
+                      for ep in ("list_tables", "schema", "create_job")],
+                    {"endpoint": "any", "namespace": "new_quizzes", "kind": "status", "status": 404, "times": -1})
+        for ns in ("catalog", "new_quizzes"):
+            for method, path in (("GET", f"/dap/query/{ns}/table"), ("GET", f"/dap/query/{ns}/table/quizzes/schema"),
+                                 ("POST", f"/dap/query/{ns}/table/products/data")):
+                r = self.dap(method, path, {"format": "jsonl"} if method == "POST" else None)
+                want = {"catalog": (403, "AccountNotOnboarded"), "new_quizzes": (404, "NotFound")}[ns]
+                self.assertEqual((r.status, r.json()["error"]["type"]), want, path)
+                self.assertIn("uuid", r.json()["error"])
+        # the other namespaces work
+        self.assertEqual(set(self.dap("GET", "/dap/query/canvas/table").json()["tables"]), CANVAS_TABLES)
+        self.assertEqual(self.dap("GET", "/dap/query/canvas_logs/table").status, 200)
+        job, _ = self.run_query("enrollments", {"format": "jsonl"})
+        self.assertEqual(job["status"], "complete")
+        self.ctl("DELETE", "/_emu/faults")
+        # a qualified table in a rule means that namespace; a bare one matches that name in any namespace
+        self.faults({"endpoint": "schema", "table": "catalog.enrollments", "kind": "status", "status": 500,
+                     "times": -1})
+        rules = self.ctl("GET", "/_emu/faults")["faults"]
+        self.assertEqual((rules[0]["table"], rules[0]["namespace"]), ("enrollments", "catalog"))
+        self.assertEqual(self.dap("GET", "/dap/query/catalog/table/enrollments/schema").status, 500)
+        self.assertEqual(self.dap("GET", "/dap/query/canvas/table/enrollments/schema").status, 200)
+        self.ctl("DELETE", "/_emu/faults")
+        self.faults({"endpoint": "schema", "table": "enrollments", "kind": "status", "status": 502, "times": 2})
+        self.assertEqual(self.dap("GET", "/dap/query/catalog/table/enrollments/schema").status, 502)
+        self.assertEqual(self.dap("GET", "/dap/query/canvas/table/enrollments/schema").status, 502)
+        for bad in ({"kind": "reset", "namespace": "nope"}, {"kind": "reset", "table": "nope.users"},
+                    {"kind": "reset", "table": "catalog.users", "namespace": "canvas"}):
+            self.assertEqual(self.req("POST", "/_emu/faults", {"faults": [bad]}).status, 400, bad)
+        # download faults of a namespace's job
+        self.faults({"endpoint": "download", "namespace": "catalog", "kind": "expire_url", "times": 1})
+        r = self.start_job("enrollments", {"format": "jsonl"})
+        urls = self.urls(r.json())
+        self.assertEqual(self.req("GET", next(iter(urls.values()))["url"]).status, 200)  # canvas: untouched
+        job = self.start_job("enrollments", {"format": "jsonl"}, ns="catalog").json()
+        urls = self.urls(job)
+        self.assertEqual(self.req("GET", urls[job["objects"][0]["id"]]["url"]).status, 403)
+        self.assertEqual(self.dap("GET", f"/dap/job/{job['id']}").status, 200)
+        log = self.ctl("GET", "/_emu/requests")
+        self.assertTrue(all("namespace" in e for e in log))
+        forbidden = [e for e in log if e["status"] == 403 and e["endpoint"] != "download"]
+        self.assertTrue(forbidden and all(e["namespace"] == "catalog" and e.get("fault") == "status" for e in forbidden))
+        self.assertTrue(any(e["endpoint"] == "list_tables" and e["namespace"] == "canvas_logs" for e in log))
+        cat = [e for e in log if e["namespace"] == "catalog" and e["table"] == "enrollments"]
+        self.assertEqual({e["endpoint"] for e in cat}, {"create_job", "object_urls", "download", "get_job", "schema"})
+        self.assertTrue(all(e["namespace"] == "canvas" for e in log
+                            if e["table"] == "enrollments" and e["endpoint"] in ("object_urls", "download", "create_job")
+                            and e not in cat))
+        self.assertTrue(all(e["namespace"] is None for e in log if e["endpoint"] == "login"))
+
+    def test_web_logs_retention(self):
+        start = cd2emu.parse_ts("2026-11-01T00:00:00Z")
+        everything = self.state("canvas_logs.web_logs")
+        window = self.state("canvas_logs.web_logs", window=True)
+        self.assertEqual(len(everything["rows"]), len(DEMO["instances"][NORTH]["tables"]["canvas_logs.web_logs"]["rows"]))
+        self.assertEqual(window["window_start"], "2026-10-02T00:00:00Z")
+        self.assertNotIn("window_start", everything)
+        inside = [r for r in everything["rows"]
+                  if cd2emu.parse_ts(r["value"]["timestamp"]) >= start - cd2emu.timedelta(days=30)]
+        self.assertEqual(window["rows"], inside)
+        self.assertGreater(len(everything["rows"]) - len(inside), 20)  # some rows are older than 30 days
+        self.assertEqual(self.state("users", window=True), self.state("users"))  # only canvas_logs has a window
+        job, files = self.run_query("web_logs", {"format": "jsonl"}, ns="canvas_logs")
+        self.assertEqual(sorted(r["key"]["id"] for r in self.records("jsonl", files)),
+                         sorted(r["key"]["id"] for r in inside))
+        # an incremental older than the window: OutOfRange with the earliest permitted since
+        r = self.start_job("web_logs", {"format": "jsonl", "since": "2026-09-30T00:00:00Z"}, ns="canvas_logs")
+        self.assertEqual(r.status, 400)
+        self.assertEqual((r.json()["error"]["type"], r.json()["error"]["since"]), ("OutOfRange", "2026-10-02T00:00:00Z"))
+        self.assertEqual(self.start_job("web_logs", {"format": "jsonl", "since": "2026-10-02T00:00:00Z"},
+                                        ns="canvas_logs").status, 200)
+        self.assertEqual(self.start_job("users", {"format": "jsonl", "since": "2026-09-30T00:00:00Z"}).status, 200)
+        # the window follows the clock and the config; the store keeps every row
+        for bad in (0, -1, "30", True, None, float("inf")):
+            self.assertEqual(self.req("POST", "/_emu/config", {"log_retention_days": bad}).status, 400, bad)
+        self.ctl("POST", "/_emu/config", {"log_retention_days": 0.5, "dedupe_jobs": False})
+        new_id = "00000000-0000-4000-8000-000000000001"
+        self.ctl("POST", "/_emu/epoch", {"at": "2026-11-02T00:00:00Z", "changes": [{
+            "client_id": NORTH, "table": "canvas_logs.web_logs", "upsert": [{"key": {"id": new_id}, "value": {
+                "timestamp": "2026-11-01T23:59:00Z", "url": "/", "http_method": "GET", "http_status": "200"}}]}]})
+        r = self.start_job("web_logs", {"format": "jsonl", "since": "2026-11-01T00:00:00Z"}, ns="canvas_logs")
+        self.assertEqual((r.json()["error"]["type"], r.json()["error"]["since"]), ("OutOfRange", "2026-11-01T12:00:00Z"))
+        job, files = self.run_query("web_logs", {"format": "jsonl", "since": "2026-11-01T12:00:00Z"}, ns="canvas_logs")
+        self.assertEqual([r["key"]["id"] for r in self.records("jsonl", files)], [new_id])
+        _job, files = self.run_query("web_logs", {"format": "jsonl"}, ns="canvas_logs")
+        self.assertEqual([r["key"]["id"] for r in self.records("jsonl", files)], [new_id])
+        self.assertEqual([r["key"]["id"] for r in self.state("canvas_logs.web_logs", window=True)["rows"]], [new_id])
+        self.assertEqual(len(self.state("canvas_logs.web_logs")["rows"]), len(everything["rows"]) + 1)
+        # earliest_since still applies, with its own error type when it is the later bound
+        self.ctl("POST", "/_emu/config", {"earliest_since": "2026-11-01T18:00:00Z"})
+        r = self.start_job("web_logs", {"format": "jsonl", "since": "2026-11-01T12:00:00Z"}, ns="canvas_logs")
+        self.assertEqual((r.json()["error"]["type"], r.json()["error"]["since"]), ("SnapshotRequired", "2026-11-01T18:00:00Z"))
+        self.ctl("POST", "/_emu/config", {"earliest_since": None, "log_retention_days": 30})
+        _job, files = self.run_query("web_logs", {"format": "jsonl"}, ns="canvas_logs")
+        self.assertEqual(len(self.records("jsonl", files)), len(self.state("canvas_logs.web_logs", window=True)["rows"]))
+
     def test_demo_scenario(self):
         s = cd2emu.demo_scenario()
         self.assertEqual(s, DEMO)  # deterministic
         for cid in (NORTH, SOUTH):
             tables = s["instances"][cid]["tables"]
             self.assertEqual(set(tables), {"accounts", "users", "courses", "enrollments", "submissions",
-                                           "pseudonyms"})
+                                           "pseudonyms"} | set(OTHER_TABLES))
+            self.assertEqual(list(tables)[:6], list(cd2emu.DEMO_SCHEMAS))  # canvas first, as before
             for t in tables.values():
                 self.assertGreaterEqual(len(t["rows"]), 5)
                 self.assertLessEqual(len(t["rows"]), 500)
+            logs = tables["canvas_logs.web_logs"]["rows"]
+            self.assertGreaterEqual(len(logs), 250)
+            user_ids = {r["key"]["id"] for r in tables["users"]["rows"]}
+            self.assertTrue(any(r["value"].get("user_id") in user_ids for r in logs))
+            self.assertTrue(any("user_id" not in r["value"] for r in logs))
+            self.assertTrue(any("real_user_id" in r["value"] for r in logs))
+            self.assertTrue(any("," in r["value"].get("user_agent", "") for r in logs))
+            self.assertTrue(any('"' in r["value"].get("user_agent", "") for r in logs))
+            self.assertEqual({r["value"]["http_method"] for r in logs}, set(cd2emu.HTTP_METHODS))
+            quizzes = {r["key"]["id"] for r in tables["new_quizzes.quizzes"]["rows"]}
+            for r in tables["new_quizzes.quiz_sessions"]["rows"]:
+                self.assertIn(r["value"]["quiz_id"], quizzes)
+                self.assertIn(r["value"]["user_id"], user_ids)
+            cat_users = {r["key"]["id"] for r in tables["catalog.users"]["rows"]}
+            products = {r["key"]["id"] for r in tables["catalog.products"]["rows"]}
+            for r in tables["catalog.enrollments"]["rows"]:
+                self.assertIn(r["value"]["user_id"], cat_users)
+                self.assertIn(r["value"]["product_id"], products)
+            for name in OTHER_TABLES:
+                self.assertTrue(20 <= len(tables[name]["rows"]) <= 60 or name == "canvas_logs.web_logs"
+                                or name.startswith("catalog.") and 10 <= len(tables[name]["rows"]) <= 40, name)
         sub = s["instances"][NORTH]["tables"]["submissions"]["schema"]["properties"]["value"]["properties"]
         for col in ("assignment_id", "user_id", "grader_id", "score", "workflow_state"):
             self.assertIn(col, sub)
