@@ -571,6 +571,15 @@ catalog_direct_target(const char *target)
 	return DatumGetObjectId(v[0]);
 }
 
+/* Whether the table is a log (web_logs): partitioned by request time, appended to */
+bool
+catalog_is_log(const char *target)
+{
+	const char *args[1] = { target };
+
+	return sql_bool("SELECT cd2sync._log_column($1::regclass) IS NOT NULL", 1, args);
+}
+
 /* pg_temp.cd2_stage for the target: of its types (typed), or all text */
 void
 catalog_create_staging(const char *target, bool typed)

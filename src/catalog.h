@@ -125,6 +125,7 @@ extern bool catalog_ensure_table(const char *instance, const char *target_schema
 extern bool catalog_types_pending(const char *instance, const char *table);
 extern bool catalog_has_rows(const char *target);
 extern Oid catalog_direct_target(const char *target);
+extern bool catalog_is_log(const char *target);
 extern void catalog_create_staging(const char *target, bool typed);
 extern void catalog_add_staging_column(const char *column);
 extern void catalog_expand_jsonl(const char *target);

@@ -331,18 +331,25 @@ apply_job(RunContext *rc, TableSync *ts, DapJob *job, List *urls, bool snapshot)
 	else if (retype || catalog_has_rows(target))
 		mode = "snapshot";
 	else
-	{
 		mode = "snapshot_new";
-		if (cd2_direct_load && rc->format == FORMAT_TSV)
+
+	/*
+	 * Straight in by COPY: a snapshot into an empty table, and the new
+	 * records of a log (append-only: an incremental adds rows). A record
+	 * the table has already (a duplicate key) or a delete does not suit
+	 * this way: the staging table takes them.
+	 */
+	if (cd2_direct_load && rc->format == FORMAT_TSV &&
+		(strcmp(mode, "snapshot_new") == 0 ||
+		 (strcmp(mode, "incremental") == 0 && catalog_is_log(target))))
+	{
+		way.direct = catalog_direct_target(target);
+		if (OidIsValid(way.direct) && try_load(rc, ts, job, urls, &way))
 		{
-			way.direct = catalog_direct_target(target);
-			if (OidIsValid(way.direct) && try_load(rc, ts, job, urls, &way))
-			{
-				tr->upserted += way.records;
-				return;
-			}
-			way.direct = InvalidOid;
+			tr->upserted += way.records;
+			return;
 		}
+		way.direct = InvalidOid;
 	}
 
 	/* columns about to change type take their values as text */

@@ -120,6 +120,8 @@ SET search_path = pg_catalog, pg_temp SET work_mem = '32MB' AS $$
 DECLARE
     ph constant text := '__cd2_oversized_truncated__';
     keys text[] := cd2sync._key_columns(target);
+    logcol text := cd2sync._log_column(target);   -- a log's request time (part of its key)
+    keyjoin_logical text;    -- keyjoin_typed without a log's request time: CD2's key
     a record;
     cols text[] := '{}';     -- quoted column names to fill
     exprs text[] := '{}';    -- their values, from staging s (and target t)
@@ -157,6 +159,8 @@ BEGIN
       INTO keyjoin, keyorder, keyexprs
       FROM unnest(keys) k JOIN pg_attribute ON attrelid = target AND attname = k;
     SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_typed FROM unnest(keys) k;
+    SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_logical
+      FROM unnest(keys) k WHERE k IS DISTINCT FROM logcol;
 
     -- values kept because of placeholders (a table just created keeps none);
     -- only a text staging column can hold one
@@ -324,13 +328,19 @@ BEGIN
     -- statement that writes most, is over before a change feed's capture
     -- takes its lock (feeds.sql)
     IF deleted > 0 THEN
+        -- (a delete names CD2's key: a log's request time is not in it)
         EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
-                       target, keyjoin_typed);
+                       target, keyjoin_logical);
     END IF;
     IF mode = 'snapshot' THEN
-        -- rows the new snapshot does not have are gone upstream
-        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
-                       target, keyjoin_typed);
+        -- rows the new snapshot does not have are gone upstream; a log's
+        -- snapshot holds the API's window only: older rows are history
+        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)%s',
+                       target, keyjoin_typed,
+                       CASE WHEN logcol IS NOT NULL
+                            THEN format(' AND t.%1$I >= (SELECT min(d.%1$I) FROM cd2_typed d
+                                                          WHERE d.cd2_action IS DISTINCT FROM ''D'')', logcol)
+                            ELSE '' END);
         GET DIAGNOSTICS deleted = ROW_COUNT;
     END IF;
 

@@ -3,7 +3,8 @@
 -- database and a fresh install of 1.3 have the same objects.
 -- * Namespaces: tables of canvas_logs, new_quizzes and catalog ("ns.table",
 --   "ns.*"), kept in <target_schema>_<ns>, their views in cd2_<ns>;
---   cd2_add_instance and cd2_alter_instance take keep_logs.
+--   cd2_add_instance and cd2_alter_instance take keep_logs. Logs (web_logs)
+--   are partitioned by request time and keep their history.
 -- * cd2sync.progress reads what sync workers publish in shared memory
 --   (cd2sync._progress()) instead of parsing their pg_stat_activity text.
 -- * The instance's sync lock has one owner, cd2sync._sync_lock, which the
@@ -17,6 +18,7 @@ DROP FUNCTION cd2_alter_instance(text, text, text, text, text[], bigint, interva
 DROP FUNCTION cd2sync._check_settings(text, text, text, text[], bigint, interval, text, interval);
 DROP FUNCTION cd2sync._check_tables(text[]);
 DROP FUNCTION cd2sync._remote_tables(text, text, text);
+DROP FUNCTION cd2sync._resolve_users(regclass, bigint, boolean);
 
 -- local history of namespace canvas_logs (web_logs) kept this long (NULL: forever)
 ALTER TABLE cd2sync.instances ADD COLUMN keep_logs interval CHECK (keep_logs > interval '0');
@@ -563,6 +565,101 @@ RETURNS jsonb LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
        AND NOT cd2sync._is_widening(format_type(a.atttypid, a.atttypmod), s.type_sql)
 $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._log_column_of(table_name text, doc json)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s.column_name FROM cd2sync._schema_columns('', table_name, doc) s
+     WHERE cd2sync._namespace_of(table_name) = 'canvas_logs' AND s.column_name = 'timestamp'
+       AND NOT s.is_key AND s.type_sql = 'timestamp without time zone'
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._log_column(rel regclass)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT a.attname::text FROM pg_partitioned_table p
+      JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0]
+     WHERE p.partrelid = rel AND p.partstrat = 'r' AND p.partnatts = 1
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._log_partitions(rel regclass)
+RETURNS TABLE (part regclass, day timestamp)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass,
+           CASE WHEN pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
+                THEN (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']+)''\)'))[1]::timestamp END
+      FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+     WHERE i.inhparent = rel
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._ensure_partitions(rel regclass, lo timestamp, hi timestamp)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    col text := cd2sync._log_column(rel);
+    sch text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+    tab text := (SELECT relname FROM pg_class WHERE oid = rel);
+    def regclass := (SELECT part FROM cd2sync._log_partitions(rel) WHERE day IS NULL);
+    d timestamp;
+    made int := 0;
+BEGIN
+    IF col IS NULL OR lo IS NULL OR hi IS NULL OR hi < lo THEN
+        RETURN 0;
+    END IF;
+    FOR d IN SELECT g FROM generate_series(date_trunc('day', lo), date_trunc('day', hi), interval '1 day') g
+              WHERE NOT EXISTS (SELECT 1 FROM cd2sync._log_partitions(rel) p WHERE p.day = g) LOOP
+        IF def IS NOT NULL THEN
+            -- (a partition cannot be made while the default one holds its rows)
+            EXECUTE format('CREATE TEMP TABLE cd2_strays ON COMMIT DROP AS
+                            WITH m AS (DELETE FROM %1$s WHERE %2$I >= %3$L AND %2$I < %4$L RETURNING *)
+                            SELECT * FROM m', def, col, d, d + interval '1 day');
+        END IF;
+        EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', sch,
+                       left(tab, 53) || to_char(d, '_pYYYYMMDD'), rel, d, d + interval '1 day');
+        IF def IS NOT NULL THEN
+            EXECUTE format('INSERT INTO %s SELECT * FROM cd2_strays', rel);
+            DROP TABLE cd2_strays;
+        END IF;
+        made := made + 1;
+    END LOOP;
+    RETURN made;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._settle_partitions(rel regclass)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    col text := cd2sync._log_column(rel);
+    def regclass := (SELECT part FROM cd2sync._log_partitions(rel) WHERE day IS NULL);
+    lo timestamp;
+    hi timestamp;
+    n bigint;
+BEGIN
+    IF def IS NULL THEN
+        RETURN 0;
+    END IF;
+    EXECUTE format('SELECT min(%1$I), max(%1$I), count(*) FROM %2$s', col, def) INTO lo, hi, n;
+    IF n > 0 THEN
+        PERFORM cd2sync._ensure_partitions(rel, lo, hi);
+    END IF;
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._age_out(rel regclass, keep interval, upto timestamp)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p record;
+    n int := 0;
+BEGIN
+    IF keep IS NULL OR upto IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOR p IN SELECT * FROM cd2sync._log_partitions(rel) x
+              WHERE x.day IS NOT NULL AND x.day + interval '1 day' <= upto - keep ORDER BY x.day LOOP
+        EXECUTE format('DROP TABLE %s', p.part);
+        n := n + 1;
+    END LOOP;
+    IF n > 0 THEN
+        RAISE LOG 'cd2sync: % partitions of % older than % aged out', n, rel, keep;
+    END IF;
+    RETURN n;
+END $$;
+
 CREATE OR REPLACE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc json)
 RETURNS boolean LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
@@ -576,6 +673,7 @@ DECLARE
     place record := cd2sync._table_place(target_schema, table_name);
     sch text := place.schema_name;   -- where the table goes (its namespace's schema)
     tab text := place.rel_name;
+    logcol text := cd2sync._log_column_of(table_name, doc);   -- (a log: partitioned by it)
 BEGIN
     IF octet_length(tab) > 63 OR tab = '' THEN
         RAISE EXCEPTION 'CD2 table name "%" is not a valid PostgreSQL identifier', table_name
@@ -615,7 +713,7 @@ BEGIN
             END IF;
         END IF;
         cols := cols || format('%I %s%s', c.column_name, c.type_sql,
-                               CASE WHEN c.not_null THEN ' NOT NULL' ELSE '' END);
+                               CASE WHEN c.not_null OR c.column_name = logcol THEN ' NOT NULL' ELSE '' END);
         IF c.is_key THEN
             keys := keys || format('%I', c.column_name);
         END IF;
@@ -623,8 +721,21 @@ BEGIN
 
     rel := to_regclass(format('%I.%I', sch, tab));
     IF rel IS NULL THEN
-        EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', sch, tab,
-                       array_to_string(cols, ', '), array_to_string(keys, ', '));
+        IF logcol IS NULL THEN
+            EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', sch, tab,
+                           array_to_string(cols, ', '), array_to_string(keys, ', '));
+        ELSE
+            -- a log (web_logs): its history is kept, in a partition per day of
+            -- the request time. The key takes the request time too (a key of
+            -- a partitioned table must hold its partition key): a request's
+            -- id comes with one time, which never changes, so it is as unique.
+            EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s, %I)) PARTITION BY RANGE (%I)', sch, tab,
+                           array_to_string(cols, ', '), array_to_string(keys, ', '), logcol, logcol);
+            EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.%I DEFAULT', sch, left(tab, 55) || '_default',
+                           sch, tab);
+            EXECUTE format('CREATE INDEX %I ON %I.%I USING brin (%I)', left(tab, 52) || '_time_brin', sch, tab,
+                           logcol);
+        END IF;
         rel := format('%I.%I', sch, tab)::regclass;
         created := true;
         EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', rel);
@@ -680,6 +791,8 @@ SET search_path = pg_catalog, pg_temp SET work_mem = '32MB' AS $$
 DECLARE
     ph constant text := '__cd2_oversized_truncated__';
     keys text[] := cd2sync._key_columns(target);
+    logcol text := cd2sync._log_column(target);   -- a log's request time (part of its key)
+    keyjoin_logical text;    -- keyjoin_typed without a log's request time: CD2's key
     a record;
     cols text[] := '{}';     -- quoted column names to fill
     exprs text[] := '{}';    -- their values, from staging s (and target t)
@@ -717,6 +830,8 @@ BEGIN
       INTO keyjoin, keyorder, keyexprs
       FROM unnest(keys) k JOIN pg_attribute ON attrelid = target AND attname = k;
     SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_typed FROM unnest(keys) k;
+    SELECT string_agg(format('t.%1$I = d.%1$I', k), ' AND ') INTO keyjoin_logical
+      FROM unnest(keys) k WHERE k IS DISTINCT FROM logcol;
 
     -- values kept because of placeholders (a table just created keeps none);
     -- only a text staging column can hold one
@@ -884,13 +999,19 @@ BEGIN
     -- statement that writes most, is over before a change feed's capture
     -- takes its lock (feeds.sql)
     IF deleted > 0 THEN
+        -- (a delete names CD2's key: a log's request time is not in it)
         EXECUTE format('DELETE FROM %s t USING cd2_typed d WHERE d.cd2_action = ''D'' AND %s',
-                       target, keyjoin_typed);
+                       target, keyjoin_logical);
     END IF;
     IF mode = 'snapshot' THEN
-        -- rows the new snapshot does not have are gone upstream
-        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)',
-                       target, keyjoin_typed);
+        -- rows the new snapshot does not have are gone upstream; a log's
+        -- snapshot holds the API's window only: older rows are history
+        EXECUTE format('DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM cd2_typed d WHERE %s)%s',
+                       target, keyjoin_typed,
+                       CASE WHEN logcol IS NOT NULL
+                            THEN format(' AND t.%1$I >= (SELECT min(d.%1$I) FROM cd2_typed d
+                                                          WHERE d.cd2_action IS DISTINCT FROM ''D'')', logcol)
+                            ELSE '' END);
         GET DIAGNOSTICS deleted = ROW_COUNT;
     END IF;
 
@@ -959,6 +1080,65 @@ BEGIN
     IF made AND analyzed THEN
         EXECUTE format('ANALYZE %s', rel);
     END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean,
+                                       since timestamp DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql
+-- lookups through the columns' indexes, never a scan of a large table (a
+-- table just loaded has no statistics that would tell the planner so)
+SET search_path = pg_catalog, pg_temp SET enable_hashjoin = off SET enable_mergejoin = off
+SET enable_seqscan = off AS $$
+DECLARE
+    c text;
+    rc text;
+    g text;
+    n bigint := 0;
+    k bigint;
+    map_empty boolean := NOT EXISTS (SELECT 1 FROM cd2sync.user_merge_map);
+    logcol text := cd2sync._log_column(rel);
+    bound text := CASE WHEN since IS NOT NULL AND logcol IS NOT NULL
+                       THEN format(' AND t.%I >= %L::timestamp', logcol, since) ELSE '' END;
+BEGIN
+    FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
+        rc := cd2sync._resolved_column(c);
+        IF NOT cd2sync._has_column(rel, rc) THEN
+            CONTINUE;   -- not a table of cd2sync's making (see _ensure_bookkeeping)
+        END IF;
+        g := cd2sync._global_expr(shard, format('t.%I', c));
+        IF changes THEN
+            -- a row is consistent with the old map: its resolved value is the
+            -- old replacement, or the user itself
+            EXECUTE format('UPDATE %s t SET %I = x.new_replacement FROM pg_temp.cd2_map_changes x
+                             WHERE %s = coalesce(x.old_replacement, x.superseded) AND %s = x.superseded',
+                           rel, rc, cd2sync._resolved_expr(shard, c), g);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+            CONTINUE;
+        END IF;
+        IF changes IS NULL THEN
+            EXECUTE format('UPDATE %s t SET %I = NULL WHERE %I IS NOT NULL', rel, rc, rc);
+        END IF;
+        IF NOT map_empty THEN
+            EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
+                             WHERE %s = m.superseded_user_id AND t.%I IS NULL%s',
+                           rel, rc, cd2sync._resolved_expr(shard, c), rc, bound);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
+        IF changes IS NOT NULL THEN
+            -- (a row's stored user changed, or its replacement did)
+            EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                       WHERE m.superseded_user_id = %3$s)
+                             WHERE t.%2$I IS NOT NULL%4$s
+                               AND t.%2$I IS DISTINCT FROM (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                             WHERE m.superseded_user_id = %3$s)',
+                           rel, rc, g, bound);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
+    END LOOP;
+    RETURN n;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._record_user_moves(target regclass)
@@ -1296,6 +1476,64 @@ BEGIN
        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
      ORDER BY c.position
      LIMIT max_changes;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._before_apply(instance text, table_name text, watermark timestamptz)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances := cd2sync._check_instance(instance);
+    rel regclass := cd2sync._instance_rel(inst.target_schema, table_name);
+    held timestamptz := (SELECT s.watermark FROM cd2sync.table_state s
+                          WHERE s.instance = _before_apply.instance AND s.table_name = _before_apply.table_name);
+BEGIN
+    PERFORM set_config('cd2sync_tx.applying', instance || '.' || table_name, true),
+            set_config('cd2sync_tx.watermark', coalesce(watermark::text, ''), true),
+            set_config('cd2sync_tx.cause', 'sync', true);
+    IF rel IS NOT NULL AND cd2sync._log_column(rel) IS NOT NULL THEN
+        PERFORM cd2sync._ensure_partitions(rel,
+            (coalesce(held, watermark - interval '31 days') - interval '1 day') AT TIME ZONE 'UTC',
+            (watermark + interval '1 day') AT TIME ZONE 'UTC');
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances := cd2sync._check_instance(instance);
+    rel regclass := cd2sync._instance_rel(inst.target_schema, table_name);
+    -- (the watermark the table held before: committed after this hook)
+    held timestamptz := (SELECT s.watermark FROM cd2sync.table_state s
+                          WHERE s.instance = _after_apply.instance AND s.table_name = _after_apply.table_name);
+BEGIN
+    IF rel IS NOT NULL AND cd2sync._log_column(rel) IS NOT NULL THEN
+        -- a log's history older than the instance's keep_logs goes, by partition
+        PERFORM cd2sync._age_out(rel, inst.keep_logs,
+            nullif(current_setting('cd2sync_tx.watermark', true), '')::timestamptz AT TIME ZONE 'UTC');
+    END IF;
+    IF changes > 0 AND rel IS NOT NULL THEN
+        -- a first load gets its indexes now; rows a snapshot loaded
+        -- straight by COPY get their replacements (_apply gives every row
+        -- it writes its own)
+        PERFORM cd2sync._ensure_bookkeeping(rel, inst.shard_id, table_name);
+        IF cd2sync._log_column(rel) IS NOT NULL THEN
+            -- a log's rows went in by COPY: those of days without a partition
+            -- get theirs, and those of users the map has their replacements
+            -- (from a day before what the table held: older partitions are
+            -- history, left alone)
+            PERFORM cd2sync._settle_partitions(rel);
+            PERFORM cd2sync._resolve_users(rel, inst.shard_id, false,
+                (held - interval '1 day') AT TIME ZONE 'UTC');
+        ELSIF mode = 'snapshot' THEN
+            PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
+        END IF;
+        PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+        IF table_name = ANY (cd2sync._merge_inputs()) THEN
+            PERFORM cd2sync._refresh_user_merges();
+        ELSIF cd2sync._duplicate_key(table_name) IS NOT NULL THEN
+            PERFORM cd2sync._refresh_merge_duplicates(table_name);
+        END IF;
+        PERFORM cd2sync._feed_check_limits();
+    END IF;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._remote_tables(api_url text, client_id text, client_secret text,

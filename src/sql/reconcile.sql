@@ -171,7 +171,10 @@ END $$;
 -- table); false: rows whose stored user the map has, and rows with a
 -- replacement (a sync wrote rows: cost by the map's size, not the table's);
 -- true: rows of the users in pg_temp.cd2_map_changes (the map changed).
-CREATE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean)
+-- since: with changes false, only a log's rows of requests from then on
+-- (its later partitions: the rows a sync loaded).
+CREATE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean,
+                                       since timestamp DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql
 -- lookups through the columns' indexes, never a scan of a large table (a
 -- table just loaded has no statistics that would tell the planner so)
@@ -184,6 +187,9 @@ DECLARE
     n bigint := 0;
     k bigint;
     map_empty boolean := NOT EXISTS (SELECT 1 FROM cd2sync.user_merge_map);
+    logcol text := cd2sync._log_column(rel);
+    bound text := CASE WHEN since IS NOT NULL AND logcol IS NOT NULL
+                       THEN format(' AND t.%I >= %L::timestamp', logcol, since) ELSE '' END;
 BEGIN
     FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
         rc := cd2sync._resolved_column(c);
@@ -206,8 +212,8 @@ BEGIN
         END IF;
         IF NOT map_empty THEN
             EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
-                             WHERE %s = m.superseded_user_id AND t.%I IS NULL',
-                           rel, rc, cd2sync._resolved_expr(shard, c), rc);
+                             WHERE %s = m.superseded_user_id AND t.%I IS NULL%s',
+                           rel, rc, cd2sync._resolved_expr(shard, c), rc, bound);
             GET DIAGNOSTICS k = ROW_COUNT;
             n := n + k;
         END IF;
@@ -215,10 +221,10 @@ BEGIN
             -- (a row's stored user changed, or its replacement did)
             EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
                                                        WHERE m.superseded_user_id = %3$s)
-                             WHERE t.%2$I IS NOT NULL
+                             WHERE t.%2$I IS NOT NULL%4$s
                                AND t.%2$I IS DISTINCT FROM (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
                                                              WHERE m.superseded_user_id = %3$s)',
-                           rel, rc, g);
+                           rel, rc, g, bound);
             GET DIAGNOSTICS k = ROW_COUNT;
             n := n + k;
         END IF;

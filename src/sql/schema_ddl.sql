@@ -304,6 +304,123 @@ BEGIN
     END;
 END $$;
 
+-- ---------------------------------------------------------------------------
+-- Logs: the tables of namespace canvas_logs (web_logs). The API keeps only
+-- the last 30 days of them; cd2sync keeps their history, partitioned by
+-- request time, a partition per day (made ahead of the rows; a default
+-- partition takes any other, settled into its own after the load), aged out
+-- by whole partitions (an instance's keep_logs), never by DELETE.
+-- ---------------------------------------------------------------------------
+
+-- The column a CD2 table is partitioned by: for a table of namespace
+-- canvas_logs whose schema has a request time ("timestamp", a date-time),
+-- that column; else NULL. Decided when the table is made: then
+-- _log_column says it from the table.
+CREATE FUNCTION cd2sync._log_column_of(table_name text, doc json)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s.column_name FROM cd2sync._schema_columns('', table_name, doc) s
+     WHERE cd2sync._namespace_of(table_name) = 'canvas_logs' AND s.column_name = 'timestamp'
+       AND NOT s.is_key AND s.type_sql = 'timestamp without time zone'
+$$;
+
+-- The column a table of cd2sync's is partitioned by (its request time), or
+-- NULL for a table that is not a log
+CREATE FUNCTION cd2sync._log_column(rel regclass)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT a.attname::text FROM pg_partitioned_table p
+      JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0]
+     WHERE p.partrelid = rel AND p.partstrat = 'r' AND p.partnatts = 1
+$$;
+
+-- The partitions of a log, with the day each holds (NULL: the default one)
+CREATE FUNCTION cd2sync._log_partitions(rel regclass)
+RETURNS TABLE (part regclass, day timestamp)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass,
+           CASE WHEN pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
+                THEN (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']+)''\)'))[1]::timestamp END
+      FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+     WHERE i.inhparent = rel
+$$;
+
+-- Makes the partitions of a log for every day from lo to hi that has none.
+-- Rows of those days in the default partition (none, unless a load put them
+-- there) move into them first.
+CREATE FUNCTION cd2sync._ensure_partitions(rel regclass, lo timestamp, hi timestamp)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    col text := cd2sync._log_column(rel);
+    sch text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+    tab text := (SELECT relname FROM pg_class WHERE oid = rel);
+    def regclass := (SELECT part FROM cd2sync._log_partitions(rel) WHERE day IS NULL);
+    d timestamp;
+    made int := 0;
+BEGIN
+    IF col IS NULL OR lo IS NULL OR hi IS NULL OR hi < lo THEN
+        RETURN 0;
+    END IF;
+    FOR d IN SELECT g FROM generate_series(date_trunc('day', lo), date_trunc('day', hi), interval '1 day') g
+              WHERE NOT EXISTS (SELECT 1 FROM cd2sync._log_partitions(rel) p WHERE p.day = g) LOOP
+        IF def IS NOT NULL THEN
+            -- (a partition cannot be made while the default one holds its rows)
+            EXECUTE format('CREATE TEMP TABLE cd2_strays ON COMMIT DROP AS
+                            WITH m AS (DELETE FROM %1$s WHERE %2$I >= %3$L AND %2$I < %4$L RETURNING *)
+                            SELECT * FROM m', def, col, d, d + interval '1 day');
+        END IF;
+        EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', sch,
+                       left(tab, 53) || to_char(d, '_pYYYYMMDD'), rel, d, d + interval '1 day');
+        IF def IS NOT NULL THEN
+            EXECUTE format('INSERT INTO %s SELECT * FROM cd2_strays', rel);
+            DROP TABLE cd2_strays;
+        END IF;
+        made := made + 1;
+    END LOOP;
+    RETURN made;
+END $$;
+
+-- Moves the rows a load put in a log's default partition into partitions
+-- of their own days. Returns how many.
+CREATE FUNCTION cd2sync._settle_partitions(rel regclass)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    col text := cd2sync._log_column(rel);
+    def regclass := (SELECT part FROM cd2sync._log_partitions(rel) WHERE day IS NULL);
+    lo timestamp;
+    hi timestamp;
+    n bigint;
+BEGIN
+    IF def IS NULL THEN
+        RETURN 0;
+    END IF;
+    EXECUTE format('SELECT min(%1$I), max(%1$I), count(*) FROM %2$s', col, def) INTO lo, hi, n;
+    IF n > 0 THEN
+        PERFORM cd2sync._ensure_partitions(rel, lo, hi);
+    END IF;
+    RETURN n;
+END $$;
+
+-- Drops the partitions of a log whose every row is older than keep before
+-- upto, whole (never a DELETE). Returns how many.
+CREATE FUNCTION cd2sync._age_out(rel regclass, keep interval, upto timestamp)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p record;
+    n int := 0;
+BEGIN
+    IF keep IS NULL OR upto IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOR p IN SELECT * FROM cd2sync._log_partitions(rel) x
+              WHERE x.day IS NOT NULL AND x.day + interval '1 day' <= upto - keep ORDER BY x.day LOOP
+        EXECUTE format('DROP TABLE %s', p.part);
+        n := n + 1;
+    END LOOP;
+    IF n > 0 THEN
+        RAISE LOG 'cd2sync: % partitions of % older than % aged out', n, rel, keep;
+    END IF;
+    RETURN n;
+END $$;
+
 -- Creates the target table of a CD2 table, or brings it up to a newer
 -- schema: new enum types and values, new columns, widened types. A column
 -- removed upstream is kept (and no longer filled) so that users' views on it
@@ -322,6 +439,7 @@ DECLARE
     place record := cd2sync._table_place(target_schema, table_name);
     sch text := place.schema_name;   -- where the table goes (its namespace's schema)
     tab text := place.rel_name;
+    logcol text := cd2sync._log_column_of(table_name, doc);   -- (a log: partitioned by it)
 BEGIN
     IF octet_length(tab) > 63 OR tab = '' THEN
         RAISE EXCEPTION 'CD2 table name "%" is not a valid PostgreSQL identifier', table_name
@@ -361,7 +479,7 @@ BEGIN
             END IF;
         END IF;
         cols := cols || format('%I %s%s', c.column_name, c.type_sql,
-                               CASE WHEN c.not_null THEN ' NOT NULL' ELSE '' END);
+                               CASE WHEN c.not_null OR c.column_name = logcol THEN ' NOT NULL' ELSE '' END);
         IF c.is_key THEN
             keys := keys || format('%I', c.column_name);
         END IF;
@@ -369,8 +487,21 @@ BEGIN
 
     rel := to_regclass(format('%I.%I', sch, tab));
     IF rel IS NULL THEN
-        EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', sch, tab,
-                       array_to_string(cols, ', '), array_to_string(keys, ', '));
+        IF logcol IS NULL THEN
+            EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', sch, tab,
+                           array_to_string(cols, ', '), array_to_string(keys, ', '));
+        ELSE
+            -- a log (web_logs): its history is kept, in a partition per day of
+            -- the request time. The key takes the request time too (a key of
+            -- a partitioned table must hold its partition key): a request's
+            -- id comes with one time, which never changes, so it is as unique.
+            EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s, %I)) PARTITION BY RANGE (%I)', sch, tab,
+                           array_to_string(cols, ', '), array_to_string(keys, ', '), logcol, logcol);
+            EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.%I DEFAULT', sch, left(tab, 55) || '_default',
+                           sch, tab);
+            EXECUTE format('CREATE INDEX %I ON %I.%I USING brin (%I)', left(tab, 52) || '_time_brin', sch, tab,
+                           logcol);
+        END IF;
         rel := format('%I.%I', sch, tab)::regclass;
         created := true;
         EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', rel);
