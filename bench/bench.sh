@@ -11,12 +11,14 @@
 #                     lookups by global id and by person through the view
 #   7 change feeds    an incremental and a full resync with a feed following the table vs
 #                     without; reading the changes
+#   8 web_logs        an incremental of BENCH_LOGS new records into canvas_logs.web_logs vs
+#                     COPY of the same rows into an identical partitioned table
 # It is a benchmark, never a test: it fails only when something cannot run. Sets the machine
 # up (scripts/setup.sh), starts a cluster and the emulator on loopback, and removes them.
 #
 #   BENCH_ROWS=1000000 BENCH_CHANGES=100000 BENCH_ENROLLMENTS=10000000 bash bench/bench.sh
 #
-# Other knobs: BENCH_DATA (generated data, reused; default /tmp/cd2sync-bench-data),
+# Other knobs: BENCH_LOGS (8's records, 5000000), BENCH_ONLY=logs (figure 8 alone), BENCH_DATA (generated data, reused; default /tmp/cd2sync-bench-data),
 # BENCH_MERGES (100000), BENCH_P_CAP (200000), BENCH_VIEW_TIMEOUT (seconds, 120),
 # BENCH_PROFILE=1 (pg_stat_statements: prints the statements that dominate each sync),
 # BENCH_PERF=1 (as root, with perf installed: perf record -a over syncs 1, 2 and 4, summarised
@@ -35,8 +37,11 @@ BENCH_P_CAP=${BENCH_P_CAP:-200000}
 BENCH_VIEW_TIMEOUT=${BENCH_VIEW_TIMEOUT:-120}
 BENCH_PROFILE=${BENCH_PROFILE:-0}
 BENCH_PERF=${BENCH_PERF:-0}
+BENCH_LOGS=${BENCH_LOGS:-5000000}
+BENCH_ONLY=${BENCH_ONLY:-}
 PROFILE_OUT=$BENCH_DIR/profile-latest.txt
 RESULTS=$BENCH_DIR/results-latest.txt
+[ "${BENCH_ONLY:-}" != logs ] || RESULTS=$BENCH_DIR/results-logs-latest.txt
 PORT=5497
 T_START=$(date +%s)
 
@@ -144,6 +149,12 @@ SNAP_PLAIN=$(manifest "m['snapshot']['plain_bytes']"); INC_RAW=$(manifest "m['in
 NOOP_RAW=$(manifest "m['noop']['raw_bytes']"); NOOP_N=$(manifest "m['noop']['updates']")
 INC_SUMMARY=$(manifest "'%d updates, %d inserts, %d deletes' % (m['inc1']['updates'], m['inc1']['inserts'], m['inc1']['deletes'])")
 echo "   $data: snapshot $(calc "$SNAP_RAW / 1048576" 0) MB as TSV ($(calc "$SNAP_GZ / 1048576" 0) MB gzip), incremental: $INC_SUMMARY"
+echo "== data: web_logs, $BENCH_LOGS new records (generated once, kept in $BENCH_DATA)"
+logdata=$(python3 "$BENCH_DIR/gen_logs.py" --root "$BENCH_DATA" --rows "$BENCH_LOGS")
+chmod -R a+rX "$logdata"
+logm() { python3 -c "import json, sys; m = json.load(open('$logdata/manifest.json')); print(eval(sys.argv[1]))" "$1"; }
+LOG_RAW=$(logm "m['inc']['raw_bytes']"); LOG_GZ=$(logm "m['inc']['gz_bytes']"); LOG_PLAIN=$(logm "m['inc']['plain_bytes']")
+echo "   $logdata: $(calc "$LOG_RAW / 1048576" 0) MB as TSV ($(calc "$LOG_GZ / 1048576" 0) MB gzip)"
 
 # ---- cluster and emulator ---------------------------------------------------------------------
 work=$(make_workdir)
@@ -185,6 +196,20 @@ req = urllib.request.Request(emu + "/_emu/bulk", data=json.dumps(body).encode(),
                              headers={"Content-Type": "application/json"})
 urllib.request.urlopen(req).read()
 PY
+# web_logs, for bench and for bench2 (whose copy of the table is the baseline's)
+python3 - "$emu" "$logdata" <<'PY'
+import json, sys, urllib.request
+emu, d = sys.argv[1], sys.argv[2]
+m = json.load(open(d + "/manifest.json"))
+s = json.load(open(d + "/schema.json"))
+for cid in ("us-east-1#bench", "us-east-1#bench2"):
+    body = {"client_id": cid, "secret": "bench-secret", "table": "canvas_logs.web_logs", "version": s["version"],
+            "schema": s["schema"], "format": "tsv", "snapshot": m["snapshot"],
+            "incrementals": [{k: m["inc"][k] for k in ("since", "until", "files")}]}
+    req = urllib.request.Request(emu + "/_emu/bulk", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req).read()
+PY
 
 echo "== starting a throwaway PostgreSQL 15 cluster"
 as_user initdb -D "$work/data" -A trust -U postgres >/dev/null
@@ -208,7 +233,9 @@ sql -o /dev/null <<SQL
 CREATE EXTENSION cd2sync;
 SET log_statement = 'none';
 SELECT cd2_add_instance('bench', 'us-east-1#bench', 'bench-secret', api_url => '$emu',
-                        tables => ARRAY['submissions']);
+                        tables => ARRAY['submissions', 'canvas_logs.web_logs']);
+SELECT cd2_add_instance('bench2', 'us-east-1#bench2', 'bench-secret', api_url => '$emu',
+                        tables => ARRAY['canvas_logs.web_logs']);
 SQL
 
 if [ "$BENCH_PROFILE" = 1 ]; then sql -c "CREATE EXTENSION pg_stat_statements"; fi
@@ -262,6 +289,7 @@ perf_stop() {   # $1: what was profiled
     rm -f "$work/perf.data" "$work/perf.ctl" "$work/perf.ack"
 }
 
+if [ "$BENCH_ONLY" != logs ]; then   # (figures 1 to 7; 8 follows)
 # ---- 1. snapshot: cd2_sync_now vs L (COPY into an identical empty table) ----------------------
 # (5. the sync worker's memory is sampled while this snapshot runs)
 echo "== 1. snapshot of $BENCH_ROWS rows"
@@ -523,6 +551,39 @@ L_USER_N=$(val "SELECT count(*) || ' rows, ' || count(*) FILTER (WHERE original_
                  FROM cd2.enrollments WHERE user_id = $LOOK_USER")
 echo "   lookup by global id: ${L_ID} ms; every enrolment of user $LOOK_USER ($L_USER_N): ${L_USER} ms"
 
+fi   # (figures 1 to 7)
+
+# ---- 8. web_logs: an incremental of new records vs COPY into the same partitioned table -------
+# Both tables come from a first (small) snapshot of the same data, one per instance: bench's is
+# synced, bench2's is the baseline's, made with the same partitions cd2sync makes for the
+# incremental (the days around its window). Then bench2's takes the rows by COPY from a local
+# file, and cd2sync syncs bench's incremental (download, gunzip, COPY into the partitions).
+echo "== 8. web_logs: an incremental of $BENCH_LOGS new records vs COPY of the same rows"
+for i in bench bench2; do
+    r=$(sql -At -F ' ' -c "SELECT mode, rows_upserted, coalesce(error, '') FROM cd2_sync_now('$i', tables => ARRAY['canvas_logs.web_logs'])")
+    echo "   $i first snapshot: $r"
+done
+sql -o /dev/null -c "SELECT cd2sync._ensure_partitions('bench2_canvas_logs.web_logs',
+                        ('$(logm "m['inc']['since']")'::timestamptz - interval '1 day') AT TIME ZONE 'UTC',
+                        ('$(logm "m['inc']['until']")'::timestamptz + interval '1 day') AT TIME ZONE 'UTC')"
+LOG_COLS=$(python3 -c "import json; print(', '.join('\"%s\"' % c for c in json.load(open('$logdata/manifest.json'))['columns']))")
+checkpoint
+t0=$(now)
+sql -c "COPY bench2_canvas_logs.web_logs ($LOG_COLS) FROM '$logdata/inc.copy'"
+t1=$(now); T_LOGC=$(calc "$t1 - $t0")
+echo "   COPY of the same rows into bench2's partitioned table: ${T_LOGC}s"
+checkpoint
+t0=$(now)
+r=$(sql -At -F ' ' -c "SELECT mode, rows_upserted, coalesce(error, '') FROM cd2_sync_now('bench', tables => ARRAY['canvas_logs.web_logs'])")
+t1=$(now); T_LOGS=$(calc "$t1 - $t0")
+J_LOGS=$(val "SELECT round(job_seconds::numeric, 3) FROM cd2sync.sync_log WHERE instance = 'bench'
+               AND table_name = 'canvas_logs.web_logs' ORDER BY run_id DESC LIMIT 1")
+STAGED_LOGS=$(grep -c 'canvas_logs.web_logs: loading through the' "$work/postgres.log" || true)
+echo "   cd2sync: $r | wall ${T_LOGS}s (job ${J_LOGS}s); loads through staging: $STAGED_LOGS"
+[ "$(echo "$r" | cut -d' ' -f1-2)" = "incremental $BENCH_LOGS" ] || problems+=("web_logs incremental: $r")
+N_LOGS_A=$(val "SELECT count(*) FROM bench_canvas_logs.web_logs"); N_LOGS_B=$(val "SELECT count(*) FROM bench2_canvas_logs.web_logs")
+[ "$N_LOGS_A" = "$N_LOGS_B" ] && echo "   check: both tables hold $N_LOGS_A rows" || problems+=("web_logs: $N_LOGS_A rows vs $N_LOGS_B")
+
 # ---- results --------------------------------------------------------------------------------
 R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
 {
@@ -535,6 +596,7 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
     echo
     R "figure" "cd2sync" "baseline" "ratio" "target" "rows/s" "MB/s"
     R "--------------------------------------------" "------------" "------------" "-------" "------------" "---------" "-------"
+    if [ "$BENCH_ONLY" != logs ]; then
     R "1 snapshot, vs L = COPY into same table" "${T_SNAP}s" "${T_L}s" "$(ratio "$T_SNAP" "$T_L")" "<= 1.3" \
       "$(rows_per_s "$BENCH_ROWS" "$T_SNAP")" "$(mb_per_s "$SNAP_RAW" "$T_SNAP")"
     R "  the same, job wait excluded (***)" "$(calc "$T_SNAP - $J_SNAP")s" "${T_L}s" "$(ratio "$(calc "$T_SNAP - $J_SNAP")" "$T_L")" "" "" ""
@@ -568,7 +630,12 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
     R "7b full resync, unchanged, feed vs without" "${T_RES1}s" "${T_RES0}s" "$(ratio "$T_RES1" "$T_RES0")" "<= 1.3" "" ""
     R "7c   changes it published" "$C_RES" "-" "-" "0" "" ""
     R "7d reading $C_INC changes (cd2_feed_read)" "${T_READ}s" "-" "-" "< 1 s" "$(rows_per_s "$C_INC" "$T_READ")" ""
+    fi
+    R "8 web_logs +$BENCH_LOGS, vs COPY same rows" "${T_LOGS}s" "${T_LOGC}s" "$(ratio "$T_LOGS" "$T_LOGC")" "<= 1.1" \
+      "$(rows_per_s "$BENCH_LOGS" "$T_LOGS")" "$(mb_per_s "$LOG_RAW" "$T_LOGS")"
+    R "  the same, job wait excluded (***)" "$(calc "$T_LOGS - $J_LOGS")s" "${T_LOGC}s" "$(ratio "$(calc "$T_LOGS - $J_LOGS")" "$T_LOGC")" "" "" ""
     echo
+    if [ "$BENCH_ONLY" != logs ]; then
     echo "(*) P ran $np of $BENCH_ROWS snapshot rows (${tp}s) and is extrapolated linearly; its incremental ran in full."
     echo "(**) private memory (RssAnon) of the 'cd2sync sync worker' backend, sampled every 100 ms; its VmHWM," \
          "which counts the shared buffers it touched, was ${RSS_HWM_MB} MB. Snapshot: $(calc "$SNAP_RAW / 1048576" 0) MB uncompressed."
@@ -580,6 +647,10 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
     echo "6: $N_ENR enrollments, $N_MAP merges, 3 runs each, median; raw = UNION ALL of c1/c2.enrollments grouped by (shard, ...);" \
          "6-6c with max_parallel_workers_per_gather = 0 (the planner parallelises the view but not the raw union);" \
          "6c runs until BENCH_VIEW_TIMEOUT=${BENCH_VIEW_TIMEOUT}s."
+    fi
+    echo "8: $BENCH_LOGS web_logs records, $(calc "$LOG_RAW / 1048576" 0) MB TSV ($(calc "$LOG_GZ / 1048576" 0) MB gzip);" \
+         "both tables partitioned by day with the same indexes (key, BRIN on the request time, users' lookups);" \
+         "loads through staging (a fallback): $STAGED_LOGS."
     if [ ${#problems[@]} -gt 0 ]; then printf 'PROBLEM: %s\n' "${problems[@]}"; fi
     echo "total bench time $(( $(date +%s) - T_START ))s"
 } | tee "$RESULTS.tmp"

@@ -46,7 +46,7 @@ as_user pg_ctl -D "$work/data" -l "$work/postgres.log" -w start >/dev/null
 psql() { as_user env PGHOST="$work" PGPORT=5499 PGUSER=postgres /usr/lib/postgresql/15/bin/psql -X -v ON_ERROR_STOP=1 -q "$@"; }
 
 echo "== CREATE EXTENSION cd2sync; register two instances"
-# secrets come from files, never in a statement's text (README, Security)
+# secrets come from files, never in a statement's text (docs/security.md)
 (umask 077; echo north-secret > "$work/north.secret"; echo south-secret > "$work/south.secret")
 [ "$(id -u)" = 0 ] && chown "$CD2_USER" "$work/north.secret" "$work/south.secret"
 psql <<SQL

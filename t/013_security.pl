@@ -101,7 +101,7 @@ my $given = encode_base64("$north:admins-own", '');
 like(heard(), qr/\Q$given\E/, 'hole 1: the listener receives the secret given with the URL');
 unlike(heard(), qr/\Q$stored\E|north-secret/, 'hole 1: and never the stored one');
 
-# hole 3: the documented way to give a secret (README, Security) keeps it out
+# hole 3: the documented way to give a secret (docs/security.md) keeps it out
 # of statement text, so out of the server log (every statement logged, and
 # failing ones with log_min_error_statement) and pg_stat_activity
 $node->safe_psql('postgres', "ALTER SYSTEM SET log_statement = 'all'; SELECT pg_reload_conf()");

@@ -172,14 +172,16 @@ END $$;
 -- replacement (a sync wrote rows: cost by the map's size, not the table's);
 -- true: rows of the users in pg_temp.cd2_map_changes (the map changed).
 -- since: with changes false, only a log's rows of requests from then on
--- (its later partitions: the rows a sync loaded).
+-- (its later partitions: the rows a sync loaded) are looked up in the map
+-- (rows with a replacement are few: all of them are checked, through
+-- their partial index).
 CREATE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean,
                                        since timestamp DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql
 -- lookups through the columns' indexes, never a scan of a large table (a
 -- table just loaded has no statistics that would tell the planner so)
 SET search_path = pg_catalog, pg_temp SET enable_hashjoin = off SET enable_mergejoin = off
-SET enable_seqscan = off AS $$
+SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     c text;
     rc text;
@@ -221,10 +223,10 @@ BEGIN
             -- (a row's stored user changed, or its replacement did)
             EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
                                                        WHERE m.superseded_user_id = %3$s)
-                             WHERE t.%2$I IS NOT NULL%4$s
+                             WHERE t.%2$I IS NOT NULL
                                AND t.%2$I IS DISTINCT FROM (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
                                                              WHERE m.superseded_user_id = %3$s)',
-                           rel, rc, g, bound);
+                           rel, rc, g);
             GET DIAGNOSTICS k = ROW_COUNT;
             n := n + k;
         END IF;
