@@ -5,7 +5,7 @@ EXTVERSION := $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION)
 MODULE_big = cd2sync
 OBJS = src/cd2sync.o src/settings.o src/feeds.o src/http.o src/download.o src/dap_client.o \
        src/decode.o src/codec.o src/inflater.o src/catalog.o src/launch.o src/progress.o \
-       src/table_sync.o src/run.o src/sync_functions.o src/scheduler.o
+       src/load.o src/table_sync.o src/run.o src/sync_functions.o src/scheduler.o
 
 # The install script of the current version is assembled from one file per
 # stage, in this order. Released versions' install scripts are frozen, and

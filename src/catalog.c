@@ -510,7 +510,7 @@ catalog_ensure_table(const char *instance, const char *target_schema, const char
 	bool n[1];
 
 	if (!run_values(
-			"WITH t AS (SELECT cd2sync._ensure_table($1, $2, $3::json) AS created), "
+			"WITH t AS (SELECT cd2sync._ensure_table($1, $2, $3::json, true) AS created), "
 			"     s AS (SELECT coalesce(($3::json->>'version')::int, 0) AS version, "
 			"                  array_agg(c.column_name ORDER BY c.ord) AS columns "
 			"             FROM t, cd2sync._schema_columns($1, $2, $3::json) c) "
@@ -529,6 +529,42 @@ catalog_ensure_table(const char *instance, const char *target_schema, const char
 					" WHERE instance = $4 AND table_name = $2 "
 					"RETURNING pending_types IS NOT NULL",
 					4, args);
+}
+
+/*
+ * The table a new table is being loaded in apart (schema cd2sync_load), or
+ * InvalidOid; *name: its quoted, qualified name.
+ */
+Oid
+catalog_loading_rel(const char *target_schema, const char *table, char **name)
+{
+	const char *args[2] = { target_schema, table };
+	Datum v[1];
+	bool n[1];
+
+	if (!run_values("SELECT cd2sync._loading_rel($1, $2)::oid", 2, args, 1, v, n) || n[0])
+		return InvalidOid;
+	*name = sql_text("SELECT cd2sync._loading_rel($1, $2)::text", 2, args);
+	return DatumGetObjectId(v[0]);
+}
+
+/*
+ * Puts a new table loaded apart in its place (its key built, then moved
+ * to its schema and name): cd2sync._finish_loading.
+ */
+void
+catalog_finish_loading(const char *target_schema, const char *table, const char *schema_doc)
+{
+	const char *args[3] = { target_schema, table, schema_doc };
+
+	run_row("SELECT cd2sync._finish_loading($1, $2, $3::json)", 3, args);
+}
+
+/* Empties a table (one cd2sync loads apart, when its load starts over) */
+void
+catalog_truncate(const char *target)
+{
+	run_row(psprintf("TRUNCATE %s", target), 0, NULL);
 }
 
 /* Whether column types of the table wait for a snapshot to change */

@@ -123,6 +123,10 @@ extern List *catalog_tables_to_sync(List *configured, List *asked, List *listed_
 extern bool catalog_ensure_table(const char *instance, const char *target_schema, const char *table,
 								 const char *schema_doc, int *version);
 extern bool catalog_types_pending(const char *instance, const char *table);
+extern Oid catalog_loading_rel(const char *target_schema, const char *table, char **name);
+extern void catalog_finish_loading(const char *target_schema, const char *table,
+								   const char *schema_doc);
+extern void catalog_truncate(const char *target);
 extern bool catalog_has_rows(const char *target);
 extern Oid catalog_direct_target(const char *target);
 extern bool catalog_is_log(const char *target);

@@ -36,6 +36,7 @@ extern bool cd2_gunzip_thread;
 extern int cd2_max_jobs_in_flight;
 extern int cd2_feed_max_pending;
 extern int cd2_feed_max_age;
+extern int cd2_load_workers;
 
 /*
  * The settings a sync worker inherits from the session that started it, as
@@ -48,6 +49,7 @@ extern void cd2_restore_settings(const char *blob);
 /* Entry points of the sync worker (run.c) and the scheduler (scheduler.c) */
 extern PGDLLEXPORT void cd2_worker_main(Datum main_arg);
 extern PGDLLEXPORT void cd2_scheduler_main(Datum main_arg);
+extern PGDLLEXPORT void cd2_load_worker_main(Datum main_arg);
 extern void cd2_register_scheduler(void);
 
 #endif /* CD2SYNC_H */

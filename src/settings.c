@@ -38,6 +38,7 @@ bool cd2_gunzip_thread = true;
 int cd2_max_jobs_in_flight = 100;
 int cd2_feed_max_pending = 10000000;
 int cd2_feed_max_age = 7 * 86400;
+int cd2_load_workers = -1;
 
 typedef struct Cd2Setting
 {
@@ -126,6 +127,11 @@ static const Cd2Setting settings[] = {
 	INT_SETTING("cd2sync.max_jobs_in_flight",
 				"Most query jobs a sync keeps running upstream at once.", true, PGC_SUSET,
 				&cd2_max_jobs_in_flight, 100, 1, 10000, 0),
+	INT_SETTING("cd2sync.load_workers",
+				"Load workers that help a sync worker load a new table's snapshot, a part each at "
+				"a time (-1: the cores less one, at most 8; 0: none). They come out of "
+				"max_worker_processes: a load takes those it can get.",
+				true, PGC_SUSET, &cd2_load_workers, -1, -1, 64, 0),
 	INT_SETTING("cd2sync.max_workers", "Most instance syncs the scheduler runs at once.", false,
 				PGC_SIGHUP, &cd2_max_workers, 4, 1, 1000, 0),
 	INT_SETTING("cd2sync.scheduler_naptime",

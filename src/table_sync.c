@@ -35,6 +35,7 @@
 #include "access/xact.h"
 #include "download.h"
 #include "http.h"
+#include "load.h"
 #include "miscadmin.h"
 #include "table_sync.h"
 #include "utils/builtins.h"
@@ -226,6 +227,26 @@ load_objects(RunContext *rc, TableSync *ts, DapJob *job, List *urls, Oid direct,
 	return records;
 }
 
+/*
+ * Whether a load that failed with this error can be done another way: the
+ * data does not suit that way (a value that does not parse as its column's
+ * type, a duplicate key, a format the way does not take). Other errors (the
+ * network, a cancel, a record with the wrong number of fields or bytes that
+ * are not text) would fail any way.
+ */
+static bool
+another_way(int sqlerrcode)
+{
+	int category = ERRCODE_TO_CATEGORY(sqlerrcode);
+
+	if (category != ERRCODE_DATA_EXCEPTION && category != ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION &&
+		category != ERRCODE_FEATURE_NOT_SUPPORTED)
+		return false;
+	return sqlerrcode != ERRCODE_BAD_COPY_FILE_FORMAT &&
+		   sqlerrcode != ERRCODE_CHARACTER_NOT_IN_REPERTOIRE &&
+		   sqlerrcode != ERRCODE_UNTRANSLATABLE_CHARACTER;
+}
+
 /* What one way of loading a job's objects needs */
 typedef struct LoadWay
 {
@@ -239,11 +260,9 @@ typedef struct LoadWay
 
 /*
  * Loads a job's objects one way, in a subtransaction. When the data does not
- * suit that way (a value that does not parse as its column's type, such as
- * an oversized placeholder in a number column; a duplicate key; a format the
- * way does not take), rolls it back and returns false, and the caller loads
- * another way. Other errors (the network, a cancel, a record with the wrong
- * number of fields or bytes that are not text) go on up.
+ * suit that way (another_way: such as an oversized placeholder in a number
+ * column), rolls it back and returns false, and the caller loads another
+ * way. Other errors go on up.
  */
 static bool
 try_load(RunContext *rc, TableSync *ts, DapJob *job, List *urls, LoadWay *way)
@@ -272,7 +291,6 @@ try_load(RunContext *rc, TableSync *ts, DapJob *job, List *urls, LoadWay *way)
 	PG_CATCH();
 	{
 		ErrorData *edata;
-		int category;
 
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
@@ -280,14 +298,7 @@ try_load(RunContext *rc, TableSync *ts, DapJob *job, List *urls, LoadWay *way)
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
-		category = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
-		if ((category != ERRCODE_DATA_EXCEPTION &&
-			 category != ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION &&
-			 category != ERRCODE_FEATURE_NOT_SUPPORTED) ||
-			/* what no staging table takes either: the wrong number of fields, bad text */
-			edata->sqlerrcode == ERRCODE_BAD_COPY_FILE_FORMAT ||
-			edata->sqlerrcode == ERRCODE_CHARACTER_NOT_IN_REPERTOIRE ||
-			edata->sqlerrcode == ERRCODE_UNTRANSLATABLE_CHARACTER)
+		if (!another_way(edata->sqlerrcode))
 			ReThrowError(edata);
 		ereport(LOG, (errmsg("cd2sync %s.%s: loading through the %s staging table: %s",
 							 rc->instance->name, tr->table,
@@ -297,6 +308,48 @@ try_load(RunContext *rc, TableSync *ts, DapJob *job, List *urls, LoadWay *way)
 		tr->objects = objects;
 		way->columns = NIL;
 		way->any_jsonl = false;
+	}
+	PG_END_TRY();
+	return done;
+}
+
+/*
+ * Puts a new table whose objects load_parts loaded in its place, its key
+ * built, in a subtransaction: false (rolled back) when a key comes twice.
+ */
+static bool
+finish_new_table(RunContext *rc, TableSync *ts)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool done = false;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		report(rc, ts, "building the key of the new table");
+		catalog_finish_loading(rc->instance->target_schema, ts->tr->table, ts->schema_doc);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		done = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		if (!another_way(edata->sqlerrcode))
+			ReThrowError(edata);
+		ereport(LOG, (errmsg("cd2sync %s.%s: loading the new table again through staging: %s",
+							 rc->instance->name, ts->tr->table, edata->message)));
+		FreeErrorData(edata);
 	}
 	PG_END_TRY();
 	return done;
@@ -322,9 +375,30 @@ apply_job(RunContext *rc, TableSync *ts, DapJob *job, List *urls, bool snapshot)
 	const char *target = ts->st.target;
 	const char *mode;
 	LoadWay way = { 0 };
-	bool retype = snapshot && catalog_types_pending(instance, tr->table);
+	bool retype;
 	ApplyCounts counts;
 
+	if (ts->new_table && job == ts->main)
+	{
+		/* a new table: its objects are in already, or it is loaded as below */
+		ts->new_table = false;
+		if (ts->parts_loaded && !ts->parts_failed && finish_new_table(rc, ts))
+		{
+			tr->upserted += ts->parts_records;
+			return;
+		}
+		if (ts->parts_loaded)
+		{
+			char *name;
+
+			if (OidIsValid(catalog_loading_rel(rc->instance->target_schema, tr->table, &name)))
+				catalog_truncate(name);
+			tr->bytes = 0;
+			tr->objects = 0;
+		}
+		catalog_finish_loading(rc->instance->target_schema, tr->table, ts->schema_doc);
+	}
+	retype = snapshot && catalog_types_pending(instance, tr->table);
 	way.target = target;
 	if (!snapshot)
 		mode = "incremental";
@@ -514,6 +588,7 @@ step_schema(RunContext *rc, TableSync *ts)
 	catalog_begin();
 	retype = catalog_ensure_table(rc->instance->name, rc->instance->target_schema, tr->table, doc,
 								  &version);
+	ts->schema_doc = doc;
 	catalog_commit();
 	if (job->schema_version <= 0)
 		job->schema_version = version;
@@ -598,6 +673,61 @@ step_catchup(RunContext *rc, TableSync *ts)
 	next_job(ts, JOB_CATCHUP, false, ts->catchup_since);
 }
 
+/*
+ * A snapshot of a new table (made apart by the SCHEMA step): its objects
+ * are COPYed into it by the sync worker and load workers at once
+ * (load_parts), each committing apart, before the transaction that puts
+ * the table in place with its watermark. Only straight COPY suits (TSV,
+ * no column COPY cannot fill); else, or when the data does not suit it,
+ * apply_job loads it the usual way.
+ */
+static void
+load_new_table(RunContext *rc, TableSync *ts)
+{
+	char *name = NULL;
+	Oid relid;
+	bool direct;
+	LoadResult res;
+
+	if (!ts->snapshot || ts->schema_doc == NULL)
+		return;
+	catalog_begin();
+	relid = catalog_loading_rel(rc->instance->target_schema, ts->tr->table, &name);
+	direct = OidIsValid(relid) && cd2_direct_load && rc->format == FORMAT_TSV &&
+			 OidIsValid(catalog_direct_target(name));
+	catalog_commit();
+	if (!OidIsValid(relid))
+		return;
+	ts->new_table = true;
+	if (!direct || ts->main->objects == NIL)
+		return;
+
+	report(rc, ts, "loading %d objects, with up to %d load workers", list_length(ts->main->objects),
+		   load_workers_wanted(list_length(ts->main->objects)));
+	rc->loading = ts;
+	ts->parts_loaded = true; /* (some rows may be in, whatever happens) */
+	if (load_parts(rc->instance->name, ts->main->objects, ts->main_urls, rc->format, relid,
+				   rc->client, &res))
+	{
+		ts->parts_records = res.records;
+		ts->tr->bytes += res.bytes;
+		ts->tr->objects += res.objects;
+		ereport(LOG,
+				(errmsg("cd2sync %s.%s: %d objects of a new table loaded by the sync worker and "
+						"%d load workers",
+						rc->instance->name, ts->tr->table, res.objects, res.workers)));
+	}
+	else
+	{
+		if (!another_way(res.sqlerrcode))
+			ereport(ERROR, (errcode(res.sqlerrcode), errmsg_internal("%s", res.error)));
+		ereport(LOG, (errmsg("cd2sync %s.%s: loading the new table again through staging: %s",
+							 rc->instance->name, ts->tr->table, res.error)));
+		ts->parts_failed = true;
+	}
+	rc->loading = NULL;
+}
+
 static void
 step_load(RunContext *rc, TableSync *ts)
 {
@@ -606,6 +736,7 @@ step_load(RunContext *rc, TableSync *ts)
 	ListCell *lc;
 
 	tr->job_seconds = (double) (ts->jobs_done - ts->started) / USECS_PER_SEC;
+	load_new_table(rc, ts);
 	if (ts->catchups != NIL)
 		tr->watermark = ((DapJob *) linitial((List *) llast(ts->catchups)))->until;
 	else

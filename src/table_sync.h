@@ -73,6 +73,11 @@ typedef struct TableSync
 
 	/* what the load applies */
 	bool schema_checked;
+	char *schema_doc;  /* the schema the SCHEMA step made the table for */
+	bool new_table;    /* the table is new: loaded apart, then put in place */
+	bool parts_loaded; /* ... and its snapshot's objects went in (load_parts) */
+	bool parts_failed; /* ... but not all: it is emptied and loaded the usual way */
+	uint64 parts_records;
 	bool snapshot; /* the main job is a snapshot */
 	DapJob *main;
 	List *main_urls;

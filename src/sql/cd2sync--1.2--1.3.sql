@@ -4,7 +4,9 @@
 -- * Namespaces: tables of canvas_logs, new_quizzes and catalog ("ns.table",
 --   "ns.*"), kept in <target_schema>_<ns>, their views in cd2_<ns>;
 --   cd2_add_instance and cd2_alter_instance take keep_logs. Logs (web_logs)
---   are partitioned by request time and keep their history.
+--   are partitioned by request time and keep their history. A new table is
+--   loaded apart (schema cd2sync_load), by load workers too, its key built
+--   after the rows, and takes its place complete.
 -- * cd2sync.progress reads what sync workers publish in shared memory
 --   (cd2sync._progress()) instead of parsing their pg_stat_activity text.
 -- * The instance's sync lock has one owner, cd2sync._sync_lock, which the
@@ -19,6 +21,7 @@ DROP FUNCTION cd2sync._check_settings(text, text, text, text[], bigint, interval
 DROP FUNCTION cd2sync._check_tables(text[]);
 DROP FUNCTION cd2sync._remote_tables(text, text, text);
 DROP FUNCTION cd2sync._resolve_users(regclass, bigint, boolean);
+DROP FUNCTION cd2sync._ensure_table(text, text, json);
 
 -- local history of namespace canvas_logs (web_logs) kept this long (NULL: forever)
 ALTER TABLE cd2sync.instances ADD COLUMN keep_logs interval CHECK (keep_logs > interval '0');
@@ -660,7 +663,54 @@ BEGIN
     RETURN n;
 END $$;
 
-CREATE OR REPLACE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc json)
+CREATE OR REPLACE FUNCTION cd2sync._loading_name(target_schema text, table_name text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT 'load_' || md5(target_schema || '.' || table_name)
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._loading_rel(target_schema text, table_name text)
+RETURNS regclass LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'cd2sync_load' AND c.relname = cd2sync._loading_name(target_schema, table_name)
+       AND c.relkind = 'r' AND cd2sync._trusted_owner(c.relowner) AND cd2sync._trusted_owner(n.nspowner)
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._finish_loading(target_schema text, table_name text, doc json)
+RETURNS boolean LANGUAGE plpgsql
+-- (the key's sort spills to disk beyond this: the worker's memory stays bounded)
+SET search_path = pg_catalog, pg_temp SET maintenance_work_mem = '32MB' AS $$
+DECLARE
+    lrel regclass := cd2sync._loading_rel(target_schema, table_name);
+    place record := cd2sync._table_place(target_schema, table_name);
+    q text;
+BEGIN
+    IF lrel IS NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('ALTER TABLE %s ADD PRIMARY KEY (%s)', lrel,
+                   (SELECT string_agg(format('%I', s.column_name), ', ' ORDER BY s.ord)
+                      FROM cd2sync._schema_columns(target_schema, table_name, doc) s WHERE s.is_key));
+    EXECUTE format('ALTER TABLE %s SET SCHEMA %I', lrel, place.schema_name);
+    EXECUTE format('ALTER TABLE %I.%I RENAME TO %I', place.schema_name,
+                   cd2sync._loading_name(target_schema, table_name), place.rel_name);
+    EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', place.schema_name,
+                   cd2sync._loading_name(target_schema, table_name) || '_pkey', left(place.rel_name, 58) || '_pkey');
+    PERFORM cd2sync.refresh_view(table_name);
+    -- the change feeds following it get its rows, as a load into the table
+    -- in place would have given them (feeds.sql; cause as the transaction's)
+    IF cd2sync._feed_follows(table_name) THEN
+        q := cd2sync._feed_capture_sql(lrel, table_name, NULL, lrel::text);
+        IF q IS NOT NULL THEN
+            PERFORM cd2sync._feed_lock();
+            EXECUTE q;
+            PERFORM cd2sync._feed_notify(table_name);
+        END IF;
+    END IF;
+    RETURN true;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc json,
+                                      for_load boolean DEFAULT false)
 RETURNS boolean LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
@@ -720,7 +770,24 @@ BEGIN
     END LOOP;
 
     rel := to_regclass(format('%I.%I', sch, tab));
-    IF rel IS NULL THEN
+    IF rel IS NULL AND for_load AND logcol IS NULL THEN
+        -- a new table is loaded apart, without its key (built after the rows,
+        -- as pg_restore does), where readers do not see it; what a run that
+        -- stopped midway left there goes first
+        IF to_regnamespace('cd2sync_load') IS NULL THEN
+            CREATE SCHEMA cd2sync_load;
+        END IF;
+        PERFORM cd2sync._check_schema_owner('cd2sync_load');
+        EXECUTE format('DROP TABLE IF EXISTS cd2sync_load.%I', cd2sync._loading_name(target_schema, table_name));
+        EXECUTE format('CREATE TABLE cd2sync_load.%I (%s)', cd2sync._loading_name(target_schema, table_name),
+                       array_to_string(cols, ', '));
+        rel := format('cd2sync_load.%I', cd2sync._loading_name(target_schema, table_name))::regclass;
+        created := true;
+        EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', rel);
+        EXECUTE format('COMMENT ON TABLE %s IS %L', rel,
+                       coalesce(coalesce(doc->'schema', doc)->>'description',
+                                format('CD2 table %s, synced by cd2sync', table_name)));
+    ELSIF rel IS NULL THEN
         IF logcol IS NULL THEN
             EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', sch, tab,
                            array_to_string(cols, ', '), array_to_string(keys, ', '));
@@ -1609,6 +1676,17 @@ BEGIN
     IF cardinality(missing) > 0 THEN
         RAISE EXCEPTION 'the CD2 API does not list table(s) %', array_to_string(missing, ', ')
               USING ERRCODE = 'undefined_table';
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._on_drop_extension()
+RETURNS event_trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_query() ~* 'cd2sync' THEN
+        PERFORM pg_terminate_backend(a.pid, 10000)
+           FROM pg_stat_activity a
+          WHERE a.backend_type IN ('cd2sync sync worker', 'cd2sync load worker')
+            AND a.datname = current_database();
     END IF;
 END $$;
 

@@ -89,7 +89,8 @@ BEGIN
     IF current_query() ~* 'cd2sync' THEN
         PERFORM pg_terminate_backend(a.pid, 10000)
            FROM pg_stat_activity a
-          WHERE a.backend_type = 'cd2sync sync worker' AND a.datname = current_database();
+          WHERE a.backend_type IN ('cd2sync sync worker', 'cd2sync load worker')
+            AND a.datname = current_database();
     END IF;
 END $$;
 REVOKE ALL ON FUNCTION cd2sync._on_drop_extension() FROM PUBLIC;

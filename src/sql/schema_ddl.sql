@@ -421,12 +421,70 @@ BEGIN
     RETURN n;
 END $$;
 
+-- The name a new table is loaded under, in schema cd2sync_load (one per
+-- instance table: its target schema and name, hashed to fit)
+CREATE FUNCTION cd2sync._loading_name(target_schema text, table_name text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT 'load_' || md5(target_schema || '.' || table_name)
+$$;
+
+-- The table a new table is being loaded in, or NULL
+CREATE FUNCTION cd2sync._loading_rel(target_schema text, table_name text)
+RETURNS regclass LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'cd2sync_load' AND c.relname = cd2sync._loading_name(target_schema, table_name)
+       AND c.relkind = 'r' AND cd2sync._trusted_owner(c.relowner) AND cd2sync._trusted_owner(n.nspowner)
+$$;
+
+-- Puts a new table loaded apart in its place, in the transaction that
+-- commits its watermark: its key is built (from the rows, sorted), then it
+-- moves to its schema under its name, joins the reconciled view, and the
+-- change feeds following it get its rows.
+-- Readers saw no table until then. A key that comes twice raises 23505
+-- (the caller loads it again another way). False when there is none.
+CREATE FUNCTION cd2sync._finish_loading(target_schema text, table_name text, doc json)
+RETURNS boolean LANGUAGE plpgsql
+-- (the key's sort spills to disk beyond this: the worker's memory stays bounded)
+SET search_path = pg_catalog, pg_temp SET maintenance_work_mem = '32MB' AS $$
+DECLARE
+    lrel regclass := cd2sync._loading_rel(target_schema, table_name);
+    place record := cd2sync._table_place(target_schema, table_name);
+    q text;
+BEGIN
+    IF lrel IS NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('ALTER TABLE %s ADD PRIMARY KEY (%s)', lrel,
+                   (SELECT string_agg(format('%I', s.column_name), ', ' ORDER BY s.ord)
+                      FROM cd2sync._schema_columns(target_schema, table_name, doc) s WHERE s.is_key));
+    EXECUTE format('ALTER TABLE %s SET SCHEMA %I', lrel, place.schema_name);
+    EXECUTE format('ALTER TABLE %I.%I RENAME TO %I', place.schema_name,
+                   cd2sync._loading_name(target_schema, table_name), place.rel_name);
+    EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', place.schema_name,
+                   cd2sync._loading_name(target_schema, table_name) || '_pkey', left(place.rel_name, 58) || '_pkey');
+    PERFORM cd2sync.refresh_view(table_name);
+    -- the change feeds following it get its rows, as a load into the table
+    -- in place would have given them (feeds.sql; cause as the transaction's)
+    IF cd2sync._feed_follows(table_name) THEN
+        q := cd2sync._feed_capture_sql(lrel, table_name, NULL, lrel::text);
+        IF q IS NOT NULL THEN
+            PERFORM cd2sync._feed_lock();
+            EXECUTE q;
+            PERFORM cd2sync._feed_notify(table_name);
+        END IF;
+    END IF;
+    RETURN true;
+END $$;
+
 -- Creates the target table of a CD2 table, or brings it up to a newer
 -- schema: new enum types and values, new columns, widened types. A column
 -- removed upstream is kept (and no longer filled) so that users' views on it
 -- stay valid. Other type changes are left to _apply_pending_types.
--- Returns true when the table was created.
-CREATE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc json)
+-- Returns true when the table was created. for_load: a sync's; a new table
+-- (not a log) is then made apart, in schema cd2sync_load, to be loaded there
+-- and take its place complete (_finish_loading).
+CREATE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc json,
+                                      for_load boolean DEFAULT false)
 RETURNS boolean LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
@@ -486,7 +544,24 @@ BEGIN
     END LOOP;
 
     rel := to_regclass(format('%I.%I', sch, tab));
-    IF rel IS NULL THEN
+    IF rel IS NULL AND for_load AND logcol IS NULL THEN
+        -- a new table is loaded apart, without its key (built after the rows,
+        -- as pg_restore does), where readers do not see it; what a run that
+        -- stopped midway left there goes first
+        IF to_regnamespace('cd2sync_load') IS NULL THEN
+            CREATE SCHEMA cd2sync_load;
+        END IF;
+        PERFORM cd2sync._check_schema_owner('cd2sync_load');
+        EXECUTE format('DROP TABLE IF EXISTS cd2sync_load.%I', cd2sync._loading_name(target_schema, table_name));
+        EXECUTE format('CREATE TABLE cd2sync_load.%I (%s)', cd2sync._loading_name(target_schema, table_name),
+                       array_to_string(cols, ', '));
+        rel := format('cd2sync_load.%I', cd2sync._loading_name(target_schema, table_name))::regclass;
+        created := true;
+        EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', rel);
+        EXECUTE format('COMMENT ON TABLE %s IS %L', rel,
+                       coalesce(coalesce(doc->'schema', doc)->>'description',
+                                format('CD2 table %s, synced by cd2sync', table_name)));
+    ELSIF rel IS NULL THEN
         IF logcol IS NULL THEN
             EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', sch, tab,
                            array_to_string(cols, ', '), array_to_string(keys, ', '));
