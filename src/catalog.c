@@ -607,6 +607,19 @@ catalog_direct_target(const char *target)
 	return DatumGetObjectId(v[0]);
 }
 
+/*
+ * A log's upkeep around a sync (cd2sync._log_upkeep): "before" its load,
+ * "after" its commit. Nothing for a table that is not a log.
+ */
+void
+catalog_log_upkeep(const char *instance, const char *table, const char *watermark,
+				   const char *phase)
+{
+	const char *args[4] = { instance, table, watermark, phase };
+
+	run_row("SELECT cd2sync._log_upkeep($1, $2, $3::timestamptz, $4)", 4, args);
+}
+
 /* Whether the table is a log (web_logs): partitioned by request time, appended to */
 bool
 catalog_is_log(const char *target)

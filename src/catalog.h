@@ -130,6 +130,8 @@ extern void catalog_truncate(const char *target);
 extern bool catalog_has_rows(const char *target);
 extern Oid catalog_direct_target(const char *target);
 extern bool catalog_is_log(const char *target);
+extern void catalog_log_upkeep(const char *instance, const char *table, const char *watermark,
+							   const char *phase);
 extern void catalog_create_staging(const char *target, bool typed);
 extern void catalog_add_staging_column(const char *column);
 extern void catalog_expand_jsonl(const char *target);

@@ -77,8 +77,10 @@ typedef struct LoadWork
 
 /*
  * How many load workers a load of this many objects asks for, besides the
- * sync worker: cd2sync.load_workers, or -1 for the cores less one (at most
- * 8); never more than objects less one.
+ * sync worker: cd2sync.load_workers, or -1 for the cores less one, at most
+ * 8 and at most a quarter of max_worker_processes (the other syncs, the
+ * scheduler, parallel query and replication share them); never more than
+ * objects less one.
  */
 int
 load_workers_wanted(int objects)
@@ -89,7 +91,7 @@ load_workers_wanted(int objects)
 	{
 		long cores = sysconf(_SC_NPROCESSORS_ONLN);
 
-		n = (int) Min(Max(cores - 1, 1), 8);
+		n = (int) Min(Max(cores - 1, 1), Min(8, Max(max_worker_processes / 4, 1)));
 	}
 	return Max(0, Min(n, objects - 1));
 }
@@ -301,8 +303,11 @@ load_parts(const char *instance, List *object_ids, List *urls, RecordFormat form
 	}
 	PG_CATCH();
 	{
+		/* (cancelled, or the server stops: the workers go, and the segment) */
+		pgstat_report_wait_end();
 		foreach (lc, handles)
 			TerminateBackgroundWorker((BackgroundWorkerHandle *) lfirst(lc));
+		dsm_detach(seg);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();

@@ -114,9 +114,28 @@ release_slot(int code, Datum arg)
 void
 progress_attach(int64 run_id, const char *instance)
 {
-	ProgressArea *a = progress_area();
+	ProgressArea *volatile a = NULL;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	strlcpy(my_instance, instance, sizeof(my_instance));
+	/* (without preloading, the server may have no shared memory left for it) */
+	PG_TRY();
+	{
+		a = progress_area();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		LWLockReleaseAll(); /* (AddinShmemInitLock) */
+		FlushErrorState();
+		ereport(LOG,
+				(errmsg("cd2sync: no shared memory for cd2sync.progress; this run is not shown"),
+				 errhint("Preload cd2sync (shared_preload_libraries).")));
+	}
+	PG_END_TRY();
+	if (a == NULL)
+		return;
+
 	for (int i = 0; i < a->nslots && my_slot == NULL; i++)
 	{
 		ProgressSlot *s = &a->slots[i];

@@ -183,10 +183,14 @@ tables_to_sync(RunContext *rc, List *asked)
 	List *configured = rc->instance->tables;
 	List *listed_ns = NIL, *listed = NIL, *failed_ns = NIL, *failed_error = NIL, *failed_code = NIL;
 	List *tables = NIL;
+	List *needed;
 	ListCell *lc;
 
 	catalog_begin();
-	foreach (lc, catalog_listings_needed(configured, asked))
+	needed = catalog_listings_needed(configured, asked);
+	catalog_commit();
+	/* (the API's listings, which retries may make long, outside a transaction) */
+	foreach (lc, needed)
 	{
 		char *ns = (char *) lfirst(lc);
 		DapError err = { 0 };
@@ -214,6 +218,7 @@ tables_to_sync(RunContext *rc, List *asked)
 		else
 			dap_raise(&err);
 	}
+	catalog_begin();
 	foreach (lc, catalog_tables_to_sync(configured, asked, listed_ns, listed, failed_ns,
 										failed_error, failed_code))
 	{

@@ -136,6 +136,7 @@ void
 cd2_scheduler_main(Datum main_arg)
 {
 	char *database;
+	MemoryContext loop_cxt;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -146,10 +147,17 @@ cd2_scheduler_main(Datum main_arg)
 	pgstat_report_appname("cd2sync scheduler");
 	ereport(LOG, (errmsg("cd2sync scheduler started in database \"%s\"", database)));
 
+	/* what one look at the schedules reads lives until the next look */
+	loop_cxt =
+		AllocSetContextCreate(TopMemoryContext, "cd2sync scheduler loop", ALLOCSET_DEFAULT_SIZES);
 	while (!ShutdownRequestPending)
 	{
 		volatile long sleep_ms = cd2_scheduler_naptime;
-		MemoryContext cxt = CurrentMemoryContext;
+		MemoryContext cxt;
+
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
+		cxt = loop_cxt;
 
 		if (ConfigReloadPending)
 		{

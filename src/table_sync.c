@@ -376,6 +376,7 @@ apply_job(RunContext *rc, TableSync *ts, DapJob *job, List *urls, bool snapshot)
 	const char *mode;
 	LoadWay way = { 0 };
 	bool retype;
+	bool no_direct = false;
 	ApplyCounts counts;
 
 	if (ts->new_table && job == ts->main)
@@ -397,6 +398,8 @@ apply_job(RunContext *rc, TableSync *ts, DapJob *job, List *urls, bool snapshot)
 			tr->objects = 0;
 		}
 		catalog_finish_loading(rc->instance->target_schema, tr->table, ts->schema_doc);
+		/* (the data did not suit COPY: straight to staging, not a third download) */
+		no_direct = ts->parts_loaded;
 	}
 	retype = snapshot && catalog_types_pending(instance, tr->table);
 	way.target = target;
@@ -413,7 +416,7 @@ apply_job(RunContext *rc, TableSync *ts, DapJob *job, List *urls, bool snapshot)
 	 * the table has already (a duplicate key) or a delete does not suit
 	 * this way: the staging table takes them.
 	 */
-	if (cd2_direct_load && rc->format == FORMAT_TSV &&
+	if (cd2_direct_load && rc->format == FORMAT_TSV && !no_direct &&
 		(strcmp(mode, "snapshot_new") == 0 ||
 		 (strcmp(mode, "incremental") == 0 && catalog_is_log(target))))
 	{
@@ -689,7 +692,7 @@ load_new_table(RunContext *rc, TableSync *ts)
 	bool direct;
 	LoadResult res;
 
-	if (!ts->snapshot || ts->schema_doc == NULL)
+	if (!ts->snapshot || ts->schema_doc == NULL || ts->st.table_exists)
 		return;
 	catalog_begin();
 	relid = catalog_loading_rel(rc->instance->target_schema, ts->tr->table, &name);
@@ -728,6 +731,36 @@ load_new_table(RunContext *rc, TableSync *ts)
 	rc->loading = NULL;
 }
 
+/*
+ * A log's partitions around its load, in short transactions of their own
+ * (catalog_log_upkeep). After the load has committed, a failure here is
+ * logged and left to the next sync: the table sync succeeded.
+ */
+static void
+log_upkeep(RunContext *rc, TableSync *ts, const char *phase)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		catalog_begin();
+		catalog_log_upkeep(rc->instance->name, ts->tr->table, ts->tr->watermark, phase);
+		catalog_commit();
+	}
+	PG_CATCH();
+	{
+		ErrorData *edata;
+
+		if (strcmp(phase, "after") != 0)
+			PG_RE_THROW();
+		edata = catalog_abort_keeping_error(cxt);
+		ereport(LOG, (errmsg("cd2sync %s.%s: partitions left to the next sync: %s",
+							 rc->instance->name, ts->tr->table, edata->message)));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+}
+
 static void
 step_load(RunContext *rc, TableSync *ts)
 {
@@ -742,6 +775,7 @@ step_load(RunContext *rc, TableSync *ts)
 	else
 		tr->watermark = ts->snapshot ? ts->main->at : ts->main->until;
 
+	log_upkeep(rc, ts, "before");
 	catalog_begin();
 	rc->loading = ts;
 	catalog_before_apply(tr);
@@ -765,6 +799,7 @@ step_load(RunContext *rc, TableSync *ts)
 	catalog_log_success(tr);
 	catalog_commit();
 	ts->step = STEP_DONE;
+	log_upkeep(rc, ts, "after");
 }
 
 typedef void (*StepFunction)(RunContext *rc, TableSync *ts);

@@ -78,16 +78,26 @@ is(sq("SELECT count(*) FROM $T"), $count + 1, 'it is stored once; the new one is
 is(sq("SELECT count(*) FROM $T WHERE id = '00000000-0000-4000-8000-000000000001'"), '1', 'one row of it');
 ok(log_lines(qr/web_logs: loading through the/) > $staged_before, 'that load went through staging');
 
-# 3. a request time with no partition yet (days ahead): its own partition after the load
+# 3. request times with no partition yet (days ahead, a year back): a partition
+# each after the load, and none for the days between
 my $ahead = sq("SELECT to_char(('$clock'::timestamptz + interval '9 days') AT TIME ZONE 'UTC', "
 	  . "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')");
+my $back = sq("SELECT to_char(('$clock'::timestamptz - interval '400 days') AT TIME ZONE 'UTC', "
+	  . "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')");
+my $parts_before = sq("SELECT count(*) FROM pg_inherits WHERE inhparent = '$T'::regclass");
 $emu->post('/_emu/epoch', { changes => [ { client_id => $north, table => 'canvas_logs.web_logs',
-	upsert => [ new_log('00000000-0000-4000-8000-000000000007', $ahead) ] } ] });
+	upsert => [ new_log('00000000-0000-4000-8000-000000000007', $ahead),
+				new_log('00000000-0000-4000-8000-000000000009', $back) ] } ] });
 Cd2Test::sync($node, 'north');
 is(sq("SELECT count(*) FROM north_canvas_logs.web_logs_default"), '0', 'the default partition is settled');
 is(sq("SELECT tableoid::regclass FROM $T WHERE id = '00000000-0000-4000-8000-000000000007'"),
 	'north_canvas_logs.web_logs' . sq("SELECT to_char('$ahead'::timestamptz AT TIME ZONE 'UTC', '_pYYYYMMDD')"),
 	'a row of a new day is in that day\'s partition');
+is(sq("SELECT tableoid::regclass FROM $T WHERE id = '00000000-0000-4000-8000-000000000009'"),
+	'north_canvas_logs.web_logs' . sq("SELECT to_char('$back'::timestamptz AT TIME ZONE 'UTC', '_pYYYYMMDD')"),
+	'a row of a year back too');
+ok(sq("SELECT count(*) FROM pg_inherits WHERE inhparent = '$T'::regclass") - $parts_before <= 3,
+	'no partition is made for the days between');
 
 # 4. a merged user's rows show the replacement, rows loaded later by COPY included
 my @users = @{ $emu->state($north, 'users')->{rows} };

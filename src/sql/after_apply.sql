@@ -18,27 +18,15 @@ RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- Before the apply of a table, in its transaction: the watermark this
--- transaction will commit for it, which the changes it writes carry; a log's
--- partitions for the days its rows will have (from a day before what it
--- held, or the API's 30 days for a first load, to a day after the new
--- watermark: any other goes to the default partition, settled after).
+-- transaction will commit for it, which the changes it writes carry. (A
+-- log's partitions are made before, in a transaction of their own:
+-- _log_upkeep.)
 CREATE FUNCTION cd2sync._before_apply(instance text, table_name text, watermark timestamptz)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    inst cd2sync.instances := cd2sync._check_instance(instance);
-    rel regclass := cd2sync._instance_rel(inst.target_schema, table_name);
-    held timestamptz := (SELECT s.watermark FROM cd2sync.table_state s
-                          WHERE s.instance = _before_apply.instance AND s.table_name = _before_apply.table_name);
-BEGIN
-    PERFORM set_config('cd2sync_tx.applying', instance || '.' || table_name, true),
-            set_config('cd2sync_tx.watermark', coalesce(watermark::text, ''), true),
-            set_config('cd2sync_tx.cause', 'sync', true);
-    IF rel IS NOT NULL AND cd2sync._log_column(rel) IS NOT NULL THEN
-        PERFORM cd2sync._ensure_partitions(rel,
-            (coalesce(held, watermark - interval '31 days') - interval '1 day') AT TIME ZONE 'UTC',
-            (watermark + interval '1 day') AT TIME ZONE 'UTC');
-    END IF;
-END $$;
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT set_config('cd2sync_tx.applying', instance || '.' || table_name, true),
+           set_config('cd2sync_tx.watermark', coalesce(watermark::text, ''), true),
+           set_config('cd2sync_tx.cause', 'sync', true);
+$$;
 
 -- instance, table_name: the table just applied; mode: the sync log's mode;
 -- changes: rows the apply inserted, updated or deleted. The feeds have the
@@ -53,22 +41,15 @@ DECLARE
     held timestamptz := (SELECT s.watermark FROM cd2sync.table_state s
                           WHERE s.instance = _after_apply.instance AND s.table_name = _after_apply.table_name);
 BEGIN
-    IF rel IS NOT NULL AND cd2sync._log_column(rel) IS NOT NULL THEN
-        -- a log's history older than the instance's keep_logs goes, by partition
-        PERFORM cd2sync._age_out(rel, inst.keep_logs,
-            nullif(current_setting('cd2sync_tx.watermark', true), '')::timestamptz AT TIME ZONE 'UTC');
-    END IF;
     IF changes > 0 AND rel IS NOT NULL THEN
         -- a first load gets its indexes now; rows a snapshot loaded
         -- straight by COPY get their replacements (_apply gives every row
         -- it writes its own)
         PERFORM cd2sync._ensure_bookkeeping(rel, inst.shard_id, table_name);
         IF cd2sync._log_column(rel) IS NOT NULL THEN
-            -- a log's rows went in by COPY: those of days without a partition
-            -- get theirs, and those of users the map has their replacements
-            -- (from a day before what the table held: older partitions are
-            -- history, left alone)
-            PERFORM cd2sync._settle_partitions(rel);
+            -- a log's rows went in by COPY: those of users the map has get
+            -- their replacements (from a day before what the table held:
+            -- older partitions are history, left alone)
             PERFORM cd2sync._resolve_users(rel, inst.shard_id, false,
                 (held - interval '1 day') AT TIME ZONE 'UTC');
         ELSIF mode = 'snapshot' THEN

@@ -275,8 +275,10 @@ BEGIN
     -- bookkeeping column against NULL while the merge map is empty, is
     -- pushed down to the table and estimated at one row: every record then
     -- rescanned the whole table)
-    SELECT CASE WHEN reltuples >= 0 THEN reltuples ELSE pg_relation_size(target) / 200.0 END
-      INTO target_rows FROM pg_class WHERE oid = target;
+    -- (a partitioned table's rows are its partitions')
+    SELECT sum(CASE WHEN c.reltuples >= 0 THEN c.reltuples ELSE pg_relation_size(c.oid) / 200.0 END)
+      INTO target_rows FROM pg_class c
+     WHERE c.oid = target OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = target);
     few := mode = 'incremental' AND (upserted + deleted) * 4 < target_rows;
     IF few THEN
         PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true),

@@ -189,11 +189,13 @@ BEGIN
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF target_schema IS NOT NULL AND (target_schema = '' OR octet_length(target_schema) > 63
-           OR target_schema ~ '^pg_' OR target_schema IN ('cd2sync', 'cd2', 'information_schema', 'public')
-           OR target_schema IN (SELECT cd2sync._view_schema(ns) FROM unnest(cd2sync._namespaces()) ns)) THEN
+           OR EXISTS (SELECT 1 FROM cd2sync._instance_schemas(target_schema) x
+                       WHERE x.schema_name ~ '^pg_'
+                          OR x.schema_name IN ('cd2sync', 'cd2', 'cd2sync_load', 'information_schema', 'public')
+                          OR x.schema_name IN (SELECT cd2sync._view_schema(ns) FROM unnest(cd2sync._namespaces()) ns))) THEN
         RAISE EXCEPTION 'target_schema "%" cannot be used', target_schema
               USING ERRCODE = 'invalid_schema_name',
-                    DETAIL = 'It must be 1 to 63 bytes and not a system schema, public, cd2, cd2_<namespace> or cd2sync.';
+                    DETAIL = 'It must be 1 to 63 bytes, and neither it nor <target_schema>_<namespace> a system schema, public, cd2, cd2_<namespace>, cd2sync or cd2sync_load.';
     END IF;
 END $$;
 
@@ -363,6 +365,7 @@ BEGIN
             END IF;
             PERFORM cd2sync._check_schema_owner(r.old_schema);
             IF NOT moved THEN
+                PERFORM cd2sync._drop_loading(old.target_schema, old.name);
                 PERFORM cd2sync._lock_instance(old.name);
                 PERFORM cd2sync._feed_capture_instance(old.name, 'old');
                 moved := true;
@@ -405,6 +408,7 @@ BEGIN
     END IF;
     PERFORM cd2sync._lock_instance(old.name);
     PERFORM cd2sync._feed_capture_instance(old.name, 'old');
+    PERFORM cd2sync._drop_loading(old.target_schema, old.name);   -- (a load apart is no data yet)
     DELETE FROM cd2sync.instances i WHERE i.name = old.name;
     -- the reconciled views stop reading the schema before it may go
     PERFORM cd2sync._reconcile_changed();
@@ -592,55 +596,99 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
      WHERE i.inhparent = rel
 $$;
 
-CREATE OR REPLACE FUNCTION cd2sync._ensure_partitions(rel regclass, lo timestamp, hi timestamp)
-RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+CREATE OR REPLACE FUNCTION cd2sync._make_partition(rel regclass, of_day timestamp)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     col text := cd2sync._log_column(rel);
     sch text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
     tab text := (SELECT relname FROM pg_class WHERE oid = rel);
-    def regclass := (SELECT part FROM cd2sync._log_partitions(rel) WHERE day IS NULL);
+    def regclass := (SELECT x.part FROM cd2sync._log_partitions(rel) x WHERE x.day IS NULL);
+    d timestamp := date_trunc('day', of_day);
+    cols text := (SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) FROM pg_attribute
+                   WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped);
+BEGIN
+    IF EXISTS (SELECT 1 FROM cd2sync._log_partitions(rel) p WHERE p.day = d) THEN
+        RETURN false;
+    END IF;
+    IF def IS NOT NULL THEN
+        -- (a partition cannot be made while the default one holds its rows)
+        EXECUTE format('CREATE TEMP TABLE cd2_strays ON COMMIT DROP AS
+                        WITH m AS (DELETE FROM %1$s WHERE %2$I >= %3$L AND %2$I < %4$L RETURNING *)
+                        SELECT * FROM m', def, col, d, d + interval '1 day');
+    END IF;
+    EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', sch,
+                   left(tab, 53) || to_char(d, '_pYYYYMMDD'), rel, d, d + interval '1 day');
+    IF def IS NOT NULL THEN
+        EXECUTE format('INSERT INTO %I.%I (%s) SELECT %s FROM cd2_strays', sch,
+                       left(tab, 53) || to_char(d, '_pYYYYMMDD'), cols, cols);
+        DROP TABLE cd2_strays;
+    END IF;
+    RETURN true;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._ensure_partitions(rel regclass, lo timestamp, hi timestamp)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
     d timestamp;
     made int := 0;
 BEGIN
-    IF col IS NULL OR lo IS NULL OR hi IS NULL OR hi < lo THEN
+    IF cd2sync._log_column(rel) IS NULL OR lo IS NULL OR hi IS NULL OR hi < lo THEN
         RETURN 0;
     END IF;
-    FOR d IN SELECT g FROM generate_series(date_trunc('day', lo), date_trunc('day', hi), interval '1 day') g
-              WHERE NOT EXISTS (SELECT 1 FROM cd2sync._log_partitions(rel) p WHERE p.day = g) LOOP
-        IF def IS NOT NULL THEN
-            -- (a partition cannot be made while the default one holds its rows)
-            EXECUTE format('CREATE TEMP TABLE cd2_strays ON COMMIT DROP AS
-                            WITH m AS (DELETE FROM %1$s WHERE %2$I >= %3$L AND %2$I < %4$L RETURNING *)
-                            SELECT * FROM m', def, col, d, d + interval '1 day');
-        END IF;
-        EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', sch,
-                       left(tab, 53) || to_char(d, '_pYYYYMMDD'), rel, d, d + interval '1 day');
-        IF def IS NOT NULL THEN
-            EXECUTE format('INSERT INTO %s SELECT * FROM cd2_strays', rel);
-            DROP TABLE cd2_strays;
-        END IF;
-        made := made + 1;
+    FOR d IN SELECT g FROM generate_series(date_trunc('day', lo), date_trunc('day', hi), interval '1 day') g LOOP
+        made := made + cd2sync._make_partition(rel, d)::int;
     END LOOP;
     RETURN made;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._settle_partitions(rel regclass)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     col text := cd2sync._log_column(rel);
     def regclass := (SELECT part FROM cd2sync._log_partitions(rel) WHERE day IS NULL);
-    lo timestamp;
-    hi timestamp;
-    n bigint;
+    d timestamp;
+    made int := 0;
+    left_over bigint;
 BEGIN
     IF def IS NULL THEN
         RETURN 0;
     END IF;
-    EXECUTE format('SELECT min(%1$I), max(%1$I), count(*) FROM %2$s', col, def) INTO lo, hi, n;
-    IF n > 0 THEN
-        PERFORM cd2sync._ensure_partitions(rel, lo, hi);
+    FOR d IN EXECUTE format('SELECT date_trunc(''day'', %1$I) FROM %2$s GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 31',
+                            col, def) LOOP
+        made := made + cd2sync._make_partition(rel, d)::int;
+    END LOOP;
+    EXECUTE format('SELECT count(*) FROM %s', def) INTO left_over;
+    IF left_over > 0 THEN
+        RAISE WARNING 'cd2sync: % rows of % stay in %: their request times are spread over too many days',
+              left_over, rel, def;
     END IF;
-    RETURN n;
+    RETURN made;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._log_upkeep(instance text, table_name text, watermark timestamptz, phase text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET lock_timeout = '5s' AS $$
+DECLARE
+    inst cd2sync.instances := cd2sync._check_instance(instance);
+    rel regclass := cd2sync._instance_rel(inst.target_schema, table_name);
+    held timestamptz := (SELECT s.watermark FROM cd2sync.table_state s
+                          WHERE s.instance = _log_upkeep.instance AND s.table_name = _log_upkeep.table_name);
+BEGIN
+    IF rel IS NULL OR cd2sync._log_column(rel) IS NULL OR watermark IS NULL THEN
+        RETURN;
+    END IF;
+    BEGIN
+        IF phase = 'before' THEN
+            PERFORM cd2sync._ensure_partitions(rel,
+                (greatest(coalesce(held, watermark - interval '31 days'), watermark - interval '31 days')
+                 - interval '1 day') AT TIME ZONE 'UTC',
+                (watermark + interval '1 day') AT TIME ZONE 'UTC');
+        ELSE
+            PERFORM cd2sync._settle_partitions(rel);
+            PERFORM cd2sync._age_out(rel, inst.keep_logs, watermark AT TIME ZONE 'UTC');
+        END IF;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE LOG 'cd2sync %.%: partitions left to the next sync: %', instance, table_name, SQLERRM;
+    END;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._age_out(rel regclass, keep interval, upto timestamp)
@@ -668,6 +716,19 @@ RETURNS text LANGUAGE sql IMMUTABLE AS $$
     SELECT 'load_' || md5(target_schema || '.' || table_name)
 $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._drop_loading(target_schema text, instance text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT cd2sync._loading_rel(target_schema, s.table_name) AS rel
+               FROM cd2sync.table_state s WHERE s.instance = _drop_loading.instance LOOP
+        IF r.rel IS NOT NULL THEN
+            EXECUTE format('DROP TABLE %s', r.rel);
+        END IF;
+    END LOOP;
+END $$;
+
 CREATE OR REPLACE FUNCTION cd2sync._loading_rel(target_schema text, table_name text)
 RETURNS regclass LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -685,6 +746,10 @@ DECLARE
     q text;
 BEGIN
     IF lrel IS NULL THEN
+        RETURN false;
+    END IF;
+    IF cd2sync._instance_rel(target_schema, table_name) IS NOT NULL THEN
+        EXECUTE format('DROP TABLE %s', lrel);   -- (the table is there after all: that one stays)
         RETURN false;
     END IF;
     EXECUTE format('ALTER TABLE %s ADD PRIMARY KEY (%s)', lrel,
@@ -770,6 +835,10 @@ BEGIN
     END LOOP;
 
     rel := to_regclass(format('%I.%I', sch, tab));
+    IF rel IS NOT NULL AND for_load AND cd2sync._loading_rel(target_schema, table_name) IS NOT NULL THEN
+        -- (what a load of it left apart, before the table was there)
+        EXECUTE format('DROP TABLE %s', cd2sync._loading_rel(target_schema, table_name));
+    END IF;
     IF rel IS NULL AND for_load AND logcol IS NULL THEN
         -- a new table is loaded apart, without its key (built after the rows,
         -- as pg_restore does), where readers do not see it; what a run that
@@ -1013,8 +1082,10 @@ BEGIN
     -- bookkeeping column against NULL while the merge map is empty, is
     -- pushed down to the table and estimated at one row: every record then
     -- rescanned the whole table)
-    SELECT CASE WHEN reltuples >= 0 THEN reltuples ELSE pg_relation_size(target) / 200.0 END
-      INTO target_rows FROM pg_class WHERE oid = target;
+    -- (a partitioned table's rows are its partitions')
+    SELECT sum(CASE WHEN c.reltuples >= 0 THEN c.reltuples ELSE pg_relation_size(c.oid) / 200.0 END)
+      INTO target_rows FROM pg_class c
+     WHERE c.oid = target OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = target);
     few := mode = 'incremental' AND (upserted + deleted) * 4 < target_rows;
     IF few THEN
         PERFORM set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true),
@@ -1545,24 +1616,6 @@ BEGIN
      LIMIT max_changes;
 END $$;
 
-CREATE OR REPLACE FUNCTION cd2sync._before_apply(instance text, table_name text, watermark timestamptz)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    inst cd2sync.instances := cd2sync._check_instance(instance);
-    rel regclass := cd2sync._instance_rel(inst.target_schema, table_name);
-    held timestamptz := (SELECT s.watermark FROM cd2sync.table_state s
-                          WHERE s.instance = _before_apply.instance AND s.table_name = _before_apply.table_name);
-BEGIN
-    PERFORM set_config('cd2sync_tx.applying', instance || '.' || table_name, true),
-            set_config('cd2sync_tx.watermark', coalesce(watermark::text, ''), true),
-            set_config('cd2sync_tx.cause', 'sync', true);
-    IF rel IS NOT NULL AND cd2sync._log_column(rel) IS NOT NULL THEN
-        PERFORM cd2sync._ensure_partitions(rel,
-            (coalesce(held, watermark - interval '31 days') - interval '1 day') AT TIME ZONE 'UTC',
-            (watermark + interval '1 day') AT TIME ZONE 'UTC');
-    END IF;
-END $$;
-
 CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -1572,22 +1625,15 @@ DECLARE
     held timestamptz := (SELECT s.watermark FROM cd2sync.table_state s
                           WHERE s.instance = _after_apply.instance AND s.table_name = _after_apply.table_name);
 BEGIN
-    IF rel IS NOT NULL AND cd2sync._log_column(rel) IS NOT NULL THEN
-        -- a log's history older than the instance's keep_logs goes, by partition
-        PERFORM cd2sync._age_out(rel, inst.keep_logs,
-            nullif(current_setting('cd2sync_tx.watermark', true), '')::timestamptz AT TIME ZONE 'UTC');
-    END IF;
     IF changes > 0 AND rel IS NOT NULL THEN
         -- a first load gets its indexes now; rows a snapshot loaded
         -- straight by COPY get their replacements (_apply gives every row
         -- it writes its own)
         PERFORM cd2sync._ensure_bookkeeping(rel, inst.shard_id, table_name);
         IF cd2sync._log_column(rel) IS NOT NULL THEN
-            -- a log's rows went in by COPY: those of days without a partition
-            -- get theirs, and those of users the map has their replacements
-            -- (from a day before what the table held: older partitions are
-            -- history, left alone)
-            PERFORM cd2sync._settle_partitions(rel);
+            -- a log's rows went in by COPY: those of users the map has get
+            -- their replacements (from a day before what the table held:
+            -- older partitions are history, left alone)
             PERFORM cd2sync._resolve_users(rel, inst.shard_id, false,
                 (held - interval '1 day') AT TIME ZONE 'UTC');
         ELSIF mode = 'snapshot' THEN

@@ -132,11 +132,13 @@ BEGIN
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF target_schema IS NOT NULL AND (target_schema = '' OR octet_length(target_schema) > 63
-           OR target_schema ~ '^pg_' OR target_schema IN ('cd2sync', 'cd2', 'information_schema', 'public')
-           OR target_schema IN (SELECT cd2sync._view_schema(ns) FROM unnest(cd2sync._namespaces()) ns)) THEN
+           OR EXISTS (SELECT 1 FROM cd2sync._instance_schemas(target_schema) x
+                       WHERE x.schema_name ~ '^pg_'
+                          OR x.schema_name IN ('cd2sync', 'cd2', 'cd2sync_load', 'information_schema', 'public')
+                          OR x.schema_name IN (SELECT cd2sync._view_schema(ns) FROM unnest(cd2sync._namespaces()) ns))) THEN
         RAISE EXCEPTION 'target_schema "%" cannot be used', target_schema
               USING ERRCODE = 'invalid_schema_name',
-                    DETAIL = 'It must be 1 to 63 bytes and not a system schema, public, cd2, cd2_<namespace> or cd2sync.';
+                    DETAIL = 'It must be 1 to 63 bytes, and neither it nor <target_schema>_<namespace> a system schema, public, cd2, cd2_<namespace>, cd2sync or cd2sync_load.';
     END IF;
 END $$;
 
@@ -320,6 +322,7 @@ BEGIN
             END IF;
             PERFORM cd2sync._check_schema_owner(r.old_schema);
             IF NOT moved THEN
+                PERFORM cd2sync._drop_loading(old.target_schema, old.name);
                 PERFORM cd2sync._lock_instance(old.name);
                 PERFORM cd2sync._feed_capture_instance(old.name, 'old');
                 moved := true;
@@ -364,6 +367,7 @@ BEGIN
     END IF;
     PERFORM cd2sync._lock_instance(old.name);
     PERFORM cd2sync._feed_capture_instance(old.name, 'old');
+    PERFORM cd2sync._drop_loading(old.target_schema, old.name);   -- (a load apart is no data yet)
     DELETE FROM cd2sync.instances i WHERE i.name = old.name;
     -- the reconciled views stop reading the schema before it may go
     PERFORM cd2sync._reconcile_changed();

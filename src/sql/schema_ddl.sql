@@ -343,60 +343,118 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
      WHERE i.inhparent = rel
 $$;
 
--- Makes the partitions of a log for every day from lo to hi that has none.
--- Rows of those days in the default partition (none, unless a load put them
--- there) move into them first.
-CREATE FUNCTION cd2sync._ensure_partitions(rel regclass, lo timestamp, hi timestamp)
-RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+-- Makes the partition of a log for one day, unless it has one; rows of
+-- that day in the default partition (a load put them there) move into it,
+-- straight (not through the parent: the change feeds saw them already).
+CREATE FUNCTION cd2sync._make_partition(rel regclass, of_day timestamp)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     col text := cd2sync._log_column(rel);
     sch text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
     tab text := (SELECT relname FROM pg_class WHERE oid = rel);
-    def regclass := (SELECT part FROM cd2sync._log_partitions(rel) WHERE day IS NULL);
+    def regclass := (SELECT x.part FROM cd2sync._log_partitions(rel) x WHERE x.day IS NULL);
+    d timestamp := date_trunc('day', of_day);
+    cols text := (SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) FROM pg_attribute
+                   WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped);
+BEGIN
+    IF EXISTS (SELECT 1 FROM cd2sync._log_partitions(rel) p WHERE p.day = d) THEN
+        RETURN false;
+    END IF;
+    IF def IS NOT NULL THEN
+        -- (a partition cannot be made while the default one holds its rows)
+        EXECUTE format('CREATE TEMP TABLE cd2_strays ON COMMIT DROP AS
+                        WITH m AS (DELETE FROM %1$s WHERE %2$I >= %3$L AND %2$I < %4$L RETURNING *)
+                        SELECT * FROM m', def, col, d, d + interval '1 day');
+    END IF;
+    EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', sch,
+                   left(tab, 53) || to_char(d, '_pYYYYMMDD'), rel, d, d + interval '1 day');
+    IF def IS NOT NULL THEN
+        EXECUTE format('INSERT INTO %I.%I (%s) SELECT %s FROM cd2_strays', sch,
+                       left(tab, 53) || to_char(d, '_pYYYYMMDD'), cols, cols);
+        DROP TABLE cd2_strays;
+    END IF;
+    RETURN true;
+END $$;
+
+-- Makes the partitions of a log for the days from lo to hi that have none
+CREATE FUNCTION cd2sync._ensure_partitions(rel regclass, lo timestamp, hi timestamp)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
     d timestamp;
     made int := 0;
 BEGIN
-    IF col IS NULL OR lo IS NULL OR hi IS NULL OR hi < lo THEN
+    IF cd2sync._log_column(rel) IS NULL OR lo IS NULL OR hi IS NULL OR hi < lo THEN
         RETURN 0;
     END IF;
-    FOR d IN SELECT g FROM generate_series(date_trunc('day', lo), date_trunc('day', hi), interval '1 day') g
-              WHERE NOT EXISTS (SELECT 1 FROM cd2sync._log_partitions(rel) p WHERE p.day = g) LOOP
-        IF def IS NOT NULL THEN
-            -- (a partition cannot be made while the default one holds its rows)
-            EXECUTE format('CREATE TEMP TABLE cd2_strays ON COMMIT DROP AS
-                            WITH m AS (DELETE FROM %1$s WHERE %2$I >= %3$L AND %2$I < %4$L RETURNING *)
-                            SELECT * FROM m', def, col, d, d + interval '1 day');
-        END IF;
-        EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', sch,
-                       left(tab, 53) || to_char(d, '_pYYYYMMDD'), rel, d, d + interval '1 day');
-        IF def IS NOT NULL THEN
-            EXECUTE format('INSERT INTO %s SELECT * FROM cd2_strays', rel);
-            DROP TABLE cd2_strays;
-        END IF;
-        made := made + 1;
+    FOR d IN SELECT g FROM generate_series(date_trunc('day', lo), date_trunc('day', hi), interval '1 day') g LOOP
+        made := made + cd2sync._make_partition(rel, d)::int;
     END LOOP;
     RETURN made;
 END $$;
 
 -- Moves the rows a load put in a log's default partition into partitions
--- of their own days. Returns how many.
+-- of their own days: a partition for each day that has rows there (never
+-- the days between), at most 31 a sync, the days with most rows first (a
+-- source sending request times scattered over years does not make a
+-- partition of each: the rest stay in the default partition, with a
+-- warning, still in the table). Returns how many days.
 CREATE FUNCTION cd2sync._settle_partitions(rel regclass)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     col text := cd2sync._log_column(rel);
     def regclass := (SELECT part FROM cd2sync._log_partitions(rel) WHERE day IS NULL);
-    lo timestamp;
-    hi timestamp;
-    n bigint;
+    d timestamp;
+    made int := 0;
+    left_over bigint;
 BEGIN
     IF def IS NULL THEN
         RETURN 0;
     END IF;
-    EXECUTE format('SELECT min(%1$I), max(%1$I), count(*) FROM %2$s', col, def) INTO lo, hi, n;
-    IF n > 0 THEN
-        PERFORM cd2sync._ensure_partitions(rel, lo, hi);
+    FOR d IN EXECUTE format('SELECT date_trunc(''day'', %1$I) FROM %2$s GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 31',
+                            col, def) LOOP
+        made := made + cd2sync._make_partition(rel, d)::int;
+    END LOOP;
+    EXECUTE format('SELECT count(*) FROM %s', def) INTO left_over;
+    IF left_over > 0 THEN
+        RAISE WARNING 'cd2sync: % rows of % stay in %: their request times are spread over too many days',
+              left_over, rel, def;
     END IF;
-    RETURN n;
+    RETURN made;
+END $$;
+
+-- The upkeep of a log around a sync, each in a short transaction of its
+-- own (making or dropping a partition locks the table: never for the whole
+-- load). before: the partitions of the days the new rows will have, from a
+-- day before what the table held (at most the API's 30 days back) to a day
+-- after the new watermark; rows of other days go to the default partition.
+-- after: those moved to partitions of their days, and history older than
+-- the instance's keep_logs dropped, by partition. A lock not had within a
+-- few seconds leaves it to the next sync (rows stay in the default
+-- partition meanwhile: still in the table).
+CREATE FUNCTION cd2sync._log_upkeep(instance text, table_name text, watermark timestamptz, phase text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET lock_timeout = '5s' AS $$
+DECLARE
+    inst cd2sync.instances := cd2sync._check_instance(instance);
+    rel regclass := cd2sync._instance_rel(inst.target_schema, table_name);
+    held timestamptz := (SELECT s.watermark FROM cd2sync.table_state s
+                          WHERE s.instance = _log_upkeep.instance AND s.table_name = _log_upkeep.table_name);
+BEGIN
+    IF rel IS NULL OR cd2sync._log_column(rel) IS NULL OR watermark IS NULL THEN
+        RETURN;
+    END IF;
+    BEGIN
+        IF phase = 'before' THEN
+            PERFORM cd2sync._ensure_partitions(rel,
+                (greatest(coalesce(held, watermark - interval '31 days'), watermark - interval '31 days')
+                 - interval '1 day') AT TIME ZONE 'UTC',
+                (watermark + interval '1 day') AT TIME ZONE 'UTC');
+        ELSE
+            PERFORM cd2sync._settle_partitions(rel);
+            PERFORM cd2sync._age_out(rel, inst.keep_logs, watermark AT TIME ZONE 'UTC');
+        END IF;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE LOG 'cd2sync %.%: partitions left to the next sync: %', instance, table_name, SQLERRM;
+    END;
 END $$;
 
 -- Drops the partitions of a log whose every row is older than keep before
@@ -428,6 +486,21 @@ RETURNS text LANGUAGE sql IMMUTABLE AS $$
     SELECT 'load_' || md5(target_schema || '.' || table_name)
 $$;
 
+-- Drops the tables being loaded apart for an instance's tables (when its
+-- data goes, or moves to another target schema)
+CREATE FUNCTION cd2sync._drop_loading(target_schema text, instance text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT cd2sync._loading_rel(target_schema, s.table_name) AS rel
+               FROM cd2sync.table_state s WHERE s.instance = _drop_loading.instance LOOP
+        IF r.rel IS NOT NULL THEN
+            EXECUTE format('DROP TABLE %s', r.rel);
+        END IF;
+    END LOOP;
+END $$;
+
 -- The table a new table is being loaded in, or NULL
 CREATE FUNCTION cd2sync._loading_rel(target_schema text, table_name text)
 RETURNS regclass LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -452,6 +525,10 @@ DECLARE
     q text;
 BEGIN
     IF lrel IS NULL THEN
+        RETURN false;
+    END IF;
+    IF cd2sync._instance_rel(target_schema, table_name) IS NOT NULL THEN
+        EXECUTE format('DROP TABLE %s', lrel);   -- (the table is there after all: that one stays)
         RETURN false;
     END IF;
     EXECUTE format('ALTER TABLE %s ADD PRIMARY KEY (%s)', lrel,
@@ -544,6 +621,10 @@ BEGIN
     END LOOP;
 
     rel := to_regclass(format('%I.%I', sch, tab));
+    IF rel IS NOT NULL AND for_load AND cd2sync._loading_rel(target_schema, table_name) IS NOT NULL THEN
+        -- (what a load of it left apart, before the table was there)
+        EXECUTE format('DROP TABLE %s', cd2sync._loading_rel(target_schema, table_name));
+    END IF;
     IF rel IS NULL AND for_load AND logcol IS NULL THEN
         -- a new table is loaded apart, without its key (built after the rows,
         -- as pg_restore does), where readers do not see it; what a run that
