@@ -29,8 +29,20 @@
  * Runs one statement with text parameters (NULL for SQL NULL), inside
  * SPI_connect: the caller reads SPI_tuptable before SPI_finish.
  */
+static void execute_as(const char *sql, int nargs, const char **args, bool read_only);
+
 static void
 execute(const char *sql, int nargs, const char **args)
+{
+	execute_as(sql, nargs, args, false);
+}
+
+/*
+ * read_only: with the active snapshot (which the caller pushed), as a
+ * read-only statement: not a new transaction snapshot
+ */
+static void
+execute_as(const char *sql, int nargs, const char **args, bool read_only)
 {
 	Oid *types = palloc(sizeof(Oid) * Max(nargs, 1));
 	Datum *values = palloc(sizeof(Datum) * Max(nargs, 1));
@@ -44,7 +56,7 @@ execute(const char *sql, int nargs, const char **args)
 		nulls[i] = args[i] ? ' ' : 'n';
 	}
 	nulls[nargs] = '\0';
-	rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
+	rc = SPI_execute_with_args(sql, nargs, types, values, nulls, read_only, 0);
 	if (rc < 0)
 		elog(ERROR, "cd2sync catalog query failed: %s", SPI_result_code_string(rc));
 }
@@ -642,12 +654,8 @@ catalog_create_staging(const char *target, bool typed)
 void
 catalog_add_staging_column(const char *column)
 {
-	if (SPI_connect() != SPI_OK_CONNECT ||
-		SPI_execute(
-			psprintf("ALTER TABLE pg_temp.cd2_stage ADD COLUMN %s text", quote_identifier(column)),
-			false, 0) != SPI_OK_UTILITY)
-		elog(ERROR, "could not add a column to the staging table");
-	SPI_finish();
+	run_row(psprintf("ALTER TABLE pg_temp.cd2_stage ADD COLUMN %s text", quote_identifier(column)),
+			0, NULL);
 }
 
 /* Spreads the JSON lines staged for the target over its columns */
@@ -867,17 +875,16 @@ catalog_next_run_id(void)
 void
 catalog_run_results(int64 run_id, Tuplestorestate *tupstore, TupleDesc desc)
 {
-	Oid types[1] = { INT8OID };
-	Datum values[1] = { Int64GetDatum(run_id) };
-	int rc;
+	const char *args[1] = { int8_text(run_id) };
 	char *run_error;
 	char *run_code;
 
+	/* (what the worker committed, whatever this transaction's isolation) */
 	PushActiveSnapshot(GetLatestSnapshot());
 	SPI_connect();
-	rc = SPI_execute_with_args("SELECT error, error_code FROM cd2sync.runs WHERE run_id = $1", 1,
-							   types, values, NULL, true, 1);
-	if (rc != SPI_OK_SELECT || SPI_processed == 0)
+	execute_as("SELECT error, error_code FROM cd2sync.runs WHERE run_id = $1::bigint", 1, args,
+			   true);
+	if (SPI_processed == 0)
 		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
 						errmsg("cd2sync sync worker exited before it recorded its run"),
 						errhint("See the server log.")));
@@ -890,17 +897,15 @@ catalog_run_results(int64 run_id, Tuplestorestate *tupstore, TupleDesc desc)
 									: ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 						errmsg("cd2sync run %lld failed: %s", (long long) run_id, run_error)));
 
-	rc = SPI_execute_with_args(
+	execute_as(
 		"SELECT table_name, "
 		"       CASE WHEN status = 'running' THEN 'failed' ELSE mode END, "
 		"       rows_upserted, rows_deleted, coalesce(watermark, watermark_before), "
 		"       coalesce(seconds, extract(epoch FROM clock_timestamp() - started_at)::float8), "
 		"       CASE WHEN status = 'running' "
 		"            THEN 'the sync worker exited before this table was done' ELSE error END "
-		"  FROM cd2sync.sync_log WHERE run_id = $1 ORDER BY started_at, table_name",
-		1, types, values, NULL, true, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not read cd2sync.sync_log");
+		"  FROM cd2sync.sync_log WHERE run_id = $1::bigint ORDER BY started_at, table_name",
+		1, args, true);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		Datum v[7];
