@@ -14,6 +14,23 @@
 --   which cd2_sync_now calls too.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.3'" to load this file. \quit
 
+-- Namespaces keep an instance's tables in <target_schema>_<ns>: an instance
+-- whose target schema is that of another's namespace (allowed until 1.2)
+-- would share a schema with it once that one syncs the namespace.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT a.name AS one, b.name AS other, b.target_schema
+               FROM cd2sync.instances a JOIN cd2sync.instances b ON a.name <> b.name
+              WHERE b.target_schema IN (SELECT a.target_schema || '_' || ns
+                                          FROM unnest(ARRAY['canvas_logs', 'new_quizzes', 'catalog']) ns) LOOP
+        RAISE WARNING 'cd2sync 1.3: the target schema "%" of instance "%" is where instance "%" would keep a namespace''s tables',
+              r.target_schema, r.other, r.one
+              USING HINT = 'Give one of them another target_schema (cd2_alter_instance) before it syncs namespaces other than canvas.';
+    END LOOP;
+END $$;
+
 -- signatures or result types that change
 DROP FUNCTION cd2_add_instance(text, text, text, text, text[], bigint, interval, text, interval);
 DROP FUNCTION cd2_alter_instance(text, text, text, text, text[], bigint, interval, text, interval);
