@@ -377,15 +377,16 @@ catalog_table_state(const char *instance, const char *target_schema, const char 
 	st->schema_version = n[0] ? -1 : (int) DatumGetInt64(v[0]);
 	st->table_exists = !n[1] && DatumGetBool(v[1]);
 	st->snapshot_due = !n[2] && DatumGetBool(v[2]);
-	st->watermark_raw = sql_text("SELECT watermark_raw FROM cd2sync.table_state "
-								 " WHERE instance = $1 AND table_name = $2",
-								 2, args);
-	place = run_row("SELECT p.namespace, p.remote_name, format('%I.%I', p.schema_name, p.rel_name) "
-					"  FROM cd2sync._table_place($3, $2) p",
-					3, args);
+	place =
+		run_row("SELECT p.namespace, p.remote_name, format('%I.%I', p.schema_name, p.rel_name), "
+				"       (SELECT s.watermark_raw FROM cd2sync.table_state s "
+				"         WHERE s.instance = $1 AND s.table_name = $2) "
+				"  FROM cd2sync._table_place($3, $2) p",
+				3, args);
 	st->namespace = place[0];
 	st->remote_name = place[1];
 	st->target = place[2];
+	st->watermark_raw = place[3];
 }
 
 void
@@ -551,13 +552,11 @@ Oid
 catalog_loading_rel(const char *target_schema, const char *table, char **name)
 {
 	const char *args[2] = { target_schema, table };
-	Datum v[1];
-	bool n[1];
 
-	if (!run_values("SELECT cd2sync._loading_rel($1, $2)::oid", 2, args, 1, v, n) || n[0])
-		return InvalidOid;
 	*name = sql_text("SELECT cd2sync._loading_rel($1, $2)::text", 2, args);
-	return DatumGetObjectId(v[0]);
+	if (*name == NULL)
+		return InvalidOid;
+	return DatumGetObjectId(DirectFunctionCall1(regclassin, CStringGetDatum(*name)));
 }
 
 /*

@@ -506,6 +506,23 @@ dap_poll_job(DapClient *c, DapJob *job, DapError *err)
 	return j ? parse_job(j) : NULL;
 }
 
+/*
+ * A fresh presigned URL for an object whose URL stopped working (a
+ * download's RefreshUrlFn; arg: the DapClient). Raises when the job is gone.
+ */
+char *
+dap_refresh_url(void *arg, const char *object_id)
+{
+	DapError err;
+	List *urls = dap_object_urls((DapClient *) arg, list_make1(pstrdup(object_id)), &err);
+
+	if (urls == NIL)
+		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						errmsg("the query job expired while its objects were downloaded: %s",
+							   err.message)));
+	return (char *) linitial(urls);
+}
+
 /* Presigned URLs for the given object ids, in the same order */
 List *
 dap_object_urls(DapClient *c, List *object_ids, DapError *err)

@@ -52,6 +52,7 @@ extern bool dap_job_done(DapJob *job);
 extern void dap_check_finished(DapJob *job, bool snapshot);
 extern DapJob *dap_poll_job(DapClient *c, DapJob *job, DapError *err);
 extern List *dap_object_urls(DapClient *c, List *object_ids, DapError *err);
+extern char *dap_refresh_url(void *client, const char *object_id);
 extern void dap_raise(DapError *err) pg_attribute_noreturn();
 extern const char *dap_sqlstate(const DapError *err);
 

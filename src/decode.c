@@ -328,8 +328,8 @@ copy_into(Oid relid, List *attnames, List *options)
 	return rows;
 }
 
-uint64
-decode_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool *was_jsonl)
+static uint64
+decode_open_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool *was_jsonl)
 {
 	DecodeSource src = { 0 };
 	StringInfoData head;
@@ -426,4 +426,26 @@ decode_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool 
 		decode_progress_hook(src.unreported);
 	source = NULL;
 	return rows;
+}
+
+/*
+ * decode_open_object, closing the download if it fails: its connection and
+ * inflater thread go at once, not with the caller's memory.
+ */
+uint64
+decode_object(Download *d, RecordFormat asked, Oid direct, List **columns, bool *was_jsonl)
+{
+	volatile uint64 records = 0;
+
+	PG_TRY();
+	{
+		records = decode_open_object(d, asked, direct, columns, was_jsonl);
+	}
+	PG_CATCH();
+	{
+		download_close(d);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return records;
 }

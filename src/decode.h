@@ -25,6 +25,7 @@ extern const char *decode_format_name(RecordFormat f);
  * Decodes one object into pg_temp.cd2_stage (pg_temp.cd2_stage_json for
  * JSON lines), or, when direct is a relation, straight into it (TSV only). Adds to *columns (char *) the target columns its header names, and
  * sets *was_jsonl when the file held JSON lines. Returns the records read.
+ * On an error, closes d before raising it.
  */
 extern uint64 decode_object(Download *d, RecordFormat asked, Oid direct, List **columns,
 							bool *was_jsonl);

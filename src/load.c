@@ -96,41 +96,6 @@ load_workers_wanted(int objects)
 	return Max(0, Min(n, objects - 1));
 }
 
-static char *
-refresh_url(void *arg, const char *object_id)
-{
-	LoadWork *w = (LoadWork *) arg;
-	DapError err;
-	List *urls = dap_object_urls(w->client, list_make1(pstrdup(object_id)), &err);
-
-	if (urls == NIL)
-		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-						errmsg("the query job expired while its objects were downloaded: %s",
-							   err.message)));
-	return (char *) linitial(urls);
-}
-
-/* decode_object, closing the download if it fails */
-static uint64
-decode_closing(Download *d, RecordFormat format, Oid direct)
-{
-	volatile uint64 records = 0;
-	List *columns = NIL;
-	bool jsonl;
-
-	PG_TRY();
-	{
-		records = decode_object(d, format, direct, &columns, &jsonl);
-	}
-	PG_CATCH();
-	{
-		download_close(d);
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
-	return records;
-}
-
 /*
  * Takes objects until none is left or another process failed, COPYing
  * each into the table; commits them, in one transaction of its own. On an
@@ -154,10 +119,12 @@ take_objects(LoadWork *w)
 			   (i = pg_atomic_fetch_add_u32(&s->next, 1)) < (uint32) s->nobjects)
 		{
 			Download *d;
+			List *columns = NIL; /* (not needed: the table's own) */
+			bool jsonl;
 
 			CHECK_FOR_INTERRUPTS();
-			d = download_open(w->ids[i], w->urls[i], refresh_url, w);
-			records += decode_closing(d, (RecordFormat) s->format, s->relid);
+			d = download_open(w->ids[i], w->urls[i], dap_refresh_url, w->client);
+			records += decode_object(d, (RecordFormat) s->format, s->relid, &columns, &jsonl);
 			bytes += download_compressed_bytes(d);
 			objects++;
 			download_close(d);

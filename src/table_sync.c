@@ -153,44 +153,7 @@ timestamp_before(const char *a, const char *b)
 	return DatumGetTimestampTz(ta) < DatumGetTimestampTz(tb);
 }
 
-/* A fresh URL for an object whose presigned URL stopped working */
-static char *
-refresh_url(void *arg, const char *object_id)
-{
-	RunContext *rc = (RunContext *) arg;
-	DapError err;
-	List *urls = dap_object_urls(rc->client, list_make1(pstrdup(object_id)), &err);
-
-	if (urls == NIL)
-		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-						errmsg("the query job expired while its objects were downloaded: %s",
-							   err.message)));
-	return (char *) linitial(urls);
-}
-
 /* ---- loading ---- */
-
-/*
- * decode_object, closing the download if it fails: its connection and
- * inflater thread go at once, not with the table's memory.
- */
-static uint64
-decode_closing(Download *d, RecordFormat format, Oid direct, List **columns, bool *jsonl)
-{
-	volatile uint64 records = 0;
-
-	PG_TRY();
-	{
-		records = decode_object(d, format, direct, columns, jsonl);
-	}
-	PG_CATCH();
-	{
-		download_close(d);
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
-	return records;
-}
 
 /*
  * Downloads and decodes every object of a job: straight into the target
@@ -216,8 +179,8 @@ load_objects(RunContext *rc, TableSync *ts, DapJob *job, List *urls, Oid direct,
 		report(rc, ts, "%s object %d of %d",
 			   OidIsValid(direct) ? "loading straight into the table" : "downloading",
 			   foreach_current_index(lo) + 1, list_length(job->objects));
-		d = download_open((char *) lfirst(lo), (char *) lfirst(lu), refresh_url, rc);
-		records += decode_closing(d, rc->format, direct, columns, &jsonl);
+		d = download_open((char *) lfirst(lo), (char *) lfirst(lu), dap_refresh_url, rc->client);
+		records += decode_object(d, rc->format, direct, columns, &jsonl);
 		tr->bytes += download_compressed_bytes(d);
 		tr->objects++;
 		*any_jsonl |= jsonl;
@@ -247,42 +210,25 @@ another_way(int sqlerrcode)
 		   sqlerrcode != ERRCODE_UNTRANSLATABLE_CHARACTER;
 }
 
-/* What one way of loading a job's objects needs */
-typedef struct LoadWay
-{
-	const char *target;
-	Oid direct;     /* load straight into this table, or InvalidOid: staging */
-	bool typed;     /* staging with the target's types */
-	List *columns;  /* out: the columns the files carry */
-	bool any_jsonl; /* out */
-	uint64 records; /* out */
-} LoadWay;
+typedef void (*AttemptFn)(RunContext *rc, TableSync *ts, void *arg);
 
 /*
- * Loads a job's objects one way, in a subtransaction. When the data does not
- * suit that way (another_way: such as an oversized placeholder in a number
- * column), rolls it back and returns false, and the caller loads another
- * way. Other errors go on up.
+ * Runs fn in a subtransaction. When the data does not suit what fn does
+ * (another_way), rolls it back, logs "<instance>.<table>: <instead>: why"
+ * and returns false: the caller does it another way. Other errors go on up.
  */
 static bool
-try_load(RunContext *rc, TableSync *ts, DapJob *job, List *urls, LoadWay *way)
+attempt(RunContext *rc, TableSync *ts, AttemptFn fn, void *arg, const char *instead)
 {
-	TableRun *tr = ts->tr;
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
-	int64 bytes = tr->bytes;
-	int objects = tr->objects;
 	volatile bool done = false;
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		if (!OidIsValid(way->direct))
-			catalog_create_staging(way->target, way->typed);
-		way->records = load_objects(rc, ts, job, urls, way->direct, &way->columns, &way->any_jsonl);
-		if (way->any_jsonl)
-			catalog_expand_jsonl(way->target);
+		fn(rc, ts, arg);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
@@ -300,17 +246,69 @@ try_load(RunContext *rc, TableSync *ts, DapJob *job, List *urls, LoadWay *way)
 		CurrentResourceOwner = owner;
 		if (!another_way(edata->sqlerrcode))
 			ReThrowError(edata);
-		ereport(LOG, (errmsg("cd2sync %s.%s: loading through the %s staging table: %s",
-							 rc->instance->name, tr->table,
-							 OidIsValid(way->direct) ? "typed" : "text", edata->message)));
+		ereport(LOG, (errmsg("cd2sync %s.%s: %s: %s", rc->instance->name, ts->tr->table, instead,
+							 edata->message)));
 		FreeErrorData(edata);
-		tr->bytes = bytes;
-		tr->objects = objects;
-		way->columns = NIL;
-		way->any_jsonl = false;
 	}
 	PG_END_TRY();
 	return done;
+}
+
+/* What one way of loading a job's objects needs */
+typedef struct LoadWay
+{
+	DapJob *job;
+	List *urls;
+	const char *target;
+	Oid direct;     /* load straight into this table, or InvalidOid: staging */
+	bool typed;     /* staging with the target's types */
+	List *columns;  /* out: the columns the files carry */
+	bool any_jsonl; /* out */
+	uint64 records; /* out */
+} LoadWay;
+
+static void
+load_way(RunContext *rc, TableSync *ts, void *arg)
+{
+	LoadWay *way = (LoadWay *) arg;
+
+	if (!OidIsValid(way->direct))
+		catalog_create_staging(way->target, way->typed);
+	way->records =
+		load_objects(rc, ts, way->job, way->urls, way->direct, &way->columns, &way->any_jsonl);
+	if (way->any_jsonl)
+		catalog_expand_jsonl(way->target);
+}
+
+/*
+ * Loads a job's objects one way, in a subtransaction; false (rolled back,
+ * counts as they were) when the data does not suit that way, such as an
+ * oversized placeholder in a number column: the caller loads another way.
+ */
+static bool
+try_load(RunContext *rc, TableSync *ts, DapJob *job, List *urls, LoadWay *way)
+{
+	int64 bytes = ts->tr->bytes;
+	int objects = ts->tr->objects;
+
+	way->job = job;
+	way->urls = urls;
+	if (attempt(rc, ts, load_way, way,
+				OidIsValid(way->direct) ? "loading through the typed staging table"
+										: "loading through the text staging table"))
+		return true;
+	ts->tr->bytes = bytes;
+	ts->tr->objects = objects;
+	way->columns = NIL;
+	way->any_jsonl = false;
+	return false;
+}
+
+static void
+finish_loading(RunContext *rc, TableSync *ts, void *arg)
+{
+	report(rc, ts, "building the key of the new table");
+	catalog_finish_loading(rc->instance->target_schema, ts->tr->table, ts->schema_doc);
 }
 
 /*
@@ -320,39 +318,7 @@ try_load(RunContext *rc, TableSync *ts, DapJob *job, List *urls, LoadWay *way)
 static bool
 finish_new_table(RunContext *rc, TableSync *ts)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	volatile bool done = false;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(cxt);
-	PG_TRY();
-	{
-		report(rc, ts, "building the key of the new table");
-		catalog_finish_loading(rc->instance->target_schema, ts->tr->table, ts->schema_doc);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-		done = true;
-	}
-	PG_CATCH();
-	{
-		ErrorData *edata;
-
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-		if (!another_way(edata->sqlerrcode))
-			ReThrowError(edata);
-		ereport(LOG, (errmsg("cd2sync %s.%s: loading the new table again through staging: %s",
-							 rc->instance->name, ts->tr->table, edata->message)));
-		FreeErrorData(edata);
-	}
-	PG_END_TRY();
-	return done;
+	return attempt(rc, ts, finish_loading, NULL, "loading the new table again through staging");
 }
 
 /*
