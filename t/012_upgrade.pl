@@ -1,4 +1,4 @@
-# Upgrades. ALTER EXTENSION cd2sync UPDATE from 1.0, 1.1 or 1.2 gives the same objects
+# Upgrades. ALTER EXTENSION cd2sync UPDATE from 1.0, 1.1, 1.2 or 1.3 gives the same objects
 # as a fresh install of this version (pg_dump --binary-upgrade lists every
 # object of the extension).
 # Then a cluster of the released 1.0 (built by scripts/test.sh from git, in
@@ -22,13 +22,13 @@ use Test::More;
 # 1. the same objects, fresh or updated
 my $node = Cd2Test::new_node('catalog');
 # every released version's install script is frozen beside its upgrade
-for my $v ('1.0', '1.1', '1.2')
+for my $v ('1.0', '1.1', '1.2', '1.3')
 {
 	my $db = 'from_' . ($v =~ s/\./_/r);
 	$node->safe_psql('postgres', "CREATE DATABASE $db");
 	$node->safe_psql($db, "CREATE EXTENSION cd2sync VERSION '$v'");
 }
-for my $db ('from_1_0', 'from_1_1', 'from_1_2')
+for my $db ('from_1_0', 'from_1_1', 'from_1_2', 'from_1_3')
 {
 	$node->safe_psql($db, 'ALTER EXTENSION cd2sync UPDATE');
 	is($node->safe_psql($db, "SELECT extversion FROM pg_extension WHERE extname = 'cd2sync'"),
@@ -37,7 +37,7 @@ for my $db ('from_1_0', 'from_1_1', 'from_1_2')
 }
 my $fresh = extension_objects($node, 'postgres');
 ok(scalar(() = $fresh =~ /ALTER EXTENSION cd2sync ADD/g) > 50, 'the dump lists the extension\'s objects');
-for my $db ('from_1_0', 'from_1_1', 'from_1_2')
+for my $db ('from_1_0', 'from_1_1', 'from_1_2', 'from_1_3')
 {
 	my $up = extension_objects($node, $db);
 	is($up, $fresh, "$db: the updated extension has exactly the objects of a fresh install");

@@ -141,7 +141,41 @@ is(sq("SELECT count(*) FROM $T WHERE \"timestamp\" >= '$window'::timestamptz AT 
 	scalar(@{ $emu->state($north, 'canvas_logs.web_logs', 0, 1)->{rows} }),
 	'and the window holds what the API serves');
 
-# 6. keep_logs: history older than that goes, by whole partitions
+# 6. a column type that cannot change in place: a log keeps its history.
+# interaction_micros (int64 -> int32) converts; http_status (a string ->
+# int32) does not for a stored value, which stays in a column beside it
+my $st = $emu->state($north, 'canvas_logs.web_logs');
+my $props = $st->{schema}{properties}{value}{properties};
+$props->{interaction_micros} = { type => 'integer', format => 'int32' };
+$props->{http_status} = { type => 'integer', format => 'int32' };
+$window = $emu->state($north, 'canvas_logs.web_logs', 0, 1)->{window_start};
+my $hist = "\"timestamp\" < '$window'::timestamptz AT TIME ZONE 'UTC'";
+my $odd = sq("SELECT id FROM $T WHERE $hist ORDER BY id LIMIT 1");
+sq("UPDATE $T SET http_status = 'x' WHERE id = '$odd'");
+my $before = sq("SELECT md5(string_agg(id || ':' || interaction_micros || ':' || http_status, ',' ORDER BY id)) FROM $T");
+my $n_hist = sq("SELECT count(*) FROM $T WHERE $hist");
+$emu->post('/_emu/epoch', { changes => [ { client_id => $north, table => 'canvas_logs.web_logs',
+	schema => { version => $st->{version} + 1, schema => $st->{schema} } } ] });
+$r = Cd2Test::sync($node, 'north');
+is("$r->{'canvas_logs.web_logs'}{mode}$r->{'canvas_logs.web_logs'}{error}", 'snapshot',
+	'a type change the table cannot take in place: a fresh snapshot');
+my $kept = 'cd2_http_status_before_' . sq("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')");
+is(sq("SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' ORDER BY attname) FROM pg_attribute "
+	  . "WHERE attrelid = '$T'::regclass AND attname IN ('interaction_micros', 'http_status', '$kept')"),
+	"$kept character varying(3), http_status integer, interaction_micros integer", 'the columns have their new types');
+is(sq("SELECT count(*) FROM $T WHERE $hist"), $n_hist, 'every row of its history is kept');
+is(sq("SELECT md5(string_agg(id || ':' || interaction_micros || ':' || $kept, ',' ORDER BY id)) FROM $T"), $before,
+	'with its values: converted, or kept beside the column whose values do not convert');
+is(sq("SELECT count(*) FILTER (WHERE http_status IS NULL) || '/' || count(*) FROM $T WHERE $hist"), "$n_hist/$n_hist",
+	'that column is empty in history');
+is(sq("SELECT count(*) FROM $T WHERE NOT $hist AND http_status::text IS DISTINCT FROM $kept"), '0',
+	'and holds what the snapshot brought');
+like(slurp_file($node->logfile), qr/WARNING:  cd2sync: column .*http_status becomes integer upstream, and stored values do not convert.*kept in column $kept/,
+	'a warning says where the old values are');
+is(sq("SELECT count(*) FROM cd2_canvas_logs.web_logs WHERE http_status IS NOT NULL"),
+	sq("SELECT count(*) FROM $T WHERE NOT $hist"), 'the view shows the new column');
+
+# 7. keep_logs: history older than that goes, by whole partitions
 my $parts = sq("SELECT count(*) FROM pg_inherits WHERE inhparent = '$T'::regclass");
 sq("SELECT cd2_alter_instance('north', keep_logs => interval '25 days')");
 $r = Cd2Test::sync($node, 'north');

@@ -41,6 +41,11 @@ ok($node->poll_query_until('postgres',
 is(sq("SELECT to_regclass('north.users') IS NULL"), 't', 'meanwhile readers see no table');
 is(sq("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
 	  . "WHERE n.nspname = 'cd2sync_load' AND c.relkind = 'r'"), '1', 'it is loaded apart, in cd2sync_load');
+is(sq("SELECT string_agg(a.attname || ' ' || (SELECT count(*) FROM pg_index x WHERE x.indrelid = c.oid "
+	  . "AND x.indpred IS NOT NULL AND pg_get_indexdef(x.indexrelid) LIKE '%' || a.attname || '%'), ', ') "
+	  . "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = c.oid "
+	  . "WHERE n.nspname = 'cd2sync_load' AND c.relkind = 'r' AND a.attname LIKE 'cd2\\_%'"), 'cd2_merged_into_user_id 1',
+	'with its bookkeeping columns and their partial indexes: a load fills none of them');
 ok(run_done($run), 'the run ends');
 $emu->clear_faults;
 is(sq("SELECT mode || ' ' || status FROM cd2sync.sync_log WHERE run_id = $run"), 'snapshot ok', 'a snapshot');
@@ -76,6 +81,13 @@ is("$r->{enrollments}{mode}$r->{enrollments}{error}", 'snapshot', 'the next run 
 Cd2Test::table_is($node, $emu, $north, 'north', 'enrollments', 'with every row');
 is(sq("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'cd2sync_load'"),
 	'0', 'what the failed load left apart is gone');
+# the partial indexes were made before the rows, the others after: each
+# under the name it has on a table made in place, once
+is(sq("SELECT string_agg(c.relname || ' ' || coalesce(x.indpred IS NOT NULL, false), ', ' ORDER BY c.relname) "
+	  . "FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid WHERE x.indrelid = 'north.enrollments'::regclass"),
+	'enrollments_global_id false, enrollments_merge_duplicates true, enrollments_pkey false, '
+	  . 'enrollments_user_id_replaced true, enrollments_user_id_resolved false',
+	'its indexes are those of a table made in place');
 
 # 3. load_workers = 0: the sync worker alone, the same way; a change feed
 # following the table from before it existed gets its rows

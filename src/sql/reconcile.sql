@@ -85,7 +85,9 @@ $$;
 
 -- An index cd2sync keeps on an instance table, made again when its
 -- expression changed (a new shard_id): the comment records the expression.
--- Returns true when it was (re)made.
+-- One made before the table took its name (loaded apart: _ensure_table)
+-- is found by its comment and takes its name. Returns true when it was
+-- (re)made.
 CREATE FUNCTION cd2sync._ensure_index(rel regclass, suffix text, expr text, pred text DEFAULT NULL)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -93,12 +95,19 @@ DECLARE
     nsp text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
     idx regclass := to_regclass(format('%I.%I', nsp, name));
     want text := 'cd2sync: ' || expr || coalesce(' WHERE ' || pred, '');
+    other regclass;
 BEGIN
     IF idx IS NOT NULL AND obj_description(idx, 'pg_class') IS NOT DISTINCT FROM want THEN
         RETURN false;
     END IF;
     IF idx IS NOT NULL THEN
         EXECUTE format('DROP INDEX %s', idx);
+    END IF;
+    SELECT x.indexrelid::regclass INTO other FROM pg_index x
+     WHERE x.indrelid = rel AND obj_description(x.indexrelid, 'pg_class') = want LIMIT 1;
+    IF other IS NOT NULL THEN
+        EXECUTE format('ALTER INDEX %s RENAME TO %I', other, name);
+        RETURN false;
     END IF;
     EXECUTE format('CREATE INDEX %I ON %s ((%s))%s', name, rel, expr, coalesce(' WHERE ' || pred, ''));
     EXECUTE format('COMMENT ON INDEX %I.%I IS %L', nsp, name, want);
@@ -127,7 +136,10 @@ DECLARE
                            FROM pg_stat_all_tables s WHERE s.relid = rel);
 BEGIN
     -- a table still empty gets its indexes after its first load: built
-    -- whole then, not row by row during it (readers are not blocked)
+    -- whole then, not row by row during it (readers are not blocked); but
+    -- the partial ones at once: a load fills none of their rows (cd2_<c>
+    -- and the duplicate flag are set after it), and building them after
+    -- would read the whole table to find nothing
     EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', rel) INTO has_rows;
     FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
         rc := cd2sync._resolved_column(c);
@@ -139,8 +151,8 @@ BEGIN
                 reset := true;
                 made := true;
             END IF;
-            PERFORM cd2sync._ensure_index(rel, c || '_replaced', format('%I', rc), format('%I IS NOT NULL', rc));
         END IF;
+        PERFORM cd2sync._ensure_index(rel, c || '_replaced', format('%I', rc), format('%I IS NOT NULL', rc));
     END LOOP;
     IF has_rows AND shard IS NOT NULL
        AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = rel AND attname = 'id' AND NOT attisdropped
@@ -151,7 +163,7 @@ BEGIN
        AND NOT cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
         EXECUTE format('ALTER TABLE %s ADD COLUMN cd2_merge_duplicate boolean', rel);
     END IF;
-    IF has_rows AND cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
+    IF cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
         PERFORM cd2sync._ensure_index(rel, 'merge_duplicates', 'id', 'cd2_merge_duplicate');
     END IF;
     IF reset THEN

@@ -163,11 +163,15 @@ $$;
 -- views on them) are dropped and created again from their definitions, with
 -- their options, owner, grants and comments; the reconciled view cd2.<table>
 -- is rebuilt for the new type. using_null: the column's values are dropped
--- (the table is about to be reloaded). Raises, changing nothing, when a view
+-- (the table is about to be reloaded); via_text: converted through their
+-- text (a value that does not convert raises); else by the assignment cast
+-- (a widening: no rewrite where the types are binary compatible). Raises,
+-- changing nothing, when a view
 -- cannot be created again (it uses the column in a way the new type does not
 -- allow) or is something this cannot rebuild (a materialized view, a view
 -- with triggers or rules, a view other objects depend on).
-CREATE FUNCTION cd2sync._alter_column_type(rel regclass, col text, new_type text, using_null boolean)
+CREATE FUNCTION cd2sync._alter_column_type(rel regclass, col text, new_type text, using_null boolean,
+                                            via_text boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v record;
@@ -219,7 +223,8 @@ BEGIN
     END LOOP;
 
     EXECUTE format('ALTER TABLE %s ALTER COLUMN %I TYPE %s%s', rel, col, new_type,
-                   CASE WHEN using_null THEN format(' USING NULL::%s', new_type) ELSE '' END);
+                   CASE WHEN using_null THEN format(' USING NULL::%s', new_type)
+                        WHEN via_text THEN format(' USING %I::text::%s', col, new_type) ELSE '' END);
 
     -- shallowest first: each view finds the views it uses
     FOR i IN REVERSE cardinality(saved) .. 1 LOOP
@@ -268,10 +273,15 @@ $$;
 -- rows are deleted first, in the snapshot's transaction, so no value needs
 -- converting; readers wait for that transaction (ALTER TABLE locks the
 -- table) and then see the new rows. Returns how many rows were deleted, or
--- NULL when no type changed: none was pending, or a view on a column cannot
--- be created again, in which case the table keeps its types, with a
--- warning, and the change is not asked for again. Other errors (a lock
--- timeout, a deadlock) fail the table sync, and the next one tries again.
+-- NULL when the table was not emptied: no type was pending; or a view on a
+-- column cannot be created again, in which case the table keeps its types,
+-- with a warning, and the change is not asked for again; or the table is a
+-- log, which keeps its history (the API holds only its last days): each
+-- column's stored values are converted through their text, and a column
+-- whose values do not all convert is kept beside the new one, renamed
+-- cd2_<column>_before_<day> (bookkeeping: no sync writes it, the views do
+-- not show it), with a warning; the new one is empty until rows fill it. Other errors (a lock timeout, a deadlock) fail the table sync,
+-- and the next one tries again.
 CREATE FUNCTION cd2sync._apply_pending_types(instance text, table_name text, target regclass)
 RETURNS bigint LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
@@ -279,6 +289,7 @@ DECLARE
     pending jsonb;
     c record;
     n bigint;
+    kept text;   -- (a log's column whose values do not convert)
 BEGIN
     SELECT s.pending_types INTO pending FROM cd2sync.table_state s
      WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name
@@ -290,6 +301,26 @@ BEGIN
      WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name;
     PERFORM set_config('cd2sync_tx.cause', 'resync', true);   -- what feeds say of it
     BEGIN
+        IF cd2sync._log_column(target) IS NOT NULL THEN
+            FOR c IN SELECT key, value FROM jsonb_each_text(pending) ORDER BY key LOOP
+                BEGIN
+                    PERFORM cd2sync._alter_column_type(target, c.key, c.value, false, true);
+                EXCEPTION WHEN data_exception THEN
+                    IF c.key = ANY (cd2sync._key_columns(target)) THEN
+                        RAISE EXCEPTION 'key column % of % cannot change type: %', c.key, target, SQLERRM
+                              USING ERRCODE = 'feature_not_supported';
+                    END IF;
+                    kept := left(format('cd2_%s_before_%s', c.key, to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')), 63);
+                    EXECUTE format('ALTER TABLE %s RENAME COLUMN %I TO %I', target, c.key, kept);
+                    EXECUTE format('ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL', target, kept);
+                    EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', target, c.key, c.value);
+                    PERFORM cd2sync.refresh_view((cd2sync._rel_table(target)).table_name);
+                    RAISE WARNING 'cd2sync: column %.% becomes % upstream, and stored values do not convert (%): they are kept in column %',
+                          target, c.key, c.value, SQLERRM, kept;
+                END;
+            END LOOP;
+            RETURN NULL;
+        END IF;
         EXECUTE format('DELETE FROM %s', target);
         GET DIAGNOSTICS n = ROW_COUNT;
         FOR c IN SELECT key, value FROM jsonb_each_text(pending) ORDER BY key LOOP
@@ -517,8 +548,10 @@ $$;
 -- (the caller loads it again another way). False when there is none.
 CREATE FUNCTION cd2sync._finish_loading(target_schema text, table_name text, doc json)
 RETURNS boolean LANGUAGE plpgsql
--- (the key's sort spills to disk beyond this: the worker's memory stays bounded)
-SET search_path = pg_catalog, pg_temp SET maintenance_work_mem = '32MB' AS $$
+-- (an index's sort spills to disk beyond this: the worker's memory stays
+-- bounded. 64MB lets PostgreSQL build each index with a parallel worker,
+-- half of it each, where max_parallel_maintenance_workers allows one)
+SET search_path = pg_catalog, pg_temp SET maintenance_work_mem = '64MB' AS $$
 DECLARE
     lrel regclass := cd2sync._loading_rel(target_schema, table_name);
     place record := cd2sync._table_place(target_schema, table_name);
@@ -642,6 +675,9 @@ BEGIN
         EXECUTE format('COMMENT ON TABLE %s IS %L', rel,
                        coalesce(coalesce(doc->'schema', doc)->>'description',
                                 format('CD2 table %s, synced by cd2sync', table_name)));
+        -- its bookkeeping columns, and the indexes a load costs nothing to
+        -- keep (they take their names with the table: _ensure_index)
+        PERFORM cd2sync._ensure_bookkeeping(rel, NULL, table_name);
     ELSIF rel IS NULL THEN
         IF logcol IS NULL THEN
             EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', sch, tab,

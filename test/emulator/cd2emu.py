@@ -2068,7 +2068,8 @@ class Handler(BaseHTTPRequestHandler):
 
             def one(t):
                 w = emu.store.log_window(t, days) if window else None
-                d = {"version": t.version, "rows": emu.store.expected_rows(t, fresh, w)}
+                d = {"version": t.version, "schema": copy.deepcopy(t.schema),
+                     "rows": emu.store.expected_rows(t, fresh, w)}
                 if w is not None:
                     d["window_start"] = fmt_ts(w)
                 return d

@@ -1,0 +1,432 @@
+-- cd2sync 1.3 -> 1.4. Every function 1.4 changes, as the install script
+-- (src/sql/*.sql) makes it; t/012_upgrade.pl checks that an updated
+-- database and a fresh install of 1.4 have the same objects.
+-- * A new table loaded apart gets its bookkeeping columns and partial
+--   indexes before its rows (a load fills none of them), and builds the
+--   others after with 64MB of maintenance_work_mem: a parallel worker each.
+--   _ensure_index finds such an index by what it is and gives it its name.
+-- * A log (web_logs) whose column type changes upstream keeps its history:
+--   stored values are converted through their text, or kept in a column
+--   cd2_<column>_before_<day> when they do not convert
+--   (_apply_pending_types, _alter_column_type's via_text).
+\echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
+
+-- signatures that change
+DROP FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean);
+
+CREATE OR REPLACE FUNCTION cd2sync._alter_column_type(rel regclass, col text, new_type text, using_null boolean,
+                                            via_text boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v record;
+    saved jsonb[] := '{}';
+    s jsonb;
+    g jsonb;
+    -- the table's reconciled view (cd2.<table>, cd2_<ns>.<table>)
+    recon regclass := (SELECT w.view FROM cd2sync._rel_table(rel) t
+                         JOIN cd2sync._views() w ON w.table_name = t.table_name);
+BEGIN
+    FOR v IN SELECT c.oid, c.relkind, format('%I.%I', n.nspname, c.relname) AS name,
+                    c.oid IS NOT DISTINCT FROM recon AS reconciled
+               FROM cd2sync._dependent_views(rel, col) d
+               JOIN pg_class c ON c.oid = d.view_oid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              ORDER BY d.depth DESC, c.oid LOOP
+        IF v.relkind <> 'v' OR EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = v.oid)
+           OR EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = v.oid AND rulename <> '_RETURN')
+           OR EXISTS (SELECT 1 FROM pg_attrdef WHERE adrelid = v.oid)
+           OR EXISTS (SELECT 1 FROM pg_depend WHERE objid = v.oid AND deptype = 'e') THEN
+            RAISE EXCEPTION '% uses column % of %, and cd2sync cannot create it again', v.name, col, rel
+                  USING ERRCODE = 'feature_not_supported';
+        END IF;
+        saved := saved || jsonb_strip_nulls(jsonb_build_object(
+            'name', v.name,
+            'reconciled', v.reconciled,
+            'def', pg_get_viewdef(v.oid),
+            'options', (SELECT string_agg(format('%s=%L', split_part(o, '=', 1), substr(o, strpos(o, '=') + 1)), ', ')
+                          FROM pg_class c, unnest(c.reloptions) o WHERE c.oid = v.oid),
+            'owner', (SELECT quote_ident(pg_get_userbyid(relowner)) FROM pg_class WHERE oid = v.oid),
+            'grants', (SELECT jsonb_agg(jsonb_build_object(
+                                  'grantee', CASE WHEN x.grantee = 0 THEN 'PUBLIC'
+                                                  ELSE quote_ident(pg_get_userbyid(x.grantee)) END,
+                                  'privilege', x.privilege_type, 'grantable', x.is_grantable))
+                         FROM pg_class c, aclexplode(c.relacl) x WHERE c.oid = v.oid),
+            'column_grants', (SELECT jsonb_agg(jsonb_build_object(
+                                  'column', a.attname,
+                                  'grantee', CASE WHEN x.grantee = 0 THEN 'PUBLIC'
+                                                  ELSE quote_ident(pg_get_userbyid(x.grantee)) END,
+                                  'privilege', x.privilege_type, 'grantable', x.is_grantable))
+                                FROM pg_attribute a, aclexplode(a.attacl) x
+                               WHERE a.attrelid = v.oid AND a.attnum > 0 AND a.attacl IS NOT NULL),
+            'comment', obj_description(v.oid, 'pg_class'),
+            'column_comments', (SELECT jsonb_object_agg(attname, col_description(v.oid, attnum))
+                                  FROM pg_attribute
+                                 WHERE attrelid = v.oid AND attnum > 0
+                                   AND col_description(v.oid, attnum) IS NOT NULL)));
+        EXECUTE format('DROP VIEW %s', v.name);
+    END LOOP;
+
+    EXECUTE format('ALTER TABLE %s ALTER COLUMN %I TYPE %s%s', rel, col, new_type,
+                   CASE WHEN using_null THEN format(' USING NULL::%s', new_type)
+                        WHEN via_text THEN format(' USING %I::text::%s', col, new_type) ELSE '' END);
+
+    -- shallowest first: each view finds the views it uses
+    FOR i IN REVERSE cardinality(saved) .. 1 LOOP
+        s := saved[i];
+        IF (s->>'reconciled')::boolean THEN
+            -- built anew for the new type; the grants of users are given back
+            PERFORM cd2sync.refresh_view((cd2sync._rel_table(rel)).table_name);
+        ELSE
+            EXECUTE format('CREATE VIEW %s%s AS %s', s->>'name',
+                           CASE WHEN s ? 'options' THEN format(' WITH (%s)', s->>'options') ELSE '' END,
+                           s->>'def');
+            EXECUTE format('ALTER VIEW %s OWNER TO %s', s->>'name', s->>'owner');
+        END IF;
+        FOR g IN SELECT * FROM jsonb_array_elements(coalesce(s->'grants', '[]')) LOOP
+            EXECUTE format('GRANT %s ON %s TO %s%s', g->>'privilege', s->>'name', g->>'grantee',
+                           CASE WHEN (g->>'grantable')::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+        FOR g IN SELECT * FROM jsonb_array_elements(coalesce(s->'column_grants', '[]')) LOOP
+            EXECUTE format('GRANT %s (%I) ON %s TO %s%s', g->>'privilege', g->>'column', s->>'name',
+                           g->>'grantee',
+                           CASE WHEN (g->>'grantable')::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+        IF s->>'comment' IS NOT NULL THEN
+            EXECUTE format('COMMENT ON VIEW %s IS %L', s->>'name', s->>'comment');
+        END IF;
+        FOR g IN SELECT jsonb_build_object('c', key, 'v', value) FROM jsonb_each_text(coalesce(s->'column_comments', '{}')) LOOP
+            EXECUTE format('COMMENT ON COLUMN %s.%I IS %L', s->>'name', g->>'c', g->>'v');
+        END LOOP;
+    END LOOP;
+END $$;
+
+
+CREATE OR REPLACE FUNCTION cd2sync._apply_pending_types(instance text, table_name text, target regclass)
+RETURNS bigint LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    pending jsonb;
+    c record;
+    n bigint;
+    kept text;   -- (a log's column whose values do not convert)
+BEGIN
+    SELECT s.pending_types INTO pending FROM cd2sync.table_state s
+     WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name
+       FOR UPDATE;
+    IF pending IS NULL THEN
+        RETURN NULL;
+    END IF;
+    UPDATE cd2sync.table_state s SET pending_types = NULL
+     WHERE s.instance = _apply_pending_types.instance AND s.table_name = _apply_pending_types.table_name;
+    PERFORM set_config('cd2sync_tx.cause', 'resync', true);   -- what feeds say of it
+    BEGIN
+        IF cd2sync._log_column(target) IS NOT NULL THEN
+            FOR c IN SELECT key, value FROM jsonb_each_text(pending) ORDER BY key LOOP
+                BEGIN
+                    PERFORM cd2sync._alter_column_type(target, c.key, c.value, false, true);
+                EXCEPTION WHEN data_exception THEN
+                    IF c.key = ANY (cd2sync._key_columns(target)) THEN
+                        RAISE EXCEPTION 'key column % of % cannot change type: %', c.key, target, SQLERRM
+                              USING ERRCODE = 'feature_not_supported';
+                    END IF;
+                    kept := left(format('cd2_%s_before_%s', c.key, to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')), 63);
+                    EXECUTE format('ALTER TABLE %s RENAME COLUMN %I TO %I', target, c.key, kept);
+                    EXECUTE format('ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL', target, kept);
+                    EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', target, c.key, c.value);
+                    PERFORM cd2sync.refresh_view((cd2sync._rel_table(target)).table_name);
+                    RAISE WARNING 'cd2sync: column %.% becomes % upstream, and stored values do not convert (%): they are kept in column %',
+                          target, c.key, c.value, SQLERRM, kept;
+                END;
+            END LOOP;
+            RETURN NULL;
+        END IF;
+        EXECUTE format('DELETE FROM %s', target);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        FOR c IN SELECT key, value FROM jsonb_each_text(pending) ORDER BY key LOOP
+            PERFORM cd2sync._alter_column_type(target, c.key, c.value, true);
+        END LOOP;
+        RETURN n;
+    EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist
+                   OR syntax_error_or_access_rule_violation THEN
+        RAISE WARNING 'cd2sync: table % keeps its column types (upstream: %): %', target, pending, SQLERRM
+              USING HINT = 'Values that do not fit a stored type fail their table.';
+        RETURN NULL;
+    END;
+END $$;
+
+
+CREATE OR REPLACE FUNCTION cd2sync._finish_loading(target_schema text, table_name text, doc json)
+RETURNS boolean LANGUAGE plpgsql
+-- (an index's sort spills to disk beyond this: the worker's memory stays
+-- bounded. 64MB lets PostgreSQL build each index with a parallel worker,
+-- half of it each, where max_parallel_maintenance_workers allows one)
+SET search_path = pg_catalog, pg_temp SET maintenance_work_mem = '64MB' AS $$
+DECLARE
+    lrel regclass := cd2sync._loading_rel(target_schema, table_name);
+    place record := cd2sync._table_place(target_schema, table_name);
+    q text;
+BEGIN
+    IF lrel IS NULL THEN
+        RETURN false;
+    END IF;
+    IF cd2sync._instance_rel(target_schema, table_name) IS NOT NULL THEN
+        EXECUTE format('DROP TABLE %s', lrel);   -- (the table is there after all: that one stays)
+        RETURN false;
+    END IF;
+    EXECUTE format('ALTER TABLE %s ADD PRIMARY KEY (%s)', lrel,
+                   (SELECT string_agg(format('%I', s.column_name), ', ' ORDER BY s.ord)
+                      FROM cd2sync._schema_columns(target_schema, table_name, doc) s WHERE s.is_key));
+    EXECUTE format('ALTER TABLE %s SET SCHEMA %I', lrel, place.schema_name);
+    EXECUTE format('ALTER TABLE %I.%I RENAME TO %I', place.schema_name,
+                   cd2sync._loading_name(target_schema, table_name), place.rel_name);
+    EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', place.schema_name,
+                   cd2sync._loading_name(target_schema, table_name) || '_pkey', left(place.rel_name, 58) || '_pkey');
+    PERFORM cd2sync.refresh_view(table_name);
+    -- the change feeds following it get its rows, as a load into the table
+    -- in place would have given them (feeds.sql; cause as the transaction's)
+    IF cd2sync._feed_follows(table_name) THEN
+        q := cd2sync._feed_capture_sql(lrel, table_name, NULL, lrel::text);
+        IF q IS NOT NULL THEN
+            PERFORM cd2sync._feed_lock();
+            EXECUTE q;
+            PERFORM cd2sync._feed_notify(table_name);
+        END IF;
+    END IF;
+    RETURN true;
+END $$;
+
+
+CREATE OR REPLACE FUNCTION cd2sync._ensure_table(target_schema text, table_name text, doc json,
+                                      for_load boolean DEFAULT false)
+RETURNS boolean LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    c record;
+    cols text[] := '{}';
+    keys text[] := '{}';
+    rel regclass;
+    v text;
+    created boolean := false;
+    place record := cd2sync._table_place(target_schema, table_name);
+    sch text := place.schema_name;   -- where the table goes (its namespace's schema)
+    tab text := place.rel_name;
+    logcol text := cd2sync._log_column_of(table_name, doc);   -- (a log: partitioned by it)
+BEGIN
+    IF octet_length(tab) > 63 OR tab = '' THEN
+        RAISE EXCEPTION 'CD2 table name "%" is not a valid PostgreSQL identifier', table_name
+              USING ERRCODE = 'invalid_name';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM cd2sync._schema_columns(target_schema, table_name, doc) s WHERE s.is_key) THEN
+        RAISE EXCEPTION 'CD2 schema of table "%" has no key columns', table_name
+              USING ERRCODE = 'invalid_table_definition';
+    END IF;
+
+    IF to_regnamespace(quote_ident(sch)) IS NULL THEN
+        EXECUTE format('CREATE SCHEMA %I', sch);
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO cd2sync_reader', sch);
+    END IF;
+    -- only into what cd2sync owns: anyone else's table runs its triggers as us
+    PERFORM cd2sync._check_schema_owner(sch);
+    IF to_regclass(format('%I.%I', sch, tab)) IS DISTINCT FROM
+       cd2sync._instance_rel(target_schema, table_name) THEN
+        RAISE EXCEPTION 'relation %.% is not a table of cd2sync''s', quote_ident(sch), quote_ident(tab)
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'Another role owns it, or it is not a table: cd2sync neither writes nor reads it.';
+    END IF;
+
+    FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc) ORDER BY ord LOOP
+        IF octet_length(c.column_name) > 63 OR c.column_name = '' OR c.column_name LIKE 'cd2\_%' THEN
+            RAISE EXCEPTION 'CD2 column name "%" of table "%" is not usable as a PostgreSQL column',
+                  c.column_name, table_name USING ERRCODE = 'invalid_name';
+        END IF;
+        IF c.enum_values IS NOT NULL THEN
+            IF to_regtype(c.type_sql) IS NULL THEN
+                EXECUTE format('CREATE TYPE %s AS ENUM (%s)', c.type_sql,
+                               (SELECT string_agg(quote_literal(x), ', ') FROM unnest(c.enum_values) x));
+            ELSE
+                FOREACH v IN ARRAY c.enum_values LOOP
+                    EXECUTE format('ALTER TYPE %s ADD VALUE IF NOT EXISTS %L', c.type_sql, v);
+                END LOOP;
+            END IF;
+        END IF;
+        cols := cols || format('%I %s%s', c.column_name, c.type_sql,
+                               CASE WHEN c.not_null OR c.column_name = logcol THEN ' NOT NULL' ELSE '' END);
+        IF c.is_key THEN
+            keys := keys || format('%I', c.column_name);
+        END IF;
+    END LOOP;
+
+    rel := to_regclass(format('%I.%I', sch, tab));
+    IF rel IS NOT NULL AND for_load AND cd2sync._loading_rel(target_schema, table_name) IS NOT NULL THEN
+        -- (what a load of it left apart, before the table was there)
+        EXECUTE format('DROP TABLE %s', cd2sync._loading_rel(target_schema, table_name));
+    END IF;
+    IF rel IS NULL AND for_load AND logcol IS NULL THEN
+        -- a new table is loaded apart, without its key (built after the rows,
+        -- as pg_restore does), where readers do not see it; what a run that
+        -- stopped midway left there goes first
+        IF to_regnamespace('cd2sync_load') IS NULL THEN
+            CREATE SCHEMA cd2sync_load;
+        END IF;
+        PERFORM cd2sync._check_schema_owner('cd2sync_load');
+        EXECUTE format('DROP TABLE IF EXISTS cd2sync_load.%I', cd2sync._loading_name(target_schema, table_name));
+        EXECUTE format('CREATE TABLE cd2sync_load.%I (%s)', cd2sync._loading_name(target_schema, table_name),
+                       array_to_string(cols, ', '));
+        rel := format('cd2sync_load.%I', cd2sync._loading_name(target_schema, table_name))::regclass;
+        created := true;
+        EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', rel);
+        EXECUTE format('COMMENT ON TABLE %s IS %L', rel,
+                       coalesce(coalesce(doc->'schema', doc)->>'description',
+                                format('CD2 table %s, synced by cd2sync', table_name)));
+        -- its bookkeeping columns, and the indexes a load costs nothing to
+        -- keep (they take their names with the table: _ensure_index)
+        PERFORM cd2sync._ensure_bookkeeping(rel, NULL, table_name);
+    ELSIF rel IS NULL THEN
+        IF logcol IS NULL THEN
+            EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s))', sch, tab,
+                           array_to_string(cols, ', '), array_to_string(keys, ', '));
+        ELSE
+            -- a log (web_logs): its history is kept, in a partition per day of
+            -- the request time. The key takes the request time too (a key of
+            -- a partitioned table must hold its partition key): a request's
+            -- id comes with one time, which never changes, so it is as unique.
+            EXECUTE format('CREATE TABLE %I.%I (%s, PRIMARY KEY (%s, %I)) PARTITION BY RANGE (%I)', sch, tab,
+                           array_to_string(cols, ', '), array_to_string(keys, ', '), logcol, logcol);
+            EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.%I DEFAULT', sch, left(tab, 55) || '_default',
+                           sch, tab);
+            EXECUTE format('CREATE INDEX %I ON %I.%I USING brin (%I)', left(tab, 52) || '_time_brin', sch, tab,
+                           logcol);
+        END IF;
+        rel := format('%I.%I', sch, tab)::regclass;
+        created := true;
+        EXECUTE format('GRANT SELECT ON %s TO cd2sync_reader', rel);
+        EXECUTE format('COMMENT ON TABLE %s IS %L', rel,
+                       coalesce(coalesce(doc->'schema', doc)->>'description',
+                                format('CD2 table %s, synced by cd2sync', table_name)));
+    ELSE
+        -- new columns arrive nullable: rows already stored have no value
+        FOR c IN SELECT s.* FROM cd2sync._schema_columns(target_schema, table_name, doc) s
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
+                                     WHERE a.attrelid = rel AND a.attname = s.column_name
+                                       AND NOT a.attisdropped) ORDER BY s.ord LOOP
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', rel, c.column_name, c.type_sql);
+        END LOOP;
+
+        -- a column whose type grew upstream is widened where no value can be
+        -- lost; other type changes wait for a fresh snapshot (_pending_types)
+        FOR c IN SELECT s.column_name, s.type_sql, format_type(a.atttypid, a.atttypmod) AS old_type
+                   FROM cd2sync._schema_columns(target_schema, table_name, doc) s
+                   JOIN pg_attribute a ON a.attrelid = rel AND a.attname = s.column_name AND NOT a.attisdropped
+                  WHERE format_type(a.atttypid, a.atttypmod) <> s.type_sql LOOP
+            IF cd2sync._is_widening(c.old_type, c.type_sql) THEN
+                BEGIN
+                    PERFORM cd2sync._alter_column_type(rel, c.column_name, c.type_sql, false);
+                EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist
+                               OR syntax_error_or_access_rule_violation THEN
+                    -- a view that cannot be created again uses the column (other
+                    -- errors, such as a lock timeout, fail the table sync: retried)
+                    RAISE WARNING 'cd2sync: column %.% stays % (upstream: %): %', rel, c.column_name,
+                          c.old_type, c.type_sql, SQLERRM;
+                END;
+            ELSE
+                RAISE LOG 'cd2sync: column %.% changes type from % to %: the table will be reloaded from a fresh snapshot',
+                      rel, c.column_name, c.old_type, c.type_sql;
+            END IF;
+        END LOOP;
+    END IF;
+
+    FOR c IN SELECT * FROM cd2sync._schema_columns(target_schema, table_name, doc)
+              WHERE description IS NOT NULL LOOP
+        EXECUTE format('COMMENT ON COLUMN %s.%I IS %L', rel, c.column_name, c.description);
+    END LOOP;
+    RETURN created;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._ensure_index(rel regclass, suffix text, expr text, pred text DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    name text := left(format('%s_%s', (SELECT relname FROM pg_class WHERE oid = rel), suffix), 63);
+    nsp text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+    idx regclass := to_regclass(format('%I.%I', nsp, name));
+    want text := 'cd2sync: ' || expr || coalesce(' WHERE ' || pred, '');
+    other regclass;
+BEGIN
+    IF idx IS NOT NULL AND obj_description(idx, 'pg_class') IS NOT DISTINCT FROM want THEN
+        RETURN false;
+    END IF;
+    IF idx IS NOT NULL THEN
+        EXECUTE format('DROP INDEX %s', idx);
+    END IF;
+    SELECT x.indexrelid::regclass INTO other FROM pg_index x
+     WHERE x.indrelid = rel AND obj_description(x.indexrelid, 'pg_class') = want LIMIT 1;
+    IF other IS NOT NULL THEN
+        EXECUTE format('ALTER INDEX %s RENAME TO %I', other, name);
+        RETURN false;
+    END IF;
+    EXECUTE format('CREATE INDEX %I ON %s ((%s))%s', name, rel, expr, coalesce(' WHERE ' || pred, ''));
+    EXECUTE format('COMMENT ON INDEX %I.%I IS %L', nsp, name, want);
+    RETURN true;
+END $$;
+
+
+CREATE OR REPLACE FUNCTION cd2sync._ensure_bookkeeping(rel regclass, shard bigint, table_name text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    c text;
+    rc text;
+    reset boolean := false;
+    has_rows boolean;
+    made boolean := false;   -- an index was built here
+    dupkey text[] := cd2sync._duplicate_key(table_name);
+    -- statistics taken before the lookup indexes existed have none of their
+    -- expressions: the planner then takes a lookup by global id for
+    -- thousands of rows (and may JIT-compile it: 10 ms instead of 0.5)
+    analyzed boolean := (SELECT coalesce(s.last_analyze, s.last_autoanalyze) IS NOT NULL
+                           FROM pg_stat_all_tables s WHERE s.relid = rel);
+BEGIN
+    -- a table still empty gets its indexes after its first load: built
+    -- whole then, not row by row during it (readers are not blocked); but
+    -- the partial ones at once: a load fills none of their rows (cd2_<c>
+    -- and the duplicate flag are set after it), and building them after
+    -- would read the whole table to find nothing
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', rel) INTO has_rows;
+    FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
+        rc := cd2sync._resolved_column(c);
+        IF NOT cd2sync._has_column(rel, rc) THEN
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I bigint', rel, rc);
+        END IF;
+        IF has_rows THEN
+            IF cd2sync._ensure_index(rel, c || '_resolved', cd2sync._resolved_expr(shard, c, NULL)) THEN
+                reset := true;
+                made := true;
+            END IF;
+        END IF;
+        PERFORM cd2sync._ensure_index(rel, c || '_replaced', format('%I', rc), format('%I IS NOT NULL', rc));
+    END LOOP;
+    IF has_rows AND shard IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = rel AND attname = 'id' AND NOT attisdropped
+                      AND atttypid = 'bigint'::regtype) THEN   -- (web_logs' id is a uuid)
+        made := cd2sync._ensure_index(rel, 'global_id', cd2sync._global_expr(shard, 'id')) OR made;
+    END IF;
+    IF dupkey IS NOT NULL AND cd2sync._has_column(rel, 'id') AND cd2sync._has_column(rel, 'user_id')
+       AND NOT cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN cd2_merge_duplicate boolean', rel);
+    END IF;
+    IF cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
+        PERFORM cd2sync._ensure_index(rel, 'merge_duplicates', 'id', 'cd2_merge_duplicate');
+    END IF;
+    IF reset THEN
+        -- new (or changed) global ids: every replacement is looked up again
+        PERFORM cd2sync._resolve_users(rel, shard, NULL);
+    END IF;
+    -- (a table never analyzed, as after its first load, is left to
+    -- autovacuum, which the load's inserts bring soon, indexes included)
+    IF made AND analyzed THEN
+        EXECUTE format('ANALYZE %s', rel);
+    END IF;
+END $$;
+
+
+
+-- privileges as src/sql/privileges.sql gives them
+REVOKE ALL ON FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean, boolean) FROM PUBLIC;
