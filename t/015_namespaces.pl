@@ -184,6 +184,19 @@ is(sq("SELECT count(*) FROM cd2_canvas_logs.web_logs"), sq("SELECT count(*) FROM
 sq("SELECT cd2_drop_instance('north', drop_data => true)");
 is(sq("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'n2%'"), '0', 'drop_data drops them all');
 
+# 8. two instances of 1.2, where one's target schema is where the other
+# would keep a namespace's tables: that namespace fails, alone
+sq("SELECT cd2_add_instance('sc', 'id', 's', api_url => 'http://127.0.0.1:9', target_schema => 'sc_data')");
+sq("UPDATE cd2sync.instances SET target_schema = 'south_catalog' WHERE name = 'sc'");   # (as 1.2 allowed)
+sq("SELECT cd2_alter_instance('south', tables => ARRAY['users', 'catalog.*'])");
+$r = Cd2Test::sync($node, 'south');
+my @cat = grep { /^catalog\./ } sort keys %$r;
+ok(@cat > 0, 'south lists its catalog tables');
+is(join(' ', map { "$r->{$_}{mode}:" . ($r->{$_}{error} =~ /schema "south_catalog" for the tables of namespace catalog is the target schema of instance "sc"/ ? 'refused' : $r->{$_}{error}) } @cat),
+	join(' ', map { 'failed:refused' } @cat), 'its catalog tables fail, saying why');
+like("$r->{users}{mode}:$r->{users}{error}", qr/^(snapshot|incremental):$/, 'its canvas tables sync');
+is(sq("SELECT count(*) FROM pg_namespace WHERE nspname = 'south_catalog'"), '0', 'the schema is not shared');
+
 $node->stop;
 $emu->stop;
 done_testing();

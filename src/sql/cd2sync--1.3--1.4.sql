@@ -9,6 +9,9 @@
 --   stored values are converted through their text, or kept in a column
 --   cd2_<column>_before_<day> when they do not convert
 --   (_apply_pending_types, _alter_column_type's via_text).
+-- * A namespace's schema that is another instance's target schema (two
+--   instances of 1.2) fails that namespace's tables instead of sharing it
+--   (_ensure_table).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 -- signatures that change
@@ -221,6 +224,15 @@ BEGIN
               USING ERRCODE = 'invalid_table_definition';
     END IF;
 
+    -- a namespace's schema that is another instance's target schema (two
+    -- instances of 1.2, when nothing kept such names apart): refused, not
+    -- shared
+    IF sch <> target_schema AND EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.target_schema = sch) THEN
+        RAISE EXCEPTION 'schema "%" for the tables of namespace % is the target schema of instance "%"',
+              sch, place.namespace, (SELECT i.name FROM cd2sync.instances i WHERE i.target_schema = sch)
+              USING ERRCODE = 'duplicate_schema',
+                    HINT = 'Give one of the two instances another target_schema (cd2_alter_instance).';
+    END IF;
     IF to_regnamespace(quote_ident(sch)) IS NULL THEN
         EXECUTE format('CREATE SCHEMA %I', sch);
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO cd2sync_reader', sch);

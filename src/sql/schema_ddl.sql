@@ -618,6 +618,15 @@ BEGIN
               USING ERRCODE = 'invalid_table_definition';
     END IF;
 
+    -- a namespace's schema that is another instance's target schema (two
+    -- instances of 1.2, when nothing kept such names apart): refused, not
+    -- shared
+    IF sch <> target_schema AND EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.target_schema = sch) THEN
+        RAISE EXCEPTION 'schema "%" for the tables of namespace % is the target schema of instance "%"',
+              sch, place.namespace, (SELECT i.name FROM cd2sync.instances i WHERE i.target_schema = sch)
+              USING ERRCODE = 'duplicate_schema',
+                    HINT = 'Give one of the two instances another target_schema (cd2_alter_instance).';
+    END IF;
     IF to_regnamespace(quote_ident(sch)) IS NULL THEN
         EXECUTE format('CREATE SCHEMA %I', sch);
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO cd2sync_reader', sch);
