@@ -150,6 +150,7 @@ $props->{interaction_micros} = { type => 'integer', format => 'int32' };
 $props->{http_status} = { type => 'integer', format => 'int32' };
 $window = $emu->state($north, 'canvas_logs.web_logs', 0, 1)->{window_start};
 my $hist = "\"timestamp\" < '$window'::timestamptz AT TIME ZONE 'UTC'";
+sq("SELECT cd2_create_feed('logs', tables => ARRAY['canvas_logs.web_logs'], from_start => true)");
 my $odd = sq("SELECT id FROM $T WHERE $hist ORDER BY id LIMIT 1");
 sq("UPDATE $T SET http_status = 'x' WHERE id = '$odd'");
 my $before = sq("SELECT md5(string_agg(id || ':' || interaction_micros || ':' || http_status, ',' ORDER BY id)) FROM $T");
@@ -174,6 +175,15 @@ like(slurp_file($node->logfile), qr/WARNING:  cd2sync: column .*http_status beco
 	'a warning says where the old values are');
 is(sq("SELECT count(*) FROM cd2_canvas_logs.web_logs WHERE http_status IS NOT NULL"),
 	sq("SELECT count(*) FROM $T WHERE NOT $hist"), 'the view shows the new column');
+is(sq(q{
+	WITH c AS (SELECT * FROM cd2_feed_read('logs', 100000000)),
+	     last AS (SELECT DISTINCT ON (key) * FROM c ORDER BY key, position DESC),
+	     replayed AS (SELECT "row" AS r FROM last WHERE op <> 'delete'),
+	     actual AS (SELECT to_jsonb(v) FROM cd2_canvas_logs.web_logs v)
+	SELECT (SELECT count(*) FROM (SELECT * FROM actual EXCEPT ALL SELECT * FROM replayed) x) || ' missing, '
+	    || (SELECT count(*) FROM (SELECT * FROM replayed EXCEPT ALL SELECT * FROM actual) y) || ' extra'}),
+	'0 missing, 0 extra', 'a feed following the log replays to its view, the converted values included');
+sq("SELECT cd2_drop_feed('logs')");
 
 # 7. keep_logs: history older than that goes, by whole partitions
 my $parts = sq("SELECT count(*) FROM pg_inherits WHERE inhparent = '$T'::regclass");

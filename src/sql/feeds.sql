@@ -113,6 +113,7 @@ DECLARE
     vn record;            -- ... and of new_src
     keys text[] := cd2sync._key_columns(rel);
     wm timestamptz;
+    img text;             -- the image's columns, of the view's row n
 BEGIN
     SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
     IF NOT FOUND OR keys IS NULL THEN
@@ -133,9 +134,14 @@ BEGIN
     v := cd2sync._view_columns(table_name);
     vo := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src);
     vn := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src);
-    -- each change's image r (the new row; the old for a delete); an update
-    -- pairs old and new by key, and is a change when a column changed (the
-    -- fence keeps the pair's row and comparison from being computed twice)
+    -- the image's columns in the order jsonb keeps keys (shorter names
+    -- first, then by bytes): to_jsonb then finds them sorted, where in the
+    -- view's order it sorts them, a third of its time
+    SELECT string_agg(format('n.%1$I AS %1$I', c), ', ' ORDER BY octet_length(c), c COLLATE "C")
+      INTO img FROM unnest('instance'::text || vn.columns) c;
+    -- each change's image i (of the new row r; the old for a delete); an
+    -- update pairs old and new by key, and is a change when a column changed
+    -- (the fence keeps the pair's row and comparison from being computed twice)
     RETURN format(
         'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
          SELECT nextval(''cd2sync.change_position_seq''), %L, %s, %s, %L, %s, %s, %L, %L::timestamptz FROM %s',
@@ -143,16 +149,19 @@ BEGIN
         CASE WHEN old_src IS NULL THEN '''insert''' WHEN new_src IS NULL THEN '''delete''' ELSE '''update''' END,
         (SELECT 'jsonb_build_object(' || string_agg(format('%L, (p.r).%I', k, k), ', ') || ')' FROM unnest(keys) k),
         inst.name,
-        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(p.r)' END,
+        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(p.i)' END,
         CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'p.changed' END,
         cause, wm,
-        CASE WHEN old_src IS NULL THEN format('(SELECT n AS r FROM (%s) n) p', vn.sql)
+        CASE WHEN old_src IS NULL
+                 THEN format('(SELECT n AS r, i FROM (%s) n CROSS JOIN LATERAL (SELECT %s) i) p',
+                             vn.sql, img)
              WHEN new_src IS NULL THEN format('(SELECT o AS r FROM (%s) o) p', vo.sql)
-             ELSE format('(SELECT n AS r, cd2sync._changed_columns(o, n) AS changed
-                             FROM (%s) o JOIN (%s) n ON %s OFFSET 0) p
+             ELSE format('(SELECT n AS r, i, cd2sync._changed_columns(o, n) AS changed
+                             FROM (%s) o JOIN (%s) n ON %s CROSS JOIN LATERAL (SELECT %s) i OFFSET 0) p
                           WHERE p.changed IS NOT NULL',
                          vo.sql, vn.sql,
-                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k)) END);
+                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k),
+                         img) END);
 END $$;
 
 -- The capture trigger of a followed instance table: one per statement, its
@@ -237,26 +246,39 @@ BEGIN
     END LOOP;
 END $$;
 
+-- A change that rewrites an instance table's rows where no trigger sees it
+-- (an ALTER of a column's type) changes them in the views wholesale: side
+-- 'old', before it, writes a delete for each of its rows, when a feed
+-- follows the table; side 'new', after it, an insert (cause 'resync').
+CREATE FUNCTION cd2sync._feed_capture_table(rel regclass, side text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tab text := (cd2sync._rel_table(rel)).table_name;
+    q text;
+BEGIN
+    IF tab IS NULL OR NOT cd2sync._feed_follows(tab) THEN
+        RETURN;
+    END IF;
+    q := cd2sync._feed_capture_sql(rel, tab, CASE WHEN side = 'old' THEN rel::text END,
+                                   CASE WHEN side = 'new' THEN rel::text END, 'resync');
+    IF q IS NOT NULL THEN
+        PERFORM cd2sync._feed_lock();
+        EXECUTE q;
+        PERFORM cd2sync._feed_notify(tab);
+    END IF;
+END $$;
+
 -- A change to an instance itself (added, dropped, a new shard_id or target
--- schema) changes its rows in the views wholesale: side 'old', before it,
--- writes a delete for each of its followed rows; side 'new', after it, an
--- insert (cause 'resync'). In between its rows are not captured
+-- schema) changes its rows in the views wholesale: each of its tables as
+-- _feed_capture_table says. In between its rows are not captured
 -- (cd2sync_tx.quiet_instance) as passes bring them up to date.
 CREATE FUNCTION cd2sync._feed_capture_instance(instance text, side text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
-    q text;
 BEGIN
-    FOR r IN SELECT t.rel, t.table_name AS tab FROM cd2sync._instance_tables(instance) t
-              WHERE cd2sync._feed_follows(t.table_name) LOOP
-        q := cd2sync._feed_capture_sql(r.rel, r.tab, CASE WHEN side = 'old' THEN r.rel::text END,
-                                       CASE WHEN side = 'new' THEN r.rel::text END, 'resync');
-        IF q IS NOT NULL THEN
-            PERFORM cd2sync._feed_lock();
-            EXECUTE q;
-            PERFORM cd2sync._feed_notify(r.tab);
-        END IF;
+    FOR r IN SELECT t.rel FROM cd2sync._instance_tables(instance) t LOOP
+        PERFORM cd2sync._feed_capture_table(r.rel, side);
     END LOOP;
     PERFORM set_config('cd2sync_tx.quiet_instance', CASE WHEN side = 'old' THEN instance ELSE '' END, true);
 END $$;

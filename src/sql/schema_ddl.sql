@@ -302,6 +302,10 @@ BEGIN
     PERFORM set_config('cd2sync_tx.cause', 'resync', true);   -- what feeds say of it
     BEGIN
         IF cd2sync._log_column(target) IS NOT NULL THEN
+            -- (an ALTER fires no trigger: the change feeds following it get
+            -- a delete of each row before and an insert after, as a reload
+            -- gives them)
+            PERFORM cd2sync._feed_capture_table(target, 'old');
             FOR c IN SELECT key, value FROM jsonb_each_text(pending) ORDER BY key LOOP
                 BEGIN
                     PERFORM cd2sync._alter_column_type(target, c.key, c.value, false, true);
@@ -319,6 +323,7 @@ BEGIN
                           target, c.key, c.value, SQLERRM, kept;
                 END;
             END LOOP;
+            PERFORM cd2sync._feed_capture_table(target, 'new');
             RETURN NULL;
         END IF;
         EXECUTE format('DELETE FROM %s', target);
