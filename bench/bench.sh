@@ -12,7 +12,7 @@
 #   7 change feeds    an incremental and a full resync with a feed following the table vs
 #                     without; reading the changes
 #   8 web_logs        an incremental of BENCH_LOGS new records into canvas_logs.web_logs vs
-#                     COPY of the same rows into an identical partitioned table
+#                     COPY of the same rows into an identical partitioned table (two rounds)
 # It is a benchmark, never a test: it fails only when something cannot run. Sets the machine
 # up (scripts/setup.sh), starts a cluster and the emulator on loopback, and removes them.
 #
@@ -205,13 +205,13 @@ req = urllib.request.Request(emu + "/_emu/bulk", data=json.dumps(body).encode(),
                              headers={"Content-Type": "application/json"})
 urllib.request.urlopen(req).read()
 PY
-# web_logs, for bench and for bench2 (whose copy of the table is the baseline's)
+# web_logs, for bench and bench3 (synced), bench2 and bench4 (whose copies are the baseline's)
 python3 - "$emu" "$logdata" <<'PY'
 import json, sys, urllib.request
 emu, d = sys.argv[1], sys.argv[2]
 m = json.load(open(d + "/manifest.json"))
 s = json.load(open(d + "/schema.json"))
-for cid in ("us-east-1#bench", "us-east-1#bench2"):
+for cid in ("us-east-1#bench", "us-east-1#bench2", "us-east-1#bench3", "us-east-1#bench4"):
     body = {"client_id": cid, "secret": "bench-secret", "table": "canvas_logs.web_logs", "version": s["version"],
             "schema": s["schema"], "format": "tsv", "snapshot": m["snapshot"],
             "incrementals": [{k: m["inc"][k] for k in ("since", "until", "files")}]}
@@ -243,8 +243,8 @@ CREATE EXTENSION cd2sync;
 SET log_statement = 'none';
 SELECT cd2_add_instance('bench', 'us-east-1#bench', 'bench-secret', api_url => '$emu',
                         tables => ARRAY['submissions', 'canvas_logs.web_logs']);
-SELECT cd2_add_instance('bench2', 'us-east-1#bench2', 'bench-secret', api_url => '$emu',
-                        tables => ARRAY['canvas_logs.web_logs']);
+SELECT cd2_add_instance('bench' || i, 'us-east-1#bench' || i, 'bench-secret', api_url => '$emu',
+                        tables => ARRAY['canvas_logs.web_logs']) FROM generate_series(2, 4) i;
 SQL
 
 if [ "$BENCH_PROFILE" = 1 ]; then sql -c "CREATE EXTENSION pg_stat_statements"; fi
@@ -565,36 +565,57 @@ echo "   lookup by global id: ${L_ID} ms; every enrolment of user $LOOK_USER ($L
 fi   # (figures 1 to 7)
 
 # ---- 8. web_logs: an incremental of new records vs COPY into the same partitioned table -------
-# Both tables come from a first (small) snapshot of the same data, one per instance: bench's is
-# synced, bench2's is the baseline's, made with the same partitions cd2sync makes for the
-# incremental (the days around its window). Then bench2's takes the rows by COPY from a local
-# file, and cd2sync syncs bench's incremental (download, gunzip, COPY into the partitions).
-echo "== 8. web_logs: an incremental of $BENCH_LOGS new records vs COPY of the same rows"
-for i in bench bench2; do
+# Four tables come from a first (small) snapshot of the same data, one per instance: bench's and
+# bench3's are synced, bench2's and bench4's are the baseline's, made with the same partitions
+# cd2sync makes for the incremental (the days around its window). The baseline's take the rows
+# by COPY from a local file; cd2sync syncs the incremental (download, gunzip, COPY into the
+# partitions). Each takes a minute or more, long enough for this machine's speed to drift: two
+# rounds in the order COPY, cd2sync, cd2sync, COPY, and the ratio of the sums.
+echo "== 8. web_logs: an incremental of $BENCH_LOGS new records vs COPY of the same rows (two rounds)"
+for i in bench bench2 bench3 bench4; do
     r=$(sql -At -F ' ' -c "SELECT mode, rows_upserted, coalesce(error, '') FROM cd2_sync_now('$i', tables => ARRAY['canvas_logs.web_logs'])")
     echo "   $i first snapshot: $r"
 done
-sql -o /dev/null -c "SELECT cd2sync._ensure_partitions('bench2_canvas_logs.web_logs',
-                        ('$(logm "m['inc']['since']")'::timestamptz - interval '1 day') AT TIME ZONE 'UTC',
-                        ('$(logm "m['inc']['until']")'::timestamptz + interval '1 day') AT TIME ZONE 'UTC')"
+for i in bench2 bench4; do
+    sql -o /dev/null -c "SELECT cd2sync._ensure_partitions('${i}_canvas_logs.web_logs',
+                            ('$(logm "m['inc']['since']")'::timestamptz - interval '1 day') AT TIME ZONE 'UTC',
+                            ('$(logm "m['inc']['until']")'::timestamptz + interval '1 day') AT TIME ZONE 'UTC')"
+done
 LOG_COLS=$(python3 -c "import json; print(', '.join('\"%s\"' % c for c in json.load(open('$logdata/manifest.json'))['columns']))")
-checkpoint
-t0=$(now)
-sql -c "COPY bench2_canvas_logs.web_logs ($LOG_COLS) FROM '$logdata/inc.copy'"
-t1=$(now); T_LOGC=$(calc "$t1 - $t0")
-echo "   COPY of the same rows into bench2's partitioned table: ${T_LOGC}s"
-sql -c "VACUUM ANALYZE bench2_canvas_logs.web_logs"   # (what autovacuum would start now)
-checkpoint
-t0=$(now)
-r=$(sql -At -F ' ' -c "SELECT mode, rows_upserted, coalesce(error, '') FROM cd2_sync_now('bench', tables => ARRAY['canvas_logs.web_logs'])")
-t1=$(now); T_LOGS=$(calc "$t1 - $t0")
-J_LOGS=$(val "SELECT round(job_seconds::numeric, 3) FROM cd2sync.sync_log WHERE instance = 'bench'
-               AND table_name = 'canvas_logs.web_logs' ORDER BY run_id DESC LIMIT 1")
+T_LOGC=0; T_LOGS=0; J_LOGS=0; LOG_ROUNDS=()
+copy_logs() {   # $1: instance; $2: 1 to profile
+    checkpoint; [ "$2" != 1 ] || perf_start
+    local t0 t1 t
+    t0=$(now)
+    sql -c "COPY ${1}_canvas_logs.web_logs ($LOG_COLS) FROM '$logdata/inc.copy'"
+    t1=$(now); t=$(calc "$t1 - $t0")
+    [ "$2" != 1 ] || perf_stop "8 baseline: COPY into the partitioned table"
+    echo "   COPY of the same rows into $1's partitioned table: ${t}s"
+    sql -c "VACUUM ANALYZE ${1}_canvas_logs.web_logs"   # (what autovacuum would start now)
+    T_LOGC=$(calc "$T_LOGC + $t"); LOG_ROUNDS+=("COPY ${t}s")
+}
+sync_logs() {   # $1: instance; $2: 1 to profile
+    checkpoint; [ "$2" != 1 ] || { profile_reset; perf_start; }
+    local t0 t1 t r j
+    t0=$(now)
+    r=$(sql -At -F ' ' -c "SELECT mode, rows_upserted, coalesce(error, '') FROM cd2_sync_now('$1', tables => ARRAY['canvas_logs.web_logs'])")
+    t1=$(now); t=$(calc "$t1 - $t0")
+    [ "$2" != 1 ] || { perf_stop "8 web_logs incremental"; profile "8 web_logs incremental"; }
+    j=$(val "SELECT round(job_seconds::numeric, 3) FROM cd2sync.sync_log WHERE instance = '$1'
+              AND table_name = 'canvas_logs.web_logs' ORDER BY run_id DESC LIMIT 1")
+    echo "   cd2sync, $1: $r | wall ${t}s (job ${j}s)"
+    [ "$(echo "$r" | cut -d' ' -f1-2)" = "incremental $BENCH_LOGS" ] || problems+=("web_logs incremental of $1: $r")
+    T_LOGS=$(calc "$T_LOGS + $t"); J_LOGS=$(calc "$J_LOGS + $j"); LOG_ROUNDS+=("cd2sync ${t}s")
+}
+copy_logs bench2 1; sync_logs bench 1
+sync_logs bench3 0; copy_logs bench4 0
+T_LOGC=$(calc "$T_LOGC / 2"); T_LOGS=$(calc "$T_LOGS / 2"); J_LOGS=$(calc "$J_LOGS / 2")
 STAGED_LOGS=$(grep -c 'canvas_logs.web_logs: loading through the' "$work/postgres.log" || true)
-echo "   cd2sync: $r | wall ${T_LOGS}s (job ${J_LOGS}s); loads through staging: $STAGED_LOGS"
-[ "$(echo "$r" | cut -d' ' -f1-2)" = "incremental $BENCH_LOGS" ] || problems+=("web_logs incremental: $r")
-N_LOGS_A=$(val "SELECT count(*) FROM bench_canvas_logs.web_logs"); N_LOGS_B=$(val "SELECT count(*) FROM bench2_canvas_logs.web_logs")
-[ "$N_LOGS_A" = "$N_LOGS_B" ] && echo "   check: both tables hold $N_LOGS_A rows" || problems+=("web_logs: $N_LOGS_A rows vs $N_LOGS_B")
+echo "   loads through staging: $STAGED_LOGS"
+N_LOGS=$(val "SELECT string_agg(DISTINCT n::text, ', ') FROM (SELECT count(*) FROM bench_canvas_logs.web_logs UNION ALL
+                SELECT count(*) FROM bench2_canvas_logs.web_logs UNION ALL SELECT count(*) FROM bench3_canvas_logs.web_logs
+                UNION ALL SELECT count(*) FROM bench4_canvas_logs.web_logs) x(n)")
+[[ "$N_LOGS" != *,* ]] && echo "   check: the four tables hold $N_LOGS rows each" || problems+=("web_logs: the tables hold $N_LOGS rows")
 
 # ---- results --------------------------------------------------------------------------------
 R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
@@ -662,8 +683,9 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
          "6c runs until BENCH_VIEW_TIMEOUT=${BENCH_VIEW_TIMEOUT}s."
     fi
     echo "8: $BENCH_LOGS web_logs records, $(calc "$LOG_RAW / 1048576" 0) MB TSV ($(calc "$LOG_GZ / 1048576" 0) MB gzip);" \
-         "both tables partitioned by day with the same indexes (key, BRIN on the request time, users' lookups);" \
-         "loads through staging (a fallback): $STAGED_LOGS."
+         "the four tables partitioned by day with the same indexes (key, BRIN on the request time, users' lookups);" \
+         "loads through staging (a fallback): $STAGED_LOGS;" \
+         "times are the means of two rounds, in this order: $(IFS=,; echo "${LOG_ROUNDS[*]}" | sed 's/,/, /g')."
     if [ ${#problems[@]} -gt 0 ]; then printf 'PROBLEM: %s\n' "${problems[@]}"; fi
     echo "total bench time $(( $(date +%s) - T_START ))s"
 } | tee "$RESULTS.tmp"
