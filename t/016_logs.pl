@@ -184,6 +184,19 @@ is(sq(q{
 	    || (SELECT count(*) FROM (SELECT * FROM replayed EXCEPT ALL SELECT * FROM actual) y) || ' extra'}),
 	'0 missing, 0 extra', 'a feed following the log replays to its view, the converted values included');
 sq("SELECT cd2_drop_feed('logs')");
+# the same column changing again that day, its values again not converting:
+# kept in a column of its own (tried and rolled back)
+is(sq(qq{BEGIN;
+	UPDATE $T SET http_status = 500 WHERE id = '$odd';
+	UPDATE cd2sync.table_state SET pending_types = '{"http_status": "boolean"}'
+	 WHERE instance = 'north' AND table_name = 'canvas_logs.web_logs';
+	SELECT cd2sync._apply_pending_types('north', 'canvas_logs.web_logs', '$T') IS NULL;
+	SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' ORDER BY attname) FROM pg_attribute
+	 WHERE attrelid = '$T'::regclass AND (attname LIKE 'cd2_http_status%' OR attname = 'http_status');
+	SELECT ${kept}_2 FROM $T WHERE id = '$odd';
+	ROLLBACK}),
+	"t\n$kept character varying(3), ${kept}_2 integer, http_status boolean\n500",
+	'a second change of the column that day keeps its values in a second column');
 
 # 7. keep_logs: history older than that goes, by whole partitions
 my $parts = sq("SELECT count(*) FROM pg_inherits WHERE inhparent = '$T'::regclass");

@@ -141,7 +141,11 @@ BEGIN
                         RAISE EXCEPTION 'key column % of % cannot change type: %', c.key, target, SQLERRM
                               USING ERRCODE = 'feature_not_supported';
                     END IF;
-                    kept := left(format('cd2_%s_before_%s', c.key, to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')), 63);
+                    kept := left(format('cd2_%s_before_%s', c.key, to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')), 60);
+                    IF cd2sync._has_column(target, kept) THEN   -- (changed twice the same day)
+                        kept := kept || '_' || (SELECT min(x) FROM generate_series(2, 99) x
+                                                 WHERE NOT cd2sync._has_column(target, kept || '_' || x));
+                    END IF;
                     EXECUTE format('ALTER TABLE %s RENAME COLUMN %I TO %I', target, c.key, kept);
                     EXECUTE format('ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL', target, kept);
                     EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', target, c.key, c.value);

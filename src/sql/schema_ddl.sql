@@ -280,8 +280,9 @@ $$;
 -- column's stored values are converted through their text, and a column
 -- whose values do not all convert is kept beside the new one, renamed
 -- cd2_<column>_before_<day> (bookkeeping: no sync writes it, the views do
--- not show it), with a warning; the new one is empty until rows fill it. Other errors (a lock timeout, a deadlock) fail the table sync,
--- and the next one tries again.
+-- not show it), with a warning; the new one is empty until rows fill it.
+-- Other errors (a lock timeout, a deadlock) fail the table sync, and the
+-- next one tries again.
 CREATE FUNCTION cd2sync._apply_pending_types(instance text, table_name text, target regclass)
 RETURNS bigint LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
@@ -314,7 +315,11 @@ BEGIN
                         RAISE EXCEPTION 'key column % of % cannot change type: %', c.key, target, SQLERRM
                               USING ERRCODE = 'feature_not_supported';
                     END IF;
-                    kept := left(format('cd2_%s_before_%s', c.key, to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')), 63);
+                    kept := left(format('cd2_%s_before_%s', c.key, to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')), 60);
+                    IF cd2sync._has_column(target, kept) THEN   -- (changed twice the same day)
+                        kept := kept || '_' || (SELECT min(x) FROM generate_series(2, 99) x
+                                                 WHERE NOT cd2sync._has_column(target, kept || '_' || x));
+                    END IF;
                     EXECUTE format('ALTER TABLE %s RENAME COLUMN %I TO %I', target, c.key, kept);
                     EXECUTE format('ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL', target, kept);
                     EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', target, c.key, c.value);
