@@ -147,3 +147,30 @@ SELECT count(*) AS changes_left FROM cd2sync.changes;
 SELECT cd2_drop_instance('east', drop_data => true);
 DROP SCHEMA west CASCADE;
 DROP ROLE feed_admin, feed_reader, nobody;
+
+-- a feed's image of a row is to_jsonb's, key for key and value for value,
+-- for every kind of column (cd2sync._row_image, in C)
+CREATE TYPE pg_temp.mood AS ENUM ('sad', 'ok');
+CREATE TYPE pg_temp.pair AS (x int, y text);
+CREATE DOMAIN pg_temp.score AS numeric(6, 2);
+CREATE TEMP TABLE images (
+    id bigint, i2 smallint, i4 integer, f4 real, f8 double precision, n numeric, d pg_temp.score,
+    b boolean, t text, vc varchar(5), c char(3), ts timestamp, tz timestamptz, dt date, tm time,
+    u uuid, j jsonb, js json, e pg_temp.mood, a bigint[], ta text[], p pg_temp.pair, "a key" oid,
+    "Ü" text, x text);
+ALTER TABLE images DROP COLUMN x;
+INSERT INTO images VALUES
+    (1, -32768, 2147483647, 1.5, 1e300, 12345678901234567890.123, 12.5, true, 'a "q" \ é 🎓', 'abc',
+     'ab', '2026-11-01 04:05:06.789', '2026-11-01 04:05:06+02', '2026-11-01', '12:34:56', gen_random_uuid(),
+     '{"b": [1, {"c": null}], "a": 1.50}', '{"z": 1, "z": 2}', 'ok', '{1,NULL,3}', '{{a,b},{c,d}}', ROW(1, 'y'),
+     42, 'ü'),
+    (2, 0, -1, 'NaN', '-Infinity', 'NaN', -0.5, false, '', '', '', 'infinity', '-infinity', '-infinity',
+     '00:00', NULL, '"scalar"', '[]', 'sad', '{}', '{}', ROW(NULL, NULL), 0, NULL),
+    (3, NULL, NULL, '-0', 1.0e-7, 0.000, NULL, NULL, NULL, NULL, NULL, '0044-03-15 BC', NULL, NULL, NULL, NULL,
+     'null', 'null', NULL, NULL, NULL, NULL, NULL, NULL),
+    (4, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '7', '3.0',
+     NULL, NULL, NULL, NULL, NULL, NULL);
+SELECT id, cd2sync._row_image(m) = to_jsonb(m) AS same, cd2sync._row_image(m)::text = to_jsonb(m)::text AS same_text
+  FROM images m ORDER BY id;
+SELECT cd2sync._row_image(m) FROM images m WHERE id = 3;
+

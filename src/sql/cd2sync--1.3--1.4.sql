@@ -12,12 +12,23 @@
 -- * A namespace's schema that is another instance's target schema (two
 --   instances of 1.2) fails that namespace's tables instead of sharing it
 --   (_ensure_table).
--- * A change feed's images are built with their keys in jsonb's order
---   (_feed_capture_sql): to_jsonb no longer sorts them, a third of its time.
+-- * A change feed's images are made by _row_image (C: to_jsonb's result,
+--   with each column's conversion looked up once per row type), from the
+--   view's row itself, and keys from its columns (_feed_capture_sql,
+--   _feed_key_columns, cd2_create_feed); an update's old and new rows pair
+--   by a hash join, never sorted for a merge join (_feed_capture); an image
+--   over 2 kB is compressed with lz4 where the server has it.
 -- * A log's type change gives the feeds following it a delete and an insert
 --   of each row it converts (_feed_capture_table, also what
 --   _feed_capture_instance now does for each of an instance's tables).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
+        ALTER TABLE cd2sync.changes ALTER COLUMN "row" SET COMPRESSION lz4;
+    END IF;
+END $$;
 
 -- signatures that change
 DROP FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean);
@@ -463,7 +474,6 @@ DECLARE
     vn record;            -- ... and of new_src
     keys text[] := cd2sync._key_columns(rel);
     wm timestamptz;
-    img text;             -- the image's columns, of the view's row n
 BEGIN
     SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
     IF NOT FOUND OR keys IS NULL THEN
@@ -484,34 +494,30 @@ BEGIN
     v := cd2sync._view_columns(table_name);
     vo := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src);
     vn := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src);
-    -- the image's columns in the order jsonb keeps keys (shorter names
-    -- first, then by bytes): to_jsonb then finds them sorted, where in the
-    -- view's order it sorts them, a third of its time
-    SELECT string_agg(format('n.%1$I AS %1$I', c), ', ' ORDER BY octet_length(c), c COLLATE "C")
-      INTO img FROM unnest('instance'::text || vn.columns) c;
-    -- each change's image i (of the new row r; the old for a delete); an
-    -- update pairs old and new by key, and is a change when a column changed
-    -- (the fence keeps the pair's row and comparison from being computed twice)
+    -- each change's row r (the new; none for a delete) and key columns k1..,
+    -- its image _row_image(r); an update pairs old and new by key, and is a
+    -- change when a column changed (the fence keeps the pair's row and
+    -- comparison from being computed twice)
     RETURN format(
         'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
          SELECT nextval(''cd2sync.change_position_seq''), %L, %s, %s, %L, %s, %s, %L, %L::timestamptz FROM %s',
         table_name,
         CASE WHEN old_src IS NULL THEN '''insert''' WHEN new_src IS NULL THEN '''delete''' ELSE '''update''' END,
-        (SELECT 'jsonb_build_object(' || string_agg(format('%L, (p.r).%I', k, k), ', ') || ')' FROM unnest(keys) k),
+        (SELECT 'jsonb_build_object(' || string_agg(format('%L, p.k%s', k, i), ', ') || ')'
+           FROM unnest(keys) WITH ORDINALITY u(k, i)),
         inst.name,
-        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(p.i)' END,
+        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'cd2sync._row_image(p.r)' END,
         CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'p.changed' END,
         cause, wm,
         CASE WHEN old_src IS NULL
-                 THEN format('(SELECT n AS r, i FROM (%s) n CROSS JOIN LATERAL (SELECT %s) i) p',
-                             vn.sql, img)
-             WHEN new_src IS NULL THEN format('(SELECT o AS r FROM (%s) o) p', vo.sql)
-             ELSE format('(SELECT n AS r, i, cd2sync._changed_columns(o, n) AS changed
-                             FROM (%s) o JOIN (%s) n ON %s CROSS JOIN LATERAL (SELECT %s) i OFFSET 0) p
+                 THEN format('(SELECT n AS r, %s FROM (%s) n) p', cd2sync._feed_key_columns(keys, 'n'), vn.sql)
+             WHEN new_src IS NULL
+                 THEN format('(SELECT %s FROM (%s) o) p', cd2sync._feed_key_columns(keys, 'o'), vo.sql)
+             ELSE format('(SELECT n AS r, %s, cd2sync._changed_columns(o, n) AS changed
+                             FROM (%s) o JOIN (%s) n ON %s OFFSET 0) p
                           WHERE p.changed IS NOT NULL',
-                         vo.sql, vn.sql,
-                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k),
-                         img) END);
+                         cd2sync._feed_key_columns(keys, 'n'), vo.sql, vn.sql,
+                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k)) END);
 END $$;
 
 
@@ -548,5 +554,96 @@ END $$;
 
 
 -- privileges as src/sql/privileges.sql gives them
+CREATE OR REPLACE FUNCTION cd2sync._row_image(r record)
+RETURNS jsonb AS 'MODULE_PATHNAME', 'cd2_row_image' LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+CREATE OR REPLACE FUNCTION cd2_create_feed(name text, tables text[] DEFAULT NULL, from_start boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n text := cd2_create_feed.name;
+    t text;
+    vw regclass;
+    keys text[];
+    start bigint;
+BEGIN
+    IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
+        RAISE EXCEPTION 'invalid feed name "%"', n
+              USING ERRCODE = 'invalid_parameter_value',
+                    DETAIL = 'A feed name is a lower-case letter followed by up to 47 lower-case letters, digits or underscores.';
+    END IF;
+    IF from_start IS NULL THEN
+        RAISE EXCEPTION 'from_start must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    tables := cd2sync._check_tables(tables);
+    IF EXISTS (SELECT 1 FROM cd2sync.feed f WHERE f.name = n) THEN
+        RAISE EXCEPTION 'cd2sync feed "%" already exists', n USING ERRCODE = 'duplicate_object';
+    END IF;
+
+    -- the feed's row first: the capture triggers follow it. Making them
+    -- waits for the syncs applying to those tables, and keeps new ones out
+    -- until commit; then the lock on the changes orders the feed's start
+    -- after every change already published.
+    PERFORM cd2sync._ensure_layout();   -- (tables an earlier version made)
+    INSERT INTO cd2sync.feed (name, tables, acknowledged)
+    VALUES (n, tables, 0);
+    PERFORM cd2sync._feed_ensure_captures();
+    PERFORM cd2sync._feed_lock();
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
+    UPDATE cd2sync.feed f SET acknowledged = start WHERE f.name = n;
+    IF from_start THEN
+        FOR t, vw IN SELECT v.table_name, v.view FROM cd2sync._views() v
+                      WHERE cd2sync._covers(tables, v.table_name) ORDER BY 1 LOOP
+            SELECT cd2sync._key_columns(x.rel) INTO keys FROM cd2sync._instances_with(t) x LIMIT 1;
+            EXECUTE format(
+                'INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+                 SELECT nextval(''cd2sync.change_position_seq''), %L, %L, ''insert'', %s, r->>''instance'', r, ''start''
+                   FROM (SELECT cd2sync._row_image(v) AS r FROM %s v) x',
+                n, t, (SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
+                         FROM unnest(keys) k), vw);
+        END LOOP;
+        IF EXISTS (SELECT 1 FROM cd2sync.changes c WHERE c.feed = n) THEN
+            PERFORM pg_notify('cd2sync_feed', n);
+        END IF;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_key_columns(keys text[], alias text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT string_agg(format('%s.%I AS k%s', alias, k, i), ', ') FROM unnest(keys) WITH ORDINALITY u(k, i)
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture()
+RETURNS trigger LANGUAGE plpgsql
+-- an update's old and new rows pair by a hash join (in memory up to
+-- work_mem, in batches beyond); the planner cannot know that they pair one
+-- to one, and its estimate would have JIT compile the statement, which
+-- costs more than it saves, or sort both sides for a merge join, which
+-- costs a third more than the hash. The statement that fires it may have
+-- turned joins off for itself (_apply does, for a small incremental): a
+-- nested loop over transition tables rescans one for every row of the other
+SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off
+SET enable_hashjoin = on SET enable_mergejoin = off SET enable_material = on AS $$
+DECLARE
+    tab text := (cd2sync._rel_table(TG_RELID)).table_name;   -- (its CD2 name: ns.table)
+    -- (TRUNCATE: before it, every row of the table is deleted)
+    q text := cd2sync._feed_capture_sql(TG_RELID, tab,
+                                        CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old'
+                                             WHEN TG_OP = 'TRUNCATE' THEN TG_RELID::regclass::text END,
+                                        CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
+    n bigint;
+BEGIN
+    IF q IS NOT NULL THEN
+        PERFORM cd2sync._feed_lock();
+        EXECUTE q;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+            PERFORM cd2sync._feed_notify(tab);
+        END IF;
+    END IF;
+    RETURN NULL;
+END $$;
+
 REVOKE ALL ON FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_table(regclass, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._row_image(record) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_key_columns(text[], text) FROM PUBLIC;

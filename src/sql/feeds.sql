@@ -41,6 +41,15 @@ CREATE TABLE cd2sync.changes (
     watermark     timestamptz,
     committed_at  timestamptz NOT NULL DEFAULT now()
 );
+-- An image of more than 2 kB is compressed inline: with lz4 where the
+-- server has it, five times faster than pglz for these (a fifth of a
+-- large capture's time went to pglz)
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
+        ALTER TABLE cd2sync.changes ALTER COLUMN "row" SET COMPRESSION lz4;
+    END IF;
+END $$;
 
 CREATE VIEW cd2sync.feeds AS
     SELECT f.name, f.tables, f.acknowledged, p.pending, p.oldest_pending,
@@ -58,6 +67,10 @@ AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;
 -- columns (NULL: none): what an update changed (src/feeds.c)
 CREATE FUNCTION cd2sync._changed_columns(old record, new record)
 RETURNS text[] AS 'MODULE_PATHNAME', 'cd2_changed_columns' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+-- The image of a row: to_jsonb(r), made for every change faster (src/feeds.c)
+CREATE FUNCTION cd2sync._row_image(r record)
+RETURNS jsonb AS 'MODULE_PATHNAME', 'cd2_row_image' LANGUAGE C STABLE STRICT PARALLEL SAFE;
 
 -- Raises unless the feed exists; returns it
 CREATE FUNCTION cd2sync._check_feed(name text)
@@ -94,6 +107,12 @@ BEGIN
     LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
 END $$;
 
+-- The select list of a row's key columns, k1, k2, ..., from alias
+CREATE FUNCTION cd2sync._feed_key_columns(keys text[], alias text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT string_agg(format('%s.%I AS k%s', alias, k, i), ', ') FROM unnest(keys) WITH ORDINALITY u(k, i)
+$$;
+
 -- The statement that writes, as changes, what a statement did to instance
 -- table rel, reading its rows before from relation old_src and after from
 -- new_src (a trigger's transition tables, or the table itself): both as
@@ -113,7 +132,6 @@ DECLARE
     vn record;            -- ... and of new_src
     keys text[] := cd2sync._key_columns(rel);
     wm timestamptz;
-    img text;             -- the image's columns, of the view's row n
 BEGIN
     SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
     IF NOT FOUND OR keys IS NULL THEN
@@ -134,34 +152,30 @@ BEGIN
     v := cd2sync._view_columns(table_name);
     vo := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src);
     vn := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src);
-    -- the image's columns in the order jsonb keeps keys (shorter names
-    -- first, then by bytes): to_jsonb then finds them sorted, where in the
-    -- view's order it sorts them, a third of its time
-    SELECT string_agg(format('n.%1$I AS %1$I', c), ', ' ORDER BY octet_length(c), c COLLATE "C")
-      INTO img FROM unnest('instance'::text || vn.columns) c;
-    -- each change's image i (of the new row r; the old for a delete); an
-    -- update pairs old and new by key, and is a change when a column changed
-    -- (the fence keeps the pair's row and comparison from being computed twice)
+    -- each change's row r (the new; none for a delete) and key columns k1..,
+    -- its image _row_image(r); an update pairs old and new by key, and is a
+    -- change when a column changed (the fence keeps the pair's row and
+    -- comparison from being computed twice)
     RETURN format(
         'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
          SELECT nextval(''cd2sync.change_position_seq''), %L, %s, %s, %L, %s, %s, %L, %L::timestamptz FROM %s',
         table_name,
         CASE WHEN old_src IS NULL THEN '''insert''' WHEN new_src IS NULL THEN '''delete''' ELSE '''update''' END,
-        (SELECT 'jsonb_build_object(' || string_agg(format('%L, (p.r).%I', k, k), ', ') || ')' FROM unnest(keys) k),
+        (SELECT 'jsonb_build_object(' || string_agg(format('%L, p.k%s', k, i), ', ') || ')'
+           FROM unnest(keys) WITH ORDINALITY u(k, i)),
         inst.name,
-        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'to_jsonb(p.i)' END,
+        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'cd2sync._row_image(p.r)' END,
         CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'p.changed' END,
         cause, wm,
         CASE WHEN old_src IS NULL
-                 THEN format('(SELECT n AS r, i FROM (%s) n CROSS JOIN LATERAL (SELECT %s) i) p',
-                             vn.sql, img)
-             WHEN new_src IS NULL THEN format('(SELECT o AS r FROM (%s) o) p', vo.sql)
-             ELSE format('(SELECT n AS r, i, cd2sync._changed_columns(o, n) AS changed
-                             FROM (%s) o JOIN (%s) n ON %s CROSS JOIN LATERAL (SELECT %s) i OFFSET 0) p
+                 THEN format('(SELECT n AS r, %s FROM (%s) n) p', cd2sync._feed_key_columns(keys, 'n'), vn.sql)
+             WHEN new_src IS NULL
+                 THEN format('(SELECT %s FROM (%s) o) p', cd2sync._feed_key_columns(keys, 'o'), vo.sql)
+             ELSE format('(SELECT n AS r, %s, cd2sync._changed_columns(o, n) AS changed
+                             FROM (%s) o JOIN (%s) n ON %s OFFSET 0) p
                           WHERE p.changed IS NOT NULL',
-                         vo.sql, vn.sql,
-                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k),
-                         img) END);
+                         cd2sync._feed_key_columns(keys, 'n'), vo.sql, vn.sql,
+                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k)) END);
 END $$;
 
 -- The capture trigger of a followed instance table: one per statement, its
@@ -171,14 +185,15 @@ END $$;
 -- transaction that writes the rows (a failure or a crash leaves none).
 CREATE FUNCTION cd2sync._feed_capture()
 RETURNS trigger LANGUAGE plpgsql
--- an update's old and new rows pair by a hash join in memory (bounded); the
--- planner cannot know that they pair one to one, and its estimate would
--- have JIT compile the statement, which costs more than it saves. The
--- statement that fires it may have turned joins off for itself (_apply
--- does, for a small incremental): a nested loop over transition tables
--- rescans one for every row of the other
+-- an update's old and new rows pair by a hash join (in memory up to
+-- work_mem, in batches beyond); the planner cannot know that they pair one
+-- to one, and its estimate would have JIT compile the statement, which
+-- costs more than it saves, or sort both sides for a merge join, which
+-- costs a third more than the hash. The statement that fires it may have
+-- turned joins off for itself (_apply does, for a small incremental): a
+-- nested loop over transition tables rescans one for every row of the other
 SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off
-SET enable_hashjoin = on SET enable_mergejoin = on SET enable_material = on AS $$
+SET enable_hashjoin = on SET enable_mergejoin = off SET enable_material = on AS $$
 DECLARE
     tab text := (cd2sync._rel_table(TG_RELID)).table_name;   -- (its CD2 name: ns.table)
     -- (TRUNCATE: before it, every row of the table is deleted)
@@ -383,7 +398,7 @@ BEGIN
             EXECUTE format(
                 'INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
                  SELECT nextval(''cd2sync.change_position_seq''), %L, %L, ''insert'', %s, r->>''instance'', r, ''start''
-                   FROM (SELECT to_jsonb(v) AS r FROM %s v) x',
+                   FROM (SELECT cd2sync._row_image(v) AS r FROM %s v) x',
                 n, t, (SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
                          FROM unnest(keys) k), vw);
         END LOOP;
