@@ -3,7 +3,7 @@ EXTENSION = cd2sync
 # The version lives in cd2sync.control alone
 EXTVERSION := $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
 MODULE_big = cd2sync
-OBJS = src/cd2sync.o src/settings.o src/feeds.o src/http.o src/download.o src/dap_client.o \
+OBJS = src/cd2sync.o src/settings.o src/feeds.o src/capture.o src/http.o src/download.o src/dap_client.o \
        src/decode.o src/codec.o src/inflater.o src/catalog.o src/launch.o src/progress.o \
        src/load.o src/table_sync.o src/run.o src/sync_functions.o src/scheduler.o
 
@@ -35,7 +35,7 @@ include $(PGXS)
 # PGXS does not track headers: every object depends on all of ours
 $(OBJS): $(wildcard src/*.h)
 # nor the version, which the library compares with the installed SQL
-src/cd2sync.o src/catalog.o src/feeds.o src/http.o src/launch.o src/scheduler.o: $(EXTENSION).control
+src/cd2sync.o src/catalog.o src/feeds.o src/capture.o src/http.o src/launch.o src/scheduler.o: $(EXTENSION).control
 
 $(DATA_built): $(SQL_PARTS)
 	cat $^ > $@

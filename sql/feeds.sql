@@ -139,6 +139,40 @@ TRUNCATE east.enrollments;
 SELECT table_name, op, key, instance, cause FROM cd2_feed_read('sis') ORDER BY position;
 ROLLBACK;
 
+-- a statement's many changes are all there when it ends, in the order of
+-- its rows; a subtransaction rolled back takes its own changes with it
+BEGIN;
+INSERT INTO east.enrollments SELECT 1000 + g, 2, 100, 'bulk' FROM generate_series(1, 2500) g;
+SELECT count(*), count(DISTINCT key),
+       bool_and(next_id > (key->>'id')::bigint) AS in_row_order
+  FROM (SELECT key, lead((key->>'id')::bigint, 1, 1e15::bigint) OVER (ORDER BY position) AS next_id
+          FROM cd2_feed_read('sis', 100000) WHERE "row"->>'state' = 'bulk') c;
+SAVEPOINT s;
+UPDATE east.enrollments SET state = 'gone' WHERE id > 1000;
+ROLLBACK TO s;
+UPDATE east.enrollments SET state = 'bulk2' WHERE id BETWEEN 1001 AND 1010;
+SELECT op, "row"->>'state' AS state, count(*), min(changed::text) AS changed
+  FROM cd2_feed_read('sis', 100000) WHERE "row"->>'state' LIKE 'bulk%' OR "row"->>'state' = 'gone'
+ GROUP BY 1, 2 ORDER BY 1, 2;
+ROLLBACK;
+
+-- a partitioned instance table: each partition's rows, read as the table's
+-- (p2, made after a column was dropped, lays its columns out differently)
+CREATE TABLE east.scores (id bigint PRIMARY KEY, x int, v text) PARTITION BY RANGE (id);
+CREATE TABLE east.scores_p1 PARTITION OF east.scores FOR VALUES FROM (0) TO (100);
+ALTER TABLE east.scores DROP COLUMN x;
+CREATE TABLE east.scores_p2 PARTITION OF east.scores FOR VALUES FROM (100) TO (200);
+INSERT INTO cd2sync.table_state (instance, table_name, status) VALUES ('east', 'scores', 'ok');
+SELECT cd2sync.refresh_view('scores');
+SELECT cd2_create_feed('marks', tables => ARRAY['scores']);
+INSERT INTO east.scores VALUES (1, 'one'), (101, 'hundred and one');
+UPDATE east.scores SET v = v || '!';
+DELETE FROM east.scores WHERE id = 1;
+SELECT op, key, "row", changed FROM cd2_feed_read('marks') ORDER BY position;
+SELECT cd2_drop_feed('marks');
+DELETE FROM cd2sync.table_state WHERE table_name = 'scores';
+DROP TABLE east.scores CASCADE;
+
 -- dropping an instance deletes its rows from the feeds
 SELECT cd2_drop_instance('west');
 SELECT table_name, op, key, instance, cause FROM cd2_feed_read('sis') ORDER BY position;

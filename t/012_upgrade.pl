@@ -28,6 +28,33 @@ for my $v ('1.0', '1.1', '1.2', '1.3')
 	$node->safe_psql('postgres', "CREATE DATABASE $db");
 	$node->safe_psql($db, "CREATE EXTENSION cd2sync VERSION '$v'");
 }
+# a 1.3 database whose feed follows an instance table: its capture triggers
+# (statement triggers over transition tables) are replaced by the update
+$node->safe_psql('postgres', 'CREATE DATABASE feeds_1_3');
+$node->safe_psql('feeds_1_3', q{
+CREATE EXTENSION cd2sync VERSION '1.3';
+SET client_min_messages = warning;
+SELECT cd2_add_instance('east', 'id-e', 'x', api_url => 'http://127.0.0.1:9', shard_id => 7);
+CREATE SCHEMA east;
+CREATE TABLE east.enrollments (id bigint PRIMARY KEY, user_id bigint, course_id bigint, state text);
+INSERT INTO east.enrollments VALUES (10, 1, 100, 'active');
+INSERT INTO cd2sync.table_state (instance, table_name, status) VALUES ('east', 'enrollments', 'ok');
+SELECT cd2sync.refresh_views();
+SELECT cd2_create_feed('sis', tables => ARRAY['enrollments']);
+});
+my $triggers = q{SELECT string_agg(tgname || ' ' || tgfoid::regproc, ', ' ORDER BY tgname)
+                   FROM pg_trigger WHERE tgrelid = 'east.enrollments'::regclass};
+like($node->safe_psql('feeds_1_3', $triggers), qr/^cd2_feed_delete _feed_capture, .*cd2_feed_update _feed_capture$/,
+	'1.3: statement triggers capture');
+$node->safe_psql('feeds_1_3', 'ALTER EXTENSION cd2sync UPDATE');
+is($node->safe_psql('feeds_1_3', $triggers),
+	'cd2_feed_delete _feed_capture_row, cd2_feed_insert _feed_capture_row, '
+	  . 'cd2_feed_truncate _feed_capture, cd2_feed_update _feed_capture_row',
+	'updated: a row trigger captures each row (TRUNCATE: a statement trigger)');
+$node->safe_psql('feeds_1_3', "UPDATE east.enrollments SET state = 'completed' WHERE id = 10");
+is($node->safe_psql('feeds_1_3', q{SELECT op, key, "row"->>'state', changed FROM cd2_feed_read('sis')}),
+	'update|{"id": 70000000000010}|completed|{state}', 'updated: the feed has the row\'s change');
+
 for my $db ('from_1_0', 'from_1_1', 'from_1_2', 'from_1_3')
 {
 	$node->safe_psql($db, 'ALTER EXTENSION cd2sync UPDATE');

@@ -68,6 +68,7 @@ SELECT format('index %s', i.indexrelid::regclass), 'expression calls ' || p.oid:
 UNION ALL
 SELECT rel.name, 'trigger ' || g.tgname
   FROM rel JOIN pg_trigger g ON g.tgrelid = rel.oid AND NOT g.tgisinternal
- WHERE g.tgname !~ '^cd2_feed_(insert|update|delete|truncate)$'
-    OR g.tgfoid <> 'cd2sync._feed_capture()'::regprocedure
+ WHERE NOT (g.tgname ~ '^cd2_feed_(insert|update|delete)$'
+            AND g.tgfoid = 'cd2sync._feed_capture_row()'::regprocedure)
+   AND NOT (g.tgname = 'cd2_feed_truncate' AND g.tgfoid = 'cd2sync._feed_capture()'::regprocedure)
 ORDER BY 1, 2;

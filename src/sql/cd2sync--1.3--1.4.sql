@@ -12,12 +12,16 @@
 -- * A namespace's schema that is another instance's target schema (two
 --   instances of 1.2) fails that namespace's tables instead of sharing it
 --   (_ensure_table).
--- * A change feed's images are made by _row_image (C: to_jsonb's result,
---   with each column's conversion looked up once per row type), from the
---   view's row itself, and keys from its columns (_feed_capture_sql,
---   _feed_key_columns, cd2_create_feed); an update's old and new rows pair
---   by a hash join, never sorted for a merge join (_feed_capture); an image
---   over 2 kB is compressed with lz4 where the server has it.
+-- * A change feed captures each row as a statement changes it: an AFTER
+--   ROW trigger in C (_feed_capture_row, src/capture.c) evaluates the
+--   view's select list (_feed_row_plan) over the old and new rows and
+--   inserts the changes itself, where 1.3's statement triggers paired
+--   transition tables by a join; the instance tables' triggers are
+--   replaced (below, and by _ensure_layout). Images are made by _row_image
+--   (C: to_jsonb's, each column's conversion looked up once per row type);
+--   an image over 2 kB is compressed with lz4 where the server has it.
+--   _changed_columns is gone (the trigger compares), _feed_capture handles
+--   TRUNCATE only.
 -- * A log's type change gives the feeds following it a delete and an insert
 --   of each row it converts (_feed_capture_table, also what
 --   _feed_capture_instance now does for each of an instance's tables).
@@ -30,7 +34,8 @@ BEGIN
     END IF;
 END $$;
 
--- signatures that change
+-- signatures that change, functions gone
+DROP FUNCTION cd2sync._changed_columns(record, record);
 DROP FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean);
 
 CREATE OR REPLACE FUNCTION cd2sync._alter_column_type(rel regclass, col text, new_type text, using_null boolean,
@@ -468,56 +473,22 @@ CREATE OR REPLACE FUNCTION cd2sync._feed_capture_sql(rel regclass, table_name te
                                           cause text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    inst cd2sync.instances;
-    v record;
-    vo record;            -- the view's rows of old_src
-    vn record;            -- ... and of new_src
-    keys text[] := cd2sync._key_columns(rel);
-    wm timestamptz;
+    c record := cd2sync._feed_capture_context(rel, table_name, cause);
+    v record := cd2sync._view_columns(table_name);
+    s record;             -- the view's rows of the source
 BEGIN
-    SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
-    IF NOT FOUND OR keys IS NULL THEN
+    IF c.instance IS NULL OR (old_src IS NULL) = (new_src IS NULL) THEN
         RETURN NULL;
     END IF;
-    IF cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true) THEN
-        RETURN NULL;
-    END IF;
-    cause := coalesce(cause, nullif(current_setting('cd2sync_tx.cause', true), ''), 'sync');
-    -- the table's watermark as this transaction commits it: the sync that
-    -- applies it says so beforehand (cd2sync_tx.watermark); else the stored one
-    IF current_setting('cd2sync_tx.applying', true) = inst.name || '.' || table_name THEN
-        wm := nullif(current_setting('cd2sync_tx.watermark', true), '')::timestamptz;
-    ELSE
-        SELECT s.watermark INTO wm FROM cd2sync.table_state s
-         WHERE s.instance = inst.name AND s.table_name = _feed_capture_sql.table_name;
-    END IF;
-    v := cd2sync._view_columns(table_name);
-    vo := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src);
-    vn := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src);
-    -- each change's row r (the new; none for a delete) and key columns k1..,
-    -- its image _row_image(r); an update pairs old and new by key, and is a
-    -- change when a column changed (the fence keeps the pair's row and
-    -- comparison from being computed twice)
+    s := cd2sync._view_select(table_name, c.instance, c.shard_id, rel, v.cols, v.types, coalesce(new_src, old_src));
     RETURN format(
-        'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
-         SELECT nextval(''cd2sync.change_position_seq''), %L, %s, %s, %L, %s, %s, %L, %L::timestamptz FROM %s',
-        table_name,
-        CASE WHEN old_src IS NULL THEN '''insert''' WHEN new_src IS NULL THEN '''delete''' ELSE '''update''' END,
-        (SELECT 'jsonb_build_object(' || string_agg(format('%L, p.k%s', k, i), ', ') || ')'
-           FROM unnest(keys) WITH ORDINALITY u(k, i)),
-        inst.name,
-        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'cd2sync._row_image(p.r)' END,
-        CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'p.changed' END,
-        cause, wm,
-        CASE WHEN old_src IS NULL
-                 THEN format('(SELECT n AS r, %s FROM (%s) n) p', cd2sync._feed_key_columns(keys, 'n'), vn.sql)
-             WHEN new_src IS NULL
-                 THEN format('(SELECT %s FROM (%s) o) p', cd2sync._feed_key_columns(keys, 'o'), vo.sql)
-             ELSE format('(SELECT n AS r, %s, cd2sync._changed_columns(o, n) AS changed
-                             FROM (%s) o JOIN (%s) n ON %s OFFSET 0) p
-                          WHERE p.changed IS NOT NULL',
-                         cd2sync._feed_key_columns(keys, 'n'), vo.sql, vn.sql,
-                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k)) END);
+        'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", cause, watermark)
+         SELECT nextval(''cd2sync.change_position_seq''), %L, %L, jsonb_build_object(%s), %L, %s, %L,
+                %L::timestamptz FROM (%s) r',
+        table_name, CASE WHEN new_src IS NULL THEN 'delete' ELSE 'insert' END,
+        (SELECT string_agg(format('%L, r.%I', k, k), ', ') FROM unnest(c.keys) k),
+        c.instance, CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'cd2sync._row_image(r)' END,
+        c.change_cause, c.watermark, s.sql);
 END $$;
 
 
@@ -607,43 +578,139 @@ BEGIN
     END IF;
 END $$;
 
-CREATE OR REPLACE FUNCTION cd2sync._feed_key_columns(keys text[], alias text)
-RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT string_agg(format('%s.%I AS k%s', alias, k, i), ', ') FROM unnest(keys) WITH ORDINALITY u(k, i)
-$$;
-
 CREATE OR REPLACE FUNCTION cd2sync._feed_capture()
-RETURNS trigger LANGUAGE plpgsql
--- an update's old and new rows pair by a hash join (in memory up to
--- work_mem, in batches beyond); the planner cannot know that they pair one
--- to one, and its estimate would have JIT compile the statement, which
--- costs more than it saves, or sort both sides for a merge join, which
--- costs a third more than the hash. The statement that fires it may have
--- turned joins off for itself (_apply does, for a small incremental): a
--- nested loop over transition tables rescans one for every row of the other
-SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off
-SET enable_hashjoin = on SET enable_mergejoin = off SET enable_material = on AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     tab text := (cd2sync._rel_table(TG_RELID)).table_name;   -- (its CD2 name: ns.table)
-    -- (TRUNCATE: before it, every row of the table is deleted)
-    q text := cd2sync._feed_capture_sql(TG_RELID, tab,
-                                        CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old'
-                                             WHEN TG_OP = 'TRUNCATE' THEN TG_RELID::regclass::text END,
-                                        CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
-    n bigint;
+    q text := cd2sync._feed_capture_sql(TG_RELID, tab, TG_RELID::regclass::text, NULL);
 BEGIN
+    IF TG_OP <> 'TRUNCATE' THEN   -- (a trigger of 1.3's, not yet replaced)
+        RAISE EXCEPTION 'cd2sync: % has the capture triggers of an earlier version', TG_RELID::regclass
+              USING ERRCODE = 'object_not_in_prerequisite_state',
+                    HINT = 'SELECT cd2sync.refresh_views() replaces them.';
+    END IF;
     IF q IS NOT NULL THEN
         PERFORM cd2sync._feed_lock();
         EXECUTE q;
-        GET DIAGNOSTICS n = ROW_COUNT;
-        IF n > 0 THEN
-            PERFORM cd2sync._feed_notify(tab);
-        END IF;
+        PERFORM cd2sync._feed_notify(tab);
     END IF;
     RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture_context(rel regclass, table_name text, cause text DEFAULT NULL,
+                                              OUT instance text, OUT shard_id bigint, OUT change_cause text,
+                                              OUT watermark timestamptz, OUT keys text[])
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances;
+BEGIN
+    SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
+    IF NOT FOUND OR cd2sync._key_columns(rel) IS NULL THEN
+        RETURN;
+    END IF;
+    IF cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true) THEN
+        RETURN;
+    END IF;
+    instance := inst.name;
+    shard_id := inst.shard_id;
+    keys := cd2sync._key_columns(rel);
+    change_cause := coalesce(cause, nullif(current_setting('cd2sync_tx.cause', true), ''), 'sync');
+    -- the sync that applies the table says its watermark beforehand
+    -- (cd2sync_tx.watermark); else the stored one
+    IF current_setting('cd2sync_tx.applying', true) = inst.name || '.' || table_name THEN
+        watermark := nullif(current_setting('cd2sync_tx.watermark', true), '')::timestamptz;
+    ELSE
+        SELECT s.watermark INTO watermark FROM cd2sync.table_state s
+         WHERE s.instance = inst.name AND s.table_name = _feed_capture_context.table_name;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_row_plan(rel regclass, OUT table_name text, OUT instance text, OUT cause text,
+                                       OUT watermark timestamptz, OUT projection text, OUT keys text[],
+                                       OUT feeds text[])
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c record;
+    v record;
+BEGIN
+    table_name := (cd2sync._rel_table(rel)).table_name;
+    c := cd2sync._feed_capture_context(rel, table_name);
+    IF table_name IS NULL OR c.instance IS NULL THEN
+        table_name := NULL;
+        RETURN;
+    END IF;
+    v := cd2sync._view_columns(table_name);
+    projection := (cd2sync._view_select(table_name, c.instance, c.shard_id, rel, v.cols, v.types, rel::text)).sql;
+    instance := c.instance;
+    cause := c.change_cause;
+    watermark := c.watermark;
+    keys := c.keys;
+    feeds := ARRAY(SELECT f.name FROM cd2sync.feed f
+                    WHERE f.stale_since IS NULL AND cd2sync._covers(f.tables, _feed_row_plan.table_name)
+                    ORDER BY 1);
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture_row()
+RETURNS trigger AS 'MODULE_PATHNAME', 'cd2_feed_capture_row' LANGUAGE C;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_ensure_capture(rel regclass, table_name text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    wanted boolean := cd2sync._feed_follows(table_name);
+    has boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert');
+    current boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert'
+                                  AND tgfoid = 'cd2sync._feed_capture_row()'::regprocedure);
+    t text;
+BEGIN
+    IF has AND NOT (wanted AND current) THEN
+        FOREACH t IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'cd2_feed_' || t, rel);
+        END LOOP;
+    END IF;
+    IF wanted AND NOT current THEN
+        FOREACH t IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
+            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION cd2sync._feed_capture_row()',
+                           'cd2_feed_' || t, upper(t), rel);
+        END LOOP;
+        EXECUTE format('CREATE TRIGGER cd2_feed_truncate BEFORE TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._ensure_layout()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM cd2sync.table_state s JOIN cd2sync.instances i ON i.name = s.instance
+                     CROSS JOIN LATERAL (SELECT cd2sync._instance_rel(i.target_schema, s.table_name) AS rel) t
+                     CROSS JOIN LATERAL cd2sync._user_columns(t.rel) u(col)
+                    WHERE t.rel IS NOT NULL AND NOT cd2sync._has_column(t.rel, cd2sync._resolved_column(u.col)))
+       AND NOT EXISTS (SELECT 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+                        WHERE d.classid = 'pg_rewrite'::regclass
+                          AND d.refobjid = 'cd2sync.user_merge_map'::regclass
+                          AND r.ev_class <> 'cd2.user_merges'::regclass)
+       -- (1.3's capture triggers: refresh_view replaces them)
+       AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'cd2_feed_insert'
+                          AND tgfoid = 'cd2sync._feed_capture()'::regprocedure) THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(52518, 1);   -- one at a time
+    PERFORM cd2sync.refresh_views();
+    PERFORM cd2sync._refresh_merge_duplicates('enrollments');
+    PERFORM cd2sync._refresh_merge_duplicates('submissions');
 END $$;
 
 REVOKE ALL ON FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_table(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._row_image(record) FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2sync._feed_key_columns(text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_capture_context(regclass, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_row_plan(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
+
+-- the followed instance tables' capture triggers, now (where the tables'
+-- owners allow; else the next sync's _ensure_layout)
+DO $$
+BEGIN
+    PERFORM cd2sync._feed_ensure_captures();
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE WARNING 'cd2sync: capture triggers left to the next sync: %', SQLERRM;
+END $$;

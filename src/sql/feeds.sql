@@ -63,11 +63,6 @@ CREATE VIEW cd2sync.feeds AS
 CREATE FUNCTION cd2sync._feed_limits(OUT max_pending bigint, OUT max_age_seconds int)
 AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;
 
--- The names of the columns whose values differ between two rows of the same
--- columns (NULL: none): what an update changed (src/feeds.c)
-CREATE FUNCTION cd2sync._changed_columns(old record, new record)
-RETURNS text[] AS 'MODULE_PATHNAME', 'cd2_changed_columns' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
-
 -- The image of a row: to_jsonb(r), made for every change faster (src/feeds.c)
 CREATE FUNCTION cd2sync._row_image(r record)
 RETURNS jsonb AS 'MODULE_PATHNAME', 'cd2_row_image' LANGUAGE C STABLE STRICT PARALLEL SAFE;
@@ -107,109 +102,121 @@ BEGIN
     LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE;
 END $$;
 
--- The select list of a row's key columns, k1, k2, ..., from alias
-CREATE FUNCTION cd2sync._feed_key_columns(keys text[], alias text)
-RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT string_agg(format('%s.%I AS k%s', alias, k, i), ', ') FROM unnest(keys) WITH ORDINALITY u(k, i)
-$$;
-
--- The statement that writes, as changes, what a statement did to instance
--- table rel, reading its rows before from relation old_src and after from
--- new_src (a trigger's transition tables, or the table itself): both as
--- cd2.<table> shows them (_view_select). An update pairs the two by key and
--- is a change only when a column of the view changed. NULL when there is
+-- What a capture of instance table rel writes besides its rows: its
+-- instance (and shard), the cause, the table's watermark as this
+-- transaction commits it, and its key columns. All NULL when there is
 -- nothing to write: rel is not an instance's table (any more), or its
 -- instance is changing as a whole (_feed_capture_instance says what).
 -- cause: NULL for the transaction's (cd2sync_tx.cause, set by the step that
 -- writes: _apply, _after_apply, ...; else 'sync').
+CREATE FUNCTION cd2sync._feed_capture_context(rel regclass, table_name text, cause text DEFAULT NULL,
+                                              OUT instance text, OUT shard_id bigint, OUT change_cause text,
+                                              OUT watermark timestamptz, OUT keys text[])
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances;
+BEGIN
+    SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
+    IF NOT FOUND OR cd2sync._key_columns(rel) IS NULL THEN
+        RETURN;
+    END IF;
+    IF cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true) THEN
+        RETURN;
+    END IF;
+    instance := inst.name;
+    shard_id := inst.shard_id;
+    keys := cd2sync._key_columns(rel);
+    change_cause := coalesce(cause, nullif(current_setting('cd2sync_tx.cause', true), ''), 'sync');
+    -- the sync that applies the table says its watermark beforehand
+    -- (cd2sync_tx.watermark); else the stored one
+    IF current_setting('cd2sync_tx.applying', true) = inst.name || '.' || table_name THEN
+        watermark := nullif(current_setting('cd2sync_tx.watermark', true), '')::timestamptz;
+    ELSE
+        SELECT s.watermark INTO watermark FROM cd2sync.table_state s
+         WHERE s.instance = inst.name AND s.table_name = _feed_capture_context.table_name;
+    END IF;
+END $$;
+
+-- The statement that writes, as changes, the rows of instance table rel
+-- before (old_src) or after (new_src) a change no trigger sees, reading
+-- them from that relation (the table itself) as cd2.<table> shows them
+-- (_view_select): a delete or an insert of each. NULL when there is
+-- nothing to write (_feed_capture_context). An ordinary statement's rows
+-- are captured one by one (_feed_capture_row).
 CREATE FUNCTION cd2sync._feed_capture_sql(rel regclass, table_name text, old_src text, new_src text,
                                           cause text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    inst cd2sync.instances;
-    v record;
-    vo record;            -- the view's rows of old_src
-    vn record;            -- ... and of new_src
-    keys text[] := cd2sync._key_columns(rel);
-    wm timestamptz;
+    c record := cd2sync._feed_capture_context(rel, table_name, cause);
+    v record := cd2sync._view_columns(table_name);
+    s record;             -- the view's rows of the source
 BEGIN
-    SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
-    IF NOT FOUND OR keys IS NULL THEN
+    IF c.instance IS NULL OR (old_src IS NULL) = (new_src IS NULL) THEN
         RETURN NULL;
     END IF;
-    IF cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true) THEN
-        RETURN NULL;
-    END IF;
-    cause := coalesce(cause, nullif(current_setting('cd2sync_tx.cause', true), ''), 'sync');
-    -- the table's watermark as this transaction commits it: the sync that
-    -- applies it says so beforehand (cd2sync_tx.watermark); else the stored one
-    IF current_setting('cd2sync_tx.applying', true) = inst.name || '.' || table_name THEN
-        wm := nullif(current_setting('cd2sync_tx.watermark', true), '')::timestamptz;
-    ELSE
-        SELECT s.watermark INTO wm FROM cd2sync.table_state s
-         WHERE s.instance = inst.name AND s.table_name = _feed_capture_sql.table_name;
-    END IF;
-    v := cd2sync._view_columns(table_name);
-    vo := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, old_src);
-    vn := cd2sync._view_select(table_name, inst.name, inst.shard_id, rel, v.cols, v.types, new_src);
-    -- each change's row r (the new; none for a delete) and key columns k1..,
-    -- its image _row_image(r); an update pairs old and new by key, and is a
-    -- change when a column changed (the fence keeps the pair's row and
-    -- comparison from being computed twice)
+    s := cd2sync._view_select(table_name, c.instance, c.shard_id, rel, v.cols, v.types, coalesce(new_src, old_src));
     RETURN format(
-        'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
-         SELECT nextval(''cd2sync.change_position_seq''), %L, %s, %s, %L, %s, %s, %L, %L::timestamptz FROM %s',
-        table_name,
-        CASE WHEN old_src IS NULL THEN '''insert''' WHEN new_src IS NULL THEN '''delete''' ELSE '''update''' END,
-        (SELECT 'jsonb_build_object(' || string_agg(format('%L, p.k%s', k, i), ', ') || ')'
-           FROM unnest(keys) WITH ORDINALITY u(k, i)),
-        inst.name,
-        CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'cd2sync._row_image(p.r)' END,
-        CASE WHEN old_src IS NULL OR new_src IS NULL THEN 'NULL' ELSE 'p.changed' END,
-        cause, wm,
-        CASE WHEN old_src IS NULL
-                 THEN format('(SELECT n AS r, %s FROM (%s) n) p', cd2sync._feed_key_columns(keys, 'n'), vn.sql)
-             WHEN new_src IS NULL
-                 THEN format('(SELECT %s FROM (%s) o) p', cd2sync._feed_key_columns(keys, 'o'), vo.sql)
-             ELSE format('(SELECT n AS r, %s, cd2sync._changed_columns(o, n) AS changed
-                             FROM (%s) o JOIN (%s) n ON %s OFFSET 0) p
-                          WHERE p.changed IS NOT NULL',
-                         cd2sync._feed_key_columns(keys, 'n'), vo.sql, vn.sql,
-                         (SELECT string_agg(format('n.%1$I = o.%1$I', k), ' AND ') FROM unnest(keys) k)) END);
+        'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", cause, watermark)
+         SELECT nextval(''cd2sync.change_position_seq''), %L, %L, jsonb_build_object(%s), %L, %s, %L,
+                %L::timestamptz FROM (%s) r',
+        table_name, CASE WHEN new_src IS NULL THEN 'delete' ELSE 'insert' END,
+        (SELECT string_agg(format('%L, r.%I', k, k), ', ') FROM unnest(c.keys) k),
+        c.instance, CASE WHEN new_src IS NULL THEN 'NULL' ELSE 'cd2sync._row_image(r)' END,
+        c.change_cause, c.watermark, s.sql);
 END $$;
 
--- The capture trigger of a followed instance table: one per statement, its
--- transition tables visible to this function's statements only (a TRUNCATE,
--- which has none, is captured before it, from the table). Changes are
--- written at once, with positions taken under _feed_lock: in the
--- transaction that writes the rows (a failure or a crash leaves none).
+-- What _feed_capture_row captures of instance table rel's rows: the CD2
+-- table, the context (_feed_capture_context), the statement giving a row's
+-- view image from its table row t (_view_select), and the feeds to notify.
+-- All NULL when nothing is to be captured.
+CREATE FUNCTION cd2sync._feed_row_plan(rel regclass, OUT table_name text, OUT instance text, OUT cause text,
+                                       OUT watermark timestamptz, OUT projection text, OUT keys text[],
+                                       OUT feeds text[])
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c record;
+    v record;
+BEGIN
+    table_name := (cd2sync._rel_table(rel)).table_name;
+    c := cd2sync._feed_capture_context(rel, table_name);
+    IF table_name IS NULL OR c.instance IS NULL THEN
+        table_name := NULL;
+        RETURN;
+    END IF;
+    v := cd2sync._view_columns(table_name);
+    projection := (cd2sync._view_select(table_name, c.instance, c.shard_id, rel, v.cols, v.types, rel::text)).sql;
+    instance := c.instance;
+    cause := c.change_cause;
+    watermark := c.watermark;
+    keys := c.keys;
+    feeds := ARRAY(SELECT f.name FROM cd2sync.feed f
+                    WHERE f.stale_since IS NULL AND cd2sync._covers(f.tables, _feed_row_plan.table_name)
+                    ORDER BY 1);
+END $$;
+
+-- Captures an instance table's rows, one by one, as each statement changes
+-- them (src/capture.c): an AFTER ROW trigger (on a partitioned instance
+-- table, its partitions' too)
+CREATE FUNCTION cd2sync._feed_capture_row()
+RETURNS trigger AS 'MODULE_PATHNAME', 'cd2_feed_capture_row' LANGUAGE C;
+
+-- A TRUNCATE of a followed instance table deletes its rows from the feeds:
+-- they are captured before it, from the table
 CREATE FUNCTION cd2sync._feed_capture()
-RETURNS trigger LANGUAGE plpgsql
--- an update's old and new rows pair by a hash join (in memory up to
--- work_mem, in batches beyond); the planner cannot know that they pair one
--- to one, and its estimate would have JIT compile the statement, which
--- costs more than it saves, or sort both sides for a merge join, which
--- costs a third more than the hash. The statement that fires it may have
--- turned joins off for itself (_apply does, for a small incremental): a
--- nested loop over transition tables rescans one for every row of the other
-SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' SET jit = off
-SET enable_hashjoin = on SET enable_mergejoin = off SET enable_material = on AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     tab text := (cd2sync._rel_table(TG_RELID)).table_name;   -- (its CD2 name: ns.table)
-    -- (TRUNCATE: before it, every row of the table is deleted)
-    q text := cd2sync._feed_capture_sql(TG_RELID, tab,
-                                        CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN 'cd2_old'
-                                             WHEN TG_OP = 'TRUNCATE' THEN TG_RELID::regclass::text END,
-                                        CASE WHEN TG_OP IN ('UPDATE', 'INSERT') THEN 'cd2_new' END);
-    n bigint;
+    q text := cd2sync._feed_capture_sql(TG_RELID, tab, TG_RELID::regclass::text, NULL);
 BEGIN
+    IF TG_OP <> 'TRUNCATE' THEN   -- (a trigger of 1.3's, not yet replaced)
+        RAISE EXCEPTION 'cd2sync: % has the capture triggers of an earlier version', TG_RELID::regclass
+              USING ERRCODE = 'object_not_in_prerequisite_state',
+                    HINT = 'SELECT cd2sync.refresh_views() replaces them.';
+    END IF;
     IF q IS NOT NULL THEN
         PERFORM cd2sync._feed_lock();
         EXECUTE q;
-        GET DIAGNOSTICS n = ROW_COUNT;
-        IF n > 0 THEN
-            PERFORM cd2sync._feed_notify(tab);
-        END IF;
+        PERFORM cd2sync._feed_notify(tab);
     END IF;
     RETURN NULL;
 END $$;
@@ -223,28 +230,29 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Gives an instance table its capture triggers when a feed follows the
--- table, and takes them away when none does.
+-- table, and takes them away when none does. (Those of 1.3, statement
+-- triggers over transition tables, are replaced.)
 CREATE FUNCTION cd2sync._feed_ensure_capture(rel regclass, table_name text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     wanted boolean := cd2sync._feed_follows(table_name);
     has boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert');
+    current boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert'
+                                  AND tgfoid = 'cd2sync._feed_capture_row()'::regprocedure);
+    t text;
 BEGIN
-    IF wanted AND NOT has THEN
-        EXECUTE format('CREATE TRIGGER cd2_feed_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS cd2_new
-                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
-        EXECUTE format('CREATE TRIGGER cd2_feed_update AFTER UPDATE ON %s
-                        REFERENCING OLD TABLE AS cd2_old NEW TABLE AS cd2_new
-                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
-        EXECUTE format('CREATE TRIGGER cd2_feed_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS cd2_old
-                        FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
+    IF has AND NOT (wanted AND current) THEN
+        FOREACH t IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'cd2_feed_' || t, rel);
+        END LOOP;
+    END IF;
+    IF wanted AND NOT current THEN
+        FOREACH t IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
+            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION cd2sync._feed_capture_row()',
+                           'cd2_feed_' || t, upper(t), rel);
+        END LOOP;
         EXECUTE format('CREATE TRIGGER cd2_feed_truncate BEFORE TRUNCATE ON %s
                         FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
-    ELSIF has AND NOT wanted THEN
-        EXECUTE format('DROP TRIGGER cd2_feed_insert ON %s', rel);
-        EXECUTE format('DROP TRIGGER cd2_feed_update ON %s', rel);
-        EXECUTE format('DROP TRIGGER cd2_feed_delete ON %s', rel);
-        EXECUTE format('DROP TRIGGER cd2_feed_truncate ON %s', rel);
     END IF;
 END $$;
 

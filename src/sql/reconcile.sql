@@ -786,7 +786,10 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
                         WHERE d.classid = 'pg_rewrite'::regclass
                           AND d.refobjid = 'cd2sync.user_merge_map'::regclass
-                          AND r.ev_class <> 'cd2.user_merges'::regclass) THEN
+                          AND r.ev_class <> 'cd2.user_merges'::regclass)
+       -- (1.3's capture triggers: refresh_view replaces them)
+       AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'cd2_feed_insert'
+                          AND tgfoid = 'cd2sync._feed_capture()'::regprocedure) THEN
         RETURN;
     END IF;
     PERFORM pg_advisory_xact_lock(52518, 1);   -- one at a time
