@@ -207,4 +207,19 @@ INSERT INTO images VALUES
 SELECT id, cd2sync._row_image(m) = to_jsonb(m) AS same, cd2sync._row_image(m)::text = to_jsonb(m)::text AS same_text
   FROM images m ORDER BY id;
 SELECT cd2sync._row_image(m) FROM images m WHERE id = 3;
+-- each key found as in to_jsonb's (its offsets right), past 32 columns too
+SELECT count(*) AS keys, bool_and(cd2sync._row_image(m) -> k IS NOT DISTINCT FROM to_jsonb(m) -> k) AS same
+  FROM images m, jsonb_object_keys(to_jsonb(m)) k;
+DO $$
+BEGIN
+    EXECUTE 'CREATE TEMP TABLE wide AS SELECT '
+            || (SELECT string_agg(format('%s::%s AS c%s', CASE WHEN i % 3 = 0 THEN i::text
+                                                               WHEN i % 3 = 1 THEN quote_literal(repeat('x', i))
+                                                               ELSE 'NULL' END,
+                                         CASE i % 3 WHEN 0 THEN 'bigint' WHEN 1 THEN 'text' ELSE 'float8' END, i), ', ')
+                  FROM generate_series(1, 70) i);
+END $$;
+SELECT count(*) AS keys, bool_and(cd2sync._row_image(w) -> k IS NOT DISTINCT FROM to_jsonb(w) -> k) AS same,
+       bool_and(cd2sync._row_image(w)::text = to_jsonb(w)::text) AS same_text
+  FROM wide w, jsonb_object_keys(to_jsonb(w)) k;
 

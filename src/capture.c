@@ -100,6 +100,10 @@ typedef struct Image
 {
 	Oid tuptype; /* (for _row_image's cache) */
 	int32 tuptypmod;
+	char *keys; /* the keys' bytes, as an image holds them */
+	int keys_len;
+	JEntry *key_entries; /* ... and their JEntries */
+	int size_hint;       /* the largest image so far (to 64 kB) */
 	int ncolumns;
 	ImageColumn columns[FLEXIBLE_ARRAY_MEMBER]; /* in jsonb's key order */
 } Image;
@@ -208,6 +212,26 @@ image_init(TupleDesc desc, MemoryContext mcxt)
 	}
 	qsort(image->columns, n, sizeof(ImageColumn), image_key_cmp);
 	image->ncolumns = n;
+
+	/* the keys part of every image (image_make) */
+	image->key_entries = MemoryContextAlloc(mcxt, Max(n, 1) * sizeof(JEntry));
+	for (int i = 0; i < n; i++)
+	{
+		JsonbValue *key = &image->columns[i].key;
+
+		image->keys_len += key->val.string.len;
+		image->key_entries[i] = JENTRY_ISSTRING | key->val.string.len;
+		if (i % JB_OFFSET_STRIDE == 0)
+			image->key_entries[i] = JENTRY_ISSTRING | JENTRY_HAS_OFF | image->keys_len;
+	}
+	image->keys = MemoryContextAlloc(mcxt, Max(image->keys_len, 1));
+	for (int i = 0, off = 0; i < n; i++)
+	{
+		memcpy(image->keys + off, image->columns[i].key.val.string.val,
+			   image->columns[i].key.val.string.len);
+		off += image->columns[i].key.val.string.len;
+	}
+	image->size_hint = 1024;
 	return image;
 }
 
@@ -291,23 +315,110 @@ image_value(ImageColumn *col, Datum d, bool isnull, JsonbValue *v)
 	}
 }
 
-/* The image of the row of values and nulls */
+/*
+ * The image of the row of values and nulls, written in jsonb's binary
+ * layout directly (as convertToJsonb lays out an object, which PostgreSQL
+ * keeps stable on disk): the object's header and JEntries, its keys (the
+ * same for every row: written once, in image_init), then its values, each
+ * number and container aligned to 4 bytes, every JB_OFFSET_STRIDE'th
+ * JEntry an end offset, the others lengths. Building a JsonbValue tree and
+ * converting it took two thirds of the time.
+ */
+static JEntry image_put(StringInfo buf, JsonbValue *v);
+
+/* Pads buf with zeros to a multiple of 4 bytes (from the jsonb's start) */
+static int
+image_pad(StringInfo buf)
+{
+	static const char zeros[4] = { 0, 0, 0, 0 };
+	int pad = INTALIGN(buf->len) - buf->len;
+
+	appendBinaryStringInfo(buf, zeros, pad);
+	return pad;
+}
+
+/* Appends the bytes of scalar or container v; returns its JEntry (a length) */
+static JEntry
+image_put(StringInfo buf, JsonbValue *v)
+{
+	int pad;
+	int len;
+
+	switch (v->type)
+	{
+		case jbvNull:
+			return JENTRY_ISNULL;
+		case jbvBool:
+			return v->val.boolean ? JENTRY_ISBOOL_TRUE : JENTRY_ISBOOL_FALSE;
+		case jbvString:
+			if (v->val.string.len > JENTRY_OFFLENMASK)
+				ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+								errmsg("string too long to represent as jsonb string")));
+			appendBinaryStringInfo(buf, v->val.string.val, v->val.string.len);
+			return JENTRY_ISSTRING | v->val.string.len;
+		case jbvNumeric:
+			pad = image_pad(buf);
+			len = VARSIZE_ANY(v->val.numeric);
+			appendBinaryStringInfo(buf, (char *) v->val.numeric, len);
+			return JENTRY_ISNUMERIC | (pad + len);
+		case jbvBinary:
+		{
+			/* a jsonb's root: a scalar as itself, a container as it is */
+			JsonbContainer *jc = v->val.binary.data;
+			JsonbValue scalar;
+
+			if (JsonbExtractScalar(jc, &scalar))
+				return image_put(buf, &scalar);
+			pad = image_pad(buf);
+			appendBinaryStringInfo(buf, (char *) jc, v->val.binary.len);
+			return JENTRY_ISCONTAINER | (pad + v->val.binary.len);
+		}
+		default:
+			elog(ERROR, "cd2sync: unexpected jsonb value type %d in an image", (int) v->type);
+	}
+	return 0; /* (not reached) */
+}
+
 static Jsonb *
 image_make(Image *image, Datum *values, bool *nulls)
 {
-	JsonbParseState *state = NULL;
+	int n = image->ncolumns;
+	uint32 header = n | JB_FOBJECT;
+	uint32 total = image->keys_len;
+	StringInfoData buf;
+	int entries;
 
-	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	for (int i = 0; i < image->ncolumns; i++)
+	initStringInfo(&buf);
+	enlargeStringInfo(&buf, image->size_hint);
+	buf.len = VARHDRSZ;
+	appendBinaryStringInfo(&buf, (char *) &header, sizeof(uint32));
+	appendBinaryStringInfo(&buf, (char *) image->key_entries, n * sizeof(JEntry));
+	entries = buf.len;
+	enlargeStringInfo(&buf, n * sizeof(JEntry));
+	buf.len += n * sizeof(JEntry);
+	appendBinaryStringInfo(&buf, image->keys, image->keys_len);
+	for (int i = 0; i < n; i++)
 	{
 		ImageColumn *col = &image->columns[i];
 		JsonbValue v;
+		JEntry meta;
 
-		pushJsonbValue(&state, WJB_KEY, &col->key);
 		image_value(col, values[col->attnum], nulls[col->attnum], &v);
-		pushJsonbValue(&state, WJB_VALUE, &v);
+		meta = image_put(&buf, &v);
+		total += meta & JENTRY_OFFLENMASK;
+		if (total > JENTRY_OFFLENMASK)
+			ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+							errmsg("total size of jsonb object elements exceeds the maximum of %u "
+								   "bytes",
+								   JENTRY_OFFLENMASK)));
+		if ((i + n) % JB_OFFSET_STRIDE == 0)
+			meta = (meta & JENTRY_TYPEMASK) | total | JENTRY_HAS_OFF;
+		memcpy(buf.data + entries + i * sizeof(JEntry), &meta, sizeof(JEntry));
 	}
-	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+	SET_VARSIZE(buf.data, buf.len);
+	if (buf.len > image->size_hint && buf.len <= 64 * 1024)
+		image->size_hint = buf.len;
+	return (Jsonb *) buf.data;
 }
 
 /*
