@@ -95,7 +95,8 @@ $$;
 
 -- Takes positions: the lock on cd2sync.changes is held until the
 -- transaction ends, so a transaction that writes changes later waits for
--- this one to commit and takes higher positions.
+-- this one to commit and takes higher positions. (The row capture takes
+-- the same lock in C: src/capture.c.)
 CREATE FUNCTION cd2sync._feed_lock()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
