@@ -63,7 +63,7 @@ CREATE VIEW cd2sync.feeds AS
 CREATE FUNCTION cd2sync._feed_limits(OUT max_pending bigint, OUT max_age_seconds int)
 AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;
 
--- The image of a row: to_jsonb(r), made for every change faster (src/feeds.c)
+-- The image of a row: to_jsonb(r), made for every change faster (src/capture.c)
 CREATE FUNCTION cd2sync._row_image(r record)
 RETURNS jsonb AS 'MODULE_PATHNAME', 'cd2_row_image' LANGUAGE C STABLE STRICT PARALLEL SAFE;
 
