@@ -35,7 +35,7 @@ include $(PGXS)
 # PGXS does not track headers: every object depends on all of ours
 $(OBJS): $(wildcard src/*.h)
 # nor the version, which the library compares with the installed SQL
-src/cd2sync.o src/catalog.o src/feeds.o src/capture.o src/http.o src/launch.o src/scheduler.o: $(EXTENSION).control
+src/cd2sync.o src/catalog.o src/feeds.o src/http.o src/launch.o src/scheduler.o: $(EXTENSION).control
 
 $(DATA_built): $(SQL_PARTS)
 	cat $^ > $@

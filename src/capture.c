@@ -491,7 +491,6 @@ static const char *const change_columns[CH_NCOLUMNS] = {
 typedef struct Capture
 {
 	Oid relid;     /* the table the trigger fires on (a partition, maybe) */
-	Oid parent;    /* the instance table */
 	int event;     /* TRIGGER_EVENT_INSERT, _UPDATE or _DELETE */
 	CommandId cid; /* the statement's command */
 	int nestlevel;
@@ -644,7 +643,6 @@ capture_open(Relation rel, Oid parent, int event)
 	int ret;
 
 	c->relid = RelationGetRelid(rel);
-	c->parent = parent;
 	c->event = event;
 	c->nestlevel = GetCurrentTransactionNestLevel();
 	c->cxt = cxt;

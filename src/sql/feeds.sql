@@ -42,8 +42,7 @@ CREATE TABLE cd2sync.changes (
     committed_at  timestamptz NOT NULL DEFAULT now()
 );
 -- An image of more than 2 kB is compressed inline: with lz4 where the
--- server has it, five times faster than pglz for these (a fifth of a
--- large capture's time went to pglz)
+-- server has it (pglz took 7% of 1.3's capture of 90,000 updates)
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
@@ -118,15 +117,14 @@ DECLARE
     inst cd2sync.instances;
 BEGIN
     SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
-    IF NOT FOUND OR cd2sync._key_columns(rel) IS NULL THEN
-        RETURN;
-    END IF;
-    IF cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true) THEN
+    keys := cd2sync._key_columns(rel);
+    IF inst.name IS NULL OR keys IS NULL
+       OR (cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true)) THEN
+        keys := NULL;
         RETURN;
     END IF;
     instance := inst.name;
     shard_id := inst.shard_id;
-    keys := cd2sync._key_columns(rel);
     change_cause := coalesce(cause, nullif(current_setting('cd2sync_tx.cause', true), ''), 'sync');
     -- the sync that applies the table says its watermark beforehand
     -- (cd2sync_tx.watermark); else the stored one
