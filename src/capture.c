@@ -806,9 +806,10 @@ capture_open(Relation rel, Oid parent, int event)
 
 /* The capture serving this statement's rows of rel for event */
 static Capture *
-capture_for(Relation rel, Oid parent, int event)
+capture_for(Relation rel, int event)
 {
 	Oid relid = RelationGetRelid(rel);
+	Oid parent;
 	CommandId cid = GetCurrentCommandId(false);
 	int nestlevel = GetCurrentTransactionNestLevel();
 	Capture **p;
@@ -836,6 +837,11 @@ capture_for(Relation rel, Oid parent, int event)
 		RegisterSubXactCallback(capture_subxact_callback, NULL);
 		callbacks_registered = true;
 	}
+	/* the instance table: the table, or the partitioned table of a partition
+	 * (looked up once per statement, not per row) */
+	parent = relid;
+	if (rel->rd_rel->relispartition)
+		parent = llast_oid(get_partition_ancestors(relid));
 	c = capture_open(rel, parent, event);
 	c->next = captures;
 	captures = c;
@@ -1001,7 +1007,6 @@ cd2_feed_capture_row(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
 	int event;
-	Oid parent;
 	Capture *c;
 	MemoryContext old;
 
@@ -1010,12 +1015,7 @@ cd2_feed_capture_row(PG_FUNCTION_ARGS)
 		ereport(ERROR, (errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 						errmsg("cd2sync._feed_capture_row must fire after each row")));
 	event = td->tg_event & TRIGGER_EVENT_OPMASK;
-	/* the instance table: the table, or the partitioned table of a partition */
-	parent = RelationGetRelid(td->tg_relation);
-	if (td->tg_relation->rd_rel->relispartition)
-		parent = llast_oid(get_partition_ancestors(parent));
-
-	c = capture_for(td->tg_relation, parent, event);
+	c = capture_for(td->tg_relation, event);
 	if (!c->active)
 		return PointerGetDatum(NULL);
 
