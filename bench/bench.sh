@@ -439,6 +439,23 @@ t0=$(now)
 sql -At -o /dev/null -c "SELECT * FROM cd2_feed_read('bench', max_changes => $BENCH_CHANGES)"
 t1=$(now); T_READ=$(calc "$t1 - $t0")
 echo "   a reader takes $BENCH_CHANGES changes (psql -At, rows to the client): ${T_READ}s"
+# The floors under 7a and 7d: PostgreSQL's own cost of the bytes a feed's contract asks for.
+# The same change rows in a plain table with the same key: read by the same client in the
+# same order (7d's baseline), and written into an empty table like cd2sync.changes by one
+# INSERT (beside what a feed adds to the incremental).
+sql -o /dev/null -c "CREATE TABLE baseline.changes_copy AS SELECT * FROM cd2sync.changes ORDER BY position" \
+    -c "ALTER TABLE baseline.changes_copy ADD PRIMARY KEY (position)" \
+    -c "CREATE TABLE baseline.changes_sink (LIKE cd2sync.changes INCLUDING ALL)" \
+    -c "VACUUM ANALYZE baseline.changes_copy"
+t0=$(now)
+sql -At -o /dev/null -c "SELECT position, table_name, op, key, instance, \"row\", changed, cause, watermark
+                           FROM baseline.changes_copy ORDER BY position LIMIT $BENCH_CHANGES"
+t1=$(now); T_READ0=$(calc "$t1 - $t0")
+checkpoint
+t0=$(now); sql -o /dev/null -c "INSERT INTO baseline.changes_sink SELECT * FROM baseline.changes_copy"; t1=$(now)
+T_WRITE0=$(calc "$t1 - $t0")
+sql -o /dev/null -c "DROP TABLE baseline.changes_copy, baseline.changes_sink"
+echo "   the same rows from a plain table (psql -At): ${T_READ0}s; written by one INSERT into an empty table like cd2sync.changes: ${T_WRITE0}s"
 # 7a again in the other order, with then without (two seconds-long syncs on this machine
 # drift as much as a feed costs: the ratio of the means over both orders)
 # (the dropped feed's 100k changes are deleted: vacuumed now, not by an autovacuum that the
@@ -673,9 +690,12 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
     R "6g every enrolment of a person, cd2 view" "${L_USER} ms" "-" "-" "< 5 ms" "" ""
     R "7a incremental with a feed vs without" "${T_INC1}s" "${T_INC0}s" "$(ratio "$T_INC1" "$T_INC0")" "<= 1.3" \
       "$(rows_per_s "$BENCH_CHANGES" "$T_INC1")" ""
+    R "  time a feed adds, vs INSERT of its rows" "$(calc "$T_INC1 - $T_INC0")s" "${T_WRITE0}s" \
+      "$(ratio "$(calc "$T_INC1 - $T_INC0")" "$T_WRITE0")" "" "" ""
     R "7b full resync, unchanged, feed vs without" "${T_RES1}s" "${T_RES0}s" "$(ratio "$T_RES1" "$T_RES0")" "<= 1.3" "" ""
     R "7c   changes it published" "$C_RES" "-" "-" "0" "" ""
-    R "7d reading $C_INC changes (cd2_feed_read)" "${T_READ}s" "-" "-" "< 1 s" "$(rows_per_s "$C_INC" "$T_READ")" ""
+    R "7d reading $C_INC changes, vs plain table" "${T_READ}s" "${T_READ0}s" "$(ratio "$T_READ" "$T_READ0")" "< 1 s" \
+      "$(rows_per_s "$C_INC" "$T_READ")" ""
     fi
     R "8 web_logs +$BENCH_LOGS, vs COPY same rows" "${T_LOGS}s" "${T_LOGC}s" "$(ratio "$T_LOGS" "$T_LOGC")" "<= 1.1" \
       "$(rows_per_s "$BENCH_LOGS" "$T_LOGS")" "$(mb_per_s "$LOG_RAW" "$T_LOGS")"
@@ -691,6 +711,9 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
     echo "WAL: snapshot cd2sync ${WAL_SNAP} MB vs L ${WAL_L} MB. No-op HOT updates: cd2sync $NOOP_HOT, L2 $L2_HOT."
     echo "6f/6g: median of 7 warm runs (psql \\timing, client round trip included); the person: $L_USER_N."
     echo "7: syncs of the bench table restored to its snapshot; 7a/7b with and without a feed following it; 7a: the means of two rounds, without then with (${T_INC0A}s, ${T_INC1A}s), with then without (${T_INC1B}s, ${T_INC0B}s)."
+    echo "7a's floor: the time a feed adds to the incremental (7a with less without) beside one INSERT of the same $C_INC change rows" \
+         "(${T_WRITE0}s) into an empty table like cd2sync.changes; 7d's baseline: the same rows and columns from a plain table with" \
+         "the same key, read by the same client (psql -At) in the same order: PostgreSQL's and psql's own cost of these bytes."
     echo "6: $N_ENR enrollments, $N_MAP merges, 3 runs each, median; raw = UNION ALL of c1/c2.enrollments grouped by (shard, ...);" \
          "6-6c with max_parallel_workers_per_gather = 0 (the planner parallelises the view but not the raw union);" \
          "6c runs until BENCH_VIEW_TIMEOUT=${BENCH_VIEW_TIMEOUT}s."
