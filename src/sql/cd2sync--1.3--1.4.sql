@@ -698,6 +698,40 @@ BEGIN
     PERFORM cd2sync._refresh_merge_duplicates('submissions');
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._make_partition(rel regclass, of_day timestamp)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    col text := cd2sync._log_column(rel);
+    sch text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+    tab text := (SELECT relname FROM pg_class WHERE oid = rel);
+    def regclass := (SELECT x.part FROM cd2sync._log_partitions(rel) x WHERE x.day IS NULL);
+    d timestamp := date_trunc('day', of_day);
+    cols text := (SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) FROM pg_attribute
+                   WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped);
+    quiet text := current_setting('cd2sync_tx.quiet_instance', true);
+BEGIN
+    IF EXISTS (SELECT 1 FROM cd2sync._log_partitions(rel) p WHERE p.day = d) THEN
+        RETURN false;
+    END IF;
+    IF def IS NOT NULL THEN
+        -- (the partitions' capture triggers pass the move over)
+        PERFORM set_config('cd2sync_tx.quiet_instance', (cd2sync._rel_table(rel)).instance, true);
+        -- (a partition cannot be made while the default one holds its rows)
+        EXECUTE format('CREATE TEMP TABLE cd2_strays ON COMMIT DROP AS
+                        WITH m AS (DELETE FROM %1$s WHERE %2$I >= %3$L AND %2$I < %4$L RETURNING *)
+                        SELECT * FROM m', def, col, d, d + interval '1 day');
+    END IF;
+    EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', sch,
+                   left(tab, 53) || to_char(d, '_pYYYYMMDD'), rel, d, d + interval '1 day');
+    IF def IS NOT NULL THEN
+        EXECUTE format('INSERT INTO %I.%I (%s) SELECT %s FROM cd2_strays', sch,
+                       left(tab, 53) || to_char(d, '_pYYYYMMDD'), cols, cols);
+        DROP TABLE cd2_strays;
+        PERFORM set_config('cd2sync_tx.quiet_instance', coalesce(quiet, ''), true);
+    END IF;
+    RETURN true;
+END $$;
+
 REVOKE ALL ON FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_table(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._row_image(record) FROM PUBLIC;

@@ -386,7 +386,8 @@ $$;
 
 -- Makes the partition of a log for one day, unless it has one; rows of
 -- that day in the default partition (a load put them there) move into it,
--- straight (not through the parent: the change feeds saw them already).
+-- straight, and unseen by the change feeds (which saw them go in already:
+-- the view's rows do not change).
 CREATE FUNCTION cd2sync._make_partition(rel regclass, of_day timestamp)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
@@ -397,11 +398,14 @@ DECLARE
     d timestamp := date_trunc('day', of_day);
     cols text := (SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) FROM pg_attribute
                    WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped);
+    quiet text := current_setting('cd2sync_tx.quiet_instance', true);
 BEGIN
     IF EXISTS (SELECT 1 FROM cd2sync._log_partitions(rel) p WHERE p.day = d) THEN
         RETURN false;
     END IF;
     IF def IS NOT NULL THEN
+        -- (the partitions' capture triggers pass the move over)
+        PERFORM set_config('cd2sync_tx.quiet_instance', (cd2sync._rel_table(rel)).instance, true);
         -- (a partition cannot be made while the default one holds its rows)
         EXECUTE format('CREATE TEMP TABLE cd2_strays ON COMMIT DROP AS
                         WITH m AS (DELETE FROM %1$s WHERE %2$I >= %3$L AND %2$I < %4$L RETURNING *)
@@ -413,6 +417,7 @@ BEGIN
         EXECUTE format('INSERT INTO %I.%I (%s) SELECT %s FROM cd2_strays', sch,
                        left(tab, 53) || to_char(d, '_pYYYYMMDD'), cols, cols);
         DROP TABLE cd2_strays;
+        PERFORM set_config('cd2sync_tx.quiet_instance', coalesce(quiet, ''), true);
     END IF;
     RETURN true;
 END $$;
