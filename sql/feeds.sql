@@ -117,6 +117,15 @@ SELECT cd2_create_feed('mine', tables => ARRAY['users']);
 SELECT cd2_drop_feed('mine');
 RESET ROLE;
 
+-- a feed over a limit is stale at once, before a sync marks it: reading it
+-- is an error, and the failed read takes nothing back
+SET cd2sync.feed_max_pending = 2;
+SELECT name, pending > 2 AS over, status FROM cd2sync.feeds ORDER BY name;
+SELECT count(*) FROM cd2_feed_read('all_tables');
+SELECT name, status FROM cd2sync.feeds ORDER BY name;
+SELECT name, status, last_error FROM cd2sync.monitoring WHERE kind = 'feed' ORDER BY name;
+RESET cd2sync.feed_max_pending;
+
 -- a feed that falls behind is stale: a WARNING, reading it is an error, the
 -- others go on; its triggers go when no other feed follows its tables
 SET cd2sync.feed_max_pending = 2;

@@ -732,6 +732,96 @@ BEGIN
     RETURN true;
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._feed_over_limits(pending bigint, oldest timestamptz)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN oldest < now() - make_interval(secs => l.max_age_seconds)
+                THEN format('a change waits since %s, longer than cd2sync.feed_max_age', oldest)
+                WHEN pending > l.max_pending
+                THEN format('more than %s changes wait, over cd2sync.feed_max_pending', l.max_pending) END
+      FROM cd2sync._feed_limits() l
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_check_limits()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lim record := cd2sync._feed_limits();
+    f record;
+    oldest timestamptz;
+    pending bigint;
+    why text;
+BEGIN
+    FOR f IN SELECT * FROM cd2sync.feed WHERE stale_since IS NULL ORDER BY name LOOP
+        SELECT c.committed_at INTO oldest FROM cd2sync.changes c
+         WHERE c.position > f.acknowledged
+           AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+         ORDER BY c.position LIMIT 1;
+        pending := 0;
+        IF (SELECT max(position) FROM cd2sync.changes) - f.acknowledged > lim.max_pending THEN
+            -- positions bound the count; count (to one over) only when the bound is over
+            SELECT count(*) INTO pending
+              FROM (SELECT 1 FROM cd2sync.changes c
+                     WHERE c.position > f.acknowledged
+                       AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+                     LIMIT lim.max_pending + 1) x;
+        END IF;
+        why := cd2sync._feed_over_limits(pending, oldest);
+        IF why IS NOT NULL THEN
+            UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why WHERE x.name = f.name;
+            RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
+                  USING HINT = 'Drop it and create it again; its changes are no longer kept.';
+            PERFORM cd2sync._feed_forget(f.acknowledged);
+        END IF;
+    END LOOP;
+END $$;
+
+
+-- a feed over its limits is stale at once (_feed_over_limits, the one owner
+-- of the limits): cd2sync.feeds and cd2sync.monitoring say so before a
+-- sync marks it
+CREATE OR REPLACE VIEW cd2sync.feeds AS
+    SELECT f.name, f.tables, f.acknowledged, p.pending, p.oldest_pending,
+           CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, p.oldest_pending) IS NULL
+                THEN 'ok' ELSE 'stale' END AS status
+      FROM cd2sync.feed f
+      CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.committed_at) AS oldest_pending
+                            FROM cd2sync.changes c
+                           WHERE c.position > f.acknowledged AND f.stale_since IS NULL
+                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p;
+
+CREATE OR REPLACE VIEW cd2sync.monitoring AS
+    SELECT 'table'::text AS kind, i.name AS instance, s.table_name AS name,
+           CASE WHEN s.synced_at IS NULL THEN 'never'
+                WHEN s.status = 'failed' THEN 'failing'
+                ELSE 'ok' END AS status,
+           s.watermark,
+           extract(epoch FROM now() - s.watermark)::float8 AS seconds_behind,
+           s.synced_at AS last_success,
+           coalesce(f.n, 0)::int AS consecutive_failures,
+           l.rows_upserted + l.rows_deleted AS last_rows, l.bytes_downloaded AS last_bytes,
+           s.last_error
+      FROM cd2sync.instances i
+      LEFT JOIN cd2sync.table_state s ON s.instance = i.name
+      LEFT JOIN LATERAL (SELECT x.* FROM cd2sync.sync_log x
+                          WHERE x.instance = s.instance AND x.table_name = s.table_name
+                            AND x.status <> 'running'
+                          ORDER BY x.started_at DESC LIMIT 1) l ON true
+      LEFT JOIN LATERAL (SELECT count(*) AS n FROM cd2sync.sync_log x
+                          WHERE x.instance = s.instance AND x.table_name = s.table_name
+                            AND x.status = 'failed'
+                            AND x.started_at > coalesce((SELECT max(y.started_at) FROM cd2sync.sync_log y
+                                                          WHERE y.instance = s.instance
+                                                            AND y.table_name = s.table_name
+                                                            AND y.status = 'ok'), '-infinity')) f ON true
+    UNION ALL
+    SELECT 'feed', NULL, f.name, f.status, NULL,
+           coalesce(extract(epoch FROM now() - coalesce(x.stale_since, f.oldest_pending))::float8, 0),
+           x.acknowledged_at, 0, f.pending, NULL,
+           coalesce(x.stale_reason, cd2sync._feed_over_limits(f.pending, f.oldest_pending))
+      FROM cd2sync.feeds f JOIN cd2sync.feed x ON x.name = f.name;
+
+REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
+
 REVOKE ALL ON FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_table(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._row_image(record) FROM PUBLIC;

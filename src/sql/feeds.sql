@@ -50,17 +50,33 @@ BEGIN
     END IF;
 END $$;
 
+CREATE FUNCTION cd2sync._feed_limits(OUT max_pending bigint, OUT max_age_seconds int)
+AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;
+
+-- Why a feed with pending changes waiting, the oldest committed at oldest,
+-- is over cd2sync.feed_max_age or cd2sync.feed_max_pending; NULL when it
+-- is not. The one owner of the limits: a feed over them is stale at once
+-- (cd2sync.feeds, cd2_feed_read), and is marked so by _feed_check_limits.
+CREATE FUNCTION cd2sync._feed_over_limits(pending bigint, oldest timestamptz)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN oldest < now() - make_interval(secs => l.max_age_seconds)
+                THEN format('a change waits since %s, longer than cd2sync.feed_max_age', oldest)
+                WHEN pending > l.max_pending
+                THEN format('more than %s changes wait, over cd2sync.feed_max_pending', l.max_pending) END
+      FROM cd2sync._feed_limits() l
+$$;
+
+-- A feed over its limits is stale before a sync marks it (a read that
+-- finds it so fails, and takes its mark back with it)
 CREATE VIEW cd2sync.feeds AS
     SELECT f.name, f.tables, f.acknowledged, p.pending, p.oldest_pending,
-           CASE WHEN f.stale_since IS NULL THEN 'ok' ELSE 'stale' END AS status
+           CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, p.oldest_pending) IS NULL
+                THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
       CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.committed_at) AS oldest_pending
                             FROM cd2sync.changes c
                            WHERE c.position > f.acknowledged AND f.stale_since IS NULL
                              AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p;
-
-CREATE FUNCTION cd2sync._feed_limits(OUT max_pending bigint, OUT max_age_seconds int)
-AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;
 
 -- The image of a row: to_jsonb(r), made for every change faster (src/capture.c)
 CREATE FUNCTION cd2sync._row_image(r record)
@@ -305,10 +321,10 @@ BEGIN
     PERFORM set_config('cd2sync_tx.quiet_instance', CASE WHEN side = 'old' THEN instance ELSE '' END, true);
 END $$;
 
--- Marks stale, with a WARNING, every feed that fell behind
--- cd2sync.feed_max_pending changes or cd2sync.feed_max_age, and forgets
--- the changes no other feed waits for. (The capture triggers of tables no
--- feed follows any more go with the next change to the feeds or instances.)
+-- Marks stale, with a WARNING, every feed over its limits
+-- (_feed_over_limits), and forgets the changes no other feed waits for.
+-- (The capture triggers of tables no feed follows any more go with the
+-- next change to the feeds or instances.)
 CREATE FUNCTION cd2sync._feed_check_limits()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -319,24 +335,20 @@ DECLARE
     why text;
 BEGIN
     FOR f IN SELECT * FROM cd2sync.feed WHERE stale_since IS NULL ORDER BY name LOOP
-        why := NULL;
         SELECT c.committed_at INTO oldest FROM cd2sync.changes c
          WHERE c.position > f.acknowledged
            AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
          ORDER BY c.position LIMIT 1;
-        IF oldest < now() - make_interval(secs => lim.max_age_seconds) THEN
-            why := format('a change waits since %s, longer than cd2sync.feed_max_age', oldest);
-        ELSIF (SELECT max(position) FROM cd2sync.changes) - f.acknowledged > lim.max_pending THEN
-            -- positions bound the count; count only when the bound is over
+        pending := 0;
+        IF (SELECT max(position) FROM cd2sync.changes) - f.acknowledged > lim.max_pending THEN
+            -- positions bound the count; count (to one over) only when the bound is over
             SELECT count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
                      WHERE c.position > f.acknowledged
                        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
                      LIMIT lim.max_pending + 1) x;
-            IF pending > lim.max_pending THEN
-                why := format('more than %s changes wait, over cd2sync.feed_max_pending', lim.max_pending);
-            END IF;
         END IF;
+        why := cd2sync._feed_over_limits(pending, oldest);
         IF why IS NOT NULL THEN
             UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why WHERE x.name = f.name;
             RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why

@@ -16,7 +16,7 @@
 --   last_rows, last_bytes rows upserted and deleted, and bytes downloaded,
 --                         by the table's last finished sync; a feed: its
 --                         pending changes, and NULL
---   last_error            why the last sync failed, why a feed went stale
+--   last_error            why the last sync failed, why a feed is stale
 -- A table's figures are read through the index on cd2sync.sync_log:
 -- polling costs the same however long the history is. A feed's count its
 -- pending changes (as cd2sync.feeds does).
@@ -48,7 +48,8 @@ CREATE VIEW cd2sync.monitoring AS
     UNION ALL
     SELECT 'feed', NULL, f.name, f.status, NULL,
            coalesce(extract(epoch FROM now() - coalesce(x.stale_since, f.oldest_pending))::float8, 0),
-           x.acknowledged_at, 0, f.pending, NULL, x.stale_reason
+           x.acknowledged_at, 0, f.pending, NULL,
+           coalesce(x.stale_reason, cd2sync._feed_over_limits(f.pending, f.oldest_pending))
       FROM cd2sync.feeds f JOIN cd2sync.feed x ON x.name = f.name;
 
 -- (privileges: src/sql/privileges.sql)
