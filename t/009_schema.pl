@@ -87,6 +87,8 @@ $node->safe_psql('postgres', q{
 	COMMENT ON COLUMN public.top_scores.score IS 'the score';
 	CREATE INDEX things_rank ON evo.things (rank);
 });
+# a change feed follows the table through it
+$node->safe_psql('postgres', "SELECT cd2_create_feed('evo_feed', tables => ARRAY['things'])");
 $emu->epoch({ client_id => $cid, table => 'things', schema => schema(3, %v3),
 	upsert => [ { key => { id => 2 }, value => { name => 'n2', state => 'active', score => 'high', rank => 3000000000 } } ] });
 # the snapshot's download hangs 10 s: readers are not locked out meanwhile
@@ -112,6 +114,16 @@ is($r->{things}{error}, '', 'version 3 synced without error');
 is($r->{things}{mode}, 'snapshot', 'a type that cannot change in place: a fresh snapshot');
 is($node->safe_psql('postgres', "SELECT rows_deleted FROM cd2sync.sync_log WHERE run_id = $run"),
 	$rows_before, "the log counts the $rows_before rows the type change emptied");
+is($node->safe_psql('postgres', "SELECT count(*) FILTER (WHERE op = 'delete') || ' ' || string_agg(DISTINCT cause, ',') "
+	  . "FROM cd2_feed_read('evo_feed', 1000)"),
+	"$rows_before resync", 'a feed has the reload as a resync: every row deleted, then written again');
+is($node->safe_psql('postgres', q{
+	WITH c AS (SELECT * FROM cd2_feed_read('evo_feed', 1000)),
+	     last AS (SELECT DISTINCT ON (key) * FROM c ORDER BY key, position DESC)
+	SELECT string_agg(format('%s:%s:%s', "row"->>'id', coalesce("row"->>'score', '-'), coalesce("row"->>'rank', '-')), ' '
+	                  ORDER BY ("row"->>'id')::int) FROM last WHERE op <> 'delete'}),
+	'1:2.5:7 2:high:3000000000 3:-:- 4:-:- 5:1:-', 'and replayed it gives the reloaded rows');
+$node->safe_psql('postgres', "SELECT cd2_drop_feed('evo_feed')");
 is($node->safe_psql('postgres', "SELECT has_column_privilege('analyst', 'public.scores', 'score', 'SELECT')::text || has_column_privilege('analyst', 'public.scores', 'rank', 'SELECT')::text"),
 	'truefalse', 'column privileges on a view created again survive');
 is($node->safe_psql('postgres', "SELECT string_agg(format('%s %s', attname, format_type(atttypid, atttypmod)), ', ' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'evo.things'::regclass AND attnum > 4 AND NOT attisdropped"),

@@ -150,8 +150,11 @@ BEGIN
     IF keys IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key', target USING ERRCODE = 'invalid_table_definition';
     END IF;
-    -- what change feeds say of the rows written (feeds.sql)
-    PERFORM set_config('cd2sync_tx.cause', CASE WHEN mode = 'snapshot' THEN 'resync' ELSE 'sync' END, true);
+    -- what change feeds say of the rows written (feeds.sql): a snapshot into
+    -- a table with rows, or one emptied to change its types, is a resync
+    PERFORM set_config('cd2sync_tx.cause',
+                       CASE WHEN mode = 'snapshot' OR current_setting('cd2sync_tx.reloading', true) = target::text
+                            THEN 'resync' ELSE 'sync' END, true);
 
     SELECT string_agg(format('t.%I = %s', k, cd2sync._cast_expr(k, atttypid, atttypmod, typed)), ' AND '),
            string_agg(format('%I', k), ', '),

@@ -333,6 +333,8 @@ BEGIN
         END IF;
         EXECUTE format('DELETE FROM %s', target);
         GET DIAGNOSTICS n = ROW_COUNT;
+        -- (the load into the emptied table is a reload too: _apply)
+        PERFORM set_config('cd2sync_tx.reloading', target::text, true);
         FOR c IN SELECT key, value FROM jsonb_each_text(pending) ORDER BY key LOOP
             PERFORM cd2sync._alter_column_type(target, c.key, c.value, true);
         END LOOP;
