@@ -55,6 +55,7 @@
 #include "utils/numeric.h"
 #include "utils/rel.h"
 #include "utils/resowner.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/typcache.h"
 
@@ -625,6 +626,44 @@ capture_projection(Capture *c, List *tlist, TupleDesc parentdesc, TupleTableSlot
 }
 
 /*
+ * The feeds to notify at the capture's first change: asked once the lock on
+ * the changes is held, so that a feed created meanwhile (its creation takes
+ * that lock too) is among them.
+ */
+static void
+capture_feeds(Capture *c)
+{
+	Oid argtypes[1] = { TEXTOID };
+	Datum args[1] = { c->table_name };
+	MemoryContext old;
+	bool isnull;
+	int ret;
+
+	if ((ret = SPI_connect()) != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed: %s", SPI_result_code_string(ret));
+	/* (the statement's snapshot predates the lock: read the latest) */
+	PushActiveSnapshot(GetLatestSnapshot());
+	ret = SPI_execute_with_args("SELECT cd2sync._feeds_following($1)", 1, argtypes, args, NULL,
+								true, 1);
+	PopActiveSnapshot();
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "cd2sync._feeds_following failed: %s", SPI_result_code_string(ret));
+	old = MemoryContextSwitchTo(c->cxt);
+	{
+		Datum d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		Datum *elems;
+		int n;
+
+		deconstruct_array(DatumGetArrayTypePCopy(d), TEXTOID, -1, false, TYPALIGN_INT, &elems, NULL,
+						  &n);
+		for (int i = 0; i < n; i++)
+			c->feeds = lappend(c->feeds, TextDatumGetCString(elems[i]));
+	}
+	MemoryContextSwitchTo(old);
+	SPI_finish();
+}
+
+/*
  * Makes the capture of a statement's rows of rel for event: asks
  * cd2sync._feed_row_plan (parent: the instance table) what to write;
  * inactive when nothing is.
@@ -650,10 +689,9 @@ capture_open(Relation rel, Oid parent, int event)
 	/* the plan (a read-only query: it takes no command id of its own) */
 	if ((ret = SPI_connect()) != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed: %s", SPI_result_code_string(ret));
-	ret = SPI_execute_with_args(
-		"SELECT table_name, instance, cause, watermark, projection, keys, feeds"
-		"  FROM cd2sync._feed_row_plan($1)",
-		1, argtypes, args, NULL, true, 1);
+	ret = SPI_execute_with_args("SELECT table_name, instance, cause, watermark, projection, keys"
+								"  FROM cd2sync._feed_row_plan($1)",
+								1, argtypes, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "cd2sync._feed_row_plan failed: %s", SPI_result_code_string(ret));
 	else
@@ -665,7 +703,6 @@ capture_open(Relation rel, Oid parent, int event)
 		if (!isnull)
 		{
 			ArrayType *keys;
-			ArrayType *feeds;
 			Datum *elems;
 			int n;
 
@@ -683,10 +720,6 @@ capture_open(Relation rel, Oid parent, int event)
 			c->key_columns = palloc0(n * sizeof(ImageColumn *));
 			for (int i = 0; i < n; i++)
 				image_string(&c->key_names[i], TextDatumGetCString(elems[i]));
-			feeds = DatumGetArrayTypePCopy(SPI_getbinval(t, d, 7, &isnull));
-			deconstruct_array(feeds, TEXTOID, -1, false, TYPALIGN_INT, &elems, NULL, &n);
-			for (int i = 0; i < n; i++)
-				c->feeds = lappend(c->feeds, TextDatumGetCString(elems[i]));
 		}
 	}
 	MemoryContextSwitchTo(cxt);
@@ -794,6 +827,7 @@ capture_open(Relation rel, Oid parent, int event)
 		ExecOpenIndices(c->rri, false);
 		c->out = ExecInitExtraTupleSlot(c->estate, cdesc, &TTSOpsVirtual);
 		CurrentResourceOwner = saved_owner;
+		capture_feeds(c);
 		c->op = text_datum(event == TRIGGER_EVENT_INSERT   ? "insert"
 						   : event == TRIGGER_EVENT_UPDATE ? "update"
 														   : "delete");

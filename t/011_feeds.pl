@@ -153,6 +153,26 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'a
 $node->wait_for_catchup('cd2_changes');
 ok($sub->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes") > 0, 'the subscriber keeps what it received');
 
+# 6. a feed created while a write waits to publish (the creation holds the
+# lock on the changes): the write's changes are the new feed's, and so is
+# its notification
+my $creator = $node->background_psql('postgres');
+$creator->query_safe("BEGIN; SELECT cd2_create_feed('late', tables => ARRAY['users'])");
+$listener->query_safe('SELECT 1');    # (what earlier steps notified)
+my $writer = $node->background_psql('postgres');
+$writer->query_until(qr/writing/,
+	"\\echo writing\nUPDATE north.users SET name = name || '!' WHERE id = (SELECT min(id) FROM north.users);\n");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND relation = 'cd2sync.changes'::regclass"),
+	'the write waits for the lock the creation holds');
+$creator->query_safe('COMMIT');
+$writer->query_safe('SELECT 1');      # (the update is done)
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('late')"), '1', 'the new feed has the write');
+like($listener->query_safe('SELECT 1'), qr/Asynchronous notification "cd2sync_feed" with payload "late" received/,
+	'and is notified of it');
+$writer->quit;
+$creator->quit;
+
 $listener->quit;
 $sub->stop;
 $node->stop;

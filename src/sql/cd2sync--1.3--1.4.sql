@@ -627,8 +627,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_row_plan(rel regclass, OUT table_name text, OUT instance text, OUT cause text,
-                                       OUT watermark timestamptz, OUT projection text, OUT keys text[],
-                                       OUT feeds text[])
+                                       OUT watermark timestamptz, OUT projection text, OUT keys text[])
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     c record;
@@ -646,9 +645,6 @@ BEGIN
     cause := c.change_cause;
     watermark := c.watermark;
     keys := c.keys;
-    feeds := ARRAY(SELECT f.name FROM cd2sync.feed f
-                    WHERE f.stale_since IS NULL AND cd2sync._covers(f.tables, _feed_row_plan.table_name)
-                    ORDER BY 1);
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_capture_row()
@@ -1073,6 +1069,25 @@ BEGIN
     END IF;
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._feeds_following(table_name text)
+RETURNS text[] LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT ARRAY(SELECT f.name FROM cd2sync.feed f
+                  WHERE f.stale_since IS NULL
+                    AND cd2sync._covers(f.tables, _feeds_following.table_name)
+                  ORDER BY f.name)
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_follows(table_name text)
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT cardinality(cd2sync._feeds_following(table_name)) > 0
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_notify(table_name text)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_notify('cd2sync_feed', f) FROM unnest(cd2sync._feeds_following(table_name)) f
+$$;
+
+
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
 
@@ -1081,6 +1096,7 @@ REVOKE ALL ON FUNCTION cd2sync._feed_capture_table(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._row_image(record) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_context(regclass, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_row_plan(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feeds_following(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 
 -- the followed instance tables' capture triggers, now (where the tables'

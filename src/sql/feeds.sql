@@ -96,12 +96,19 @@ BEGIN
     RETURN f;
 END $$;
 
+-- The feeds (not stale) following the table, by name
+CREATE FUNCTION cd2sync._feeds_following(table_name text)
+RETURNS text[] LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT ARRAY(SELECT f.name FROM cd2sync.feed f
+                  WHERE f.stale_since IS NULL
+                    AND cd2sync._covers(f.tables, _feeds_following.table_name)
+                  ORDER BY f.name)
+$$;
+
 -- Whether any feed (not stale) follows the table
 CREATE FUNCTION cd2sync._feed_follows(table_name text)
 RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT EXISTS (SELECT 1 FROM cd2sync.feed f
-                    WHERE f.stale_since IS NULL
-                      AND cd2sync._covers(f.tables, _feed_follows.table_name))
+    SELECT cardinality(cd2sync._feeds_following(table_name)) > 0
 $$;
 
 -- ---------------------------------------------------------------------------
@@ -181,12 +188,12 @@ BEGIN
 END $$;
 
 -- What _feed_capture_row captures of instance table rel's rows: the CD2
--- table, the context (_feed_capture_context), the statement giving a row's
--- view image from its table row t (_view_select), and the feeds to notify.
--- All NULL when nothing is to be captured.
+-- table, the context (_feed_capture_context) and the statement giving a
+-- row's view image from its table row t (_view_select). All NULL when
+-- nothing is to be captured. (The feeds to notify it asks once it holds
+-- the lock on the changes: _feeds_following.)
 CREATE FUNCTION cd2sync._feed_row_plan(rel regclass, OUT table_name text, OUT instance text, OUT cause text,
-                                       OUT watermark timestamptz, OUT projection text, OUT keys text[],
-                                       OUT feeds text[])
+                                       OUT watermark timestamptz, OUT projection text, OUT keys text[])
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     c record;
@@ -204,9 +211,6 @@ BEGIN
     cause := c.change_cause;
     watermark := c.watermark;
     keys := c.keys;
-    feeds := ARRAY(SELECT f.name FROM cd2sync.feed f
-                    WHERE f.stale_since IS NULL AND cd2sync._covers(f.tables, _feed_row_plan.table_name)
-                    ORDER BY 1);
 END $$;
 
 -- Captures an instance table's rows, one by one, as each statement changes
@@ -240,8 +244,7 @@ END $$;
 -- (delivered at commit; repeats within a transaction are folded)
 CREATE FUNCTION cd2sync._feed_notify(table_name text)
 RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    SELECT pg_notify('cd2sync_feed', f.name) FROM cd2sync.feed f
-     WHERE f.stale_since IS NULL AND cd2sync._covers(f.tables, _feed_notify.table_name)
+    SELECT pg_notify('cd2sync_feed', f) FROM unnest(cd2sync._feeds_following(table_name)) f
 $$;
 
 -- Gives an instance table its capture triggers when a feed follows the
