@@ -30,6 +30,9 @@ SELECT cd2_create_feed(NULL);
 SELECT cd2_create_feed('f', tables => '{}');
 SELECT cd2_create_feed('f', tables => ARRAY['enrollments', 'no such']);
 SELECT cd2_create_feed('f', from_start => NULL);
+BEGIN ISOLATION LEVEL REPEATABLE READ;   -- its start must see what commits while it waits
+SELECT cd2_create_feed('f');
+ROLLBACK;
 SELECT * FROM cd2_feed_read('nope');
 SELECT cd2_feed_ack('nope', 1);
 SELECT cd2_drop_feed('nope');

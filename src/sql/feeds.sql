@@ -397,6 +397,13 @@ BEGIN
     IF from_start IS NULL THEN
         RAISE EXCEPTION 'from_start must be true or false' USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    -- (the start is read after waiting for the syncs writing the tables: a
+    -- snapshot older than what they commit would begin the feed with a gap)
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'cd2_create_feed runs in a READ COMMITTED transaction'
+              USING ERRCODE = 'invalid_transaction_state',
+                    DETAIL = format('This transaction is %s.', upper(current_setting('transaction_isolation')));
+    END IF;
     tables := cd2sync._check_tables(tables);
     IF EXISTS (SELECT 1 FROM cd2sync.feed f WHERE f.name = n) THEN
         RAISE EXCEPTION 'cd2sync feed "%" already exists', n USING ERRCODE = 'duplicate_object';
