@@ -153,9 +153,9 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'a
 $node->wait_for_catchup('cd2_changes');
 ok($sub->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes") > 0, 'the subscriber keeps what it received');
 
-# 6. a feed created while a write waits to publish (the creation holds the
-# lock on the changes): the write's changes are the new feed's, and so is
-# its notification
+# 6. a feed created while a write waits for it (the creation holds locks on
+# the table and on the changes): the write's changes are the new feed's,
+# and so is its notification
 my $creator = $node->background_psql('postgres');
 $creator->query_safe("BEGIN; SELECT cd2_create_feed('late', tables => ARRAY['users'])");
 $listener->query_safe('SELECT 1');    # (what earlier steps notified)
@@ -163,14 +163,34 @@ my $writer = $node->background_psql('postgres');
 $writer->query_until(qr/writing/,
 	"\\echo writing\nUPDATE north.users SET name = name || '!' WHERE id = (SELECT min(id) FROM north.users);\n");
 ok($node->poll_query_until('postgres',
-	"SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND relation = 'cd2sync.changes'::regclass"),
-	'the write waits for the lock the creation holds');
+	"SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE north.users%'"),
+	'the write waits for the creation');
 $creator->query_safe('COMMIT');
 $writer->query_safe('SELECT 1');      # (the update is done)
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('late')"), '1', 'the new feed has the write');
 like($listener->query_safe('SELECT 1'), qr/Asynchronous notification "cd2sync_feed" with payload "late" received/,
 	'and is notified of it');
 $writer->quit;
+$creator->quit;
+
+# 7. a table's last feed dropped while another is created on it: whichever
+# commits last, the table keeps its capture triggers and the new feed its
+# changes
+$node->safe_psql('postgres', "SELECT cd2_create_feed('c1', tables => ARRAY['courses'])");
+my $dropper = $node->background_psql('postgres');
+$dropper->query_safe("BEGIN; SELECT cd2_drop_feed('c1')");
+$creator = $node->background_psql('postgres');
+$creator->query_until(qr/creating/, "\\echo creating\nSELECT cd2_create_feed('c2', tables => ARRAY['courses']);\n");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%c2%'"),
+	'the creation waits for the drop');
+$dropper->query_safe('COMMIT');
+$creator->query_safe('SELECT 1');
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'north.courses'::regclass AND tgname LIKE 'cd2_feed%'"),
+	'4', 'the table has its capture triggers');
+$node->safe_psql('postgres', "UPDATE north.courses SET name = name || '!' WHERE id = (SELECT min(id) FROM north.courses)");
+is($node->safe_psql('postgres', "SELECT string_agg(op, ',') FROM cd2_feed_read('c2')"), 'update', 'and the new feed its change');
+$dropper->quit;
 $creator->quit;
 
 $listener->quit;

@@ -249,16 +249,29 @@ $$;
 
 -- Gives an instance table its capture triggers when a feed follows the
 -- table, and takes them away when none does. (Those of 1.3, statement
--- triggers over transition tables, are replaced.)
+-- triggers over transition tables, are replaced.) Decided under a lock on
+-- the table that conflicts with itself, looking only after it is had: two
+-- transactions changing the feeds at once (one dropping the table's last
+-- feed, one creating another) decide one after the other, the second
+-- seeing what the first did; else the first could drop the triggers while
+-- the second, still seeing them, kept none.
 CREATE FUNCTION cd2sync._feed_ensure_capture(rel regclass, table_name text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
-    wanted boolean := cd2sync._feed_follows(table_name);
-    has boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert');
-    current boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert'
-                                  AND tgfoid = 'cd2sync._feed_capture_row()'::regprocedure);
+    wanted boolean;
+    has boolean;
+    current boolean;
     t text;
 BEGIN
+    IF NOT cd2sync._feed_follows(table_name)
+       AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert') THEN
+        RETURN;   -- (nothing to keep in step; a creation racing this one takes the lock)
+    END IF;
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
+    wanted := cd2sync._feed_follows(table_name);
+    has := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert');
+    current := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert'
+                          AND tgfoid = 'cd2sync._feed_capture_row()'::regprocedure);
     IF has AND NOT (wanted AND current) THEN
         FOREACH t IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
             EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'cd2_feed_' || t, rel);
