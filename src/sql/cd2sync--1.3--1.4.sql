@@ -1103,6 +1103,63 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 
+CREATE OR REPLACE FUNCTION cd2sync._resolve_users(rel regclass, shard bigint, changes boolean,
+                                       since timestamp DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql
+-- lookups through the columns' indexes, never a scan of a large table (a
+-- table just loaded has no statistics that would tell the planner so)
+SET search_path = pg_catalog, pg_temp SET enable_hashjoin = off SET enable_mergejoin = off
+SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    c text;
+    rc text;
+    g text;
+    n bigint := 0;
+    k bigint;
+    map_empty boolean := NOT EXISTS (SELECT 1 FROM cd2sync.user_merge_map);
+    logcol text := cd2sync._log_column(rel);
+    bound text := CASE WHEN since IS NOT NULL AND logcol IS NOT NULL
+                       THEN format(' AND t.%I >= %L::timestamp', logcol, since) ELSE '' END;
+BEGIN
+    FOR c IN SELECT * FROM cd2sync._user_columns(rel) LOOP
+        rc := cd2sync._resolved_column(c);
+        IF NOT cd2sync._has_column(rel, rc) THEN
+            CONTINUE;   -- not a table of cd2sync's making (see _ensure_bookkeeping)
+        END IF;
+        g := cd2sync._global_expr(shard, format('t.%I', c));
+        IF changes THEN
+            -- a row is consistent with the old map: its resolved value is the
+            -- old replacement, or the user itself
+            EXECUTE format('UPDATE %s t SET %I = x.new_replacement FROM pg_temp.cd2_map_changes x
+                             WHERE %s = coalesce(x.old_replacement, x.superseded) AND %s = x.superseded',
+                           rel, rc, cd2sync._resolved_expr(shard, c), g);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+            CONTINUE;
+        END IF;
+        -- (every row, changes NULL: rows without a replacement look theirs up
+        -- first, then those with one are set right; a row is written once,
+        -- and only if its replacement changes, or a feed would see it twice)
+        IF NOT map_empty THEN
+            EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
+                             WHERE %s = m.superseded_user_id AND t.%I IS NULL%s',
+                           rel, rc, cd2sync._resolved_expr(shard, c), rc, bound);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
+        -- (a row's stored user changed, or its replacement did)
+        EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                   WHERE m.superseded_user_id = %3$s)
+                         WHERE t.%2$I IS NOT NULL
+                           AND t.%2$I IS DISTINCT FROM (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                         WHERE m.superseded_user_id = %3$s)',
+                       rel, rc, g);
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+    END LOOP;
+    RETURN n;
+END $$;
+
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
 

@@ -221,9 +221,9 @@ BEGIN
             n := n + k;
             CONTINUE;
         END IF;
-        IF changes IS NULL THEN
-            EXECUTE format('UPDATE %s t SET %I = NULL WHERE %I IS NOT NULL', rel, rc, rc);
-        END IF;
+        -- (every row, changes NULL: rows without a replacement look theirs up
+        -- first, then those with one are set right; a row is written once,
+        -- and only if its replacement changes, or a feed would see it twice)
         IF NOT map_empty THEN
             EXECUTE format('UPDATE %s t SET %I = m.replacement_user_id FROM cd2sync.user_merge_map m
                              WHERE %s = m.superseded_user_id AND t.%I IS NULL%s',
@@ -231,17 +231,15 @@ BEGIN
             GET DIAGNOSTICS k = ROW_COUNT;
             n := n + k;
         END IF;
-        IF changes IS NOT NULL THEN
-            -- (a row's stored user changed, or its replacement did)
-            EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
-                                                       WHERE m.superseded_user_id = %3$s)
-                             WHERE t.%2$I IS NOT NULL
-                               AND t.%2$I IS DISTINCT FROM (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
-                                                             WHERE m.superseded_user_id = %3$s)',
-                           rel, rc, g);
-            GET DIAGNOSTICS k = ROW_COUNT;
-            n := n + k;
-        END IF;
+        -- (a row's stored user changed, or its replacement did)
+        EXECUTE format('UPDATE %1$s t SET %2$I = (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                   WHERE m.superseded_user_id = %3$s)
+                         WHERE t.%2$I IS NOT NULL
+                           AND t.%2$I IS DISTINCT FROM (SELECT m.replacement_user_id FROM cd2sync.user_merge_map m
+                                                         WHERE m.superseded_user_id = %3$s)',
+                       rel, rc, g);
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
     END LOOP;
     RETURN n;
 END $$;
