@@ -193,6 +193,20 @@ SELECT cd2_drop_feed('marks');
 DELETE FROM cd2sync.table_state WHERE table_name = 'scores';
 DROP TABLE east.scores CASCADE;
 
+-- a merge gives a row one update, however many of its statements write the
+-- row: Bob's submission that Bob graded, when Bob is merged into Cy
+BEGIN;
+CREATE TABLE east.submissions (id bigint PRIMARY KEY, user_id bigint, grader_id bigint, score numeric);
+INSERT INTO east.submissions VALUES (30, 2, 2, 1.0), (31, 2, NULL, 2.0), (32, 5, NULL, 3.0);
+INSERT INTO cd2sync.table_state (instance, table_name, status) VALUES ('east', 'submissions', 'ok');
+SELECT cd2sync.refresh_view('submissions');
+SELECT cd2_create_feed('subs', tables => ARRAY['submissions']);
+UPDATE east.users SET workflow_state = 'deleted', merged_into_user_id = 80000000000005 WHERE id = 2;
+SELECT cd2sync._after_apply('east', 'users', 'incremental', 1);
+SELECT op, key, "row"->>'user_id' AS user_id, "row"->>'grader_id' AS grader_id, changed, cause
+  FROM cd2_feed_read('subs') ORDER BY position;
+ROLLBACK;
+
 -- dropping an instance deletes its rows from the feeds
 SELECT cd2_drop_instance('west');
 SELECT table_name, op, key, instance, cause FROM cd2_feed_read('sis') ORDER BY position;

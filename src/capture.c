@@ -505,8 +505,10 @@ typedef struct Capture
 	Datum cause;
 	Datum watermark;
 	bool watermark_null;
-	List *feeds;   /* to notify at its first change */
-	bool notified; /* its first change is written */
+	List *feeds;      /* to notify at its first change */
+	bool notified;    /* its first change is written */
+	Oid parent;       /* the instance table */
+	SPIPlanPtr defer; /* a merge pass's: keeps old images (capture_defer) */
 
 	/* the view's row of a table row */
 	TupleConversionMap *map; /* partition to instance table, if they differ */
@@ -540,6 +542,8 @@ static bool callbacks_registered = false;
 static void
 capture_close(Capture *c)
 {
+	if (c->defer)
+		SPI_freeplan(c->defer);
 	if (c->changes)
 	{
 		ResourceOwner saved = CurrentResourceOwner;
@@ -569,7 +573,11 @@ captures_end(int nestlevel, bool abort)
 		{
 			*p = c->next;
 			if (abort)
+			{
+				if (c->defer)
+					SPI_freeplan(c->defer);
 				MemoryContextDelete(c->cxt); /* (resource owners release the rest) */
+			}
 			else
 				capture_close(c);
 		}
@@ -663,6 +671,24 @@ capture_feeds(Capture *c)
 	SPI_finish();
 }
 
+/* Prepares capture_defer's insert */
+static void
+capture_defer_plan(Capture *c)
+{
+	Oid argtypes[4] = { OIDOID, JSONBOID, JSONBOID, INT8OID };
+	int ret;
+
+	if ((ret = SPI_connect()) != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed: %s", SPI_result_code_string(ret));
+	c->defer = SPI_prepare("INSERT INTO pg_temp.cd2_merge_before (rel, key, image, ord)"
+						   " VALUES ($1, $2, $3, $4)",
+						   4, argtypes);
+	if (c->defer == NULL || SPI_keepplan(c->defer) != 0)
+		elog(ERROR, "cd2sync: preparing a merge pass's capture failed: %s",
+			 SPI_result_code_string(SPI_result));
+	SPI_finish();
+}
+
 /*
  * Makes the capture of a statement's rows of rel for event: asks
  * cd2sync._feed_row_plan (parent: the instance table) what to write;
@@ -682,6 +708,7 @@ capture_open(Relation rel, Oid parent, int event)
 	int ret;
 
 	c->relid = RelationGetRelid(rel);
+	c->parent = parent;
 	c->event = event;
 	c->nestlevel = GetCurrentTransactionNestLevel();
 	c->cxt = cxt;
@@ -828,6 +855,14 @@ capture_open(Relation rel, Oid parent, int event)
 		c->out = ExecInitExtraTupleSlot(c->estate, cdesc, &TTSOpsVirtual);
 		CurrentResourceOwner = saved_owner;
 		capture_feeds(c);
+		/* a merge pass's updates: kept for its end, which writes one per row */
+		if (event == TRIGGER_EVENT_UPDATE && strcmp(TextDatumGetCString(c->cause), "merge") == 0)
+		{
+			const char *pass = GetConfigOption("cd2sync_tx.merge_pass", true, false);
+
+			if (pass && strcmp(pass, "on") == 0)
+				capture_defer_plan(c);
+		}
 		c->op = text_datum(event == TRIGGER_EVENT_INSERT   ? "insert"
 						   : event == TRIGGER_EVENT_UPDATE ? "update"
 														   : "delete");
@@ -971,21 +1006,11 @@ cd2_changed_columns(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(result);
 }
 
-/* Writes the change of view row v (the new row; the old for a delete) */
-static void
-capture_write(Capture *c, TupleTableSlot *v, Datum changed, bool changed_null)
+/* The key of view row v, as a change carries it */
+static Jsonb *
+capture_key(Capture *c, TupleTableSlot *v)
 {
-	TupleTableSlot *out = c->out;
 	JsonbParseState *state = NULL;
-	JsonbValue *key;
-	ListCell *lc;
-
-	if (!c->notified)
-	{
-		foreach (lc, c->feeds)
-			Async_Notify("cd2sync_feed", (char *) lfirst(lc));
-		c->notified = true;
-	}
 
 	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 	for (int i = 0; i < c->nkeys; i++)
@@ -997,7 +1022,48 @@ capture_write(Capture *c, TupleTableSlot *v, Datum changed, bool changed_null)
 		image_value(col, v->tts_values[col->attnum], v->tts_isnull[col->attnum], &k);
 		pushJsonbValue(&state, WJB_VALUE, &k);
 	}
-	key = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
+
+/*
+ * In a merge pass (cd2sync._feed_merge_begin): keeps the image of view row
+ * o, as it was before the statement, in pg_temp.cd2_merge_before, where the
+ * pass's end (_feed_merge_end) takes each row's first and writes one change
+ * if the row's view row differs from it.
+ */
+static void
+capture_defer(Capture *c, TupleTableSlot *o)
+{
+	static int64 order = 0;
+	Datum args[4];
+	int ret;
+
+	args[0] = ObjectIdGetDatum(c->parent);
+	args[1] = JsonbPGetDatum(capture_key(c, o));
+	args[2] = JsonbPGetDatum(image_make(c->image, o->tts_values, o->tts_isnull));
+	args[3] = Int64GetDatum(++order);
+	if ((ret = SPI_connect()) != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed: %s", SPI_result_code_string(ret));
+	ret = SPI_execute_plan(c->defer, args, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "cd2sync: keeping a merge pass's image failed: %s",
+			 SPI_result_code_string(ret));
+	SPI_finish();
+}
+
+/* Writes the change of view row v (the new row; the old for a delete) */
+static void
+capture_write(Capture *c, TupleTableSlot *v, Datum changed, bool changed_null)
+{
+	TupleTableSlot *out = c->out;
+	ListCell *lc;
+
+	if (!c->notified)
+	{
+		foreach (lc, c->feeds)
+			Async_Notify("cd2sync_feed", (char *) lfirst(lc));
+		c->notified = true;
+	}
 
 	ExecClearTuple(out);
 	memset(out->tts_isnull, true, out->tts_tupleDescriptor->natts * sizeof(bool));
@@ -1010,7 +1076,7 @@ capture_write(Capture *c, TupleTableSlot *v, Datum changed, bool changed_null)
 	SET(CH_POSITION, Int64GetDatum(nextval_internal(c->seq, true)));
 	SET(CH_TABLE_NAME, c->table_name);
 	SET(CH_OP, c->op);
-	SET(CH_KEY, JsonbPGetDatum(JsonbValueToJsonb(key)));
+	SET(CH_KEY, JsonbPGetDatum(capture_key(c, v)));
 	SET(CH_INSTANCE, c->instance);
 	if (c->event != TRIGGER_EVENT_DELETE)
 		SET(CH_ROW, JsonbPGetDatum(image_make(c->image, v->tts_values, v->tts_isnull)));
@@ -1062,7 +1128,11 @@ cd2_feed_capture_row(PG_FUNCTION_ARGS)
 		Datum changed = changed_columns(n->tts_tupleDescriptor, o->tts_values, o->tts_isnull,
 										n->tts_values, n->tts_isnull, &none);
 
-		if (!none)
+		if (none)
+			;
+		else if (c->defer)
+			capture_defer(c, o);
+		else
 			capture_write(c, n, changed, false);
 	}
 	else if (event == TRIGGER_EVENT_INSERT)

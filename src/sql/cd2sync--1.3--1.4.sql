@@ -1160,6 +1160,259 @@ BEGIN
     RETURN n;
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._feed_merge_begin()
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_setting('cd2sync_tx.merge_pass', true) = 'on' OR NOT EXISTS (SELECT 1 FROM cd2sync.feed) THEN
+        RETURN false;   -- (no feed, no capture: no pass)
+    END IF;
+    IF to_regclass('pg_temp.cd2_merge_before') IS NULL THEN
+        CREATE TEMP TABLE cd2_merge_before (rel oid, key jsonb, image jsonb, ord bigint) ON COMMIT DROP;
+    END IF;
+    PERFORM set_config('cd2sync_tx.merge_pass', 'on', true);
+    RETURN true;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_merge_end()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    tab text;
+    c record;
+    v record;
+    s record;
+    vw regclass;
+    n bigint;
+BEGIN
+    PERFORM set_config('cd2sync_tx.merge_pass', '', true);
+    IF to_regclass('pg_temp.cd2_merge_before') IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT DISTINCT b.rel FROM pg_temp.cd2_merge_before b ORDER BY 1 LOOP
+        tab := (cd2sync._rel_table(r.rel)).table_name;
+        c := cd2sync._feed_capture_context(r.rel, tab, 'merge');
+        vw := (SELECT x.view FROM cd2sync._views() x WHERE x.table_name = tab);
+        IF c.instance IS NULL OR vw IS NULL THEN
+            CONTINUE;
+        END IF;
+        v := cd2sync._view_columns(tab);
+        s := cd2sync._view_select(tab, c.instance, c.shard_id, r.rel, v.cols, v.types, r.rel::regclass::text);
+        EXECUTE format(
+            'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
+             SELECT nextval(''cd2sync.change_position_seq''), %L, ''update'', b.key, %L, n.image, x.changed,
+                    ''merge'', %L::timestamptz
+               FROM (SELECT DISTINCT ON (key) key, image FROM pg_temp.cd2_merge_before
+                      WHERE rel = %s ORDER BY key, ord) b
+               JOIN LATERAL (SELECT cd2sync._row_image(r) AS image FROM (%s) r WHERE %s) n ON true
+              CROSS JOIN LATERAL (SELECT ARRAY(SELECT a.attname::text FROM pg_attribute a
+                                                WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+                                                  AND (b.image -> a.attname::text) IS DISTINCT FROM (n.image -> a.attname::text)
+                                                ORDER BY a.attnum) AS changed) x
+              WHERE cardinality(x.changed) > 0
+              ORDER BY b.key',
+            tab, c.instance, c.watermark, r.rel, s.sql,
+            (SELECT string_agg(format('r.%I = (b.key ->> %L)::%s', k, k, v.types ->> k), ' AND ')
+               FROM unnest(c.keys) k),
+            vw::oid);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+            PERFORM cd2sync._feed_notify(tab);
+        END IF;
+    END LOOP;
+    TRUNCATE pg_temp.cd2_merge_before;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._refresh_user_merges()
+RETURNS bigint LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    r record;
+    tb record;
+    users_sql text[] := '{}';
+    logins_sql text[] := '{}';
+    enr_sql text[] := '{}';
+    n bigint;
+    pass boolean;   -- (the change feeds: one update per row it changes)
+BEGIN
+    -- locks in one order: a change feed's positions (a sync that wrote
+    -- changes holds them), then the map
+    IF EXISTS (SELECT 1 FROM cd2sync.feed) THEN
+        PERFORM cd2sync._feed_lock();
+    END IF;
+    LOCK TABLE cd2sync.user_merge_map IN EXCLUSIVE MODE;
+    pass := cd2sync._feed_merge_begin();
+
+    FOR r IN SELECT * FROM cd2sync._instances_with('users') LOOP
+        IF cd2sync._has_column(r.rel, 'workflow_state') AND cd2sync._has_column(r.rel, 'merged_into_user_id') THEN
+            users_sql := users_sql || format(
+                'SELECT %L::text AS instance, %s AS id, u.workflow_state::text = ''deleted'' AS deleted,
+                        %s AS merged_into, %s AS deleted_at FROM %s u',
+                r.instance, cd2sync._global_expr(r.shard_id, 'u.id'),
+                cd2sync._global_expr(r.shard_id, 'u.merged_into_user_id'),
+                CASE WHEN cd2sync._has_column(r.rel, 'deleted_at') THEN 'u.deleted_at::timestamptz' ELSE 'NULL::timestamptz' END,
+                r.rel);
+        END IF;
+    END LOOP;
+    FOR r IN SELECT * FROM cd2sync._instances_with('pseudonyms') LOOP
+        IF cd2sync._has_column(r.rel, 'user_id') AND cd2sync._has_column(r.rel, 'workflow_state') THEN
+            logins_sql := logins_sql || format(
+                'SELECT %s AS id, %s AS user_id, p.workflow_state::text = ''active'' AS active FROM %s p',
+                cd2sync._global_expr(r.shard_id, 'p.id'), cd2sync._global_expr(r.shard_id, 'p.user_id'), r.rel);
+        END IF;
+    END LOOP;
+    FOR r IN SELECT * FROM cd2sync._instances_with('enrollments') LOOP
+        IF cd2sync._has_column(r.rel, 'user_id') AND cd2sync._has_column(r.rel, 'sis_pseudonym_id') THEN
+            enr_sql := enr_sql || format(
+                'SELECT %L::text AS instance, %s AS user_id, %s AS sis_pseudonym_id, %s AS changed_at
+                   FROM %s e WHERE e.sis_pseudonym_id IS NOT NULL',
+                r.instance, cd2sync._global_expr(r.shard_id, 'e.user_id'),
+                cd2sync._global_expr(r.shard_id, 'e.sis_pseudonym_id'),
+                CASE WHEN cd2sync._has_column(r.rel, 'updated_at') THEN 'e.updated_at::timestamptz' ELSE 'NULL::timestamptz' END,
+                r.rel);
+        END IF;
+    END LOOP;
+
+    IF to_regclass('pg_temp.cd2_users') IS NOT NULL THEN
+        DROP TABLE pg_temp.cd2_users, pg_temp.cd2_logins, pg_temp.cd2_edges, pg_temp.cd2_new_map,
+                   pg_temp.cd2_map_changes;
+    END IF;
+    CREATE TEMP TABLE cd2_new_map (LIKE cd2sync.user_merge_map) ON COMMIT DROP;
+    CREATE TEMP TABLE cd2_map_changes (superseded bigint, old_replacement bigint, new_replacement bigint)
+        ON COMMIT DROP;
+    EXECUTE 'CREATE TEMP TABLE cd2_users ON COMMIT DROP AS '
+         || coalesce(nullif(array_to_string(users_sql, ' UNION ALL '), ''),
+                     'SELECT NULL::text AS instance, NULL::bigint AS id, NULL::boolean AS deleted, NULL::bigint AS merged_into, NULL::timestamptz AS deleted_at WHERE false');
+    EXECUTE 'CREATE TEMP TABLE cd2_logins ON COMMIT DROP AS '
+         || coalesce(nullif(array_to_string(logins_sql, ' UNION ALL '), ''),
+                     'SELECT NULL::bigint AS id, NULL::bigint AS user_id, NULL::boolean AS active WHERE false');
+    CREATE INDEX ON cd2_users (id);
+    CREATE INDEX ON cd2_logins (id);
+    ANALYZE cd2_users;
+    ANALYZE cd2_logins;
+
+    -- one edge per superseded user, the strongest evidence first; a user is
+    -- "gone" when deleted, or when no active login of it is known
+    CREATE TEMP TABLE cd2_edges ON COMMIT DROP AS
+    SELECT DISTINCT ON (superseded) superseded, replacement, evidence, merged_at, instance
+      FROM (SELECT u.id AS superseded, u.merged_into AS replacement, 1 AS priority,
+                   'users.merged_into_user_id' AS evidence, u.deleted_at AS merged_at, u.instance
+              FROM cd2_users u
+             WHERE u.deleted AND u.merged_into IS NOT NULL
+            UNION ALL
+            SELECT m.from_user_id, m.to_user_id, 2, m.table_name || '.user_id moved', m.moved_at, m.instance
+              FROM cd2sync.user_moves m
+             WHERE EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = m.from_user_id AND u.deleted)
+                OR NOT EXISTS (SELECT 1 FROM cd2_logins a WHERE a.user_id = m.from_user_id AND a.active)
+           ) candidates
+     WHERE superseded <> replacement
+     ORDER BY superseded, priority, merged_at DESC NULLS LAST;
+
+    IF cardinality(enr_sql) > 0 THEN
+        EXECUTE format(
+            'INSERT INTO cd2_edges
+             SELECT DISTINCT ON (e.user_id) e.user_id, l.user_id, ''enrollments.sis_pseudonym_id'', e.changed_at, e.instance
+               FROM (%s) e JOIN cd2_logins l ON l.id = e.sis_pseudonym_id
+              WHERE l.user_id <> e.user_id
+                AND NOT EXISTS (SELECT 1 FROM cd2_edges x WHERE x.superseded = e.user_id)
+                AND (EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = e.user_id AND u.deleted)
+                     OR NOT EXISTS (SELECT 1 FROM cd2_logins a WHERE a.user_id = e.user_id AND a.active))
+              ORDER BY e.user_id, e.changed_at DESC NULLS LAST',
+            array_to_string(enr_sql, ' UNION ALL '));
+    END IF;
+    CREATE INDEX ON cd2_edges (superseded);
+    ANALYZE cd2_edges;
+
+    WITH RECURSIVE walk (start, cur, depth, path) AS (
+        SELECT superseded, replacement, 1, ARRAY[superseded, replacement] FROM cd2_edges
+        UNION ALL
+        SELECT w.start, e.replacement, w.depth + 1, w.path || e.replacement
+          FROM walk w JOIN cd2_edges e ON e.superseded = w.cur
+         WHERE e.replacement <> ALL (w.path) AND w.depth < 64
+    ), ends AS (
+        SELECT DISTINCT ON (start) start, cur, depth FROM walk ORDER BY start, depth DESC
+    )
+    INSERT INTO cd2_new_map
+    SELECT x.start, x.cur, x.depth, e.evidence, e.merged_at, e.instance
+      FROM ends x JOIN cd2_edges e ON e.superseded = x.start
+     WHERE NOT EXISTS (SELECT 1 FROM cd2_edges c WHERE c.superseded = x.cur)   -- a cycle has no end
+       AND NOT EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = x.cur AND u.deleted);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    CREATE INDEX ON cd2_new_map (superseded_user_id);
+
+    -- the map changes by its difference alone: the users whose replacement
+    -- changed are what the instance tables' cd2_<c> columns follow
+    INSERT INTO cd2_map_changes
+    SELECT coalesce(o.superseded_user_id, w.superseded_user_id), o.replacement_user_id, w.replacement_user_id
+      FROM cd2sync.user_merge_map o FULL JOIN cd2_new_map w ON w.superseded_user_id = o.superseded_user_id
+     WHERE o.replacement_user_id IS DISTINCT FROM w.replacement_user_id;
+    DELETE FROM cd2sync.user_merge_map m
+     WHERE NOT EXISTS (SELECT 1 FROM cd2_new_map w WHERE w.superseded_user_id = m.superseded_user_id);
+    INSERT INTO cd2sync.user_merge_map AS m SELECT * FROM cd2_new_map
+        ON CONFLICT (superseded_user_id) DO UPDATE
+       SET replacement_user_id = excluded.replacement_user_id, chain_length = excluded.chain_length,
+           evidence = excluded.evidence, merged_at = excluded.merged_at, source_instance = excluded.source_instance
+     WHERE (m.*) IS DISTINCT FROM (excluded.*);
+    IF EXISTS (SELECT 1 FROM cd2_map_changes) THEN
+        PERFORM set_config('cd2sync_tx.cause', 'merge', true);   -- what feeds say of it
+        FOR r IN SELECT i.name FROM cd2sync.instances i ORDER BY i.name LOOP
+            IF cd2sync._resolve_due(r.name, true) THEN
+                CONTINUE;   -- brought up to the new map whole, or left to its sync
+            END IF;
+            FOR tb IN SELECT * FROM cd2sync._instance_tables(r.name) LOOP
+                PERFORM cd2sync._resolve_users(tb.rel, tb.shard_id, true);
+            END LOOP;
+        END LOOP;
+    END IF;
+    -- the map changed: so may have the duplicates it reveals
+    PERFORM cd2sync._refresh_merge_duplicates('enrollments');
+    PERFORM cd2sync._refresh_merge_duplicates('submissions');
+    IF pass THEN
+        PERFORM cd2sync._feed_merge_end();
+    END IF;
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._refresh_merge_duplicates(table_name text)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    dupkey text[] := cd2sync._duplicate_key(table_name);
+    n bigint := 0;
+    k bigint;
+    pass boolean;
+BEGIN
+    DELETE FROM cd2sync.merge_duplicates d WHERE d.table_name = _refresh_merge_duplicates.table_name;
+    IF dupkey IS NULL THEN
+        RETURN 0;
+    END IF;
+    pass := cd2sync._feed_merge_begin();
+    FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
+        IF cd2sync._has_column(r.rel, 'id') AND cd2sync._has_column(r.rel, 'user_id')
+           AND (SELECT bool_and(cd2sync._has_column(r.rel, c)) FROM unnest(dupkey) c) THEN
+            EXECUTE format(
+                'INSERT INTO cd2sync.merge_duplicates (instance, table_name, id)
+                 SELECT %L, %L, t.id
+                   FROM (SELECT t.*, m.replacement_user_id FROM %s t
+                           JOIN cd2sync.user_merge_map m ON m.superseded_user_id = %s) t
+                  WHERE EXISTS (SELECT 1 FROM %s o
+                                 WHERE %s = t.replacement_user_id AND o.id <> t.id AND %s)',
+                r.instance, table_name, r.rel, cd2sync._global_expr(r.shard_id, 't.user_id'), r.rel,
+                cd2sync._global_expr(r.shard_id, 'o.user_id'),
+                (SELECT string_agg(format('o.%1$I IS NOT DISTINCT FROM t.%1$I', c), ' AND ') FROM unnest(dupkey) c));
+            GET DIAGNOSTICS k = ROW_COUNT;
+            n := n + k;
+        END IF;
+        -- the rows' flags (what cd2.<table> shows) follow the set
+        IF NOT cd2sync._resolve_due(r.instance, true) THEN
+            PERFORM cd2sync._duplicate_flags(r.instance, table_name, r.rel);
+        END IF;
+    END LOOP;
+    IF pass THEN
+        PERFORM cd2sync._feed_merge_end();
+    END IF;
+    RETURN n;
+END $$;
+
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
 
@@ -1169,6 +1422,7 @@ REVOKE ALL ON FUNCTION cd2sync._row_image(record) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_context(regclass, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_row_plan(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feeds_following(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 
 -- the followed instance tables' capture triggers, now (where the tables'

@@ -213,6 +213,77 @@ BEGIN
     keys := c.keys;
 END $$;
 
+-- A merge pass (the replacements and duplicate flags a new merge map
+-- changes, over several statements) gives each row it changes one update,
+-- cause 'merge', however many of its statements write the row: from
+-- _feed_merge_begin to _feed_merge_end the capture keeps the view image of
+-- each row a statement updates, as it was before (src/capture.c,
+-- capture_defer), in pg_temp.cd2_merge_before; the end writes an update for
+-- each row whose view row now differs from the first image kept of it.
+-- begin returns whether it began the pass (a pass within one is the outer
+-- one's), and the caller ends the pass it began.
+CREATE FUNCTION cd2sync._feed_merge_begin()
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_setting('cd2sync_tx.merge_pass', true) = 'on' OR NOT EXISTS (SELECT 1 FROM cd2sync.feed) THEN
+        RETURN false;   -- (no feed, no capture: no pass)
+    END IF;
+    IF to_regclass('pg_temp.cd2_merge_before') IS NULL THEN
+        CREATE TEMP TABLE cd2_merge_before (rel oid, key jsonb, image jsonb, ord bigint) ON COMMIT DROP;
+    END IF;
+    PERFORM set_config('cd2sync_tx.merge_pass', 'on', true);
+    RETURN true;
+END $$;
+
+CREATE FUNCTION cd2sync._feed_merge_end()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    tab text;
+    c record;
+    v record;
+    s record;
+    vw regclass;
+    n bigint;
+BEGIN
+    PERFORM set_config('cd2sync_tx.merge_pass', '', true);
+    IF to_regclass('pg_temp.cd2_merge_before') IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT DISTINCT b.rel FROM pg_temp.cd2_merge_before b ORDER BY 1 LOOP
+        tab := (cd2sync._rel_table(r.rel)).table_name;
+        c := cd2sync._feed_capture_context(r.rel, tab, 'merge');
+        vw := (SELECT x.view FROM cd2sync._views() x WHERE x.table_name = tab);
+        IF c.instance IS NULL OR vw IS NULL THEN
+            CONTINUE;
+        END IF;
+        v := cd2sync._view_columns(tab);
+        s := cd2sync._view_select(tab, c.instance, c.shard_id, r.rel, v.cols, v.types, r.rel::regclass::text);
+        EXECUTE format(
+            'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
+             SELECT nextval(''cd2sync.change_position_seq''), %L, ''update'', b.key, %L, n.image, x.changed,
+                    ''merge'', %L::timestamptz
+               FROM (SELECT DISTINCT ON (key) key, image FROM pg_temp.cd2_merge_before
+                      WHERE rel = %s ORDER BY key, ord) b
+               JOIN LATERAL (SELECT cd2sync._row_image(r) AS image FROM (%s) r WHERE %s) n ON true
+              CROSS JOIN LATERAL (SELECT ARRAY(SELECT a.attname::text FROM pg_attribute a
+                                                WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+                                                  AND (b.image -> a.attname::text) IS DISTINCT FROM (n.image -> a.attname::text)
+                                                ORDER BY a.attnum) AS changed) x
+              WHERE cardinality(x.changed) > 0
+              ORDER BY b.key',
+            tab, c.instance, c.watermark, r.rel, s.sql,
+            (SELECT string_agg(format('r.%I = (b.key ->> %L)::%s', k, k, v.types ->> k), ' AND ')
+               FROM unnest(c.keys) k),
+            vw::oid);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+            PERFORM cd2sync._feed_notify(tab);
+        END IF;
+    END LOOP;
+    TRUNCATE pg_temp.cd2_merge_before;
+END $$;
+
 -- Captures an instance table's rows, one by one, as each statement changes
 -- them (src/capture.c): an AFTER ROW trigger (on a partitioned instance
 -- table, its partitions' too)

@@ -334,6 +334,7 @@ DECLARE
     logins_sql text[] := '{}';
     enr_sql text[] := '{}';
     n bigint;
+    pass boolean;   -- (the change feeds: one update per row it changes)
 BEGIN
     -- locks in one order: a change feed's positions (a sync that wrote
     -- changes holds them), then the map
@@ -341,6 +342,7 @@ BEGIN
         PERFORM cd2sync._feed_lock();
     END IF;
     LOCK TABLE cd2sync.user_merge_map IN EXCLUSIVE MODE;
+    pass := cd2sync._feed_merge_begin();
 
     FOR r IN SELECT * FROM cd2sync._instances_with('users') LOOP
         IF cd2sync._has_column(r.rel, 'workflow_state') AND cd2sync._has_column(r.rel, 'merged_into_user_id') THEN
@@ -466,6 +468,9 @@ BEGIN
     -- the map changed: so may have the duplicates it reveals
     PERFORM cd2sync._refresh_merge_duplicates('enrollments');
     PERFORM cd2sync._refresh_merge_duplicates('submissions');
+    IF pass THEN
+        PERFORM cd2sync._feed_merge_end();
+    END IF;
     RETURN n;
 END $$;
 
@@ -488,11 +493,13 @@ DECLARE
     dupkey text[] := cd2sync._duplicate_key(table_name);
     n bigint := 0;
     k bigint;
+    pass boolean;
 BEGIN
     DELETE FROM cd2sync.merge_duplicates d WHERE d.table_name = _refresh_merge_duplicates.table_name;
     IF dupkey IS NULL THEN
         RETURN 0;
     END IF;
+    pass := cd2sync._feed_merge_begin();
     FOR r IN SELECT * FROM cd2sync._instances_with(table_name) LOOP
         IF cd2sync._has_column(r.rel, 'id') AND cd2sync._has_column(r.rel, 'user_id')
            AND (SELECT bool_and(cd2sync._has_column(r.rel, c)) FROM unnest(dupkey) c) THEN
@@ -514,6 +521,9 @@ BEGIN
             PERFORM cd2sync._duplicate_flags(r.instance, table_name, r.rel);
         END IF;
     END LOOP;
+    IF pass THEN
+        PERFORM cd2sync._feed_merge_end();
+    END IF;
     RETURN n;
 END $$;
 
