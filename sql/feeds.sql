@@ -150,6 +150,10 @@ SELECT name, pending, status FROM cd2sync.feeds ORDER BY name;
 SELECT * FROM cd2_feed_read('all_tables');
 SELECT count(*) FROM cd2_feed_read('sis');
 RESET cd2sync.feed_max_pending;
+-- a table that only a stale feed follows keeps no changes
+SELECT coalesce(max(position), 0) AS before_stale FROM cd2sync.changes \gset
+UPDATE east.users SET name = 'Bob' WHERE id = 2;
+SELECT count(*) AS kept FROM cd2sync.changes WHERE position > :before_stale;
 SELECT cd2_drop_feed('all_tables');
 SELECT tgrelid::regclass, tgname FROM pg_trigger WHERE tgname LIKE 'cd2_feed%' ORDER BY 1, 2;
 

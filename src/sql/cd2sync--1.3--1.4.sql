@@ -642,7 +642,10 @@ DECLARE
 BEGIN
     table_name := (cd2sync._rel_table(rel)).table_name;
     c := cd2sync._feed_capture_context(rel, table_name);
-    IF table_name IS NULL OR c.instance IS NULL THEN
+    -- (nor when only stale feeds follow it: nobody would read them. A feed
+    -- created meanwhile waits for the statement's transaction to end, or
+    -- the statement for it: _feed_ensure_capture's lock)
+    IF table_name IS NULL OR c.instance IS NULL OR NOT cd2sync._feed_follows(table_name) THEN
         table_name := NULL;
         RETURN;
     END IF;

@@ -190,8 +190,9 @@ END $$;
 -- What _feed_capture_row captures of instance table rel's rows: the CD2
 -- table, the context (_feed_capture_context) and the statement giving a
 -- row's view image from its table row t (_view_select). All NULL when
--- nothing is to be captured. (The feeds to notify it asks once it holds
--- the lock on the changes: _feeds_following.)
+-- nothing is to be captured (no feed that is not stale follows it). (The
+-- feeds to notify it asks once it holds the lock on the changes:
+-- _feeds_following.)
 CREATE FUNCTION cd2sync._feed_row_plan(rel regclass, OUT table_name text, OUT instance text, OUT cause text,
                                        OUT watermark timestamptz, OUT projection text, OUT keys text[])
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -201,7 +202,10 @@ DECLARE
 BEGIN
     table_name := (cd2sync._rel_table(rel)).table_name;
     c := cd2sync._feed_capture_context(rel, table_name);
-    IF table_name IS NULL OR c.instance IS NULL THEN
+    -- (nor when only stale feeds follow it: nobody would read them. A feed
+    -- created meanwhile waits for the statement's transaction to end, or
+    -- the statement for it: _feed_ensure_capture's lock)
+    IF table_name IS NULL OR c.instance IS NULL OR NOT cd2sync._feed_follows(table_name) THEN
         table_name := NULL;
         RETURN;
     END IF;
