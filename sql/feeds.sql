@@ -33,6 +33,9 @@ SELECT cd2_create_feed('f', from_start => NULL);
 BEGIN ISOLATION LEVEL REPEATABLE READ;   -- its start must see what commits while it waits
 SELECT cd2_create_feed('f');
 ROLLBACK;
+BEGIN ISOLATION LEVEL SERIALIZABLE;      -- so must a drop, deciding which triggers go
+SELECT cd2_drop_feed('f');
+ROLLBACK;
 SELECT * FROM cd2_feed_read('nope');
 SELECT cd2_feed_ack('nope', 1);
 SELECT cd2_drop_feed('nope');

@@ -505,10 +505,11 @@ typedef struct Capture
 	Datum cause;
 	Datum watermark;
 	bool watermark_null;
-	List *feeds;      /* to notify at its first change */
-	bool notified;    /* its first change is written */
-	Oid parent;       /* the instance table */
-	SPIPlanPtr defer; /* a merge pass's: keeps old images (capture_defer) */
+	List *feeds;     /* to notify at its first change */
+	bool notified;   /* its first change is written */
+	Oid parent;      /* the instance table */
+	Relation before; /* a merge pass's: pg_temp.cd2_merge_before (capture_defer) */
+	TupleTableSlot *before_slot;
 
 	/* the view's row of a table row */
 	TupleConversionMap *map; /* partition to instance table, if they differ */
@@ -542,8 +543,6 @@ static bool callbacks_registered = false;
 static void
 capture_close(Capture *c)
 {
-	if (c->defer)
-		SPI_freeplan(c->defer);
 	if (c->changes)
 	{
 		ResourceOwner saved = CurrentResourceOwner;
@@ -552,6 +551,8 @@ capture_close(Capture *c)
 		ExecCloseIndices(c->rri);
 		ExecResetTupleTable(c->estate->es_tupleTable, false);
 		table_close(c->changes, NoLock);
+		if (c->before)
+			table_close(c->before, NoLock);
 		CurrentResourceOwner = saved;
 	}
 	if (c->estate)
@@ -573,11 +574,7 @@ captures_end(int nestlevel, bool abort)
 		{
 			*p = c->next;
 			if (abort)
-			{
-				if (c->defer)
-					SPI_freeplan(c->defer);
 				MemoryContextDelete(c->cxt); /* (resource owners release the rest) */
-			}
 			else
 				capture_close(c);
 		}
@@ -634,9 +631,10 @@ capture_projection(Capture *c, List *tlist, TupleDesc parentdesc, TupleTableSlot
 }
 
 /*
- * The feeds to notify at the capture's first change: asked once the lock on
- * the changes is held, so that a feed created meanwhile (its creation takes
- * that lock too) is among them.
+ * The feeds to notify at the capture's first change, and whether there is
+ * any (only stale feeds following the table: nothing to capture): asked once
+ * the lock on the changes is held, so that a feed created meanwhile (its
+ * creation takes that lock too) is among them.
  */
 static void
 capture_feeds(Capture *c)
@@ -671,22 +669,38 @@ capture_feeds(Capture *c)
 	SPI_finish();
 }
 
-/* Prepares capture_defer's insert */
+/*
+ * Opens pg_temp.cd2_merge_before for capture_defer's inserts, made the first
+ * time a merge pass keeps a row (dropped at commit)
+ */
 static void
-capture_defer_plan(Capture *c)
+capture_defer_open(Capture *c)
 {
-	Oid argtypes[4] = { OIDOID, JSONBOID, JSONBOID, INT8OID };
-	int ret;
+	Oid tempns = LookupExplicitNamespace("pg_temp", true);
+	Oid relid = OidIsValid(tempns) ? get_relname_relid("cd2_merge_before", tempns) : InvalidOid;
+	ResourceOwner saved;
 
-	if ((ret = SPI_connect()) != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed: %s", SPI_result_code_string(ret));
-	c->defer = SPI_prepare("INSERT INTO pg_temp.cd2_merge_before (rel, key, image, ord)"
-						   " VALUES ($1, $2, $3, $4)",
-						   4, argtypes);
-	if (c->defer == NULL || SPI_keepplan(c->defer) != 0)
-		elog(ERROR, "cd2sync: preparing a merge pass's capture failed: %s",
-			 SPI_result_code_string(SPI_result));
-	SPI_finish();
+	if (!OidIsValid(relid))
+	{
+		int ret;
+
+		if ((ret = SPI_connect()) != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed: %s", SPI_result_code_string(ret));
+		ret = SPI_execute(
+			"CREATE TEMP TABLE cd2_merge_before (rel oid, key jsonb, image jsonb, ord bigint)"
+			" ON COMMIT DROP",
+			false, 0);
+		if (ret != SPI_OK_UTILITY)
+			elog(ERROR, "cd2sync: making a merge pass's table failed: %s",
+				 SPI_result_code_string(ret));
+		SPI_finish();
+		relid = get_relname_relid("cd2_merge_before", LookupExplicitNamespace("pg_temp", false));
+	}
+	saved = CurrentResourceOwner;
+	CurrentResourceOwner = c->owner;
+	c->before = table_open(relid, RowExclusiveLock);
+	c->before_slot = ExecInitExtraTupleSlot(c->estate, RelationGetDescr(c->before), &TTSOpsVirtual);
+	CurrentResourceOwner = saved;
 }
 
 /*
@@ -855,13 +869,17 @@ capture_open(Relation rel, Oid parent, int event)
 		c->out = ExecInitExtraTupleSlot(c->estate, cdesc, &TTSOpsVirtual);
 		CurrentResourceOwner = saved_owner;
 		capture_feeds(c);
+		/* no feed that is not stale follows the table: nothing to keep */
+		if (c->feeds == NIL)
+			c->active = false;
 		/* a merge pass's updates: kept for its end, which writes one per row */
-		if (event == TRIGGER_EVENT_UPDATE && strcmp(TextDatumGetCString(c->cause), "merge") == 0)
+		if (c->active && event == TRIGGER_EVENT_UPDATE &&
+			strcmp(TextDatumGetCString(c->cause), "merge") == 0)
 		{
 			const char *pass = GetConfigOption("cd2sync_tx.merge_pass", true, false);
 
 			if (pass && strcmp(pass, "on") == 0)
-				capture_defer_plan(c);
+				capture_defer_open(c);
 		}
 		c->op = text_datum(event == TRIGGER_EVENT_INSERT   ? "insert"
 						   : event == TRIGGER_EVENT_UPDATE ? "update"
@@ -1035,20 +1053,16 @@ static void
 capture_defer(Capture *c, TupleTableSlot *o)
 {
 	static int64 order = 0;
-	Datum args[4];
-	int ret;
+	TupleTableSlot *slot = c->before_slot;
 
-	args[0] = ObjectIdGetDatum(c->parent);
-	args[1] = JsonbPGetDatum(capture_key(c, o));
-	args[2] = JsonbPGetDatum(image_make(c->image, o->tts_values, o->tts_isnull));
-	args[3] = Int64GetDatum(++order);
-	if ((ret = SPI_connect()) != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed: %s", SPI_result_code_string(ret));
-	ret = SPI_execute_plan(c->defer, args, NULL, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "cd2sync: keeping a merge pass's image failed: %s",
-			 SPI_result_code_string(ret));
-	SPI_finish();
+	ExecClearTuple(slot);
+	slot->tts_values[0] = ObjectIdGetDatum(c->parent);
+	slot->tts_values[1] = JsonbPGetDatum(capture_key(c, o));
+	slot->tts_values[2] = JsonbPGetDatum(image_make(c->image, o->tts_values, o->tts_isnull));
+	slot->tts_values[3] = Int64GetDatum(++order);
+	memset(slot->tts_isnull, false, 4 * sizeof(bool));
+	ExecStoreVirtualTuple(slot);
+	simple_table_tuple_insert(c->before, slot);
 }
 
 /* Writes the change of view row v (the new row; the old for a delete) */
@@ -1130,7 +1144,7 @@ cd2_feed_capture_row(PG_FUNCTION_ARGS)
 
 		if (none)
 			;
-		else if (c->defer)
+		else if (c->before)
 			capture_defer(c, o);
 		else
 			capture_write(c, n, changed, false);

@@ -549,11 +549,7 @@ BEGIN
     END IF;
     -- (the start is read after waiting for the syncs writing the tables: a
     -- snapshot older than what they commit would begin the feed with a gap)
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'cd2_create_feed runs in a READ COMMITTED transaction'
-              USING ERRCODE = 'invalid_transaction_state',
-                    DETAIL = format('This transaction is %s.', upper(current_setting('transaction_isolation')));
-    END IF;
+    PERFORM cd2sync._feed_changing('cd2_create_feed');
     tables := cd2sync._check_tables(tables);
     IF EXISTS (SELECT 1 FROM cd2sync.feed f WHERE f.name = n) THEN
         RAISE EXCEPTION 'cd2sync feed "%" already exists', n USING ERRCODE = 'duplicate_object';
@@ -642,10 +638,7 @@ DECLARE
 BEGIN
     table_name := (cd2sync._rel_table(rel)).table_name;
     c := cd2sync._feed_capture_context(rel, table_name);
-    -- (nor when only stale feeds follow it: nobody would read them. A feed
-    -- created meanwhile waits for the statement's transaction to end, or
-    -- the statement for it: _feed_ensure_capture's lock)
-    IF table_name IS NULL OR c.instance IS NULL OR NOT cd2sync._feed_follows(table_name) THEN
+    IF table_name IS NULL OR c.instance IS NULL THEN
         table_name := NULL;
         RETURN;
     END IF;
@@ -663,21 +656,14 @@ RETURNS trigger AS 'MODULE_PATHNAME', 'cd2_feed_capture_row' LANGUAGE C;
 CREATE OR REPLACE FUNCTION cd2sync._feed_ensure_capture(rel regclass, table_name text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
-    wanted boolean;
-    has boolean;
-    current boolean;
+    wanted boolean := cd2sync._feed_follows(table_name);
+    changing boolean := current_setting('cd2sync_tx.feeds_changing', true) = 'on';
+    has boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert');
+    current boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert'
+                                  AND tgfoid = 'cd2sync._feed_capture_row()'::regprocedure);
     t text;
 BEGIN
-    IF NOT cd2sync._feed_follows(table_name)
-       AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert') THEN
-        RETURN;   -- (nothing to keep in step; a creation racing this one takes the lock)
-    END IF;
-    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
-    wanted := cd2sync._feed_follows(table_name);
-    has := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert');
-    current := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert'
-                          AND tgfoid = 'cd2sync._feed_capture_row()'::regprocedure);
-    IF has AND NOT (wanted AND current) THEN
+    IF has AND (NOT current OR (NOT wanted AND changing)) THEN
         FOREACH t IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
             EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'cd2_feed_' || t, rel);
         END LOOP;
@@ -1169,9 +1155,6 @@ BEGIN
     IF current_setting('cd2sync_tx.merge_pass', true) = 'on' OR NOT EXISTS (SELECT 1 FROM cd2sync.feed) THEN
         RETURN false;   -- (no feed, no capture: no pass)
     END IF;
-    IF to_regclass('pg_temp.cd2_merge_before') IS NULL THEN
-        CREATE TEMP TABLE cd2_merge_before (rel oid, key jsonb, image jsonb, ord bigint) ON COMMIT DROP;
-    END IF;
     PERFORM set_config('cd2sync_tx.merge_pass', 'on', true);
     RETURN true;
 END $$;
@@ -1195,8 +1178,8 @@ BEGIN
         tab := (cd2sync._rel_table(r.rel)).table_name;
         c := cd2sync._feed_capture_context(r.rel, tab, 'merge');
         vw := (SELECT x.view FROM cd2sync._views() x WHERE x.table_name = tab);
-        IF c.instance IS NULL OR vw IS NULL THEN
-            CONTINUE;
+        IF c.instance IS NULL THEN
+            CONTINUE;   -- (not an instance's table any more)
         END IF;
         v := cd2sync._view_columns(tab);
         s := cd2sync._view_select(tab, c.instance, c.shard_id, r.rel, v.cols, v.types, r.rel::regclass::text);
@@ -1207,22 +1190,23 @@ BEGIN
                FROM (SELECT DISTINCT ON (key) key, image FROM pg_temp.cd2_merge_before
                       WHERE rel = %s ORDER BY key, ord) b
                JOIN LATERAL (SELECT cd2sync._row_image(r) AS image FROM (%s) r WHERE %s) n ON true
-              CROSS JOIN LATERAL (SELECT ARRAY(SELECT a.attname::text FROM pg_attribute a
-                                                WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
-                                                  AND (b.image -> a.attname::text) IS DISTINCT FROM (n.image -> a.attname::text)
-                                                ORDER BY a.attnum) AS changed) x
+              CROSS JOIN LATERAL (SELECT ARRAY(SELECT k FROM (SELECT jsonb_object_keys(n.image)
+                                                             UNION SELECT jsonb_object_keys(b.image)) u(k)
+                                                LEFT JOIN pg_attribute a ON a.attrelid = %s AND a.attname = k
+                                                WHERE (b.image -> k) IS DISTINCT FROM (n.image -> k)
+                                                ORDER BY a.attnum, k) AS changed) x
               WHERE cardinality(x.changed) > 0
               ORDER BY b.key',
             tab, c.instance, c.watermark, r.rel, s.sql,
             (SELECT string_agg(format('r.%I = (b.key ->> %L)::%s', k, k, v.types ->> k), ' AND ')
                FROM unnest(c.keys) k),
-            vw::oid);
+            coalesce(vw::oid, 0));
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n > 0 THEN
             PERFORM cd2sync._feed_notify(tab);
         END IF;
     END LOOP;
-    TRUNCATE pg_temp.cd2_merge_before;
+    DELETE FROM pg_temp.cd2_merge_before;   -- (a capture may hold it open)
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._refresh_user_merges()
@@ -1416,6 +1400,30 @@ BEGIN
     RETURN n;
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._feed_changing(what text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '% runs in a READ COMMITTED transaction', what
+              USING ERRCODE = 'invalid_transaction_state',
+                    DETAIL = format('This transaction is %s.', upper(current_setting('transaction_isolation')));
+    END IF;
+    PERFORM pg_advisory_xact_lock(52519, 1);
+    PERFORM set_config('cd2sync_tx.feeds_changing', 'on', true);
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2_drop_feed(name text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed;
+BEGIN
+    PERFORM cd2sync._feed_changing('cd2_drop_feed');
+    f := cd2sync._check_feed(name);
+    DELETE FROM cd2sync.feed x WHERE x.name = f.name;
+    PERFORM cd2sync._feed_ensure_captures();
+    PERFORM cd2sync._feed_forget(f.acknowledged);
+END $$;
+
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
 
@@ -1425,7 +1433,7 @@ REVOKE ALL ON FUNCTION cd2sync._row_image(record) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_context(regclass, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_row_plan(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feeds_following(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end(), cd2sync._feed_changing(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 
 -- the followed instance tables' capture triggers, now (where the tables'
