@@ -13,7 +13,10 @@
  * select list over each old and new row, as the executor would, without a
  * query per row. Changes are inserted directly into cd2sync.changes (its
  * indexes, constraints and WAL, as an INSERT would), with positions taken
- * under the lock _feed_lock takes: they grow in commit order.
+ * under the lock _feed_lock takes: they grow in commit order. Nothing is
+ * written when no feed that is not stale follows the table. In a merge
+ * pass (feeds.sql, _feed_merge_begin) an update keeps the row's image from
+ * before instead, and the pass's end writes one change per row it changed.
  *
  *-------------------------------------------------------------------------
  */
@@ -1142,11 +1145,9 @@ cd2_feed_capture_row(PG_FUNCTION_ARGS)
 		Datum changed = changed_columns(n->tts_tupleDescriptor, o->tts_values, o->tts_isnull,
 										n->tts_values, n->tts_isnull, &none);
 
-		if (none)
-			;
-		else if (c->before)
+		if (!none && c->before)
 			capture_defer(c, o);
-		else
+		else if (!none)
 			capture_write(c, n, changed, false);
 	}
 	else if (event == TRIGGER_EVENT_INSERT)
