@@ -214,6 +214,21 @@ SELECT op, key, "row"->>'user_id' AS user_id, "row"->>'grader_id' AS grader_id, 
   FROM cd2_feed_read('subs') ORDER BY position;
 ROLLBACK;
 
+-- a table loaded new (its first snapshot straight by COPY) gives a feed one
+-- insert per row, showing the users' replacements set after the load
+BEGIN;
+CREATE TABLE east.submissions (id bigint PRIMARY KEY, user_id bigint, grader_id bigint, score numeric);
+INSERT INTO cd2sync.table_state (instance, table_name, status) VALUES ('east', 'submissions', 'ok');
+SELECT cd2sync.refresh_view('submissions');
+SELECT cd2_create_feed('subs', tables => ARRAY['submissions']);
+SELECT cd2sync._before_apply('east', 'submissions', '2026-11-03 00:00:00+00');
+SELECT cd2sync._feed_load_begin('east.submissions');
+INSERT INTO east.submissions VALUES (40, 1, NULL, 1.0), (41, 2, NULL, 2.0);   -- (as COPY: no replacements)
+SELECT cd2sync._after_apply('east', 'submissions', 'snapshot', 2);
+SELECT op, key, "row"->>'user_id' AS user_id, "row"->>'original_user_id' AS original_user_id, changed, cause
+  FROM cd2_feed_read('subs') ORDER BY position;
+ROLLBACK;
+
 -- dropping an instance deletes its rows from the feeds
 SELECT cd2_drop_instance('west');
 SELECT table_name, op, key, instance, cause FROM cd2_feed_read('sis') ORDER BY position;

@@ -571,6 +571,18 @@ catalog_finish_loading(const char *target_schema, const char *table, const char 
 	run_row("SELECT cd2sync._finish_loading($1, $2, $3::json)", 3, args);
 }
 
+/*
+ * A table about to be loaded new straight by COPY: the change feeds get its
+ * rows once their users' replacements are in (cd2sync._feed_load_begin)
+ */
+void
+catalog_feed_load_begin(const char *target)
+{
+	const char *args[1] = { target };
+
+	run_row("SELECT cd2sync._feed_load_begin($1::regclass)", 1, args);
+}
+
 /* Empties a table (one cd2sync loads apart, when its load starts over) */
 void
 catalog_truncate(const char *target)

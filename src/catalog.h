@@ -129,6 +129,7 @@ extern void catalog_finish_loading(const char *target_schema, const char *table,
 extern void catalog_truncate(const char *target);
 extern bool catalog_has_rows(const char *target);
 extern Oid catalog_direct_target(const char *target);
+extern void catalog_feed_load_begin(const char *target);
 extern bool catalog_is_log(const char *target);
 extern void catalog_log_upkeep(const char *instance, const char *table, const char *watermark,
 							   const char *phase);

@@ -387,6 +387,10 @@ apply_job(RunContext *rc, TableSync *ts, DapJob *job, List *urls, bool snapshot)
 		 (strcmp(mode, "incremental") == 0 && catalog_is_log(target))))
 	{
 		way.direct = catalog_direct_target(target);
+		/* (a snapshot here is into an empty table: the feeds get its rows
+		 * with their users' replacements, after the load) */
+		if (OidIsValid(way.direct) && snapshot)
+			catalog_feed_load_begin(target);
 		if (OidIsValid(way.direct) && try_load(rc, ts, job, urls, &way))
 		{
 			tr->upserted += way.records;

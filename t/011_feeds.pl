@@ -193,6 +193,33 @@ is($node->safe_psql('postgres', "SELECT string_agg(op, ',') FROM cd2_feed_read('
 $dropper->quit;
 $creator->quit;
 
+# 8. a table's first load after a merge: each row once, as an insert showing
+# the replacement user and the duplicate flag (the load sets both after the
+# rows are in)
+my %subs_of;
+$subs_of{ $_->{value}{user_id} }++ for @{ $emu->state($north, 'submissions')->{rows} };
+my ($gone) = sort { $subs_of{$b} <=> $subs_of{$a} || $a <=> $b } keys %subs_of;
+my ($keeper) = grep { $_ != $gone } map { $_->{key}{id} } @{ $emu->state($north, 'users')->{rows} };
+my ($gone_row) = grep { $_->{key}{id} == $gone } @{ $emu->state($north, 'users')->{rows} };
+$gone_row->{value}{workflow_state} = 'deleted';
+$gone_row->{value}{merged_into_user_id} = $keeper;
+$emu->epoch({ client_id => $north, table => 'users', upsert => [ $gone_row ] });
+Cd2Test::sync($node, 'north');
+is($node->safe_psql('postgres', "SELECT replacement_user_id = cd2_global_id('north', $keeper) FROM cd2.user_merges "
+	  . "WHERE superseded_user_id = cd2_global_id('north', $gone)"), 't', 'the merge is in the map');
+$node->safe_psql('postgres', "SELECT cd2_create_feed('subs', tables => ARRAY['submissions'])");
+$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', tables => ARRAY['users', 'pseudonyms', 'enrollments', 'courses', 'submissions'])");
+$r = Cd2Test::sync($node, 'north');
+is($r->{submissions}{error}, '', 'submissions: first load');
+is($node->safe_psql('postgres', "SELECT count(*) FILTER (WHERE op = 'insert') || ' inserts, ' || count(*) FILTER (WHERE op <> 'insert') || ' other' "
+	  . "FROM cd2_feed_read('subs', 100000)"),
+	$node->safe_psql('postgres', "SELECT count(*) FROM north.submissions") . ' inserts, 0 other', 'one insert per row, nothing else');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('subs', 100000) "
+	  . "WHERE (\"row\"->>'user_id')::bigint = cd2_global_id('north', $keeper) "
+	  . "AND (\"row\"->>'original_user_id')::bigint = cd2_global_id('north', $gone)"),
+	$node->safe_psql('postgres', "SELECT count(*) FROM north.submissions WHERE user_id = $gone"),
+	'the merged user\'s rows show the replacement');
+
 $listener->quit;
 $sub->stop;
 $node->stop;

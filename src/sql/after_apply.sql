@@ -7,7 +7,8 @@
 --   2 the merge map and the duplicates it reveals, when an input of the
 --     resolver changed (and the replacements of every table, by the map's
 --     difference: the change feeds see them as merges);
---   3 the change feeds' limits.
+--   3 a table loaded new gives the change feeds its rows, as they are now;
+--   4 the change feeds' limits.
 -- And _before_apply, before the rows go in: what the change feeds need to
 -- know of the transaction.
 
@@ -61,6 +62,13 @@ BEGIN
         ELSIF cd2sync._duplicate_key(table_name) IS NOT NULL THEN
             PERFORM cd2sync._refresh_merge_duplicates(table_name);
         END IF;
+    END IF;
+    IF rel IS NOT NULL THEN
+        -- a table loaded new: the feeds get its rows now, replacements and
+        -- duplicate flags in (feeds.sql)
+        PERFORM cd2sync._feed_load_end(rel, table_name);
+    END IF;
+    IF changes > 0 AND rel IS NOT NULL THEN
         PERFORM cd2sync._feed_check_limits();
     END IF;
 END $$;

@@ -199,7 +199,6 @@ SET search_path = pg_catalog, pg_temp SET maintenance_work_mem = '64MB' AS $$
 DECLARE
     lrel regclass := cd2sync._loading_rel(target_schema, table_name);
     place record := cd2sync._table_place(target_schema, table_name);
-    q text;
 BEGIN
     IF lrel IS NULL THEN
         RETURN false;
@@ -217,16 +216,9 @@ BEGIN
     EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', place.schema_name,
                    cd2sync._loading_name(target_schema, table_name) || '_pkey', left(place.rel_name, 58) || '_pkey');
     PERFORM cd2sync.refresh_view(table_name);
-    -- the change feeds following it get its rows, as a load into the table
-    -- in place would have given them (feeds.sql; cause as the transaction's)
-    IF cd2sync._feed_follows(table_name) THEN
-        q := cd2sync._feed_capture_sql(lrel, table_name, NULL, lrel::text);
-        IF q IS NOT NULL THEN
-            PERFORM cd2sync._feed_lock();
-            EXECUTE q;
-            PERFORM cd2sync._feed_notify(table_name);
-        END IF;
-    END IF;
+    -- the change feeds following it get its rows once their users'
+    -- replacements are in (feeds.sql, _feed_load_begin)
+    PERFORM cd2sync._feed_load_begin(lrel);
     RETURN true;
 END $$;
 
@@ -612,7 +604,8 @@ BEGIN
     SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
     keys := cd2sync._key_columns(rel);
     IF inst.name IS NULL OR keys IS NULL
-       OR (cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true)) THEN
+       OR (cause IS NULL AND (inst.name = current_setting('cd2sync_tx.quiet_instance', true)
+                              OR rel::oid::text = current_setting('cd2sync_tx.loading_new', true))) THEN
         keys := NULL;
         RETURN;
     END IF;
@@ -1429,6 +1422,70 @@ BEGIN
     PERFORM cd2sync._feed_forget(f.acknowledged);
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._feed_load_begin(rel regclass)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT set_config('cd2sync_tx.loading_new', rel::oid::text, true)
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_load_end(rel regclass, table_name text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q text;
+BEGIN
+    IF current_setting('cd2sync_tx.loading_new', true) IS DISTINCT FROM rel::oid::text THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('cd2sync_tx.loading_new', '', true);
+    IF cd2sync._feed_follows(table_name) THEN
+        q := cd2sync._feed_capture_sql(rel, table_name, NULL, rel::text, 'sync');
+        IF q IS NOT NULL THEN
+            PERFORM cd2sync._feed_lock();
+            EXECUTE q;
+            PERFORM cd2sync._feed_notify(table_name);
+        END IF;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances := cd2sync._check_instance(instance);
+    rel regclass := cd2sync._instance_rel(inst.target_schema, table_name);
+    -- (the watermark the table held before: committed after this hook)
+    held timestamptz := (SELECT s.watermark FROM cd2sync.table_state s
+                          WHERE s.instance = _after_apply.instance AND s.table_name = _after_apply.table_name);
+BEGIN
+    IF changes > 0 AND rel IS NOT NULL THEN
+        -- a first load gets its indexes now; rows a snapshot loaded
+        -- straight by COPY get their replacements (_apply gives every row
+        -- it writes its own)
+        PERFORM cd2sync._ensure_bookkeeping(rel, inst.shard_id, table_name);
+        IF cd2sync._log_column(rel) IS NOT NULL THEN
+            -- a log's rows went in by COPY: those of users the map has get
+            -- their replacements (from a day before what the table held:
+            -- older partitions are history, left alone)
+            PERFORM cd2sync._resolve_users(rel, inst.shard_id, false,
+                (held - interval '1 day') AT TIME ZONE 'UTC');
+        ELSIF mode = 'snapshot' THEN
+            PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
+        END IF;
+        PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+        IF table_name = ANY (cd2sync._merge_inputs()) THEN
+            PERFORM cd2sync._refresh_user_merges();
+        ELSIF cd2sync._duplicate_key(table_name) IS NOT NULL THEN
+            PERFORM cd2sync._refresh_merge_duplicates(table_name);
+        END IF;
+    END IF;
+    IF rel IS NOT NULL THEN
+        -- a table loaded new: the feeds get its rows now, replacements and
+        -- duplicate flags in (feeds.sql)
+        PERFORM cd2sync._feed_load_end(rel, table_name);
+    END IF;
+    IF changes > 0 AND rel IS NOT NULL THEN
+        PERFORM cd2sync._feed_check_limits();
+    END IF;
+END $$;
+
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
 
@@ -1438,7 +1495,8 @@ REVOKE ALL ON FUNCTION cd2sync._row_image(record) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_context(regclass, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_row_plan(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feeds_following(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end(), cd2sync._feed_changing(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end(), cd2sync._feed_changing(text),
+                       cd2sync._feed_load_begin(regclass), cd2sync._feed_load_end(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 
 -- the followed instance tables' capture triggers, now (where the tables'

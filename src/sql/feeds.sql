@@ -135,8 +135,9 @@ END $$;
 -- What a capture of instance table rel writes besides its rows: its
 -- instance (and shard), the cause, the table's watermark as this
 -- transaction commits it, and its key columns. All NULL when there is
--- nothing to write: rel is not an instance's table (any more), or its
--- instance is changing as a whole (_feed_capture_instance says what).
+-- nothing to write: rel is not an instance's table (any more), its
+-- instance is changing as a whole (_feed_capture_instance says what), or it
+-- is being loaded new (_feed_load_begin).
 -- cause: NULL for the transaction's (cd2sync_tx.cause, set by the step that
 -- writes: _apply, _after_apply, ...; else 'sync').
 CREATE FUNCTION cd2sync._feed_capture_context(rel regclass, table_name text, cause text DEFAULT NULL,
@@ -149,7 +150,8 @@ BEGIN
     SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(rel) t ON t.instance = i.name;
     keys := cd2sync._key_columns(rel);
     IF inst.name IS NULL OR keys IS NULL
-       OR (cause IS NULL AND inst.name = current_setting('cd2sync_tx.quiet_instance', true)) THEN
+       OR (cause IS NULL AND (inst.name = current_setting('cd2sync_tx.quiet_instance', true)
+                              OR rel::oid::text = current_setting('cd2sync_tx.loading_new', true))) THEN
         keys := NULL;
         RETURN;
     END IF;
@@ -408,6 +410,37 @@ BEGIN
         PERFORM cd2sync._feed_capture_table(r.rel, side);
     END LOOP;
     PERFORM set_config('cd2sync_tx.quiet_instance', CASE WHEN side = 'old' THEN instance ELSE '' END, true);
+END $$;
+
+-- A table loaded new in this transaction (its first snapshot straight by
+-- COPY, or loaded apart: _finish_loading) gets its users' replacements
+-- after its rows are in (_after_apply). A feed is to see each of its rows
+-- once, as an insert showing the replacement, not an insert of the stored
+-- user and then an update: from _feed_load_begin the capture passes over
+-- the table's rows, and _feed_load_end (_after_apply, once the replacements
+-- are in) writes an insert of each row it holds then.
+CREATE FUNCTION cd2sync._feed_load_begin(rel regclass)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT set_config('cd2sync_tx.loading_new', rel::oid::text, true)
+$$;
+
+CREATE FUNCTION cd2sync._feed_load_end(rel regclass, table_name text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q text;
+BEGIN
+    IF current_setting('cd2sync_tx.loading_new', true) IS DISTINCT FROM rel::oid::text THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('cd2sync_tx.loading_new', '', true);
+    IF cd2sync._feed_follows(table_name) THEN
+        q := cd2sync._feed_capture_sql(rel, table_name, NULL, rel::text, 'sync');
+        IF q IS NOT NULL THEN
+            PERFORM cd2sync._feed_lock();
+            EXECUTE q;
+            PERFORM cd2sync._feed_notify(table_name);
+        END IF;
+    END IF;
 END $$;
 
 -- Marks stale, with a WARNING, every feed over its limits

@@ -572,7 +572,6 @@ SET search_path = pg_catalog, pg_temp SET maintenance_work_mem = '64MB' AS $$
 DECLARE
     lrel regclass := cd2sync._loading_rel(target_schema, table_name);
     place record := cd2sync._table_place(target_schema, table_name);
-    q text;
 BEGIN
     IF lrel IS NULL THEN
         RETURN false;
@@ -590,16 +589,9 @@ BEGIN
     EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', place.schema_name,
                    cd2sync._loading_name(target_schema, table_name) || '_pkey', left(place.rel_name, 58) || '_pkey');
     PERFORM cd2sync.refresh_view(table_name);
-    -- the change feeds following it get its rows, as a load into the table
-    -- in place would have given them (feeds.sql; cause as the transaction's)
-    IF cd2sync._feed_follows(table_name) THEN
-        q := cd2sync._feed_capture_sql(lrel, table_name, NULL, lrel::text);
-        IF q IS NOT NULL THEN
-            PERFORM cd2sync._feed_lock();
-            EXECUTE q;
-            PERFORM cd2sync._feed_notify(table_name);
-        END IF;
-    END IF;
+    -- the change feeds following it get its rows once their users'
+    -- replacements are in (feeds.sql, _feed_load_begin)
+    PERFORM cd2sync._feed_load_begin(lrel);
     RETURN true;
 END $$;
 
