@@ -214,6 +214,14 @@ SELECT op, key, "row"->>'user_id' AS user_id, "row"->>'grader_id' AS grader_id, 
   FROM cd2_feed_read('subs') ORDER BY position;
 ROLLBACK;
 
+-- a merge pass keeps its images only in a table it made itself, never in a
+-- relation of that name made before it (here a view)
+BEGIN;
+CREATE TEMP VIEW cd2_merge_before AS SELECT 1 AS rel;
+UPDATE east.users SET workflow_state = 'deleted', merged_into_user_id = 80000000000005 WHERE id = 2;
+SELECT cd2sync._after_apply('east', 'users', 'incremental', 1);
+ROLLBACK;
+
 -- a table loaded new (its first snapshot straight by COPY) gives a feed one
 -- insert per row, showing the users' replacements set after the load
 BEGIN;

@@ -702,6 +702,24 @@ capture_defer_open(Capture *c)
 	saved = CurrentResourceOwner;
 	CurrentResourceOwner = c->owner;
 	c->before = table_open(relid, RowExclusiveLock);
+	/* one this session made before, as above: never a relation of that name
+	 * someone else made (another role, other columns, triggers, rules) */
+	{
+		static const Oid types[4] = { OIDOID, JSONBOID, JSONBOID, INT8OID };
+		Relation r = c->before;
+		TupleDesc d = RelationGetDescr(r);
+		bool ours = r->rd_rel->relkind == RELKIND_RELATION &&
+					r->rd_rel->relpersistence == RELPERSISTENCE_TEMP &&
+					r->rd_rel->relowner == GetUserId() && !r->rd_rel->relhastriggers &&
+					!r->rd_rel->relhasrules && d->natts == 4;
+
+		for (int i = 0; ours && i < 4; i++)
+			ours = !TupleDescAttr(d, i)->attisdropped && TupleDescAttr(d, i)->atttypid == types[i];
+		if (!ours)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("cd2sync: pg_temp.cd2_merge_before is not a table cd2sync made")));
+	}
 	c->before_slot = ExecInitExtraTupleSlot(c->estate, RelationGetDescr(c->before), &TTSOpsVirtual);
 	CurrentResourceOwner = saved;
 }

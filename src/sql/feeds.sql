@@ -258,6 +258,15 @@ BEGIN
     IF to_regclass('pg_temp.cd2_merge_before') IS NULL THEN
         RETURN;
     END IF;
+    -- (the capture made it, and checks one it finds: a table of that name
+    -- that another role made, or with triggers or rules, is not read here)
+    IF NOT EXISTS (SELECT 1 FROM pg_class pc
+                    WHERE pc.oid = to_regclass('pg_temp.cd2_merge_before') AND pc.relkind = 'r'
+                      AND pc.relowner = (SELECT ro.oid FROM pg_roles ro WHERE ro.rolname = current_user)
+                      AND NOT pc.relhastriggers AND NOT pc.relhasrules) THEN
+        RAISE EXCEPTION 'cd2sync: pg_temp.cd2_merge_before is not a table cd2sync made'
+              USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
     FOR r IN SELECT DISTINCT b.rel FROM pg_temp.cd2_merge_before b ORDER BY 1 LOOP
         tab := (cd2sync._rel_table(r.rel)).table_name;
         c := cd2sync._feed_capture_context(r.rel, tab, 'merge');
@@ -354,10 +363,11 @@ BEGIN
     END IF;
     IF wanted AND NOT current THEN
         FOREACH t IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
-            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION cd2sync._feed_capture_row()',
+            -- (OR REPLACE: another sync may add them meanwhile)
+            EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION cd2sync._feed_capture_row()',
                            'cd2_feed_' || t, upper(t), rel);
         END LOOP;
-        EXECUTE format('CREATE TRIGGER cd2_feed_truncate BEFORE TRUNCATE ON %s
+        EXECUTE format('CREATE OR REPLACE TRIGGER cd2_feed_truncate BEFORE TRUNCATE ON %s
                         FOR EACH STATEMENT EXECUTE FUNCTION cd2sync._feed_capture()', rel);
     END IF;
 END $$;
@@ -433,10 +443,12 @@ BEGIN
         RETURN;
     END IF;
     PERFORM set_config('cd2sync_tx.loading_new', '', true);
+    -- (which feeds follow it is asked under the lock, as the row capture
+    -- does: a feed created meanwhile takes it too, and gets these rows)
+    PERFORM cd2sync._feed_lock();
     IF cd2sync._feed_follows(table_name) THEN
         q := cd2sync._feed_capture_sql(rel, table_name, NULL, rel::text, 'sync');
         IF q IS NOT NULL THEN
-            PERFORM cd2sync._feed_lock();
             EXECUTE q;
             PERFORM cd2sync._feed_notify(table_name);
         END IF;
@@ -446,7 +458,7 @@ END $$;
 -- Marks stale, with a WARNING, every feed over its limits
 -- (_feed_over_limits), and forgets the changes no other feed waits for.
 -- (The capture triggers of tables no feed follows any more go with the
--- next change to the feeds or instances.)
+-- next creation or drop of a feed: _feed_ensure_capture.)
 CREATE FUNCTION cd2sync._feed_check_limits()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
