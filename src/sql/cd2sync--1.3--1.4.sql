@@ -25,6 +25,15 @@
 -- * A log's type change gives the feeds following it a delete and an insert
 --   of each row it converts (_feed_capture_table, also what
 --   _feed_capture_instance now does for each of an instance's tables).
+-- * Change feeds, after review: a merge pass gives a row one update
+--   (_feed_merge_begin/_end, pg_temp.cd2_merge_before); a table loaded new
+--   gives one insert per row once its replacements are in (_feed_load_begin/
+--   _end); creations and drops take turns (_feed_changing) and only they
+--   take triggers away; the capture writes nothing when no live feed
+--   follows (_feeds_following, asked under the lock); a feed over its limits
+--   is stale at once (_feed_over_limits, cd2sync.feeds, cd2sync.monitoring);
+--   a log's rows moving partitions and a reload for a type change say no
+--   more than they should; _resolve_users writes a row only if it changes.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
