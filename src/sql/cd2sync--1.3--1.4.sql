@@ -1176,6 +1176,7 @@ DECLARE
     v record;
     s record;
     vw regclass;
+    cols text[];
     n bigint;
 BEGIN
     PERFORM set_config('cd2sync_tx.merge_pass', '', true);
@@ -1200,24 +1201,29 @@ BEGIN
         END IF;
         v := cd2sync._view_columns(tab);
         s := cd2sync._view_select(tab, c.instance, c.shard_id, r.rel, v.cols, v.types, r.rel::regclass::text);
+        -- the columns of an image, in the view's order (as the capture
+        -- names them in changed)
+        cols := ARRAY(SELECT k FROM jsonb_object_keys((SELECT b.image FROM pg_temp.cd2_merge_before b
+                                                        WHERE b.rel = r.rel LIMIT 1)) k
+                        LEFT JOIN pg_attribute a ON a.attrelid = coalesce(vw::oid, 0) AND a.attname = k
+                       ORDER BY a.attnum, k);
+        -- (OFFSET 0: each row's image made once, and compared once)
         EXECUTE format(
             'INSERT INTO cd2sync.changes (position, table_name, op, key, instance, "row", changed, cause, watermark)
              SELECT nextval(''cd2sync.change_position_seq''), %L, ''update'', b.key, %L, n.image, x.changed,
                     ''merge'', %L::timestamptz
                FROM (SELECT DISTINCT ON (key) key, image FROM pg_temp.cd2_merge_before
                       WHERE rel = %s ORDER BY key, ord) b
-               JOIN LATERAL (SELECT cd2sync._row_image(r) AS image FROM (%s) r WHERE %s) n ON true
-              CROSS JOIN LATERAL (SELECT ARRAY(SELECT k FROM (SELECT jsonb_object_keys(n.image)
-                                                             UNION SELECT jsonb_object_keys(b.image)) u(k)
-                                                LEFT JOIN pg_attribute a ON a.attrelid = %s AND a.attname = k
-                                                WHERE (b.image -> k) IS DISTINCT FROM (n.image -> k)
-                                                ORDER BY a.attnum, k) AS changed) x
+              CROSS JOIN LATERAL (SELECT cd2sync._row_image(r) AS image FROM (%s) r WHERE %s OFFSET 0) n
+              CROSS JOIN LATERAL (SELECT ARRAY(SELECT u.k FROM unnest(%L::text[]) WITH ORDINALITY u(k, o)
+                                                WHERE (b.image -> u.k) IS DISTINCT FROM (n.image -> u.k)
+                                                ORDER BY u.o) AS changed OFFSET 0) x
               WHERE cardinality(x.changed) > 0
               ORDER BY b.key',
             tab, c.instance, c.watermark, r.rel, s.sql,
             (SELECT string_agg(format('r.%I = (b.key ->> %L)::%s', k, k, v.types ->> k), ' AND ')
                FROM unnest(c.keys) k),
-            coalesce(vw::oid, 0));
+            cols);
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n > 0 THEN
             PERFORM cd2sync._feed_notify(tab);
