@@ -71,19 +71,15 @@ $$;
 -- change is the first by position (they commit in that order), as
 -- _feed_check_limits takes it.
 CREATE VIEW cd2sync.feeds AS
-    SELECT f.name, f.tables, f.acknowledged, p.pending, o.oldest_pending,
-           CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, o.oldest_pending) IS NULL
+    SELECT f.name, f.tables, f.acknowledged, p.pending, o.committed_at AS oldest_pending,
+           CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, o.committed_at) IS NULL
                 THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
-      CROSS JOIN LATERAL (SELECT count(*) AS pending
+      CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.position) AS first
                             FROM cd2sync.changes c
                            WHERE c.position > f.acknowledged AND f.stale_since IS NULL
                              AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p
-      LEFT JOIN LATERAL (SELECT c.committed_at AS oldest_pending
-                           FROM cd2sync.changes c
-                          WHERE c.position > f.acknowledged AND f.stale_since IS NULL
-                            AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
-                          ORDER BY c.position LIMIT 1) o ON true;
+      LEFT JOIN cd2sync.changes o ON o.position = p.first;
 
 -- The image of a row: to_jsonb(r), made for every change faster (src/capture.c)
 CREATE FUNCTION cd2sync._row_image(r record)
