@@ -583,6 +583,30 @@ catalog_feed_load_begin(const char *target)
 	run_row("SELECT cd2sync._feed_load_begin($1::regclass)", 1, args);
 }
 
+/*
+ * Whether the rows this transaction writes to target (a quoted, qualified
+ * name) reach change feeds (cd2sync._feed_captures). Takes the lock a write
+ * takes first, held until commit, so no feed's capture comes or goes
+ * meanwhile; and reads what the last change to the feeds committed,
+ * whatever this transaction's isolation.
+ */
+bool
+catalog_feed_captures(const char *target)
+{
+	const char *args[1] = { target };
+	bool result;
+
+	run_row(psprintf("LOCK TABLE %s IN ROW EXCLUSIVE MODE", target), 0, NULL);
+	PushActiveSnapshot(GetLatestSnapshot());
+	SPI_connect();
+	execute_as("SELECT cd2sync._feed_captures($1::regclass)", 1, args, true);
+	result = SPI_processed == 1 &&
+			 strcmp(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), "t") == 0;
+	SPI_finish();
+	PopActiveSnapshot();
+	return result;
+}
+
 /* Empties a table (one cd2sync loads apart, when its load starts over) */
 void
 catalog_truncate(const char *target)

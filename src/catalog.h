@@ -130,6 +130,7 @@ extern void catalog_truncate(const char *target);
 extern bool catalog_has_rows(const char *target);
 extern Oid catalog_direct_target(const char *target);
 extern void catalog_feed_load_begin(const char *target);
+extern bool catalog_feed_captures(const char *target);
 extern bool catalog_is_log(const char *target);
 extern void catalog_log_upkeep(const char *instance, const char *table, const char *watermark,
 							   const char *phase);

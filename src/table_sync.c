@@ -380,11 +380,15 @@ apply_job(RunContext *rc, TableSync *ts, DapJob *job, List *urls, bool snapshot)
 	 * Straight in by COPY: a snapshot into an empty table, and the new
 	 * records of a log (append-only: an incremental adds rows). A record
 	 * the table has already (a duplicate key) or a delete does not suit
-	 * this way: the staging table takes them.
+	 * this way: the staging table takes them. So do a log's records while
+	 * a change feed follows it: the apply writes each with its users'
+	 * replacements, and the feed sees it once, as the view shows it (by
+	 * COPY they would come after it: an insert, then an update).
 	 */
 	if (cd2_direct_load && rc->format == FORMAT_TSV && !no_direct &&
 		(strcmp(mode, "snapshot_new") == 0 ||
-		 (strcmp(mode, "incremental") == 0 && catalog_is_log(target))))
+		 (strcmp(mode, "incremental") == 0 && catalog_is_log(target) &&
+		  !catalog_feed_captures(target))))
 	{
 		way.direct = catalog_direct_target(target);
 		/* (a snapshot here is into an empty table: the feeds get its rows

@@ -197,6 +197,20 @@ is(sq("SELECT tableoid::regclass FROM $T WHERE id = '00000000-0000-4000-8000-000
 	'a record of a day long ago is moved to its partition');
 is(sq("SELECT string_agg(op || ' ' || (key->>'id'), ', ' ORDER BY position) FROM cd2_feed_read('logs')"),
 	'insert 00000000-0000-4000-8000-000000000011', 'the feed has it once, as an insert: the move is not a change');
+# a new record of the merged user (section 4) while the feed follows the
+# log: one insert, showing the replacement, not an insert of the stored user
+# then an update
+sq("SELECT cd2_feed_ack('logs', (SELECT max(position) FROM cd2sync.changes))");
+$emu->post('/_emu/epoch', { changes => [ { client_id => $north, table => 'canvas_logs.web_logs',
+	upsert => [ new_log('00000000-0000-4000-8000-000000000012', $emu->clock, user_id => $old->{key}{id}) ] } ] });
+$r = Cd2Test::sync($node, 'north');
+is("$r->{'canvas_logs.web_logs'}{mode}/$r->{'canvas_logs.web_logs'}{upserted}", 'incremental/1', 'one new record');
+is(sq("SELECT string_agg(concat_ws(' ', op, key->>'id', \"row\"->>'user_id', \"row\"->>'original_user_id', changed, cause), "
+	  . "', ' ORDER BY position) FROM cd2_feed_read('logs')"),
+	"insert 00000000-0000-4000-8000-000000000012 $new_g $old_g sync",
+	'a record of a merged user reaches the feed once, as an insert showing the replacement');
+is(sq("SELECT user_id FROM cd2_canvas_logs.web_logs WHERE id = '00000000-0000-4000-8000-000000000012'"), $new_g,
+	'as the view shows it');
 sq("SELECT cd2_drop_feed('logs')");
 # the same column changing again that day, its values again not converting:
 # kept in a column of its own (tried and rolled back)

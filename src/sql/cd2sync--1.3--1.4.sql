@@ -661,8 +661,7 @@ DECLARE
     wanted boolean := cd2sync._feed_follows(table_name);
     changing boolean := current_setting('cd2sync_tx.feeds_changing', true) = 'on';
     has boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert');
-    current boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert'
-                                  AND tgfoid = 'cd2sync._feed_capture_row()'::regprocedure);
+    current boolean := cd2sync._feed_captures(rel);
     t text;
 BEGIN
     IF has AND (NOT current OR (NOT wanted AND changing)) THEN
@@ -1509,6 +1508,13 @@ BEGIN
     END IF;
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._feed_captures(rel regclass)
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_trigger t
+                    WHERE t.tgrelid = rel AND t.tgname = 'cd2_feed_insert'
+                      AND t.tgfoid = 'cd2sync._feed_capture_row()'::regprocedure)
+$$;
+
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
 
@@ -1521,6 +1527,7 @@ REVOKE ALL ON FUNCTION cd2sync._feeds_following(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end(), cd2sync._feed_changing(text),
                        cd2sync._feed_load_begin(regclass), cd2sync._feed_load_end(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_captures(regclass) FROM PUBLIC;
 
 -- the followed instance tables' capture triggers, now (where the tables'
 -- owners allow; else the next sync's _ensure_layout)

@@ -338,6 +338,18 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_notify('cd2sync_feed', f) FROM unnest(cd2sync._feeds_following(table_name)) f
 $$;
 
+-- Whether the rows written to instance table rel reach the change feeds:
+-- it has the capture triggers (_feed_ensure_capture). A writer that asks
+-- with rel locked for writing (src/catalog.c, catalog_feed_captures) gets
+-- an answer that holds until it commits: a feed's creation or drop changes
+-- the triggers under a lock that waits for it.
+CREATE FUNCTION cd2sync._feed_captures(rel regclass)
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_trigger t
+                    WHERE t.tgrelid = rel AND t.tgname = 'cd2_feed_insert'
+                      AND t.tgfoid = 'cd2sync._feed_capture_row()'::regprocedure)
+$$;
+
 -- Gives an instance table its capture triggers when a feed follows the
 -- table, and takes them away when none does, but only while the feeds
 -- change (_feed_changing): a sync (refresh_view) only adds them, and
@@ -354,8 +366,7 @@ DECLARE
     wanted boolean := cd2sync._feed_follows(table_name);
     changing boolean := current_setting('cd2sync_tx.feeds_changing', true) = 'on';
     has boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert');
-    current boolean := EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'cd2_feed_insert'
-                                  AND tgfoid = 'cd2sync._feed_capture_row()'::regprocedure);
+    current boolean := cd2sync._feed_captures(rel);
     t text;
 BEGIN
     IF has AND (NOT current OR (NOT wanted AND changing)) THEN
