@@ -29,6 +29,19 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
            set_config('cd2sync_tx.cause', 'sync', true);
 $$;
 
+-- cd2sync_tx.*: what the steps of one transaction tell each other (the
+-- table being applied and its watermark, the cause its changes carry, a
+-- pass in progress, an instance or table whose rows the capture passes
+-- over), until it commits. Anyone can set such a setting: the functions
+-- that run as the owner (SECURITY DEFINER) begin by clearing them, so
+-- that a caller's cannot change what they write to the change feeds.
+CREATE FUNCTION cd2sync._tx_clear()
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT set_config('cd2sync_tx.' || s, '', true)
+      FROM unnest(ARRAY['applying', 'watermark', 'cause', 'merge_pass', 'quiet_instance',
+                        'loading_new', 'reloading', 'feeds_changing']) s
+$$;
+
 -- instance, table_name: the table just applied; mode: the sync log's mode;
 -- changes: rows the apply inserted, updated or deleted. The feeds have the
 -- sync's changes already (its rows as the views show them, users resolved

@@ -540,6 +540,7 @@ DECLARE
     keys text[];
     start bigint;
 BEGIN
+    PERFORM cd2sync._tx_clear();
     IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
         RAISE EXCEPTION 'invalid feed name "%"', n
               USING ERRCODE = 'invalid_parameter_value',
@@ -1435,6 +1436,7 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     f cd2sync.feed;
 BEGIN
+    PERFORM cd2sync._tx_clear();
     PERFORM cd2sync._feed_changing('cd2_drop_feed');
     f := cd2sync._check_feed(name);
     DELETE FROM cd2sync.feed x WHERE x.name = f.name;
@@ -1515,6 +1517,183 @@ RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                       AND t.tgfoid = 'cd2sync._feed_capture_row()'::regprocedure)
 $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._tx_clear()
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT set_config('cd2sync_tx.' || s, '', true)
+      FROM unnest(ARRAY['applying', 'watermark', 'cause', 'merge_pass', 'quiet_instance',
+                        'loading_new', 'reloading', 'feeds_changing']) s
+$$;
+
+CREATE OR REPLACE FUNCTION cd2_add_instance(
+    name          text,
+    client_id     text,
+    client_secret text,
+    api_url       text     DEFAULT 'https://api-gateway.instructure.com',
+    tables        text[]   DEFAULT NULL,
+    shard_id      bigint   DEFAULT NULL,
+    schedule      interval DEFAULT NULL,
+    target_schema text     DEFAULT NULL,
+    full_resync_every interval DEFAULT NULL,
+    keep_logs     interval DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n text := cd2_add_instance.name;
+    tables_clean text[];
+BEGIN
+    PERFORM cd2sync._tx_clear();
+    IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
+        RAISE EXCEPTION 'invalid instance name "%"', n
+              USING ERRCODE = 'invalid_parameter_value',
+                    DETAIL = 'An instance name is a lower-case letter followed by up to 47 lower-case letters, digits or underscores.';
+    END IF;
+    PERFORM cd2sync._check_settings(client_id, client_secret, api_url, tables, shard_id, schedule,
+                                    target_schema, full_resync_every, keep_logs);
+    IF EXISTS (SELECT 1 FROM cd2sync.instances i WHERE i.name = n) THEN
+        RAISE EXCEPTION 'cd2sync instance "%" already exists', n USING ERRCODE = 'duplicate_object';
+    END IF;
+    PERFORM cd2sync._check_target_schema(coalesce(cd2_add_instance.target_schema, n), n);
+    tables_clean := cd2sync._check_tables(tables);
+    PERFORM cd2sync._check_remote_tables(api_url, client_id, client_secret, tables_clean);
+
+    -- (no rows in the views yet: captures none, and keeps its rows' passes quiet)
+    PERFORM cd2sync._feed_capture_instance(n, 'old');
+    INSERT INTO cd2sync.instances (name, client_id, api_url, tables, shard_id, schedule, target_schema,
+                                   full_resync_every, keep_logs)
+    VALUES (n, client_id, api_url, tables_clean, shard_id, schedule,
+            coalesce(cd2_add_instance.target_schema, n), full_resync_every, keep_logs);
+    INSERT INTO cd2sync.instance_secrets (instance, client_secret) VALUES (n, client_secret);
+    -- an instance whose target schema already holds synced tables joins the
+    -- views (and the feeds that follow them)
+    PERFORM cd2sync._reconcile_changed();
+    PERFORM cd2sync._feed_capture_instance(n, 'new');
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2_alter_instance(
+    name          text,
+    client_id     text     DEFAULT NULL,
+    client_secret text     DEFAULT NULL,
+    api_url       text     DEFAULT NULL,
+    tables        text[]   DEFAULT '{}',
+    shard_id      bigint   DEFAULT -1,
+    schedule      interval DEFAULT '-00:00:00.000001',
+    target_schema text     DEFAULT '',
+    full_resync_every interval DEFAULT '-00:00:00.000001',
+    keep_logs     interval DEFAULT '-00:00:00.000001')
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old cd2sync.instances := cd2sync._check_instance(cd2_alter_instance.name);
+    new cd2sync.instances := old;
+    secret text;
+    r record;
+    moved boolean := false;
+BEGIN
+    PERFORM cd2sync._tx_clear();
+    SELECT s.client_secret INTO secret FROM cd2sync.instance_secrets s WHERE s.instance = old.name;
+    new.client_id := coalesce(cd2_alter_instance.client_id, old.client_id);
+    secret := coalesce(cd2_alter_instance.client_secret, secret);
+    new.api_url := coalesce(cd2_alter_instance.api_url, old.api_url);
+    IF tables IS NULL OR cardinality(tables) > 0 THEN
+        new.tables := cd2sync._check_tables(tables);
+    END IF;
+    IF shard_id IS DISTINCT FROM -1 THEN
+        new.shard_id := shard_id;
+    END IF;
+    IF schedule IS DISTINCT FROM interval '-00:00:00.000001' THEN
+        new.schedule := schedule;
+    END IF;
+    IF target_schema IS DISTINCT FROM '' THEN
+        new.target_schema := coalesce(target_schema, old.name);
+    END IF;
+    IF full_resync_every IS DISTINCT FROM interval '-00:00:00.000001' THEN
+        new.full_resync_every := full_resync_every;
+    END IF;
+    IF keep_logs IS DISTINCT FROM interval '-00:00:00.000001' THEN
+        new.keep_logs := keep_logs;
+    END IF;
+    PERFORM cd2sync._check_settings(new.client_id, secret, new.api_url,
+                                    CASE WHEN tables IS NULL OR cardinality(tables) > 0 THEN tables END,
+                                    new.shard_id, new.schedule,
+                                    CASE WHEN target_schema IS NOT NULL AND target_schema <> ''
+                                         THEN target_schema END,
+                                    new.full_resync_every, new.keep_logs);
+    -- the stored secret is only ever sent where it was given for
+    IF (new.api_url <> old.api_url OR new.client_id <> old.client_id)
+       AND cd2_alter_instance.client_secret IS NULL THEN
+        RAISE EXCEPTION 'changing api_url or client_id of cd2sync instance "%" needs its client_secret',
+                        old.name
+              USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'Give client_secret too: the stored one is not sent to another URL or client.';
+    END IF;
+    IF new.target_schema <> old.target_schema THEN
+        PERFORM cd2sync._check_target_schema(new.target_schema, old.name);
+        -- the synced data moves with the instance, a schema per namespace
+        FOR r IN SELECT o.schema_name AS old_schema, n.schema_name AS new_schema
+                   FROM cd2sync._instance_schemas(old.target_schema) o
+                   JOIN cd2sync._instance_schemas(new.target_schema) n USING (namespace)
+                  WHERE to_regnamespace(quote_ident(o.schema_name)) IS NOT NULL LOOP
+            IF to_regnamespace(quote_ident(r.new_schema)) IS NOT NULL THEN
+                RAISE EXCEPTION 'schema "%" already exists', r.new_schema
+                      USING ERRCODE = 'duplicate_schema';
+            END IF;
+            PERFORM cd2sync._check_schema_owner(r.old_schema);
+            IF NOT moved THEN
+                PERFORM cd2sync._drop_loading(old.target_schema, old.name);
+                PERFORM cd2sync._lock_instance(old.name);
+                PERFORM cd2sync._feed_capture_instance(old.name, 'old');
+                moved := true;
+            END IF;
+            EXECUTE format('ALTER SCHEMA %I RENAME TO %I', r.old_schema, r.new_schema);
+        END LOOP;
+    END IF;
+    IF new.tables IS DISTINCT FROM old.tables OR new.api_url <> old.api_url
+       OR new.client_id <> old.client_id THEN
+        PERFORM cd2sync._check_remote_tables(new.api_url, new.client_id, secret, new.tables);
+    END IF;
+    IF new.shard_id IS DISTINCT FROM old.shard_id AND new.target_schema = old.target_schema THEN
+        PERFORM cd2sync._feed_capture_instance(old.name, 'old');   -- ids change in the views
+    END IF;
+
+    UPDATE cd2sync.instances i
+       SET client_id = new.client_id, api_url = new.api_url, tables = new.tables,
+           shard_id = new.shard_id, schedule = new.schedule, target_schema = new.target_schema,
+           full_resync_every = new.full_resync_every, keep_logs = new.keep_logs, updated_at = now()
+     WHERE i.name = old.name;
+    UPDATE cd2sync.instance_secrets s SET client_secret = secret WHERE s.instance = old.name;
+    IF new.shard_id IS DISTINCT FROM old.shard_id OR new.target_schema <> old.target_schema THEN
+        PERFORM cd2sync._reconcile_changed();
+        PERFORM cd2sync._feed_capture_instance(old.name, 'new');
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2_drop_instance(name text, drop_data boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old cd2sync.instances := cd2sync._check_instance(cd2_drop_instance.name);
+    s record;
+BEGIN
+    PERFORM cd2sync._tx_clear();
+    IF drop_data IS NULL THEN
+        RAISE EXCEPTION 'drop_data must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF drop_data THEN
+        -- (nobody else's goes)
+        PERFORM cd2sync._check_schema_owner(x.schema_name) FROM cd2sync._instance_schemas(old.target_schema) x;
+    END IF;
+    PERFORM cd2sync._lock_instance(old.name);
+    PERFORM cd2sync._feed_capture_instance(old.name, 'old');
+    PERFORM cd2sync._drop_loading(old.target_schema, old.name);   -- (a load apart is no data yet)
+    DELETE FROM cd2sync.instances i WHERE i.name = old.name;
+    -- the reconciled views stop reading the schema before it may go
+    PERFORM cd2sync._reconcile_changed();
+    PERFORM cd2sync._feed_capture_instance(old.name, 'new');   -- (no rows: gone from the views)
+    IF drop_data THEN
+        FOR s IN SELECT * FROM cd2sync._instance_schemas(old.target_schema) x
+                  WHERE to_regnamespace(quote_ident(x.schema_name)) IS NOT NULL LOOP
+            EXECUTE format('DROP SCHEMA %I CASCADE', s.schema_name);
+        END LOOP;
+    END IF;
+END $$;
+
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
 
@@ -1528,6 +1707,7 @@ REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end(), c
                        cd2sync._feed_load_begin(regclass), cd2sync._feed_load_end(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_captures(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._tx_clear() FROM PUBLIC;
 
 -- the followed instance tables' capture triggers, now (where the tables'
 -- owners allow; else the next sync's _ensure_layout)

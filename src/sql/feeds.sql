@@ -548,6 +548,7 @@ DECLARE
     keys text[];
     start bigint;
 BEGIN
+    PERFORM cd2sync._tx_clear();
     IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
         RAISE EXCEPTION 'invalid feed name "%"', n
               USING ERRCODE = 'invalid_parameter_value',
@@ -597,6 +598,7 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     f cd2sync.feed;
 BEGIN
+    PERFORM cd2sync._tx_clear();
     PERFORM cd2sync._feed_changing('cd2_drop_feed');
     f := cd2sync._check_feed(name);
     DELETE FROM cd2sync.feed x WHERE x.name = f.name;

@@ -222,6 +222,7 @@ DECLARE
     n text := cd2_add_instance.name;
     tables_clean text[];
 BEGIN
+    PERFORM cd2sync._tx_clear();
     IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
         RAISE EXCEPTION 'invalid instance name "%"', n
               USING ERRCODE = 'invalid_parameter_value',
@@ -273,6 +274,7 @@ DECLARE
     r record;
     moved boolean := false;
 BEGIN
+    PERFORM cd2sync._tx_clear();
     SELECT s.client_secret INTO secret FROM cd2sync.instance_secrets s WHERE s.instance = old.name;
     new.client_id := coalesce(cd2_alter_instance.client_id, old.client_id);
     secret := coalesce(cd2_alter_instance.client_secret, secret);
@@ -358,6 +360,7 @@ DECLARE
     old cd2sync.instances := cd2sync._check_instance(cd2_drop_instance.name);
     s record;
 BEGIN
+    PERFORM cd2sync._tx_clear();
     IF drop_data IS NULL THEN
         RAISE EXCEPTION 'drop_data must be true or false' USING ERRCODE = 'null_value_not_allowed';
     END IF;
