@@ -97,10 +97,19 @@ EXPLAIN (COSTS OFF) SELECT * FROM cd2.enrollments WHERE id = 70000000000010;
 EXPLAIN (COSTS OFF) SELECT * FROM cd2.enrollments WHERE user_id = 80000000000005;
 SELECT instance, id, user_id, original_user_id FROM cd2.enrollments WHERE user_id = 80000000000005 ORDER BY id;
 SELECT instance, id FROM cd2.enrollments WHERE id = 70000000000010;
--- an index a user makes on an instance table serves the view too
-CREATE INDEX ON east.enrollments ((CASE WHEN course_id < 10000000000000 AND course_id >= 0 THEN course_id + 70000000000000 ELSE course_id END));
+-- an index a user makes on an instance table serves the view too: on a
+-- column the view shows as global ids, cd2sync keeps one on them beside it
+CREATE INDEX enr_course ON east.enrollments (course_id);
+SELECT indexrelid::regclass, pg_get_indexdef(indexrelid) FROM pg_index
+ WHERE indrelid = 'east.enrollments'::regclass AND indexrelid::regclass::text LIKE '%course%' ORDER BY 1;
 EXPLAIN (COSTS OFF) SELECT * FROM cd2.enrollments WHERE course_id = 70000000000100;
+SELECT instance, id, course_id FROM cd2.enrollments WHERE course_id = 70000000000100 ORDER BY id;
 RESET enable_seqscan;
+-- the user's index gone, the next sync's bookkeeping drops the one beside it
+DROP INDEX east.enr_course;
+SELECT cd2sync._ensure_bookkeeping('east.enrollments', 7, 'enrollments');
+SELECT count(*) FROM pg_index WHERE indrelid = 'east.enrollments'::regclass
+   AND indexrelid::regclass::text LIKE '%course%';
 
 -- acknowledging
 SELECT max(position) AS last FROM cd2_feed_read('sis') \gset

@@ -38,6 +38,9 @@
 -- * The functions that run as the owner clear cd2sync_tx.* first
 --   (_tx_clear); a log followed by a feed takes its records through the
 --   staging table (_feed_captures, asked by the sync worker).
+-- * A user's index on an instance table's id column (say course_id) gets an
+--   index on the column's global ids beside it, which serves the view
+--   (_ensure_global_indexes, the event trigger cd2sync_user_indexes).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -471,6 +474,7 @@ BEGIN
     IF cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
         PERFORM cd2sync._ensure_index(rel, 'merge_duplicates', 'id', 'cd2_merge_duplicate');
     END IF;
+    PERFORM cd2sync._ensure_global_indexes(rel, shard);
     IF reset THEN
         -- new (or changed) global ids: every replacement is looked up again
         PERFORM cd2sync._resolve_users(rel, shard, NULL);
@@ -1705,6 +1709,115 @@ BEGIN
     END IF;
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._shows_global(col text, typ text)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT typ = 'bigint' AND (col = 'id' OR col LIKE '%\_id')
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._view_select(table_name text, instance text, shard bigint, rel regclass,
+                                     cols text[], types jsonb, src text,
+                                     OUT sql text, OUT columns text[])
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sel text[] := ARRAY[format('%L::text AS instance', instance)];
+    c text;
+    g text;
+    dupkey text[] := cd2sync._duplicate_key(table_name);
+BEGIN
+    columns := '{}';
+    FOREACH c IN ARRAY cols LOOP
+        columns := columns || c;
+        IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
+            columns := columns || ('original_' || c);
+        END IF;
+        IF NOT cd2sync._has_column(rel, c) THEN
+            sel := sel || format('NULL::%s AS %I', types->>c, c);
+            IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
+                sel := sel || format('NULL::bigint AS %I', 'original_' || c);
+            END IF;
+            CONTINUE;
+        END IF;
+        IF cd2sync._shows_global(c, types->>c) THEN
+            g := cd2sync._global_expr(shard, format('t.%I', c));
+        ELSE
+            g := format('t.%I::%s', c, types->>c);
+        END IF;
+        IF cd2sync._is_user_ref(c) AND types->>c = 'bigint' THEN
+            -- resolved through the map (kept in cd2_<c>: _resolve_users)
+            sel := sel || format('%s AS %I',
+                                 CASE WHEN cd2sync._has_column(rel, cd2sync._resolved_column(c))
+                                      THEN cd2sync._resolved_expr(shard, c) ELSE g END, c)
+                       || format('%s AS %I', g, 'original_' || c);
+        ELSE
+            sel := sel || format('%s AS %I', g, c);
+        END IF;
+    END LOOP;
+    IF dupkey IS NOT NULL AND 'user_id' = ANY (cols) AND 'id' = ANY (cols)
+       AND (SELECT bool_and(k = ANY (cols)) FROM unnest(dupkey) k) THEN
+        -- a row left on a superseded user while the replacement has its own
+        -- (cd2sync.merge_duplicates, flagged in the row)
+        sel := sel || CASE WHEN cd2sync._has_column(rel, 'cd2_merge_duplicate')
+                           THEN 'coalesce(t.cd2_merge_duplicate, false) AS cd2_merge_duplicate'
+                           ELSE 'false AS cd2_merge_duplicate' END;
+        columns := columns || 'cd2_merge_duplicate'::text;
+    END IF;
+    sql := format('SELECT %s FROM %s t', array_to_string(sel, ', '), src);
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._global_index_column(idx regclass)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT a.attname::text
+      FROM pg_index x
+      JOIN pg_class ic ON ic.oid = x.indexrelid
+      JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
+      JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+     WHERE x.indexrelid = idx AND x.indnkeyatts = 1 AND x.indexprs IS NULL AND x.indpred IS NULL
+       AND NOT x.indisprimary AND a.attname <> 'id' AND NOT cd2sync._is_user_ref(a.attname)
+       AND cd2sync._shows_global(a.attname, format_type(a.atttypid, a.atttypmod))
+       AND coalesce(obj_description(idx, 'pg_class'), '') NOT LIKE 'cd2sync:%'
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._ensure_global_indexes(rel regclass, shard bigint)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT a.attname::text AS col,
+                    EXISTS (SELECT 1 FROM pg_index x
+                             WHERE x.indrelid = rel
+                               AND cd2sync._global_index_column(x.indexrelid) = a.attname) AS wanted,
+                    to_regclass(format('%I.%I', n.nspname,
+                                       left(format('%s_%s_global', c.relname, a.attname), 63))) AS companion
+               FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum LOOP
+        IF r.wanted AND shard IS NOT NULL THEN
+            PERFORM cd2sync._ensure_index(rel, r.col || '_global', cd2sync._global_expr(shard, format('%I', r.col)));
+        ELSIF r.companion IS NOT NULL AND obj_description(r.companion, 'pg_class') LIKE 'cd2sync: %' THEN
+            EXECUTE format('DROP INDEX %s', r.companion);
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._user_index_event()
+RETURNS event_trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT DISTINCT x.indrelid::regclass AS rel, t.shard_id
+               FROM pg_event_trigger_ddl_commands() d
+               JOIN pg_index x ON x.indexrelid = d.objid
+              CROSS JOIN LATERAL cd2sync._rel_table(x.indrelid) t
+              WHERE d.object_type = 'index' AND t.instance IS NOT NULL AND t.shard_id IS NOT NULL
+                AND cd2sync._global_index_column(d.objid) IS NOT NULL LOOP
+        PERFORM cd2sync._ensure_global_indexes(r.rel, r.shard_id);
+    END LOOP;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'cd2sync: the index on global ids beside a user''s index is left to the next sync: %', SQLERRM;
+END $$;
+
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
 
@@ -1719,6 +1832,12 @@ REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end(), c
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_captures(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._tx_clear() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._shows_global(text, text), cd2sync._global_index_column(regclass),
+                       cd2sync._ensure_global_indexes(regclass, bigint),
+                       cd2sync._user_index_event() FROM PUBLIC;
+
+CREATE EVENT TRIGGER cd2sync_user_indexes ON ddl_command_end WHEN TAG IN ('CREATE INDEX')
+    EXECUTE FUNCTION cd2sync._user_index_event();
 
 -- the followed instance tables' capture triggers, now (where the tables'
 -- owners allow; else the next sync's _ensure_layout)

@@ -34,6 +34,13 @@ BEGIN
 END $$;
 
 -- Whether a column references a user
+-- Whether the views show a column of this name and type as global ids
+-- (_global_expr): an id, or a reference to one
+CREATE FUNCTION cd2sync._shows_global(col text, typ text)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT typ = 'bigint' AND (col = 'id' OR col LIKE '%\_id')
+$$;
+
 CREATE FUNCTION cd2sync._is_user_ref(col text)
 RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
     SELECT col IN ('user_id', 'associated_user_id', 'grader_id', 'author_id', 'observer_id')
@@ -166,6 +173,7 @@ BEGIN
     IF cd2sync._has_column(rel, 'cd2_merge_duplicate') THEN
         PERFORM cd2sync._ensure_index(rel, 'merge_duplicates', 'id', 'cd2_merge_duplicate');
     END IF;
+    PERFORM cd2sync._ensure_global_indexes(rel, shard);
     IF reset THEN
         -- new (or changed) global ids: every replacement is looked up again
         PERFORM cd2sync._resolve_users(rel, shard, NULL);
@@ -176,6 +184,77 @@ BEGIN
         EXECUTE format('ANALYZE %s', rel);
     END IF;
 END $$;
+
+-- An index a user makes on an instance table serves the view's filters on
+-- its column: where the view shows that column as global ids (an id
+-- reference of an instance with a shard, say course_id), cd2sync keeps an
+-- index on the global ids beside it (<table>_<column>_global), made with
+-- the user's index (the event trigger cd2sync_user_indexes) and again for
+-- a new shard, and dropped by the next sync's bookkeeping once no user
+-- index on the column is left (_ensure_bookkeeping). This is the column of
+-- a user's index that wants one, or NULL: a whole (not partial) btree
+-- index on one column, not the key, not made by cd2sync. (User columns are
+-- shown resolved, and the id has its own global index: cd2sync's.)
+CREATE FUNCTION cd2sync._global_index_column(idx regclass)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT a.attname::text
+      FROM pg_index x
+      JOIN pg_class ic ON ic.oid = x.indexrelid
+      JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
+      JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+     WHERE x.indexrelid = idx AND x.indnkeyatts = 1 AND x.indexprs IS NULL AND x.indpred IS NULL
+       AND NOT x.indisprimary AND a.attname <> 'id' AND NOT cd2sync._is_user_ref(a.attname)
+       AND cd2sync._shows_global(a.attname, format_type(a.atttypid, a.atttypmod))
+       AND coalesce(obj_description(idx, 'pg_class'), '') NOT LIKE 'cd2sync:%'
+$$;
+
+CREATE FUNCTION cd2sync._ensure_global_indexes(rel regclass, shard bigint)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT a.attname::text AS col,
+                    EXISTS (SELECT 1 FROM pg_index x
+                             WHERE x.indrelid = rel
+                               AND cd2sync._global_index_column(x.indexrelid) = a.attname) AS wanted,
+                    to_regclass(format('%I.%I', n.nspname,
+                                       left(format('%s_%s_global', c.relname, a.attname), 63))) AS companion
+               FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum LOOP
+        IF r.wanted AND shard IS NOT NULL THEN
+            PERFORM cd2sync._ensure_index(rel, r.col || '_global', cd2sync._global_expr(shard, format('%I', r.col)));
+        ELSIF r.companion IS NOT NULL AND obj_description(r.companion, 'pg_class') LIKE 'cd2sync: %' THEN
+            EXECUTE format('DROP INDEX %s', r.companion);
+        END IF;
+    END LOOP;
+END $$;
+
+-- The event trigger: after a CREATE INDEX of a user's index that wants an
+-- index on global ids beside it, on an instance table. It never fails the
+-- statement that fired it: what it cannot do it says in a WARNING, and
+-- the next sync's bookkeeping does it.
+CREATE FUNCTION cd2sync._user_index_event()
+RETURNS event_trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT DISTINCT x.indrelid::regclass AS rel, t.shard_id
+               FROM pg_event_trigger_ddl_commands() d
+               JOIN pg_index x ON x.indexrelid = d.objid
+              CROSS JOIN LATERAL cd2sync._rel_table(x.indrelid) t
+              WHERE d.object_type = 'index' AND t.instance IS NOT NULL AND t.shard_id IS NOT NULL
+                AND cd2sync._global_index_column(d.objid) IS NOT NULL LOOP
+        PERFORM cd2sync._ensure_global_indexes(r.rel, r.shard_id);
+    END LOOP;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'cd2sync: the index on global ids beside a user''s index is left to the next sync: %', SQLERRM;
+END $$;
+
+CREATE EVENT TRIGGER cd2sync_user_indexes ON ddl_command_end WHEN TAG IN ('CREATE INDEX')
+    EXECUTE FUNCTION cd2sync._user_index_event();
 
 -- Keeps the cd2_<c> columns of an instance table equal to the map: cd2_<c>
 -- holds the final replacement of the stored user (as a global id), or NULL
@@ -670,7 +749,7 @@ BEGIN
             END IF;
             CONTINUE;
         END IF;
-        IF types->>c = 'bigint' AND (c = 'id' OR c LIKE '%\_id') THEN
+        IF cd2sync._shows_global(c, types->>c) THEN
             g := cd2sync._global_expr(shard, format('t.%I', c));
         ELSE
             g := format('t.%I::%s', c, types->>c);
