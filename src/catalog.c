@@ -587,8 +587,9 @@ catalog_feed_load_begin(const char *target)
  * Whether the rows this transaction writes to target (a quoted, qualified
  * name) reach change feeds (cd2sync._feed_captures). Takes the lock a write
  * takes first, held until commit, so no feed's capture comes or goes
- * meanwhile; and reads what the last change to the feeds committed,
- * whatever this transaction's isolation.
+ * meanwhile (on the table itself: a log's partitions, one a day, are
+ * locked as the rows reach them); and reads what the last change to the
+ * feeds committed, whatever this transaction's isolation.
  */
 bool
 catalog_feed_captures(const char *target)
@@ -596,7 +597,7 @@ catalog_feed_captures(const char *target)
 	const char *args[1] = { target };
 	bool result;
 
-	run_row(psprintf("LOCK TABLE %s IN ROW EXCLUSIVE MODE", target), 0, NULL);
+	run_row(psprintf("LOCK TABLE ONLY %s IN ROW EXCLUSIVE MODE", target), 0, NULL);
 	PushActiveSnapshot(GetLatestSnapshot());
 	SPI_connect();
 	execute_as("SELECT cd2sync._feed_captures($1::regclass)", 1, args, true);

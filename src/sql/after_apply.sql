@@ -19,15 +19,25 @@ RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- Before the apply of a table, in its transaction: the watermark this
--- transaction will commit for it, which the changes it writes carry. (A
--- log's partitions are made before, in a transaction of their own:
--- _log_upkeep.)
+-- transaction will commit for it, which the changes it writes carry (and
+-- nothing else of cd2sync_tx.*: a default a database or role gives them is
+-- not the sync's). And the table's capture triggers, when a feed follows
+-- it and it has none: a feed made while the table was (neither saw the
+-- other) takes its rows from this sync on. (A log's partitions are made
+-- before, in a transaction of their own: _log_upkeep.)
 CREATE FUNCTION cd2sync._before_apply(instance text, table_name text, watermark timestamptz)
-RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    SELECT set_config('cd2sync_tx.applying', instance || '.' || table_name, true),
-           set_config('cd2sync_tx.watermark', coalesce(watermark::text, ''), true),
-           set_config('cd2sync_tx.cause', 'sync', true);
-$$;
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := cd2sync._instance_rel((cd2sync._check_instance(instance)).target_schema, table_name);
+BEGIN
+    PERFORM cd2sync._tx_clear();
+    PERFORM set_config('cd2sync_tx.applying', instance || '.' || table_name, true),
+            set_config('cd2sync_tx.watermark', coalesce(watermark::text, ''), true),
+            set_config('cd2sync_tx.cause', 'sync', true);
+    IF rel IS NOT NULL THEN
+        PERFORM cd2sync._feed_ensure_capture(rel, table_name);
+    END IF;
+END $$;
 
 -- cd2sync_tx.*: what the steps of one transaction tell each other (the
 -- table being applied and its watermark, the cause its changes carry, a

@@ -41,6 +41,8 @@
 -- * A user's index on an instance table's id column (say course_id) gets an
 --   index on the column's global ids beside it, which serves the view
 --   (_ensure_global_indexes, the event trigger cd2sync_user_indexes).
+-- * _before_apply clears cd2sync_tx.* and gives a followed table without
+--   capture triggers its triggers before the sync writes it.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -55,7 +57,7 @@ END $$;
 -- 15 extends a page at a time), and no VACUUM takes the exclusive lock
 -- that giving pages back needs, which readers and syncs would queue behind.
 -- (After a burst, VACUUM FULL cd2sync.changes gives the space back.)
-ALTER TABLE cd2sync.changes SET (vacuum_truncate = false);
+ALTER TABLE cd2sync.changes SET (vacuum_truncate = false, toast.vacuum_truncate = false);
 
 -- signatures that change, functions gone
 DROP FUNCTION cd2sync._changed_columns(record, record);
@@ -1802,7 +1804,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._user_index_event()
-RETURNS event_trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
 BEGIN
@@ -1816,6 +1818,20 @@ BEGIN
     END LOOP;
 EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'cd2sync: the index on global ids beside a user''s index is left to the next sync: %', SQLERRM;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._before_apply(instance text, table_name text, watermark timestamptz)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := cd2sync._instance_rel((cd2sync._check_instance(instance)).target_schema, table_name);
+BEGIN
+    PERFORM cd2sync._tx_clear();
+    PERFORM set_config('cd2sync_tx.applying', instance || '.' || table_name, true),
+            set_config('cd2sync_tx.watermark', coalesce(watermark::text, ''), true),
+            set_config('cd2sync_tx.cause', 'sync', true);
+    IF rel IS NOT NULL THEN
+        PERFORM cd2sync._feed_ensure_capture(rel, table_name);
+    END IF;
 END $$;
 
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;

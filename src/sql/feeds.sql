@@ -55,7 +55,7 @@ END $$;
 -- 15 extends a page at a time), and no VACUUM takes the exclusive lock
 -- that giving pages back needs, which readers and syncs would queue behind.
 -- (After a burst, VACUUM FULL cd2sync.changes gives the space back.)
-ALTER TABLE cd2sync.changes SET (vacuum_truncate = false);
+ALTER TABLE cd2sync.changes SET (vacuum_truncate = false, toast.vacuum_truncate = false);
 
 CREATE FUNCTION cd2sync._feed_limits(OUT max_pending bigint, OUT max_age_seconds int)
 AS 'MODULE_PATHNAME', 'cd2_feed_limits' LANGUAGE C STRICT;

@@ -235,9 +235,13 @@ END $$;
 -- The event trigger: after a CREATE INDEX of a user's index that wants an
 -- index on global ids beside it, on an instance table. It never fails the
 -- statement that fired it: what it cannot do it says in a WARNING, and
--- the next sync's bookkeeping does it.
+-- the next sync's bookkeeping does it. It runs as the owner: any role's
+-- CREATE INDEX fires it, and only the owner of an instance table can make
+-- an index on it. (The index beside one made CONCURRENTLY is built by the
+-- same statement, not concurrently: it holds back the instance's sync,
+-- the only writer of the table, not readers.)
 CREATE FUNCTION cd2sync._user_index_event()
-RETURNS event_trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
 BEGIN
