@@ -113,7 +113,13 @@ SELECT instance, id, user_id, original_user_id FROM cd2.enrollments WHERE user_i
 SELECT instance, id FROM cd2.enrollments WHERE id = 70000000000010;
 -- an index a user makes on an instance table serves the view too: on a
 -- column the view shows as global ids, cd2sync keeps one on them beside it
+-- (made by the table's next sync, or refresh_view); a relation that has
+-- its name already is left alone, with a WARNING
 CREATE INDEX enr_course ON east.enrollments (course_id);
+CREATE TABLE east.enrollments_course_id_global (x int);
+SELECT cd2sync.refresh_view('enrollments');
+DROP TABLE east.enrollments_course_id_global;
+SELECT cd2sync.refresh_view('enrollments');
 SELECT indexrelid::regclass, pg_get_indexdef(indexrelid) FROM pg_index
  WHERE indrelid = 'east.enrollments'::regclass AND indexrelid::regclass::text LIKE '%course%' ORDER BY 1;
 EXPLAIN (COSTS OFF) SELECT * FROM cd2.enrollments WHERE course_id = 70000000000100;
@@ -149,11 +155,6 @@ SELECT count(*) FROM cd2sync.changes;
 SET ROLE nobody;
 SELECT count(*) FROM cd2_feed_read('all_tables');
 SELECT count(*) FROM cd2sync.feeds;
--- (an index any role makes on its own table fires cd2sync's event trigger,
--- which lets it be, and says nothing)
-CREATE TEMP TABLE own (course_id bigint);
-CREATE INDEX ON own (course_id);
-DROP TABLE own;
 SET ROLE feed_admin;
 SELECT cd2_create_feed('mine', tables => ARRAY['users']);
 SELECT cd2_drop_feed('mine');

@@ -69,7 +69,9 @@ my %what = (
 	enrollments => 'SELECT * FROM cd2.enrollments',
 	users => 'SELECT * FROM cd2.users',
 	feeds => 'SELECT name, tables, acknowledged, pending, status FROM cd2sync.feeds',
-	feed_read => "SELECT position, table_name, op, key, instance, \"row\", changed, cause FROM cd2_feed_read('dl', 100000)");
+	feed_read => "SELECT position, table_name, op, key, instance, \"row\", changed, cause FROM cd2_feed_read('dl', 100000)",
+	indexes => "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid), obj_description(indexrelid, 'pg_class') "
+	  . "FROM pg_index WHERE indrelid = 'north.enrollments'::regclass");
 
 sub snapshot_of
 {
@@ -83,6 +85,13 @@ sub snapshot_of
 	}
 	return \%s;
 }
+# a user's index on an instance table, and cd2sync's on the global ids beside
+# it (which the restore makes once, from the dump)
+$node->safe_psql('postgres', "CREATE INDEX enr_course ON north.enrollments (course_id);\n"
+	  . "SELECT cd2sync.refresh_view('enrollments')");
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_indexes WHERE schemaname = 'north' "
+	  . "AND indexname IN ('enr_course', 'enrollments_course_id_global')"), '2',
+	'a user index on an id column, and cd2sync\'s on its global ids');
 my $before = snapshot_of($node);
 ok($before->{feed_read} !~ /^0 /, 'the feed has unacknowledged changes');
 

@@ -40,7 +40,8 @@
 --   staging table (_feed_captures, asked by the sync worker).
 -- * A user's index on an instance table's id column (say course_id) gets an
 --   index on the column's global ids beside it, which serves the view
---   (_ensure_global_indexes, the event trigger cd2sync_user_indexes).
+--   (_ensure_global_indexes, from the bookkeeping); _ensure_index never
+--   drops nor takes the name of an index it did not make.
 -- * _before_apply clears cd2sync_tx.* and gives a followed table without
 --   capture triggers its triggers before the sync writes it.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
@@ -412,11 +413,19 @@ DECLARE
     want text := 'cd2sync: ' || expr || coalesce(' WHERE ' || pred, '');
     other regclass;
 BEGIN
+    IF idx IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_index x WHERE x.indexrelid = idx AND x.indrelid = rel
+                                          AND obj_description(idx, 'pg_class') LIKE 'cd2sync: %') THEN
+        -- (the name is another's: never dropped, nor taken)
+        RAISE WARNING 'cd2sync: % is not an index cd2sync made on %, and keeps its name', idx, rel
+              USING DETAIL = format('cd2sync''s index %s is not made.', want),
+                    HINT = 'Rename or drop that relation; the next sync makes the index.';
+        RETURN false;
+    END IF;
     IF idx IS NOT NULL AND obj_description(idx, 'pg_class') IS NOT DISTINCT FROM want THEN
         RETURN false;
     END IF;
     IF idx IS NOT NULL THEN
-        EXECUTE format('DROP INDEX %s', idx);
+        EXECUTE format('DROP INDEX %s', idx);   -- (its own, of another expression: a new shard)
     END IF;
     SELECT x.indexrelid::regclass INTO other FROM pg_index x
      WHERE x.indrelid = rel AND obj_description(x.indexrelid, 'pg_class') = want LIMIT 1;
@@ -1774,7 +1783,8 @@ RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
       JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
      WHERE x.indexrelid = idx AND x.indnkeyatts = 1 AND x.indexprs IS NULL AND x.indpred IS NULL
-       AND NOT x.indisprimary AND a.attname <> 'id' AND NOT cd2sync._is_user_ref(a.attname)
+       AND x.indisvalid AND NOT x.indisprimary
+       AND a.attname <> 'id' AND a.attname NOT LIKE 'cd2\_%' AND NOT cd2sync._is_user_ref(a.attname)
        AND cd2sync._shows_global(a.attname, format_type(a.atttypid, a.atttypmod))
        AND coalesce(obj_description(idx, 'pg_class'), '') NOT LIKE 'cd2sync:%'
 $$;
@@ -1782,42 +1792,27 @@ $$;
 CREATE OR REPLACE FUNCTION cd2sync._ensure_global_indexes(rel regclass, shard bigint)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
+    wanted text[] := CASE WHEN shard IS NULL THEN '{}'::text[] ELSE ARRAY(
+        SELECT DISTINCT s.col FROM (SELECT cd2sync._global_index_column(x.indexrelid) AS col
+                                      FROM pg_index x WHERE x.indrelid = rel) s
+         WHERE s.col IS NOT NULL ORDER BY 1) END;
+    c text;
     r record;
 BEGIN
-    FOR r IN SELECT a.attname::text AS col,
-                    EXISTS (SELECT 1 FROM pg_index x
-                             WHERE x.indrelid = rel
-                               AND cd2sync._global_index_column(x.indexrelid) = a.attname) AS wanted,
-                    to_regclass(format('%I.%I', n.nspname,
-                                       left(format('%s_%s_global', c.relname, a.attname), 63))) AS companion
-               FROM pg_attribute a
-               JOIN pg_class c ON c.oid = a.attrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
-              ORDER BY a.attnum LOOP
-        IF r.wanted AND shard IS NOT NULL THEN
-            PERFORM cd2sync._ensure_index(rel, r.col || '_global', cd2sync._global_expr(shard, format('%I', r.col)));
-        ELSIF r.companion IS NOT NULL AND obj_description(r.companion, 'pg_class') LIKE 'cd2sync: %' THEN
-            EXECUTE format('DROP INDEX %s', r.companion);
-        END IF;
+    FOREACH c IN ARRAY wanted LOOP
+        PERFORM cd2sync._ensure_index(rel, c || '_global', cd2sync._global_expr(shard, format('%I', c)));
     END LOOP;
-END $$;
-
-CREATE OR REPLACE FUNCTION cd2sync._user_index_event()
-RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-BEGIN
-    FOR r IN SELECT DISTINCT x.indrelid::regclass AS rel, t.shard_id
-               FROM pg_event_trigger_ddl_commands() d
-               JOIN pg_index x ON x.indexrelid = d.objid
-              CROSS JOIN LATERAL cd2sync._rel_table(x.indrelid) t
-              WHERE d.object_type = 'index' AND t.instance IS NOT NULL AND t.shard_id IS NOT NULL
-                AND cd2sync._global_index_column(d.objid) IS NOT NULL LOOP
-        PERFORM cd2sync._ensure_global_indexes(r.rel, r.shard_id);
+    -- the ones beside user indexes no longer there (every one, without a shard)
+    FOR r IN SELECT ic.oid::regclass AS idx
+               FROM pg_index x
+               JOIN pg_class ic ON ic.oid = x.indexrelid
+               JOIN pg_class t ON t.oid = x.indrelid
+               JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum > 0 AND NOT a.attisdropped
+              WHERE x.indrelid = rel AND NOT a.attname = ANY (wanted)
+                AND ic.relname = left(format('%s_%s_global', t.relname, a.attname), 63)
+                AND obj_description(ic.oid, 'pg_class') LIKE 'cd2sync: %' LOOP
+        EXECUTE format('DROP INDEX %s', r.idx);
     END LOOP;
-EXCEPTION WHEN OTHERS THEN
-    RAISE WARNING 'cd2sync: the index on global ids beside a user''s index is left to the next sync: %', SQLERRM;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._before_apply(instance text, table_name text, watermark timestamptz)
@@ -1849,11 +1844,7 @@ REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_captures(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._tx_clear() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._shows_global(text, text), cd2sync._global_index_column(regclass),
-                       cd2sync._ensure_global_indexes(regclass, bigint),
-                       cd2sync._user_index_event() FROM PUBLIC;
-
-CREATE EVENT TRIGGER cd2sync_user_indexes ON ddl_command_end WHEN TAG IN ('CREATE INDEX')
-    EXECUTE FUNCTION cd2sync._user_index_event();
+                       cd2sync._ensure_global_indexes(regclass, bigint) FROM PUBLIC;
 
 -- the followed instance tables' capture triggers, now (where the tables'
 -- owners allow; else the next sync's _ensure_layout)

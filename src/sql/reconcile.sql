@@ -104,11 +104,19 @@ DECLARE
     want text := 'cd2sync: ' || expr || coalesce(' WHERE ' || pred, '');
     other regclass;
 BEGIN
+    IF idx IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_index x WHERE x.indexrelid = idx AND x.indrelid = rel
+                                          AND obj_description(idx, 'pg_class') LIKE 'cd2sync: %') THEN
+        -- (the name is another's: never dropped, nor taken)
+        RAISE WARNING 'cd2sync: % is not an index cd2sync made on %, and keeps its name', idx, rel
+              USING DETAIL = format('cd2sync''s index %s is not made.', want),
+                    HINT = 'Rename or drop that relation; the next sync makes the index.';
+        RETURN false;
+    END IF;
     IF idx IS NOT NULL AND obj_description(idx, 'pg_class') IS NOT DISTINCT FROM want THEN
         RETURN false;
     END IF;
     IF idx IS NOT NULL THEN
-        EXECUTE format('DROP INDEX %s', idx);
+        EXECUTE format('DROP INDEX %s', idx);   -- (its own, of another expression: a new shard)
     END IF;
     SELECT x.indexrelid::regclass INTO other FROM pg_index x
      WHERE x.indrelid = rel AND obj_description(x.indexrelid, 'pg_class') = want LIMIT 1;
@@ -188,13 +196,15 @@ END $$;
 -- An index a user makes on an instance table serves the view's filters on
 -- its column: where the view shows that column as global ids (an id
 -- reference of an instance with a shard, say course_id), cd2sync keeps an
--- index on the global ids beside it (<table>_<column>_global), made with
--- the user's index (the event trigger cd2sync_user_indexes) and again for
--- a new shard, and dropped by the next sync's bookkeeping once no user
--- index on the column is left (_ensure_bookkeeping). This is the column of
--- a user's index that wants one, or NULL: a whole (not partial) btree
--- index on one column, not the key, not made by cd2sync. (User columns are
--- shown resolved, and the id has its own global index: cd2sync's.)
+-- index on the global ids beside it (<table>_<column>_global), made by the
+-- bookkeeping (the table's next sync, or cd2sync.refresh_view), made again
+-- for a new shard, and dropped once no user index on the column is left.
+-- (Not by an event trigger at CREATE INDEX: a restore of a dump, which
+-- holds both indexes, would then make the second twice.) This is the
+-- column of a user's index that wants one, or NULL: a whole (not partial),
+-- valid btree index on one column, not the key, not made by cd2sync. (User
+-- columns are shown resolved, and the id has its own global index:
+-- cd2sync's; cd2_* columns are its bookkeeping.)
 CREATE FUNCTION cd2sync._global_index_column(idx regclass)
 RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT a.attname::text
@@ -203,7 +213,8 @@ RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
       JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
      WHERE x.indexrelid = idx AND x.indnkeyatts = 1 AND x.indexprs IS NULL AND x.indpred IS NULL
-       AND NOT x.indisprimary AND a.attname <> 'id' AND NOT cd2sync._is_user_ref(a.attname)
+       AND x.indisvalid AND NOT x.indisprimary
+       AND a.attname <> 'id' AND a.attname NOT LIKE 'cd2\_%' AND NOT cd2sync._is_user_ref(a.attname)
        AND cd2sync._shows_global(a.attname, format_type(a.atttypid, a.atttypmod))
        AND coalesce(obj_description(idx, 'pg_class'), '') NOT LIKE 'cd2sync:%'
 $$;
@@ -211,54 +222,28 @@ $$;
 CREATE FUNCTION cd2sync._ensure_global_indexes(rel regclass, shard bigint)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
+    wanted text[] := CASE WHEN shard IS NULL THEN '{}'::text[] ELSE ARRAY(
+        SELECT DISTINCT s.col FROM (SELECT cd2sync._global_index_column(x.indexrelid) AS col
+                                      FROM pg_index x WHERE x.indrelid = rel) s
+         WHERE s.col IS NOT NULL ORDER BY 1) END;
+    c text;
     r record;
 BEGIN
-    FOR r IN SELECT a.attname::text AS col,
-                    EXISTS (SELECT 1 FROM pg_index x
-                             WHERE x.indrelid = rel
-                               AND cd2sync._global_index_column(x.indexrelid) = a.attname) AS wanted,
-                    to_regclass(format('%I.%I', n.nspname,
-                                       left(format('%s_%s_global', c.relname, a.attname), 63))) AS companion
-               FROM pg_attribute a
-               JOIN pg_class c ON c.oid = a.attrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
-              ORDER BY a.attnum LOOP
-        IF r.wanted AND shard IS NOT NULL THEN
-            PERFORM cd2sync._ensure_index(rel, r.col || '_global', cd2sync._global_expr(shard, format('%I', r.col)));
-        ELSIF r.companion IS NOT NULL AND obj_description(r.companion, 'pg_class') LIKE 'cd2sync: %' THEN
-            EXECUTE format('DROP INDEX %s', r.companion);
-        END IF;
+    FOREACH c IN ARRAY wanted LOOP
+        PERFORM cd2sync._ensure_index(rel, c || '_global', cd2sync._global_expr(shard, format('%I', c)));
+    END LOOP;
+    -- the ones beside user indexes no longer there (every one, without a shard)
+    FOR r IN SELECT ic.oid::regclass AS idx
+               FROM pg_index x
+               JOIN pg_class ic ON ic.oid = x.indexrelid
+               JOIN pg_class t ON t.oid = x.indrelid
+               JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum > 0 AND NOT a.attisdropped
+              WHERE x.indrelid = rel AND NOT a.attname = ANY (wanted)
+                AND ic.relname = left(format('%s_%s_global', t.relname, a.attname), 63)
+                AND obj_description(ic.oid, 'pg_class') LIKE 'cd2sync: %' LOOP
+        EXECUTE format('DROP INDEX %s', r.idx);
     END LOOP;
 END $$;
-
--- The event trigger: after a CREATE INDEX of a user's index that wants an
--- index on global ids beside it, on an instance table. It never fails the
--- statement that fired it: what it cannot do it says in a WARNING, and
--- the next sync's bookkeeping does it. It runs as the owner: any role's
--- CREATE INDEX fires it, and only the owner of an instance table can make
--- an index on it. (The index beside one made CONCURRENTLY is built by the
--- same statement, not concurrently: it holds back the instance's sync,
--- the only writer of the table, not readers.)
-CREATE FUNCTION cd2sync._user_index_event()
-RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-BEGIN
-    FOR r IN SELECT DISTINCT x.indrelid::regclass AS rel, t.shard_id
-               FROM pg_event_trigger_ddl_commands() d
-               JOIN pg_index x ON x.indexrelid = d.objid
-              CROSS JOIN LATERAL cd2sync._rel_table(x.indrelid) t
-              WHERE d.object_type = 'index' AND t.instance IS NOT NULL AND t.shard_id IS NOT NULL
-                AND cd2sync._global_index_column(d.objid) IS NOT NULL LOOP
-        PERFORM cd2sync._ensure_global_indexes(r.rel, r.shard_id);
-    END LOOP;
-EXCEPTION WHEN OTHERS THEN
-    RAISE WARNING 'cd2sync: the index on global ids beside a user''s index is left to the next sync: %', SQLERRM;
-END $$;
-
-CREATE EVENT TRIGGER cd2sync_user_indexes ON ddl_command_end WHEN TAG IN ('CREATE INDEX')
-    EXECUTE FUNCTION cd2sync._user_index_event();
 
 -- Keeps the cd2_<c> columns of an instance table equal to the map: cd2_<c>
 -- holds the final replacement of the stored user (as a global id), or NULL
