@@ -33,7 +33,6 @@ BEGIN
     RETURN cd2sync._global_id((cd2sync._check_instance(instance)).shard_id, id);
 END $$;
 
--- Whether a column references a user
 -- Whether the views show a column of this name and type as global ids
 -- (_global_expr): an id, or a reference to one
 CREATE FUNCTION cd2sync._shows_global(col text, typ text)
@@ -41,6 +40,7 @@ RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
     SELECT typ = 'bigint' AND (col = 'id' OR col LIKE '%\_id')
 $$;
 
+-- Whether a column references a user
 CREATE FUNCTION cd2sync._is_user_ref(col text)
 RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
     SELECT col IN ('user_id', 'associated_user_id', 'grader_id', 'author_id', 'observer_id')
