@@ -50,10 +50,11 @@ BEGIN
     END IF;
 END $$;
 -- A VACUUM leaves the table its pages, emptied of acknowledged changes,
--- for the changes to come: writing a change into a page the table has
--- costs a third less than extending the file by a page for it (PostgreSQL
--- 15 extends a page at a time), and no VACUUM takes the exclusive lock
--- that giving pages back needs, which readers and syncs would queue behind.
+-- for the changes to come: no VACUUM takes the exclusive lock that giving
+-- pages back needs, which readers and syncs would queue behind (and a
+-- standby's readers be cancelled by), and the changes go into pages the
+-- table has instead of extending the file a page at a time (PostgreSQL
+-- 15), which was faster or the same in docs/performance.md's measures.
 -- (After a burst, VACUUM FULL cd2sync.changes gives the space back.)
 ALTER TABLE cd2sync.changes SET (vacuum_truncate = false, toast.vacuum_truncate = false);
 
