@@ -123,6 +123,19 @@ $r = Cd2Test::sync($node, 'north');
 is(log_lines(qr/web_logs: loading through the/), $staged_before, 'a new row of that user, loaded by COPY');
 is(sq("SELECT user_id || ' ' || original_user_id FROM cd2_canvas_logs.web_logs "
 	  . "WHERE id = '00000000-0000-4000-8000-000000000008'"), "$new_g $old_g", 'shows the replacement too');
+# a late record of that user (twelve days after its request, into its day's
+# partition), loaded by COPY: it shows the replacement too
+my $late = sq("SELECT to_char(('$clock'::timestamptz - interval '12 days') AT TIME ZONE 'UTC', "
+	  . "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')");
+$emu->post('/_emu/epoch', { changes => [ { client_id => $north, table => 'canvas_logs.web_logs',
+	upsert => [ new_log('00000000-0000-4000-8000-000000000010', $late, user_id => $old->{key}{id}) ] } ] });
+$r = Cd2Test::sync($node, 'north');
+is(sq("SELECT tableoid::regclass FROM $T WHERE id = '00000000-0000-4000-8000-000000000010'"),
+	'north_canvas_logs.web_logs' . sq("SELECT to_char('$late'::timestamptz AT TIME ZONE 'UTC', '_pYYYYMMDD')"),
+	'a late record goes into the partition of its day');
+is(sq("SELECT user_id || ' ' || original_user_id FROM cd2_canvas_logs.web_logs "
+	  . "WHERE id = '00000000-0000-4000-8000-000000000010'"), "$new_g $old_g",
+	'a late record of a merged user shows the replacement');
 
 # 5. a full resync replaces the API's window only: older rows are history
 my $at = $emu->post('/_emu/epoch', { at => sq("SELECT to_char(('$clock'::timestamptz + interval '20 days') "

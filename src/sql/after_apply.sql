@@ -64,6 +64,8 @@ DECLARE
     -- (the watermark the table held before: committed after this hook)
     held timestamptz := (SELECT s.watermark FROM cd2sync.table_state s
                           WHERE s.instance = _after_apply.instance AND s.table_name = _after_apply.table_name);
+    since timestamp;
+    p regclass;
 BEGIN
     IF changes > 0 AND rel IS NOT NULL THEN
         -- a first load gets its indexes now; rows a snapshot loaded
@@ -72,10 +74,18 @@ BEGIN
         PERFORM cd2sync._ensure_bookkeeping(rel, inst.shard_id, table_name);
         IF cd2sync._log_column(rel) IS NOT NULL THEN
             -- a log's rows went in by COPY: those of users the map has get
-            -- their replacements (from a day before what the table held:
-            -- older partitions are history, left alone)
-            PERFORM cd2sync._resolve_users(rel, inst.shard_id, false,
-                (held - interval '1 day') AT TIME ZONE 'UTC');
+            -- their replacements: from a day before what the table held,
+            -- and in each older day's partition this transaction wrote
+            -- into (late records); the other partitions are history, left
+            -- alone
+            since := (held - interval '1 day') AT TIME ZONE 'UTC';
+            PERFORM cd2sync._resolve_users(rel, inst.shard_id, false, since);
+            FOR p IN SELECT lp.part FROM cd2sync._log_partitions(rel) lp
+                      WHERE (lp.day IS NULL OR lp.day + interval '1 day' <= since)
+                        AND pg_stat_get_xact_tuples_inserted(lp.part) > 0
+                      ORDER BY lp.part::oid LOOP
+                PERFORM cd2sync._resolve_users(p, inst.shard_id, false);
+            END LOOP;
         ELSIF mode = 'snapshot' THEN
             PERFORM cd2sync._resolve_users(rel, inst.shard_id, false);
         END IF;
