@@ -136,6 +136,19 @@ is(sq("SELECT tableoid::regclass FROM $T WHERE id = '00000000-0000-4000-8000-000
 is(sq("SELECT user_id || ' ' || original_user_id FROM cd2_canvas_logs.web_logs "
 	  . "WHERE id = '00000000-0000-4000-8000-000000000010'"), "$new_g $old_g",
 	'a late record of a merged user shows the replacement');
+# ... and one a minute older than a day before what the table held: in the
+# partition of a day that also holds newer rows
+my $edge = sq("SELECT to_char(watermark AT TIME ZONE 'UTC' - interval '1 day 1 minute', "
+	  . "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM cd2sync.table_state "
+	  . "WHERE instance = 'north' AND table_name = 'canvas_logs.web_logs'");
+$emu->post('/_emu/epoch', { changes => [ { client_id => $north, table => 'canvas_logs.web_logs',
+	upsert => [ new_log('00000000-0000-4000-8000-000000000013', $edge, user_id => $old->{key}{id}) ] } ] });
+$staged_before = log_lines(qr/web_logs: loading through the/);
+$r = Cd2Test::sync($node, 'north');
+is(log_lines(qr/web_logs: loading through the/), $staged_before, 'loaded by COPY');
+is(sq("SELECT user_id || ' ' || original_user_id FROM cd2_canvas_logs.web_logs "
+	  . "WHERE id = '00000000-0000-4000-8000-000000000013'"), "$new_g $old_g",
+	'so is a record a day and a minute late');
 
 # 5. a full resync replaces the API's window only: older rows are history
 my $at = $emu->post('/_emu/epoch', { at => sq("SELECT to_char(('$clock'::timestamptz + interval '20 days') "

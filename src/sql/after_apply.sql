@@ -75,13 +75,14 @@ BEGIN
         IF cd2sync._log_column(rel) IS NOT NULL THEN
             -- a log's rows went in by COPY: those of users the map has get
             -- their replacements: from a day before what the table held,
-            -- and in each older day's partition this transaction wrote
-            -- into (late records); the other partitions are history, left
-            -- alone
+            -- and in each partition of an older day this transaction wrote
+            -- into (late records: the statistics' count of its inserts,
+            -- with track_counts on, as autovacuum needs); the other
+            -- partitions are history, left alone
             since := (held - interval '1 day') AT TIME ZONE 'UTC';
             PERFORM cd2sync._resolve_users(rel, inst.shard_id, false, since);
             FOR p IN SELECT lp.part FROM cd2sync._log_partitions(rel) lp
-                      WHERE (lp.day IS NULL OR lp.day + interval '1 day' <= since)
+                      WHERE (lp.day IS NULL OR lp.day < since)
                         AND pg_stat_get_xact_tuples_inserted(lp.part) > 0
                       ORDER BY lp.part::oid LOOP
                 PERFORM cd2sync._resolve_users(p, inst.shard_id, false);
