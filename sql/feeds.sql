@@ -282,6 +282,14 @@ SELECT count(*) AS changes_left FROM cd2sync.changes;
 -- (a VACUUM leaves the table its pages, for the changes to come)
 VACUUM cd2sync.changes;
 SELECT pg_relation_size('cd2sync.changes') > 0 AS pages_kept;
+-- the index on global ids beside a user's index follows a new shard, and
+-- goes with the shard
+CREATE INDEX enr_course ON east.enrollments (course_id);
+SELECT cd2sync.refresh_view('enrollments');
+SELECT cd2_alter_instance('east', shard_id => 9);
+SELECT pg_get_indexdef('east.enrollments_course_id_global'::regclass) LIKE '%90000000000000%' AS follows_shard;
+SELECT cd2_alter_instance('east', shard_id => NULL);
+SELECT to_regclass('east.enrollments_course_id_global') IS NULL AS gone;
 SELECT cd2_drop_instance('east', drop_data => true);
 DROP SCHEMA west CASCADE;
 DROP ROLE feed_admin, feed_reader, nobody;
