@@ -100,7 +100,7 @@ BEGIN
     IF rel IS NOT NULL THEN
         -- a table loaded new: the feeds get its rows now, replacements and
         -- duplicate flags in (feeds.sql)
-        PERFORM cd2sync._feed_load_end(rel, table_name);
+        PERFORM cd2sync._feed_load_end(rel);
     END IF;
     IF changes > 0 AND rel IS NOT NULL THEN
         PERFORM cd2sync._feed_check_limits();

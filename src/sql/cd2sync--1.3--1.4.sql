@@ -525,19 +525,22 @@ BEGIN
 END $$;
 
 
-CREATE OR REPLACE FUNCTION cd2sync._feed_capture_table(rel regclass, side text)
+CREATE OR REPLACE FUNCTION cd2sync._feed_capture_table(rel regclass, side text, cause text DEFAULT 'resync')
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     tab text := (cd2sync._rel_table(rel)).table_name;
     q text;
 BEGIN
-    IF tab IS NULL OR NOT cd2sync._feed_follows(tab) THEN
+    IF tab IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM cd2sync._feed_lock();
+    IF NOT cd2sync._feed_follows(tab) THEN
         RETURN;
     END IF;
     q := cd2sync._feed_capture_sql(rel, tab, CASE WHEN side = 'old' THEN rel::text END,
-                                   CASE WHEN side = 'new' THEN rel::text END, 'resync');
+                                   CASE WHEN side = 'new' THEN rel::text END, cause);
     IF q IS NOT NULL THEN
-        PERFORM cd2sync._feed_lock();
         EXECUTE q;
         PERFORM cd2sync._feed_notify(tab);
     END IF;
@@ -1479,25 +1482,14 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT set_config('cd2sync_tx.loading_new', rel::oid::text, true)
 $$;
 
-CREATE OR REPLACE FUNCTION cd2sync._feed_load_end(rel regclass, table_name text)
+CREATE OR REPLACE FUNCTION cd2sync._feed_load_end(rel regclass)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    q text;
 BEGIN
     IF current_setting('cd2sync_tx.loading_new', true) IS DISTINCT FROM rel::oid::text THEN
         RETURN;
     END IF;
     PERFORM set_config('cd2sync_tx.loading_new', '', true);
-    -- (which feeds follow it is asked under the lock, as the row capture
-    -- does: a feed created meanwhile takes it too, and gets these rows)
-    PERFORM cd2sync._feed_lock();
-    IF cd2sync._feed_follows(table_name) THEN
-        q := cd2sync._feed_capture_sql(rel, table_name, NULL, rel::text, 'sync');
-        IF q IS NOT NULL THEN
-            EXECUTE q;
-            PERFORM cd2sync._feed_notify(table_name);
-        END IF;
-    END IF;
+    PERFORM cd2sync._feed_capture_table(rel, 'new', 'sync');
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint)
@@ -1544,7 +1536,7 @@ BEGIN
     IF rel IS NOT NULL THEN
         -- a table loaded new: the feeds get its rows now, replacements and
         -- duplicate flags in (feeds.sql)
-        PERFORM cd2sync._feed_load_end(rel, table_name);
+        PERFORM cd2sync._feed_load_end(rel);
     END IF;
     IF changes > 0 AND rel IS NOT NULL THEN
         PERFORM cd2sync._feed_check_limits();
@@ -1848,13 +1840,13 @@ REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLI
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
 
 REVOKE ALL ON FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2sync._feed_capture_table(regclass, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_capture_table(regclass, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._row_image(record) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_context(regclass, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_row_plan(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feeds_following(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end(), cd2sync._feed_changing(text),
-                       cd2sync._feed_load_begin(regclass), cd2sync._feed_load_end(regclass, text) FROM PUBLIC;
+                       cd2sync._feed_load_begin(regclass), cd2sync._feed_load_end(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_captures(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._tx_clear() FROM PUBLIC;

@@ -409,20 +409,25 @@ END $$;
 -- A change that rewrites an instance table's rows where no trigger sees it
 -- (an ALTER of a column's type) changes them in the views wholesale: side
 -- 'old', before it, writes a delete for each of its rows, when a feed
--- follows the table; side 'new', after it, an insert (cause 'resync').
-CREATE FUNCTION cd2sync._feed_capture_table(rel regclass, side text)
+-- follows the table; side 'new', after it, an insert (cause 'resync', or
+-- the one given). Which feeds follow it is asked under the changes' lock,
+-- as the row capture does: a feed created meanwhile is among them.
+CREATE FUNCTION cd2sync._feed_capture_table(rel regclass, side text, cause text DEFAULT 'resync')
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     tab text := (cd2sync._rel_table(rel)).table_name;
     q text;
 BEGIN
-    IF tab IS NULL OR NOT cd2sync._feed_follows(tab) THEN
+    IF tab IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM cd2sync._feed_lock();
+    IF NOT cd2sync._feed_follows(tab) THEN
         RETURN;
     END IF;
     q := cd2sync._feed_capture_sql(rel, tab, CASE WHEN side = 'old' THEN rel::text END,
-                                   CASE WHEN side = 'new' THEN rel::text END, 'resync');
+                                   CASE WHEN side = 'new' THEN rel::text END, cause);
     IF q IS NOT NULL THEN
-        PERFORM cd2sync._feed_lock();
         EXECUTE q;
         PERFORM cd2sync._feed_notify(tab);
     END IF;
@@ -455,25 +460,14 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT set_config('cd2sync_tx.loading_new', rel::oid::text, true)
 $$;
 
-CREATE FUNCTION cd2sync._feed_load_end(rel regclass, table_name text)
+CREATE FUNCTION cd2sync._feed_load_end(rel regclass)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    q text;
 BEGIN
     IF current_setting('cd2sync_tx.loading_new', true) IS DISTINCT FROM rel::oid::text THEN
         RETURN;
     END IF;
     PERFORM set_config('cd2sync_tx.loading_new', '', true);
-    -- (which feeds follow it is asked under the lock, as the row capture
-    -- does: a feed created meanwhile takes it too, and gets these rows)
-    PERFORM cd2sync._feed_lock();
-    IF cd2sync._feed_follows(table_name) THEN
-        q := cd2sync._feed_capture_sql(rel, table_name, NULL, rel::text, 'sync');
-        IF q IS NOT NULL THEN
-            EXECUTE q;
-            PERFORM cd2sync._feed_notify(table_name);
-        END IF;
-    END IF;
+    PERFORM cd2sync._feed_capture_table(rel, 'new', 'sync');
 END $$;
 
 -- Marks stale, with a WARNING, every feed over its limits
