@@ -282,6 +282,23 @@ SELECT count(*) AS changes_left FROM cd2sync.changes;
 -- (a VACUUM leaves the table its pages, for the changes to come)
 VACUUM cd2sync.changes;
 SELECT pg_relation_size('cd2sync.changes') > 0 AS pages_kept;
+-- the pages say no row now: a reader of 2 of 3000 changes, the limits it
+-- checks, and an acknowledgement fetch a few of them, not all 3000 (to sort
+-- them, or to find the last)
+SELECT cd2_create_feed('probe', tables => ARRAY['enrollments']);
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+SELECT nextval('cd2sync.change_position_seq'), 'probe', 'enrollments', 'insert', jsonb_build_object('id', i),
+       'east', jsonb_build_object('id', i), 'sync'
+  FROM generate_series(1, 3000) i;
+BEGIN;   -- (the counts below are the session's not yet reported: none is within it)
+SELECT seq_tup_read + idx_tup_fetch AS fetched FROM pg_stat_xact_user_tables
+ WHERE relid = 'cd2sync.changes'::regclass \gset
+SELECT key FROM cd2_feed_read('probe', 2) ORDER BY position;
+SELECT cd2_feed_ack('probe', (SELECT max(position) FROM cd2_feed_read('probe', 2)));
+SELECT seq_tup_read + idx_tup_fetch - :fetched < 50 AS fetched_few FROM pg_stat_xact_user_tables
+ WHERE relid = 'cd2sync.changes'::regclass;
+COMMIT;
+SELECT cd2_drop_feed('probe');
 -- the index on global ids beside a user's index follows a new shard, and
 -- goes with the shard
 CREATE INDEX enr_course ON east.enrollments (course_id);

@@ -47,6 +47,12 @@
 -- * A log's late records loaded by COPY (into a day's partition older than
 --   a day before the held watermark) get their users' replacements
 --   (_after_apply).
+-- * cd2_feed_read, _feed_check_limits and cd2_feed_ack read the first (or
+--   last) changes in the key's order, never by a sort or an aggregate over
+--   every change (the planner, misled by the table's statistics, chose
+--   that): _last_position; cd2_create_feed counts what it inserts; an
+--   acknowledgement deletes the changes it covers without reading the
+--   later ones (_feed_forget).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -572,6 +578,8 @@ DECLARE
     vw regclass;
     keys text[];
     start bigint;
+    started bigint := 0;
+    k bigint;
 BEGIN
     PERFORM cd2sync._tx_clear();
     IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
@@ -609,10 +617,12 @@ BEGIN
                 'INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
                  SELECT nextval(''cd2sync.change_position_seq''), %L, %L, ''insert'', %s, r->>''instance'', r, ''start''
                    FROM (SELECT cd2sync._row_image(v) AS r FROM %s v) x',
-                n, t, (SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
-                         FROM unnest(keys) k), vw);
+                n, t, (SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', c, c), ', ') || ')'
+                         FROM unnest(keys) c), vw);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            started := started + k;
         END LOOP;
-        IF EXISTS (SELECT 1 FROM cd2sync.changes c WHERE c.feed = n) THEN
+        IF started > 0 THEN
             PERFORM pg_notify('cd2sync_feed', n);
         END IF;
     END IF;
@@ -780,7 +790,7 @@ RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_check_limits()
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     lim record := cd2sync._feed_limits();
     f record;
@@ -794,7 +804,7 @@ BEGIN
            AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
          ORDER BY c.position LIMIT 1;
         pending := 0;
-        IF (SELECT max(position) FROM cd2sync.changes) - f.acknowledged > lim.max_pending THEN
+        IF cd2sync._last_position() - f.acknowledged > lim.max_pending THEN
             -- positions bound the count; count (to one over) only when the bound is over
             SELECT count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
@@ -1836,7 +1846,70 @@ BEGIN
     END IF;
 END $$;
 
-REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION cd2_feed_read(name text, max_changes int DEFAULT 10000)
+RETURNS TABLE ("position" bigint, table_name text, op text, key jsonb, instance text, "row" jsonb,
+               changed text[], cause text, watermark timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+DECLARE
+    f cd2sync.feed := cd2sync._check_feed(name);
+BEGIN
+    IF max_changes IS NULL OR max_changes < 1 THEN
+        RAISE EXCEPTION 'max_changes must be a positive number' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF f.stale_since IS NULL AND NOT pg_is_in_recovery() THEN   -- (a standby reads only)
+        PERFORM cd2sync._feed_check_limits();
+        f := cd2sync._check_feed(name);
+    END IF;
+    IF f.stale_since IS NOT NULL THEN
+        RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, f.stale_reason
+              USING ERRCODE = 'object_not_in_prerequisite_state',
+                    HINT = 'Drop it and create it again (from_start => true gives the current rows).';
+    END IF;
+    RETURN QUERY
+    SELECT c.position, c.table_name, c.op, c.key, c.instance, c."row", c.changed, c.cause, c.watermark
+      FROM cd2sync.changes c
+     WHERE c.position > f.acknowledged
+       AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+     ORDER BY c.position
+     LIMIT max_changes;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._last_position()
+RETURNS bigint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+    SELECT c.position FROM cd2sync.changes c ORDER BY c.position DESC LIMIT 1
+$$;
+
+CREATE OR REPLACE FUNCTION cd2_feed_ack(name text, upto bigint)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cd2sync.feed := cd2sync._check_feed(name);
+    last bigint;
+BEGIN
+    IF upto IS NULL THEN
+        RAISE EXCEPTION 'upto must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF upto <= f.acknowledged THEN
+        RETURN;
+    END IF;
+    -- every position up to the last visible one is committed (see _feed_lock)
+    last := greatest(f.acknowledged, cd2sync._last_position());
+    UPDATE cd2sync.feed x SET acknowledged = least(upto, last), acknowledged_at = now()
+     WHERE x.name = f.name AND x.acknowledged < least(upto, last);
+    PERFORM cd2sync._feed_forget(f.acknowledged, least(upto, last));
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_forget(after bigint DEFAULT 0, upto bigint DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM cd2sync.changes c
+     WHERE c.position > after AND c.position <= coalesce(upto, 9223372036854775807)   -- (both bound the scan)
+       AND NOT EXISTS (SELECT 1 FROM cd2sync.feed f
+                        WHERE f.stale_since IS NULL AND f.acknowledged < c.position
+                          AND (c.feed = f.name
+                               OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name))));
+END $$;
+
+REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz), cd2sync._last_position() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
 
 REVOKE ALL ON FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean, boolean) FROM PUBLIC;

@@ -122,6 +122,14 @@ RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT cardinality(cd2sync._feeds_following(table_name)) > 0
 $$;
 
+-- The last position published and visible (NULL: none), from the key's
+-- end (see cd2_feed_read on the sort this avoids: with the table's
+-- statistics misleading the planner, max() read every change)
+CREATE FUNCTION cd2sync._last_position()
+RETURNS bigint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+    SELECT c.position FROM cd2sync.changes c ORDER BY c.position DESC LIMIT 1
+$$;
+
 -- ---------------------------------------------------------------------------
 -- Capture
 -- ---------------------------------------------------------------------------
@@ -475,7 +483,7 @@ END $$;
 -- (The capture triggers of tables no feed follows any more go with the
 -- next creation or drop of a feed: _feed_ensure_capture.)
 CREATE FUNCTION cd2sync._feed_check_limits()
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     lim record := cd2sync._feed_limits();
     f record;
@@ -489,7 +497,7 @@ BEGIN
            AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
          ORDER BY c.position LIMIT 1;
         pending := 0;
-        IF (SELECT max(position) FROM cd2sync.changes) - f.acknowledged > lim.max_pending THEN
+        IF cd2sync._last_position() - f.acknowledged > lim.max_pending THEN
             -- positions bound the count; count (to one over) only when the bound is over
             SELECT count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
@@ -515,7 +523,7 @@ CREATE FUNCTION cd2sync._feed_forget(after bigint DEFAULT 0, upto bigint DEFAULT
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM cd2sync.changes c
-     WHERE c.position > after AND (upto IS NULL OR c.position <= upto)
+     WHERE c.position > after AND c.position <= coalesce(upto, 9223372036854775807)   -- (both bound the scan)
        AND NOT EXISTS (SELECT 1 FROM cd2sync.feed f
                         WHERE f.stale_since IS NULL AND f.acknowledged < c.position
                           AND (c.feed = f.name
@@ -549,6 +557,8 @@ DECLARE
     vw regclass;
     keys text[];
     start bigint;
+    started bigint := 0;
+    k bigint;
 BEGIN
     PERFORM cd2sync._tx_clear();
     IF n IS NULL OR n !~ '^[a-z][a-z0-9_]{0,47}$' THEN
@@ -586,10 +596,12 @@ BEGIN
                 'INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
                  SELECT nextval(''cd2sync.change_position_seq''), %L, %L, ''insert'', %s, r->>''instance'', r, ''start''
                    FROM (SELECT cd2sync._row_image(v) AS r FROM %s v) x',
-                n, t, (SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', k, k), ', ') || ')'
-                         FROM unnest(keys) k), vw);
+                n, t, (SELECT 'jsonb_build_object(' || string_agg(format('%L, r->%L', c, c), ', ') || ')'
+                         FROM unnest(keys) c), vw);
+            GET DIAGNOSTICS k = ROW_COUNT;
+            started := started + k;
         END LOOP;
-        IF EXISTS (SELECT 1 FROM cd2sync.changes c WHERE c.feed = n) THEN
+        IF started > 0 THEN
             PERFORM pg_notify('cd2sync_feed', n);
         END IF;
     END IF;
@@ -610,10 +622,15 @@ END $$;
 
 -- The changes after the feed's acknowledged position, in position order,
 -- without advancing it.
+-- (Here and in _feed_check_limits the first changes after a position are
+-- read in the key's order, never sorted: cd2sync.changes is emptied and
+-- filled again between its ANALYZEs, a VACUUM of it emptied records no
+-- rows in its pages, and the planner then expects one change pending and
+-- would read all of them, and sort them, to return the first few.)
 CREATE FUNCTION cd2_feed_read(name text, max_changes int DEFAULT 10000)
 RETURNS TABLE ("position" bigint, table_name text, op text, key jsonb, instance text, "row" jsonb,
                changed text[], cause text, watermark timestamptz)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     f cd2sync.feed := cd2sync._check_feed(name);
 BEGIN
@@ -653,7 +670,7 @@ BEGIN
         RETURN;
     END IF;
     -- every position up to the last visible one is committed (see _feed_lock)
-    last := greatest(f.acknowledged, (SELECT max(c.position) FROM cd2sync.changes c));
+    last := greatest(f.acknowledged, cd2sync._last_position());
     UPDATE cd2sync.feed x SET acknowledged = least(upto, last), acknowledged_at = now()
      WHERE x.name = f.name AND x.acknowledged < least(upto, last);
     PERFORM cd2sync._feed_forget(f.acknowledged, least(upto, last));
