@@ -52,7 +52,10 @@
 --   every change (the planner, misled by the table's statistics, chose
 --   that): _last_position; cd2_create_feed counts what it inserts; an
 --   acknowledgement deletes the changes it covers without reading the
---   later ones (_feed_forget).
+--   later ones (_feed_forget). A feed with nothing pending remembers how
+--   far it is known to have nothing (cd2sync.feed.scanned_to, kept by
+--   _feed_check_limits): its checks, reads and pending count no longer go
+--   through the changes other feeds have not acknowledged, each time.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -69,6 +72,8 @@ END $$;
 -- 15), which was faster or the same in docs/performance.md's measures.
 -- (After a burst, VACUUM FULL cd2sync.changes gives the space back.)
 ALTER TABLE cd2sync.changes SET (vacuum_truncate = false, toast.vacuum_truncate = false);
+-- no change of the feed has a position in (acknowledged, scanned_to]
+ALTER TABLE cd2sync.feed ADD COLUMN scanned_to bigint;
 
 -- signatures that change, functions gone
 DROP FUNCTION cd2sync._changed_columns(record, record);
@@ -794,21 +799,35 @@ RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_s
 DECLARE
     lim record := cd2sync._feed_limits();
     f record;
+    since bigint;
     oldest timestamptz;
+    last bigint;
     pending bigint;
     why text;
 BEGIN
     FOR f IN SELECT * FROM cd2sync.feed WHERE stale_since IS NULL ORDER BY name LOOP
-        SELECT c.committed_at INTO oldest FROM cd2sync.changes c
-         WHERE c.position > f.acknowledged
-           AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
-         ORDER BY c.position LIMIT 1;
+        since := greatest(f.acknowledged, f.scanned_to);
+        -- (one statement: the last position is of the snapshot that found
+        -- the oldest pending change, or none)
+        SELECT (SELECT c.committed_at FROM cd2sync.changes c
+                 WHERE c.position > since
+                   AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+                 ORDER BY c.position LIMIT 1),
+               cd2sync._last_position()
+          INTO oldest, last;
+        IF oldest IS NULL AND last > since THEN
+            -- (a hint: never waited for; a feed being acknowledged or
+            -- checked by another transaction is left to it)
+            UPDATE cd2sync.feed x SET scanned_to = last
+             WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
+               AND (x.scanned_to IS NULL OR x.scanned_to < last);
+        END IF;
         pending := 0;
-        IF cd2sync._last_position() - f.acknowledged > lim.max_pending THEN
+        IF last - since > lim.max_pending THEN
             -- positions bound the count; count (to one over) only when the bound is over
             SELECT count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
-                     WHERE c.position > f.acknowledged
+                     WHERE c.position > since
                        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
                      LIMIT lim.max_pending + 1) x;
         END IF;
@@ -817,7 +836,7 @@ BEGIN
             UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why WHERE x.name = f.name;
             RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
                   USING HINT = 'Drop it and create it again; its changes are no longer kept.';
-            PERFORM cd2sync._feed_forget(f.acknowledged);
+            PERFORM cd2sync._feed_forget(since);
         END IF;
     END LOOP;
 END $$;
@@ -833,7 +852,7 @@ CREATE OR REPLACE VIEW cd2sync.feeds AS
       FROM cd2sync.feed f
       CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.position) AS first
                             FROM cd2sync.changes c
-                           WHERE c.position > f.acknowledged AND f.stale_since IS NULL
+                           WHERE c.position > greatest(f.acknowledged, f.scanned_to) AND f.stale_since IS NULL
                              AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p
       LEFT JOIN cd2sync.changes o ON o.position = p.first;
 
@@ -1484,7 +1503,7 @@ BEGIN
     f := cd2sync._check_feed(name);
     DELETE FROM cd2sync.feed x WHERE x.name = f.name;
     PERFORM cd2sync._feed_ensure_captures();
-    PERFORM cd2sync._feed_forget(f.acknowledged);
+    PERFORM cd2sync._feed_forget(greatest(f.acknowledged, f.scanned_to));
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_load_begin(rel regclass)
@@ -1868,7 +1887,7 @@ BEGIN
     RETURN QUERY
     SELECT c.position, c.table_name, c.op, c.key, c.instance, c."row", c.changed, c.cause, c.watermark
       FROM cd2sync.changes c
-     WHERE c.position > f.acknowledged
+     WHERE c.position > greatest(f.acknowledged, f.scanned_to)
        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
      ORDER BY c.position
      LIMIT max_changes;

@@ -3,11 +3,11 @@
 -- of those rows, in the order they became visible, until the feed
 -- acknowledges them.
 --
--- How: a statement trigger with transition tables, on each instance table
--- that some feed follows, writes what the statement did to the table's rows,
--- seen as cd2.<table> shows them, to cd2sync.changes at once, in the
--- statement's transaction; positions are taken under a lock held until
--- commit, so that they grow in commit order.
+-- How: a row trigger (in C, src/capture.c) on each instance table that
+-- some feed follows writes what a statement does to the table's rows, seen
+-- as cd2.<table> shows them, to cd2sync.changes at once, in the statement's
+-- transaction; positions are taken under a lock held until commit, so that
+-- they grow in commit order.
 --
 -- What a row looks like is said once, by cd2sync._view_select
 -- (reconcile.sql); so the images a feed carries are the view's rows.
@@ -19,7 +19,12 @@ CREATE TABLE cd2sync.feed (
     created_at    timestamptz NOT NULL DEFAULT now(),
     stale_since   timestamptz,            -- fell behind cd2sync.feed_max_pending / feed_max_age
     stale_reason  text,
-    acknowledged_at timestamptz           -- when acknowledged last moved (cd2sync.monitoring)
+    acknowledged_at timestamptz,          -- when acknowledged last moved (cd2sync.monitoring)
+    -- no change of the feed has a position in (acknowledged, scanned_to]
+    -- (_feed_check_limits found none; a later one takes a higher position):
+    -- a feed with nothing pending does not look again through the changes
+    -- other feeds have not acknowledged. NULL: not known.
+    scanned_to    bigint
 );
 
 -- Positions: taken only under the lock on cd2sync.changes (see _feed_lock)
@@ -85,7 +90,7 @@ CREATE VIEW cd2sync.feeds AS
       FROM cd2sync.feed f
       CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.position) AS first
                             FROM cd2sync.changes c
-                           WHERE c.position > f.acknowledged AND f.stale_since IS NULL
+                           WHERE c.position > greatest(f.acknowledged, f.scanned_to) AND f.stale_since IS NULL
                              AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p
       LEFT JOIN cd2sync.changes o ON o.position = p.first;
 
@@ -487,21 +492,35 @@ RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_s
 DECLARE
     lim record := cd2sync._feed_limits();
     f record;
+    since bigint;
     oldest timestamptz;
+    last bigint;
     pending bigint;
     why text;
 BEGIN
     FOR f IN SELECT * FROM cd2sync.feed WHERE stale_since IS NULL ORDER BY name LOOP
-        SELECT c.committed_at INTO oldest FROM cd2sync.changes c
-         WHERE c.position > f.acknowledged
-           AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
-         ORDER BY c.position LIMIT 1;
+        since := greatest(f.acknowledged, f.scanned_to);
+        -- (one statement: the last position is of the snapshot that found
+        -- the oldest pending change, or none)
+        SELECT (SELECT c.committed_at FROM cd2sync.changes c
+                 WHERE c.position > since
+                   AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+                 ORDER BY c.position LIMIT 1),
+               cd2sync._last_position()
+          INTO oldest, last;
+        IF oldest IS NULL AND last > since THEN
+            -- (a hint: never waited for; a feed being acknowledged or
+            -- checked by another transaction is left to it)
+            UPDATE cd2sync.feed x SET scanned_to = last
+             WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
+               AND (x.scanned_to IS NULL OR x.scanned_to < last);
+        END IF;
         pending := 0;
-        IF cd2sync._last_position() - f.acknowledged > lim.max_pending THEN
+        IF last - since > lim.max_pending THEN
             -- positions bound the count; count (to one over) only when the bound is over
             SELECT count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
-                     WHERE c.position > f.acknowledged
+                     WHERE c.position > since
                        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
                      LIMIT lim.max_pending + 1) x;
         END IF;
@@ -510,7 +529,7 @@ BEGIN
             UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why WHERE x.name = f.name;
             RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
                   USING HINT = 'Drop it and create it again; its changes are no longer kept.';
-            PERFORM cd2sync._feed_forget(f.acknowledged);
+            PERFORM cd2sync._feed_forget(since);
         END IF;
     END LOOP;
 END $$;
@@ -617,7 +636,7 @@ BEGIN
     f := cd2sync._check_feed(name);
     DELETE FROM cd2sync.feed x WHERE x.name = f.name;
     PERFORM cd2sync._feed_ensure_captures();
-    PERFORM cd2sync._feed_forget(f.acknowledged);
+    PERFORM cd2sync._feed_forget(greatest(f.acknowledged, f.scanned_to));
 END $$;
 
 -- The changes after the feed's acknowledged position, in position order,
@@ -649,7 +668,7 @@ BEGIN
     RETURN QUERY
     SELECT c.position, c.table_name, c.op, c.key, c.instance, c."row", c.changed, c.cause, c.watermark
       FROM cd2sync.changes c
-     WHERE c.position > f.acknowledged
+     WHERE c.position > greatest(f.acknowledged, f.scanned_to)
        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
      ORDER BY c.position
      LIMIT max_changes;
