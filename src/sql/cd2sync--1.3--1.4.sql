@@ -815,12 +815,19 @@ BEGIN
                  ORDER BY c.position LIMIT 1),
                cd2sync._last_position()
           INTO oldest, last;
-        IF oldest IS NULL AND last > since THEN
-            -- (a hint: never waited for; a feed being acknowledged or
-            -- checked by another transaction is left to it)
+        -- Written only when it went through many positions (not at each
+        -- poll of a feed: a reader then writes rarely), and as a hint:
+        -- never waited for (a feed another transaction acknowledges or
+        -- checks is left to it), never where a write would be an error (a
+        -- read-only transaction; a snapshot older than the row's last
+        -- update), never to the row of a feed made again since the loop
+        -- read it (the check was of the old feed's tables).
+        IF oldest IS NULL AND last - since > 1000
+           AND current_setting('transaction_isolation') = 'read committed'
+           AND NOT current_setting('transaction_read_only')::boolean THEN
             UPDATE cd2sync.feed x SET scanned_to = last
              WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
-               AND (x.scanned_to IS NULL OR x.scanned_to < last);
+               AND x.created_at = f.created_at AND (x.scanned_to IS NULL OR x.scanned_to < last);
         END IF;
         pending := 0;
         IF last - since > lim.max_pending THEN
@@ -833,7 +840,9 @@ BEGIN
         END IF;
         why := cd2sync._feed_over_limits(pending, oldest);
         IF why IS NOT NULL THEN
-            UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why WHERE x.name = f.name;
+            UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why
+             WHERE x.name = f.name AND x.created_at = f.created_at AND x.stale_since IS NULL;
+            CONTINUE WHEN NOT FOUND;   -- (dropped, made again or marked since)
             RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
                   USING HINT = 'Drop it and create it again; its changes are no longer kept.';
             PERFORM cd2sync._feed_forget(since);
@@ -1875,7 +1884,9 @@ BEGIN
     IF max_changes IS NULL OR max_changes < 1 THEN
         RAISE EXCEPTION 'max_changes must be a positive number' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF f.stale_since IS NULL AND NOT pg_is_in_recovery() THEN   -- (a standby reads only)
+    -- (a read-only transaction, a standby's too, reads only: the limits
+    -- are checked and a feed marked stale by the next that writes)
+    IF f.stale_since IS NULL AND NOT current_setting('transaction_read_only')::boolean THEN
         PERFORM cd2sync._feed_check_limits();
         f := cd2sync._check_feed(name);
     END IF;
@@ -1914,7 +1925,7 @@ BEGIN
     last := greatest(f.acknowledged, cd2sync._last_position());
     UPDATE cd2sync.feed x SET acknowledged = least(upto, last), acknowledged_at = now()
      WHERE x.name = f.name AND x.acknowledged < least(upto, last);
-    PERFORM cd2sync._feed_forget(f.acknowledged, least(upto, last));
+    PERFORM cd2sync._feed_forget(greatest(f.acknowledged, f.scanned_to), least(upto, last));
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_forget(after bigint DEFAULT 0, upto bigint DEFAULT NULL)
