@@ -220,6 +220,28 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('subs', 1000
 	$node->safe_psql('postgres', "SELECT count(*) FROM north.submissions WHERE user_id = $gone"),
 	'the merged user\'s rows show the replacement');
 
+# 9. a sync finds a feed over its limits while the feed is being dropped
+# (the drop holds the feed's row and waits for the sync's locks): the sync
+# leaves the mark to a later check instead of waiting, and commits; then
+# the drop goes on (waiting for the row made a deadlock, and one of them
+# failed)
+$node->safe_psql('postgres', "SELECT cd2_create_feed('over', tables => ARRAY['users'])");
+my $syncing = $node->background_psql('postgres', on_error_stop => 0);
+$syncing->query_safe("SET cd2sync.feed_max_pending = 1; BEGIN; SELECT cd2sync._before_apply('north', 'users', now())");
+$syncing->query_safe("UPDATE north.users SET name = name || '?' WHERE id IN (SELECT id FROM north.users ORDER BY id LIMIT 3)");
+$dropper = $node->background_psql('postgres');
+$dropper->query_until(qr/dropping/, "\\echo dropping\nSELECT cd2_drop_feed('over');\n");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%cd2_drop_feed%'"),
+	'the drop waits for the sync');
+$syncing->query("SELECT cd2sync._after_apply('north', 'users', 'incremental', 3)");
+$syncing->query("COMMIT");
+$dropper->query_safe('SELECT 1');
+is($node->safe_psql('postgres', "SELECT count(*) FROM north.users WHERE name LIKE '%?'"), '3', 'the sync committed');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.feed WHERE name = 'over'"), '0', 'and the drop');
+$syncing->quit;
+$dropper->quit;
+
 $listener->quit;
 $sub->stop;
 $node->stop;

@@ -533,9 +533,14 @@ BEGIN
         END IF;
         why := cd2sync._feed_over_limits(pending, oldest);
         IF why IS NOT NULL THEN
+            -- (never waited for either: a sync holding the changes' lock
+            -- would deadlock with an acknowledgement or a drop of this
+            -- feed that holds its row and waits for that lock, or for the
+            -- sync's table; the next check marks it)
             UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why
-             WHERE x.name = f.name AND x.created_at = f.created_at AND x.stale_since IS NULL;
-            CONTINUE WHEN NOT FOUND;   -- (dropped, made again or marked since)
+             WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
+               AND x.created_at = f.created_at AND x.stale_since IS NULL;
+            CONTINUE WHEN NOT FOUND;   -- (held, dropped, made again or marked since)
             RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
                   USING HINT = 'Drop it and create it again; its changes are no longer kept.';
             PERFORM cd2sync._feed_forget(since);
