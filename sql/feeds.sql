@@ -284,18 +284,22 @@ VACUUM cd2sync.changes;
 SELECT pg_relation_size('cd2sync.changes') > 0 AS pages_kept;
 -- the pages say no row now: a reader of 2 of 3000 changes, the limits it
 -- checks, and an acknowledgement touch a few of them, not all 3000 (to sort
--- them, or to find the last); and a feed with none of them pending looks
--- through them once, not at each check, read, count or acknowledgement.
+-- them, or to find the last); and a feed with none of them pending, or
+-- whose first pending change comes after them, looks through them once,
+-- not at each check, read, count or acknowledgement.
 -- (Counted: the changes' rows and index entries this session's
 -- transaction read; none is reported to the views until it ends.)
 \set touched 'pg_stat_get_xact_tuples_returned(''cd2sync.changes''::regclass) + pg_stat_get_xact_tuples_fetched(''cd2sync.changes''::regclass) + pg_stat_get_xact_tuples_returned(''cd2sync.changes_pkey''::regclass)'
 SELECT cd2_create_feed('probe', tables => ARRAY['enrollments']);
 SELECT cd2_create_feed('quiet', tables => ARRAY['users']);
+SELECT cd2_create_feed('sparse', tables => ARRAY['courses']);
 SELECT acknowledged AS quiet_ack FROM cd2sync.feed WHERE name = 'quiet' \gset
 INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
 SELECT nextval('cd2sync.change_position_seq'), 'probe', 'enrollments', 'insert', jsonb_build_object('id', i),
        'east', jsonb_build_object('id', i), 'sync'
   FROM generate_series(1, 3000) i;
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+VALUES (nextval('cd2sync.change_position_seq'), 'sparse', 'courses', 'insert', '{"id": 7}', 'east', '{"id": 7}', 'sync');
 BEGIN READ ONLY;   -- (reads, and writes nothing: not an error)
 SELECT count(*) FROM cd2_feed_read('quiet');
 SELECT scanned_to IS NULL AS not_yet FROM cd2sync.feed WHERE name = 'quiet';
@@ -306,7 +310,8 @@ SELECT :touched AS before \gset
 SELECT key FROM cd2_feed_read('probe', 2) ORDER BY position;
 SELECT cd2_feed_ack('probe', (SELECT max(position) FROM cd2_feed_read('probe', 2)));
 SELECT count(*) FROM cd2_feed_read('quiet');
-SELECT pending FROM cd2sync.feeds WHERE name = 'quiet';
+SELECT key FROM cd2_feed_read('sparse');
+SELECT name, pending FROM cd2sync.feeds WHERE name IN ('quiet', 'sparse') ORDER BY name;
 SELECT :touched - :before < 100 AS touched_few;
 COMMIT;
 -- (what it knows is no acknowledgement; a change after reaches it)
@@ -319,7 +324,7 @@ SELECT key FROM cd2_feed_read('quiet');
 SELECT cd2_feed_ack('quiet', (SELECT max(position) FROM cd2_feed_read('quiet')));
 SELECT :touched - :before < 100 AS touched_few;
 COMMIT;
-SELECT cd2_drop_feed('probe'), cd2_drop_feed('quiet');
+SELECT cd2_drop_feed('probe'), cd2_drop_feed('quiet'), cd2_drop_feed('sparse');
 -- the index on global ids beside a user's index follows a new shard, and
 -- goes with the shard
 CREATE INDEX enr_course ON east.enrollments (course_id);

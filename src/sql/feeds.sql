@@ -21,9 +21,11 @@ CREATE TABLE cd2sync.feed (
     stale_reason  text,
     acknowledged_at timestamptz,          -- when acknowledged last moved (cd2sync.monitoring)
     -- no change of the feed has a position in (acknowledged, scanned_to]
-    -- (_feed_check_limits found none; a later one takes a higher position):
-    -- a feed with nothing pending does not look again through the changes
-    -- other feeds have not acknowledged. NULL: not known.
+    -- (_feed_check_limits found none before the feed's first pending change,
+    -- or the last position; a later change takes a higher position): a feed
+    -- with nothing pending, or whose next change lies after many of other
+    -- feeds, does not look again through the changes other feeds have not
+    -- acknowledged. NULL: not known.
     scanned_to    bigint
 );
 
@@ -493,8 +495,10 @@ DECLARE
     lim record := cd2sync._feed_limits();
     f record;
     since bigint;
+    first bigint;
     oldest timestamptz;
     last bigint;
+    clear bigint;
     pending bigint;
     why text;
 BEGIN
@@ -502,12 +506,13 @@ BEGIN
         since := greatest(f.acknowledged, f.scanned_to);
         -- (one statement: the last position is of the snapshot that found
         -- the oldest pending change, or none)
-        SELECT (SELECT c.committed_at FROM cd2sync.changes c
-                 WHERE c.position > since
-                   AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
-                 ORDER BY c.position LIMIT 1),
-               cd2sync._last_position()
-          INTO oldest, last;
+        SELECT p.position, p.committed_at, cd2sync._last_position() INTO first, oldest, last
+          FROM (SELECT) one
+          LEFT JOIN LATERAL (SELECT c.position, c.committed_at FROM cd2sync.changes c
+                              WHERE c.position > since
+                                AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+                              ORDER BY c.position LIMIT 1) p ON true;
+        clear := coalesce(first - 1, last);   -- (no change of the feed in (since, clear])
         -- Written only when it went through many positions (not at each
         -- poll of a feed: a reader then writes rarely), and as a hint:
         -- never waited for (a feed another transaction acknowledges or
@@ -515,12 +520,12 @@ BEGIN
         -- read-only transaction; a snapshot older than the row's last
         -- update), never to the row of a feed made again since the loop
         -- read it (the check was of the old feed's tables).
-        IF oldest IS NULL AND last - since > 1000
+        IF clear - since > 1000
            AND current_setting('transaction_isolation') = 'read committed'
            AND NOT current_setting('transaction_read_only')::boolean THEN
-            UPDATE cd2sync.feed x SET scanned_to = last
+            UPDATE cd2sync.feed x SET scanned_to = clear
              WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
-               AND x.created_at = f.created_at AND (x.scanned_to IS NULL OR x.scanned_to < last);
+               AND x.created_at = f.created_at AND (x.scanned_to IS NULL OR x.scanned_to < clear);
         END IF;
         pending := 0;
         IF last - since > lim.max_pending THEN
