@@ -325,6 +325,39 @@ SELECT cd2_feed_ack('quiet', (SELECT max(position) FROM cd2_feed_read('quiet')))
 SELECT :touched - :before < 100 AS touched_few;
 COMMIT;
 SELECT cd2_drop_feed('probe'), cd2_drop_feed('quiet'), cd2_drop_feed('sparse');
+-- a feed with 10 changes pending 3000 positions behind, over a limit of
+-- 1000: a check counts its changes once, later checks only after what it
+-- counted; an acknowledgement keeps the count true, and the limit holds
+SELECT cd2_create_feed('lag', tables => ARRAY['terms']);
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+SELECT nextval('cd2sync.change_position_seq'), CASE WHEN i <= 10 THEN 'lag' ELSE 'nobody' END,
+       CASE WHEN i <= 10 THEN 'terms' ELSE 'enrollments' END, 'insert', jsonb_build_object('id', i), 'east',
+       jsonb_build_object('id', i), 'sync'
+  FROM generate_series(1, 3010) i;
+SET cd2sync.feed_max_pending = 1000;
+SELECT count(*) FROM cd2_feed_read('lag', 1);
+BEGIN;
+SELECT :touched AS before \gset
+SELECT count(*) FROM cd2_feed_read('lag', 1);
+SELECT :touched - :before < 100 AS touched_few;
+COMMIT;
+SELECT cd2_feed_ack('lag', (SELECT max(position) FROM cd2_feed_read('lag', 3)));
+BEGIN;
+SELECT :touched AS before \gset
+SELECT count(*) FROM cd2_feed_read('lag', 1);
+SELECT :touched - :before < 100 AS touched_few;
+COMMIT;
+SELECT count(*) FROM cd2_feed_read('lag');
+SELECT f.pending, x.counted_pending FROM cd2sync.feeds f JOIN cd2sync.feed x USING (name) WHERE name = 'lag';
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+SELECT nextval('cd2sync.change_position_seq'), 'lag', 'terms', 'insert', jsonb_build_object('id', i), 'east',
+       jsonb_build_object('id', i), 'sync'
+  FROM generate_series(11, 12) i;
+SET cd2sync.feed_max_pending = 8;   -- (7 counted, and 2 after)
+SELECT count(*) FROM cd2_feed_read('lag');
+RESET cd2sync.feed_max_pending;
+SELECT cd2_drop_feed('lag');
+SELECT count(*) AS changes_left FROM cd2sync.changes;
 -- the index on global ids beside a user's index follows a new shard, and
 -- goes with the shard
 CREATE INDEX enr_course ON east.enrollments (course_id);

@@ -57,8 +57,11 @@
 --   nothing pending, or the first pending change after many of other
 --   feeds): its checks, reads, pending count and acknowledgements no
 --   longer go through the changes other feeds have not acknowledged, each
---   time. The limits' mark never waits for a feed's row (a deadlock with
---   a drop or an acknowledgement of the feed).
+--   time. A check that counts a feed's pending changes (positions over
+--   cd2sync.feed_max_pending since its acknowledged one) remembers the
+--   count (cd2sync.feed.counted_*), which acknowledgements keep, and the
+--   next counts only after it. The limits' mark never waits for a feed's
+--   row (a deadlock with a drop or an acknowledgement of the feed).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -77,6 +80,9 @@ END $$;
 ALTER TABLE cd2sync.changes SET (vacuum_truncate = false, toast.vacuum_truncate = false);
 -- no change of the feed has a position in (acknowledged, scanned_to]
 ALTER TABLE cd2sync.feed ADD COLUMN scanned_to bigint;
+-- what a check counted: counted_pending changes in (counted_from, counted_to]
+ALTER TABLE cd2sync.feed ADD COLUMN counted_from bigint, ADD COLUMN counted_to bigint,
+    ADD COLUMN counted_pending bigint;
 
 -- signatures that change, functions gone
 DROP FUNCTION cd2sync._changed_columns(record, record);
@@ -801,8 +807,13 @@ CREATE OR REPLACE FUNCTION cd2sync._feed_check_limits()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     lim record := cd2sync._feed_limits();
-    f record;
+    -- (hints are written only where that cannot fail: see below)
+    may_write boolean := current_setting('transaction_isolation') = 'read committed'
+                         AND NOT current_setting('transaction_read_only')::boolean;
+    f cd2sync.feed;
     since bigint;
+    after bigint;
+    counted bigint;
     first bigint;
     oldest timestamptz;
     last bigint;
@@ -828,21 +839,34 @@ BEGIN
         -- read-only transaction; a snapshot older than the row's last
         -- update), never to the row of a feed made again since the loop
         -- read it (the check was of the old feed's tables).
-        IF clear - since > 1000
-           AND current_setting('transaction_isolation') = 'read committed'
-           AND NOT current_setting('transaction_read_only')::boolean THEN
+        IF clear - since > 1000 AND may_write THEN
             UPDATE cd2sync.feed x SET scanned_to = clear
              WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
                AND x.created_at = f.created_at AND (x.scanned_to IS NULL OR x.scanned_to < clear);
         END IF;
         pending := 0;
         IF last - since > lim.max_pending THEN
-            -- positions bound the count; count (to one over) only when the bound is over
-            SELECT count(*) INTO pending
+            -- positions bound the count; count (to one over) only when the
+            -- bound is over, and only after what an earlier check counted
+            IF f.counted_from = f.acknowledged THEN
+                counted := f.counted_pending;
+                after := greatest(f.counted_to, since);
+            ELSE
+                counted := 0;
+                after := since;
+            END IF;
+            SELECT counted + count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
-                     WHERE c.position > since
+                     WHERE c.position > after AND c.position <= last
                        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
-                     LIMIT lim.max_pending + 1) x;
+                     LIMIT greatest(lim.max_pending + 1 - counted, 0)) x;
+            -- (as the hint above; and only a count of them all, under the
+            -- limit, of the acknowledged position the loop read)
+            IF pending <= lim.max_pending AND last - after > 1000 AND may_write THEN
+                UPDATE cd2sync.feed x SET counted_from = f.acknowledged, counted_to = last, counted_pending = pending
+                 WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
+                   AND x.created_at = f.created_at AND x.acknowledged = f.acknowledged;
+            END IF;
         END IF;
         why := cd2sync._feed_over_limits(pending, oldest);
         IF why IS NOT NULL THEN
@@ -1924,7 +1948,9 @@ CREATE OR REPLACE FUNCTION cd2_feed_ack(name text, upto bigint)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f cd2sync.feed := cd2sync._check_feed(name);
+    start bigint := greatest(f.acknowledged, f.scanned_to);   -- (no change of the feed before)
     last bigint;
+    taken bigint;
 BEGIN
     IF upto IS NULL THEN
         RAISE EXCEPTION 'upto must not be NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -1933,10 +1959,21 @@ BEGIN
         RETURN;
     END IF;
     -- every position up to the last visible one is committed (see _feed_lock)
-    last := greatest(f.acknowledged, cd2sync._last_position());
-    UPDATE cd2sync.feed x SET acknowledged = least(upto, last), acknowledged_at = now()
-     WHERE x.name = f.name AND x.acknowledged < least(upto, last);
-    PERFORM cd2sync._feed_forget(greatest(f.acknowledged, f.scanned_to), least(upto, last));
+    last := least(upto, greatest(f.acknowledged, cd2sync._last_position()));
+    -- what a check counted stays true less the changes acknowledged (see
+    -- cd2sync.feed), counted before they are forgotten
+    IF f.counted_from = f.acknowledged AND last < f.counted_to THEN
+        SELECT count(*) INTO taken FROM cd2sync.changes c
+         WHERE c.position > start AND c.position <= last
+           AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)));
+    END IF;
+    UPDATE cd2sync.feed x SET acknowledged = last, acknowledged_at = now(),
+           (counted_from, counted_pending) =
+               (SELECT CASE WHEN ok THEN last END, CASE WHEN ok THEN x.counted_pending - taken END
+                  FROM (SELECT taken IS NOT NULL AND x.acknowledged = f.acknowledged
+                               AND x.counted_from = f.acknowledged AND last < x.counted_to AS ok) k)
+     WHERE x.name = f.name AND x.acknowledged < last;
+    PERFORM cd2sync._feed_forget(start, last);
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_forget(after bigint DEFAULT 0, upto bigint DEFAULT NULL)
