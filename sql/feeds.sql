@@ -302,7 +302,7 @@ INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row
 VALUES (nextval('cd2sync.change_position_seq'), 'sparse', 'courses', 'insert', '{"id": 7}', 'east', '{"id": 7}', 'sync');
 BEGIN READ ONLY;   -- (reads, and writes nothing: not an error)
 SELECT count(*) FROM cd2_feed_read('quiet');
-SELECT scanned_to IS NULL AS not_yet FROM cd2sync.feed WHERE name = 'quiet';
+SELECT scanned_to IS NULL AS not_yet FROM cd2sync.feed_hint WHERE name = 'quiet';
 COMMIT;
 SELECT count(*) FROM cd2_feed_read('quiet');
 BEGIN;
@@ -348,7 +348,7 @@ SELECT count(*) FROM cd2_feed_read('lag', 1);
 SELECT :touched - :before < 100 AS touched_few;
 COMMIT;
 SELECT count(*) FROM cd2_feed_read('lag');
-SELECT f.pending, x.counted_pending FROM cd2sync.feeds f JOIN cd2sync.feed x USING (name) WHERE name = 'lag';
+SELECT f.pending, x.counted_pending FROM cd2sync.feeds f JOIN cd2sync.feed_hint x USING (name) WHERE name = 'lag';
 INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
 SELECT nextval('cd2sync.change_position_seq'), 'lag', 'terms', 'insert', jsonb_build_object('id', i), 'east',
        jsonb_build_object('id', i), 'sync'
@@ -357,7 +357,25 @@ SET cd2sync.feed_max_pending = 8;   -- (7 counted, and 2 after)
 SELECT count(*) FROM cd2_feed_read('lag');
 RESET cd2sync.feed_max_pending;
 SELECT cd2_drop_feed('lag');
+-- acknowledged up to the last position a check counted: the count (none
+-- left) still holds
+SELECT cd2_create_feed('lag', tables => ARRAY['terms']);
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+SELECT nextval('cd2sync.change_position_seq'), CASE WHEN i <= 5 THEN 'lag' ELSE 'nobody' END,
+       CASE WHEN i <= 5 THEN 'terms' ELSE 'enrollments' END, 'insert', jsonb_build_object('id', i), 'east',
+       jsonb_build_object('id', i), 'sync'
+  FROM generate_series(1, 3005) i;
+SET cd2sync.feed_max_pending = 1000;
+SELECT count(*) FROM cd2_feed_read('lag');
+RESET cd2sync.feed_max_pending;
+SELECT counted_pending FROM cd2sync.feed_hint WHERE name = 'lag';
+SELECT cd2_feed_ack('lag', counted_to) FROM cd2sync.feed_hint WHERE name = 'lag';
+SELECT x.counted_from = f.acknowledged AS valid, x.counted_pending
+  FROM cd2sync.feed_hint x JOIN cd2sync.feed f USING (name, created_at);
+SELECT cd2_drop_feed('lag');
 SELECT count(*) AS changes_left FROM cd2sync.changes;
+-- (a feed's hints go with it)
+SELECT count(*) AS hints_left FROM cd2sync.feed_hint;
 -- the index on global ids beside a user's index follows a new shard, and
 -- goes with the shard
 CREATE INDEX enr_course ON east.enrollments (course_id);

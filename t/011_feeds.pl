@@ -242,6 +242,77 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.feed WHERE name = 
 $syncing->quit;
 $dropper->quit;
 
+# 10. what a check learns of a feed (its hints) never makes a consumer wait
+# or fail: a consumer in REPEATABLE READ acknowledges after another
+# session's check wrote its feed's hints (an update of the feed's row made
+# that a serialization failure), and a feed is acknowledged while another
+# transaction holds its hints (it waited). And a feed acknowledged while a
+# check counts it is not found stale for changes the acknowledgement took.
+$node->safe_psql('postgres', "SELECT cd2_drop_feed(name) FROM cd2sync.feed");
+$node->safe_psql('postgres', "SELECT cd2_create_feed('rr', tables => ARRAY['pseudonyms']), cd2_create_feed('g', tables => ARRAY['courses'])");
+my $put = sub {    # (changes written as a capture writes them, under its lock)
+	my ($feed, $table, $n) = @_;
+	$node->safe_psql('postgres', qq{
+		BEGIN;
+		SELECT FROM cd2sync._feed_lock();
+		INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+		SELECT nextval('cd2sync.change_position_seq'), '$feed', '$table', 'insert', jsonb_build_object('id', i),
+		       'north', jsonb_build_object('id', i), 'sync'
+		  FROM generate_series(1, $n) i;
+		COMMIT});
+	return $node->safe_psql('postgres', "SELECT max(position) FROM cd2sync.changes");
+};
+$put->('nobody', 'users', 1500);
+my $pos_rr = $put->('rr', 'pseudonyms', 1);
+my $pos_g = $put->('g', 'courses', 1);
+my $rr = $node->background_psql('postgres', on_error_stop => 0);
+$rr->query_safe("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM cd2_feed_read('rr')");
+my $holder = $node->background_psql('postgres');
+$holder->query_safe("BEGIN; SELECT count(*) FROM cd2_feed_read('g')");
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_locks WHERE relation = 'cd2sync.feed'::regclass AND mode = 'RowExclusiveLock'"),
+	'0', "a reader's check writes nothing of the feeds' rows");
+$holder->query_safe('COMMIT');
+is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || (scanned_to > 1000), ', ' ORDER BY name) FROM cd2sync.feed_hint"),
+	'g true, rr true', "it wrote both feeds' hints");
+$rr->query("SELECT cd2_feed_ack('rr', $pos_rr); COMMIT");
+is($rr->{stderr}, '', 'a consumer in REPEATABLE READ acknowledges after another session wrote its hints');
+$holder->query_safe("BEGIN; SELECT FROM cd2sync.feed_hint WHERE name = 'g' FOR UPDATE");   # (as a check writing them)
+my ($ret, $out, $err) = $node->psql('postgres', "SET lock_timeout = '5s'; SELECT cd2_feed_ack('g', $pos_g)");
+is($ret . $err, '0', 'a feed whose hints another transaction holds is acknowledged without waiting');
+$holder->query_safe('COMMIT');
+is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || acknowledged, ', ' ORDER BY name) FROM cd2sync.feed"),
+	"g $pos_g, rr $pos_rr", 'both acknowledgements are in');
+$rr->quit;
+$holder->quit;
+
+# (an acknowledgement while a check waits for the changes: the check read
+# the feed and what an earlier check counted before, and counts what came
+# after with the acknowledgement's changes gone)
+$node->safe_psql('postgres', "SELECT cd2_create_feed('st', tables => ARRAY['pseudonyms'])");
+my $acked = $put->('st', 'pseudonyms', 9);
+$put->('nobody', 'users', 1500);
+$node->safe_psql('postgres', "SET cd2sync.feed_max_pending = 10; SELECT cd2sync._feed_check_limits()");
+is($node->safe_psql('postgres', "SELECT counted_pending FROM cd2sync.feed_hint WHERE name = 'st'"), '9', 'a check counted 9 changes');
+my $acker = $node->background_psql('postgres');
+$acker->query_safe("BEGIN; SELECT cd2_feed_ack('st', $acked)");
+$acker->query_safe("SELECT cd2sync._feed_lock();
+	INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, \"row\", cause)
+	SELECT nextval('cd2sync.change_position_seq'), 'st', 'pseudonyms', 'insert', jsonb_build_object('id', i), 'north',
+	       jsonb_build_object('id', i), 'sync' FROM generate_series(100, 101) i;
+	LOCK TABLE cd2sync.changes IN ACCESS EXCLUSIVE MODE");
+my $checker = $node->background_psql('postgres', on_error_stop => 0);
+$checker->query_until(qr/checking/, "SET cd2sync.feed_max_pending = 10;\n\\echo checking\nSELECT cd2sync._feed_check_limits();\n");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND relation = 'cd2sync.changes'::regclass"),
+	'the check waits for the changes, the feed read');
+$acker->query_safe('COMMIT');
+$checker->query('SELECT 1');
+is($checker->{stderr}, '', 'the check ends without a warning');
+is($node->safe_psql('postgres', "SELECT status || ' ' || pending FROM cd2sync.feeds WHERE name = 'st'"), 'ok 2',
+	'the feed is not stale: 2 changes wait');
+$acker->quit;
+$checker->quit;
+
 $listener->quit;
 $sub->stop;
 $node->stop;

@@ -52,16 +52,20 @@
 --   every change (the planner, misled by the table's statistics, chose
 --   that): _last_position; cd2_create_feed counts what it inserts; an
 --   acknowledgement deletes the changes it covers without reading the
---   later ones (_feed_forget). A feed remembers how far it is known to
---   have no change (cd2sync.feed.scanned_to, kept by _feed_check_limits:
---   nothing pending, or the first pending change after many of other
---   feeds): its checks, reads, pending count and acknowledgements no
---   longer go through the changes other feeds have not acknowledged, each
---   time. A check that counts a feed's pending changes (positions over
---   cd2sync.feed_max_pending since its acknowledged one) remembers the
---   count (cd2sync.feed.counted_*), which acknowledgements keep, and the
---   next counts only after it. The limits' mark never waits for a feed's
---   row (a deadlock with a drop or an acknowledgement of the feed).
+--   later ones (_feed_forget). A feed's hints (cd2sync.feed_hint, a
+--   table apart, which a consumer's transaction never waits for nor
+--   fails by) say how far it is known to have no change (scanned_to, kept
+--   by _feed_check_limits: nothing pending, or the first pending change
+--   after many of other feeds): its checks, reads, pending count and
+--   acknowledgements no longer go through the changes other feeds have
+--   not acknowledged, each time. A check that counts a feed's pending
+--   changes (positions over cd2sync.feed_max_pending since its
+--   acknowledged one) remembers the count (counted_*), which
+--   acknowledgements keep, and the next counts only after it. The limits'
+--   mark never waits for a feed's row (a deadlock with a drop or an
+--   acknowledgement of the feed), and is not made when the feed was
+--   acknowledged since the check read it (the count may hold changes
+--   gone); an acknowledgement holds the feed's row from its start.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -78,11 +82,82 @@ END $$;
 -- 15), which was faster or the same in docs/performance.md's measures.
 -- (After a burst, VACUUM FULL cd2sync.changes gives the space back.)
 ALTER TABLE cd2sync.changes SET (vacuum_truncate = false, toast.vacuum_truncate = false);
--- no change of the feed has a position in (acknowledged, scanned_to]
-ALTER TABLE cd2sync.feed ADD COLUMN scanned_to bigint;
--- what a check counted: counted_pending changes in (counted_from, counted_to]
-ALTER TABLE cd2sync.feed ADD COLUMN counted_from bigint, ADD COLUMN counted_to bigint,
-    ADD COLUMN counted_pending bigint;
+-- What checks of the limits learned of a feed, so that its checks, reads,
+-- pending count and acknowledgements touch fewer changes the next time
+-- (_feed_check_limits writes them). Hints, apart from cd2sync.feed: any
+-- session's check writes them, and a consumer's transaction never waits
+-- for that nor fails by it (a REPEATABLE READ acknowledgement could not
+-- update a row that a check updated after its snapshot); a hint that
+-- cannot be kept true at once is left to be no longer valid. A row is the
+-- feed's of that name made at created_at (_feed_hint): a feed made again
+-- starts with none known.
+CREATE TABLE cd2sync.feed_hint (
+    name          text NOT NULL,
+    created_at    timestamptz NOT NULL,
+    -- no change of the feed has a position in (acknowledged, scanned_to]
+    -- (a check found none before the feed's first pending change, or the
+    -- last position; a later change takes a higher position): a feed with
+    -- nothing pending, or whose next change lies after many of other
+    -- feeds, does not look again through the changes other feeds have not
+    -- acknowledged. NULL: not known.
+    scanned_to    bigint,
+    -- what a check counted, so that the next counts only after it: the feed
+    -- has counted_pending changes in (counted_from, counted_to]. A change
+    -- waiting is deleted only when the feed acknowledges it, and later
+    -- changes take higher positions: it holds while the feed's acknowledged
+    -- position is counted_from, which an acknowledgement keeps true by
+    -- taking off the changes it covers (cd2_feed_ack), or leaves false.
+    -- NULL: none.
+    counted_from    bigint,
+    counted_to      bigint,
+    counted_pending bigint,
+    PRIMARY KEY (name, created_at),
+    CHECK (num_nulls(counted_from, counted_to, counted_pending) IN (0, 3))
+);
+
+INSERT INTO cd2sync.feed_hint (name, created_at) SELECT name, created_at FROM cd2sync.feed;
+SELECT pg_catalog.pg_extension_config_dump('cd2sync.feed_hint', '');
+REVOKE ALL ON cd2sync.feed_hint FROM PUBLIC;   -- (as privileges.sql for every table)
+
+-- The feed's hints (cd2sync.feed_hint); NULL when none
+CREATE OR REPLACE FUNCTION cd2sync._feed_hint(f cd2sync.feed)
+RETURNS cd2sync.feed_hint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT h FROM cd2sync.feed_hint h WHERE h.name = f.name AND h.created_at = f.created_at
+$$;
+
+-- The position after which feed f's changes lie, given its hints h
+-- (_feed_hint): its acknowledged one, or where a check found none before
+CREATE OR REPLACE FUNCTION cd2sync._feed_since(f cd2sync.feed, h cd2sync.feed_hint)
+RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
+    SELECT greatest(f.acknowledged, h.scanned_to)
+$$;
+
+-- Takes feed f's hints to write them (held until commit), unless another
+-- transaction holds them or this one cannot write them: a hint is never
+-- waited for, and never fails a transaction (read-only, or with a snapshot
+-- older than the row's last update). False when not taken.
+CREATE OR REPLACE FUNCTION cd2sync._feed_hint_take(f cd2sync.feed)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed'
+       OR current_setting('transaction_read_only')::boolean THEN
+        RETURN false;
+    END IF;
+    PERFORM FROM cd2sync.feed_hint h WHERE h.name = f.name AND h.created_at = f.created_at FOR UPDATE SKIP LOCKED;
+    RETURN FOUND;
+END $$;
+
+-- Deletes the hints of feeds no longer there. Never waits: a hint a check
+-- holds is left to the next creation or drop (it is no other feed's).
+CREATE OR REPLACE FUNCTION cd2sync._feed_hints_tidy()
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    DELETE FROM cd2sync.feed_hint h
+     WHERE (h.name, h.created_at) IN
+           (SELECT y.name, y.created_at FROM cd2sync.feed_hint y
+             WHERE NOT EXISTS (SELECT 1 FROM cd2sync.feed f WHERE f.name = y.name AND f.created_at = y.created_at)
+               FOR UPDATE OF y SKIP LOCKED)
+$$;
+
 
 -- signatures that change, functions gone
 DROP FUNCTION cd2sync._changed_columns(record, record);
@@ -619,6 +694,8 @@ BEGIN
     PERFORM cd2sync._ensure_layout();   -- (tables an earlier version made)
     INSERT INTO cd2sync.feed (name, tables, acknowledged)
     VALUES (n, tables, 0);
+    PERFORM cd2sync._feed_hints_tidy();
+    INSERT INTO cd2sync.feed_hint (name, created_at) SELECT f.name, f.created_at FROM cd2sync.feed f WHERE f.name = n;
     PERFORM cd2sync._feed_ensure_captures();
     PERFORM cd2sync._feed_lock();
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
@@ -807,10 +884,9 @@ CREATE OR REPLACE FUNCTION cd2sync._feed_check_limits()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     lim record := cd2sync._feed_limits();
-    -- (hints are written only where that cannot fail: see below)
-    may_write boolean := current_setting('transaction_isolation') = 'read committed'
-                         AND NOT current_setting('transaction_read_only')::boolean;
+    r record;
     f cd2sync.feed;
+    h cd2sync.feed_hint;
     since bigint;
     after bigint;
     counted bigint;
@@ -821,8 +897,14 @@ DECLARE
     pending bigint;
     why text;
 BEGIN
-    FOR f IN SELECT * FROM cd2sync.feed WHERE stale_since IS NULL ORDER BY name LOOP
-        since := greatest(f.acknowledged, f.scanned_to);
+    -- (a feed and its hints as one snapshot shows them; the changes are
+    -- read by later ones, which may see an acknowledgement this one did
+    -- not: the feed is marked stale only if its row is still as read)
+    FOR r IN SELECT x AS f, cd2sync._feed_hint(x) AS h
+               FROM cd2sync.feed x WHERE x.stale_since IS NULL ORDER BY x.name LOOP
+        f := r.f;
+        h := r.h;
+        since := cd2sync._feed_since(f, h);
         -- (one statement: the last position is of the snapshot that found
         -- the oldest pending change, or none)
         SELECT p.position, p.committed_at, cd2sync._last_position() INTO first, oldest, last
@@ -832,25 +914,19 @@ BEGIN
                                 AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
                               ORDER BY c.position LIMIT 1) p ON true;
         clear := coalesce(first - 1, last);   -- (no change of the feed in (since, clear])
-        -- Written only when it went through many positions (not at each
-        -- poll of a feed: a reader then writes rarely), and as a hint:
-        -- never waited for (a feed another transaction acknowledges or
-        -- checks is left to it), never where a write would be an error (a
-        -- read-only transaction; a snapshot older than the row's last
-        -- update), never to the row of a feed made again since the loop
-        -- read it (the check was of the old feed's tables).
-        IF clear - since > 1000 AND may_write THEN
-            UPDATE cd2sync.feed x SET scanned_to = clear
-             WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
-               AND x.created_at = f.created_at AND (x.scanned_to IS NULL OR x.scanned_to < clear);
+        -- written only when it went through many positions (not at each
+        -- poll of a feed: a reader then writes rarely)
+        IF clear - since > 1000 AND cd2sync._feed_hint_take(f) THEN
+            UPDATE cd2sync.feed_hint x SET scanned_to = clear
+             WHERE x.name = f.name AND x.created_at = f.created_at AND (x.scanned_to IS NULL OR x.scanned_to < clear);
         END IF;
         pending := 0;
         IF last - since > lim.max_pending THEN
             -- positions bound the count; count (to one over) only when the
             -- bound is over, and only after what an earlier check counted
-            IF f.counted_from = f.acknowledged THEN
-                counted := f.counted_pending;
-                after := greatest(f.counted_to, since);
+            IF h.counted_from = f.acknowledged THEN
+                counted := h.counted_pending;
+                after := greatest(h.counted_to, since);
             ELSE
                 counted := 0;
                 after := since;
@@ -861,11 +937,12 @@ BEGIN
                        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
                      LIMIT greatest(lim.max_pending + 1 - counted, 0)) x;
             -- (as the hint above; and only a count of them all, under the
-            -- limit, of the acknowledged position the loop read)
-            IF pending <= lim.max_pending AND last - after > 1000 AND may_write THEN
-                UPDATE cd2sync.feed x SET counted_from = f.acknowledged, counted_to = last, counted_pending = pending
-                 WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
-                   AND x.created_at = f.created_at AND x.acknowledged = f.acknowledged;
+            -- limit, of the acknowledged position the feed still has)
+            IF pending <= lim.max_pending AND last - after > 1000 AND cd2sync._feed_hint_take(f) THEN
+                UPDATE cd2sync.feed_hint x
+                   SET counted_from = f.acknowledged, counted_to = last, counted_pending = pending
+                 WHERE x.name = f.name AND x.created_at = f.created_at
+                   AND EXISTS (SELECT 1 FROM cd2sync.feed z WHERE z.name = f.name AND z.acknowledged = f.acknowledged);
             END IF;
         END IF;
         why := cd2sync._feed_over_limits(pending, oldest);
@@ -873,11 +950,13 @@ BEGIN
             -- (never waited for either: a sync holding the changes' lock
             -- would deadlock with an acknowledgement or a drop of this
             -- feed that holds its row and waits for that lock, or for the
-            -- sync's table; the next check marks it)
+            -- sync's table; the next check marks it. Nor marked when the
+            -- feed was acknowledged, made again or marked since the loop
+            -- read it: the changes counted may be gone.)
             UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why
              WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
-               AND x.created_at = f.created_at AND x.stale_since IS NULL;
-            CONTINUE WHEN NOT FOUND;   -- (held, dropped, made again or marked since)
+               AND x.created_at = f.created_at AND x.acknowledged = f.acknowledged AND x.stale_since IS NULL;
+            CONTINUE WHEN NOT FOUND;
             RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
                   USING HINT = 'Drop it and create it again; its changes are no longer kept.';
             PERFORM cd2sync._feed_forget(since);
@@ -894,9 +973,10 @@ CREATE OR REPLACE VIEW cd2sync.feeds AS
            CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, o.committed_at) IS NULL
                 THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
+      LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
       CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.position) AS first
                             FROM cd2sync.changes c
-                           WHERE c.position > greatest(f.acknowledged, f.scanned_to) AND f.stale_since IS NULL
+                           WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
                              AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p
       LEFT JOIN cd2sync.changes o ON o.position = p.first;
 
@@ -1541,13 +1621,16 @@ CREATE OR REPLACE FUNCTION cd2_drop_feed(name text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f cd2sync.feed;
+    since bigint;
 BEGIN
     PERFORM cd2sync._tx_clear();
     PERFORM cd2sync._feed_changing('cd2_drop_feed');
     f := cd2sync._check_feed(name);
+    since := cd2sync._feed_since(f, cd2sync._feed_hint(f));
     DELETE FROM cd2sync.feed x WHERE x.name = f.name;
+    PERFORM cd2sync._feed_hints_tidy();
     PERFORM cd2sync._feed_ensure_captures();
-    PERFORM cd2sync._feed_forget(greatest(f.acknowledged, f.scanned_to));
+    PERFORM cd2sync._feed_forget(since);
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_load_begin(rel regclass)
@@ -1933,7 +2016,7 @@ BEGIN
     RETURN QUERY
     SELECT c.position, c.table_name, c.op, c.key, c.instance, c."row", c.changed, c.cause, c.watermark
       FROM cd2sync.changes c
-     WHERE c.position > greatest(f.acknowledged, f.scanned_to)
+     WHERE c.position > cd2sync._feed_since(f, cd2sync._feed_hint(f))
        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
      ORDER BY c.position
      LIMIT max_changes;
@@ -1948,7 +2031,8 @@ CREATE OR REPLACE FUNCTION cd2_feed_ack(name text, upto bigint)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f cd2sync.feed := cd2sync._check_feed(name);
-    start bigint := greatest(f.acknowledged, f.scanned_to);   -- (no change of the feed before)
+    h cd2sync.feed_hint;
+    start bigint;
     last bigint;
     taken bigint;
 BEGIN
@@ -1958,21 +2042,36 @@ BEGIN
     IF upto <= f.acknowledged THEN
         RETURN;
     END IF;
+    -- the feed as the last acknowledgement left it, held until commit
+    SELECT * INTO f FROM cd2sync.feed x WHERE x.name = f.name AND x.created_at = f.created_at FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cd2sync feed "%" was dropped', name USING ERRCODE = 'undefined_object';
+    END IF;
+    IF upto <= f.acknowledged THEN
+        RETURN;
+    END IF;
+    h := cd2sync._feed_hint(f);
+    start := cd2sync._feed_since(f, h);   -- (no change of the feed before)
     -- every position up to the last visible one is committed (see _feed_lock)
     last := least(upto, greatest(f.acknowledged, cd2sync._last_position()));
+    IF last <= f.acknowledged THEN
+        RETURN;
+    END IF;
     -- what a check counted stays true less the changes acknowledged (see
-    -- cd2sync.feed), counted before they are forgotten
-    IF f.counted_from = f.acknowledged AND last < f.counted_to THEN
+    -- cd2sync.feed_hint), counted before they are forgotten; where the
+    -- hint cannot be taken, it is left as it was: no longer valid
+    IF h.counted_from = f.acknowledged AND last <= h.counted_to AND cd2sync._feed_hint_take(f) THEN
         SELECT count(*) INTO taken FROM cd2sync.changes c
          WHERE c.position > start AND c.position <= last
            AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)));
+        UPDATE cd2sync.feed_hint x
+           SET (counted_from, counted_to, counted_pending) =
+               (SELECT CASE WHEN ok THEN last END, CASE WHEN ok THEN x.counted_to END,
+                       CASE WHEN ok THEN x.counted_pending - taken END
+                  FROM (SELECT x.counted_from = f.acknowledged AND last <= x.counted_to AS ok) k)
+         WHERE x.name = f.name AND x.created_at = f.created_at;
     END IF;
-    UPDATE cd2sync.feed x SET acknowledged = last, acknowledged_at = now(),
-           (counted_from, counted_pending) =
-               (SELECT CASE WHEN ok THEN last END, CASE WHEN ok THEN x.counted_pending - taken END
-                  FROM (SELECT taken IS NOT NULL AND x.acknowledged = f.acknowledged
-                               AND x.counted_from = f.acknowledged AND last < x.counted_to AS ok) k)
-     WHERE x.name = f.name AND x.acknowledged < last;
+    UPDATE cd2sync.feed x SET acknowledged = last, acknowledged_at = now() WHERE x.name = f.name;
     PERFORM cd2sync._feed_forget(start, last);
 END $$;
 
@@ -2001,6 +2100,9 @@ REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end(), c
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_captures(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._tx_clear() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_hint(cd2sync.feed), cd2sync._feed_hint_take(cd2sync.feed),
+                       cd2sync._feed_hints_tidy(), cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._shows_global(text, text), cd2sync._global_index_column(regclass),
                        cd2sync._ensure_global_indexes(regclass, bigint) FROM PUBLIC;
 
