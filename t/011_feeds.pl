@@ -271,19 +271,23 @@ my $holder = $node->background_psql('postgres');
 $holder->query_safe("BEGIN; SELECT count(*) FROM cd2_feed_read('g')");
 is($node->safe_psql('postgres', "SELECT count(*) FROM pg_locks WHERE relation = 'cd2sync.feed'::regclass AND mode = 'RowExclusiveLock'"),
 	'0', "a reader's check writes nothing of the feeds' rows");
-$holder->query_safe('COMMIT');
-is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || (scanned_to > 1000), ', ' ORDER BY name) FROM cd2sync.feed_hint"),
-	'g true, rr true', "it wrote both feeds' hints");
-$rr->query("SELECT cd2_feed_ack('rr', $pos_rr); COMMIT");
-is($rr->{stderr}, '', 'a consumer in REPEATABLE READ acknowledges after another session wrote its hints');
-$holder->query_safe("BEGIN; SELECT FROM cd2sync.feed_hint WHERE name = 'g' FOR UPDATE");   # (as a check writing them)
 my ($ret, $out, $err) = $node->psql('postgres', "SET lock_timeout = '5s'; SELECT cd2_feed_ack('g', $pos_g)");
 is($ret . $err, '0', 'a feed whose hints another transaction holds is acknowledged without waiting');
 $holder->query_safe('COMMIT');
+is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || (scanned_to > 1000), ', ' ORDER BY name) FROM cd2sync.feed_hint"),
+	'g true, rr true', "that transaction's check wrote both feeds' hints");
+# (the acknowledgement of g went through the changes of no feed before
+# rr's change, and left them: a REPEATABLE READ deletion of a change
+# another transaction deleted since its snapshot fails)
+$rr->query("SELECT cd2_feed_ack('rr', $pos_rr); COMMIT");
+is($rr->{stderr}, '', 'a consumer in REPEATABLE READ acknowledges after another session wrote its hints');
 is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || acknowledged, ', ' ORDER BY name) FROM cd2sync.feed"),
 	"g $pos_g, rr $pos_rr", 'both acknowledgements are in');
 $rr->quit;
 $holder->quit;
+$node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('rr')");
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0',
+	'what every feed acknowledged is gone after the next check');
 
 # (an acknowledgement while a check waits for the changes: the check read
 # the feed and what an earlier check counted before, and counts what came
@@ -312,6 +316,25 @@ is($node->safe_psql('postgres', "SELECT status || ' ' || pending FROM cd2sync.fe
 	'the feed is not stale: 2 changes wait');
 $acker->quit;
 $checker->quit;
+
+# 11. two feeds acknowledge the same change at once: each sees the other's
+# acknowledgement not yet made, and leaves the change; the next check
+# deletes it, since every feed has acknowledged it
+$node->safe_psql('postgres', "SELECT cd2_drop_feed(name) FROM cd2sync.feed");
+$node->safe_psql('postgres', "SELECT cd2_create_feed('a1', tables => ARRAY['users']), cd2_create_feed('b1', tables => ARRAY['users'])");
+$node->safe_psql('postgres', "UPDATE north.users SET name = name || '+' WHERE id = (SELECT min(id) FROM north.users)");
+my $p = last_position();
+my $ack_a = $node->background_psql('postgres');
+my $ack_b = $node->background_psql('postgres');
+$ack_a->query_safe("BEGIN; SELECT cd2_feed_ack('a1', $p)");
+$ack_b->query_safe("BEGIN; SELECT cd2_feed_ack('b1', $p)");
+$ack_a->query_safe('COMMIT');
+$ack_b->query_safe('COMMIT');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE position = $p"), '1', 'both acknowledgements left the change');
+$node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('a1')");
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE position = $p"), '0', 'the next check deleted it');
+$ack_a->quit;
+$ack_b->quit;
 
 $listener->quit;
 $sub->stop;

@@ -66,6 +66,13 @@
 --   acknowledgement of the feed), and is not made when the feed was
 --   acknowledged since the check read it (the count may hold changes
 --   gone); an acknowledgement holds the feed's row from its start.
+-- * An acknowledgement, a drop or a stale mark forgets only the feed's own
+--   changes (_feed_forget(f, ...)): two transactions no longer delete the
+--   same change (a REPEATABLE READ acknowledgement failed when another
+--   feed's acknowledgement deleted a change in its range first). Two feeds
+--   acknowledging a change at once each left it, for good; a check (at a
+--   sync's end, a read) and a drop now sweep what every feed has
+--   acknowledged (_feed_sweep), never waiting for a lock or a row.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -139,8 +146,7 @@ $$;
 CREATE OR REPLACE FUNCTION cd2sync._feed_hint_take(f cd2sync.feed)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed'
-       OR current_setting('transaction_read_only')::boolean THEN
+    IF NOT cd2sync._feed_may_tidy() THEN
         RETURN false;
     END IF;
     PERFORM FROM cd2sync.feed_hint h WHERE h.name = f.name AND h.created_at = f.created_at FOR UPDATE SKIP LOCKED;
@@ -161,6 +167,7 @@ $$;
 
 -- signatures that change, functions gone
 DROP FUNCTION cd2sync._changed_columns(record, record);
+DROP FUNCTION cd2sync._feed_forget(bigint, bigint);
 DROP FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean);
 
 CREATE OR REPLACE FUNCTION cd2sync._alter_column_type(rel regclass, col text, new_type text, using_null boolean,
@@ -959,9 +966,10 @@ BEGIN
             CONTINUE WHEN NOT FOUND;
             RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
                   USING HINT = 'Drop it and create it again; its changes are no longer kept.';
-            PERFORM cd2sync._feed_forget(since);
+            PERFORM cd2sync._feed_forget(f, since);
         END IF;
     END LOOP;
+    PERFORM cd2sync._feed_sweep();
 END $$;
 
 
@@ -1630,7 +1638,8 @@ BEGIN
     DELETE FROM cd2sync.feed x WHERE x.name = f.name;
     PERFORM cd2sync._feed_hints_tidy();
     PERFORM cd2sync._feed_ensure_captures();
-    PERFORM cd2sync._feed_forget(since);
+    PERFORM cd2sync._feed_forget(f, since);
+    PERFORM cd2sync._feed_sweep();   -- (the last feed gone: every change)
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_load_begin(rel regclass)
@@ -2072,18 +2081,49 @@ BEGIN
          WHERE x.name = f.name AND x.created_at = f.created_at;
     END IF;
     UPDATE cd2sync.feed x SET acknowledged = last, acknowledged_at = now() WHERE x.name = f.name;
-    PERFORM cd2sync._feed_forget(start, last);
+    PERFORM cd2sync._feed_forget(f, start, last);
 END $$;
 
-CREATE OR REPLACE FUNCTION cd2sync._feed_forget(after bigint DEFAULT 0, upto bigint DEFAULT NULL)
+CREATE OR REPLACE FUNCTION cd2sync._feed_forget(f cd2sync.feed, after bigint, upto bigint DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM cd2sync.changes c
      WHERE c.position > after AND c.position <= coalesce(upto, 9223372036854775807)   -- (both bound the scan)
-       AND NOT EXISTS (SELECT 1 FROM cd2sync.feed f
-                        WHERE f.stale_since IS NULL AND f.acknowledged < c.position
-                          AND (c.feed = f.name
-                               OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name))));
+       AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+       AND NOT EXISTS (SELECT 1 FROM cd2sync.feed x
+                        WHERE x.stale_since IS NULL AND x.acknowledged < c.position
+                          AND (c.feed = x.name
+                               OR (c.feed IS NULL AND cd2sync._covers(x.tables, c.table_name))));
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_may_tidy()
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT current_setting('transaction_isolation') = 'read committed'
+           AND NOT current_setting('transaction_read_only')::boolean
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_sweep()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+SET enable_sort = off SET enable_seqscan = off AS $$   -- (the key's order: see cd2_feed_read)
+DECLARE
+    upto bigint;
+BEGIN
+    IF NOT cd2sync._feed_may_tidy() THEN
+        RETURN;
+    END IF;
+    -- (a feed made later acknowledges every change there is)
+    SELECT coalesce(min(f.acknowledged), 9223372036854775807) INTO upto
+      FROM cd2sync.feed f WHERE f.stale_since IS NULL;
+    IF (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= upto THEN
+        BEGIN
+            LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
+            DELETE FROM cd2sync.changes c
+             WHERE c.position IN (SELECT x.position FROM cd2sync.changes x WHERE x.position <= upto
+                                     FOR UPDATE SKIP LOCKED);
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
+        END;
+    END IF;
 END $$;
 
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz), cd2sync._last_position() FROM PUBLIC;
@@ -2100,6 +2140,8 @@ REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end(), c
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_captures(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._tx_clear() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_forget(cd2sync.feed, bigint, bigint), cd2sync._feed_sweep(),
+                       cd2sync._feed_may_tidy() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_hint(cd2sync.feed), cd2sync._feed_hint_take(cd2sync.feed),
                        cd2sync._feed_hints_tidy(), cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;

@@ -120,15 +120,23 @@ RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
     SELECT greatest(f.acknowledged, h.scanned_to)
 $$;
 
+-- Whether this transaction may write what only keeps things tidy (a
+-- hint, changes left to forget) without failing: not read-only, and READ
+-- COMMITTED (in REPEATABLE READ, a row another transaction updated or
+-- deleted since the snapshot is a serialization failure)
+CREATE FUNCTION cd2sync._feed_may_tidy()
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT current_setting('transaction_isolation') = 'read committed'
+           AND NOT current_setting('transaction_read_only')::boolean
+$$;
+
 -- Takes feed f's hints to write them (held until commit), unless another
--- transaction holds them or this one cannot write them: a hint is never
--- waited for, and never fails a transaction (read-only, or with a snapshot
--- older than the row's last update). False when not taken.
+-- transaction holds them or this one may not (_feed_may_tidy): a hint is
+-- never waited for, and never fails a transaction. False when not taken.
 CREATE FUNCTION cd2sync._feed_hint_take(f cd2sync.feed)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed'
-       OR current_setting('transaction_read_only')::boolean THEN
+    IF NOT cd2sync._feed_may_tidy() THEN
         RETURN false;
     END IF;
     PERFORM FROM cd2sync.feed_hint h WHERE h.name = f.name AND h.created_at = f.created_at FOR UPDATE SKIP LOCKED;
@@ -552,7 +560,8 @@ BEGIN
 END $$;
 
 -- Marks stale, with a WARNING, every feed over its limits
--- (_feed_over_limits), and forgets the changes no other feed waits for.
+-- (_feed_over_limits), and forgets its changes no other feed waits for;
+-- then sweeps what every feed has acknowledged (_feed_sweep).
 -- (The capture triggers of tables no feed follows any more go with the
 -- next creation or drop of a feed: _feed_ensure_capture.)
 CREATE FUNCTION cd2sync._feed_check_limits()
@@ -634,24 +643,62 @@ BEGIN
             CONTINUE WHEN NOT FOUND;
             RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
                   USING HINT = 'Drop it and create it again; its changes are no longer kept.';
-            PERFORM cd2sync._feed_forget(since);
+            PERFORM cd2sync._feed_forget(f, since);
         END IF;
     END LOOP;
+    PERFORM cd2sync._feed_sweep();
 END $$;
 
--- Deletes the changes with positions in (after, upto] that no feed waits
--- for any more: every feed that follows them (and is not stale) has
--- acknowledged them. Only an acknowledgement, a feed dropped or gone stale
--- can make a change forgettable: each forgets within what it moved.
-CREATE FUNCTION cd2sync._feed_forget(after bigint DEFAULT 0, upto bigint DEFAULT NULL)
+-- Deletes feed f's changes (its own, and those of the tables it follows)
+-- with positions in (after, upto] that no feed waits for any more: every
+-- feed that follows them (and is not stale) has acknowledged them. Only an
+-- acknowledgement of f, f dropped or gone stale can make them forgettable,
+-- each within what it moved; the other changes it passes are not its to
+-- forget, so that two transactions never delete the same change (one in
+-- REPEATABLE READ would fail). Two feeds that acknowledge a change at once
+-- each see the other's acknowledgement not yet made, and leave it:
+-- _feed_sweep deletes what every feed has acknowledged.
+CREATE FUNCTION cd2sync._feed_forget(f cd2sync.feed, after bigint, upto bigint DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM cd2sync.changes c
      WHERE c.position > after AND c.position <= coalesce(upto, 9223372036854775807)   -- (both bound the scan)
-       AND NOT EXISTS (SELECT 1 FROM cd2sync.feed f
-                        WHERE f.stale_since IS NULL AND f.acknowledged < c.position
-                          AND (c.feed = f.name
-                               OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name))));
+       AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+       AND NOT EXISTS (SELECT 1 FROM cd2sync.feed x
+                        WHERE x.stale_since IS NULL AND x.acknowledged < c.position
+                          AND (c.feed = x.name
+                               OR (c.feed IS NULL AND cd2sync._covers(x.tables, c.table_name))));
+END $$;
+
+-- Deletes the changes every feed (not stale) has acknowledged that were
+-- left (see _feed_forget), or every change when there is no feed. Never
+-- waits nor fails: it looks only when the first change is one of them;
+-- then a lock on the changes another transaction holds (a sync writing
+-- them, a feed being made), or a change another deletes, is left to a
+-- later sweep; a transaction that is not READ COMMITTED, or is read-only,
+-- deletes none (_feed_may_tidy).
+CREATE FUNCTION cd2sync._feed_sweep()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+SET enable_sort = off SET enable_seqscan = off AS $$   -- (the key's order: see cd2_feed_read)
+DECLARE
+    upto bigint;
+BEGIN
+    IF NOT cd2sync._feed_may_tidy() THEN
+        RETURN;
+    END IF;
+    -- (a feed made later acknowledges every change there is)
+    SELECT coalesce(min(f.acknowledged), 9223372036854775807) INTO upto
+      FROM cd2sync.feed f WHERE f.stale_since IS NULL;
+    IF (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= upto THEN
+        BEGIN
+            LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
+            DELETE FROM cd2sync.changes c
+             WHERE c.position IN (SELECT x.position FROM cd2sync.changes x WHERE x.position <= upto
+                                     FOR UPDATE SKIP LOCKED);
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
+        END;
+    END IF;
 END $$;
 
 -- ---------------------------------------------------------------------------
@@ -746,7 +793,8 @@ BEGIN
     DELETE FROM cd2sync.feed x WHERE x.name = f.name;
     PERFORM cd2sync._feed_hints_tidy();
     PERFORM cd2sync._feed_ensure_captures();
-    PERFORM cd2sync._feed_forget(since);
+    PERFORM cd2sync._feed_forget(f, since);
+    PERFORM cd2sync._feed_sweep();   -- (the last feed gone: every change)
 END $$;
 
 -- The changes after the feed's acknowledged position, in position order,
@@ -833,7 +881,7 @@ BEGIN
          WHERE x.name = f.name AND x.created_at = f.created_at;
     END IF;
     UPDATE cd2sync.feed x SET acknowledged = last, acknowledged_at = now() WHERE x.name = f.name;
-    PERFORM cd2sync._feed_forget(start, last);
+    PERFORM cd2sync._feed_forget(f, start, last);
 END $$;
 
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.feed', '');
