@@ -164,6 +164,14 @@ RESET ROLE;
 -- is an error, and the failed read takes nothing back
 SET cd2sync.feed_max_pending = 2;
 SELECT name, pending > 2 AS over, status FROM cd2sync.feeds ORDER BY name;
+-- (a transaction that may not mark it, a standby's or REPEATABLE READ, finds
+-- it stale all the same, and marks nothing: no WARNING)
+BEGIN READ ONLY;
+SELECT count(*) FROM cd2_feed_read('all_tables');
+ROLLBACK;
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT count(*) FROM cd2_feed_read('all_tables');
+ROLLBACK;
 SELECT count(*) FROM cd2_feed_read('all_tables');
 SELECT name, status FROM cd2sync.feeds ORDER BY name;
 SELECT name, status, last_error FROM cd2sync.monitoring WHERE kind = 'feed' ORDER BY name;

@@ -268,14 +268,17 @@ my $pos_g = $put->('g', 'courses', 1);
 my $rr = $node->background_psql('postgres', on_error_stop => 0);
 $rr->query_safe("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM cd2_feed_read('rr')");
 my $holder = $node->background_psql('postgres');
-$holder->query_safe("BEGIN; SELECT count(*) FROM cd2_feed_read('g')");
+# (its check, over a limit of 10 positions, counts the feeds' changes)
+$holder->query_safe("SET cd2sync.feed_max_pending = 10; BEGIN; SELECT count(*) FROM cd2_feed_read('g')");
 is($node->safe_psql('postgres', "SELECT count(*) FROM pg_locks WHERE relation = 'cd2sync.feed'::regclass AND mode = 'RowExclusiveLock'"),
 	'0', "a reader's check writes nothing of the feeds' rows");
 my ($ret, $out, $err) = $node->psql('postgres', "SET lock_timeout = '5s'; SELECT cd2_feed_ack('g', $pos_g)");
 is($ret . $err, '0', 'a feed whose hints another transaction holds is acknowledged without waiting');
 $holder->query_safe('COMMIT');
-is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || (scanned_to > 1000), ', ' ORDER BY name) FROM cd2sync.feed_hint"),
-	'g true, rr true', "that transaction's check wrote both feeds' hints");
+is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || (scanned_to > 1000) || ' ' || counted_pending, ', ' ORDER BY name) FROM cd2sync.feed_hint"),
+	'g true 1, rr true 1', "that transaction's check wrote both feeds' hints");
+is($node->safe_psql('postgres', "SELECT h.counted_from = f.acknowledged FROM cd2sync.feed f JOIN cd2sync.feed_hint h USING (name, created_at) "
+	  . "WHERE name = 'g'"), 'f', "the count the acknowledgement could not take with it is no longer valid");
 # (the acknowledgement of g went through the changes of no feed before
 # rr's change, and left them: a REPEATABLE READ deletion of a change
 # another transaction deleted since its snapshot fails)
@@ -286,8 +289,11 @@ is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || acknowledged, 
 $rr->quit;
 $holder->quit;
 $node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('rr')");
-is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0',
-	'what every feed acknowledged is gone after the next check');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '1500',
+	'the changes no feed waits for are left to the next acknowledgement that moves, or sync');
+$pos_rr = $put->('rr', 'pseudonyms', 1);
+$node->safe_psql('postgres', "SELECT cd2_feed_ack('rr', $pos_rr)");
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'which deletes them');
 
 # (an acknowledgement while a check waits for the changes: the check read
 # the feed and what an earlier check counted before, and counts what came
@@ -318,11 +324,16 @@ $acker->quit;
 $checker->quit;
 
 # 11. two feeds acknowledge the same change at once: each sees the other's
-# acknowledgement not yet made, and leaves the change; the next check
-# deletes it, since every feed has acknowledged it
+# acknowledgement not yet made, and leaves the change; the next
+# acknowledgement deletes it, since every feed has acknowledged it (a quiet
+# feed too, known by its check to have no change up to it). A reader's
+# transaction, held open meanwhile, holds nothing a sync waits for.
 $node->safe_psql('postgres', "SELECT cd2_drop_feed(name) FROM cd2sync.feed");
-$node->safe_psql('postgres', "SELECT cd2_create_feed('a1', tables => ARRAY['users']), cd2_create_feed('b1', tables => ARRAY['users'])");
-$node->safe_psql('postgres', "UPDATE north.users SET name = name || '+' WHERE id = (SELECT min(id) FROM north.users)");
+$node->safe_psql('postgres', "SELECT cd2_create_feed('q1', tables => ARRAY['courses']), "
+	  . "cd2_create_feed('a1', tables => ARRAY['users']), cd2_create_feed('b1', tables => ARRAY['users'])");
+$put->('nobody', 'users', 1100);
+my $bump = "UPDATE north.users SET name = name || '+' WHERE id = (SELECT min(id) FROM north.users)";
+$node->safe_psql('postgres', $bump);
 my $p = last_position();
 my $ack_a = $node->background_psql('postgres');
 my $ack_b = $node->background_psql('postgres');
@@ -331,10 +342,19 @@ $ack_b->query_safe("BEGIN; SELECT cd2_feed_ack('b1', $p)");
 $ack_a->query_safe('COMMIT');
 $ack_b->query_safe('COMMIT');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE position = $p"), '1', 'both acknowledgements left the change');
-$node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('a1')");
-is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE position = $p"), '0', 'the next check deleted it');
+my $reader = $node->background_psql('postgres');
+$reader->query_safe("BEGIN; SELECT count(*) FROM cd2_feed_read('a1')");
+($ret, $out, $err) = $node->psql('postgres', "SET lock_timeout = '5s'; $bump");
+is($ret . $err, '0', "a sync's write does not wait for a reader's open transaction");
+$reader->query_safe('COMMIT');
+is($node->safe_psql('postgres', "SELECT scanned_to >= $p FROM cd2sync.feed_hint WHERE name = 'q1'"), 't',
+	'the quiet feed has no change up to it');
+$node->safe_psql('postgres', "SELECT cd2_feed_ack('a1', " . last_position() . ")");
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE position <= $p"), '0',
+	'the next acknowledgement deleted it, and the changes of no feed before it');
 $ack_a->quit;
 $ack_b->quit;
+$reader->quit;
 
 $listener->quit;
 $sub->stop;

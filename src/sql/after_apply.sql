@@ -104,5 +104,6 @@ BEGIN
     END IF;
     IF changes > 0 AND rel IS NOT NULL THEN
         PERFORM cd2sync._feed_check_limits();
+        PERFORM cd2sync._feed_sweep();
     END IF;
 END $$;

@@ -70,9 +70,16 @@
 --   changes (_feed_forget(f, ...)): two transactions no longer delete the
 --   same change (a REPEATABLE READ acknowledgement failed when another
 --   feed's acknowledgement deleted a change in its range first). Two feeds
---   acknowledging a change at once each left it, for good; a check (at a
---   sync's end, a read) and a drop now sweep what every feed has
---   acknowledged (_feed_sweep), never waiting for a lock or a row.
+--   acknowledging a change at once each left it, for good; a sync's end,
+--   an acknowledgement and a drop now sweep what no feed waits for
+--   (_feed_sweep, up to _feed_settled_to: every feed's _feed_since, in the
+--   sweep's own snapshot), never waiting for a lock or a row, and never in
+--   a read (a consumer's open transaction would hold up syncs).
+-- * A limits check marks a feed stale only where that cannot fail (READ
+--   COMMITTED, not read-only) and returns the feeds over their limits it
+--   did not mark: cd2_feed_read refuses such a feed in a read-only
+--   (standby) or REPEATABLE READ transaction too. An acknowledgement of a
+--   stale feed forgets nothing (its changes went as it went stale).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -140,9 +147,8 @@ RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- Takes feed f's hints to write them (held until commit), unless another
--- transaction holds them or this one cannot write them: a hint is never
--- waited for, and never fails a transaction (read-only, or with a snapshot
--- older than the row's last update). False when not taken.
+-- transaction holds them or this one may not (_feed_may_tidy): a hint is
+-- never waited for, and never fails a transaction. False when not taken.
 CREATE OR REPLACE FUNCTION cd2sync._feed_hint_take(f cd2sync.feed)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -168,6 +174,7 @@ $$;
 -- signatures that change, functions gone
 DROP FUNCTION cd2sync._changed_columns(record, record);
 DROP FUNCTION cd2sync._feed_forget(bigint, bigint);
+DROP FUNCTION cd2sync._feed_check_limits();
 DROP FUNCTION cd2sync._alter_column_type(regclass, text, text, boolean);
 
 CREATE OR REPLACE FUNCTION cd2sync._alter_column_type(rel regclass, col text, new_type text, using_null boolean,
@@ -888,9 +895,10 @@ RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_check_limits()
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     lim record := cd2sync._feed_limits();
+    over jsonb := '{}';
     r record;
     f cd2sync.feed;
     h cd2sync.feed_hint;
@@ -953,23 +961,33 @@ BEGIN
             END IF;
         END IF;
         why := cd2sync._feed_over_limits(pending, oldest);
-        IF why IS NOT NULL THEN
-            -- (never waited for either: a sync holding the changes' lock
-            -- would deadlock with an acknowledgement or a drop of this
-            -- feed that holds its row and waits for that lock, or for the
-            -- sync's table; the next check marks it. Nor marked when the
-            -- feed was acknowledged, made again or marked since the loop
-            -- read it: the changes counted may be gone.)
+        CONTINUE WHEN why IS NULL;
+        -- Marked only where that cannot fail (_feed_may_tidy), and never
+        -- waited for either: a sync holding the changes' lock would
+        -- deadlock with an acknowledgement or a drop of this feed that
+        -- holds its row and waits for that lock, or for the sync's table;
+        -- the next check marks it. Nor when the feed was acknowledged,
+        -- made again or marked since the loop read it: the changes counted
+        -- may be gone.
+        IF cd2sync._feed_may_tidy() THEN
             UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why
              WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
                AND x.created_at = f.created_at AND x.acknowledged = f.acknowledged AND x.stale_since IS NULL;
-            CONTINUE WHEN NOT FOUND;
-            RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
-                  USING HINT = 'Drop it and create it again; its changes are no longer kept.';
-            PERFORM cd2sync._feed_forget(f, since);
+            IF FOUND THEN
+                RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
+                      USING HINT = 'Drop it and create it again; its changes are no longer kept.';
+                PERFORM cd2sync._feed_forget(f, since);
+                CONTINUE;
+            END IF;
+        END IF;
+        -- not marked here: over its limits all the same if its row is as read
+        IF EXISTS (SELECT 1 FROM cd2sync.feed x
+                    WHERE x.name = f.name AND x.created_at = f.created_at
+                      AND x.acknowledged = f.acknowledged AND x.stale_since IS NULL) THEN
+            over := over || jsonb_build_object(f.name, why);
         END IF;
     END LOOP;
-    PERFORM cd2sync._feed_sweep();
+    RETURN over;
 END $$;
 
 
@@ -1705,6 +1723,7 @@ BEGIN
     END IF;
     IF changes > 0 AND rel IS NOT NULL THEN
         PERFORM cd2sync._feed_check_limits();
+        PERFORM cd2sync._feed_sweep();
     END IF;
 END $$;
 
@@ -2007,18 +2026,19 @@ RETURNS TABLE ("position" bigint, table_name text, op text, key jsonb, instance 
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     f cd2sync.feed := cd2sync._check_feed(name);
+    why text;
 BEGIN
     IF max_changes IS NULL OR max_changes < 1 THEN
         RAISE EXCEPTION 'max_changes must be a positive number' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- (a read-only transaction, a standby's too, reads only: the limits
-    -- are checked and a feed marked stale by the next that writes)
-    IF f.stale_since IS NULL AND NOT current_setting('transaction_read_only')::boolean THEN
-        PERFORM cd2sync._feed_check_limits();
+    -- (a transaction that may not mark a feed stale, a standby's too,
+    -- finds it over its limits all the same; the next that may marks it)
+    IF f.stale_since IS NULL THEN
+        why := cd2sync._feed_check_limits() ->> f.name;
         f := cd2sync._check_feed(name);
     END IF;
-    IF f.stale_since IS NOT NULL THEN
-        RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, f.stale_reason
+    IF f.stale_since IS NOT NULL OR why IS NOT NULL THEN
+        RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, coalesce(f.stale_reason, why)
               USING ERRCODE = 'object_not_in_prerequisite_state',
                     HINT = 'Drop it and create it again (from_start => true gives the current rows).';
     END IF;
@@ -2081,7 +2101,10 @@ BEGIN
          WHERE x.name = f.name AND x.created_at = f.created_at;
     END IF;
     UPDATE cd2sync.feed x SET acknowledged = last, acknowledged_at = now() WHERE x.name = f.name;
-    PERFORM cd2sync._feed_forget(f, start, last);
+    IF f.stale_since IS NULL THEN   -- (a stale feed's changes were forgotten as it went stale)
+        PERFORM cd2sync._feed_forget(f, start, last);
+    END IF;
+    PERFORM cd2sync._feed_sweep();
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_forget(f cd2sync.feed, after bigint, upto bigint DEFAULT NULL)
@@ -2105,26 +2128,30 @@ $$;
 CREATE OR REPLACE FUNCTION cd2sync._feed_sweep()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 SET enable_sort = off SET enable_seqscan = off AS $$   -- (the key's order: see cd2_feed_read)
-DECLARE
-    upto bigint;
 BEGIN
     IF NOT cd2sync._feed_may_tidy() THEN
         RETURN;
     END IF;
-    -- (a feed made later acknowledges every change there is)
-    SELECT coalesce(min(f.acknowledged), 9223372036854775807) INTO upto
-      FROM cd2sync.feed f WHERE f.stale_since IS NULL;
-    IF (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= upto THEN
+    IF (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= cd2sync._feed_settled_to() THEN
         BEGIN
             LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
             DELETE FROM cd2sync.changes c
-             WHERE c.position IN (SELECT x.position FROM cd2sync.changes x WHERE x.position <= upto
+             WHERE c.position IN (SELECT x.position FROM cd2sync.changes x
+                                   WHERE x.position <= cd2sync._feed_settled_to()
                                      FOR UPDATE SKIP LOCKED);
         EXCEPTION WHEN lock_not_available THEN
             NULL;
         END;
     END IF;
 END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_settled_to()
+RETURNS bigint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(min(cd2sync._feed_since(f, h)), cd2sync._last_position())
+      FROM cd2sync.feed f
+      LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
+     WHERE f.stale_since IS NULL
+$$;
 
 REVOKE ALL ON FUNCTION cd2sync._feed_over_limits(bigint, timestamptz), cd2sync._last_position() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz) TO PUBLIC;
@@ -2141,7 +2168,7 @@ REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_captures(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._tx_clear() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_forget(cd2sync.feed, bigint, bigint), cd2sync._feed_sweep(),
-                       cd2sync._feed_may_tidy() FROM PUBLIC;
+                       cd2sync._feed_may_tidy(), cd2sync._feed_settled_to(), cd2sync._feed_check_limits() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_hint(cd2sync.feed), cd2sync._feed_hint_take(cd2sync.feed),
                        cd2sync._feed_hints_tidy(), cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;

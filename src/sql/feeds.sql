@@ -560,14 +560,17 @@ BEGIN
 END $$;
 
 -- Marks stale, with a WARNING, every feed over its limits
--- (_feed_over_limits), and forgets its changes no other feed waits for;
--- then sweeps what every feed has acknowledged (_feed_sweep).
+-- (_feed_over_limits), and forgets its changes no other feed waits for.
+-- Returns the feeds over their limits it did not mark, with why (as
+-- {"name": "why"}): a transaction that may not write them (read-only, a
+-- standby's, or REPEATABLE READ), or a feed whose row another holds.
 -- (The capture triggers of tables no feed follows any more go with the
 -- next creation or drop of a feed: _feed_ensure_capture.)
 CREATE FUNCTION cd2sync._feed_check_limits()
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     lim record := cd2sync._feed_limits();
+    over jsonb := '{}';
     r record;
     f cd2sync.feed;
     h cd2sync.feed_hint;
@@ -630,23 +633,33 @@ BEGIN
             END IF;
         END IF;
         why := cd2sync._feed_over_limits(pending, oldest);
-        IF why IS NOT NULL THEN
-            -- (never waited for either: a sync holding the changes' lock
-            -- would deadlock with an acknowledgement or a drop of this
-            -- feed that holds its row and waits for that lock, or for the
-            -- sync's table; the next check marks it. Nor marked when the
-            -- feed was acknowledged, made again or marked since the loop
-            -- read it: the changes counted may be gone.)
+        CONTINUE WHEN why IS NULL;
+        -- Marked only where that cannot fail (_feed_may_tidy), and never
+        -- waited for either: a sync holding the changes' lock would
+        -- deadlock with an acknowledgement or a drop of this feed that
+        -- holds its row and waits for that lock, or for the sync's table;
+        -- the next check marks it. Nor when the feed was acknowledged,
+        -- made again or marked since the loop read it: the changes counted
+        -- may be gone.
+        IF cd2sync._feed_may_tidy() THEN
             UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why
              WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
                AND x.created_at = f.created_at AND x.acknowledged = f.acknowledged AND x.stale_since IS NULL;
-            CONTINUE WHEN NOT FOUND;
-            RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
-                  USING HINT = 'Drop it and create it again; its changes are no longer kept.';
-            PERFORM cd2sync._feed_forget(f, since);
+            IF FOUND THEN
+                RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
+                      USING HINT = 'Drop it and create it again; its changes are no longer kept.';
+                PERFORM cd2sync._feed_forget(f, since);
+                CONTINUE;
+            END IF;
+        END IF;
+        -- not marked here: over its limits all the same if its row is as read
+        IF EXISTS (SELECT 1 FROM cd2sync.feed x
+                    WHERE x.name = f.name AND x.created_at = f.created_at
+                      AND x.acknowledged = f.acknowledged AND x.stale_since IS NULL) THEN
+            over := over || jsonb_build_object(f.name, why);
         END IF;
     END LOOP;
-    PERFORM cd2sync._feed_sweep();
+    RETURN over;
 END $$;
 
 -- Deletes feed f's changes (its own, and those of the tables it follows)
@@ -657,7 +670,7 @@ END $$;
 -- forget, so that two transactions never delete the same change (one in
 -- REPEATABLE READ would fail). Two feeds that acknowledge a change at once
 -- each see the other's acknowledgement not yet made, and leave it:
--- _feed_sweep deletes what every feed has acknowledged.
+-- _feed_sweep deletes them.
 CREATE FUNCTION cd2sync._feed_forget(f cd2sync.feed, after bigint, upto bigint DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -670,30 +683,40 @@ BEGIN
                                OR (c.feed IS NULL AND cd2sync._covers(x.tables, c.table_name))));
 END $$;
 
--- Deletes the changes every feed (not stale) has acknowledged that were
--- left (see _feed_forget), or every change when there is no feed. Never
+-- The position up to which no feed (not stale) waits for a change: the
+-- least after which a feed's changes lie (_feed_since), or the last
+-- position when there is no feed (a feed made after this snapshot starts
+-- after every change it shows)
+CREATE FUNCTION cd2sync._feed_settled_to()
+RETURNS bigint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(min(cd2sync._feed_since(f, h)), cd2sync._last_position())
+      FROM cd2sync.feed f
+      LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
+     WHERE f.stale_since IS NULL
+$$;
+
+-- Deletes the changes no feed waits for that were left (see _feed_forget),
+-- where the lock on the changes is held anyway or briefly: at the end of a
+-- sync, of an acknowledgement and of a drop (never in a read, whose
+-- transaction a consumer may keep open while syncs would wait). Never
 -- waits nor fails: it looks only when the first change is one of them;
--- then a lock on the changes another transaction holds (a sync writing
--- them, a feed being made), or a change another deletes, is left to a
--- later sweep; a transaction that is not READ COMMITTED, or is read-only,
--- deletes none (_feed_may_tidy).
+-- then a lock on the changes another transaction holds (a feed being
+-- made), or a change another deletes, is left to a later sweep; a
+-- transaction that is not READ COMMITTED, or is read-only, deletes none
+-- (_feed_may_tidy). (Each statement takes the bound in its own snapshot.)
 CREATE FUNCTION cd2sync._feed_sweep()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 SET enable_sort = off SET enable_seqscan = off AS $$   -- (the key's order: see cd2_feed_read)
-DECLARE
-    upto bigint;
 BEGIN
     IF NOT cd2sync._feed_may_tidy() THEN
         RETURN;
     END IF;
-    -- (a feed made later acknowledges every change there is)
-    SELECT coalesce(min(f.acknowledged), 9223372036854775807) INTO upto
-      FROM cd2sync.feed f WHERE f.stale_since IS NULL;
-    IF (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= upto THEN
+    IF (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= cd2sync._feed_settled_to() THEN
         BEGIN
             LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
             DELETE FROM cd2sync.changes c
-             WHERE c.position IN (SELECT x.position FROM cd2sync.changes x WHERE x.position <= upto
+             WHERE c.position IN (SELECT x.position FROM cd2sync.changes x
+                                   WHERE x.position <= cd2sync._feed_settled_to()
                                      FOR UPDATE SKIP LOCKED);
         EXCEPTION WHEN lock_not_available THEN
             NULL;
@@ -810,18 +833,19 @@ RETURNS TABLE ("position" bigint, table_name text, op text, key jsonb, instance 
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     f cd2sync.feed := cd2sync._check_feed(name);
+    why text;
 BEGIN
     IF max_changes IS NULL OR max_changes < 1 THEN
         RAISE EXCEPTION 'max_changes must be a positive number' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- (a read-only transaction, a standby's too, reads only: the limits
-    -- are checked and a feed marked stale by the next that writes)
-    IF f.stale_since IS NULL AND NOT current_setting('transaction_read_only')::boolean THEN
-        PERFORM cd2sync._feed_check_limits();
+    -- (a transaction that may not mark a feed stale, a standby's too,
+    -- finds it over its limits all the same; the next that may marks it)
+    IF f.stale_since IS NULL THEN
+        why := cd2sync._feed_check_limits() ->> f.name;
         f := cd2sync._check_feed(name);
     END IF;
-    IF f.stale_since IS NOT NULL THEN
-        RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, f.stale_reason
+    IF f.stale_since IS NOT NULL OR why IS NOT NULL THEN
+        RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, coalesce(f.stale_reason, why)
               USING ERRCODE = 'object_not_in_prerequisite_state',
                     HINT = 'Drop it and create it again (from_start => true gives the current rows).';
     END IF;
@@ -881,7 +905,10 @@ BEGIN
          WHERE x.name = f.name AND x.created_at = f.created_at;
     END IF;
     UPDATE cd2sync.feed x SET acknowledged = last, acknowledged_at = now() WHERE x.name = f.name;
-    PERFORM cd2sync._feed_forget(f, start, last);
+    IF f.stale_since IS NULL THEN   -- (a stale feed's changes were forgotten as it went stale)
+        PERFORM cd2sync._feed_forget(f, start, last);
+    END IF;
+    PERFORM cd2sync._feed_sweep();
 END $$;
 
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.feed', '');
