@@ -313,6 +313,7 @@ SELECT count(*) FROM cd2_feed_read('quiet');
 SELECT scanned_to IS NULL AS not_yet FROM cd2sync.feed_hint WHERE name = 'quiet';
 COMMIT;
 SELECT count(*) FROM cd2_feed_read('quiet');
+SELECT count(*) FROM cd2_feed_read('sparse');
 BEGIN;
 SELECT :touched AS before \gset
 SELECT key FROM cd2_feed_read('probe', 2) ORDER BY position;

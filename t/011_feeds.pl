@@ -268,15 +268,17 @@ my $pos_g = $put->('g', 'courses', 1);
 my $rr = $node->background_psql('postgres', on_error_stop => 0);
 $rr->query_safe("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM cd2_feed_read('rr')");
 my $holder = $node->background_psql('postgres');
-# (its check, over a limit of 10 positions, counts the feeds' changes)
+# (its check, over a limit of 10 positions, counts the feed's changes)
 $holder->query_safe("SET cd2sync.feed_max_pending = 10; BEGIN; SELECT count(*) FROM cd2_feed_read('g')");
 is($node->safe_psql('postgres', "SELECT count(*) FROM pg_locks WHERE relation = 'cd2sync.feed'::regclass AND mode = 'RowExclusiveLock'"),
 	'0', "a reader's check writes nothing of the feeds' rows");
 my ($ret, $out, $err) = $node->psql('postgres', "SET lock_timeout = '5s'; SELECT cd2_feed_ack('g', $pos_g)");
 is($ret . $err, '0', 'a feed whose hints another transaction holds is acknowledged without waiting');
 $holder->query_safe('COMMIT');
+# (a sync's end checks every feed)
+$node->safe_psql('postgres', "SET cd2sync.feed_max_pending = 10; SELECT cd2sync._feed_check_limits()");
 is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || (scanned_to > 1000) || ' ' || counted_pending, ', ' ORDER BY name) FROM cd2sync.feed_hint"),
-	'g true 1, rr true 1', "that transaction's check wrote both feeds' hints");
+	'g true 1, rr true 1', "the checks wrote both feeds' hints");
 is($node->safe_psql('postgres', "SELECT h.counted_from = f.acknowledged FROM cd2sync.feed f JOIN cd2sync.feed_hint h USING (name, created_at) "
 	  . "WHERE name = 'g'"), 'f', "the count the acknowledgement could not take with it is no longer valid");
 # (the acknowledgement of g went through the changes of no feed before
@@ -342,11 +344,19 @@ $ack_b->query_safe("BEGIN; SELECT cd2_feed_ack('b1', $p)");
 $ack_a->query_safe('COMMIT');
 $ack_b->query_safe('COMMIT');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE position = $p"), '1', 'both acknowledgements left the change');
-my $reader = $node->background_psql('postgres');
-$reader->query_safe("BEGIN; SELECT count(*) FROM cd2_feed_read('a1')");
+# (the reader's limit, 1 change, puts the other feeds over it: its read
+# checks its own feed only, and marks none, which would forget their
+# changes and hold the lock on them that the write waits for)
+$node->safe_psql('postgres', "SELECT cd2_create_feed('ov', tables => ARRAY['users'])");
+$node->safe_psql('postgres', "$bump; $bump");
+my $reader = $node->background_psql('postgres', on_error_stop => 0);
+$reader->query_safe("SET cd2sync.feed_max_pending = 1; BEGIN; SELECT count(*) FROM cd2_feed_read('q1')");
 ($ret, $out, $err) = $node->psql('postgres', "SET lock_timeout = '5s'; $bump");
 is($ret . $err, '0', "a sync's write does not wait for a reader's open transaction");
 $reader->query_safe('COMMIT');
+$reader->query('SELECT count(*) FROM cd2_feed_read(\'ov\')');
+like($reader->{stderr}, qr/feed "ov" is stale: more than 1 changes wait/, 'a read of a feed over its limits fails');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.feed WHERE stale_since IS NOT NULL"), '0', 'and no read marked a feed');
 is($node->safe_psql('postgres', "SELECT scanned_to >= $p FROM cd2sync.feed_hint WHERE name = 'q1'"), 't',
 	'the quiet feed has no change up to it');
 $node->safe_psql('postgres', "SELECT cd2_feed_ack('a1', " . last_position() . ")");

@@ -894,7 +894,7 @@ RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM cd2sync._feed_limits() l
 $$;
 
-CREATE OR REPLACE FUNCTION cd2sync._feed_check_limits()
+CREATE OR REPLACE FUNCTION cd2sync._feed_check_limits(reader text DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     lim record := cd2sync._feed_limits();
@@ -916,7 +916,8 @@ BEGIN
     -- read by later ones, which may see an acknowledgement this one did
     -- not: the feed is marked stale only if its row is still as read)
     FOR r IN SELECT x AS f, cd2sync._feed_hint(x) AS h
-               FROM cd2sync.feed x WHERE x.stale_since IS NULL ORDER BY x.name LOOP
+               FROM cd2sync.feed x WHERE x.stale_since IS NULL AND (reader IS NULL OR x.name = reader)
+              ORDER BY x.name LOOP
         f := r.f;
         h := r.h;
         since := cd2sync._feed_since(f, h);
@@ -969,7 +970,7 @@ BEGIN
         -- the next check marks it. Nor when the feed was acknowledged,
         -- made again or marked since the loop read it: the changes counted
         -- may be gone.
-        IF cd2sync._feed_may_tidy() THEN
+        IF reader IS NULL AND cd2sync._feed_may_tidy() THEN
             UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why
              WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
                AND x.created_at = f.created_at AND x.acknowledged = f.acknowledged AND x.stale_since IS NULL;
@@ -2031,11 +2032,9 @@ BEGIN
     IF max_changes IS NULL OR max_changes < 1 THEN
         RAISE EXCEPTION 'max_changes must be a positive number' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- (a transaction that may not mark a feed stale, a standby's too,
-    -- finds it over its limits all the same; the next that may marks it)
+    -- (over its limits, it is stale before a sync marks it)
     IF f.stale_since IS NULL THEN
-        why := cd2sync._feed_check_limits() ->> f.name;
-        f := cd2sync._check_feed(name);
+        why := cd2sync._feed_check_limits(f.name) ->> f.name;
     END IF;
     IF f.stale_since IS NOT NULL OR why IS NOT NULL THEN
         RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, coalesce(f.stale_reason, why)
@@ -2138,7 +2137,7 @@ BEGIN
             DELETE FROM cd2sync.changes c
              WHERE c.position IN (SELECT x.position FROM cd2sync.changes x
                                    WHERE x.position <= cd2sync._feed_settled_to()
-                                     FOR UPDATE SKIP LOCKED);
+                                   LIMIT 10000 FOR UPDATE SKIP LOCKED);   -- (the rest at the next)
         EXCEPTION WHEN lock_not_available THEN
             NULL;
         END;
@@ -2168,7 +2167,7 @@ REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_captures(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._tx_clear() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_forget(cd2sync.feed, bigint, bigint), cd2sync._feed_sweep(),
-                       cd2sync._feed_may_tidy(), cd2sync._feed_settled_to(), cd2sync._feed_check_limits() FROM PUBLIC;
+                       cd2sync._feed_may_tidy(), cd2sync._feed_settled_to(), cd2sync._feed_check_limits(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_hint(cd2sync.feed), cd2sync._feed_hint_take(cd2sync.feed),
                        cd2sync._feed_hints_tidy(), cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;

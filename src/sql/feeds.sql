@@ -155,7 +155,7 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- A feed over its limits is stale before a sync marks it (a read that
--- finds it so fails, and takes its mark back with it). The oldest pending
+-- finds it so fails). The oldest pending
 -- change is the first by position (they commit in that order), as
 -- _feed_check_limits takes it.
 CREATE VIEW cd2sync.feeds AS
@@ -564,9 +564,13 @@ END $$;
 -- Returns the feeds over their limits it did not mark, with why (as
 -- {"name": "why"}): a transaction that may not write them (read-only, a
 -- standby's, or REPEATABLE READ), or a feed whose row another holds.
+-- reader: the feed a read checks, alone, and marks not: a mark forgets
+-- changes, and the lock on the changes that takes would be held as long
+-- as the consumer keeps its transaction open, with syncs waiting. (The end
+-- of a sync marks it.)
 -- (The capture triggers of tables no feed follows any more go with the
 -- next creation or drop of a feed: _feed_ensure_capture.)
-CREATE FUNCTION cd2sync._feed_check_limits()
+CREATE FUNCTION cd2sync._feed_check_limits(reader text DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
 DECLARE
     lim record := cd2sync._feed_limits();
@@ -588,7 +592,8 @@ BEGIN
     -- read by later ones, which may see an acknowledgement this one did
     -- not: the feed is marked stale only if its row is still as read)
     FOR r IN SELECT x AS f, cd2sync._feed_hint(x) AS h
-               FROM cd2sync.feed x WHERE x.stale_since IS NULL ORDER BY x.name LOOP
+               FROM cd2sync.feed x WHERE x.stale_since IS NULL AND (reader IS NULL OR x.name = reader)
+              ORDER BY x.name LOOP
         f := r.f;
         h := r.h;
         since := cd2sync._feed_since(f, h);
@@ -641,7 +646,7 @@ BEGIN
         -- the next check marks it. Nor when the feed was acknowledged,
         -- made again or marked since the loop read it: the changes counted
         -- may be gone.
-        IF cd2sync._feed_may_tidy() THEN
+        IF reader IS NULL AND cd2sync._feed_may_tidy() THEN
             UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why
              WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
                AND x.created_at = f.created_at AND x.acknowledged = f.acknowledged AND x.stale_since IS NULL;
@@ -700,8 +705,9 @@ $$;
 -- sync, of an acknowledgement and of a drop (never in a read, whose
 -- transaction a consumer may keep open while syncs would wait). Never
 -- waits nor fails: it looks only when the first change is one of them;
--- then a lock on the changes another transaction holds (a feed being
--- made), or a change another deletes, is left to a later sweep; a
+-- then a lock on the changes another transaction holds (a sync writing
+-- them, a feed being made), or a change another deletes, is left to a
+-- later sweep, and so are all but 10,000 of them; a
 -- transaction that is not READ COMMITTED, or is read-only, deletes none
 -- (_feed_may_tidy). (Each statement takes the bound in its own snapshot.)
 CREATE FUNCTION cd2sync._feed_sweep()
@@ -717,7 +723,7 @@ BEGIN
             DELETE FROM cd2sync.changes c
              WHERE c.position IN (SELECT x.position FROM cd2sync.changes x
                                    WHERE x.position <= cd2sync._feed_settled_to()
-                                     FOR UPDATE SKIP LOCKED);
+                                   LIMIT 10000 FOR UPDATE SKIP LOCKED);   -- (the rest at the next)
         EXCEPTION WHEN lock_not_available THEN
             NULL;
         END;
@@ -838,11 +844,9 @@ BEGIN
     IF max_changes IS NULL OR max_changes < 1 THEN
         RAISE EXCEPTION 'max_changes must be a positive number' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- (a transaction that may not mark a feed stale, a standby's too,
-    -- finds it over its limits all the same; the next that may marks it)
+    -- (over its limits, it is stale before a sync marks it)
     IF f.stale_since IS NULL THEN
-        why := cd2sync._feed_check_limits() ->> f.name;
-        f := cd2sync._check_feed(name);
+        why := cd2sync._feed_check_limits(f.name) ->> f.name;
     END IF;
     IF f.stale_since IS NOT NULL OR why IS NOT NULL THEN
         RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, coalesce(f.stale_reason, why)
