@@ -281,9 +281,9 @@ is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || (scanned_to > 
 	'g true 1, rr true 1', "the checks wrote both feeds' hints");
 is($node->safe_psql('postgres', "SELECT h.counted_from = f.acknowledged FROM cd2sync.feed f JOIN cd2sync.feed_hint h USING (name, created_at) "
 	  . "WHERE name = 'g'"), 'f', "the count the acknowledgement could not take with it is no longer valid");
-# (the acknowledgement of g went through the changes of no feed before
-# rr's change, and left them: a REPEATABLE READ deletion of a change
-# another transaction deleted since its snapshot fails)
+# (the acknowledgement of g passed over the changes of no feed before rr's
+# change and left them, as it forgets only g's: had it deleted them, rr's
+# REPEATABLE READ acknowledgement, deleting them too, would fail)
 $rr->query("SELECT cd2_feed_ack('rr', $pos_rr); COMMIT");
 is($rr->{stderr}, '', 'a consumer in REPEATABLE READ acknowledges after another session wrote its hints');
 is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || acknowledged, ', ' ORDER BY name) FROM cd2sync.feed"),
