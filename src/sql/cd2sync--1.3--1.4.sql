@@ -75,11 +75,14 @@
 --   (_feed_sweep, up to _feed_settled_to: every feed's _feed_since, in the
 --   sweep's own snapshot), never waiting for a lock or a row, and never in
 --   a read (a consumer's open transaction would hold up syncs).
--- * A limits check marks a feed stale only where that cannot fail (READ
---   COMMITTED, not read-only) and returns the feeds over their limits it
---   did not mark: cd2_feed_read refuses such a feed in a read-only
---   (standby) or REPEATABLE READ transaction too. An acknowledgement of a
---   stale feed forgets nothing (its changes went as it went stale).
+-- * A limits check marks a feed stale only at a sync's end and where that
+--   cannot fail (READ COMMITTED, not read-only), and returns the feeds over
+--   their limits it did not mark; a read checks its own feed alone
+--   (_feed_check_limits(reader)) and marks nothing (a mark's delete would
+--   hold the changes' lock while the consumer's transaction stays open):
+--   cd2_feed_read refuses a feed over its limits in a read-only (standby)
+--   or REPEATABLE READ transaction too. An acknowledgement of a stale feed
+--   forgets nothing (its changes went as it went stale).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
