@@ -219,5 +219,7 @@ cd2_take_request(Datum main_arg)
 	cd2_restore_settings(settings);
 	SetConfigOption("TimeZone", "UTC", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
+	/* what it writes is written for READ COMMITTED, whatever the database's default */
+	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_SESSION);
 	return args;
 }

@@ -323,6 +323,8 @@ cd2_load_worker_main(Datum main_arg)
 	cd2_restore_settings(settings);
 	SetConfigOption("TimeZone", "UTC", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
+	/* what it writes is written for READ COMMITTED, whatever the database's default */
+	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_SESSION);
 	pgstat_report_appname(psprintf("cd2sync %s", w.instance));
 	pgstat_report_activity(STATE_RUNNING, psprintf("cd2sync %s: loading objects", w.instance));
 

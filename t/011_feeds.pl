@@ -366,6 +366,23 @@ $ack_a->quit;
 $ack_b->quit;
 $reader->quit;
 
+# 12. a feed over its limits is marked stale by the end of the next sync,
+# one that changes nothing too, with the database's default isolation
+# REPEATABLE READ (the sync worker writes in READ COMMITTED: a mark, and
+# forgetting, are skipped where they could fail)
+$node->safe_psql('postgres', "SELECT cd2_drop_feed(name) FROM cd2sync.feed");
+$node->safe_psql('postgres', "SELECT cd2_create_feed('lim', tables => ARRAY['users'])");
+$node->safe_psql('postgres', "$bump; $bump");
+$node->safe_psql('postgres', "ALTER DATABASE postgres SET default_transaction_isolation = 'repeatable read'");
+$node->safe_psql('postgres', "ALTER DATABASE postgres SET cd2sync.feed_max_pending = 1");
+$r = Cd2Test::sync($node, 'north', tables => ['courses']);
+is($r->{courses}{mode} . $r->{courses}{error}, 'unchanged', 'a sync that changes nothing');
+is($node->safe_psql('postgres', "SELECT stale_reason FROM cd2sync.feed WHERE name = 'lim'"),
+	'more than 1 changes wait, over cd2sync.feed_max_pending', 'marks the feed over its limits');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'and its changes are forgotten');
+$node->safe_psql('postgres', "ALTER DATABASE postgres RESET default_transaction_isolation");
+$node->safe_psql('postgres', "ALTER DATABASE postgres RESET cd2sync.feed_max_pending");
+
 $listener->quit;
 $sub->stop;
 $node->stop;

@@ -102,8 +102,7 @@ BEGIN
         -- duplicate flags in (feeds.sql)
         PERFORM cd2sync._feed_load_end(rel);
     END IF;
-    IF changes > 0 AND rel IS NOT NULL THEN
-        PERFORM cd2sync._feed_check_limits();
-        PERFORM cd2sync._feed_sweep();
-    END IF;
+    -- every sync's end: a feed over its age stale while nothing changes
+    PERFORM cd2sync._feed_check_limits();
+    PERFORM cd2sync._feed_sweep();
 END $$;

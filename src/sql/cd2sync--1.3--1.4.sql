@@ -81,8 +81,12 @@
 --   (_feed_check_limits(reader)) and marks nothing (a mark's delete would
 --   hold the changes' lock while the consumer's transaction stays open):
 --   cd2_feed_read refuses a feed over its limits in a read-only (standby)
---   or REPEATABLE READ transaction too. An acknowledgement of a stale feed
---   forgets nothing (its changes went as it went stale).
+--   or REPEATABLE READ transaction too, and fails when the feed was marked
+--   or dropped while it read. An acknowledgement of a stale feed forgets
+--   nothing (its changes went as it went stale). The end of every table's
+--   sync checks the limits and sweeps (_after_apply), whether it changed
+--   rows or not (a feed over its age while nothing changes); the sync and
+--   load workers run in READ COMMITTED whatever the database's default.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -1725,10 +1729,9 @@ BEGIN
         -- duplicate flags in (feeds.sql)
         PERFORM cd2sync._feed_load_end(rel);
     END IF;
-    IF changes > 0 AND rel IS NOT NULL THEN
-        PERFORM cd2sync._feed_check_limits();
-        PERFORM cd2sync._feed_sweep();
-    END IF;
+    -- every sync's end: a feed over its age stale while nothing changes
+    PERFORM cd2sync._feed_check_limits();
+    PERFORM cd2sync._feed_sweep();
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_captures(rel regclass)
@@ -2051,6 +2054,16 @@ BEGIN
        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
      ORDER BY c.position
      LIMIT max_changes;
+    -- (a sync that marked the feed stale, or a drop, since it was read
+    -- above forgot its changes: what was read may lack some)
+    SELECT * INTO f FROM cd2sync.feed x WHERE x.name = f.name AND x.created_at = f.created_at;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cd2sync feed "%" was dropped', name USING ERRCODE = 'undefined_object';
+    ELSIF f.stale_since IS NOT NULL THEN
+        RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, f.stale_reason
+              USING ERRCODE = 'object_not_in_prerequisite_state',
+                    HINT = 'Drop it and create it again (from_start => true gives the current rows).';
+    END IF;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._last_position()

@@ -860,6 +860,16 @@ BEGIN
        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
      ORDER BY c.position
      LIMIT max_changes;
+    -- (a sync that marked the feed stale, or a drop, since it was read
+    -- above forgot its changes: what was read may lack some)
+    SELECT * INTO f FROM cd2sync.feed x WHERE x.name = f.name AND x.created_at = f.created_at;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cd2sync feed "%" was dropped', name USING ERRCODE = 'undefined_object';
+    ELSIF f.stale_since IS NOT NULL THEN
+        RAISE EXCEPTION 'cd2sync feed "%" is stale: %', f.name, f.stale_reason
+              USING ERRCODE = 'object_not_in_prerequisite_state',
+                    HINT = 'Drop it and create it again (from_start => true gives the current rows).';
+    END IF;
 END $$;
 
 -- Everything up to position upto is processed. Less than before: a no-op;
