@@ -375,6 +375,16 @@ $node->safe_psql('postgres', "SELECT cd2_create_feed('lim', tables => ARRAY['use
 $node->safe_psql('postgres', "$bump; $bump");
 $node->safe_psql('postgres', "ALTER DATABASE postgres SET default_transaction_isolation = 'repeatable read'");
 $node->safe_psql('postgres', "ALTER DATABASE postgres SET cd2sync.feed_max_pending = 1");
+# (while another transaction holds the lock on the changes, as a feed being
+# made from its start does, the sync leaves the mark, and its forgetting,
+# to a later one, instead of waiting)
+my $locker = $node->background_psql('postgres');
+$locker->query_safe("BEGIN; LOCK TABLE cd2sync.changes IN EXCLUSIVE MODE");
+$r = Cd2Test::sync($node, 'north', tables => ['courses'], pre => "SET statement_timeout = '30s';");
+is($r->{courses}{mode} . $r->{courses}{error}, 'unchanged', 'a sync while the changes are locked does not wait');
+is($node->safe_psql('postgres', "SELECT stale_since IS NULL FROM cd2sync.feed WHERE name = 'lim'"), 't', 'nor mark');
+$locker->query_safe('COMMIT');
+$locker->quit;
 $r = Cd2Test::sync($node, 'north', tables => ['courses']);
 is($r->{courses}{mode} . $r->{courses}{error}, 'unchanged', 'a sync that changes nothing');
 is($node->safe_psql('postgres', "SELECT stale_reason FROM cd2sync.feed WHERE name = 'lim'"),

@@ -587,6 +587,7 @@ DECLARE
     clear bigint;
     pending bigint;
     why text;
+    marked boolean;
 BEGIN
     -- (a feed and its hints as one snapshot shows them; the changes are
     -- read by later ones, which may see an acknowledgement this one did
@@ -646,11 +647,19 @@ BEGIN
         -- the next check marks it. Nor when the feed was acknowledged,
         -- made again or marked since the loop read it: the changes counted
         -- may be gone.
+        -- (Its changes are forgotten with it: the lock on them that takes is
+        -- not waited for either, say while a feed made from its start holds it.)
         IF reader IS NULL AND cd2sync._feed_may_tidy() THEN
-            UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why
-             WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
-               AND x.created_at = f.created_at AND x.acknowledged = f.acknowledged AND x.stale_since IS NULL;
-            IF FOUND THEN
+            BEGIN
+                LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
+                UPDATE cd2sync.feed x SET stale_since = now(), stale_reason = why
+                 WHERE x.name IN (SELECT y.name FROM cd2sync.feed y WHERE y.name = f.name FOR UPDATE SKIP LOCKED)
+                   AND x.created_at = f.created_at AND x.acknowledged = f.acknowledged AND x.stale_since IS NULL;
+                marked := FOUND;
+            EXCEPTION WHEN lock_not_available THEN
+                marked := false;
+            END;
+            IF marked THEN
                 RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
                       USING HINT = 'Drop it and create it again; its changes are no longer kept.';
                 PERFORM cd2sync._feed_forget(f, since);
