@@ -703,9 +703,8 @@ END $$;
 -- after every change it shows)
 CREATE FUNCTION cd2sync._feed_settled_to()
 RETURNS bigint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(min(cd2sync._feed_since(f, h)), cd2sync._last_position())
+    SELECT coalesce(min(cd2sync._feed_since(f, cd2sync._feed_hint(f))), cd2sync._last_position())
       FROM cd2sync.feed f
-      LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
      WHERE f.stale_since IS NULL
 $$;
 
