@@ -2,7 +2,8 @@
 # reconciled views after every sync; a failed table and a killed worker
 # publish nothing of their transaction; two instances syncing at once never
 # make a reader skip a change; NOTIFY at commit; and the changes stream into
-# a second cluster through PostgreSQL's own logical replication.
+# a second cluster through PostgreSQL's own logical replication. A read
+# fails if its feed is dropped or marked stale while it reads.
 use strict;
 use warnings;
 use utf8;
@@ -392,6 +393,36 @@ is($node->safe_psql('postgres', "SELECT stale_reason FROM cd2sync.feed WHERE nam
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'and its changes are forgotten');
 $node->safe_psql('postgres', "ALTER DATABASE postgres RESET default_transaction_isolation");
 $node->safe_psql('postgres', "ALTER DATABASE postgres RESET cd2sync.feed_max_pending");
+
+# 13. a read that waits for the changes (held here by another transaction)
+# while its feed is dropped, or marked stale by a sync's check: the changes
+# it then reads lack what the drop or the mark forgot, so the read fails
+# instead of returning them
+$node->safe_psql('postgres', "SELECT cd2_drop_feed(name) FROM cd2sync.feed");
+$node->safe_psql('postgres', "SELECT cd2_create_feed('dr', tables => ARRAY['users']), cd2_create_feed('mk', tables => ARRAY['users'])");
+$node->safe_psql('postgres', "$bump; $bump");
+for my $case (
+	[ 'dr', "SELECT cd2_drop_feed('dr')", qr/feed "dr" was dropped/, 'dropped' ],
+	[ 'mk', "SET LOCAL cd2sync.feed_max_pending = 1; SELECT cd2sync._feed_check_limits()",
+		qr/feed "mk" is stale: more than 1 changes wait/, 'marked stale' ])
+{
+	my ($feed, $act, $expect, $what) = @$case;
+	is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('$feed')"), '2', "$feed: 2 changes to read");
+	my $blocker = $node->background_psql('postgres');
+	$blocker->query_safe("BEGIN; LOCK TABLE cd2sync.changes IN ACCESS EXCLUSIVE MODE");
+	my $rd = $node->background_psql('postgres', on_error_stop => 0);
+	$rd->query_until(qr/reading/, "\\echo reading\nSELECT count(*) FROM cd2_feed_read('$feed');\n");
+	ok($node->poll_query_until('postgres',
+		"SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND relation = 'cd2sync.changes'::regclass"),
+		"$feed: the read waits for the changes");
+	$blocker->query("$act; COMMIT");
+	unlike($blocker->{stderr}, qr/ERROR/, "$feed: $what, and committed");
+	$rd->query('SELECT 1');
+	like($rd->{stderr}, $expect, "$feed: a read of a feed $what while it read fails");
+	$blocker->quit;
+	$rd->quit;
+}
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'what both feeds had is forgotten');
 
 $listener->quit;
 $sub->stop;

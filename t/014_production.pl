@@ -2,7 +2,8 @@
 # pg_dump / pg_restore into a new cluster
 # keeps what exists nowhere else (configuration, secrets, watermarks, merge
 # evidence, feeds) and the next sync is incremental; a streaming standby
-# reads everything, refuses to sync (25006), runs no scheduler; once
+# reads everything (a feed over its limits refused), refuses to sync and to
+# acknowledge (25006), runs no scheduler; once
 # promoted it syncs on schedule from the committed watermarks.
 use strict;
 use warnings;
@@ -138,6 +139,14 @@ my ($rc, $out, $err) = $standby->psql('postgres', "\\set VERBOSITY verbose\nSELE
 like($err, qr/25006.*standby/s, 'standby: cd2_sync_now fails with 25006, saying why');
 ($rc, $out, $err) = $standby->psql('postgres', "\\set VERBOSITY verbose\nSELECT cd2_sync_start('north')");
 like($err, qr/25006/, 'standby: so does cd2_sync_start');
+# a feed: read (above); over a limit, refused without writing a mark there;
+# acknowledged only on the primary
+($rc, $out, $err) = $standby->psql('postgres',
+	"\\set VERBOSITY verbose\nSET cd2sync.feed_max_pending = 1;\nSELECT count(*) FROM cd2_feed_read('dl')");
+like($err, qr/55000: cd2sync feed "dl" is stale: more than 1 changes wait/, 'standby: a feed over its limits is refused (55000)');
+($rc, $out, $err) = $standby->psql('postgres', "\\set VERBOSITY verbose\nSELECT cd2_feed_ack('dl', "
+	  . "(SELECT max(position) FROM cd2_feed_read('dl', 10)))");
+like($err, qr/25006/, 'standby: an acknowledgement fails with 25006');
 
 # the scheduler: nothing on the standby, syncs once it is promoted
 $node->safe_psql('postgres', "SELECT cd2_alter_instance('north', schedule => interval '1 second')");
