@@ -358,13 +358,24 @@ SELECT :touched - :before < 100 AS touched_few;
 COMMIT;
 SELECT count(*) FROM cd2_feed_read('lag');
 SELECT f.pending, x.counted_pending FROM cd2sync.feeds f JOIN cd2sync.feed_hint x USING (name) WHERE name = 'lag';
+-- (cd2sync.feeds, which monitoring reads at each scrape, counts only after
+-- the count too, and finds the oldest pending change by the key)
+BEGIN;
+SELECT :touched AS before \gset
+SELECT pending, oldest_pending IS NOT NULL AS has_oldest, status FROM cd2sync.feeds WHERE name = 'lag';
+SELECT :touched - :before < 100 AS touched_few;
+COMMIT;
 INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
 SELECT nextval('cd2sync.change_position_seq'), 'lag', 'terms', 'insert', jsonb_build_object('id', i), 'east',
        jsonb_build_object('id', i), 'sync'
   FROM generate_series(11, 12) i;
 SET cd2sync.feed_max_pending = 8;   -- (7 counted, and 2 after)
 SELECT count(*) FROM cd2_feed_read('lag');
+-- (marked stale, as a sync's end does: none pending, whatever was counted)
+SELECT cd2sync._feed_check_limits();
 RESET cd2sync.feed_max_pending;
+SELECT f.pending, f.status, x.counted_from = y.acknowledged AS count_held
+  FROM cd2sync.feeds f JOIN cd2sync.feed_hint x USING (name) JOIN cd2sync.feed y USING (name) WHERE name = 'lag';
 SELECT cd2_drop_feed('lag');
 -- acknowledged up to the last position a check counted: the count (none
 -- left) still holds
@@ -385,6 +396,26 @@ SELECT cd2_drop_feed('lag');
 SELECT count(*) AS changes_left FROM cd2sync.changes;
 -- (a feed's hints go with it)
 SELECT count(*) AS hints_left FROM cd2sync.feed_hint;
+-- a sweep reads the changes it deletes once, and takes its bound once:
+-- with the table's statistics saying no row (emptied and vacuumed, then
+-- filled, as after a consumer caught up), the planner joined each change
+-- to the ones to delete, read again for each, the bound taken again (and
+-- compiled by JIT) each time: a drop of a feed ran for minutes
+-- (autovacuum, kept off meanwhile, would correct the statistics)
+ALTER TABLE cd2sync.changes SET (autovacuum_enabled = false);
+VACUUM cd2sync.changes;
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+SELECT nextval('cd2sync.change_position_seq'), 'nobody', 'terms', 'insert', jsonb_build_object('id', i), 'east',
+       jsonb_build_object('id', i), 'sync'
+  FROM generate_series(1, 3000) i;
+SELECT cd2_create_feed('sweeper', tables => ARRAY['terms']);
+BEGIN;
+SELECT :touched AS before \gset
+SELECT cd2_drop_feed('sweeper');   -- (the last feed: every change goes)
+SELECT :touched - :before < 20000 AS touched_once;
+COMMIT;
+ALTER TABLE cd2sync.changes RESET (autovacuum_enabled);
+SELECT count(*) AS changes_left FROM cd2sync.changes;
 -- the index on global ids beside a user's index follows a new shard, and
 -- goes with the shard
 CREATE INDEX enr_course ON east.enrollments (course_id);

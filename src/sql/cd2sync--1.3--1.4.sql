@@ -89,6 +89,15 @@
 --   never waits for the lock on the changes its forgetting takes (left to
 --   a later check); the sync and load workers run in READ COMMITTED
 --   whatever the database's default.
+-- * cd2sync.feeds (and cd2sync.monitoring, which reads it) counts a feed's
+--   pending changes after what a check counted, while the count holds
+--   (_feed_counted, the rule _feed_check_limits follows), and finds the
+--   oldest by the key, instead of counting every pending change at each
+--   read.
+-- * _feed_sweep takes the changes to delete, and its bound, once per
+--   statement (an InitPlan), without JIT: with the statistics of an
+--   emptied and vacuumed cd2sync.changes the planner read them again for
+--   each change it deleted, the bound compiled again each time.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -153,6 +162,19 @@ $$;
 CREATE OR REPLACE FUNCTION cd2sync._feed_since(f cd2sync.feed, h cd2sync.feed_hint)
 RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
     SELECT greatest(f.acknowledged, h.scanned_to)
+$$;
+
+-- What a check counted of feed f's pending changes that still holds, given
+-- its hints h: the count, and the position after which to count the rest.
+-- A count holds while the feed's acknowledged position is the one it
+-- counted from: the changes it counted (up to a position already visible,
+-- and positions become visible in order) are deleted only by the feed's
+-- own acknowledgement or stale mark, or by a sweep below every live feed.
+CREATE OR REPLACE FUNCTION cd2sync._feed_counted(f cd2sync.feed, h cd2sync.feed_hint, OUT counted bigint, OUT after bigint)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN h.counted_from = f.acknowledged THEN h.counted_pending ELSE 0 END,
+           CASE WHEN h.counted_from = f.acknowledged THEN greatest(h.counted_to, cd2sync._feed_since(f, h))
+                ELSE cd2sync._feed_since(f, h) END
 $$;
 
 -- Takes feed f's hints to write them (held until commit), unless another
@@ -950,13 +972,7 @@ BEGIN
         IF last - since > lim.max_pending THEN
             -- positions bound the count; count (to one over) only when the
             -- bound is over, and only after what an earlier check counted
-            IF h.counted_from = f.acknowledged THEN
-                counted := h.counted_pending;
-                after := greatest(h.counted_to, since);
-            ELSE
-                counted := 0;
-                after := since;
-            END IF;
+            SELECT k.counted, k.after INTO counted, after FROM cd2sync._feed_counted(f, h) k;
             SELECT counted + count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
                      WHERE c.position > after AND c.position <= last
@@ -1019,11 +1035,16 @@ CREATE OR REPLACE VIEW cd2sync.feeds AS
                 THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
       LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
-      CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.position) AS first
+      CROSS JOIN LATERAL cd2sync._feed_counted(f, h) k
+      CROSS JOIN LATERAL (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*) AS pending
+                            FROM cd2sync.changes c
+                           WHERE c.position > k.after AND f.stale_since IS NULL
+                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p
+      CROSS JOIN LATERAL (SELECT min(c.position) AS first
                             FROM cd2sync.changes c
                            WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
-                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p
-      LEFT JOIN cd2sync.changes o ON o.position = p.first;
+                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) q
+      LEFT JOIN cd2sync.changes o ON o.position = q.first;
 
 CREATE OR REPLACE VIEW cd2sync.monitoring AS
     SELECT 'table'::text AS kind, i.name AS instance, s.table_name AS name,
@@ -2153,7 +2174,7 @@ $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_sweep()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-SET enable_sort = off SET enable_seqscan = off AS $$   -- (the key's order: see cd2_feed_read)
+SET enable_sort = off SET enable_seqscan = off SET jit = off AS $$   -- (the key's order: see cd2_feed_read)
 BEGIN
     IF NOT cd2sync._feed_may_tidy() THEN
         RETURN;
@@ -2162,9 +2183,9 @@ BEGIN
         BEGIN
             LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
             DELETE FROM cd2sync.changes c
-             WHERE c.position IN (SELECT x.position FROM cd2sync.changes x
-                                   WHERE x.position <= cd2sync._feed_settled_to()
-                                   LIMIT 10000 FOR UPDATE SKIP LOCKED);   -- (the rest at the next)
+             WHERE c.position = ANY (ARRAY(SELECT x.position FROM cd2sync.changes x
+                                            WHERE x.position <= cd2sync._feed_settled_to()
+                                            LIMIT 10000 FOR UPDATE SKIP LOCKED));   -- (the rest at the next)
         EXCEPTION WHEN lock_not_available THEN
             NULL;
         END;
@@ -2196,7 +2217,9 @@ REVOKE ALL ON FUNCTION cd2sync._feed_forget(cd2sync.feed, bigint, bigint), cd2sy
                        cd2sync._feed_may_tidy(), cd2sync._feed_settled_to(), cd2sync._feed_check_limits(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_hint(cd2sync.feed), cd2sync._feed_hint_take(cd2sync.feed),
                        cd2sync._feed_hints_tidy(), cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint),
+                          cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._shows_global(text, text), cd2sync._global_index_column(regclass),
                        cd2sync._ensure_global_indexes(regclass, bigint) FROM PUBLIC;
 

@@ -120,6 +120,19 @@ RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
     SELECT greatest(f.acknowledged, h.scanned_to)
 $$;
 
+-- What a check counted of feed f's pending changes that still holds, given
+-- its hints h: the count, and the position after which to count the rest.
+-- A count holds while the feed's acknowledged position is the one it
+-- counted from: the changes it counted (up to a position already visible,
+-- and positions become visible in order) are deleted only by the feed's
+-- own acknowledgement or stale mark, or by a sweep below every live feed.
+CREATE FUNCTION cd2sync._feed_counted(f cd2sync.feed, h cd2sync.feed_hint, OUT counted bigint, OUT after bigint)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN h.counted_from = f.acknowledged THEN h.counted_pending ELSE 0 END,
+           CASE WHEN h.counted_from = f.acknowledged THEN greatest(h.counted_to, cd2sync._feed_since(f, h))
+                ELSE cd2sync._feed_since(f, h) END
+$$;
+
 -- Whether this transaction may write what only keeps things tidy (a
 -- hint, changes left to forget) without failing: not read-only, and READ
 -- COMMITTED (in REPEATABLE READ, a row another transaction updated or
@@ -157,18 +170,24 @@ $$;
 -- A feed over its limits is stale before a sync marks it (a read that
 -- finds it so fails). The oldest pending
 -- change is the first by position (they commit in that order), as
--- _feed_check_limits takes it.
+-- _feed_check_limits takes it; the pending ones are what a check counted,
+-- while its count holds (_feed_counted), and those after it.
 CREATE VIEW cd2sync.feeds AS
     SELECT f.name, f.tables, f.acknowledged, p.pending, o.committed_at AS oldest_pending,
            CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, o.committed_at) IS NULL
                 THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
       LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
-      CROSS JOIN LATERAL (SELECT count(*) AS pending, min(c.position) AS first
+      CROSS JOIN LATERAL cd2sync._feed_counted(f, h) k
+      CROSS JOIN LATERAL (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*) AS pending
+                            FROM cd2sync.changes c
+                           WHERE c.position > k.after AND f.stale_since IS NULL
+                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p
+      CROSS JOIN LATERAL (SELECT min(c.position) AS first
                             FROM cd2sync.changes c
                            WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
-                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p
-      LEFT JOIN cd2sync.changes o ON o.position = p.first;
+                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) q
+      LEFT JOIN cd2sync.changes o ON o.position = q.first;
 
 -- The image of a row: to_jsonb(r), made for every change faster (src/capture.c)
 CREATE FUNCTION cd2sync._row_image(r record)
@@ -617,13 +636,7 @@ BEGIN
         IF last - since > lim.max_pending THEN
             -- positions bound the count; count (to one over) only when the
             -- bound is over, and only after what an earlier check counted
-            IF h.counted_from = f.acknowledged THEN
-                counted := h.counted_pending;
-                after := greatest(h.counted_to, since);
-            ELSE
-                counted := 0;
-                after := since;
-            END IF;
+            SELECT k.counted, k.after INTO counted, after FROM cd2sync._feed_counted(f, h) k;
             SELECT counted + count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
                      WHERE c.position > after AND c.position <= last
@@ -717,10 +730,14 @@ $$;
 -- them, a feed being made), or a change another deletes, is left to a
 -- later sweep, and so are all but 10,000 of them; a
 -- transaction that is not READ COMMITTED, or is read-only, deletes none
--- (_feed_may_tidy). (Each statement takes the bound in its own snapshot.)
+-- (_feed_may_tidy). (Each statement takes the bound in its own snapshot,
+-- once: the changes to delete are an InitPlan, never a subquery a plan
+-- could scan again for each change, with the bound taken again each time.
+-- No JIT: with sequential scans disabled here, the bound's small query
+-- looks costly enough to compile, at each call.)
 CREATE FUNCTION cd2sync._feed_sweep()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-SET enable_sort = off SET enable_seqscan = off AS $$   -- (the key's order: see cd2_feed_read)
+SET enable_sort = off SET enable_seqscan = off SET jit = off AS $$   -- (the key's order: see cd2_feed_read)
 BEGIN
     IF NOT cd2sync._feed_may_tidy() THEN
         RETURN;
@@ -729,9 +746,9 @@ BEGIN
         BEGIN
             LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
             DELETE FROM cd2sync.changes c
-             WHERE c.position IN (SELECT x.position FROM cd2sync.changes x
-                                   WHERE x.position <= cd2sync._feed_settled_to()
-                                   LIMIT 10000 FOR UPDATE SKIP LOCKED);   -- (the rest at the next)
+             WHERE c.position = ANY (ARRAY(SELECT x.position FROM cd2sync.changes x
+                                            WHERE x.position <= cd2sync._feed_settled_to()
+                                            LIMIT 10000 FOR UPDATE SKIP LOCKED));   -- (the rest at the next)
         EXCEPTION WHEN lock_not_available THEN
             NULL;
         END;

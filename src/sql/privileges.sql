@@ -63,7 +63,8 @@ GRANT EXECUTE ON FUNCTION cd2_watermark(text, text), cd2_consistent_watermark(te
 -- workers' progress for the readers of cd2sync.progress
 GRANT EXECUTE ON FUNCTION cd2sync._covers(text[], text), cd2sync._namespace_of(text),
                           cd2sync._feed_limits(), cd2sync._feed_over_limits(bigint, timestamptz),
-                          cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;
+                          cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint),
+                          cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._progress() TO cd2sync_reader;
 
 -- monitoring systems
