@@ -416,6 +416,14 @@ SELECT :touched - :before < 20000 AS touched_once;
 COMMIT;
 ALTER TABLE cd2sync.changes RESET (autovacuum_enabled);
 SELECT count(*) AS changes_left FROM cd2sync.changes;
+-- no JIT where a plan type is turned off (the costs it adds made a small
+-- query look worth compiling, at each call) nor in what cd2sync.feeds
+-- counts at each read (a third of the changes, the planner guesses)
+SELECT p.proname AS compiles FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE (n.nspname = 'cd2sync' OR (n.nspname = 'public' AND p.proname LIKE 'cd2\_%'))
+   AND (p.proname = '_feed_pending' OR EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c ~ '^enable_.*=off$'))
+   AND NOT 'jit=off' = ANY (coalesce(p.proconfig, '{}'))
+ ORDER BY 1;
 -- the index on global ids beside a user's index follows a new shard, and
 -- goes with the shard
 CREATE INDEX enr_course ON east.enrollments (course_id);

@@ -398,20 +398,21 @@ $node->safe_psql('postgres', "ALTER DATABASE postgres RESET cd2sync.feed_max_pen
 # while its feed is dropped, or marked stale by a sync's check: the changes
 # it then reads lack what the drop or the mark forgot, so the read fails
 # instead of returning them
+# (each the only feed of its changes, which the drop or mark deletes)
 $node->safe_psql('postgres', "SELECT cd2_drop_feed(name) FROM cd2sync.feed");
-$node->safe_psql('postgres', "SELECT cd2_create_feed('dr', tables => ARRAY['users']), cd2_create_feed('mk', tables => ARRAY['users'])");
-$node->safe_psql('postgres', "$bump; $bump");
 for my $case (
-	[ 'dr', "SELECT cd2_drop_feed('dr')", qr/feed "dr" was dropped/, 'dropped' ],
+	[ 'dr', "SELECT cd2_drop_feed('dr')", qr/42704: cd2sync feed "dr" was dropped/, 'dropped' ],
 	[ 'mk', "SET LOCAL cd2sync.feed_max_pending = 1; SELECT cd2sync._feed_check_limits()",
-		qr/feed "mk" is stale: more than 1 changes wait/, 'marked stale' ])
+		qr/55000: cd2sync feed "mk" is stale: more than 1 changes wait/, 'marked stale' ])
 {
 	my ($feed, $act, $expect, $what) = @$case;
+	$node->safe_psql('postgres', "SELECT cd2_create_feed('$feed', tables => ARRAY['users'])");
+	$node->safe_psql('postgres', "$bump; $bump");
 	is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('$feed')"), '2', "$feed: 2 changes to read");
 	my $blocker = $node->background_psql('postgres');
 	$blocker->query_safe("BEGIN; LOCK TABLE cd2sync.changes IN ACCESS EXCLUSIVE MODE");
 	my $rd = $node->background_psql('postgres', on_error_stop => 0);
-	$rd->query_until(qr/reading/, "\\echo reading\nSELECT count(*) FROM cd2_feed_read('$feed');\n");
+	$rd->query_until(qr/reading/, "\\set VERBOSITY verbose\n\\echo reading\nSELECT count(*) FROM cd2_feed_read('$feed');\n");
 	ok($node->poll_query_until('postgres',
 		"SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND relation = 'cd2sync.changes'::regclass"),
 		"$feed: the read waits for the changes");

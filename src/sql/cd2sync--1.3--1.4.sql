@@ -93,9 +93,12 @@
 --   pending changes after what a check counted, while the count holds
 --   (_feed_counted, the rule _feed_check_limits follows), and finds the
 --   oldest by the key, instead of counting every pending change at each
---   read.
+--   read; without JIT (_feed_pending), which compiled the counts at each
+--   read. No function that turns a plan type off is compiled by JIT
+--   either (_last_position, _feed_check_limits, cd2_feed_read, _feed_sweep).
 -- * _feed_sweep takes the changes to delete, and its bound, once per
---   statement (an InitPlan), without JIT: with the statistics of an
+--   statement (an InitPlan), by the key (no bitmap scan), without JIT: with
+--   the statistics of an
 --   emptied and vacuumed cd2sync.changes the planner read them again for
 --   each change it deleted, the bound compiled again each time.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
@@ -175,6 +178,26 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN h.counted_from = f.acknowledged THEN h.counted_pending ELSE 0 END,
            CASE WHEN h.counted_from = f.acknowledged THEN greatest(h.counted_to, cd2sync._feed_since(f, h))
                 ELSE cd2sync._feed_since(f, h) END
+$$;
+
+-- Feed f's pending changes (none when stale) and the first of them, given
+-- its hints h: what a check counted, while its count holds
+-- (_feed_counted), and those after it; the first by the key. For
+-- cd2sync.feeds, as the reader of the view (cd2sync_reader, pg_monitor):
+-- no JIT, which a view cannot turn off (the planner takes a third of the
+-- changes to match a position it does not know, and compiling took 100
+-- times longer than the count, for each read of cd2sync.monitoring).
+CREATE OR REPLACE FUNCTION cd2sync._feed_pending(f cd2sync.feed, h cd2sync.feed_hint, OUT pending bigint, OUT first bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+    SELECT (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*)
+              FROM cd2sync.changes c
+             WHERE c.position > k.after AND f.stale_since IS NULL
+               AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))),
+           (SELECT min(c.position)
+              FROM cd2sync.changes c
+             WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
+               AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name))))
+      FROM cd2sync._feed_counted(f, h) k
 $$;
 
 -- Takes feed f's hints to write them (held until commit), unless another
@@ -926,7 +949,7 @@ RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_check_limits(reader text DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off SET jit = off AS $$
 DECLARE
     lim record := cd2sync._feed_limits();
     over jsonb := '{}';
@@ -1035,16 +1058,8 @@ CREATE OR REPLACE VIEW cd2sync.feeds AS
                 THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
       LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
-      CROSS JOIN LATERAL cd2sync._feed_counted(f, h) k
-      CROSS JOIN LATERAL (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*) AS pending
-                            FROM cd2sync.changes c
-                           WHERE c.position > k.after AND f.stale_since IS NULL
-                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p
-      CROSS JOIN LATERAL (SELECT min(c.position) AS first
-                            FROM cd2sync.changes c
-                           WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
-                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) q
-      LEFT JOIN cd2sync.changes o ON o.position = q.first;
+      CROSS JOIN LATERAL cd2sync._feed_pending(f, h) p
+      LEFT JOIN cd2sync.changes o ON o.position = p.first;
 
 CREATE OR REPLACE VIEW cd2sync.monitoring AS
     SELECT 'table'::text AS kind, i.name AS instance, s.table_name AS name,
@@ -2062,7 +2077,7 @@ END $$;
 CREATE OR REPLACE FUNCTION cd2_feed_read(name text, max_changes int DEFAULT 10000)
 RETURNS TABLE ("position" bigint, table_name text, op text, key jsonb, instance text, "row" jsonb,
                changed text[], cause text, watermark timestamptz)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_sort = off SET jit = off AS $$
 DECLARE
     f cd2sync.feed := cd2sync._check_feed(name);
     why text;
@@ -2099,7 +2114,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._last_position()
-RETURNS bigint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+RETURNS bigint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET enable_sort = off SET jit = off AS $$
     SELECT c.position FROM cd2sync.changes c ORDER BY c.position DESC LIMIT 1
 $$;
 
@@ -2174,7 +2189,8 @@ $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_sweep()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-SET enable_sort = off SET enable_seqscan = off SET jit = off AS $$   -- (the key's order: see cd2_feed_read)
+SET enable_sort = off SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+AS $$   -- (the key's order: see cd2_feed_read; a bitmap would read every change below the bound)
 BEGIN
     IF NOT cd2sync._feed_may_tidy() THEN
         RETURN;
@@ -2218,6 +2234,8 @@ REVOKE ALL ON FUNCTION cd2sync._feed_forget(cd2sync.feed, bigint, bigint), cd2sy
 REVOKE ALL ON FUNCTION cd2sync._feed_hint(cd2sync.feed), cd2sync._feed_hint_take(cd2sync.feed),
                        cd2sync._feed_hints_tidy(), cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_pending(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cd2sync._feed_pending(cd2sync.feed, cd2sync.feed_hint) TO cd2sync_reader, pg_monitor;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint),
                           cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._shows_global(text, text), cd2sync._global_index_column(regclass),

@@ -167,27 +167,38 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
                FOR UPDATE OF y SKIP LOCKED)
 $$;
 
+-- Feed f's pending changes (none when stale) and the first of them, given
+-- its hints h: what a check counted, while its count holds
+-- (_feed_counted), and those after it; the first by the key. For
+-- cd2sync.feeds, as the reader of the view (cd2sync_reader, pg_monitor):
+-- no JIT, which a view cannot turn off (the planner takes a third of the
+-- changes to match a position it does not know, and compiling took 100
+-- times longer than the count, for each read of cd2sync.monitoring).
+CREATE FUNCTION cd2sync._feed_pending(f cd2sync.feed, h cd2sync.feed_hint, OUT pending bigint, OUT first bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+    SELECT (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*)
+              FROM cd2sync.changes c
+             WHERE c.position > k.after AND f.stale_since IS NULL
+               AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))),
+           (SELECT min(c.position)
+              FROM cd2sync.changes c
+             WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
+               AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name))))
+      FROM cd2sync._feed_counted(f, h) k
+$$;
+
 -- A feed over its limits is stale before a sync marks it (a read that
 -- finds it so fails). The oldest pending
 -- change is the first by position (they commit in that order), as
--- _feed_check_limits takes it; the pending ones are what a check counted,
--- while its count holds (_feed_counted), and those after it.
+-- _feed_check_limits takes it.
 CREATE VIEW cd2sync.feeds AS
     SELECT f.name, f.tables, f.acknowledged, p.pending, o.committed_at AS oldest_pending,
            CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, o.committed_at) IS NULL
                 THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
       LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
-      CROSS JOIN LATERAL cd2sync._feed_counted(f, h) k
-      CROSS JOIN LATERAL (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*) AS pending
-                            FROM cd2sync.changes c
-                           WHERE c.position > k.after AND f.stale_since IS NULL
-                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) p
-      CROSS JOIN LATERAL (SELECT min(c.position) AS first
-                            FROM cd2sync.changes c
-                           WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
-                             AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))) q
-      LEFT JOIN cd2sync.changes o ON o.position = q.first;
+      CROSS JOIN LATERAL cd2sync._feed_pending(f, h) p
+      LEFT JOIN cd2sync.changes o ON o.position = p.first;
 
 -- The image of a row: to_jsonb(r), made for every change faster (src/capture.c)
 CREATE FUNCTION cd2sync._row_image(r record)
@@ -226,7 +237,7 @@ $$;
 -- end (see cd2_feed_read on the sort this avoids: with the table's
 -- statistics misleading the planner, max() read every change)
 CREATE FUNCTION cd2sync._last_position()
-RETURNS bigint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+RETURNS bigint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET enable_sort = off SET jit = off AS $$
     SELECT c.position FROM cd2sync.changes c ORDER BY c.position DESC LIMIT 1
 $$;
 
@@ -590,7 +601,7 @@ END $$;
 -- (The capture triggers of tables no feed follows any more go with the
 -- next creation or drop of a feed: _feed_ensure_capture.)
 CREATE FUNCTION cd2sync._feed_check_limits(reader text DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_sort = off SET jit = off AS $$
 DECLARE
     lim record := cd2sync._feed_limits();
     over jsonb := '{}';
@@ -737,7 +748,8 @@ $$;
 -- looks costly enough to compile, at each call.)
 CREATE FUNCTION cd2sync._feed_sweep()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-SET enable_sort = off SET enable_seqscan = off SET jit = off AS $$   -- (the key's order: see cd2_feed_read)
+SET enable_sort = off SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+AS $$   -- (the key's order: see cd2_feed_read; a bitmap would read every change below the bound)
 BEGIN
     IF NOT cd2sync._feed_may_tidy() THEN
         RETURN;
@@ -861,7 +873,7 @@ END $$;
 CREATE FUNCTION cd2_feed_read(name text, max_changes int DEFAULT 10000)
 RETURNS TABLE ("position" bigint, table_name text, op text, key jsonb, instance text, "row" jsonb,
                changed text[], cause text, watermark timestamptz)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_sort = off AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_sort = off SET jit = off AS $$
 DECLARE
     f cd2sync.feed := cd2sync._check_feed(name);
     why text;
