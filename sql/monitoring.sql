@@ -53,6 +53,7 @@ CREATE ROLE mon_exporter IN ROLE pg_monitor;
 CREATE ROLE mon_nobody;
 SET ROLE mon_exporter;
 SELECT name, status, consecutive_failures FROM cd2sync.monitoring WHERE instance = 'mon' ORDER BY name;
+SELECT kind, name, status, last_rows FROM cd2sync.monitoring WHERE kind = 'feed';
 SELECT last_error FROM cd2sync.monitoring;
 SET ROLE mon_nobody;
 SELECT count(*) FROM cd2sync.monitoring;

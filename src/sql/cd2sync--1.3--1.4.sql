@@ -180,14 +180,14 @@ LANGUAGE sql IMMUTABLE AS $$
                 ELSE cd2sync._feed_since(f, h) END
 $$;
 
--- Feed f's pending changes (none when stale) and the first of them, given
--- its hints h: what a check counted, while its count holds
--- (_feed_counted), and those after it; the first by the key. For
--- cd2sync.feeds, as the reader of the view (cd2sync_reader, pg_monitor):
--- no JIT, which a view cannot turn off (the planner takes a third of the
--- changes to match a position it does not know, and compiling took 100
--- times longer than the count, for each read of cd2sync.monitoring).
-CREATE OR REPLACE FUNCTION cd2sync._feed_pending(f cd2sync.feed, h cd2sync.feed_hint, OUT pending bigint, OUT first bigint)
+-- The pending changes of the feed named (none when stale) and the first of
+-- them: what a check counted, while its count holds (_feed_counted), and
+-- those after it; the first by the key. For cd2sync.feeds, as the reader
+-- of the view (cd2sync_reader, pg_monitor), of a feed there is: no JIT,
+-- which a view cannot turn off (the planner takes a third of the changes
+-- to match a position it does not know, and compiling took 100 times
+-- longer than the count, at each read of cd2sync.monitoring).
+CREATE OR REPLACE FUNCTION cd2sync._feed_pending(name text, OUT pending bigint, OUT first bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*)
               FROM cd2sync.changes c
@@ -197,7 +197,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET j
               FROM cd2sync.changes c
              WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
                AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name))))
-      FROM cd2sync._feed_counted(f, h) k
+      FROM cd2sync.feed f
+      LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
+     CROSS JOIN LATERAL cd2sync._feed_counted(f, h) k
+     WHERE f.name = _feed_pending.name
 $$;
 
 -- Takes feed f's hints to write them (held until commit), unless another
@@ -1057,8 +1060,7 @@ CREATE OR REPLACE VIEW cd2sync.feeds AS
            CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, o.committed_at) IS NULL
                 THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
-      LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
-      CROSS JOIN LATERAL cd2sync._feed_pending(f, h) p
+      CROSS JOIN LATERAL cd2sync._feed_pending(f.name) p
       LEFT JOIN cd2sync.changes o ON o.position = p.first;
 
 CREATE OR REPLACE VIEW cd2sync.monitoring AS
@@ -2234,8 +2236,8 @@ REVOKE ALL ON FUNCTION cd2sync._feed_forget(cd2sync.feed, bigint, bigint), cd2sy
 REVOKE ALL ON FUNCTION cd2sync._feed_hint(cd2sync.feed), cd2sync._feed_hint_take(cd2sync.feed),
                        cd2sync._feed_hints_tidy(), cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2sync._feed_pending(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION cd2sync._feed_pending(cd2sync.feed, cd2sync.feed_hint) TO cd2sync_reader, pg_monitor;
+REVOKE ALL ON FUNCTION cd2sync._feed_pending(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cd2sync._feed_pending(text) TO cd2sync_reader, pg_monitor;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint),
                           cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._shows_global(text, text), cd2sync._global_index_column(regclass),

@@ -167,14 +167,14 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
                FOR UPDATE OF y SKIP LOCKED)
 $$;
 
--- Feed f's pending changes (none when stale) and the first of them, given
--- its hints h: what a check counted, while its count holds
--- (_feed_counted), and those after it; the first by the key. For
--- cd2sync.feeds, as the reader of the view (cd2sync_reader, pg_monitor):
--- no JIT, which a view cannot turn off (the planner takes a third of the
--- changes to match a position it does not know, and compiling took 100
--- times longer than the count, for each read of cd2sync.monitoring).
-CREATE FUNCTION cd2sync._feed_pending(f cd2sync.feed, h cd2sync.feed_hint, OUT pending bigint, OUT first bigint)
+-- The pending changes of the feed named (none when stale) and the first of
+-- them: what a check counted, while its count holds (_feed_counted), and
+-- those after it; the first by the key. For cd2sync.feeds, as the reader
+-- of the view (cd2sync_reader, pg_monitor), of a feed there is: no JIT,
+-- which a view cannot turn off (the planner takes a third of the changes
+-- to match a position it does not know, and compiling took 100 times
+-- longer than the count, at each read of cd2sync.monitoring).
+CREATE FUNCTION cd2sync._feed_pending(name text, OUT pending bigint, OUT first bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*)
               FROM cd2sync.changes c
@@ -184,7 +184,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET j
               FROM cd2sync.changes c
              WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
                AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name))))
-      FROM cd2sync._feed_counted(f, h) k
+      FROM cd2sync.feed f
+      LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
+     CROSS JOIN LATERAL cd2sync._feed_counted(f, h) k
+     WHERE f.name = _feed_pending.name
 $$;
 
 -- A feed over its limits is stale before a sync marks it (a read that
@@ -196,8 +199,7 @@ CREATE VIEW cd2sync.feeds AS
            CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, o.committed_at) IS NULL
                 THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
-      LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
-      CROSS JOIN LATERAL cd2sync._feed_pending(f, h) p
+      CROSS JOIN LATERAL cd2sync._feed_pending(f.name) p
       LEFT JOIN cd2sync.changes o ON o.position = p.first;
 
 -- The image of a row: to_jsonb(r), made for every change faster (src/capture.c)

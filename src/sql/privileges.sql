@@ -66,7 +66,7 @@ GRANT EXECUTE ON FUNCTION cd2sync._covers(text[], text), cd2sync._namespace_of(t
                           cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint),
                           cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._progress() TO cd2sync_reader;
-GRANT EXECUTE ON FUNCTION cd2sync._feed_pending(cd2sync.feed, cd2sync.feed_hint) TO cd2sync_reader, pg_monitor;
+GRANT EXECUTE ON FUNCTION cd2sync._feed_pending(text) TO cd2sync_reader, pg_monitor;
 
 -- monitoring systems
 GRANT SELECT (kind, instance, name, status, watermark, seconds_behind, last_success,
