@@ -192,6 +192,21 @@ catalog_sql_current(void)
 }
 
 /*
+ * One sweep of the change feeds' changes that no feed waits for any more
+ * (cd2sync._feed_sweep, in the caller's transaction); returns how many it
+ * deleted.
+ */
+int64
+catalog_feed_sweep(void)
+{
+	int64 gone = 0;
+
+	if (!sql_int64s("SELECT cd2sync._feed_sweep()", 0, NULL, 1, &gone))
+		return 0;
+	return gone;
+}
+
+/*
  * The instances with a schedule that are not running, soonest due first:
  * a list of ScheduleDue in the caller's memory context.
  */

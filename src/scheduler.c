@@ -12,6 +12,11 @@
  * watermarks. The instances it started are remembered only to not start
  * one twice.
  *
+ * At each look it also sweeps the change feeds: deletes the changes every
+ * feed has acknowledged (an acknowledgement deletes nothing itself, so that
+ * a consumer's open transaction holds nothing a sync waits for), a batch a
+ * transaction, for at most a second.
+ *
  *-------------------------------------------------------------------------
  */
 #include "cd2sync.h"
@@ -30,6 +35,7 @@
 #include "pgstat.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/timestamp.h"
 #include "catalog.h"
 #include "launch.h"
 
@@ -75,6 +81,33 @@ is_started(const char *instance)
 }
 
 /*
+ * Whether the extension is there, its SQL objects at this library's
+ * version (else they wait for ALTER EXTENSION UPDATE: nothing is done until
+ * then).
+ */
+static bool
+extension_ready(void)
+{
+	static bool version_warned = false;
+
+	if (!OidIsValid(get_extension_oid("cd2sync", true)))
+		return false; /* not created (yet) in this database */
+
+	if (!catalog_sql_current())
+	{
+		if (!version_warned)
+			ereport(LOG, (errmsg("cd2sync scheduler: the extension's SQL objects are not at "
+								 "version %s; no sync is started until ALTER EXTENSION "
+								 "cd2sync UPDATE",
+								 CD2SYNC_VERSION)));
+		version_warned = true;
+		return false;
+	}
+	version_warned = false;
+	return true;
+}
+
+/*
  * Starts the syncs that are due, as worker slots allow; returns how long to
  * sleep before the next one is due.
  */
@@ -82,24 +115,7 @@ static long
 start_due_syncs(void)
 {
 	long sleep_ms = cd2_scheduler_naptime;
-	static bool version_warned = false;
 	ListCell *lc;
-
-	if (!OidIsValid(get_extension_oid("cd2sync", true)))
-		return sleep_ms; /* not created (yet) in this database */
-
-	if (!catalog_sql_current())
-	{
-		/* the SQL objects wait for ALTER EXTENSION UPDATE: no sync until then */
-		if (!version_warned)
-			ereport(LOG, (errmsg("cd2sync scheduler: the extension's SQL objects are not at "
-								 "version %s; no sync is started until ALTER EXTENSION "
-								 "cd2sync UPDATE",
-								 CD2SYNC_VERSION)));
-		version_warned = true;
-		return sleep_ms;
-	}
-	version_warned = false;
 
 	foreach (lc, catalog_schedules_due())
 	{
@@ -132,6 +148,26 @@ start_due_syncs(void)
 	return sleep_ms;
 }
 
+/*
+ * Sweeps the change feeds (cd2sync._feed_sweep), a transaction a batch,
+ * while a batch deletes changes, for at most a second.
+ */
+static void
+sweep_feeds(void)
+{
+	TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
+	int64 gone;
+
+	pgstat_report_activity(STATE_RUNNING, "cd2sync scheduler: sweeping change feeds");
+	do
+	{
+		CHECK_FOR_INTERRUPTS();
+		catalog_begin();
+		gone = catalog_feed_sweep();
+		catalog_commit();
+	} while (gone > 0 && !ShutdownRequestPending && GetCurrentTimestamp() < until);
+}
+
 void
 cd2_scheduler_main(Datum main_arg)
 {
@@ -145,6 +181,9 @@ cd2_scheduler_main(Datum main_arg)
 	database = pstrdup(cd2_database);
 	BackgroundWorkerInitializeConnection(database, NULL, 0);
 	pgstat_report_appname("cd2sync scheduler");
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
+	/* a sweep deletes only in READ COMMITTED, whatever the database's default */
+	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_SESSION);
 	ereport(LOG, (errmsg("cd2sync scheduler started in database \"%s\"", database)));
 
 	/* what one look at the schedules reads lives until the next look */
@@ -173,10 +212,16 @@ cd2_scheduler_main(Datum main_arg)
 		reap_workers();
 		PG_TRY();
 		{
+			bool ready;
+
 			pgstat_report_activity(STATE_RUNNING, "cd2sync scheduler: starting due syncs");
 			catalog_begin();
-			sleep_ms = start_due_syncs();
+			ready = extension_ready();
+			if (ready)
+				sleep_ms = start_due_syncs();
 			catalog_commit();
+			if (ready)
+				sweep_feeds();
 		}
 		PG_CATCH();
 		{

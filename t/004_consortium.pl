@@ -340,6 +340,8 @@ $node->safe_psql('postgres', "SELECT cd2_feed_ack('sis', 1)");
 is($node->safe_psql('postgres', "SELECT acknowledged, pending, status FROM cd2sync.feeds WHERE name = 'sis'"),
 	"$last|0|ok", 'acknowledged: nothing pending, and acknowledging less changes nothing');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('sis')"), '0', 'read after the acknowledged position');
+# (by the next sweep: a sync's end, the scheduler's look)
+$node->safe_psql('postgres', "SELECT cd2sync._feed_sweep()");
 ok($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE feed IS NULL AND table_name = 'submissions'") == 0,
 	'changes every feed acknowledged are forgotten');
 

@@ -99,6 +99,22 @@ ok($node->poll_query_until('postgres', "SELECT count(*) = 0 FROM cd2sync.runs WH
 ok($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.runs WHERE error = 'the sync worker stopped before the run was done'") > 0,
 	'the run cut by the restart is marked failed by the next one');
 
+# the scheduler sweeps the change feeds: what a consumer acknowledged is
+# deleted at its next look, with no sync to do it (an acknowledgement
+# deletes nothing itself, so that a consumer's open transaction holds
+# nothing a sync waits for)
+$node->safe_psql('postgres', "SELECT cd2_alter_instance('north', schedule => NULL), cd2_alter_instance('south', schedule => NULL)");
+ok($node->poll_query_until('postgres', "SELECT count(*) = 0 FROM cd2sync.runs WHERE status = 'running'"), 'no sync runs');
+my $runs = $node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.runs");
+$node->safe_psql('postgres', "SELECT cd2_create_feed('swept', tables => ARRAY['users'])");
+$node->safe_psql('postgres', "UPDATE north.users SET name = name || '!'");
+my $users = $node->safe_psql('postgres', "SELECT count(*) FROM north.users");
+my @out = split /\n/, $node->safe_psql('postgres', "BEGIN; SELECT cd2_feed_ack('swept', (SELECT max(position) FROM cd2_feed_read('swept')));"
+	  . " SELECT count(*) FROM cd2sync.changes; COMMIT");
+is($out[-1], $users, 'a feed acknowledges every change it has, and deletes none');
+ok($node->poll_query_until('postgres', "SELECT count(*) = 0 FROM cd2sync.changes"), 'the scheduler deletes them');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.runs"), $runs, 'with no sync');
+
 $node->stop;
 $emu->stop;
 done_testing();

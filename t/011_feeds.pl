@@ -147,10 +147,15 @@ is($sub->safe_psql('postgres', "SELECT count(*), max(position), md5(string_agg(p
 	$node->safe_psql('postgres', "SELECT count(*), max(position), md5(string_agg(position || op || key::text || coalesce(\"row\"::text, ''), ',' ORDER BY position)) FROM cd2sync.changes"),
 	'logical replication streamed every change to the subscriber');
 
-# acknowledged changes are forgotten here; the subscriber keeps its copy
+# acknowledged changes are forgotten here, by the end of the next sync (an
+# acknowledgement deletes nothing itself); the subscriber keeps its copy
 my $last = last_position();
+my $before_ack = $node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes");
 $node->safe_psql('postgres', "SELECT cd2_feed_ack('dl', $last)");
-is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'acknowledged changes are forgotten');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), $before_ack, 'an acknowledgement deletes nothing');
+$r = Cd2Test::sync($node, 'north', tables => ['courses']);
+is($r->{courses}{mode} . $r->{courses}{error}, 'unchanged', 'a sync of a table no feed follows');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'forgets the acknowledged changes at its end');
 $node->wait_for_catchup('cd2_changes');
 ok($sub->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes") > 0, 'the subscriber keeps what it received');
 
@@ -292,11 +297,10 @@ is($node->safe_psql('postgres', "SELECT string_agg(name || ' ' || acknowledged, 
 $rr->quit;
 $holder->quit;
 $node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('rr')");
-is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '1500',
-	'the changes no feed waits for are left to the next acknowledgement that moves, or sync');
-$pos_rr = $put->('rr', 'pseudonyms', 1);
-$node->safe_psql('postgres', "SELECT cd2_feed_ack('rr', $pos_rr)");
-is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'which deletes them');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '1502',
+	'the acknowledged changes, and those of no feed, are left to a sweep');
+is($node->safe_psql('postgres', "SELECT cd2sync._feed_sweep()"), '1502', 'which deletes them');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'all');
 
 # (an acknowledgement while a check waits for the changes: the check read
 # the feed and what an earlier check counted before, and counts what came
@@ -326,11 +330,14 @@ is($node->safe_psql('postgres', "SELECT status || ' ' || pending FROM cd2sync.fe
 $acker->quit;
 $checker->quit;
 
-# 11. two feeds acknowledge the same change at once: each sees the other's
-# acknowledgement not yet made, and leaves the change; the next
-# acknowledgement deletes it, since every feed has acknowledged it (a quiet
-# feed too, known by its check to have no change up to it). A reader's
-# transaction, held open meanwhile, holds nothing a sync waits for.
+# 11. two feeds acknowledge the same change at once, each in a transaction
+# held open: a sync's write waits for neither, nor an acknowledgement for a
+# sync's transaction that holds the changes' lock (each did when an
+# acknowledgement deleted what it covered); the sweep after deletes the
+# change, since every feed has acknowledged it, and the changes of no feed
+# before it (a quiet feed too is known by its check to have no change up
+# to it). A reader's transaction, held open meanwhile, holds nothing a sync
+# waits for either.
 $node->safe_psql('postgres', "SELECT cd2_drop_feed(name) FROM cd2sync.feed");
 $node->safe_psql('postgres', "SELECT cd2_create_feed('q1', tables => ARRAY['courses']), "
 	  . "cd2_create_feed('a1', tables => ARRAY['users']), cd2_create_feed('b1', tables => ARRAY['users'])");
@@ -340,10 +347,18 @@ $node->safe_psql('postgres', $bump);
 my $p = last_position();
 my $ack_a = $node->background_psql('postgres');
 my $ack_b = $node->background_psql('postgres');
+my $capturing = $node->background_psql('postgres');
+$capturing->query_safe("BEGIN; SELECT cd2sync._feed_lock()");   # (as a sync's capture, until it commits)
+($ret, $out, $err) = $node->psql('postgres', "SET lock_timeout = '5s'; SELECT cd2_feed_ack('b1', $p - 1)");
+is($ret . $err, '0', "an acknowledgement does not wait for a sync's transaction");
+$capturing->query_safe('COMMIT');
 $ack_a->query_safe("BEGIN; SELECT cd2_feed_ack('a1', $p)");
 $ack_b->query_safe("BEGIN; SELECT cd2_feed_ack('b1', $p)");
+($ret, $out, $err) = $node->psql('postgres', "SET lock_timeout = '5s'; $bump");
+is($ret . $err, '0', "a sync's write does not wait for consumers' open transactions that acknowledged");
 $ack_a->query_safe('COMMIT');
 $ack_b->query_safe('COMMIT');
+$capturing->quit;
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE position = $p"), '1', 'both acknowledgements left the change');
 # (the reader's limit, 1 change, puts the other feeds over it: its read
 # checks its own feed only, and marks none, which would forget their
@@ -360,9 +375,9 @@ like($reader->{stderr}, qr/feed "ov" is stale: more than 1 changes wait/, 'a rea
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.feed WHERE stale_since IS NOT NULL"), '0', 'and no read marked a feed');
 is($node->safe_psql('postgres', "SELECT scanned_to >= $p FROM cd2sync.feed_hint WHERE name = 'q1'"), 't',
 	'the quiet feed has no change up to it');
-$node->safe_psql('postgres', "SELECT cd2_feed_ack('a1', " . last_position() . ")");
+$node->safe_psql('postgres', "SELECT cd2_feed_ack('a1', " . last_position() . "); SELECT cd2sync._feed_sweep()");
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes WHERE position <= $p"), '0',
-	'the next acknowledgement deleted it, and the changes of no feed before it');
+	'the next sweep deleted it, and the changes of no feed before it');
 $ack_a->quit;
 $ack_b->quit;
 $reader->quit;

@@ -101,6 +101,16 @@
 --   the statistics of an
 --   emptied and vacuumed cd2sync.changes the planner read them again for
 --   each change it deleted, the bound compiled again each time.
+-- * An acknowledgement deletes nothing: it only moves the feed's position
+--   (its delete held the lock on the changes, which every sync's capture
+--   takes, until the consumer's transaction ended, and waited for a sync's
+--   transaction). _feed_sweep (the end of every table's sync, a drop, and
+--   the scheduler's every look, a batch a transaction) deletes what each
+--   feed acknowledged since the last sweep (feed_hint.forgotten_to) that no
+--   other feed waits for (_feed_awaited), never waiting, and returns how
+--   many it deleted. cd2sync.feeds takes the oldest pending change's time
+--   from _feed_pending (the view's join to the changes became a scan of
+--   them all when the statistics said the table was small).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -146,11 +156,17 @@ CREATE TABLE cd2sync.feed_hint (
     counted_from    bigint,
     counted_to      bigint,
     counted_pending bigint,
+    -- the feed's acknowledged changes up to here were forgotten
+    -- (_feed_sweep): those after it, up to its acknowledged position, are
+    -- left to the next sweep. An acknowledgement deletes nothing (see
+    -- cd2_feed_ack). Set when the feed is made.
+    forgotten_to    bigint,
     PRIMARY KEY (name, created_at),
     CHECK (num_nulls(counted_from, counted_to, counted_pending) IN (0, 3))
 );
 
-INSERT INTO cd2sync.feed_hint (name, created_at) SELECT name, created_at FROM cd2sync.feed;
+-- (1.3's acknowledgements forgot what they acknowledged)
+INSERT INTO cd2sync.feed_hint (name, created_at, forgotten_to) SELECT name, created_at, acknowledged FROM cd2sync.feed;
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.feed_hint', '');
 REVOKE ALL ON cd2sync.feed_hint FROM PUBLIC;   -- (as privileges.sql for every table)
 
@@ -187,16 +203,17 @@ $$;
 -- which a view cannot turn off (the planner takes a third of the changes
 -- to match a position it does not know, and compiling took 100 times
 -- longer than the count, at each read of cd2sync.monitoring).
-CREATE OR REPLACE FUNCTION cd2sync._feed_pending(name text, OUT pending bigint, OUT first bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+CREATE OR REPLACE FUNCTION cd2sync._feed_pending(name text, OUT pending bigint, OUT oldest timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_sort = off SET jit = off AS $$
     SELECT (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*)
               FROM cd2sync.changes c
              WHERE c.position > k.after AND f.stale_since IS NULL
                AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))),
-           (SELECT min(c.position)
+           (SELECT c.committed_at
               FROM cd2sync.changes c
              WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
-               AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name))))
+               AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+             ORDER BY c.position LIMIT 1)
       FROM cd2sync.feed f
       LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
      CROSS JOIN LATERAL cd2sync._feed_counted(f, h) k
@@ -771,6 +788,8 @@ BEGIN
     PERFORM cd2sync._feed_lock();
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
     UPDATE cd2sync.feed f SET acknowledged = start WHERE f.name = n;
+    UPDATE cd2sync.feed_hint h SET forgotten_to = start
+      FROM cd2sync.feed f WHERE f.name = n AND h.name = f.name AND h.created_at = f.created_at;
     IF from_start THEN
         FOR t, vw IN SELECT v.table_name, v.view FROM cd2sync._views() v
                       WHERE cd2sync._covers(tables, v.table_name) ORDER BY 1 LOOP
@@ -1017,8 +1036,8 @@ BEGIN
         CONTINUE WHEN why IS NULL;
         -- Marked only where that cannot fail (_feed_may_tidy), and never
         -- waited for either: a sync holding the changes' lock would
-        -- deadlock with an acknowledgement or a drop of this feed that
-        -- holds its row and waits for that lock, or for the sync's table;
+        -- deadlock with a drop of this feed that holds its row and waits
+        -- for that lock, or for the sync's table;
         -- the next check marks it. Nor when the feed was acknowledged,
         -- made again or marked since the loop read it: the changes counted
         -- may be gone.
@@ -1051,17 +1070,15 @@ BEGIN
     RETURN over;
 END $$;
 
-
 -- a feed over its limits is stale at once (_feed_over_limits, the one owner
 -- of the limits): cd2sync.feeds and cd2sync.monitoring say so before a
 -- sync marks it
 CREATE OR REPLACE VIEW cd2sync.feeds AS
-    SELECT f.name, f.tables, f.acknowledged, p.pending, o.committed_at AS oldest_pending,
-           CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, o.committed_at) IS NULL
+    SELECT f.name, f.tables, f.acknowledged, p.pending, p.oldest AS oldest_pending,
+           CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, p.oldest) IS NULL
                 THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
-      CROSS JOIN LATERAL cd2sync._feed_pending(f.name) p
-      LEFT JOIN cd2sync.changes o ON o.position = p.first;
+      CROSS JOIN LATERAL cd2sync._feed_pending(f.name) p;
 
 CREATE OR REPLACE VIEW cd2sync.monitoring AS
     SELECT 'table'::text AS kind, i.name AS instance, s.table_name AS name,
@@ -2151,7 +2168,7 @@ BEGIN
         RETURN;
     END IF;
     -- what a check counted stays true less the changes acknowledged (see
-    -- cd2sync.feed_hint), counted before they are forgotten; where the
+    -- cd2sync.feed_hint), counted before a sweep deletes them; where the
     -- hint cannot be taken, it is left as it was: no longer valid
     IF h.counted_from = f.acknowledged AND last <= h.counted_to AND cd2sync._feed_hint_take(f) THEN
         SELECT count(*) INTO taken FROM cd2sync.changes c
@@ -2164,12 +2181,20 @@ BEGIN
                   FROM (SELECT x.counted_from = f.acknowledged AND last <= x.counted_to AS ok) k)
          WHERE x.name = f.name AND x.created_at = f.created_at;
     END IF;
+    -- (what it covers is deleted by the next sweep: a delete here would
+    -- hold the lock on the changes, which syncs' captures wait for, until
+    -- the consumer's transaction ends, and wait for a sync's transaction)
     UPDATE cd2sync.feed x SET acknowledged = last, acknowledged_at = now() WHERE x.name = f.name;
-    IF f.stale_since IS NULL THEN   -- (a stale feed's changes were forgotten as it went stale)
-        PERFORM cd2sync._feed_forget(f, start, last);
-    END IF;
-    PERFORM cd2sync._feed_sweep();
 END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._feed_awaited("position" bigint, feed text, table_name text)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM cd2sync.feed x
+                    WHERE x.stale_since IS NULL AND x.acknowledged < _feed_awaited."position"
+                      AND (_feed_awaited.feed = x.name
+                           OR (_feed_awaited.feed IS NULL AND cd2sync._covers(x.tables, _feed_awaited.table_name))))
+$$;
+
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_forget(f cd2sync.feed, after bigint, upto bigint DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -2177,10 +2202,7 @@ BEGIN
     DELETE FROM cd2sync.changes c
      WHERE c.position > after AND c.position <= coalesce(upto, 9223372036854775807)   -- (both bound the scan)
        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
-       AND NOT EXISTS (SELECT 1 FROM cd2sync.feed x
-                        WHERE x.stale_since IS NULL AND x.acknowledged < c.position
-                          AND (c.feed = x.name
-                               OR (c.feed IS NULL AND cd2sync._covers(x.tables, c.table_name))));
+       AND NOT cd2sync._feed_awaited(c.position, c.feed, c.table_name);
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_may_tidy()
@@ -2189,25 +2211,67 @@ RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
            AND NOT current_setting('transaction_read_only')::boolean
 $$;
 
-CREATE OR REPLACE FUNCTION cd2sync._feed_sweep()
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+CREATE OR REPLACE FUNCTION cd2sync._feed_sweep(batch int DEFAULT 10000)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 SET enable_sort = off SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
 AS $$   -- (the key's order: see cd2_feed_read; a bitmap would read every change below the bound)
+DECLARE
+    r record;
+    left_ bigint := batch;
+    seen bigint;
+    upto bigint;
+    k bigint;
+    gone bigint := 0;
 BEGIN
-    IF NOT cd2sync._feed_may_tidy() THEN
-        RETURN;
+    IF NOT cd2sync._feed_may_tidy()
+       OR NOT (EXISTS (SELECT 1 FROM cd2sync.feed x
+                         JOIN cd2sync.feed_hint h ON h.name = x.name AND h.created_at = x.created_at
+                        WHERE x.stale_since IS NULL AND h.forgotten_to < x.acknowledged)
+               OR (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= cd2sync._feed_settled_to()) THEN
+        RETURN 0;   -- (nothing to delete: no lock taken)
     END IF;
+    BEGIN
+        LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN 0;
+    END;
+    FOR r IN SELECT x AS f, h.forgotten_to AS since FROM cd2sync.feed x
+               JOIN cd2sync.feed_hint h ON h.name = x.name AND h.created_at = x.created_at
+              WHERE x.stale_since IS NULL AND h.forgotten_to < x.acknowledged
+              ORDER BY x.name LOOP
+        EXIT WHEN left_ <= 0;
+        CONTINUE WHEN NOT cd2sync._feed_hint_take(r.f);
+        -- up to the feed's left_-th change after it, else its acknowledged position
+        SELECT count(*), max(c.position) INTO seen, upto
+          FROM (SELECT c.position FROM cd2sync.changes c
+                 WHERE c.position > r.since AND c.position <= (r.f).acknowledged
+                   AND (c.feed = (r.f).name OR (c.feed IS NULL AND cd2sync._covers((r.f).tables, c.table_name)))
+                 ORDER BY c.position LIMIT left_) c;
+        IF seen < left_ THEN
+            upto := (r.f).acknowledged;
+        END IF;
+        DELETE FROM cd2sync.changes c
+         WHERE c.position = ANY (ARRAY(SELECT x.position FROM cd2sync.changes x
+                                        WHERE x.position > r.since AND x.position <= upto
+                                          AND (x.feed = (r.f).name
+                                               OR (x.feed IS NULL AND cd2sync._covers((r.f).tables, x.table_name)))
+                                          AND NOT cd2sync._feed_awaited(x.position, x.feed, x.table_name)
+                                          FOR UPDATE SKIP LOCKED));
+        GET DIAGNOSTICS k = ROW_COUNT;
+        gone := gone + k;
+        UPDATE cd2sync.feed_hint x SET forgotten_to = greatest(x.forgotten_to, upto)
+         WHERE x.name = (r.f).name AND x.created_at = (r.f).created_at;
+        left_ := left_ - seen;
+    END LOOP;
     IF (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= cd2sync._feed_settled_to() THEN
-        BEGIN
-            LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
-            DELETE FROM cd2sync.changes c
-             WHERE c.position = ANY (ARRAY(SELECT x.position FROM cd2sync.changes x
-                                            WHERE x.position <= cd2sync._feed_settled_to()
-                                            LIMIT 10000 FOR UPDATE SKIP LOCKED));   -- (the rest at the next)
-        EXCEPTION WHEN lock_not_available THEN
-            NULL;
-        END;
+        DELETE FROM cd2sync.changes c
+         WHERE c.position = ANY (ARRAY(SELECT x.position FROM cd2sync.changes x
+                                        WHERE x.position <= cd2sync._feed_settled_to()
+                                        LIMIT batch FOR UPDATE SKIP LOCKED));   -- (the rest at the next)
+        GET DIAGNOSTICS k = ROW_COUNT;
+        gone := gone + k;
     END IF;
+    RETURN gone;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_settled_to()
@@ -2231,12 +2295,13 @@ REVOKE ALL ON FUNCTION cd2sync._feed_merge_begin(), cd2sync._feed_merge_end(), c
 REVOKE ALL ON FUNCTION cd2sync._feed_capture_row() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_captures(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._tx_clear() FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2sync._feed_forget(cd2sync.feed, bigint, bigint), cd2sync._feed_sweep(),
+REVOKE ALL ON FUNCTION cd2sync._feed_forget(cd2sync.feed, bigint, bigint), cd2sync._feed_sweep(integer),
                        cd2sync._feed_may_tidy(), cd2sync._feed_settled_to(), cd2sync._feed_check_limits(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_hint(cd2sync.feed), cd2sync._feed_hint_take(cd2sync.feed),
                        cd2sync._feed_hints_tidy(), cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_pending(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_awaited(bigint, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_pending(text) TO cd2sync_reader, pg_monitor;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint),
                           cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;

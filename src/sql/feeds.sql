@@ -51,6 +51,11 @@ CREATE TABLE cd2sync.feed_hint (
     counted_from    bigint,
     counted_to      bigint,
     counted_pending bigint,
+    -- the feed's acknowledged changes up to here were forgotten
+    -- (_feed_sweep): those after it, up to its acknowledged position, are
+    -- left to the next sweep. An acknowledgement deletes nothing (see
+    -- cd2_feed_ack). Set when the feed is made.
+    forgotten_to    bigint,
     PRIMARY KEY (name, created_at),
     CHECK (num_nulls(counted_from, counted_to, counted_pending) IN (0, 3))
 );
@@ -124,8 +129,9 @@ $$;
 -- its hints h: the count, and the position after which to count the rest.
 -- A count holds while the feed's acknowledged position is the one it
 -- counted from: the changes it counted (up to a position already visible,
--- and positions become visible in order) are deleted only by the feed's
--- own acknowledgement or stale mark, or by a sweep below every live feed.
+-- and positions become visible in order) are deleted only once the feed
+-- has acknowledged them (a sweep), by its stale mark, or by a sweep below
+-- every live feed.
 CREATE FUNCTION cd2sync._feed_counted(f cd2sync.feed, h cd2sync.feed_hint, OUT counted bigint, OUT after bigint)
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN h.counted_from = f.acknowledged THEN h.counted_pending ELSE 0 END,
@@ -167,23 +173,28 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
                FOR UPDATE OF y SKIP LOCKED)
 $$;
 
--- The pending changes of the feed named (none when stale) and the first of
--- them: what a check counted, while its count holds (_feed_counted), and
--- those after it; the first by the key. For cd2sync.feeds, as the reader
--- of the view (cd2sync_reader, pg_monitor), of a feed there is: no JIT,
--- which a view cannot turn off (the planner takes a third of the changes
--- to match a position it does not know, and compiling took 100 times
--- longer than the count, at each read of cd2sync.monitoring).
-CREATE FUNCTION cd2sync._feed_pending(name text, OUT pending bigint, OUT first bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+-- The pending changes of the feed named (none when stale), and when the
+-- oldest of them committed: what a check counted, while its count holds
+-- (_feed_counted), and those after it; the oldest is the first by position
+-- (they commit in that order), as _feed_check_limits takes it, by the key.
+-- For cd2sync.feeds, as the reader of the view (cd2sync_reader,
+-- pg_monitor), of a feed there is: no JIT, which a view cannot turn off
+-- (the planner takes a third of the changes to match a position it does
+-- not know, and compiling took 100 times longer than the count, at each
+-- read of cd2sync.monitoring), and no plan that reads every change to find
+-- the first (the view joined it, and took a scan of them all when the
+-- statistics said the table was small).
+CREATE FUNCTION cd2sync._feed_pending(name text, OUT pending bigint, OUT oldest timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_sort = off SET jit = off AS $$
     SELECT (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*)
               FROM cd2sync.changes c
              WHERE c.position > k.after AND f.stale_since IS NULL
                AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))),
-           (SELECT min(c.position)
+           (SELECT c.committed_at
               FROM cd2sync.changes c
              WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
-               AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name))))
+               AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+             ORDER BY c.position LIMIT 1)
       FROM cd2sync.feed f
       LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
      CROSS JOIN LATERAL cd2sync._feed_counted(f, h) k
@@ -191,16 +202,13 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET j
 $$;
 
 -- A feed over its limits is stale before a sync marks it (a read that
--- finds it so fails). The oldest pending
--- change is the first by position (they commit in that order), as
--- _feed_check_limits takes it.
+-- finds it so fails).
 CREATE VIEW cd2sync.feeds AS
-    SELECT f.name, f.tables, f.acknowledged, p.pending, o.committed_at AS oldest_pending,
-           CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, o.committed_at) IS NULL
+    SELECT f.name, f.tables, f.acknowledged, p.pending, p.oldest AS oldest_pending,
+           CASE WHEN f.stale_since IS NULL AND cd2sync._feed_over_limits(p.pending, p.oldest) IS NULL
                 THEN 'ok' ELSE 'stale' END AS status
       FROM cd2sync.feed f
-      CROSS JOIN LATERAL cd2sync._feed_pending(f.name) p
-      LEFT JOIN cd2sync.changes o ON o.position = p.first;
+      CROSS JOIN LATERAL cd2sync._feed_pending(f.name) p;
 
 -- The image of a row: to_jsonb(r), made for every change faster (src/capture.c)
 CREATE FUNCTION cd2sync._row_image(r record)
@@ -668,8 +676,8 @@ BEGIN
         CONTINUE WHEN why IS NULL;
         -- Marked only where that cannot fail (_feed_may_tidy), and never
         -- waited for either: a sync holding the changes' lock would
-        -- deadlock with an acknowledgement or a drop of this feed that
-        -- holds its row and waits for that lock, or for the sync's table;
+        -- deadlock with a drop of this feed that holds its row and waits
+        -- for that lock, or for the sync's table;
         -- the next check marks it. Nor when the feed was acknowledged,
         -- made again or marked since the loop read it: the changes counted
         -- may be gone.
@@ -702,25 +710,31 @@ BEGIN
     RETURN over;
 END $$;
 
+-- Whether a feed (not stale) waits for the change at position, of feed
+-- (its start's) or of every feed following table_name: one that has not
+-- acknowledged it. (Inlined where it is called: no SET.)
+CREATE FUNCTION cd2sync._feed_awaited("position" bigint, feed text, table_name text)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM cd2sync.feed x
+                    WHERE x.stale_since IS NULL AND x.acknowledged < _feed_awaited."position"
+                      AND (_feed_awaited.feed = x.name
+                           OR (_feed_awaited.feed IS NULL AND cd2sync._covers(x.tables, _feed_awaited.table_name))))
+$$;
+
 -- Deletes feed f's changes (its own, and those of the tables it follows)
--- with positions in (after, upto] that no feed waits for any more: every
--- feed that follows them (and is not stale) has acknowledged them. Only an
--- acknowledgement of f, f dropped or gone stale can make them forgettable,
--- each within what it moved; the other changes it passes are not its to
--- forget, so that two transactions never delete the same change (one in
--- REPEATABLE READ would fail). Two feeds that acknowledge a change at once
--- each see the other's acknowledgement not yet made, and leave it:
--- _feed_sweep deletes them.
+-- with positions in (after, upto] that no feed waits for any more
+-- (_feed_awaited), where f dropped or gone stale no longer waits for them;
+-- the other changes it passes are not its to forget. Only a drop and a
+-- stale mark call it, in READ COMMITTED (a change another transaction
+-- deletes first is passed over); what acknowledgements leave is
+-- _feed_sweep's.
 CREATE FUNCTION cd2sync._feed_forget(f cd2sync.feed, after bigint, upto bigint DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM cd2sync.changes c
      WHERE c.position > after AND c.position <= coalesce(upto, 9223372036854775807)   -- (both bound the scan)
        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
-       AND NOT EXISTS (SELECT 1 FROM cd2sync.feed x
-                        WHERE x.stale_since IS NULL AND x.acknowledged < c.position
-                          AND (c.feed = x.name
-                               OR (c.feed IS NULL AND cd2sync._covers(x.tables, c.table_name))));
+       AND NOT cd2sync._feed_awaited(c.position, c.feed, c.table_name);
 END $$;
 
 -- The position up to which no feed (not stale) waits for a change: the
@@ -734,39 +748,89 @@ RETURNS bigint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
      WHERE f.stale_since IS NULL
 $$;
 
--- Deletes the changes no feed waits for that were left (see _feed_forget),
--- where the lock on the changes is held anyway or briefly: at the end of a
--- sync, of an acknowledgement and of a drop (never in a read, whose
--- transaction a consumer may keep open while syncs would wait). Never
--- waits nor fails: it looks only when the first change is one of them;
--- then a lock on the changes another transaction holds (a sync writing
--- them, a feed being made), or a change another deletes, is left to a
--- later sweep, and so are all but 10,000 of them; a
--- transaction that is not READ COMMITTED, or is read-only, deletes none
--- (_feed_may_tidy). (Each statement takes the bound in its own snapshot,
--- once: the changes to delete are an InitPlan, never a subquery a plan
--- could scan again for each change, with the bound taken again each time.
--- No JIT: with sequential scans disabled here, the bound's small query
--- looks costly enough to compile, at each call.)
-CREATE FUNCTION cd2sync._feed_sweep()
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+-- Deletes the changes no feed waits for any more, at most batch of each
+-- kind, where the lock on the changes is held anyway or briefly: at the end
+-- of every table's sync, of a drop, and at each look of the scheduler
+-- (src/scheduler.c), never in a consumer's transaction. Two kinds:
+--   the changes each feed acknowledged since the last sweep
+--   (feed_hint.forgotten_to) that no other feed waits for
+--   (_feed_awaited): an acknowledgement only moves the feed's position, so
+--   that nothing a consumer's transaction holds is waited for by a sync's,
+--   nor the other way round;
+--   every change up to _feed_settled_to (every feed's _feed_since, in the
+--   sweep's own snapshot), which also takes what the first left: a change
+--   another transaction held, of a feed without hints.
+-- Never waits nor fails: a lock on the changes another transaction holds
+-- (a sync writing them, a feed being made), a feed's hints another holds,
+-- or a change another deletes, is left to a later sweep; a transaction
+-- that is not READ COMMITTED, or is read-only, deletes none
+-- (_feed_may_tidy). Returns how many changes it deleted.
+-- (Each statement takes the changes to delete, and its bound, once: an
+-- InitPlan, never a subquery a plan could scan again for each change, with
+-- the bound taken again each time. No JIT: with sequential scans disabled
+-- here, the bound's small query looks costly enough to compile, at each
+-- call.)
+CREATE FUNCTION cd2sync._feed_sweep(batch int DEFAULT 10000)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 SET enable_sort = off SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
 AS $$   -- (the key's order: see cd2_feed_read; a bitmap would read every change below the bound)
+DECLARE
+    r record;
+    left_ bigint := batch;
+    seen bigint;
+    upto bigint;
+    k bigint;
+    gone bigint := 0;
 BEGIN
-    IF NOT cd2sync._feed_may_tidy() THEN
-        RETURN;
+    IF NOT cd2sync._feed_may_tidy()
+       OR NOT (EXISTS (SELECT 1 FROM cd2sync.feed x
+                         JOIN cd2sync.feed_hint h ON h.name = x.name AND h.created_at = x.created_at
+                        WHERE x.stale_since IS NULL AND h.forgotten_to < x.acknowledged)
+               OR (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= cd2sync._feed_settled_to()) THEN
+        RETURN 0;   -- (nothing to delete: no lock taken)
     END IF;
+    BEGIN
+        LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN 0;
+    END;
+    FOR r IN SELECT x AS f, h.forgotten_to AS since FROM cd2sync.feed x
+               JOIN cd2sync.feed_hint h ON h.name = x.name AND h.created_at = x.created_at
+              WHERE x.stale_since IS NULL AND h.forgotten_to < x.acknowledged
+              ORDER BY x.name LOOP
+        EXIT WHEN left_ <= 0;
+        CONTINUE WHEN NOT cd2sync._feed_hint_take(r.f);
+        -- up to the feed's left_-th change after it, else its acknowledged position
+        SELECT count(*), max(c.position) INTO seen, upto
+          FROM (SELECT c.position FROM cd2sync.changes c
+                 WHERE c.position > r.since AND c.position <= (r.f).acknowledged
+                   AND (c.feed = (r.f).name OR (c.feed IS NULL AND cd2sync._covers((r.f).tables, c.table_name)))
+                 ORDER BY c.position LIMIT left_) c;
+        IF seen < left_ THEN
+            upto := (r.f).acknowledged;
+        END IF;
+        DELETE FROM cd2sync.changes c
+         WHERE c.position = ANY (ARRAY(SELECT x.position FROM cd2sync.changes x
+                                        WHERE x.position > r.since AND x.position <= upto
+                                          AND (x.feed = (r.f).name
+                                               OR (x.feed IS NULL AND cd2sync._covers((r.f).tables, x.table_name)))
+                                          AND NOT cd2sync._feed_awaited(x.position, x.feed, x.table_name)
+                                          FOR UPDATE SKIP LOCKED));
+        GET DIAGNOSTICS k = ROW_COUNT;
+        gone := gone + k;
+        UPDATE cd2sync.feed_hint x SET forgotten_to = greatest(x.forgotten_to, upto)
+         WHERE x.name = (r.f).name AND x.created_at = (r.f).created_at;
+        left_ := left_ - seen;
+    END LOOP;
     IF (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= cd2sync._feed_settled_to() THEN
-        BEGIN
-            LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
-            DELETE FROM cd2sync.changes c
-             WHERE c.position = ANY (ARRAY(SELECT x.position FROM cd2sync.changes x
-                                            WHERE x.position <= cd2sync._feed_settled_to()
-                                            LIMIT 10000 FOR UPDATE SKIP LOCKED));   -- (the rest at the next)
-        EXCEPTION WHEN lock_not_available THEN
-            NULL;
-        END;
+        DELETE FROM cd2sync.changes c
+         WHERE c.position = ANY (ARRAY(SELECT x.position FROM cd2sync.changes x
+                                        WHERE x.position <= cd2sync._feed_settled_to()
+                                        LIMIT batch FOR UPDATE SKIP LOCKED));   -- (the rest at the next)
+        GET DIAGNOSTICS k = ROW_COUNT;
+        gone := gone + k;
     END IF;
+    RETURN gone;
 END $$;
 
 -- ---------------------------------------------------------------------------
@@ -829,6 +893,8 @@ BEGIN
     PERFORM cd2sync._feed_lock();
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
     UPDATE cd2sync.feed f SET acknowledged = start WHERE f.name = n;
+    UPDATE cd2sync.feed_hint h SET forgotten_to = start
+      FROM cd2sync.feed f WHERE f.name = n AND h.name = f.name AND h.created_at = f.created_at;
     IF from_start THEN
         FOR t, vw IN SELECT v.table_name, v.view FROM cd2sync._views() v
                       WHERE cd2sync._covers(tables, v.table_name) ORDER BY 1 LOOP
@@ -944,7 +1010,7 @@ BEGIN
         RETURN;
     END IF;
     -- what a check counted stays true less the changes acknowledged (see
-    -- cd2sync.feed_hint), counted before they are forgotten; where the
+    -- cd2sync.feed_hint), counted before a sweep deletes them; where the
     -- hint cannot be taken, it is left as it was: no longer valid
     IF h.counted_from = f.acknowledged AND last <= h.counted_to AND cd2sync._feed_hint_take(f) THEN
         SELECT count(*) INTO taken FROM cd2sync.changes c
@@ -957,11 +1023,10 @@ BEGIN
                   FROM (SELECT x.counted_from = f.acknowledged AND last <= x.counted_to AS ok) k)
          WHERE x.name = f.name AND x.created_at = f.created_at;
     END IF;
+    -- (what it covers is deleted by the next sweep: a delete here would
+    -- hold the lock on the changes, which syncs' captures wait for, until
+    -- the consumer's transaction ends, and wait for a sync's transaction)
     UPDATE cd2sync.feed x SET acknowledged = last, acknowledged_at = now() WHERE x.name = f.name;
-    IF f.stale_since IS NULL THEN   -- (a stale feed's changes were forgotten as it went stale)
-        PERFORM cd2sync._feed_forget(f, start, last);
-    END IF;
-    PERFORM cd2sync._feed_sweep();
 END $$;
 
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.feed', '');
