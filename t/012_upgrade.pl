@@ -41,6 +41,7 @@ INSERT INTO east.enrollments VALUES (10, 1, 100, 'active');
 INSERT INTO cd2sync.table_state (instance, table_name, status) VALUES ('east', 'enrollments', 'ok');
 SELECT cd2sync.refresh_views();
 SELECT cd2_create_feed('sis', tables => ARRAY['enrollments']);
+SELECT cd2_create_feed('lag', tables => ARRAY['users']);
 });
 my $triggers = q{SELECT string_agg(tgname || ' ' || tgfoid::regproc, ', ' ORDER BY tgname)
                    FROM pg_trigger WHERE tgrelid = 'east.enrollments'::regclass};
@@ -54,6 +55,12 @@ is($node->safe_psql('feeds_1_3', $triggers),
 $node->safe_psql('feeds_1_3', "UPDATE east.enrollments SET state = 'completed' WHERE id = 10");
 is($node->safe_psql('feeds_1_3', q{SELECT op, key, "row"->>'state', changed FROM cd2_feed_read('sis')}),
 	'update|{"id": 70000000000010}|completed|{state}', 'updated: the feed has the row\'s change');
+# (a sweep deletes it once acknowledged, from where 1.3's acknowledgements
+# left the feed: another feed, behind it, keeps it from deleting every
+# change below)
+$node->safe_psql('feeds_1_3', "SELECT cd2_feed_ack('sis', (SELECT max(position) FROM cd2_feed_read('sis')))");
+is($node->safe_psql('feeds_1_3', "SELECT cd2sync._feed_sweep(); SELECT count(*) FROM cd2sync.changes"), "1\n0",
+	'updated: a sweep deletes what the feed acknowledged');
 
 for my $db ('from_1_0', 'from_1_1', 'from_1_2', 'from_1_3')
 {
