@@ -416,6 +416,25 @@ SELECT :touched - :before < 20000 AS touched_once;
 COMMIT;
 ALTER TABLE cd2sync.changes RESET (autovacuum_enabled);
 SELECT count(*) AS changes_left FROM cd2sync.changes;
+-- an acknowledgement deletes nothing; a sweep deletes what it covered that
+-- no other feed waits for, asking which feeds wait inline, not by a call
+-- for each change
+SELECT cd2_create_feed('aw', tables => ARRAY['terms']);
+SELECT cd2_create_feed('aw_behind', tables => ARRAY['terms']);
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+SELECT nextval('cd2sync.change_position_seq'), NULL, 'terms', 'insert', jsonb_build_object('id', i), 'east',
+       jsonb_build_object('id', i), 'sync'
+  FROM generate_series(1, 500) i;
+SELECT cd2_feed_ack('aw', (SELECT max(position) FROM cd2sync.changes));
+SELECT cd2_feed_ack('aw_behind', (SELECT max(position) - 100 FROM cd2sync.changes));
+SELECT count(*) AS kept FROM cd2sync.changes;
+BEGIN;
+SET LOCAL track_functions = 'all';
+SELECT cd2sync._feed_sweep(1000) AS swept;   -- (aw_behind waits for the last 100)
+SELECT coalesce(max(calls), 0) < 100 AS no_call_per_change FROM pg_stat_xact_user_functions;
+COMMIT;
+SELECT count(*) AS kept FROM cd2sync.changes;
+SELECT cd2_drop_feed('aw'), cd2_drop_feed('aw_behind');
 -- no JIT where a plan type is turned off (the costs it adds made a small
 -- query look worth compiling, at each call) nor in what cd2sync.feeds
 -- counts at each read (a third of the changes, the planner guesses)

@@ -107,7 +107,7 @@
 --   transaction). _feed_sweep (the end of every table's sync, a drop, and
 --   the scheduler's every look, a batch a transaction) deletes what each
 --   feed acknowledged since the last sweep (feed_hint.forgotten_to) that no
---   other feed waits for (_feed_awaited), never waiting, and returns how
+--   other feed waits for (_feeds_awaiting), never waiting, and returns how
 --   many it deleted. cd2sync.feeds takes the oldest pending change's time
 --   from _feed_pending (the view's join to the changes became a scan of
 --   them all when the statistics said the table was small).
@@ -2187,12 +2187,12 @@ BEGIN
     UPDATE cd2sync.feed x SET acknowledged = last, acknowledged_at = now() WHERE x.name = f.name;
 END $$;
 
-CREATE OR REPLACE FUNCTION cd2sync._feed_awaited("position" bigint, feed text, table_name text)
-RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM cd2sync.feed x
-                    WHERE x.stale_since IS NULL AND x.acknowledged < _feed_awaited."position"
-                      AND (_feed_awaited.feed = x.name
-                           OR (_feed_awaited.feed IS NULL AND cd2sync._covers(x.tables, _feed_awaited.table_name))))
+CREATE OR REPLACE FUNCTION cd2sync._feeds_awaiting("position" bigint, feed text, table_name text)
+RETURNS SETOF text LANGUAGE sql STABLE AS $$
+    SELECT x.name FROM cd2sync.feed x
+     WHERE x.stale_since IS NULL AND x.acknowledged < _feeds_awaiting."position"
+       AND (_feeds_awaiting.feed = x.name
+            OR (_feeds_awaiting.feed IS NULL AND cd2sync._covers(x.tables, _feeds_awaiting.table_name)))
 $$;
 
 
@@ -2202,7 +2202,7 @@ BEGIN
     DELETE FROM cd2sync.changes c
      WHERE c.position > after AND c.position <= coalesce(upto, 9223372036854775807)   -- (both bound the scan)
        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
-       AND NOT cd2sync._feed_awaited(c.position, c.feed, c.table_name);
+       AND NOT EXISTS (SELECT FROM cd2sync._feeds_awaiting(c.position, c.feed, c.table_name));
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_may_tidy()
@@ -2255,7 +2255,7 @@ BEGIN
                                         WHERE x.position > r.since AND x.position <= upto
                                           AND (x.feed = (r.f).name
                                                OR (x.feed IS NULL AND cd2sync._covers((r.f).tables, x.table_name)))
-                                          AND NOT cd2sync._feed_awaited(x.position, x.feed, x.table_name)
+                                          AND NOT EXISTS (SELECT FROM cd2sync._feeds_awaiting(x.position, x.feed, x.table_name))
                                           FOR UPDATE SKIP LOCKED));
         GET DIAGNOSTICS k = ROW_COUNT;
         gone := gone + k;
@@ -2301,7 +2301,7 @@ REVOKE ALL ON FUNCTION cd2sync._feed_hint(cd2sync.feed), cd2sync._feed_hint_take
                        cd2sync._feed_hints_tidy(), cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_pending(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2sync._feed_awaited(bigint, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feeds_awaiting(bigint, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_pending(text) TO cd2sync_reader, pg_monitor;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint),
                           cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;

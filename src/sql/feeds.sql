@@ -710,20 +710,23 @@ BEGIN
     RETURN over;
 END $$;
 
--- Whether a feed (not stale) waits for the change at position, of feed
--- (its start's) or of every feed following table_name: one that has not
--- acknowledged it. (Inlined where it is called: no SET.)
-CREATE FUNCTION cd2sync._feed_awaited("position" bigint, feed text, table_name text)
-RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM cd2sync.feed x
-                    WHERE x.stale_since IS NULL AND x.acknowledged < _feed_awaited."position"
-                      AND (_feed_awaited.feed = x.name
-                           OR (_feed_awaited.feed IS NULL AND cd2sync._covers(x.tables, _feed_awaited.table_name))))
+-- The feeds (not stale) that wait for the change at position, of feed (its
+-- start's) or of every feed following table_name: those that have not
+-- acknowledged it. A set, not a boolean, so that it is inlined where it is
+-- called (NOT EXISTS (SELECT FROM ...)): no SET, and a function that
+-- returns one value is not inlined when it holds a subquery; it would
+-- then run once per change.
+CREATE FUNCTION cd2sync._feeds_awaiting("position" bigint, feed text, table_name text)
+RETURNS SETOF text LANGUAGE sql STABLE AS $$
+    SELECT x.name FROM cd2sync.feed x
+     WHERE x.stale_since IS NULL AND x.acknowledged < _feeds_awaiting."position"
+       AND (_feeds_awaiting.feed = x.name
+            OR (_feeds_awaiting.feed IS NULL AND cd2sync._covers(x.tables, _feeds_awaiting.table_name)))
 $$;
 
 -- Deletes feed f's changes (its own, and those of the tables it follows)
 -- with positions in (after, upto] that no feed waits for any more
--- (_feed_awaited), where f dropped or gone stale no longer waits for them;
+-- (_feeds_awaiting), where f dropped or gone stale no longer waits for them;
 -- the other changes it passes are not its to forget. Only a drop and a
 -- stale mark call it, in READ COMMITTED (a change another transaction
 -- deletes first is passed over); what acknowledgements leave is
@@ -734,7 +737,7 @@ BEGIN
     DELETE FROM cd2sync.changes c
      WHERE c.position > after AND c.position <= coalesce(upto, 9223372036854775807)   -- (both bound the scan)
        AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
-       AND NOT cd2sync._feed_awaited(c.position, c.feed, c.table_name);
+       AND NOT EXISTS (SELECT FROM cd2sync._feeds_awaiting(c.position, c.feed, c.table_name));
 END $$;
 
 -- The position up to which no feed (not stale) waits for a change: the
@@ -754,7 +757,7 @@ $$;
 -- (src/scheduler.c), never in a consumer's transaction. Two kinds:
 --   the changes each feed acknowledged since the last sweep
 --   (feed_hint.forgotten_to) that no other feed waits for
---   (_feed_awaited): an acknowledgement only moves the feed's position, so
+--   (_feeds_awaiting): an acknowledgement only moves the feed's position, so
 --   that nothing a consumer's transaction holds is waited for by a sync's,
 --   nor the other way round;
 --   every change up to _feed_settled_to (every feed's _feed_since, in the
@@ -814,7 +817,7 @@ BEGIN
                                         WHERE x.position > r.since AND x.position <= upto
                                           AND (x.feed = (r.f).name
                                                OR (x.feed IS NULL AND cd2sync._covers((r.f).tables, x.table_name)))
-                                          AND NOT cd2sync._feed_awaited(x.position, x.feed, x.table_name)
+                                          AND NOT EXISTS (SELECT FROM cd2sync._feeds_awaiting(x.position, x.feed, x.table_name))
                                           FOR UPDATE SKIP LOCKED));
         GET DIAGNOSTICS k = ROW_COUNT;
         gone := gone + k;
