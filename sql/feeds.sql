@@ -435,6 +435,34 @@ SELECT coalesce(max(calls), 0) < 100 AS no_call_per_change FROM pg_stat_xact_use
 COMMIT;
 SELECT count(*) AS kept FROM cd2sync.changes;
 SELECT cd2_drop_feed('aw'), cd2_drop_feed('aw_behind');
+-- a feed marked stale before a sweep took what it acknowledged: the mark
+-- forgets from where sweeps left it (another feed behind, on another table,
+-- keeps the sweep from deleting below it; the other feed on the table
+-- acknowledged everything)
+SELECT cd2_create_feed('h1', tables => ARRAY['courses']);
+SELECT cd2_create_feed('f1', tables => ARRAY['terms']);
+SELECT cd2_create_feed('g1', tables => ARRAY['terms']);
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+VALUES (nextval('cd2sync.change_position_seq'), NULL, 'courses', 'insert', '{"id": 1}', 'east', '{"id": 1}', 'sync');
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+SELECT nextval('cd2sync.change_position_seq'), NULL, 'terms', 'insert', jsonb_build_object('id', i), 'east',
+       jsonb_build_object('id', i), 'sync'
+  FROM generate_series(1, 10) i;
+SELECT cd2_feed_ack('g1', (SELECT max(position) FROM cd2sync.changes));
+SELECT cd2sync._feed_sweep() AS swept;   -- (f1 waits for them)
+SELECT cd2_feed_ack('f1', (SELECT max(position) FROM cd2sync.changes));
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+SELECT nextval('cd2sync.change_position_seq'), NULL, 'terms', 'insert', jsonb_build_object('id', i), 'east',
+       jsonb_build_object('id', i), 'sync'
+  FROM generate_series(11, 13) i;
+SELECT cd2_feed_ack('g1', (SELECT max(position) FROM cd2sync.changes));
+SET cd2sync.feed_max_pending = 2;
+SELECT cd2sync._feed_check_limits();
+RESET cd2sync.feed_max_pending;
+SELECT name, status, pending FROM cd2sync.feeds ORDER BY name;
+SELECT table_name, count(*) AS kept FROM cd2sync.changes GROUP BY 1;
+SELECT cd2_drop_feed('h1'), cd2_drop_feed('f1'), cd2_drop_feed('g1');
+SELECT count(*) AS changes_left FROM cd2sync.changes;
 -- no JIT where a plan type is turned off (the costs it adds made a small
 -- query look worth compiling, at each call) nor in what cd2sync.feeds
 -- counts at each read (a third of the changes, the planner guesses)

@@ -108,9 +108,10 @@
 --   the scheduler's every look, a batch a transaction) deletes what each
 --   feed acknowledged since the last sweep (feed_hint.forgotten_to) that no
 --   other feed waits for (_feeds_awaiting), never waiting, and returns how
---   many it deleted. cd2sync.feeds takes the oldest pending change's time
---   from _feed_pending (the view's join to the changes became a scan of
---   them all when the statistics said the table was small).
+--   many it deleted; a drop or a stale mark forgets from where sweeps left
+--   the feed (_feed_kept_after). cd2sync.feeds takes the oldest pending
+--   change's time from _feed_pending (the view's join to the changes became
+--   a scan of them all when the statistics said the table was small).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -189,6 +190,12 @@ $$;
 -- counted from: the changes it counted (up to a position already visible,
 -- and positions become visible in order) are deleted only by the feed's
 -- own acknowledgement or stale mark, or by a sweep below every live feed.
+CREATE OR REPLACE FUNCTION cd2sync._feed_kept_after(f cd2sync.feed, h cd2sync.feed_hint)
+RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
+    SELECT least(h.forgotten_to, cd2sync._feed_since(f, h))
+$$;
+
+
 CREATE OR REPLACE FUNCTION cd2sync._feed_counted(f cd2sync.feed, h cd2sync.feed_hint, OUT counted bigint, OUT after bigint)
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN h.counted_from = f.acknowledged THEN h.counted_pending ELSE 0 END,
@@ -1056,7 +1063,7 @@ BEGIN
             IF marked THEN
                 RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
                       USING HINT = 'Drop it and create it again; its changes are no longer kept.';
-                PERFORM cd2sync._feed_forget(f, since);
+                PERFORM cd2sync._feed_forget(f, cd2sync._feed_kept_after(f, h));
                 CONTINUE;
             END IF;
         END IF;
@@ -1721,16 +1728,16 @@ CREATE OR REPLACE FUNCTION cd2_drop_feed(name text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f cd2sync.feed;
-    since bigint;
+    after bigint;
 BEGIN
     PERFORM cd2sync._tx_clear();
     PERFORM cd2sync._feed_changing('cd2_drop_feed');
     f := cd2sync._check_feed(name);
-    since := cd2sync._feed_since(f, cd2sync._feed_hint(f));
+    after := cd2sync._feed_kept_after(f, cd2sync._feed_hint(f));
     DELETE FROM cd2sync.feed x WHERE x.name = f.name;
     PERFORM cd2sync._feed_hints_tidy();
     PERFORM cd2sync._feed_ensure_captures();
-    PERFORM cd2sync._feed_forget(f, since);
+    PERFORM cd2sync._feed_forget(f, after);
     PERFORM cd2sync._feed_sweep();   -- (the last feed gone: every change)
 END $$;
 
@@ -2301,7 +2308,8 @@ REVOKE ALL ON FUNCTION cd2sync._feed_hint(cd2sync.feed), cd2sync._feed_hint_take
                        cd2sync._feed_hints_tidy(), cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feed_pending(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION cd2sync._feeds_awaiting(bigint, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feeds_awaiting(bigint, text, text),
+                       cd2sync._feed_kept_after(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_pending(text) TO cd2sync_reader, pg_monitor;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint),
                           cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;

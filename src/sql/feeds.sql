@@ -125,6 +125,15 @@ RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
     SELECT greatest(f.acknowledged, h.scanned_to)
 $$;
 
+-- The position after which changes may still be kept for feed f, given its
+-- hints h: where sweeps left what it acknowledged (forgotten_to), else
+-- where its changes lie (_feed_since). What a drop or a stale mark forgets
+-- from.
+CREATE FUNCTION cd2sync._feed_kept_after(f cd2sync.feed, h cd2sync.feed_hint)
+RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
+    SELECT least(h.forgotten_to, cd2sync._feed_since(f, h))
+$$;
+
 -- What a check counted of feed f's pending changes that still holds, given
 -- its hints h: the count, and the position after which to count the rest.
 -- A count holds while the feed's acknowledged position is the one it
@@ -696,7 +705,7 @@ BEGIN
             IF marked THEN
                 RAISE WARNING 'cd2sync feed "%" is stale: %', f.name, why
                       USING HINT = 'Drop it and create it again; its changes are no longer kept.';
-                PERFORM cd2sync._feed_forget(f, since);
+                PERFORM cd2sync._feed_forget(f, cd2sync._feed_kept_after(f, h));
                 CONTINUE;
             END IF;
         END IF;
@@ -921,16 +930,16 @@ CREATE FUNCTION cd2_drop_feed(name text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f cd2sync.feed;
-    since bigint;
+    after bigint;
 BEGIN
     PERFORM cd2sync._tx_clear();
     PERFORM cd2sync._feed_changing('cd2_drop_feed');
     f := cd2sync._check_feed(name);
-    since := cd2sync._feed_since(f, cd2sync._feed_hint(f));
+    after := cd2sync._feed_kept_after(f, cd2sync._feed_hint(f));
     DELETE FROM cd2sync.feed x WHERE x.name = f.name;
     PERFORM cd2sync._feed_hints_tidy();
     PERFORM cd2sync._feed_ensure_captures();
-    PERFORM cd2sync._feed_forget(f, since);
+    PERFORM cd2sync._feed_forget(f, after);
     PERFORM cd2sync._feed_sweep();   -- (the last feed gone: every change)
 END $$;
 
