@@ -416,6 +416,24 @@ SELECT :touched - :before < 20000 AS touched_once;
 COMMIT;
 ALTER TABLE cd2sync.changes RESET (autovacuum_enabled);
 SELECT count(*) AS changes_left FROM cd2sync.changes;
+-- a feed far behind, under its limit: a sync's check counts it once, and
+-- cd2sync.feeds counts only after that at each read (it counted the whole
+-- backlog each time)
+SELECT cd2_create_feed('backlog', tables => ARRAY['terms']);
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+SELECT nextval('cd2sync.change_position_seq'), NULL, 'terms', 'insert', jsonb_build_object('id', i), 'east',
+       jsonb_build_object('id', i), 'sync'
+  FROM generate_series(1, 2000) i;
+SELECT setval('cd2sync.change_position_seq', nextval('cd2sync.change_position_seq') + 200000) > 0 AS far;
+INSERT INTO cd2sync.changes (position, feed, table_name, op, key, instance, "row", cause)
+VALUES (nextval('cd2sync.change_position_seq'), NULL, 'terms', 'insert', '{"id": 0}', 'east', '{"id": 0}', 'sync');
+SELECT cd2sync._feed_check_limits();   -- (as at a sync's end)
+BEGIN;
+SELECT :touched AS before \gset
+SELECT pending, status FROM cd2sync.feeds WHERE name = 'backlog';
+SELECT :touched - :before < 100 AS touched_few;
+COMMIT;
+SELECT cd2_drop_feed('backlog');
 -- an acknowledgement deletes nothing; a sweep deletes what it covered that
 -- no other feed waits for, asking which feeds wait inline, not by a call
 -- for each change

@@ -94,7 +94,9 @@
 --   (_feed_counted, the rule _feed_check_limits follows), and finds the
 --   oldest by the key, instead of counting every pending change at each
 --   read; without JIT (_feed_pending), which compiled the counts at each
---   read. No function that turns a plan type off is compiled by JIT
+--   read. A sync's check counts a feed that many positions (100,000) lie
+--   after what was counted, under its limit too, so that the view's
+--   reads count only after it. No function that turns a plan type off is compiled by JIT
 --   either (_last_position, _feed_check_limits, cd2_feed_read, _feed_sweep).
 -- * _feed_sweep takes the changes to delete, and its bound, once per
 --   statement (an InitPlan), by the key (no bitmap scan), without JIT: with
@@ -1021,10 +1023,15 @@ BEGIN
              WHERE x.name = f.name AND x.created_at = f.created_at AND (x.scanned_to IS NULL OR x.scanned_to < clear);
         END IF;
         pending := 0;
-        IF last - since > lim.max_pending THEN
-            -- positions bound the count; count (to one over) only when the
-            -- bound is over, and only after what an earlier check counted
-            SELECT k.counted, k.after INTO counted, after FROM cd2sync._feed_counted(f, h) k;
+        SELECT k.counted, k.after INTO counted, after FROM cd2sync._feed_counted(f, h) k;
+        -- positions bound the count; count (to one over), only after what
+        -- an earlier check counted, when the bound is over; and at a
+        -- sync's end (not in a read, whose transaction may not keep what
+        -- it counts) when many positions lie after what was counted, so
+        -- that cd2sync.feeds, which monitoring reads at each scrape, counts
+        -- only after it (it counted a backlog under the limit whole, each
+        -- time)
+        IF last - since > lim.max_pending OR (reader IS NULL AND last - after > 100000) THEN
             SELECT counted + count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
                      WHERE c.position > after AND c.position <= last

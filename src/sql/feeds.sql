@@ -663,10 +663,15 @@ BEGIN
              WHERE x.name = f.name AND x.created_at = f.created_at AND (x.scanned_to IS NULL OR x.scanned_to < clear);
         END IF;
         pending := 0;
-        IF last - since > lim.max_pending THEN
-            -- positions bound the count; count (to one over) only when the
-            -- bound is over, and only after what an earlier check counted
-            SELECT k.counted, k.after INTO counted, after FROM cd2sync._feed_counted(f, h) k;
+        SELECT k.counted, k.after INTO counted, after FROM cd2sync._feed_counted(f, h) k;
+        -- positions bound the count; count (to one over), only after what
+        -- an earlier check counted, when the bound is over; and at a
+        -- sync's end (not in a read, whose transaction may not keep what
+        -- it counts) when many positions lie after what was counted, so
+        -- that cd2sync.feeds, which monitoring reads at each scrape, counts
+        -- only after it (it counted a backlog under the limit whole, each
+        -- time)
+        IF last - since > lim.max_pending OR (reader IS NULL AND last - after > 100000) THEN
             SELECT counted + count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
                      WHERE c.position > after AND c.position <= last
