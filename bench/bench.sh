@@ -426,11 +426,11 @@ timed_sync() {   # [full] -> sets TS (seconds) and TS_OUT (the sync's line)
 feed_changes() { val "SELECT count(*) FROM cd2sync.changes"; }
 echo "== 7. change feeds: full resync of unchanged data and incremental, without and with a feed"
 restore_snapshot
-timed_sync full; T_RES0=$TS; echo "   without a feed: full resync ${TS}s ($TS_OUT)"
+timed_sync full; T_RES0A=$TS; echo "   without a feed: full resync ${TS}s ($TS_OUT)"
 timed_sync; T_INC0A=$TS; echo "   without a feed: incremental ${TS}s ($TS_OUT)"
 restore_snapshot
 sql -o /dev/null -c "SELECT cd2_create_feed('bench', tables => ARRAY['submissions'])"
-timed_sync full; T_RES1=$TS; C_RES=$(feed_changes); echo "   with a feed: full resync ${TS}s ($TS_OUT), $C_RES changes"
+timed_sync full; T_RES1A=$TS; C_RES=$(feed_changes); echo "   with a feed: full resync ${TS}s ($TS_OUT), $C_RES changes"
 timed_sync; T_INC1A=$TS; C_INC=$(( $(feed_changes) - C_RES )); echo "   with a feed: incremental ${TS}s ($TS_OUT), $C_INC changes"
 [ "$C_RES" = 0 ] || problems+=("a full resync of unchanged data published $C_RES changes")
 [ "$C_INC" -gt 0 ] || problems+=("the incremental published no change")
@@ -464,20 +464,24 @@ t0=$(now); sql -o /dev/null -c "INSERT INTO baseline.changes_sink SELECT * FROM 
 T_WRITE0=$(calc "$t1 - $t0")
 sql -o /dev/null -c "DROP TABLE baseline.changes_copy, baseline.changes_sink"
 echo "   the same rows from a plain table (psql -At): ${T_READ0}s (${T_READ0_NEW}s on a new connection); written by one INSERT into an empty table like cd2sync.changes: ${T_WRITE0}s"
-# 7a again in the other order, with then without (two seconds-long syncs on this machine
-# drift as much as a feed costs: the ratio of the means over both orders)
+# 7a and 7b again in the other order, with then without (two seconds-long syncs on this
+# machine drift as much as a feed costs: the ratios of the means over both orders)
 # (the dropped feed's 100k changes are deleted: vacuumed now, not by an autovacuum that the
 # deletes would start during the timed sync; the table is restored before the feed follows
 # it again, or the feed would take the restore's TRUNCATE and 1M inserts as 2M changes)
 sql -o /dev/null -c "SELECT cd2_drop_feed('bench')" -c "VACUUM cd2sync.changes"
 restore_snapshot
 sql -o /dev/null -c "SELECT cd2_create_feed('bench', tables => ARRAY['submissions'])"
+timed_sync full; T_RES1B=$TS; echo "   with a feed, again: full resync ${TS}s ($TS_OUT), $(feed_changes) changes"
+[ "$(feed_changes)" = 0 ] || problems+=("7b's second round: a full resync of unchanged data published $(feed_changes) changes")
 timed_sync; T_INC1B=$TS; echo "   with a feed, again: incremental ${TS}s ($TS_OUT)"
 [ "$(feed_changes)" = "$C_INC" ] || problems+=("7a's second round: $(feed_changes) changes in cd2sync.changes, not the incremental's $C_INC")
 sql -o /dev/null -c "SELECT cd2_drop_feed('bench')" -c "VACUUM cd2sync.changes"
 restore_snapshot
+timed_sync full; T_RES0B=$TS; echo "   without a feed, again: full resync ${TS}s ($TS_OUT)"
 timed_sync; T_INC0B=$TS; echo "   without a feed, again: incremental ${TS}s ($TS_OUT)"
 T_INC0=$(calc "($T_INC0A + $T_INC0B) / 2"); T_INC1=$(calc "($T_INC1A + $T_INC1B) / 2")
+T_RES0=$(calc "($T_RES0A + $T_RES0B) / 2"); T_RES1=$(calc "($T_RES1A + $T_RES1B) / 2")
 
 # ---- 6. reconciled view cost: cd2.enrollments vs the raw tables of two instances --------------
 # Built with SQL (no emulator): two sharded instances, users and enrollments in their target
@@ -719,7 +723,7 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
          "${J_SNAP}s, ${J_INC}s and ${J_NOOP}s here): download, decompression, decoding and apply against the baseline's work."
     echo "WAL: snapshot cd2sync ${WAL_SNAP} MB vs L ${WAL_L} MB. No-op HOT updates: cd2sync $NOOP_HOT, L2 $L2_HOT."
     echo "6f/6g: median of 7 warm runs (psql \\timing, client round trip included); the person: $L_USER_N."
-    echo "7: syncs of the bench table restored to its snapshot; 7a/7b with and without a feed following it; 7a: the means of two rounds, without then with (${T_INC0A}s, ${T_INC1A}s), with then without (${T_INC1B}s, ${T_INC0B}s)."
+    echo "7: syncs of the bench table restored to its snapshot; 7a/7b with and without a feed following it; 7a and 7b: the means of two rounds, without then with (7a ${T_INC0A}s, ${T_INC1A}s; 7b ${T_RES0A}s, ${T_RES1A}s), with then without (7a ${T_INC1B}s, ${T_INC0B}s; 7b ${T_RES1B}s, ${T_RES0B}s)."
     echo "7a's floor: the time a feed adds to the incremental (7a with less without) beside one INSERT of the same $C_INC change rows" \
          "(${T_WRITE0}s) into an empty table like cd2sync.changes; 7d's baseline: the same rows and columns from a plain table with" \
          "the same key, read by the same client (psql -At) in the same order: PostgreSQL's and psql's own cost of these bytes." \
