@@ -481,6 +481,13 @@ SELECT name, status, pending FROM cd2sync.feeds ORDER BY name;
 SELECT table_name, count(*) AS kept FROM cd2sync.changes GROUP BY 1;
 SELECT cd2_drop_feed('h1'), cd2_drop_feed('f1'), cd2_drop_feed('g1');
 SELECT count(*) AS changes_left FROM cd2sync.changes;
+-- a sweep with nothing to delete (no change at all) takes no lock on the
+-- changes that a sync's capture would wait for until this transaction ends
+BEGIN;
+SELECT cd2sync._feed_sweep() AS swept;
+SELECT count(*) AS locks_held FROM pg_locks
+ WHERE relation = 'cd2sync.changes'::regclass AND pid = pg_backend_pid() AND mode = 'RowExclusiveLock';
+COMMIT;
 -- no JIT where a plan type is turned off (the costs it adds made a small
 -- query look worth compiling, at each call) nor in what cd2sync.feeds
 -- counts at each read (a third of the changes, the planner guesses)

@@ -803,8 +803,9 @@ BEGIN
        OR NOT (EXISTS (SELECT 1 FROM cd2sync.feed x
                          JOIN cd2sync.feed_hint h ON h.name = x.name AND h.created_at = x.created_at
                         WHERE x.stale_since IS NULL AND h.forgotten_to < x.acknowledged)
-               OR (SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1) <= cd2sync._feed_settled_to()) THEN
-        RETURN 0;   -- (nothing to delete: no lock taken)
+               OR coalesce((SELECT c.position FROM cd2sync.changes c ORDER BY c.position LIMIT 1)
+                           <= cd2sync._feed_settled_to(), false)) THEN
+        RETURN 0;   -- (nothing to delete, none at all too: no lock taken)
     END IF;
     BEGIN
         LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;

@@ -656,8 +656,14 @@ class EmuTestCase(unittest.TestCase):
         self.assertEqual(self.start_job("users", {"format": "jsonl"}).status, 429)
         self.ctl("POST", "/_emu/config", {"retry_after": False})
         self.assertIsNone(self.dap("GET", "/dap/query/canvas/table").headers.get("Retry-After"))
-        log = self.ctl("GET", "/_emu/requests")
-        limited = [e for e in log if e["rate_limited"]]
+        # (a request is logged once its response is sent: the last may not be yet)
+        deadline = time.time() + 5
+        while True:
+            log = self.ctl("GET", "/_emu/requests")
+            limited = [e for e in log if e["rate_limited"]]
+            if len(limited) >= 4 or time.time() > deadline:
+                break
+            time.sleep(0.02)
         self.assertEqual(len(limited), 4)
         self.assertTrue(all(e["status"] == 429 for e in limited))
         stats = self.ctl("GET", "/_emu/stats")
