@@ -114,6 +114,8 @@
 --   the feed (_feed_kept_after). cd2sync.feeds takes the oldest pending
 --   change's time from _feed_pending (the view's join to the changes became
 --   a scan of them all when the statistics said the table was small).
+-- * Which changes are a feed's is said once, by _feed_has (inlined where
+--   it is called), instead of in each of the nine queries that asked.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -173,6 +175,12 @@ INSERT INTO cd2sync.feed_hint (name, created_at, forgotten_to) SELECT name, crea
 SELECT pg_catalog.pg_extension_config_dump('cd2sync.feed_hint', '');
 REVOKE ALL ON cd2sync.feed_hint FROM PUBLIC;   -- (as privileges.sql for every table)
 
+-- The one owner of which changes are a feed's (see feeds.sql)
+CREATE OR REPLACE FUNCTION cd2sync._feed_has(f cd2sync.feed, feed text, table_name text)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT _feed_has.feed = f.name OR (_feed_has.feed IS NULL AND cd2sync._covers(f.tables, _feed_has.table_name))
+$$;
+
 -- The feed's hints (cd2sync.feed_hint); NULL when none
 CREATE OR REPLACE FUNCTION cd2sync._feed_hint(f cd2sync.feed)
 RETURNS cd2sync.feed_hint LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -217,11 +225,11 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET e
     SELECT (SELECT CASE WHEN f.stale_since IS NULL THEN k.counted ELSE 0 END + count(*)
               FROM cd2sync.changes c
              WHERE c.position > k.after AND f.stale_since IS NULL
-               AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))),
+               AND cd2sync._feed_has(f, c.feed, c.table_name)),
            (SELECT c.committed_at
               FROM cd2sync.changes c
              WHERE c.position > cd2sync._feed_since(f, h) AND f.stale_since IS NULL
-               AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+               AND cd2sync._feed_has(f, c.feed, c.table_name)
              ORDER BY c.position LIMIT 1)
       FROM cd2sync.feed f
       LEFT JOIN cd2sync.feed_hint h ON h.name = f.name AND h.created_at = f.created_at   -- (as _feed_hint)
@@ -1013,7 +1021,7 @@ BEGIN
           FROM (SELECT) one
           LEFT JOIN LATERAL (SELECT c.position, c.committed_at FROM cd2sync.changes c
                               WHERE c.position > since
-                                AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+                                AND cd2sync._feed_has(f, c.feed, c.table_name)
                               ORDER BY c.position LIMIT 1) p ON true;
         clear := coalesce(first - 1, last);   -- (no change of the feed in (since, clear])
         -- written only when it went through many positions (not at each
@@ -1035,7 +1043,7 @@ BEGIN
             SELECT counted + count(*) INTO pending
               FROM (SELECT 1 FROM cd2sync.changes c
                      WHERE c.position > after AND c.position <= last
-                       AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+                       AND cd2sync._feed_has(f, c.feed, c.table_name)
                      LIMIT greatest(lim.max_pending + 1 - counted, 0)) x;
             -- (as the hint above; and only a count of them all, under the
             -- limit, of the acknowledged position the feed still has)
@@ -2131,7 +2139,7 @@ BEGIN
     SELECT c.position, c.table_name, c.op, c.key, c.instance, c."row", c.changed, c.cause, c.watermark
       FROM cd2sync.changes c
      WHERE c.position > cd2sync._feed_since(f, cd2sync._feed_hint(f))
-       AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+       AND cd2sync._feed_has(f, c.feed, c.table_name)
      ORDER BY c.position
      LIMIT max_changes;
     -- (a sync that marked the feed stale, or a drop, since it was read
@@ -2187,7 +2195,7 @@ BEGIN
     IF h.counted_from = f.acknowledged AND last <= h.counted_to AND cd2sync._feed_hint_take(f) THEN
         SELECT count(*) INTO taken FROM cd2sync.changes c
          WHERE c.position > start AND c.position <= last
-           AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)));
+           AND cd2sync._feed_has(f, c.feed, c.table_name);
         UPDATE cd2sync.feed_hint x
            SET (counted_from, counted_to, counted_pending) =
                (SELECT CASE WHEN ok THEN last END, CASE WHEN ok THEN x.counted_to END,
@@ -2205,8 +2213,7 @@ CREATE OR REPLACE FUNCTION cd2sync._feeds_awaiting("position" bigint, feed text,
 RETURNS SETOF text LANGUAGE sql STABLE AS $$
     SELECT x.name FROM cd2sync.feed x
      WHERE x.stale_since IS NULL AND x.acknowledged < _feeds_awaiting."position"
-       AND (_feeds_awaiting.feed = x.name
-            OR (_feeds_awaiting.feed IS NULL AND cd2sync._covers(x.tables, _feeds_awaiting.table_name)))
+       AND cd2sync._feed_has(x, _feeds_awaiting.feed, _feeds_awaiting.table_name)
 $$;
 
 
@@ -2215,7 +2222,7 @@ RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM cd2sync.changes c
      WHERE c.position > after AND c.position <= coalesce(upto, 9223372036854775807)   -- (both bound the scan)
-       AND (c.feed = f.name OR (c.feed IS NULL AND cd2sync._covers(f.tables, c.table_name)))
+       AND cd2sync._feed_has(f, c.feed, c.table_name)
        AND NOT EXISTS (SELECT FROM cd2sync._feeds_awaiting(c.position, c.feed, c.table_name));
 END $$;
 
@@ -2260,7 +2267,7 @@ BEGIN
         SELECT count(*), max(c.position) INTO seen, upto
           FROM (SELECT c.position FROM cd2sync.changes c
                  WHERE c.position > r.since AND c.position <= (r.f).acknowledged
-                   AND (c.feed = (r.f).name OR (c.feed IS NULL AND cd2sync._covers((r.f).tables, c.table_name)))
+                   AND cd2sync._feed_has(r.f, c.feed, c.table_name)
                  ORDER BY c.position LIMIT left_) c;
         IF seen < left_ THEN
             upto := (r.f).acknowledged;
@@ -2268,8 +2275,7 @@ BEGIN
         DELETE FROM cd2sync.changes c
          WHERE c.position = ANY (ARRAY(SELECT x.position FROM cd2sync.changes x
                                         WHERE x.position > r.since AND x.position <= upto
-                                          AND (x.feed = (r.f).name
-                                               OR (x.feed IS NULL AND cd2sync._covers((r.f).tables, x.table_name)))
+                                          AND cd2sync._feed_has(r.f, x.feed, x.table_name)
                                           AND NOT EXISTS (SELECT FROM cd2sync._feeds_awaiting(x.position, x.feed, x.table_name))
                                           FOR UPDATE SKIP LOCKED));
         GET DIAGNOSTICS k = ROW_COUNT;
@@ -2318,6 +2324,7 @@ REVOKE ALL ON FUNCTION cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) FR
 REVOKE ALL ON FUNCTION cd2sync._feed_pending(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cd2sync._feeds_awaiting(bigint, text, text),
                        cd2sync._feed_kept_after(cd2sync.feed, cd2sync.feed_hint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cd2sync._feed_has(cd2sync.feed, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_pending(text) TO cd2sync_reader, pg_monitor;
 GRANT EXECUTE ON FUNCTION cd2sync._feed_since(cd2sync.feed, cd2sync.feed_hint),
                           cd2sync._feed_counted(cd2sync.feed, cd2sync.feed_hint) TO PUBLIC;
