@@ -3,7 +3,8 @@
 # publish nothing of their transaction; two instances syncing at once never
 # make a reader skip a change; NOTIFY at commit; and the changes stream into
 # a second cluster through PostgreSQL's own logical replication. A read
-# fails if its feed is dropped or marked stale while it reads.
+# fails if its feed is dropped or marked stale while it reads. Writers,
+# consumers and sweepers all at once: every change received exactly once.
 use strict;
 use warnings;
 use utf8;
@@ -439,6 +440,114 @@ for my $case (
 	$rd->quit;
 }
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0', 'what both feeds had is forgotten');
+
+# 14. all at once: two writers changing rows of two tables (each change
+# written by the capture, as a sync's are), three consumers, each reading
+# its feed in batches of random sizes, keeping what it read and
+# acknowledging it in one transaction, and two sweepers deleting what was
+# acknowledged in batches of random sizes. Each feed receives every change
+# of its tables exactly once, in position order, and once everyone is done
+# a sweep leaves nothing.
+$node->safe_psql('postgres', q{
+	SELECT cd2_drop_feed(name) FROM cd2sync.feed;
+	SELECT cd2_create_feed('sa', tables => ARRAY['users']), cd2_create_feed('sb', tables => ARRAY['users', 'courses']),
+	       cd2_create_feed('sc', tables => ARRAY['courses']);
+	CREATE TABLE stress_written (writer int, table_name text, n int);
+	CREATE TABLE stress_got (feed text, seq bigserial, position bigint, table_name text, key jsonb);
+	CREATE TABLE stress_done (who text);
+	CREATE TABLE stress_swept (n bigint);
+	CREATE PROCEDURE stress_write(w int, rounds int) LANGUAGE plpgsql AS $$
+	DECLARE n int;
+	BEGIN
+	    FOR i IN 1 .. rounds LOOP
+	        IF i % 2 = 0 THEN
+	            UPDATE north.users SET name = format('w%s-%s %s', w, i, id)   -- (the writers' rows apart: no deadlock)
+	             WHERE id IN (SELECT id FROM north.users WHERE id % 2 = w - 1 ORDER BY random() LIMIT 1 + (random() * 4)::int);
+	            GET DIAGNOSTICS n = ROW_COUNT;
+	            INSERT INTO stress_written VALUES (w, 'users', n);
+	        ELSE
+	            UPDATE north.courses SET name = format('w%s-%s %s', w, i, id)
+	             WHERE id IN (SELECT id FROM north.courses WHERE id % 2 = w - 1 ORDER BY random() LIMIT 1 + (random() * 2)::int);
+	            GET DIAGNOSTICS n = ROW_COUNT;
+	            INSERT INTO stress_written VALUES (w, 'courses', n);
+	        END IF;
+	        PERFORM pg_sleep(random() * 0.005);   -- (committing late: its positions before a later writer's)
+	        COMMIT;
+	    END LOOP;
+	    INSERT INTO stress_done VALUES ('writer');
+	END $$;
+	CREATE PROCEDURE stress_consume(f text) LANGUAGE plpgsql AS $$
+	DECLARE last bigint; idle int := 0;
+	BEGIN
+	    LOOP
+	        INSERT INTO stress_got (feed, position, table_name, key)
+	        SELECT f, c.position, c.table_name, c.key FROM cd2_feed_read(f, 1 + (random() * 40)::int) c ORDER BY c.position;
+	        SELECT max(g.position) INTO last FROM stress_got g WHERE g.feed = f;
+	        IF last > (SELECT x.acknowledged FROM cd2sync.feed x WHERE x.name = f) THEN
+	            PERFORM cd2_feed_ack(f, last);
+	            idle := 0;
+	        ELSIF (SELECT count(*) FROM stress_done WHERE who = 'writer') = 2 THEN
+	            idle := idle + 1;
+	            EXIT WHEN idle > 3;
+	        END IF;
+	        COMMIT;
+	        PERFORM pg_sleep(random() * 0.01);
+	    END LOOP;
+	    INSERT INTO stress_done VALUES ('consumer');
+	    COMMIT;
+	END $$;
+	CREATE PROCEDURE stress_sweep() LANGUAGE plpgsql AS $$
+	BEGIN
+	    WHILE (SELECT count(*) FROM stress_done WHERE who = 'consumer') < 3 LOOP
+	        INSERT INTO stress_swept SELECT cd2sync._feed_sweep(1 + (random() * 60)::int);
+	        COMMIT;
+	        PERFORM pg_sleep(random() * 0.02);
+	    END LOOP;
+	END $$;
+});
+my @stress;
+for my $call ('stress_write(1, 300)', 'stress_write(2, 300)', "stress_consume('sa')", "stress_consume('sb')",
+	"stress_consume('sc')", 'stress_sweep()', 'stress_sweep()')
+{
+	my ($out, $err) = ('', '');
+	push @stress, [ $call, \$err,
+		IPC::Run::start([ 'psql', '-XAtq', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'), '-c', "CALL $call" ],
+			'<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout($PostgreSQL::Test::Utils::timeout_default)) ];
+}
+for my $s (@stress)
+{
+	my ($call, $err, $h) = @$s;
+	ok(eval { $h->finish }, "stress: $call ran to its end") or diag($@ . $$err);
+}
+note('stress: ' . $node->safe_psql('postgres', q{
+	SELECT format('%s changes written, %s deleted by the sweepers while the consumers read',
+	              (SELECT sum(n) FROM stress_written), (SELECT sum(n) FROM stress_swept))}));
+is($node->safe_psql('postgres', q{SELECT sum(n) > 300 FROM stress_written}), 't', 'stress: the writers changed rows');
+is($node->safe_psql('postgres', q{SELECT sum(n) > 0 FROM stress_swept}), 't',
+	'stress: the sweepers deleted changes while the consumers read');
+for my $feed ([ 'sa', "'users'" ], [ 'sb', "'users', 'courses'" ], [ 'sc', "'courses'" ])
+{
+	my ($f, $tables) = @$feed;
+	my ($got, $written, $twice, $disorder) = split /\|/, $node->safe_psql('postgres', qq{
+		SELECT (SELECT count(*) FROM stress_got WHERE feed = '$f'),
+		       (SELECT sum(n) FROM stress_written WHERE table_name IN ($tables)),
+		       (SELECT count(*) - count(DISTINCT position) FROM stress_got WHERE feed = '$f'),
+		       (SELECT count(*) FROM (SELECT position < lag(position) OVER (ORDER BY seq) AS back
+		                                FROM stress_got WHERE feed = '$f') x WHERE back)});
+	is("$got got, $twice twice, $disorder out of order", "$written got, 0 twice, 0 out of order",
+		"stress: $f received every change of its tables ($tables) once, in position order");
+}
+is($node->safe_psql('postgres', q{
+	SELECT count(*) FROM stress_got g
+	 WHERE NOT EXISTS (SELECT 1 FROM stress_got h WHERE h.position = g.position AND h.feed <> g.feed)
+	   AND g.table_name = 'users' AND g.feed IN ('sa', 'sb')}), '0',
+	'stress: both feeds of users received the same changes');
+$node->safe_psql('postgres', "SELECT cd2sync._feed_sweep(100000)");
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.changes"), '0',
+	'stress: a last sweep leaves no change (every feed acknowledged everything)');
+$node->safe_psql('postgres', q{
+	DROP TABLE stress_written, stress_got, stress_done, stress_swept;
+	DROP PROCEDURE stress_write, stress_consume, stress_sweep});
 
 $listener->quit;
 $sub->stop;
