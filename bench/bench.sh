@@ -446,9 +446,15 @@ read_times() {   # QUERY -> "FIRST MEDIAN" (seconds)
                    m = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b))
                    printf "%.3f %.3f", t[0], m }'
 }
+# (what autovacuum works on as the reads start and end: the incremental's 100k changes reach
+# the insert threshold of cd2sync.changes, and a VACUUM of them beside the reads takes a core)
+autovacuums() { val "SELECT coalesce(string_agg(regexp_replace(query, '^autovacuum: ', ''), ', '), 'none')
+                       FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"; }
+AV_READ="$(autovacuums)"
 read -r T_READ_NEW T_READ <<<"$(read_times "SELECT * FROM cd2_feed_read('bench', max_changes => $BENCH_CHANGES)")"
+AV_READ="$AV_READ / $(autovacuums)"
 echo "   a reader takes $BENCH_CHANGES changes (psql -At, rows to the client): ${T_READ}s on its open connection," \
-     "${T_READ_NEW}s the first time on a new one"
+     "${T_READ_NEW}s the first time on a new one (autovacuum as they started / ended: $AV_READ)"
 # The floors under 7a and 7d: PostgreSQL's own cost of the bytes a feed's contract asks for.
 # The same change rows in a plain table with the same key: read by the same client in the
 # same order (7d's baseline), and written into an empty table like cd2sync.changes by one
@@ -728,7 +734,8 @@ R() { printf '%-44s | %12s | %12s | %7s | %-12s | %9s | %7s\n' "$@"; }
          "(${T_WRITE0}s) into an empty table like cd2sync.changes; 7d's baseline: the same rows and columns from a plain table with" \
          "the same key, read by the same client (psql -At) in the same order: PostgreSQL's and psql's own cost of these bytes." \
          "7d: psql's \\timing (the query sent to its last row received), the median of three reads on a connection that has read" \
-         "before (a consumer's, polling); its first read, on a new connection, also maps the shared buffers it touches (page faults)."
+         "before (a consumer's, polling); its first read, on a new connection, also maps the shared buffers it touches (page faults)." \
+         "Autovacuum as 7d's reads started / ended: $AV_READ."
     echo "6: $N_ENR enrollments, $N_MAP merges, 3 runs each, median; raw = UNION ALL of c1/c2.enrollments grouped by (shard, ...);" \
          "6-6c with max_parallel_workers_per_gather = 0 (the planner parallelises the view but not the raw union);" \
          "6c runs until BENCH_VIEW_TIMEOUT=${BENCH_VIEW_TIMEOUT}s."
