@@ -37,6 +37,7 @@ extern int cd2_max_jobs_in_flight;
 extern int cd2_feed_max_pending;
 extern int cd2_feed_max_age;
 extern int cd2_load_workers;
+extern bool cd2_prefault_buffers;
 
 /*
  * The settings a sync worker inherits from the session that started it, as

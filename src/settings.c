@@ -39,6 +39,7 @@ int cd2_max_jobs_in_flight = 100;
 int cd2_feed_max_pending = 10000000;
 int cd2_feed_max_age = 7 * 86400;
 int cd2_load_workers = -1;
+bool cd2_prefault_buffers = true;
 
 typedef struct Cd2Setting
 {
@@ -132,6 +133,11 @@ static const Cd2Setting settings[] = {
 				"a time (-1: the cores less one, at most 8; 0: none). They come out of "
 				"max_worker_processes: a load takes those it can get.",
 				true, PGC_SUSET, &cd2_load_workers, -1, -1, 64, 0),
+	BOOL_SETTING("cd2sync.prefault_buffers",
+				 "Map the whole buffer pool into a sync or load worker at once before it writes "
+				 "rows, rather than a page fault at each page it first touches (Linux 5.14 or "
+				 "later).",
+				 true, PGC_SUSET, &cd2_prefault_buffers, true),
 	INT_SETTING("cd2sync.max_workers", "Most instance syncs the scheduler runs at once.", false,
 				PGC_SIGHUP, &cd2_max_workers, 4, 1, 1000, 0),
 	INT_SETTING("cd2sync.scheduler_naptime",

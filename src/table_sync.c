@@ -743,6 +743,8 @@ step_load(RunContext *rc, TableSync *ts)
 	ListCell *lc;
 
 	tr->job_seconds = (double) (ts->jobs_done - ts->started) / USECS_PER_SEC;
+	if (ts->main_urls != NIL)
+		load_prefault_buffers(); /* (rows to write) */
 	load_new_table(rc, ts);
 	if (ts->catchups != NIL)
 		tr->watermark = ((DapJob *) linitial((List *) llast(ts->catchups)))->until;
