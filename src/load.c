@@ -25,7 +25,6 @@
  */
 #include "cd2sync.h"
 
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include "catalog.h"
@@ -37,7 +36,6 @@
 #include "pgstat.h"
 #include "port/atomics.h"
 #include "postmaster/bgworker.h"
-#include "storage/bufmgr.h"
 #include "storage/dsm.h"
 #include "storage/ipc.h"
 #include "storage/spin.h"
@@ -299,36 +297,6 @@ load_parts(const char *instance, List *object_ids, List *urls, RecordFormat form
 	return result->error == NULL;
 }
 
-/*
- * Maps PostgreSQL's whole buffer pool into this process's page tables in
- * one call (cd2sync.prefault_buffers), once per process, before it writes
- * rows. A new process otherwise takes a page fault at its first touch of
- * each 4 kB of shared memory (a buffer written to takes two, and a fault
- * taken by a write maps no neighbours), and a load goes through most of
- * the pool: on virtual machines, where a fault costs microseconds, that is
- * a tenth of a large incremental's time (docs/performance.md). The cost:
- * about 70 ms and 2 MB of page tables per GB of shared_buffers without
- * huge pages, little with them. Nothing in the pool is read or written;
- * on a kernel without MADV_POPULATE_WRITE (before Linux 5.14) the faults
- * come one at a time, as before.
- */
-void
-load_prefault_buffers(void)
-{
-#ifdef MADV_POPULATE_WRITE
-	static bool done = false;
-	uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
-	uintptr_t start = TYPEALIGN(page, (uintptr_t) BufferBlocks);
-	uintptr_t end = TYPEALIGN_DOWN(page, (uintptr_t) BufferBlocks + (Size) NBuffers * BLCKSZ);
-
-	if (done || !cd2_prefault_buffers)
-		return;
-	done = true;
-	if (end > start && madvise((void *) start, end - start, MADV_POPULATE_WRITE) != 0)
-		elog(DEBUG1, "cd2sync: the buffer pool was not mapped ahead: %m");
-#endif
-}
-
 void
 cd2_load_worker_main(Datum main_arg)
 {
@@ -366,7 +334,6 @@ cd2_load_worker_main(Datum main_arg)
 	catalog_commit();
 	w.client = dap_client_create(ic->api_url, ic->client_id, ic->client_secret);
 
-	load_prefault_buffers();
 	take_objects(&w);
 	dsm_detach(seg);
 	proc_exit(0);

@@ -26,7 +26,6 @@ typedef struct LoadResult
 	char *error;
 } LoadResult;
 
-extern void load_prefault_buffers(void);
 extern int load_workers_wanted(int objects);
 extern bool load_parts(const char *instance, List *object_ids, List *urls, RecordFormat format,
 					   Oid relid, DapClient *client, LoadResult *result);

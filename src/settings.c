@@ -134,9 +134,8 @@ static const Cd2Setting settings[] = {
 				"max_worker_processes: a load takes those it can get.",
 				true, PGC_SUSET, &cd2_load_workers, -1, -1, 64, 0),
 	BOOL_SETTING("cd2sync.prefault_buffers",
-				 "Map the whole buffer pool into a sync or load worker at once before it writes "
-				 "rows, rather than a page fault at each page it first touches (Linux 5.14 or "
-				 "later).",
+				 "Map the whole buffer pool into a sync worker at once before its apply, rather "
+				 "than a page fault at each page it first touches (Linux 5.14 or later).",
 				 true, PGC_SUSET, &cd2_prefault_buffers, true),
 	INT_SETTING("cd2sync.max_workers", "Most instance syncs the scheduler runs at once.", false,
 				PGC_SIGHUP, &cd2_max_workers, 4, 1, 1000, 0),

@@ -32,11 +32,15 @@
  */
 #include "cd2sync.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "access/xact.h"
 #include "download.h"
 #include "http.h"
 #include "load.h"
 #include "miscadmin.h"
+#include "storage/bufmgr.h"
 #include "table_sync.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
@@ -322,6 +326,37 @@ finish_new_table(RunContext *rc, TableSync *ts)
 }
 
 /*
+ * Maps PostgreSQL's whole buffer pool into this process's page tables in
+ * one call (cd2sync.prefault_buffers), once per process, before its first
+ * apply. A new process otherwise takes a page fault at its first touch of
+ * each 4 kB of shared memory (a buffer it reads a page into takes two: a
+ * fault on a write maps no neighbours), and an apply reads and writes its
+ * table through shared buffers: on virtual machines, where a fault costs
+ * microseconds, that was a fifth of a no-op incremental whose table had
+ * left shared buffers (docs/performance.md). (COPY straight into a table
+ * goes through a small ring of buffers instead: not worth it there.) The
+ * cost: about 70 ms and 2 MB of page tables per GB of shared_buffers
+ * without huge pages, little with them. Nothing in the pool is read or
+ * written; before Linux 5.14 the faults come one at a time, as before.
+ */
+static void
+prefault_buffers(void)
+{
+#ifdef MADV_POPULATE_WRITE
+	static bool done = false;
+	uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+	uintptr_t start = TYPEALIGN(page, (uintptr_t) BufferBlocks);
+	uintptr_t end = TYPEALIGN_DOWN(page, (uintptr_t) BufferBlocks + (Size) NBuffers * BLCKSZ);
+
+	if (done || !cd2_prefault_buffers)
+		return;
+	done = true;
+	if (end > start && madvise((void *) start, end - start, MADV_POPULATE_WRITE) != 0)
+		elog(DEBUG1, "cd2sync: the buffer pool was not mapped ahead: %m");
+#endif
+}
+
+/*
  * Downloads, decodes and applies every object of a job, in the current
  * transaction; adds its counts to the table sync's.
  *
@@ -434,6 +469,7 @@ apply_job(RunContext *rc, TableSync *ts, DapJob *job, List *urls, bool snapshot)
 	}
 
 	report(rc, ts, "applying (%s)", mode);
+	prefault_buffers();
 	catalog_apply(instance, tr->table, target, mode, way.any_jsonl ? NIL : way.columns, way.typed,
 				  &counts);
 	tr->upserted += counts.upserted;
@@ -743,8 +779,6 @@ step_load(RunContext *rc, TableSync *ts)
 	ListCell *lc;
 
 	tr->job_seconds = (double) (ts->jobs_done - ts->started) / USECS_PER_SEC;
-	if (ts->main_urls != NIL)
-		load_prefault_buffers(); /* (rows to write) */
 	load_new_table(rc, ts);
 	if (ts->catchups != NIL)
 		tr->watermark = ((DapJob *) linitial((List *) llast(ts->catchups)))->until;

@@ -2,7 +2,7 @@
 # (statement_timeout, pg_cancel_backend); two syncs of one instance never
 # interleave; cd2_sync_start returns at once; pg_stat_activity shows what the
 # worker does and never a secret; roles without grants can neither read a
-# secret nor start a sync.
+# secret nor start a sync; the worker maps the buffer pool before its apply.
 use strict;
 use warnings;
 use utf8;
@@ -194,6 +194,49 @@ my ($rc3, $logrows) = $node->psql('postgres',
 	"SELECT count(*) FROM cd2sync.sync_log l, cd2sync.runs r WHERE (l::text || r::text) LIKE '%north' || '-secret%'",
 	extra_params => [ '-U', 'ruth' ]);
 is($logrows, '0', 'the secret is in no row of the sync log or runs');
+
+# 6. before its apply, the worker maps the whole buffer pool at once
+# (cd2sync.prefault_buffers: MADV_POPULATE_WRITE, Linux 5.14 or later); with
+# the setting off, only the pages it touches. Caught in its apply by a lock
+# on the table; RssShmem: the shared memory it has mapped.
+SKIP:
+{
+	my ($kmaj, $kmin) = (`uname -r` =~ /^(\d+)\.(\d+)/);
+	skip 'MADV_POPULATE_WRITE needs Linux 5.14 or later', 8
+	  unless $^O eq 'linux' && defined $kmin && ($kmaj > 5 || ($kmaj == 5 && $kmin >= 14));
+	my $pool_kb = $node->safe_psql('postgres', "SELECT pg_size_bytes(current_setting('shared_buffers')) / 1024");
+	my $deleted = 10000000001012;
+	for my $setting ('on', 'off')
+	{
+		$emu->epoch({ client_id => $north, table => 'users', delete => [ { key => { id => $deleted } } ] });
+		my $locker = $node->background_psql('postgres');
+		$locker->query_safe("BEGIN; LOCK TABLE north.users IN SHARE MODE");
+		my $run = $node->safe_psql('postgres',
+			"SET cd2sync.prefault_buffers = $setting; SELECT cd2_sync_start('north', tables => ARRAY['users'])");
+		ok($node->poll_query_until('postgres',
+			"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker' "
+			  . "AND wait_event_type = 'Lock' AND query LIKE '%applying%'"),
+			"prefault_buffers $setting: the worker waits in its apply");
+		my $pid = $node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker'");
+		my $kb = (slurp_file("/proc/$pid/status") =~ /^RssShmem:\s+(\d+) kB/m) ? $1 : -1;
+		if ($setting eq 'on')
+		{
+			cmp_ok($kb, '>=', 0.9 * $pool_kb, "it has mapped the whole buffer pool ($pool_kb kB)");
+		}
+		else
+		{
+			ok($kb >= 0 && $kb < 0.5 * $pool_kb, "with the setting off, only what it touched ($kb kB of $pool_kb)");
+		}
+		$locker->query_safe("COMMIT");
+		$locker->quit;
+		ok($node->poll_query_until('postgres', "SELECT status = 'done' FROM cd2sync.runs WHERE run_id = $run"),
+			'the run ends');
+		is($node->safe_psql('postgres', "SELECT mode || ' ' || status || ' ' || rows_deleted || ' ' "
+			  . "|| (SELECT count(*) FROM north.users WHERE id = $deleted) FROM cd2sync.sync_log WHERE run_id = $run"),
+			'incremental ok 1 0', 'its incremental applied');
+		$deleted++;
+	}
+}
 
 $node->stop;
 $emu->stop;

@@ -12,7 +12,6 @@ use lib $FindBin::RealBin;
 use Cd2Test;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(usleep);
 
 my $emu = Cd2Test::start_emulator(generate => 'demo');
 # several objects a job, none empty: work for several processes
@@ -28,26 +27,6 @@ sub run_done
 }
 sub load_workers { return sq("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cd2sync load worker'"); }
 
-# How much of the shared memory each sync and load worker has mapped
-# (RssShmem, kB), as "type kB" lines; and the buffer pool's size (kB).
-# cd2sync.prefault_buffers maps the whole pool at once (MADV_POPULATE_WRITE,
-# Linux 5.14 or later) before a worker writes rows.
-my $pool_kb = sq("SELECT pg_size_bytes(current_setting('shared_buffers')) / 1024");
-my ($kmaj, $kmin) = (`uname -r` =~ /^(\d+)\.(\d+)/);
-my $can_prefault = $^O eq 'linux' && ($kmaj > 5 || ($kmaj == 5 && $kmin >= 14));
-sub workers_mapped
-{
-	my @r;
-	for my $w (split /\n/, sq("SELECT backend_type || ' ' || pid FROM pg_stat_activity "
-			. "WHERE backend_type IN ('cd2sync sync worker', 'cd2sync load worker') ORDER BY 1"))
-	{
-		my ($type, $pid) = $w =~ /^(.*) (\d+)$/;
-		my $kb = (slurp_file("/proc/$pid/status") =~ /^RssShmem:\s+(\d+) kB/m) ? $1 : -1;
-		push @r, [ $type, $kb ];
-	}
-	return @r;
-}
-
 sq("SET log_statement = 'none';\n"
 	  . "SELECT cd2_add_instance('north', '$north', 'north-secret', api_url => '$emu->{url}', shard_id => 1, "
 	  . "tables => ARRAY['users', 'enrollments', 'pseudonyms'])");
@@ -59,22 +38,6 @@ my $run = sq("SET cd2sync.load_workers = 2; SELECT cd2_sync_start('north', table
 ok($node->poll_query_until('postgres',
 	"SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'cd2sync load worker'"),
 	'load workers load the snapshot of a new table');
-SKIP:
-{
-	skip 'MADV_POPULATE_WRITE needs Linux 5.14 or later', 1 unless $can_prefault;
-	# (until each has got to its rows: the objects take 2 s each)
-	my ($mapped, @seen);
-	for (1 .. 100)
-	{
-		@seen = workers_mapped();
-		$mapped = (grep { $_->[0] eq 'cd2sync sync worker' } @seen) && (grep { $_->[0] eq 'cd2sync load worker' } @seen)
-		  && !(grep { $_->[1] < 0.9 * $pool_kb } @seen);
-		last if $mapped;
-		usleep(50_000);
-	}
-	ok($mapped, 'the sync worker and the load workers map the whole buffer pool before they write rows')
-	  or diag("buffer pool $pool_kb kB; mapped: " . join(', ', map { "$_->[0] $_->[1] kB" } @seen));
-}
 is(sq("SELECT to_regclass('north.users') IS NULL"), 't', 'meanwhile readers see no table');
 is(sq("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
 	  . "WHERE n.nspname = 'cd2sync_load' AND c.relkind = 'r'"), '1', 'it is loaded apart, in cd2sync_load');
@@ -102,20 +65,9 @@ is(sq("SELECT watermark IS NOT NULL FROM cd2sync.watermarks WHERE instance = 'no
 # 2. a load worker that dies: the table sync fails and shows nothing; the next run converges
 # (tables of no array column: COPY cannot take CD2's JSON arrays, which go through staging)
 $emu->faults({ endpoint => 'download', table => 'enrollments', kind => 'hang', seconds => 5, times => -1 });
-# (and cd2sync.prefault_buffers off: the workers map the pages they touch, as they touch them)
-$run = sq("SET cd2sync.load_workers = 2; SET cd2sync.prefault_buffers = off; "
-	  . "SELECT cd2_sync_start('north', tables => ARRAY['enrollments'])");
+$run = sq("SET cd2sync.load_workers = 2; SELECT cd2_sync_start('north', tables => ARRAY['enrollments'])");
 ok($node->poll_query_until('postgres',
 	"SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'cd2sync load worker'"), 'a load worker runs');
-SKIP:
-{
-	skip 'MADV_POPULATE_WRITE needs Linux 5.14 or later', 1 unless $can_prefault;
-	usleep(300_000);
-	my @seen = workers_mapped();
-	ok(@seen >= 2 && !(grep { $_->[1] < 0 || $_->[1] > 0.5 * $pool_kb } @seen),
-		'with cd2sync.prefault_buffers off, the workers map only what they touch')
-	  or diag("buffer pool $pool_kb kB; mapped: " . join(', ', map { "$_->[0] $_->[1] kB" } @seen));
-}
 sq("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'cd2sync load worker'");
 ok(run_done($run), 'the run ends');
 like(sq("SELECT mode || ': ' || error FROM cd2sync.sync_log WHERE run_id = $run"),
