@@ -344,15 +344,29 @@ prefault_buffers(void)
 {
 #ifdef MADV_POPULATE_WRITE
 	static bool done = false;
-	uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
-	uintptr_t start = TYPEALIGN(page, (uintptr_t) BufferBlocks);
-	uintptr_t end = TYPEALIGN_DOWN(page, (uintptr_t) BufferBlocks + (Size) NBuffers * BLCKSZ);
+	uintptr_t page;
+	uintptr_t start;
+	uintptr_t end;
 
 	if (done || !cd2_prefault_buffers)
 		return;
 	done = true;
-	if (end > start && madvise((void *) start, end - start, MADV_POPULATE_WRITE) != 0)
-		elog(DEBUG1, "cd2sync: the buffer pool was not mapped ahead: %m");
+	page = (uintptr_t) sysconf(_SC_PAGESIZE);
+	start = TYPEALIGN(page, (uintptr_t) BufferBlocks);
+	end = TYPEALIGN_DOWN(page, (uintptr_t) BufferBlocks + (Size) NBuffers * BLCKSZ);
+	/* (256 MB at a time: a large pool takes seconds, and a cancel is answered between) */
+	while (start < end)
+	{
+		uintptr_t len = Min(end - start, (uintptr_t) 256 * 1024 * 1024);
+
+		CHECK_FOR_INTERRUPTS();
+		if (madvise((void *) start, len, MADV_POPULATE_WRITE) != 0)
+		{
+			elog(DEBUG1, "cd2sync: the buffer pool was not mapped ahead: %m");
+			return;
+		}
+		start += len;
+	}
 #endif
 }
 
