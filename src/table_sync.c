@@ -332,9 +332,9 @@ finish_new_table(RunContext *rc, TableSync *ts)
  * each 4 kB of shared memory (a buffer it reads a page into takes two: a
  * fault on a write maps no neighbours), and an apply reads and writes its
  * table through shared buffers: on virtual machines, where a fault costs
- * microseconds, that was a fifth of a no-op incremental whose table had
- * left shared buffers (docs/performance.md). (COPY straight into a table
- * goes through a small ring of buffers instead: not worth it there.) The
+ * microseconds, that was a tenth to a fifth of a no-op incremental whose
+ * table had left shared buffers (docs/performance.md). (COPY straight into
+ * a table goes through a small ring of buffers instead: not worth it.) The
  * cost: about 70 ms and 2 MB of page tables per GB of shared_buffers
  * without huge pages, little with them. Nothing in the pool is read or
  * written; before Linux 5.14 the faults come one at a time, as before.
