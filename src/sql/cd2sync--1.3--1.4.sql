@@ -116,6 +116,9 @@
 --   a scan of them all when the statistics said the table was small).
 -- * Which changes are a feed's is said once, by _feed_has (inlined where
 --   it is called), instead of in each of the nine queries that asked.
+-- * An instance's run that brings its rows up to a map another's sync
+--   changed (_resolve_due) does it in a merge pass: a row whose user and
+--   grader both moved gets one update, not one per column.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -1725,6 +1728,34 @@ BEGIN
         PERFORM cd2sync._feed_merge_end();
     END IF;
     RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._resolve_due(instance text, only_lockable boolean DEFAULT false)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t record;
+    pass boolean;
+BEGIN
+    IF only_lockable AND NOT cd2sync._try_lock_instance(instance) THEN
+        INSERT INTO cd2sync.resolve_due (instance) VALUES (instance) ON CONFLICT DO NOTHING;
+        RETURN true;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM cd2sync.resolve_due d WHERE d.instance = _resolve_due.instance) THEN
+        RETURN false;
+    END IF;
+    PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+    pass := cd2sync._feed_merge_begin();
+    FOR t IN SELECT * FROM cd2sync._instance_tables(instance) LOOP
+        PERFORM cd2sync._resolve_users(t.rel, t.shard_id, false);
+        IF cd2sync._duplicate_key(t.table_name) IS NOT NULL THEN
+            PERFORM cd2sync._duplicate_flags(instance, t.table_name, t.rel);
+        END IF;
+    END LOOP;
+    IF pass THEN
+        PERFORM cd2sync._feed_merge_end();
+    END IF;
+    DELETE FROM cd2sync.resolve_due d WHERE d.instance = _resolve_due.instance;
+    RETURN true;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_changing(what text)

@@ -641,11 +641,14 @@ $$;
 -- sync of it runs elsewhere, marks it due and returns true (skip it). Then,
 -- or when called by the instance's own sync: when it is due, brings every
 -- row of its tables to the map and the duplicates as they are now, and
--- returns true (done whole); else false.
+-- returns true (done whole); else false. Within a merge pass (its own when
+-- none is on): a row its statements write more than once, a user and a
+-- grader say, gets one update in the change feeds.
 CREATE FUNCTION cd2sync._resolve_due(instance text, only_lockable boolean DEFAULT false)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t record;
+    pass boolean;
 BEGIN
     IF only_lockable AND NOT cd2sync._try_lock_instance(instance) THEN
         INSERT INTO cd2sync.resolve_due (instance) VALUES (instance) ON CONFLICT DO NOTHING;
@@ -655,12 +658,16 @@ BEGIN
         RETURN false;
     END IF;
     PERFORM set_config('cd2sync_tx.cause', 'merge', true);
+    pass := cd2sync._feed_merge_begin();
     FOR t IN SELECT * FROM cd2sync._instance_tables(instance) LOOP
         PERFORM cd2sync._resolve_users(t.rel, t.shard_id, false);
         IF cd2sync._duplicate_key(t.table_name) IS NOT NULL THEN
             PERFORM cd2sync._duplicate_flags(instance, t.table_name, t.rel);
         END IF;
     END LOOP;
+    IF pass THEN
+        PERFORM cd2sync._feed_merge_end();
+    END IF;
     DELETE FROM cd2sync.resolve_due d WHERE d.instance = _resolve_due.instance;
     RETURN true;
 END $$;
