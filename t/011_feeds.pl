@@ -5,6 +5,8 @@
 # a second cluster through PostgreSQL's own logical replication. A read
 # fails if its feed is dropped or marked stale while it reads. Writers,
 # consumers and sweepers all at once: every change received exactly once.
+# A feed created while a sync loads a table new gives the table its capture
+# triggers, whichever of the two takes the lock on the changes first.
 use strict;
 use warnings;
 use utf8;
@@ -226,6 +228,62 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM cd2_feed_read('subs', 1000
 	  . "AND (\"row\"->>'original_user_id')::bigint = cd2_global_id('north', $gone)"),
 	$node->safe_psql('postgres', "SELECT count(*) FROM north.submissions WHERE user_id = $gone"),
 	'the merged user\'s rows show the replacement');
+
+# 8b. a feed of every table created while a sync loads a table new, which
+# the creation cannot see before the load commits: whichever takes the lock
+# on the changes first, the table gets its capture triggers, and a later
+# write to it (another instance's merge, say) reaches the feed. (The load
+# is a sync's steps, by hand: a table no feed follows yet.)
+my $load = sub {    # (the steps up to the load's end, which takes the lock)
+	my ($session, $tab) = @_;
+	$session->query_safe("BEGIN;
+		CREATE TABLE south.$tab (id bigint PRIMARY KEY, name text);
+		INSERT INTO cd2sync.table_state (instance, table_name, status) VALUES ('south', '$tab', 'ok');
+		SELECT cd2sync.refresh_view('$tab');
+		SELECT cd2sync._before_apply('south', '$tab', now());
+		SELECT cd2sync._feed_load_begin('south.$tab');
+		INSERT INTO south.$tab VALUES (1, 'a'), (2, 'b'), (3, 'c');");
+	$session->query_until(qr/ending/, "\\echo ending\nSELECT cd2sync._after_apply('south', '$tab', 'snapshot', 3);\n");
+};
+my $triggers = sub {
+	return $node->safe_psql('postgres', "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'south.$_[0]'::regclass AND tgname LIKE 'cd2_feed%'");
+};
+# the load takes the lock first: the creation waits for it, then looks again
+my $loader = $node->background_psql('postgres');
+$load->($loader, 'accounts');
+ok($node->poll_query_until('postgres', "SELECT count(*) > 0 FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+	  . "WHERE l.granted AND l.relation = 'cd2sync.changes'::regclass AND a.query LIKE '%_after_apply%'"),
+	'the load holds the lock on the changes');
+$creator = $node->background_psql('postgres');
+$creator->query_until(qr/creating/, "\\echo creating\nSELECT cd2_create_feed('every1');\n");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%every1%'"),
+	'the creation waits for it');
+$loader->query_safe('COMMIT');
+$creator->query_safe('SELECT 1');
+is($triggers->('accounts'), '4', 'load first: the new table has its capture triggers');
+$node->safe_psql('postgres', "UPDATE south.accounts SET name = 'x' WHERE id = 1");
+is($node->safe_psql('postgres', "SELECT string_agg(table_name || ' ' || op, ',' ORDER BY position) FROM cd2_feed_read('every1')"),
+	'accounts update', 'and a later write to it reaches the feed');
+$node->safe_psql('postgres', "SELECT cd2_drop_feed('every1')");
+# the creation takes the lock first: the load's end waits, then gives them
+$creator->query_safe("BEGIN; SELECT cd2_create_feed('every2')");
+$load->($loader, 'terms');
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%_after_apply%'"),
+	'the load\'s end waits for the creation');
+$creator->query_safe('COMMIT');
+$loader->query_safe('COMMIT');
+is($triggers->('terms'), '4', 'creation first: the new table has its capture triggers');
+$node->safe_psql('postgres', "UPDATE south.terms SET name = 'y' WHERE id = 2");
+is($node->safe_psql('postgres', "SELECT string_agg(op || ' ' || (key->>'id'), ',' ORDER BY position) FROM cd2_feed_read('every2')"),
+	join(',', (map { 'insert ' . (2 * 10_000_000_000_000 + $_) } 1 .. 3), 'update ' . (2 * 10_000_000_000_000 + 2)),
+	'and the feed the rows of the load, then the later write');
+$node->safe_psql('postgres', "SELECT cd2_drop_feed('every2');
+	DROP TABLE south.accounts, south.terms CASCADE; DELETE FROM cd2sync.table_state WHERE table_name IN ('accounts', 'terms');
+	SELECT cd2sync.refresh_view('accounts'); SELECT cd2sync.refresh_view('terms')");
+$loader->quit;
+$creator->quit;
 
 # 9. a sync finds a feed over its limits while the feed is being dropped
 # (the drop holds the feed's row and waits for the sync's locks): the sync

@@ -119,6 +119,10 @@
 -- * An instance's run that brings its rows up to a map another's sync
 --   changed (_resolve_due) does it in a merge pass: a row whose user and
 --   grader both moved gets one update, not one per column.
+-- * A feed created while a sync loads a table new, which it cannot see yet,
+--   no longer leaves that table without capture triggers: the load's end
+--   gives them under the lock on the changes (_feed_load_end), and the
+--   creation looks again once it has that lock (cd2_create_feed).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -806,6 +810,10 @@ BEGIN
     INSERT INTO cd2sync.feed_hint (name, created_at) SELECT f.name, f.created_at FROM cd2sync.feed f WHERE f.name = n;
     PERFORM cd2sync._feed_ensure_captures();
     PERFORM cd2sync._feed_lock();
+    -- and again once the lock is ours: a sync loading a table new that took
+    -- it first (_feed_load_end) saw no feed, and the first look could not
+    -- see its table
+    PERFORM cd2sync._feed_ensure_captures();
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
     UPDATE cd2sync.feed f SET acknowledged = start WHERE f.name = n;
     UPDATE cd2sync.feed_hint h SET forgotten_to = start
@@ -1794,12 +1802,17 @@ $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_load_end(rel regclass)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tab text := (cd2sync._rel_table(rel)).table_name;
 BEGIN
     IF current_setting('cd2sync_tx.loading_new', true) IS DISTINCT FROM rel::oid::text THEN
         RETURN;
     END IF;
     PERFORM set_config('cd2sync_tx.loading_new', '', true);
     PERFORM cd2sync._feed_capture_table(rel, 'new', 'sync');
+    IF tab IS NOT NULL THEN
+        PERFORM cd2sync._feed_ensure_capture(rel, tab);
+    END IF;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._after_apply(instance text, table_name text, mode text, changes bigint)

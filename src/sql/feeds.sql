@@ -608,14 +608,24 @@ RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT set_config('cd2sync_tx.loading_new', rel::oid::text, true)
 $$;
 
+-- Then, under the lock that took, the table gets its capture triggers if a
+-- feed follows it now: one created while the table was new here could not
+-- see it (cd2_create_feed looks again once it has the lock, for a feed
+-- that took it first), and the table's later writes, another instance's
+-- merge say, are to reach that feed.
 CREATE FUNCTION cd2sync._feed_load_end(rel regclass)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tab text := (cd2sync._rel_table(rel)).table_name;
 BEGIN
     IF current_setting('cd2sync_tx.loading_new', true) IS DISTINCT FROM rel::oid::text THEN
         RETURN;
     END IF;
     PERFORM set_config('cd2sync_tx.loading_new', '', true);
     PERFORM cd2sync._feed_capture_table(rel, 'new', 'sync');
+    IF tab IS NOT NULL THEN
+        PERFORM cd2sync._feed_ensure_capture(rel, tab);
+    END IF;
 END $$;
 
 -- Marks stale, with a WARNING, every feed over its limits
@@ -917,6 +927,10 @@ BEGIN
     INSERT INTO cd2sync.feed_hint (name, created_at) SELECT f.name, f.created_at FROM cd2sync.feed f WHERE f.name = n;
     PERFORM cd2sync._feed_ensure_captures();
     PERFORM cd2sync._feed_lock();
+    -- and again once the lock is ours: a sync loading a table new that took
+    -- it first (_feed_load_end) saw no feed, and the first look could not
+    -- see its table
+    PERFORM cd2sync._feed_ensure_captures();
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO start FROM cd2sync.change_position_seq;
     UPDATE cd2sync.feed f SET acknowledged = start WHERE f.name = n;
     UPDATE cd2sync.feed_hint h SET forgotten_to = start
