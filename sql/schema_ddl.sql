@@ -67,6 +67,7 @@ SELECT * FROM s1.user_view;
 -- created again; d (varchar to date) waits for a fresh snapshot
 CREATE TABLE s1.widen (id bigint PRIMARY KEY, a smallint, b real, c varchar(5), d varchar(5), e integer);
 CREATE VIEW s1.widen_view AS SELECT id, e FROM s1.widen;
+INSERT INTO s1.widen (id, b) VALUES (1, 0.1), (2, 3.4028235e38), (3, -1.5e-7), (4, 'NaN');
 CREATE TEMP TABLE widen_v3 AS SELECT $${"version": 3, "schema": {"properties": {
   "key": {"properties": {"id": {"type": "integer"}}},
   "value": {"properties": {
@@ -79,6 +80,8 @@ SELECT cd2sync._ensure_table('s1', 'widen', (SELECT doc FROM widen_v3)) AS creat
 SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
  WHERE attrelid = 's1.widen'::regclass AND attnum > 0 ORDER BY attnum;
 SELECT pg_get_viewdef('s1.widen_view'::regclass) AS recreated_view;
+-- a real becomes the double its text says: the values show as before
+SELECT id, b FROM s1.widen ORDER BY id;
 SELECT cd2sync._pending_types('s1', 'widen', (SELECT doc FROM widen_v3)) AS pending;
 SELECT cd2sync._is_widening('character varying(5)', 'text'), cd2sync._is_widening('character varying(10)', 'character varying(5)'),
        cd2sync._is_widening('bigint', 'integer'), cd2sync._is_widening('text', 'bigint');

@@ -123,6 +123,9 @@
 --   no longer leaves that table without capture triggers: the load's end
 --   gives them under the lock on the changes (_feed_load_end), and the
 --   creation looks again once it has that lock (cd2_create_feed).
+-- * A real column widened to double precision is converted through its
+--   text (_ensure_table): 0.1 stays 0.1, as the views showed it and the
+--   change feeds' images say, instead of 0.10000000149011612.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -593,7 +596,11 @@ BEGIN
                   WHERE format_type(a.atttypid, a.atttypmod) <> s.type_sql LOOP
             IF cd2sync._is_widening(c.old_type, c.type_sql) THEN
                 BEGIN
-                    PERFORM cd2sync._alter_column_type(rel, c.column_name, c.type_sql, false);
+                    -- (a real through its text: 0.1 stays 0.1, as the view
+                    -- showed it and the change feeds' images say, and as
+                    -- upstream's 0.1 now arrives, not 0.10000000149011612)
+                    PERFORM cd2sync._alter_column_type(rel, c.column_name, c.type_sql, false,
+                                                       c.old_type = 'real');
                 EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist
                                OR syntax_error_or_access_rule_violation THEN
                     -- a view that cannot be created again uses the column (other

@@ -735,7 +735,11 @@ BEGIN
                   WHERE format_type(a.atttypid, a.atttypmod) <> s.type_sql LOOP
             IF cd2sync._is_widening(c.old_type, c.type_sql) THEN
                 BEGIN
-                    PERFORM cd2sync._alter_column_type(rel, c.column_name, c.type_sql, false);
+                    -- (a real through its text: 0.1 stays 0.1, as the view
+                    -- showed it and the change feeds' images say, and as
+                    -- upstream's 0.1 now arrives, not 0.10000000149011612)
+                    PERFORM cd2sync._alter_column_type(rel, c.column_name, c.type_sql, false,
+                                                       c.old_type = 'real');
                 EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist
                                OR syntax_error_or_access_rule_violation THEN
                     -- a view that cannot be created again uses the column (other
