@@ -222,6 +222,9 @@ is(join(',', map { $r1->{$_}{error} } sort keys %$r1), ',,,', 'c1 synced without
 is($node->safe_psql('postgres', "SELECT instance FROM cd2sync.resolve_due"), 'c3', 'c3 is due for the new map');
 is($node->safe_psql('postgres', "SELECT user_id FROM cd2.enrollments WHERE id = @{[3 * $G + 31]}"), 1 * $G + 1,
 	'and its rows wait for it');
+# (nor can its shard change under its sync: the ids its capture writes)
+my ($rc, $out, $err) = $node->psql('postgres', "\\set VERBOSITY verbose\nSELECT cd2_alter_instance('c3', shard_id => 4)");
+like($err, qr/ERROR:  55006: a sync of cd2sync instance "c3" is running/, 'a shard change is refused while the instance syncs');
 $c3_sync->quit;
 # c3's own run brings them up to date, as it begins (before another
 # instance's sync could, in its refresh of the map)

@@ -126,6 +126,9 @@
 -- * A real column widened to double precision is converted through its
 --   text (_ensure_table): 0.1 stays 0.1, as the views showed it and the
 --   change feeds' images say, instead of 0.10000000149011612.
+-- * A shard change takes the instance's lock, as a schema move does
+--   (cd2_alter_instance): a sync's capture had the old shard in its
+--   statement's snapshot.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -2013,7 +2016,10 @@ BEGIN
         PERFORM cd2sync._check_remote_tables(new.api_url, new.client_id, secret, new.tables);
     END IF;
     IF new.shard_id IS DISTINCT FROM old.shard_id AND new.target_schema = old.target_schema THEN
-        PERFORM cd2sync._feed_capture_instance(old.name, 'old');   -- ids change in the views
+        -- ids change in the views: not under a sync's capture, which has
+        -- the old shard in its statement's snapshot
+        PERFORM cd2sync._lock_instance(old.name);
+        PERFORM cd2sync._feed_capture_instance(old.name, 'old');
     END IF;
 
     UPDATE cd2sync.instances i

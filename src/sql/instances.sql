@@ -337,7 +337,10 @@ BEGIN
         PERFORM cd2sync._check_remote_tables(new.api_url, new.client_id, secret, new.tables);
     END IF;
     IF new.shard_id IS DISTINCT FROM old.shard_id AND new.target_schema = old.target_schema THEN
-        PERFORM cd2sync._feed_capture_instance(old.name, 'old');   -- ids change in the views
+        -- ids change in the views: not under a sync's capture, which has
+        -- the old shard in its statement's snapshot
+        PERFORM cd2sync._lock_instance(old.name);
+        PERFORM cd2sync._feed_capture_instance(old.name, 'old');
     END IF;
 
     UPDATE cd2sync.instances i
