@@ -245,6 +245,26 @@ is_deeply(changes_of($ch, 'submissions', 3 * $G + 32),
 	[ "submissions|update|c3|@{[3 * $G + 32]}|{grader_id,user_id}|merge" ],
 	'epoch 1: a lagging submission whose user and grader both merged gets one update, both columns changed');
 
+# two refreshes of the duplicates at once (two instances' syncs ending
+# together): the second waits for the first, and both succeed (the second
+# inserted the set the first had just inserted: a key violation)
+my $dups = $node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.merge_duplicates WHERE table_name = 'enrollments'");
+ok($dups > 0, 'epoch 1: a duplicate is recorded');
+my $refresh1 = $node->background_psql('postgres');
+$refresh1->query_safe("BEGIN; SELECT cd2sync._refresh_merge_duplicates('enrollments')");
+my $refresh2 = $node->background_psql('postgres', on_error_stop => 0);
+$refresh2->query_until(qr/refreshing/, "\\echo refreshing\nSELECT cd2sync._refresh_merge_duplicates('enrollments');\n");
+ok($node->poll_query_until('postgres', "SELECT count(*) > 0 FROM pg_stat_activity "
+	  . "WHERE wait_event_type = 'Lock' AND query LIKE '%_refresh_merge_duplicates%'"),
+	'a second refresh of the duplicates waits for the first');
+$refresh1->query_safe('COMMIT');
+$refresh2->query('SELECT 1');
+is($refresh2->{stderr}, '', 'and then succeeds');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.merge_duplicates WHERE table_name = 'enrollments'"), $dups,
+	'with the same set');
+$refresh1->quit;
+$refresh2->quit;
+
 # epoch 2: c3's references catch up; Bob merged into Cat (chain, first step);
 # Fay's enrolment moves to a new user but Fay stays active (a failed merge);
 # Gus merged into a new user 4 (split next epoch); a reference to a user

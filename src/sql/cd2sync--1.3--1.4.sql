@@ -129,6 +129,10 @@
 -- * A shard change takes the instance's lock, as a schema move does
 --   (cd2_alter_instance): a sync's capture had the old shard in its
 --   statement's snapshot.
+-- * Refreshes of the merge duplicates take the map's lock (after the
+--   changes', as _refresh_user_merges does): two instances' syncs ending
+--   together collided on the set they each inserted again (23505), and
+--   the second table's sync failed (_refresh_merge_duplicates).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -1716,6 +1720,14 @@ DECLARE
     k bigint;
     pass boolean;
 BEGIN
+    -- one refresh at a time: two instances' syncs ending together each
+    -- deleted the set and inserted it again, and the second's insert
+    -- collided with the first's (a key violation). Locks in the order
+    -- _refresh_user_merges takes them (which holds both already).
+    IF EXISTS (SELECT 1 FROM cd2sync.feed) THEN
+        PERFORM cd2sync._feed_lock();
+    END IF;
+    LOCK TABLE cd2sync.user_merge_map IN EXCLUSIVE MODE;
     DELETE FROM cd2sync.merge_duplicates d WHERE d.table_name = _refresh_merge_duplicates.table_name;
     IF dupkey IS NULL THEN
         RETURN 0;

@@ -563,6 +563,14 @@ DECLARE
     k bigint;
     pass boolean;
 BEGIN
+    -- one refresh at a time: two instances' syncs ending together each
+    -- deleted the set and inserted it again, and the second's insert
+    -- collided with the first's (a key violation). Locks in the order
+    -- _refresh_user_merges takes them (which holds both already).
+    IF EXISTS (SELECT 1 FROM cd2sync.feed) THEN
+        PERFORM cd2sync._feed_lock();
+    END IF;
+    LOCK TABLE cd2sync.user_merge_map IN EXCLUSIVE MODE;
     DELETE FROM cd2sync.merge_duplicates d WHERE d.table_name = _refresh_merge_duplicates.table_name;
     IF dupkey IS NULL THEN
         RETURN 0;
