@@ -24,3 +24,21 @@ SELECT cd2_alter_instance('shard7', shard_id => 8);
 SELECT instance, id, user_id, original_user_id FROM cd2.widgets;
 SELECT cd2_drop_instance('shard7', drop_data => true);
 SELECT to_regclass('cd2.widgets') IS NULL AS view_gone_with_the_last_instance;
+-- instances whose types differ (one widened a column before the other): the
+-- view takes the type both widen to, cutting or rounding nothing; types
+-- that do not widen to one another meet as text
+SELECT cd2_add_instance('wa', 'idwa', 'x', api_url => 'http://127.0.0.1:9');
+SELECT cd2_add_instance('wb', 'idwb', 'x', api_url => 'http://127.0.0.1:9');
+CREATE SCHEMA wa;
+CREATE SCHEMA wb;
+CREATE TABLE wa.gadgets (id bigint PRIMARY KEY, n integer, s varchar(5), f real, code varchar(10));
+CREATE TABLE wb.gadgets (id bigint PRIMARY KEY, n bigint, s varchar(20), f double precision, code bigint);
+INSERT INTO wa.gadgets VALUES (1, 7, 'abcde', 0.1, 'A-1');
+INSERT INTO wb.gadgets VALUES (1, 5000000000, 'abcdefghijklmnop', 0.1, 42);
+INSERT INTO cd2sync.table_state (instance, table_name, status) VALUES ('wa', 'gadgets', 'ok'), ('wb', 'gadgets', 'ok');
+SELECT cd2sync.refresh_view('gadgets');
+SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = 'cd2.gadgets'::regclass AND attnum > 0 ORDER BY attnum;
+SELECT instance, n, s, f, code FROM cd2.gadgets ORDER BY instance;
+SELECT cd2_drop_instance('wa', drop_data => true);
+SELECT cd2_drop_instance('wb', drop_data => true);

@@ -133,6 +133,12 @@
 --   changes', as _refresh_user_merges does): two instances' syncs ending
 --   together collided on the set they each inserted again (23505), and
 --   the second table's sync failed (_refresh_merge_duplicates).
+-- * A reconciled view's column whose type differs between instances (one
+--   widened it first) takes the type they all widen to, else text
+--   (_view_columns): the text max() of the types took integer over bigint
+--   (out of range), varchar(255) over varchar(1024) (cut) and real over
+--   double precision (rounded). A real not yet widened shows through its
+--   text (_view_select), as it will once widened.
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -1788,6 +1794,25 @@ BEGIN
     RETURN true;
 END $$;
 
+CREATE OR REPLACE FUNCTION cd2sync._view_columns(table_name text, OUT cols text[], OUT types jsonb)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT array_agg(attname ORDER BY first_seen), jsonb_object_agg(attname, typ)
+      FROM (SELECT x.attname, x.first_seen,
+                   coalesce((SELECT w FROM unnest(x.typs) w
+                              WHERE NOT EXISTS (SELECT 1 FROM unnest(x.typs) o
+                                                 WHERE o <> w AND NOT cd2sync._is_widening(o, w))
+                              ORDER BY w LIMIT 1), 'text') AS typ
+              FROM (SELECT a.attname::text AS attname,
+                           min(i.ord * 10000 + a.attnum) AS first_seen,
+                           array_agg(DISTINCT CASE WHEN t.typtype = 'e' THEN 'text'
+                                                   ELSE format_type(a.atttypid, a.atttypmod) END) AS typs
+                      FROM (SELECT rel, row_number() OVER () AS ord FROM cd2sync._instances_with(table_name)) i
+                      JOIN pg_attribute a ON a.attrelid = i.rel AND a.attnum > 0 AND NOT a.attisdropped
+                                         AND a.attname NOT LIKE 'cd2\_%'
+                      JOIN pg_type t ON t.oid = a.atttypid
+                     GROUP BY a.attname) x) y
+$$;
+
 CREATE OR REPLACE FUNCTION cd2sync._feed_changing(what text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -2105,6 +2130,12 @@ BEGIN
         END IF;
         IF cd2sync._shows_global(c, types->>c) THEN
             g := cd2sync._global_expr(shard, format('t.%I', c));
+        ELSIF types->>c = 'double precision'
+              AND (SELECT a.atttypid FROM pg_attribute a
+                    WHERE a.attrelid = rel AND a.attname = c AND NOT a.attisdropped) = 'real'::regtype THEN
+            -- (a real not yet widened here, through its text: 0.1 shows as
+            -- 0.1, as it will once widened, see _ensure_table)
+            g := format('t.%I::text::double precision', c);
         ELSE
             g := format('t.%I::%s', c, types->>c);
         END IF;

@@ -711,18 +711,27 @@ $$;
 
 -- The columns of cd2.<table> after instance, in order (attnum order of each
 -- instance's table, first seen first; cd2_ bookkeeping left out), and each
--- one's type (text for enums). NULL when no instance has the table.
+-- one's type (text for enums). NULL when no instance has the table. Where
+-- instances' types differ (one widened a column before another: integer and
+-- bigint, varchar(255) and varchar(1024)), the type every one of them
+-- widens to (_is_widening), so that no value is cut or rounded; else text.
 CREATE FUNCTION cd2sync._view_columns(table_name text, OUT cols text[], OUT types jsonb)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT array_agg(attname ORDER BY first_seen), jsonb_object_agg(attname, typ)
-      FROM (SELECT a.attname::text AS attname,
-                   min(i.ord * 10000 + a.attnum) AS first_seen,
-                   max(CASE WHEN t.typtype = 'e' THEN 'text' ELSE format_type(a.atttypid, a.atttypmod) END) AS typ
-              FROM (SELECT rel, row_number() OVER () AS ord FROM cd2sync._instances_with(table_name)) i
-              JOIN pg_attribute a ON a.attrelid = i.rel AND a.attnum > 0 AND NOT a.attisdropped
-                                 AND a.attname NOT LIKE 'cd2\_%'
-              JOIN pg_type t ON t.oid = a.atttypid
-             GROUP BY a.attname) x
+      FROM (SELECT x.attname, x.first_seen,
+                   coalesce((SELECT w FROM unnest(x.typs) w
+                              WHERE NOT EXISTS (SELECT 1 FROM unnest(x.typs) o
+                                                 WHERE o <> w AND NOT cd2sync._is_widening(o, w))
+                              ORDER BY w LIMIT 1), 'text') AS typ
+              FROM (SELECT a.attname::text AS attname,
+                           min(i.ord * 10000 + a.attnum) AS first_seen,
+                           array_agg(DISTINCT CASE WHEN t.typtype = 'e' THEN 'text'
+                                                   ELSE format_type(a.atttypid, a.atttypmod) END) AS typs
+                      FROM (SELECT rel, row_number() OVER () AS ord FROM cd2sync._instances_with(table_name)) i
+                      JOIN pg_attribute a ON a.attrelid = i.rel AND a.attnum > 0 AND NOT a.attisdropped
+                                         AND a.attname NOT LIKE 'cd2\_%'
+                      JOIN pg_type t ON t.oid = a.atttypid
+                     GROUP BY a.attname) x) y
 $$;
 
 -- The SELECT of one instance's rows as cd2.<table> shows them, reading
@@ -755,6 +764,12 @@ BEGIN
         END IF;
         IF cd2sync._shows_global(c, types->>c) THEN
             g := cd2sync._global_expr(shard, format('t.%I', c));
+        ELSIF types->>c = 'double precision'
+              AND (SELECT a.atttypid FROM pg_attribute a
+                    WHERE a.attrelid = rel AND a.attname = c AND NOT a.attisdropped) = 'real'::regtype THEN
+            -- (a real not yet widened here, through its text: 0.1 shows as
+            -- 0.1, as it will once widened, see _ensure_table)
+            g := format('t.%I::text::double precision', c);
         ELSE
             g := format('t.%I::%s', c, types->>c);
         END IF;
