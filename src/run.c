@@ -261,16 +261,25 @@ run_sync(SyncArgs *args)
 
 	PG_TRY();
 	{
-		rc.client = dap_client_create(rc.instance->api_url, rc.instance->client_id,
-									  rc.instance->client_secret);
+		InstanceConfig *waited;
+
 		lock_instance(&rc);
-		close_stale_runs(&rc);
-		tables = tables_to_sync(&rc, args->tables);
-		/* the configuration may have changed while we waited */
+		/*
+		 * The configuration may have changed while we waited: the client is
+		 * made from it as it is now. (An api_url changed with its
+		 * client_secret is sent neither the old secret nor a token the old
+		 * one got: the stored secret goes only where it was given for.)
+		 */
+		waited = rc.instance;
 		catalog_begin();
 		rc.instance = catalog_load_instance(args->instance);
 		catalog_commit();
-		rc.client->api_url = rc.instance->api_url;
+		if (waited->client_secret)
+			explicit_bzero(waited->client_secret, strlen(waited->client_secret));
+		rc.client = dap_client_create(rc.instance->api_url, rc.instance->client_id,
+									  rc.instance->client_secret);
+		close_stale_runs(&rc);
+		tables = tables_to_sync(&rc, args->tables);
 	}
 	PG_CATCH();
 	{

@@ -19,6 +19,9 @@
 #    caught by scripts/sanitize.sh's UBSan) is clamped: syncs work. The
 #    server's *_proxy environment is never used; cd2sync.proxy is. Object
 #    URLs of an https API must be https: t/006_tls.pl.
+# 9. An instance moved to another API (api_url and its client_secret) while
+#    a run waits for the instance's lock: the run asks the new API with the
+#    new secret, never with the old secret or the old API's token.
 use strict;
 use warnings;
 use utf8;
@@ -290,5 +293,37 @@ like($race_err, qr/42704.*cd2sync instance "racer" does not exist/s,
 	'hole 4: a sync of an instance dropped meanwhile fails with 42704');
 unlike(substr(slurp_file($node->logfile), $log_before), qr/terminated by signal|server process .* was terminated/,
 	'hole 4: no backend crashed (a crash restarts every session of the server)');
+
+# hole 9: an instance moved to another API (api_url with its client_secret)
+# while a run waits for the instance's lock: the run asks the new API with
+# the new secret, and sends it neither the old secret nor a token of the old
+# API (it kept both, and changed only the URL)
+my $emu2 = Cd2Test::start_emulator();
+my $ust = $emu->state($north, 'users');
+$emu2->post('/_emu/load', { start => $emu->get('/_emu/health')->{clock}, instances => { $north => { secret => 'moved-secret',
+	tables => { users => { version => $ust->{version}, schema => $ust->{schema}, rows => $ust->{rows} } } } } });
+my $holder = $node->background_psql('postgres');
+$holder->query_safe("SELECT pg_advisory_lock(52517, hashtext('north'))");
+my ($run_out, $run_err) = ('', '');
+my $run = IPC::Run::start(
+	[ 'psql', '-XAtq', '-d', $node->connstr('postgres'), '-c',
+	  "SELECT table_name, coalesce(error, '') FROM cd2_sync_now('north')" ],
+	'>', \$run_out, '2>', \$run_err);
+ok($node->poll_query_until('postgres', "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event = 'advisory' "
+	  . "AND backend_type = 'cd2sync sync worker'"),
+	'hole 9: the run waits for the instance\'s lock');
+$node->safe_psql('postgres', "SET log_statement = 'none';\n"
+	  . "SELECT cd2_alter_instance('north', api_url => '$emu2->{url}', client_secret => 'moved-secret')");
+$holder->query_safe("SELECT pg_advisory_unlock(52517, hashtext('north'))");
+$run->finish;
+is($run_out =~ s/\n\z//r, "users|", 'hole 9: then syncs from the new API');
+my $old_basic = MIME::Base64::encode_base64("$north:north-secret", '');
+my @asked = @{ $emu2->get('/_emu/requests') };
+ok(scalar(@asked) > 0, 'hole 9: which it asked');
+is(join(',', map { "$_->{endpoint} $_->{status}" } grep { $_->{status} >= 400 } @asked), '',
+	'hole 9: with no request refused (an old token, an old secret)');
+is(scalar(grep { ($_->{headers}{Authorization} // '') =~ /\Q$old_basic\E/ } @asked), 0,
+	'hole 9: and never with the old secret');
+$holder->quit;
 
 done_testing();
