@@ -114,10 +114,16 @@ take_objects(LoadWork *w)
 		int objects = 0;
 		uint32 i;
 
+		MemoryContext object_cxt;
+
 		catalog_begin();
+		/* one object's download and decoding at a time (see load_objects) */
+		object_cxt = AllocSetContextCreate(CurrentMemoryContext, "cd2sync object",
+										   ALLOCSET_DEFAULT_SIZES);
 		while (pg_atomic_read_u32(&s->failed) == 0 &&
 			   (i = pg_atomic_fetch_add_u32(&s->next, 1)) < (uint32) s->nobjects)
 		{
+			MemoryContext outer = MemoryContextSwitchTo(object_cxt);
 			Download *d;
 			List *columns = NIL; /* (not needed: the table's own) */
 			bool jsonl;
@@ -128,7 +134,10 @@ take_objects(LoadWork *w)
 			bytes += download_compressed_bytes(d);
 			objects++;
 			download_close(d);
+			MemoryContextSwitchTo(outer);
+			MemoryContextReset(object_cxt);
 		}
+		MemoryContextDelete(object_cxt);
 		catalog_commit();
 		SpinLockAcquire(&s->mutex);
 		s->records += records;

@@ -172,24 +172,38 @@ load_objects(RunContext *rc, TableSync *ts, DapJob *job, List *urls, Oid direct,
 	TableRun *tr = ts->tr;
 	ListCell *lo, *lu;
 	uint64 records = 0;
+	MemoryContext outer = CurrentMemoryContext;
+	/* one object's download and decoding at a time (its buffers, its
+	 * header): a table of many objects holds no more than one's */
+	MemoryContext object_cxt = AllocSetContextCreate(outer, "cd2sync object", ALLOCSET_DEFAULT_SIZES);
 
 	ts->objects_total = list_length(job->objects);
 	forboth(lo, job->objects, lu, urls)
 	{
 		Download *d;
 		bool jsonl;
+		List *seen;
+		ListCell *lc;
 
 		ts->records = records;
 		report(rc, ts, "%s object %d of %d",
 			   OidIsValid(direct) ? "loading straight into the table" : "downloading",
 			   foreach_current_index(lo) + 1, list_length(job->objects));
+		MemoryContextSwitchTo(object_cxt);
+		seen = list_copy(*columns);
 		d = download_open((char *) lfirst(lo), (char *) lfirst(lu), dap_refresh_url, rc->client);
-		records += decode_object(d, rc->format, direct, columns, &jsonl);
+		records += decode_object(d, rc->format, direct, &seen, &jsonl);
 		tr->bytes += download_compressed_bytes(d);
 		tr->objects++;
 		*any_jsonl |= jsonl;
 		download_close(d);
+		/* the columns this object's header added, kept */
+		MemoryContextSwitchTo(outer);
+		for_each_from(lc, seen, list_length(*columns))
+			*columns = lappend(*columns, pstrdup((char *) lfirst(lc)));
+		MemoryContextReset(object_cxt);
 	}
+	MemoryContextDelete(object_cxt);
 	ts->records = records;
 	return records;
 }
