@@ -341,7 +341,7 @@ decode_open_object(Download *d, RecordFormat asked, Oid direct, List **columns, 
 
 	src.download = d;
 	src.cxt = CurrentMemoryContext;
-	codec_line_check_init(&src.lines, 0);
+	codec_line_check_init(&src.lines, 0); /* (JSON lines and CSV: their quote, below) */
 	source = &src;
 	*was_jsonl = false;
 
@@ -371,6 +371,9 @@ decode_open_object(Download *d, RecordFormat asked, Oid direct, List **columns, 
 		src.ahead = head.data;
 		src.ahead_len = head.len;
 		*was_jsonl = true;
+		/* a record is measured as COPY reads it: a raw 0x02 (not JSON, and
+		 * COPY's quote here) holds the newlines after it in the record */
+		codec_line_check_init(&src.lines, '\x02');
 		options = list_make3(makeDefElem("format", (Node *) makeString("csv"), -1),
 							 makeDefElem("delimiter", (Node *) makeString("\x01"), -1),
 							 makeDefElem("quote", (Node *) makeString("\x02"), -1));

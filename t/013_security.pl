@@ -11,7 +11,8 @@
 #    \copy from a file) keeps it out of the server log, whatever fails.
 # 4. An instance dropped while a sync of it checks its tables: an error,
 #    not a crash of the server.
-# 5. A CSV record is measured whole: a quoted field may hold newlines.
+# 5. A CSV record is measured whole: a quoted field may hold newlines; so
+#    is a JSON line with a raw 0x02 (the quote of its COPY).
 # 6. An error as long as the API likes, in 4-byte characters, reaches the
 #    sync log and a NOTIFY payload cut to fit (a payload cut by characters
 #    raised inside the error handler and left the run 'running').
@@ -254,6 +255,17 @@ like($r->{users}{error}, qr/a record is longer than cd2sync.max_line_length \(20
 $r = Cd2Test::sync($node, 'north', pre => "SET cd2sync.format = 'csv';");
 is($r->{users}{error}, '', 'hole 5: within the limit it syncs');
 Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'hole 5: and converges');
+# ... and a JSON line with a raw 0x02, the quote of the COPY a JSON line goes
+# through: the newlines after it are the record's, which is measured whole
+# too (not one line at a time while COPY took in the rest of the file)
+$emu->epoch({ client_id => $north, table => 'users', upsert => [ { key => $urows->[2]{key}, value => $urows->[2]{value} } ] });
+$emu->faults({ endpoint => 'create_job', kind => 'malformed_record', shape => 'control_quote', table => 'users' });
+$r = Cd2Test::sync($node, 'north', pre => "SET cd2sync.format = 'jsonl'; SET cd2sync.max_line_length = '2kB';");
+like($r->{users}{error}, qr/a record is longer than cd2sync.max_line_length \(2048 bytes\)/,
+	'hole 5: a JSON line whose 0x02 opens a quote is measured to its end');
+$emu->clear_faults;
+$r = Cd2Test::sync($node, 'north', pre => "SET cd2sync.format = 'jsonl';");
+is($r->{users}{error}, '', 'hole 5: the next run syncs');
 
 # hole 4: an instance dropped while cd2_sync_now checks its tables. The
 # check of the instance is made to pause (for this session only) after it

@@ -831,6 +831,9 @@ class FileEncoder:
     @staticmethod
     def bad_line(fmt: str, ncols: int, shape: str = "missing_field", lines: list = ()) -> bytes:
         if fmt == "jsonl":
+            if shape == "control_quote":
+                # a raw 0x02 (JSON escapes control characters), then 50 lines of 100 bytes
+                return b'{"key": {"id": 1}, "value": {"name": "\x02' + (b"y" * 99 + b"\n") * 50
             return b'{"key": {"id": \n'
         sep = "," if fmt == "csv" else "\t"
         if shape == "extra_field" and len(lines) > 1:
@@ -1070,8 +1073,8 @@ class FaultRules:
         if kind in ("malformed_record", "bad_value") and not r.get("table"):
             raise BadRequest(f"fault rule: kind {kind} needs a table")
         if kind == "malformed_record":
-            if r.setdefault("shape", "missing_field") not in ("missing_field", "extra_field"):
-                raise BadRequest("fault rule: shape must be missing_field or extra_field")
+            if r.setdefault("shape", "missing_field") not in ("missing_field", "extra_field", "control_quote"):
+                raise BadRequest("fault rule: shape must be missing_field, extra_field or control_quote")
         elif "shape" in r:
             raise BadRequest("fault rule: shape only applies to malformed_record")
         if kind == "bad_value" and not isinstance(r.get("column"), str):

@@ -819,6 +819,14 @@ class EmuTestCase(unittest.TestCase):
                 _job2, files2 = self.run_query("accounts", {"format": fmt})
                 self.records(fmt, files2)
 
+    def test_fault_malformed_record_control_quote(self):
+        self.faults({"endpoint": "create_job", "kind": "malformed_record", "shape": "control_quote",
+                     "table": "accounts"})
+        _job, files = self.run_query("accounts", {"format": "jsonl"})
+        before, after = files[0].split(b"\x02", 1)
+        self.assertTrue(before.endswith(b'"name": "'))
+        self.assertEqual(after, (b"y" * 99 + b"\n") * 50)
+
     def test_fault_malformed_record_extra_field(self):
         for fmt in ("csv", "tsv"):
             with self.subTest(fmt=fmt):
