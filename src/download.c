@@ -310,7 +310,7 @@ read_threaded(Download *d, char *dst, size_t len)
 			case INFLATER_EMPTY:
 				break;
 		}
-		CHECK_FOR_INTERRUPTS();
+		http_check_interrupts();
 		if (!d->input_ended && inflater_has_room(d->inf))
 		{
 			feed_inflater(d);

@@ -25,6 +25,8 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/latch.h"
+#include "storage/ipc.h"
+#include "storage/pmsignal.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "common/pg_prng.h"
@@ -181,6 +183,19 @@ stream_cleanup(void *arg)
 	} while (0)
 
 /*
+ * Interrupts, and the postmaster's death: a transfer waits in libcurl's
+ * poll, not on a latch that would notice it, and a worker left behind
+ * would go on downloading and writing into the old server's shared memory.
+ */
+void
+http_check_interrupts(void)
+{
+	CHECK_FOR_INTERRUPTS();
+	if (!PostmasterIsAlive())
+		proc_exit(1);
+}
+
+/*
  * Runs the transfer until body bytes are buffered or it has ended, checking
  * for interrupts between steps.
  */
@@ -215,7 +230,7 @@ stream_fill(HttpStream *s)
 			break;
 		if (!s->paused)
 			curl_multi_poll(m, NULL, 0, HTTP_POLL_MS, NULL);
-		CHECK_FOR_INTERRUPTS();
+		http_check_interrupts();
 	}
 	if (s->status == 0)
 		curl_easy_getinfo(s->easy, CURLINFO_RESPONSE_CODE, &s->status);

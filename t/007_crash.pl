@@ -1,5 +1,6 @@
 # Crash safety: kill -9 of the sync worker in the middle of a table's load,
-# and an immediate restart of the server there: afterwards every table holds
+# an immediate restart of the server there, and kill -9 of the postmaster
+# (the worker exits, the server starts again): afterwards every table holds
 # exactly the state of its committed watermark, and the next sync converges.
 # cd2_drop_instance, DROP DATABASE of another database and DROP EXTENSION
 # while a sync runs neither hang nor crash.
@@ -72,6 +73,33 @@ $wm = start_hanging_sync();
 $node->stop('immediate');
 $node->start;
 check_committed_state('immediate restart', $wm);
+
+# 2b. the postmaster killed (kill -9) while the worker waits in a download:
+# the worker notices and exits (it waits in libcurl's poll, not on a latch
+# that would tell it), so the server starts again (a process left attached
+# to the old shared memory keeps a new postmaster from starting)
+$wm = start_hanging_sync();
+$pid = $node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'cd2sync sync worker'");
+my ($postmaster) = slurp_file($node->data_dir . '/postmaster.pid') =~ /^(\d+)/;
+$node->kill9;
+# (gone, or a zombie no one has reaped yet)
+my $exited = sub {
+	my ($p) = @_;
+	for (1 .. 100)
+	{
+		return 1 if !-e "/proc/$p" || slurp_file("/proc/$p/status") =~ /^State:\s+Z/m;
+		usleep(100_000);
+	}
+	return 0;
+};
+ok($exited->($pid), 'the worker exits when the postmaster dies');
+# (once the dead postmaster is gone; a zombie nobody reaps would still
+# answer to its pid, which its pid file names)
+ok($exited->($postmaster), 'the postmaster is gone');
+unlink($node->data_dir . '/postmaster.pid', $node->host . '/.s.PGSQL.' . $node->port . '.lock')
+  if -e "/proc/$postmaster";
+$node->start;
+check_committed_state('postmaster killed', $wm);
 
 # 3. while a sync hangs in a download: cd2_drop_instance fails at once,
 # DROP DATABASE of another database and DROP EXTENSION finish promptly
