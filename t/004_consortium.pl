@@ -324,6 +324,13 @@ change([ 'c2', 'users', user(21, 'Yan', workflow_state => 'deleted', merged_into
 sync_all();
 check('epoch 5 (a cycle)', %m);
 
+# epoch 6: the login Gus took back at his split is deleted. With no active
+# login he is still himself: his login's move to Gus2 was undone by its
+# move back, and is no evidence of a merge any more
+change([ 'c1', 'pseudonyms', with(row_of('c1', 'pseudonyms', 7), workflow_state => 'deleted') ]);
+sync_all();
+check('epoch 6 (a split user\'s login deleted)', %m);
+
 # the map is recomputed only by a sync that changed one of its inputs
 my $refreshes = sub {
 	$node->safe_psql('postgres', "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions "

@@ -139,6 +139,9 @@
 --   (out of range), varchar(255) over varchar(1024) (cut) and real over
 --   double precision (rounded). A real not yet widened shows through its
 --   text (_view_select), as it will once widened.
+-- * A login's or enrolment's move that the row made back since (a split)
+--   is no evidence of a merge (_refresh_user_merges); a move made again is
+--   dated again (_record_user_moves).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -1646,8 +1649,13 @@ BEGIN
             UNION ALL
             SELECT m.from_user_id, m.to_user_id, 2, m.table_name || '.user_id moved', m.moved_at, m.instance
               FROM cd2sync.user_moves m
-             WHERE EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = m.from_user_id AND u.deleted)
-                OR NOT EXISTS (SELECT 1 FROM cd2_logins a WHERE a.user_id = m.from_user_id AND a.active)
+             WHERE (EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = m.from_user_id AND u.deleted)
+                    OR NOT EXISTS (SELECT 1 FROM cd2_logins a WHERE a.user_id = m.from_user_id AND a.active))
+               -- (a move the row made back since, as a split does, undoes it)
+               AND NOT EXISTS (SELECT 1 FROM cd2sync.user_moves b
+                                WHERE b.instance = m.instance AND b.table_name = m.table_name
+                                  AND b.row_id = m.row_id AND b.from_user_id = m.to_user_id
+                                  AND b.to_user_id = m.from_user_id AND b.moved_at > m.moved_at)
            ) candidates
      WHERE superseded <> replacement
      ORDER BY superseded, priority, merged_at DESC NULLS LAST;
@@ -1812,6 +1820,33 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                       JOIN pg_type t ON t.oid = a.atttypid
                      GROUP BY a.attname) x) y
 $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._record_user_moves(target regclass)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst cd2sync.instances;
+    tab text;
+    n bigint;
+BEGIN
+    SELECT t.table_name INTO tab FROM cd2sync._rel_table(target) t;
+    IF tab IS NULL OR tab NOT IN ('pseudonyms', 'enrollments') OR NOT cd2sync._has_column(target, 'user_id')
+       OR NOT cd2sync._has_column(target, 'id') THEN
+        RETURN 0;
+    END IF;
+    SELECT i.* INTO inst FROM cd2sync.instances i JOIN cd2sync._rel_table(target) t ON t.instance = i.name;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    EXECUTE format(
+        'INSERT INTO cd2sync.user_moves (instance, table_name, row_id, from_user_id, to_user_id)
+         SELECT DISTINCT %L, %L, t.id, cd2sync._global_id(%s, t.user_id), cd2sync._global_id(%s, d.user_id)
+           FROM cd2_typed d JOIN %s t ON t.id = d.id
+          WHERE d.cd2_action IS DISTINCT FROM ''D'' AND t.user_id <> d.user_id
+         ON CONFLICT (instance, table_name, row_id, from_user_id, to_user_id) DO UPDATE SET moved_at = excluded.moved_at',
+        inst.name, tab, coalesce(inst.shard_id::text, 'NULL'), coalesce(inst.shard_id::text, 'NULL'), target);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_changing(what text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$

@@ -350,7 +350,8 @@ RETURNS bigint LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog
 $$;
 
 -- Records the user_id moves of a staged result (pg_temp.cd2_typed) before it
--- is applied to target: pseudonyms and enrollments only.
+-- is applied to target: pseudonyms and enrollments only. A move made again
+-- is dated again (a move back since undoes it: _refresh_user_merges).
 CREATE FUNCTION cd2sync._record_user_moves(target regclass)
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -369,10 +370,10 @@ BEGIN
     END IF;
     EXECUTE format(
         'INSERT INTO cd2sync.user_moves (instance, table_name, row_id, from_user_id, to_user_id)
-         SELECT %L, %L, t.id, cd2sync._global_id(%s, t.user_id), cd2sync._global_id(%s, d.user_id)
+         SELECT DISTINCT %L, %L, t.id, cd2sync._global_id(%s, t.user_id), cd2sync._global_id(%s, d.user_id)
            FROM cd2_typed d JOIN %s t ON t.id = d.id
           WHERE d.cd2_action IS DISTINCT FROM ''D'' AND t.user_id <> d.user_id
-         ON CONFLICT DO NOTHING',
+         ON CONFLICT (instance, table_name, row_id, from_user_id, to_user_id) DO UPDATE SET moved_at = excluded.moved_at',
         inst.name, tab, coalesce(inst.shard_id::text, 'NULL'), coalesce(inst.shard_id::text, 'NULL'), target);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
@@ -471,8 +472,13 @@ BEGIN
             UNION ALL
             SELECT m.from_user_id, m.to_user_id, 2, m.table_name || '.user_id moved', m.moved_at, m.instance
               FROM cd2sync.user_moves m
-             WHERE EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = m.from_user_id AND u.deleted)
-                OR NOT EXISTS (SELECT 1 FROM cd2_logins a WHERE a.user_id = m.from_user_id AND a.active)
+             WHERE (EXISTS (SELECT 1 FROM cd2_users u WHERE u.id = m.from_user_id AND u.deleted)
+                    OR NOT EXISTS (SELECT 1 FROM cd2_logins a WHERE a.user_id = m.from_user_id AND a.active))
+               -- (a move the row made back since, as a split does, undoes it)
+               AND NOT EXISTS (SELECT 1 FROM cd2sync.user_moves b
+                                WHERE b.instance = m.instance AND b.table_name = m.table_name
+                                  AND b.row_id = m.row_id AND b.from_user_id = m.to_user_id
+                                  AND b.to_user_id = m.from_user_id AND b.moved_at > m.moved_at)
            ) candidates
      WHERE superseded <> replacement
      ORDER BY superseded, priority, merged_at DESC NULLS LAST;
