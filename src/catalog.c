@@ -855,6 +855,24 @@ catalog_tables_to_sync(List *configured, List *asked, List *listed_ns, List *lis
 	return result;
 }
 
+/*
+ * For the scheduler: brings the rows of each instance marked due that no
+ * sync holds up to the merge map (cd2sync._resolve_due, lockable only): a
+ * refresh that marked one while its sync ended may have committed after
+ * that sync looked. Returns how many were due.
+ */
+int64
+catalog_resolve_idle_due(void)
+{
+	int64 due = 0;
+
+	if (!sql_int64s("SELECT count(cd2sync._resolve_due(d.instance, true)) "
+					"  FROM (SELECT instance FROM cd2sync.resolve_due ORDER BY instance) d",
+					0, NULL, 1, &due))
+		return 0;
+	return due;
+}
+
 /* Brings the instance's rows up to the merge map where a refresh left them */
 void
 catalog_resolve_due(const char *instance)

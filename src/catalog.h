@@ -100,6 +100,7 @@ extern int64 catalog_next_run_id(void);
 extern void catalog_run_results(int64 run_id, Tuplestorestate *tupstore, TupleDesc desc);
 extern List *catalog_schedules_due(void);
 extern int64 catalog_feed_sweep(void);
+extern int64 catalog_resolve_idle_due(void);
 
 /* the run */
 extern InstanceConfig *catalog_load_instance(const char *name);

@@ -168,6 +168,21 @@ sweep_feeds(void)
 	} while (gone > 0 && !ShutdownRequestPending && GetCurrentTimestamp() < until);
 }
 
+/*
+ * Brings idle instances marked due up to the merge map (a refresh that
+ * could not take one's lock marked it; its own next run would do it, but
+ * that may be a day away). One transaction: an instance a sync holds is
+ * passed over, marked still.
+ */
+static void
+resolve_idle_due(void)
+{
+	pgstat_report_activity(STATE_RUNNING, "cd2sync scheduler: bringing instances up to the merge map");
+	catalog_begin();
+	(void) catalog_resolve_idle_due();
+	catalog_commit();
+}
+
 void
 cd2_scheduler_main(Datum main_arg)
 {
@@ -221,7 +236,10 @@ cd2_scheduler_main(Datum main_arg)
 				sleep_ms = start_due_syncs();
 			catalog_commit();
 			if (ready)
+			{
 				sweep_feeds();
+				resolve_idle_due();
+			}
 		}
 		PG_CATCH();
 		{

@@ -3,7 +3,7 @@
 # schedules are visible in SQL; a reload keeps the scheduler; a restart in
 # the middle of a download resumes from the committed watermarks; a fast
 # shutdown does not wait for a download; instances without a schedule are
-# left alone.
+# left alone; instances marked due for the merge map are brought up to it.
 use strict;
 use warnings;
 use utf8;
@@ -114,6 +114,21 @@ my @out = split /\n/, $node->safe_psql('postgres', "BEGIN; SELECT cd2_feed_ack('
 is($out[-1], $users, 'a feed acknowledges every change it has, and deletes none');
 ok($node->poll_query_until('postgres', "SELECT count(*) = 0 FROM cd2sync.changes"), 'the scheduler deletes them');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.runs"), $runs, 'with no sync');
+
+# the scheduler brings an idle instance marked due up to the merge map (a
+# refresh in another instance's sync could not take its lock, and its own
+# run, which would, may be far away); one a sync holds stays marked
+my $holder = $node->background_psql('postgres');
+$holder->query_safe("SELECT pg_advisory_lock(52517, hashtext('idle'))");
+$node->safe_psql('postgres', "INSERT INTO cd2sync.resolve_due (instance) VALUES ('north'), ('idle')");
+ok($node->poll_query_until('postgres', "SELECT string_agg(instance, ',') = 'idle' FROM cd2sync.resolve_due"),
+	'the scheduler resolves an idle instance marked due');
+usleep(600_000);    # (three looks)
+is($node->safe_psql('postgres', "SELECT string_agg(instance, ',') FROM cd2sync.resolve_due"), 'idle',
+	'and leaves one a sync holds marked');
+$holder->query_safe("SELECT pg_advisory_unlock(52517, hashtext('idle'))");
+ok($node->poll_query_until('postgres', "SELECT count(*) = 0 FROM cd2sync.resolve_due"), 'until it is free');
+$holder->quit;
 
 $node->stop;
 $emu->stop;
