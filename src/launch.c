@@ -72,12 +72,15 @@ extension_owner(void)
 /*
  * Starts a sync worker for an instance and waits until it has taken its
  * request. tables: C strings (NIL: the instance's tables). Returns the
- * worker's handle, allocated in CurrentMemoryContext; *run_id is the run's
- * id. Needs a transaction.
+ * worker's handle, allocated in handle_cxt (the rest of what it allocates is
+ * in CurrentMemoryContext); *run_id is the run's id. Needs a transaction.
  */
 BackgroundWorkerHandle *
-cd2_launch_worker(const char *instance, List *tables, bool full, const char *trigger, int64 *run_id)
+cd2_launch_worker(const char *instance, List *tables, bool full, const char *trigger, int64 *run_id,
+				  MemoryContext handle_cxt)
 {
+	MemoryContext old;
+	bool registered;
 	char *settings;
 	Size len;
 	dsm_segment *seg;
@@ -134,7 +137,10 @@ cd2_launch_worker(const char *instance, List *tables, bool full, const char *tri
 	worker.bgw_main_arg = UInt32GetDatum(dsm_segment_handle(seg));
 	worker.bgw_notify_pid = MyProcPid;
 
-	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
+	old = MemoryContextSwitchTo(handle_cxt);
+	registered = RegisterDynamicBackgroundWorker(&worker, &handle);
+	MemoryContextSwitchTo(old);
+	if (!registered)
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
 				 errmsg("could not start a cd2sync sync worker"),

@@ -24,7 +24,7 @@ typedef struct SyncArgs
 struct BackgroundWorkerHandle;
 extern struct BackgroundWorkerHandle *cd2_launch_worker(const char *instance, List *tables,
 														bool full, const char *trigger,
-														int64 *run_id);
+														int64 *run_id, MemoryContext handle_cxt);
 extern SyncArgs *cd2_take_request(Datum main_arg);
 
 #endif /* CD2SYNC_LAUNCH_H */

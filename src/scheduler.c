@@ -133,12 +133,17 @@ start_due_syncs(void)
 		if (list_length(started) >= cd2_max_workers)
 			break; /* woken again when a sync ends */
 		{
-			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-			ScheduledSync *s = palloc0(sizeof(ScheduledSync));
+			/* (what the launch reads and writes is the loop's; only what
+			 * stays with the scheduler goes to TopMemoryContext) */
 			int64 run_id;
+			BackgroundWorkerHandle *handle =
+				cd2_launch_worker(instance, NIL, false, "schedule", &run_id, TopMemoryContext);
+			ScheduledSync *s = MemoryContextAllocZero(TopMemoryContext, sizeof(ScheduledSync));
+			MemoryContext old;
 
 			strlcpy(s->instance, instance, NAMEDATALEN);
-			s->handle = cd2_launch_worker(instance, NIL, false, "schedule", &run_id);
+			s->handle = handle;
+			old = MemoryContextSwitchTo(TopMemoryContext);
 			started = lappend(started, s);
 			MemoryContextSwitchTo(old);
 			ereport(LOG, (errmsg("cd2sync scheduler: started run %lld of instance \"%s\"",

@@ -93,7 +93,8 @@ launch_sync(FunctionCallInfo fcinfo, int64 *run_id)
 	catalog_check_instance(instance);
 	if (!PG_ARGISNULL(1))
 		tables = requested_tables(instance, PG_GETARG_ARRAYTYPE_P(1));
-	return cd2_launch_worker(instance, tables, PG_GETARG_BOOL(2), "manual", run_id);
+	return cd2_launch_worker(instance, tables, PG_GETARG_BOOL(2), "manual", run_id,
+							 CurrentMemoryContext);
 }
 
 /*
