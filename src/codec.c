@@ -186,6 +186,7 @@ void
 codec_line_check_init(CodecLineCheck *c, char quote)
 {
 	c->line_bytes = 0;
+	c->records = 0;
 	c->quote = quote;
 	c->quoted = false;
 }
@@ -212,6 +213,7 @@ codec_line_check(CodecLineCheck *c, const char *buf, size_t n, int64_t limit)
 			else if (*p == '\n' && !c->quoted)
 			{
 				c->line_bytes = 0;
+				c->records++;
 				continue;
 			}
 			if (++c->line_bytes > limit)
@@ -224,6 +226,7 @@ codec_line_check(CodecLineCheck *c, const char *buf, size_t n, int64_t limit)
 		if (c->line_bytes + (nl - p) > limit)
 			return false;
 		c->line_bytes = 0;
+		c->records++;
 		p = nl + 1;
 	}
 	c->line_bytes += end - p;

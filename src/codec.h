@@ -77,6 +77,7 @@ extern int codec_drop_fields(CodecFieldFilter *f, const char *in, int n, char *o
 typedef struct CodecLineCheck
 {
 	int64_t line_bytes; /* bytes since the record began */
+	int64_t records;    /* records ended (their newline seen) */
 	char quote;         /* CSV's quote character, or 0: no quoting */
 	bool quoted;        /* inside a quoted field */
 } CodecLineCheck;

@@ -425,6 +425,17 @@ decode_open_object(Download *d, RecordFormat asked, Oid direct, List **columns, 
 		}
 		rows = copy_into(into, attnames, options);
 	}
+	/*
+	 * COPY ends its data at a line of "\." alone, and takes nothing after
+	 * it: fewer rows than the records it was given is an object cut short,
+	 * which must fail, not be applied as whole.
+	 */
+	if (rows < (uint64) src.lines.records)
+		ereport(ERROR, (errcode(ERRCODE_BAD_COPY_FILE_FORMAT),
+						errmsg("an object was cut short: COPY took %llu of its %lld records",
+							   (unsigned long long) rows, (long long) src.lines.records),
+						errdetail("A line holds \"\\.\" alone, which COPY reads as the end of its "
+								  "data.")));
 	if (src.unreported > 0 && decode_progress_hook)
 		decode_progress_hook(src.unreported);
 	source = NULL;

@@ -74,6 +74,7 @@ my @cases = (
 	[ 'body cut short, gunzip_thread off', [ { endpoint => 'download', kind => 'reset_mid_body', table => 'users', times => 2 } ], 'recovers', undef, undef, 'SET cd2sync.gunzip_thread = off;' ],
 	[ 'malformed record', [ { endpoint => 'create_job', kind => 'malformed_record', table => 'users' } ], 'fails', qr/missing data for column "updated_at"/ ],
 	[ 'record with a field too many', [ { endpoint => 'create_job', kind => 'malformed_record', shape => 'extra_field', table => 'users' } ], 'fails', qr/extra data after last expected column/ ],
+	[ 'a line of COPY\'s end marker', [ { endpoint => 'create_job', kind => 'malformed_record', shape => 'end_marker', table => 'users' } ], 'fails', qr/an object was cut short: COPY took 0 of its \d+ records/ ],
 	[ 'value that does not fit its column', [ { endpoint => 'create_job', kind => 'bad_value', table => 'users', column => 'merged_into_user_id' } ], 'fails', qr/invalid input syntax for type bigint/ ],
 	[ 'job ends failed', [ { endpoint => 'create_job', kind => 'job_failed', table => 'users', message => 'upstream exploded' } ], 'fails', qr/upstream exploded/ ],
 	[ '400 ValidationError', [ { endpoint => 'create_job', kind => 'status', status => 400, error_type => 'ValidationError', message => 'bad query here', table => 'users', times => 2 } ], 'fails', qr/bad query here/ ],
@@ -88,6 +89,7 @@ my %sqlstate = (
 	'400 ValidationError' => '38000',             # anything else the API refused
 	'job ends failed' => '38000',
 	'malformed record' => '22P04',                # COPY's own
+	'a line of COPY\'s end marker' => '22P04',
 );
 
 # what a monitoring system sees of north.users

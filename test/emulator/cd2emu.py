@@ -768,7 +768,12 @@ class FileEncoder:
             if target is None:
                 target = self.encode(fmt, table, [], incremental)
                 data_files.append(target)
-            target[0].append(self.bad_line(fmt, target[1], malformed, target[0]))
+            if malformed == "end_marker" and fmt == "tsv" and len(target[0]) > 1:
+                # a line of an unescaped \. alone (COPY's end-of-data marker) before the
+                # file's records
+                target[0].insert(1, b"\\.\n")
+            else:
+                target[0].append(self.bad_line(fmt, target[1], malformed, target[0]))
         # interleave: data0, empty0, data1, empty1, ... (empty files are not all at the end)
         ordered = []
         for i in range(max(len(data_files), len(empty_files))):
@@ -1073,8 +1078,9 @@ class FaultRules:
         if kind in ("malformed_record", "bad_value") and not r.get("table"):
             raise BadRequest(f"fault rule: kind {kind} needs a table")
         if kind == "malformed_record":
-            if r.setdefault("shape", "missing_field") not in ("missing_field", "extra_field", "control_quote"):
-                raise BadRequest("fault rule: shape must be missing_field, extra_field or control_quote")
+            if r.setdefault("shape", "missing_field") not in ("missing_field", "extra_field", "control_quote",
+                                                              "end_marker"):
+                raise BadRequest("fault rule: shape must be missing_field, extra_field, control_quote or end_marker")
         elif "shape" in r:
             raise BadRequest("fault rule: shape only applies to malformed_record")
         if kind == "bad_value" and not isinstance(r.get("column"), str):

@@ -827,6 +827,14 @@ class EmuTestCase(unittest.TestCase):
         self.assertTrue(before.endswith(b'"name": "'))
         self.assertEqual(after, (b"y" * 99 + b"\n") * 50)
 
+    def test_fault_malformed_record_end_marker(self):
+        self.faults({"endpoint": "create_job", "kind": "malformed_record", "shape": "end_marker",
+                     "table": "accounts"})
+        _job, files = self.run_query("accounts", {"format": "tsv"})
+        lines = files[0].splitlines(keepends=True)
+        self.assertEqual(lines[1], b"\\.\n")
+        self.assertGreater(len(lines), 2)
+
     def test_fault_malformed_record_extra_field(self):
         for fmt in ("csv", "tsv"):
             with self.subTest(fmt=fmt):
