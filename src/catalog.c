@@ -780,8 +780,8 @@ catalog_lock_instance(const char *instance, bool wait)
 }
 
 /*
- * Marks the instance's runs that are still "running" but hold no lock as
- * failed (their worker is gone), then brings tables and views an earlier
+ * Marks the instance's runs that are still "running" but hold no lock, and
+ * whose worker is gone, as failed (a live one waits for the lock), then brings tables and views an earlier
  * version made to this one's layout.
  */
 void
@@ -790,10 +790,13 @@ catalog_close_stale_runs(const char *instance, int64 run_id)
 	const char *args[2] = { instance, int8_text(run_id) };
 
 	run_row("WITH stale AS ("
-			"  UPDATE cd2sync.runs SET status = 'failed', finished_at = clock_timestamp(), "
+			"  UPDATE cd2sync.runs r SET status = 'failed', finished_at = clock_timestamp(), "
 			"         error = 'the sync worker stopped before the run was done' "
-			"   WHERE instance = $1 AND status = 'running' AND run_id <> $2::bigint "
-			"  RETURNING run_id) "
+			"   WHERE r.instance = $1 AND r.status = 'running' AND r.run_id <> $2::bigint "
+			/* (not a run whose worker is alive, waiting for the lock) */
+			"     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a "
+			"                      WHERE a.pid = r.worker_pid AND a.backend_start <= r.started_at) "
+			"  RETURNING r.run_id) "
 			"UPDATE cd2sync.sync_log SET status = 'failed', mode = 'failed', "
 			"       finished_at = clock_timestamp(), "
 			"       error = 'the sync worker stopped before this table was done' "

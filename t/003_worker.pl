@@ -108,6 +108,27 @@ is($node->safe_psql('postgres', "SELECT string_agg(mode, ',' ORDER BY run_id, ta
 	'snapshot,snapshot,unchanged,unchanged', 'first run snapshots, second finds nothing new');
 Cd2Test::table_is($node, $emu, $north, 'north', 'users', 'users synced');
 
+# 3b. runs waiting for the instance's lock: the one that gets it leaves the
+# other, alive and waiting, running (it marked it failed, to be overwritten
+# at its end)
+my $hold = $node->background_psql('postgres');
+$hold->query_safe("SELECT pg_advisory_lock(52517, hashtext('north'))");
+my $ra = $node->safe_psql('postgres', "SELECT cd2_sync_start('north')");
+my $rb = $node->safe_psql('postgres', "SELECT cd2_sync_start('north')");
+ok($node->poll_query_until('postgres', "SELECT count(*) = 2 FROM pg_stat_activity "
+	  . "WHERE backend_type = 'cd2sync sync worker' AND wait_event = 'advisory'"),
+	'two runs wait for the instance\'s lock');
+$emu->config(job_latency => 2);
+$hold->query_safe("SELECT pg_advisory_unlock(52517, hashtext('north'))");
+ok($node->poll_query_until('postgres', "SELECT count(*) > 0 FROM cd2sync.sync_log WHERE run_id IN ($ra, $rb)"),
+	'one takes it and syncs');
+is($node->safe_psql('postgres', "SELECT string_agg(status, ',') FROM cd2sync.runs WHERE run_id IN ($ra, $rb)"),
+	'running,running', 'the other, waiting, is not marked failed');
+$emu->config(job_latency => 1);
+ok($node->poll_query_until('postgres', "SELECT count(*) = 2 FROM cd2sync.runs WHERE run_id IN ($ra, $rb) AND status = 'done'"),
+	'both finish');
+$hold->quit;
+
 # 4. a token that expires within a run is renewed before its JWT exp, without a 401
 # (jobs of 3 s: the run outlasts a 2 s token whatever the machine's speed)
 $emu->config(job_latency => 3, token_lifetime => 2);
