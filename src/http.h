@@ -60,9 +60,9 @@ extern void http_request(const HttpRequest *req, HttpResponse *resp);
 
 /* Retry policy */
 extern int http_backoff_ms(int attempt, int retry_after_ms);
+extern void cd2_sleep_ms(int ms);
 
 /* Between the steps of a transfer: interrupts, and the postmaster's death */
 extern void http_check_interrupts(void);
-extern void cd2_sleep_ms(int ms);
 
 #endif /* CD2SYNC_HTTP_H */

@@ -113,13 +113,12 @@ take_objects(LoadWork *w)
 		int64 bytes = 0;
 		int objects = 0;
 		uint32 i;
-
 		MemoryContext object_cxt;
 
 		catalog_begin();
 		/* one object's download and decoding at a time (see load_objects) */
-		object_cxt = AllocSetContextCreate(CurrentMemoryContext, "cd2sync object",
-										   ALLOCSET_DEFAULT_SIZES);
+		object_cxt =
+			AllocSetContextCreate(CurrentMemoryContext, "cd2sync object", ALLOCSET_DEFAULT_SIZES);
 		while (pg_atomic_read_u32(&s->failed) == 0 &&
 			   (i = pg_atomic_fetch_add_u32(&s->next, 1)) < (uint32) s->nobjects)
 		{

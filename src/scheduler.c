@@ -182,7 +182,8 @@ sweep_feeds(void)
 static void
 resolve_idle_due(void)
 {
-	pgstat_report_activity(STATE_RUNNING, "cd2sync scheduler: bringing instances up to the merge map");
+	pgstat_report_activity(STATE_RUNNING,
+						   "cd2sync scheduler: bringing instances up to the merge map");
 	catalog_begin();
 	(void) catalog_resolve_idle_due();
 	catalog_commit();

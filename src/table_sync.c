@@ -175,7 +175,8 @@ load_objects(RunContext *rc, TableSync *ts, DapJob *job, List *urls, Oid direct,
 	MemoryContext outer = CurrentMemoryContext;
 	/* one object's download and decoding at a time (its buffers, its
 	 * header): a table of many objects holds no more than one's */
-	MemoryContext object_cxt = AllocSetContextCreate(outer, "cd2sync object", ALLOCSET_DEFAULT_SIZES);
+	MemoryContext object_cxt =
+		AllocSetContextCreate(outer, "cd2sync object", ALLOCSET_DEFAULT_SIZES);
 
 	ts->objects_total = list_length(job->objects);
 	forboth(lo, job->objects, lu, urls)
@@ -184,6 +185,7 @@ load_objects(RunContext *rc, TableSync *ts, DapJob *job, List *urls, Oid direct,
 		bool jsonl;
 		List *seen;
 		ListCell *lc;
+		int known;
 
 		ts->records = records;
 		report(rc, ts, "%s object %d of %d",
@@ -199,8 +201,12 @@ load_objects(RunContext *rc, TableSync *ts, DapJob *job, List *urls, Oid direct,
 		download_close(d);
 		/* the columns this object's header added, kept */
 		MemoryContextSwitchTo(outer);
-		for_each_from(lc, seen, list_length(*columns))
-			*columns = lappend(*columns, pstrdup((char *) lfirst(lc)));
+		known = list_length(*columns);
+		foreach (lc, seen)
+		{
+			if (foreach_current_index(lc) >= known)
+				*columns = lappend(*columns, pstrdup((char *) lfirst(lc)));
+		}
 		MemoryContextReset(object_cxt);
 	}
 	MemoryContextDelete(object_cxt);
