@@ -25,10 +25,13 @@ RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- The schema an instance keeps the tables of a namespace in (its name; may
--- be too long for a name: _ns_schema says so)
+-- be too long for a name: _ns_schema says so). NULL for a namespace that is
+-- not one of _namespaces(): no place (its name could be another namespace's,
+-- or another instance's, schema).
 CREATE FUNCTION cd2sync._ns_schema_name(target_schema text, namespace text)
 RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN namespace = 'canvas' THEN target_schema ELSE target_schema || '_' || namespace END
+    SELECT CASE WHEN namespace = 'canvas' THEN target_schema
+                WHEN namespace = ANY (cd2sync._namespaces()) THEN target_schema || '_' || namespace END
 $$;
 
 CREATE FUNCTION cd2sync._ns_schema(target_schema text, namespace text)

@@ -142,6 +142,10 @@
 -- * A login's or enrolment's move that the row made back since (a split)
 --   is no evidence of a merge (_refresh_user_merges); a move made again is
 --   dated again (_record_user_moves).
+-- * A table name the API lists that is not a plain name (a dot in it would
+--   place it in another namespace's, or another instance's, schema) fails
+--   that table (_tables_to_sync), and a namespace that is not one of
+--   cd2sync's has no schema (_ns_schema_name: NULL).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -1846,6 +1850,70 @@ BEGIN
         inst.name, tab, coalesce(inst.shard_id::text, 'NULL'), coalesce(inst.shard_id::text, 'NULL'), target);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION cd2sync._ns_schema_name(target_schema text, namespace text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN namespace = 'canvas' THEN target_schema
+                WHEN namespace = ANY (cd2sync._namespaces()) THEN target_schema || '_' || namespace END
+$$;
+
+CREATE OR REPLACE FUNCTION cd2sync._tables_to_sync(configured text[], asked text[], listed_ns text[],
+                                        listed text[], failed_ns text[], failed_error text[],
+                                        failed_code text[])
+RETURNS TABLE (table_name text, error text, error_code text)
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t text;
+    ns text;
+    l text;
+    k int;
+    checked boolean;
+    seen text[] := '{}';
+    missing text[] := '{}';
+BEGIN
+    FOREACH t IN ARRAY coalesce(asked, configured, '{canvas.*}') LOOP
+        ns := cd2sync._namespace_of(t);
+        -- (what the configuration names only through "ns.*" must be listed)
+        checked := cd2sync._is_wildcard(t) OR (asked IS NOT NULL AND NOT t = ANY (coalesce(configured, '{}')));
+        k := array_position(failed_ns, ns);
+        IF checked AND k IS NOT NULL THEN
+            table_name := t;
+            error := failed_error[k];
+            error_code := failed_code[k];
+            RETURN NEXT;
+        ELSIF cd2sync._is_wildcard(t) THEN
+            FOR l IN SELECT x.l FROM unnest(listed_ns, listed) x(n, l)
+                      WHERE x.n = ns AND NOT cd2sync._qualified(ns, x.l) = ANY (seen) LOOP
+                table_name := cd2sync._qualified(ns, l);
+                seen := seen || table_name;
+                -- (a name the API lists is a table's name in its namespace: a
+                -- dot in it would make another namespace's, or another
+                -- instance's, schema its place)
+                IF l ~ '^[A-Za-z0-9_]{1,63}$' THEN
+                    error := NULL;
+                    error_code := NULL;
+                ELSE
+                    error := format('the API lists a table name cd2sync does not take: %s', table_name);
+                    error_code := '22023';
+                END IF;
+                RETURN NEXT;
+            END LOOP;
+        ELSIF checked AND NOT EXISTS (SELECT 1 FROM unnest(listed_ns, listed) x(n, l)
+                                       WHERE x.n = ns AND x.l = cd2sync._remote_name(t)) THEN
+            missing := missing || t;
+        ELSIF NOT t = ANY (seen) THEN
+            seen := seen || t;
+            table_name := t;
+            error := NULL;
+            error_code := NULL;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    IF cardinality(missing) > 0 THEN
+        RAISE EXCEPTION 'the CD2 API does not list table(s) %', array_to_string(missing, ', ')
+              USING ERRCODE = 'undefined_table';
+    END IF;
 END $$;
 
 CREATE OR REPLACE FUNCTION cd2sync._feed_changing(what text)

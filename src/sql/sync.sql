@@ -66,6 +66,7 @@ LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t text;
     ns text;
+    l text;
     k int;
     checked boolean;
     seen text[] := '{}';
@@ -82,11 +83,20 @@ BEGIN
             error_code := failed_code[k];
             RETURN NEXT;
         ELSIF cd2sync._is_wildcard(t) THEN
-            FOR table_name IN SELECT cd2sync._qualified(ns, x.l) FROM unnest(listed_ns, listed) x(n, l)
-                               WHERE x.n = ns AND NOT cd2sync._qualified(ns, x.l) = ANY (seen) LOOP
+            FOR l IN SELECT x.l FROM unnest(listed_ns, listed) x(n, l)
+                      WHERE x.n = ns AND NOT cd2sync._qualified(ns, x.l) = ANY (seen) LOOP
+                table_name := cd2sync._qualified(ns, l);
                 seen := seen || table_name;
-                error := NULL;
-                error_code := NULL;
+                -- (a name the API lists is a table's name in its namespace: a
+                -- dot in it would make another namespace's, or another
+                -- instance's, schema its place)
+                IF l ~ '^[A-Za-z0-9_]{1,63}$' THEN
+                    error := NULL;
+                    error_code := NULL;
+                ELSE
+                    error := format('the API lists a table name cd2sync does not take: %s', table_name);
+                    error_code := '22023';
+                END IF;
                 RETURN NEXT;
             END LOOP;
         ELSIF checked AND NOT EXISTS (SELECT 1 FROM unnest(listed_ns, listed) x(n, l)
