@@ -6,7 +6,8 @@
 # fails if its feed is dropped or marked stale while it reads. Writers,
 # consumers and sweepers all at once: every change received exactly once.
 # A feed created while a sync loads a table new gives the table its capture
-# triggers, whichever of the two takes the lock on the changes first.
+# triggers, whichever of the two takes the lock on the changes first; a drop
+# never deadlocks with a sync.
 use strict;
 use warnings;
 use utf8;
@@ -285,23 +286,43 @@ $node->safe_psql('postgres', "SELECT cd2_drop_feed('every2');
 $loader->quit;
 $creator->quit;
 
+# 8c. a feed dropped while a sync holds the lock on the changes and is to
+# write, next, the table the drop takes triggers from: neither waits for the
+# other in a cycle (a deadlock failed one of them). The drop takes the
+# triggers and forgets its changes only if it can at once; the sweeps
+# forget them later.
+$node->safe_psql('postgres', "SELECT cd2_create_feed('solo', tables => ARRAY['pseudonyms'])");
+my $sync8 = $node->background_psql('postgres', on_error_stop => 0);
+# (its capture takes the lock on the changes: feed dl follows users)
+$sync8->query_safe("BEGIN; UPDATE north.users SET name = name || '~' WHERE id = (SELECT min(id) FROM north.users)");
+my $dropper8 = $node->background_psql('postgres', on_error_stop => 0);
+$dropper8->query_until(qr/dropping/, "\\echo dropping\nSELECT cd2_drop_feed('solo');\n");
+ok($node->poll_query_until('postgres', "SELECT NOT EXISTS (SELECT 1 FROM cd2sync.feed WHERE name = 'solo') "
+	  . "OR EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%cd2_drop_feed%')"),
+	'the drop is done, or waits');
+$sync8->query("UPDATE north.pseudonyms SET id = id WHERE false");
+$sync8->query("COMMIT");
+$dropper8->query('SELECT 1');
+is($sync8->{stderr}, '', 'the sync commits');
+is($dropper8->{stderr}, '', 'and so does the drop');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.feed WHERE name = 'solo'"), '0', 'the feed is gone');
+$sync8->quit;
+$dropper8->quit;
+
 # 9. a sync finds a feed over its limits while the feed is being dropped
-# (the drop holds the feed's row and waits for the sync's locks): the sync
-# leaves the mark to a later check instead of waiting, and commits; then
-# the drop goes on (waiting for the row made a deadlock, and one of them
-# failed)
+# (the drop's open transaction holds the feed's row; the drop itself waits
+# for no sync, 8c): the sync leaves the mark to a later check instead of
+# waiting, and commits; then the drop commits (waiting for the row made a
+# deadlock, and one of them failed)
 $node->safe_psql('postgres', "SELECT cd2_create_feed('over', tables => ARRAY['users'])");
 my $syncing = $node->background_psql('postgres', on_error_stop => 0);
 $syncing->query_safe("SET cd2sync.feed_max_pending = 1; BEGIN; SELECT cd2sync._before_apply('north', 'users', now())");
 $syncing->query_safe("UPDATE north.users SET name = name || '?' WHERE id IN (SELECT id FROM north.users ORDER BY id LIMIT 3)");
 $dropper = $node->background_psql('postgres');
-$dropper->query_until(qr/dropping/, "\\echo dropping\nSELECT cd2_drop_feed('over');\n");
-ok($node->poll_query_until('postgres',
-	"SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%cd2_drop_feed%'"),
-	'the drop waits for the sync');
+$dropper->query_safe("BEGIN; SELECT cd2_drop_feed('over')");
 $syncing->query("SELECT cd2sync._after_apply('north', 'users', 'incremental', 3)");
 $syncing->query("COMMIT");
-$dropper->query_safe('SELECT 1');
+$dropper->query_safe('COMMIT');
 is($node->safe_psql('postgres', "SELECT count(*) FROM north.users WHERE name LIKE '%?'"), '3', 'the sync committed');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cd2sync.feed WHERE name = 'over'"), '0', 'and the drop');
 $syncing->quit;

@@ -146,6 +146,11 @@
 --   place it in another namespace's, or another instance's, schema) fails
 --   that table (_tables_to_sync), and a namespace that is not one of
 --   cd2sync's has no schema (_ns_schema_name: NULL).
+-- * A feed's drop waits for no sync: it takes a table's triggers and
+--   forgets its changes only if the table and the changes' lock are free at
+--   once (a sync holding that lock and writing the table next deadlocked
+--   with it); what it leaves, the sweeps and the next creation or drop take
+--   (cd2_drop_feed, _feed_ensure_capture).
 \echo Use "ALTER EXTENSION cd2sync UPDATE TO '1.4'" to load this file. \quit
 
 DO $$
@@ -945,6 +950,16 @@ DECLARE
     t text;
 BEGIN
     IF has AND (NOT current OR (NOT wanted AND changing)) THEN
+        IF current AND NOT wanted THEN
+            -- (triggers no feed needs go only if the table is free now: a
+            -- sync writing it may hold the changes' lock a drop waits for;
+            -- left, they capture nothing)
+            BEGIN
+                EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT', rel);
+            EXCEPTION WHEN lock_not_available THEN
+                RETURN;
+            END;
+        END IF;
         FOREACH t IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
             EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'cd2_feed_' || t, rel);
         END LOOP;
@@ -1941,7 +1956,15 @@ BEGIN
     DELETE FROM cd2sync.feed x WHERE x.name = f.name;
     PERFORM cd2sync._feed_hints_tidy();
     PERFORM cd2sync._feed_ensure_captures();
-    PERFORM cd2sync._feed_forget(f, after);
+    -- (only if the changes' lock is free now: a sync holding it may want a
+    -- table whose triggers this drop has taken, and neither would give way;
+    -- what is left, the sweeps forget, as no feed waits for it)
+    BEGIN
+        LOCK TABLE cd2sync.changes IN ROW EXCLUSIVE MODE NOWAIT;
+        PERFORM cd2sync._feed_forget(f, after);
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;
+    END;
     PERFORM cd2sync._feed_sweep();   -- (the last feed gone: every change)
 END $$;
 
